@@ -1,0 +1,3 @@
+#!/bin/sh
+# The "product" of the example: prints a greeting.
+echo "hello, ${1:-world}"

@@ -1,0 +1,161 @@
+//! The builder: a `build.requested` in, `build.succeeded` (artifact + log) or `build.failed`
+//! (exit code + log tail) out.
+//!
+//! It checks the source out into a fresh workspace, runs the spec's build command there with
+//! a clean environment and the spec's timeout, packs the declared artifact paths into a
+//! deterministic `tar.gz` (so a repeated build stores the same object once), and stores the
+//! artifact (`sha256/<hex>`) and the log in JetStream Object Store buckets.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slipway_core::bus::{Bus, BusError};
+use slipway_core::config::Config;
+use slipway_core::events::{BuildRequested, BuildSucceeded, EventData, StageFailed, StageKind};
+use slipway_core::exec::{self, Cmd, ExecSettings};
+use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
+use slipway_core::workspace::{self, Workspace};
+
+/// Runs the builder until `shutdown`.
+///
+/// # Errors
+/// [`BusError`] when NATS cannot be reached or the consumer cannot be set up.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BusError> {
+    let bus = Bus::connect(&config.nats, "slipway-builder").await?;
+    let worker = Arc::new(Builder {
+        exec: config.exec.clone(),
+        artifacts_bucket: config.nats.stream.artifacts_bucket.clone(),
+        logs_bucket: config.nats.stream.logs_bucket.clone(),
+    });
+    run_worker(bus, worker, config.worker, shutdown).await
+}
+
+/// The build worker.
+#[derive(Debug)]
+pub struct Builder {
+    pub exec: ExecSettings,
+    pub artifacts_bucket: String,
+    pub logs_bucket: String,
+}
+
+impl Worker for Builder {
+    fn service(&self) -> &'static str {
+        "builder"
+    }
+
+    fn kinds(&self) -> &'static [StageKind] {
+        &[StageKind::Build]
+    }
+
+    async fn handle(&self, job: &Job) -> Result<EventData, Transient> {
+        let EventData::BuildRequested(req) = &job.request.data else {
+            return Err(Transient(format!(
+                "{} is not a build request",
+                job.request.type_name()
+            )));
+        };
+        self.build(job, req).await
+    }
+}
+
+impl Builder {
+    async fn build(&self, job: &Job, req: &BuildRequested) -> Result<EventData, Transient> {
+        let started = Instant::now();
+        let fail = |reason: String, exit_code: Option<i32>, log_tail: Option<String>, log| {
+            Ok(EventData::BuildFailed(StageFailed {
+                stage: req.stage.clone(),
+                attempt: req.attempt,
+                reason,
+                exit_code,
+                log_tail,
+                log,
+            }))
+        };
+        let ws = Workspace::create(&self.exec, &format!("{}-build", job.run_id))
+            .map_err(|e| Transient(e.to_string()))?;
+        if let Err(e) = ws.checkout(&req.source, &self.exec, &job.cancel).await {
+            return fail(format!("checkout failed: {e}"), None, None, None);
+        }
+        let log_path = ws.out().join("build.log");
+        let mut env = self.exec.base_env(&ws.home());
+        env.extend(req.build.env.clone());
+        env.insert("SLIPWAY_RUN_ID".into(), job.run_id.clone());
+        env.insert("SLIPWAY_PIPELINE".into(), req.pipeline.clone());
+        env.insert("SLIPWAY_STAGE".into(), req.stage.clone());
+        let src = ws.src();
+        let outcome = exec::run(
+            Cmd {
+                argv: &req.build.command,
+                cwd: &src,
+                env,
+                timeout: Duration::from_secs(req.build.timeout_secs),
+                log: &log_path,
+            },
+            &job.cancel,
+        )
+        .await;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                return fail(
+                    format!("build command could not start: {e}"),
+                    None,
+                    None,
+                    None,
+                );
+            }
+        };
+        let log_name = format!("runs/{}/{}-{}.log", job.run_id, req.stage, req.attempt);
+        let log = slipway_core::objects::put_file(
+            &job.bus,
+            &self.logs_bucket,
+            Some(&log_name),
+            &log_path,
+        )
+        .await
+        .map_err(Transient::from)?;
+        if !outcome.exit.success() {
+            let tail = exec::log_tail(&log_path, 20);
+            let what = match outcome.exit {
+                exec::Exit::TimedOut => {
+                    format!("build timed out after {}s", req.build.timeout_secs)
+                }
+                other => format!("build command failed with {other}"),
+            };
+            return fail(
+                format!("{what}; last lines of the log:\n{tail}"),
+                outcome.exit.code(),
+                Some(tail),
+                Some(log),
+            );
+        }
+        let artifacts = req.build.artifacts.clone();
+        let dest = ws.out().join("artifact.tar.gz");
+        let packed = tokio::task::spawn_blocking(move || workspace::pack(&src, &artifacts, &dest))
+            .await
+            .map_err(|e| Transient(e.to_string()))?;
+        let packed = match packed {
+            Ok(p) => p,
+            Err(e) => {
+                return fail(
+                    format!("packing the artifact failed: {e}"),
+                    Some(0),
+                    None,
+                    Some(log),
+                );
+            }
+        };
+        let artifact =
+            slipway_core::objects::put_file(&job.bus, &self.artifacts_bucket, None, &packed.path)
+                .await
+                .map_err(Transient::from)?;
+        Ok(EventData::BuildSucceeded(BuildSucceeded {
+            stage: req.stage.clone(),
+            attempt: req.attempt,
+            artifact,
+            files: packed.files,
+            log,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+}

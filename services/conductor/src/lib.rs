@@ -1,0 +1,272 @@
+//! The conductor: the only service with pipeline logic, and it holds none of its own state.
+//!
+//! It follows the whole log with an ordered consumer and folds every run in memory (on start
+//! it replays the log first, deciding nothing until it has caught up). Each change becomes a
+//! run (deterministic run id, validated spec snapshot in `run.created`) or a
+//! `change.rejected` fact naming why. After each event, and on a timer for timeouts, it runs
+//! the pure [`decide`](slipway_core::decide) and appends the resulting decisions with run-wide
+//! optimistic concurrency; a decision that loses waits for the newer events and is decided
+//! again. Two conductors can run side by side: the log serialises them.
+//!
+//! It also answers live status queries (`slipway-api.runs.<id>`, core NATS) from its folded
+//! state, which `slipway replay` checks against a fresh fold of the log.
+
+mod intake;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use slipway_core::bus::{AppendError, Bus, BusError, Recorded};
+use slipway_core::config::Config;
+use slipway_core::events::EventData;
+use slipway_core::{Event, Run, decide, fold, subjects};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// CloudEvents `source` of the conductor's events.
+pub const SOURCE: &str = "/slipway/conductor";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConductorError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// One run as the conductor holds it.
+#[derive(Debug)]
+struct Entry {
+    run: Run,
+    /// The last stream sequence of this run's events folded: the optimistic-concurrency check.
+    last_seq: u64,
+}
+
+/// The conductor's state: every run, and the changes not yet answered.
+#[derive(Debug, Default)]
+struct State {
+    runs: HashMap<String, Entry>,
+    /// Changes seen before catching up, by stream sequence, answered once caught up.
+    unanswered: BTreeMap<u64, Recorded>,
+    caught_up: bool,
+}
+
+/// Runs the conductor until `shutdown`.
+///
+/// # Errors
+/// [`ConductorError`] when NATS cannot be reached or the stream does not fit.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ConductorError> {
+    let bus = Bus::connect(&config.nats, "slipway-conductor").await?;
+    let stream = bus.ensure_stream().await?;
+    let target = bus.last_seq().await?;
+    info!(replay_to = target, "Conductor starting: replaying the log.");
+
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| BusError::Nats {
+            operation: "create conductor reader",
+            message: e.to_string(),
+        })?;
+    let mut messages = consumer.messages().await.map_err(|e| BusError::Nats {
+        operation: "read log",
+        message: e.to_string(),
+    })?;
+    let mut queries = bus
+        .client()
+        .subscribe(subjects::QUERY_RUNS)
+        .await
+        .map_err(|e| BusError::Nats {
+            operation: "subscribe queries",
+            message: e.to_string(),
+        })?;
+    let mut tick =
+        tokio::time::interval(Duration::from_millis(config.conductor.tick_millis.max(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let mut state = State {
+        caught_up: target == 0,
+        ..Default::default()
+    };
+    if state.caught_up {
+        info!("Log is empty: conductor ready.");
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = messages.next() => match m {
+                Some(Ok(msg)) => {
+                    let seq = match msg.info() {
+                        Ok(i) => i.stream_sequence,
+                        Err(_) => continue,
+                    };
+                    let rec = slipway_core::bus::recorded(seq, &msg.message);
+                    state.on_message(&bus, rec).await;
+                    if !state.caught_up && seq >= target {
+                        state.catch_up(&bus).await;
+                    }
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "Log reader error; it resumes by itself.");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => {
+                    warn!("Log reader ended.");
+                    break;
+                }
+            },
+            _ = tick.tick() => {
+                if state.caught_up {
+                    state.decide_all(&bus).await;
+                }
+            },
+            q = queries.next() => if let Some(q) = q {
+                state.answer(&bus, q).await;
+            },
+        }
+    }
+    info!("Conductor stopped.");
+    Ok(())
+}
+
+impl State {
+    async fn on_message(&mut self, bus: &Bus, rec: Recorded) {
+        let subject = rec.subject.clone();
+        if subject.starts_with("slipway.changes.") {
+            if self.caught_up {
+                intake::answer_change(self, bus, &rec).await;
+            } else {
+                self.unanswered.insert(rec.seq, rec);
+            }
+            return;
+        }
+        if subject == subjects::REJECTED {
+            if let Ok(Event {
+                data: EventData::ChangeRejected(r),
+                ..
+            }) = &rec.event
+            {
+                self.unanswered.remove(&r.change_seq);
+            }
+            return;
+        }
+        let Some((run_id, _, _)) = subjects::parse_run(&subject) else {
+            return;
+        };
+        let event = match rec.event {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(%subject, seq = rec.seq, error = %e, "Ignoring a malformed event in the log.");
+                return;
+            }
+        };
+        if let EventData::RunCreated(c) = &event.data {
+            self.unanswered.remove(&c.change.seq);
+        }
+        self.fold_in(run_id, &event, rec.seq);
+        if self.caught_up {
+            self.decide_run(bus, run_id).await;
+        }
+    }
+
+    /// Folds an event into its run; `seq` raises the run's last sequence.
+    fn fold_in(&mut self, run_id: &str, event: &Event, seq: u64) {
+        match self.runs.remove(run_id) {
+            Some(entry) => {
+                let run = fold(Some(entry.run), event).expect("a run stays a run");
+                self.runs.insert(
+                    run_id.to_string(),
+                    Entry {
+                        run,
+                        last_seq: entry.last_seq.max(seq),
+                    },
+                );
+            }
+            None => {
+                if let Some(run) = fold(None, event) {
+                    self.runs
+                        .insert(run_id.to_string(), Entry { run, last_seq: seq });
+                }
+            }
+        }
+    }
+
+    async fn catch_up(&mut self, bus: &Bus) {
+        self.caught_up = true;
+        let pending = std::mem::take(&mut self.unanswered);
+        info!(
+            runs = self.runs.len(),
+            unanswered_changes = pending.len(),
+            "Caught up with the log: conductor ready."
+        );
+        for rec in pending.values() {
+            intake::answer_change(self, bus, rec).await;
+        }
+        self.decide_all(bus).await;
+    }
+
+    async fn decide_all(&mut self, bus: &Bus) {
+        let active: Vec<String> = self
+            .runs
+            .iter()
+            .filter(|(_, e)| !e.run.is_ended())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in active {
+            self.decide_run(bus, &id).await;
+        }
+    }
+
+    /// Decides the run's next step and appends the decisions, folding each as it lands.
+    async fn decide_run(&mut self, bus: &Bus, run_id: &str) {
+        let Some(entry) = self.runs.get(run_id) else {
+            return;
+        };
+        let now = slipway_core::bus::now();
+        let commands = decide(&entry.run, now);
+        for cmd in commands {
+            let Some(entry) = self.runs.get(run_id) else {
+                return;
+            };
+            let event = cmd.to_event(run_id, SOURCE, now);
+            match bus.append(&event, run_id, entry.last_seq).await {
+                Ok(a) if a.duplicate => {
+                    // Already in the log: our view is behind; the reader brings it.
+                    debug!(run_id, "Decision already in the log.");
+                    return;
+                }
+                Ok(a) => {
+                    info!(run_id, event = event.type_name(), seq = a.seq, "Decided.");
+                    self.fold_in(run_id, &event, a.seq);
+                }
+                Err(AppendError::Conflict { .. }) => {
+                    debug!(run_id, "Run moved on; deciding again on the newer events.");
+                    return;
+                }
+                Err(AppendError::Bus(e)) => {
+                    warn!(run_id, error = %e, "Cannot append a decision; retrying on the next tick.");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn answer(&self, bus: &Bus, q: async_nats::Message) {
+        let Some(reply) = q.reply else { return };
+        let run_id = q.subject.as_str().rsplit('.').next().unwrap_or_default();
+        let body = match self.runs.get(run_id) {
+            Some(e) => e.run.to_json(),
+            None if !self.caught_up => {
+                serde_json::json!({"error": "conductor is still replaying the log"})
+            }
+            None => serde_json::json!({"error": format!("no run {run_id}")}),
+        };
+        let bytes = serde_json::to_vec(&body).expect("JSON serialises");
+        if let Err(e) = bus.client().publish(reply, bytes.into()).await {
+            debug!(error = %e, "Cannot answer a query.");
+        }
+    }
+}

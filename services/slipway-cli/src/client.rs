@@ -1,0 +1,476 @@
+//! The commands that talk to a running Slipway: submit, status, events, watch, replay,
+//! changes, cancel, rerun.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use slipway_core::bus::{AppendError, Bus, NatsSettings};
+use slipway_core::decide::run_ended;
+use slipway_core::events::{ChangeSubmitted, EventData, RunEnded, SourceRef};
+use slipway_core::{Event, Phase, Run, ids, subjects};
+
+use crate::show;
+
+/// CloudEvents `source` of changes and decisions made with the CLI.
+pub const SOURCE: &str = "/slipway/cli";
+
+pub struct Client {
+    bus: Bus,
+}
+
+fn user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn check_run_id(run: &str) -> anyhow::Result<()> {
+    if ids::is_valid_run_id(run) {
+        Ok(())
+    } else {
+        bail!("{run:?} is not a run id (letters, digits, '-' and '_')")
+    }
+}
+
+/// Exit code for a run's phase: 0 when it succeeded or waits for approval.
+fn exit_for(phase: Phase) -> ExitCode {
+    match phase {
+        Phase::Succeeded | Phase::AwaitingApproval => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    }
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let settings = NatsSettings {
+            url: url.to_string(),
+            connect_timeout_secs: 5,
+            ..Default::default()
+        };
+        let bus = Bus::connect(&settings, "slipway-cli").await?;
+        bus.ensure_stream().await?;
+        Ok(Self { bus })
+    }
+
+    /// A run folded from the log alone, with its last sequence.
+    async fn fold_log(&self, run: &str) -> anyhow::Result<Option<(Run, u64)>> {
+        let log = self.bus.run_log(run).await?;
+        let last = log.last().map_or(0, |r| r.seq);
+        let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
+        Ok(Run::replay(&events).map(|r| (r, last)))
+    }
+
+    /// The run's state: the conductor's live view, else a fold of the log.
+    async fn state(&self, run: &str) -> anyhow::Result<Option<Value>> {
+        let query = self
+            .bus
+            .client()
+            .request(subjects::query_run(run), "".into());
+        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(2), query).await
+            && let Ok(v) = serde_json::from_slice::<Value>(&reply.payload)
+        {
+            if v.get("error").is_none() {
+                return Ok(Some(v));
+            }
+            // The conductor does not know the run (yet): the log may.
+        } else {
+            tracing::debug!("Conductor not answering; folding the log.");
+        }
+        Ok(self.fold_log(run).await?.map(|(r, _)| r.to_json()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn submit(
+        &self,
+        spec: &Path,
+        source: Option<String>,
+        revision: Option<String>,
+        title: Option<String>,
+        wait: bool,
+        timeout: u64,
+        json_out: bool,
+    ) -> anyhow::Result<ExitCode> {
+        let text = std::fs::read_to_string(spec)
+            .with_context(|| format!("cannot read the spec {}", spec.display()))?;
+        let source = match source {
+            Some(s) if s.contains("://") => SourceRef::Git {
+                url: s,
+                revision: revision.unwrap_or_else(|| "HEAD".into()),
+            },
+            Some(s) => {
+                if revision.is_some() {
+                    bail!("--revision needs a git URL as --source");
+                }
+                let p = std::fs::canonicalize(&s)
+                    .with_context(|| format!("source directory {s} does not exist"))?;
+                SourceRef::Directory {
+                    path: p.display().to_string(),
+                }
+            }
+            None => {
+                let dir = spec
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                let p = std::fs::canonicalize(dir)?;
+                SourceRef::Directory {
+                    path: p.display().to_string(),
+                }
+            }
+        };
+        let change = ChangeSubmitted {
+            spec: text,
+            source,
+            author: Some(user()),
+            title,
+            rerun_of: None,
+        };
+        self.publish_change(change, wait, timeout, json_out).await
+    }
+
+    async fn publish_change(
+        &self,
+        change: ChangeSubmitted,
+        wait: bool,
+        timeout: u64,
+        json_out: bool,
+    ) -> anyhow::Result<ExitCode> {
+        let event = Event::new(
+            ids::random(),
+            SOURCE,
+            None,
+            slipway_core::bus::now(),
+            EventData::ChangeSubmitted(change),
+        );
+        let appended = self.bus.publish(&event).await?;
+        let run_id = ids::run_id(&event.source, &event.id);
+        if !wait {
+            if json_out {
+                println!("{}", json!({ "run_id": run_id }));
+            } else {
+                println!("{run_id}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        if !json_out {
+            eprintln!("Submitted; run {run_id}. Waiting for it to end…");
+        }
+        let deadline = Instant::now() + Duration::from_secs(timeout);
+        loop {
+            if let Some(reason) = self.rejection(appended.seq).await? {
+                if json_out {
+                    println!("{}", json!({"run_id": null, "rejected": reason}));
+                } else {
+                    eprintln!("Change rejected: {reason}");
+                }
+                return Ok(ExitCode::from(1));
+            }
+            if let Some(state) = self.state(&run_id).await? {
+                let phase = phase_of(&state);
+                if phase.is_final() || phase == Phase::AwaitingApproval {
+                    if json_out {
+                        println!(
+                            "{}",
+                            json!({"run_id": run_id, "phase": phase.as_str(), "reason": state["reason"]})
+                        );
+                    } else {
+                        println!("{run_id}");
+                        show::print_status(&state);
+                    }
+                    return Ok(exit_for(phase));
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("run {run_id} did not end within {timeout}s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The rejection of the change stored at `seq`, if the conductor rejected it.
+    async fn rejection(&self, seq: u64) -> anyhow::Result<Option<String>> {
+        let recs = self
+            .bus
+            .read(&[subjects::REJECTED.to_string()], seq)
+            .await?;
+        Ok(recs.into_iter().find_map(|r| match r.event {
+            Ok(Event {
+                data: EventData::ChangeRejected(x),
+                ..
+            }) if x.change_seq == seq => Some(x.reason),
+            _ => None,
+        }))
+    }
+
+    pub async fn status(&self, run: &str, json_out: bool) -> anyhow::Result<ExitCode> {
+        check_run_id(run)?;
+        let Some(state) = self.state(run).await? else {
+            eprintln!("slipway: no run {run}");
+            return Ok(ExitCode::from(1));
+        };
+        if json_out {
+            println!("{}", serde_json::to_string_pretty(&state)?);
+        } else {
+            show::print_status(&state);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub async fn events(&self, run: &str) -> anyhow::Result<ExitCode> {
+        check_run_id(run)?;
+        let log = self.bus.run_log(run).await?;
+        if log.is_empty() {
+            eprintln!("slipway: no run {run}");
+            return Ok(ExitCode::from(1));
+        }
+        for r in log {
+            match r.event {
+                Ok(e) => println!("{}", serde_json::to_string(&e.to_structured_json())?),
+                Err(err) => println!(
+                    "{}",
+                    json!({"seq": r.seq, "subject": r.subject, "error": err.to_string()})
+                ),
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub async fn watch(&self, run: &str, timeout: u64) -> anyhow::Result<ExitCode> {
+        check_run_id(run)?;
+        let mut sub = self
+            .bus
+            .client()
+            .subscribe(format!("slipway.run.{run}.>"))
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(timeout);
+        let mut last: Option<Value> = None;
+        loop {
+            let Some(state) = self.state(run).await? else {
+                eprintln!("slipway: no run {run}");
+                return Ok(ExitCode::from(1));
+            };
+            show::print_changes(last.as_ref(), &state);
+            let phase = phase_of(&state);
+            if phase.is_final() {
+                return Ok(exit_for(phase));
+            }
+            last = Some(state);
+            if Instant::now() > deadline {
+                bail!("run {run} did not end within {timeout}s");
+            }
+            // Wake on the run's next event, or re-check in a second.
+            let _ = tokio::time::timeout(Duration::from_secs(1), sub.next()).await;
+        }
+    }
+
+    pub async fn replay(&self, run: Option<&str>, json_out: bool) -> anyhow::Result<ExitCode> {
+        if let Some(run) = run {
+            check_run_id(run)?;
+            let Some((state, _)) = self.fold_log(run).await? else {
+                eprintln!("slipway: no run {run}");
+                return Ok(ExitCode::from(1));
+            };
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&state.to_json())?);
+            } else {
+                show::print_status(&state.to_json());
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let started = Instant::now();
+        let log = self.bus.read(&[subjects::RUNS.to_string()], 1).await?;
+        let n = log.len();
+        let mut runs: HashMap<String, Option<Run>> = HashMap::new();
+        let mut order = Vec::new();
+        for r in log {
+            let Some((id, _, _)) = subjects::parse_run(&r.subject) else {
+                continue;
+            };
+            let Ok(e) = r.event else { continue };
+            let slot = runs.entry(id.to_string()).or_insert_with(|| {
+                order.push(id.to_string());
+                None
+            });
+            *slot = slipway_core::fold(slot.take(), &e);
+        }
+        let states: Vec<Value> = order
+            .iter()
+            .filter_map(|id| runs.get(id).and_then(|r| r.as_ref()).map(Run::to_json))
+            .collect();
+        if json_out {
+            println!("{}", serde_json::to_string_pretty(&states)?);
+        } else {
+            let mut by_phase: BTreeMap<String, usize> = BTreeMap::new();
+            for s in &states {
+                *by_phase
+                    .entry(phase_of(s).as_str().to_string())
+                    .or_default() += 1;
+            }
+            println!(
+                "Replayed {n} events into {} runs in {:.3}s:",
+                states.len(),
+                started.elapsed().as_secs_f64()
+            );
+            for (p, c) in by_phase {
+                println!("  {p:<18} {c}");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub async fn changes(&self, json_out: bool, limit: usize) -> anyhow::Result<ExitCode> {
+        let recs = self
+            .bus
+            .read(
+                &[
+                    subjects::CHANGES.to_string(),
+                    subjects::REJECTED.to_string(),
+                    subjects::RUN_CREATED.to_string(),
+                ],
+                1,
+            )
+            .await?;
+        let mut outcomes: HashMap<u64, Value> = HashMap::new();
+        let mut runs_by_id: HashMap<String, u64> = HashMap::new();
+        let mut changes = Vec::new();
+        for r in &recs {
+            match &r.event {
+                Ok(Event {
+                    data: EventData::ChangeRejected(x),
+                    ..
+                }) => {
+                    outcomes.insert(x.change_seq, json!({"rejected": x.reason}));
+                }
+                Ok(Event {
+                    data: EventData::RunCreated(c),
+                    ..
+                }) => {
+                    outcomes.insert(c.change.seq, json!({"run_id": c.run_id}));
+                    runs_by_id.insert(c.run_id.clone(), c.change.seq);
+                }
+                _ if r.subject.starts_with("slipway.changes.") => changes.push(r),
+                _ => {}
+            }
+        }
+        let mut rows = Vec::new();
+        for r in changes.iter().rev().take(limit) {
+            let (id, source, time) = match &r.event {
+                Ok(e) => (
+                    Some(e.id.clone()),
+                    Some(e.source.clone()),
+                    Some(e.time.to_rfc3339()),
+                ),
+                Err(_) => (None, None, None),
+            };
+            let outcome = outcomes.get(&r.seq).cloned().unwrap_or_else(|| {
+                // A repeat of an earlier change: it has that change's run.
+                let dup = match (&id, &source) {
+                    (Some(i), Some(s)) => {
+                        let run = ids::run_id(s, i);
+                        runs_by_id.contains_key(&run).then_some(run)
+                    }
+                    _ => None,
+                };
+                match dup {
+                    Some(run) => json!({"run_id": run, "duplicate": true}),
+                    None => json!({"pending": true}),
+                }
+            });
+            rows.push(json!({
+                "seq": r.seq,
+                "subject": r.subject,
+                "id": id,
+                "source": source,
+                "time": time,
+                "outcome": outcome,
+            }));
+        }
+        if json_out {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            show::print_changes_table(&rows);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub async fn cancel(&self, run: &str, reason: Option<String>) -> anyhow::Result<ExitCode> {
+        check_run_id(run)?;
+        let reason = reason.unwrap_or_else(|| format!("cancelled by {}", user()));
+        for _ in 0..10 {
+            let Some((state, last)) = self.fold_log(run).await? else {
+                eprintln!("slipway: no run {run}");
+                return Ok(ExitCode::from(1));
+            };
+            if state.is_ended() {
+                eprintln!(
+                    "slipway: run {run} already ended ({}): {}",
+                    state.phase.as_str(),
+                    state.reason.unwrap_or_default()
+                );
+                return Ok(ExitCode::from(1));
+            }
+            let data = run_ended(
+                Phase::Cancelled,
+                RunEnded {
+                    reason: reason.clone(),
+                    stage: None,
+                    by: Some(user()),
+                },
+            );
+            let event = Event::new(
+                ids::run_end(run),
+                SOURCE,
+                Some(run.to_string()),
+                slipway_core::bus::now(),
+                data,
+            );
+            match self.bus.append(&event, run, last).await {
+                Ok(a) if a.duplicate => {
+                    eprintln!("slipway: run {run} already ended");
+                    return Ok(ExitCode::from(1));
+                }
+                Ok(_) => {
+                    println!("Run {run} cancelled: {reason}");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                // The run moved on while we decided: look again.
+                Err(AppendError::Conflict { .. }) => continue,
+                Err(AppendError::Bus(e)) => return Err(e.into()),
+            }
+        }
+        bail!("run {run} kept changing; cancellation not recorded, try again")
+    }
+
+    pub async fn rerun(&self, run: &str, json_out: bool) -> anyhow::Result<ExitCode> {
+        check_run_id(run)?;
+        let Some((state, _)) = self.fold_log(run).await? else {
+            eprintln!("slipway: no run {run}");
+            return Ok(ExitCode::from(1));
+        };
+        let rec = self.bus.get(state.change.seq).await?;
+        let Ok(Event {
+            data: EventData::ChangeSubmitted(mut change),
+            ..
+        }) = rec.event
+        else {
+            bail!(
+                "the change of run {run} (stream sequence {}) cannot be read back",
+                state.change.seq
+            );
+        };
+        change.rerun_of = Some(run.to_string());
+        self.publish_change(change, false, 0, json_out).await
+    }
+}
+
+pub fn phase_of(state: &Value) -> Phase {
+    state["phase"]
+        .as_str()
+        .and_then(Phase::parse)
+        .unwrap_or(Phase::Queued)
+}

@@ -1,0 +1,188 @@
+//! `slipway`: run Slipway locally, submit changes, and follow, replay and cancel runs.
+//!
+//! Every command talks to NATS (`--nats-url`, default `SLIPWAY_NATS_URL`, else
+//! `nats://127.0.0.1:4222`). Exit codes: 0 success, 1 a run that did not succeed or an
+//! operation refused, 2 bad usage or an unreachable server.
+
+mod client;
+mod show;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "slipway",
+    version,
+    about = "Slipway: event-sourced continuous delivery"
+)]
+struct Cli {
+    /// NATS server URL.
+    #[arg(long, global = true, env = "SLIPWAY_NATS_URL")]
+    nats_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start every service (and, without a NATS URL, a local nats-server under .slipway/).
+    Up {
+        /// Configuration file passed to every service.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Port of the local nats-server.
+        #[arg(long, default_value_t = 4222)]
+        port: u16,
+        /// Directory for the local server's data and the services' workspaces.
+        #[arg(long, default_value = ".slipway")]
+        data_dir: PathBuf,
+    },
+    /// Publish a change: a pipeline spec and its source.
+    Submit {
+        /// The pipeline spec (TOML).
+        spec: PathBuf,
+        /// A local directory or a git URL (default: the spec's directory).
+        #[arg(long)]
+        source: Option<String>,
+        /// Git revision, with a git URL source.
+        #[arg(long)]
+        revision: Option<String>,
+        /// A short description of the change.
+        #[arg(long)]
+        title: Option<String>,
+        /// Wait until the run ends or awaits approval; exit 1 if it did not succeed.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A run's state (live from the conductor, else folded from the log).
+    Status {
+        run: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A run's CloudEvents in log order, one structured-mode JSON per line.
+    Events { run: String },
+    /// Follow a run's phase and stages until it ends.
+    Watch {
+        run: String,
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Rebuild state from the log alone (a fresh fold, no cache).
+    Replay {
+        run: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The changes received, newest first, with their outcome.
+    Changes {
+        #[arg(long)]
+        json: bool,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// End a run that has not finished.
+    Cancel {
+        run: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Start a new run of the same change.
+    Rerun {
+        run: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A whole run of the example project against a private nats-server, then stop.
+    Demo {
+        /// The example's spec.
+        #[arg(long, default_value = "deploy/examples/hello/slipway.toml")]
+        spec: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    slipway_core::telemetry::init("slipway");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("slipway: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn nats_url(cli: &Option<String>) -> String {
+    cli.clone()
+        .unwrap_or_else(|| "nats://127.0.0.1:4222".to_string())
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let explicit_url = cli.nats_url.clone();
+    let url = nats_url(&cli.nats_url);
+    match cli.command {
+        Command::Up {
+            config,
+            port,
+            data_dir,
+        } => up::up(explicit_url, config, port, data_dir).await,
+        Command::Demo { spec } => up::demo(spec).await,
+        Command::Submit {
+            spec,
+            source,
+            revision,
+            title,
+            wait,
+            timeout,
+            json,
+        } => {
+            let c = client::Client::connect(&url).await?;
+            c.submit(&spec, source, revision, title, wait, timeout, json)
+                .await
+        }
+        Command::Status { run, json } => {
+            let c = client::Client::connect(&url).await?;
+            c.status(&run, json).await
+        }
+        Command::Events { run } => {
+            let c = client::Client::connect(&url).await?;
+            c.events(&run).await
+        }
+        Command::Watch { run, timeout } => {
+            let c = client::Client::connect(&url).await?;
+            c.watch(&run, timeout).await
+        }
+        Command::Replay { run, json } => {
+            let c = client::Client::connect(&url).await?;
+            c.replay(run.as_deref(), json).await
+        }
+        Command::Changes { json, limit } => {
+            let c = client::Client::connect(&url).await?;
+            c.changes(json, limit).await
+        }
+        Command::Cancel { run, reason } => {
+            let c = client::Client::connect(&url).await?;
+            c.cancel(&run, reason).await
+        }
+        Command::Rerun { run, json } => {
+            let c = client::Client::connect(&url).await?;
+            c.rerun(&run, json).await
+        }
+    }
+}

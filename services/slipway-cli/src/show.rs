@@ -1,0 +1,107 @@
+//! Human-readable output of run states and changes.
+
+use serde_json::Value;
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+fn time(v: &Value) -> String {
+    v.as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.format("%H:%M:%S%.3f").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// A run's status as a few lines.
+pub fn print_status(state: &Value) {
+    println!(
+        "run {} (pipeline {}): {}",
+        s(&state["run_id"]),
+        s(&state["pipeline"]),
+        s(&state["phase"])
+    );
+    if let Some(r) = state["reason"].as_str() {
+        println!("  {r}");
+    }
+    if let Some(stages) = state["stages"].as_array() {
+        for st in stages {
+            println!(
+                "  {:<22} {:<10} {} → {}",
+                s(&st["name"]),
+                s(&st["status"]),
+                time(&st["started_at"]),
+                time(&st["finished_at"])
+            );
+            if let Some(r) = st["reason"].as_str() {
+                for line in r.lines().take(12) {
+                    println!("      {line}");
+                }
+            }
+        }
+    }
+    if let Some(a) = state["artifact"].as_object() {
+        println!(
+            "  artifact {} ({} bytes)",
+            a.get("digest").and_then(Value::as_str).unwrap_or(""),
+            a.get("size").and_then(Value::as_u64).unwrap_or(0)
+        );
+    }
+}
+
+/// What changed between two states of a run, one line per change.
+pub fn print_changes(before: Option<&Value>, after: &Value) {
+    let now = chrono::Utc::now().format("%H:%M:%S");
+    if before.map(|b| &b["phase"]) != Some(&after["phase"]) {
+        println!(
+            "{now} run {} is {}",
+            s(&after["run_id"]),
+            s(&after["phase"])
+        );
+        if let Some(r) = after["reason"].as_str() {
+            println!("         {r}");
+        }
+    }
+    let empty = Vec::new();
+    let old = before
+        .and_then(|b| b["stages"].as_array())
+        .unwrap_or(&empty);
+    for st in after["stages"].as_array().unwrap_or(&empty) {
+        let prev = old.iter().find(|o| o["name"] == st["name"]);
+        if prev.map(|p| &p["status"]) != Some(&st["status"]) && s(&st["status"]) != "pending" {
+            println!("{now}   {:<22} {}", s(&st["name"]), s(&st["status"]));
+            if let Some(r) = st["reason"].as_str() {
+                println!("           {}", r.lines().next().unwrap_or(""));
+            }
+        }
+    }
+}
+
+/// `slipway changes` as a table.
+pub fn print_changes_table(rows: &[Value]) {
+    if rows.is_empty() {
+        println!("No changes received.");
+        return;
+    }
+    for r in rows {
+        let outcome = &r["outcome"];
+        let what = if let Some(run) = outcome["run_id"].as_str() {
+            if outcome["duplicate"].as_bool() == Some(true) {
+                format!("repeat of run {run}")
+            } else {
+                format!("run {run}")
+            }
+        } else if let Some(reason) = outcome["rejected"].as_str() {
+            format!("rejected: {reason}")
+        } else {
+            "not answered yet".into()
+        };
+        println!(
+            "#{:<6} {:<25} {:<20} {:<38} {what}",
+            r["seq"],
+            r["time"].as_str().unwrap_or("-"),
+            r["source"].as_str().unwrap_or("-"),
+            r["id"].as_str().unwrap_or("-"),
+        );
+    }
+}

@@ -1,0 +1,227 @@
+//! `slipway up` and `slipway demo`: every service as a child process, and a local nats-server
+//! when no NATS URL is given.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use slipway_core::server::{NatsProcess, find_nats_server, free_port};
+use tokio::process::{Child, Command};
+
+use crate::client::Client;
+
+/// The services `up` starts, by binary name.
+pub const SERVICES: &[&str] = &["slipway-conductor", "slipway-builder", "slipway-tester"];
+
+/// Services are stopped with SIGTERM and get this long to drain before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(35);
+
+struct Service {
+    name: &'static str,
+    child: Option<Child>,
+    restarts: u32,
+}
+
+/// A running set of services (and maybe their nats-server).
+pub struct Stack {
+    nats: Option<NatsProcess>,
+    pub url: String,
+    services: Vec<Service>,
+    env: Vec<(String, String)>,
+    bin_dir: PathBuf,
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
+    Ok(std::fs::canonicalize(p)?)
+}
+
+impl Stack {
+    /// Starts nats-server (unless `url` is given) and every service.
+    pub async fn start(
+        url: Option<String>,
+        port: u16,
+        data_dir: &Path,
+        config: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let data_dir = absolute(data_dir)?;
+        let (nats, url) = match url {
+            Some(u) => (None, u),
+            None => {
+                let binary = find_nats_server(&[]).map_err(anyhow::Error::msg)?;
+                let store = data_dir.join("nats");
+                let p =
+                    NatsProcess::spawn(&binary, port, &store, &[]).map_err(anyhow::Error::msg)?;
+                eprintln!(
+                    "nats-server {} listening at {} (data in {})",
+                    binary.display(),
+                    p.url(),
+                    store.display()
+                );
+                let url = p.url();
+                (Some(p), url)
+            }
+        };
+        let bin_dir = std::env::current_exe()?
+            .parent()
+            .map(Path::to_path_buf)
+            .context("cannot locate the service binaries")?;
+        for name in SERVICES {
+            if !bin_dir.join(name).is_file() {
+                bail!(
+                    "{name} not found beside slipway in {}; build the workspace first (cargo build --release)",
+                    bin_dir.display()
+                );
+            }
+        }
+        let mut env = vec![
+            ("SLIPWAY__NATS__URL".to_string(), url.clone()),
+            (
+                "SLIPWAY__EXEC__WORKSPACE_ROOT".to_string(),
+                data_dir.join("work").display().to_string(),
+            ),
+        ];
+        if let Some(c) = config {
+            env.push((
+                "SLIPWAY_CONFIG".into(),
+                absolute_file(c)?.display().to_string(),
+            ));
+        }
+        let mut stack = Self {
+            nats,
+            url,
+            services: SERVICES
+                .iter()
+                .map(|name| Service {
+                    name,
+                    child: None,
+                    restarts: 0,
+                })
+                .collect(),
+            env,
+            bin_dir,
+        };
+        for i in 0..stack.services.len() {
+            stack.spawn(i)?;
+        }
+        Ok(stack)
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let name = self.services[i].name;
+        let child = Command::new(self.bin_dir.join(name))
+            .envs(self.env.iter().cloned())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        self.services[i].child = Some(child);
+        Ok(())
+    }
+
+    /// Restarts services that exited (with a growing delay), until `stop`.
+    async fn supervise_once(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.services.len() {
+            let exited = match self.services[i].child.as_mut() {
+                Some(c) => c.try_wait()?.map(|s| s.to_string()),
+                None => Some("not running".into()),
+            };
+            if let Some(status) = exited {
+                let s = &mut self.services[i];
+                s.restarts += 1;
+                let delay = Duration::from_millis(500 * u64::from(s.restarts.min(10)));
+                eprintln!(
+                    "{} exited ({status}); restarting in {:.1}s",
+                    s.name,
+                    delay.as_secs_f64()
+                );
+                tokio::time::sleep(delay).await;
+                self.spawn(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM every service, wait for them to drain, then stop nats-server.
+    pub async fn stop(mut self) {
+        for s in &self.services {
+            if let Some(pid) = s.child.as_ref().and_then(Child::id)
+                && let Ok(pid) = i32::try_from(pid)
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        for s in &mut self.services {
+            if let Some(mut c) = s.child.take()
+                && tokio::time::timeout(STOP_GRACE, c.wait()).await.is_err()
+            {
+                let _ = c.kill().await;
+            }
+        }
+        if let Some(mut n) = self.nats.take() {
+            n.stop();
+        }
+    }
+}
+
+fn absolute_file(p: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::canonicalize(p).with_context(|| format!("{} does not exist", p.display()))
+}
+
+async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// `slipway up`.
+pub async fn up(
+    url: Option<String>,
+    config: Option<PathBuf>,
+    port: u16,
+    data_dir: PathBuf,
+) -> anyhow::Result<ExitCode> {
+    let mut stack = Stack::start(url, port, &data_dir, config.as_deref()).await?;
+    eprintln!(
+        "Slipway is up: NATS at {}; services: {}. Ctrl-C stops everything.",
+        stack.url,
+        SERVICES.join(", ")
+    );
+    let stop = signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => stack.supervise_once().await?,
+        }
+    }
+    eprintln!("Stopping Slipway…");
+    stack.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `slipway demo`: a private server and services, one run of the example, then stop.
+pub async fn demo(spec: PathBuf) -> anyhow::Result<ExitCode> {
+    let spec = absolute_file(&spec)?;
+    let data_dir = PathBuf::from(".slipway/demo");
+    // A fresh log for every demo.
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let stack = Stack::start(None, free_port(), &data_dir, None).await?;
+    let result = async {
+        let client = Client::connect(&stack.url).await?;
+        eprintln!("Submitting {} …", spec.display());
+        client
+            .submit(&spec, None, None, Some("demo".into()), true, 600, false)
+            .await
+    }
+    .await;
+    stack.stop().await;
+    result
+}

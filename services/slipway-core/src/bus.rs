@@ -1,0 +1,533 @@
+//! The NATS JetStream binding of the event log: connect, create the stream, append, read.
+//!
+//! Facts are appended with [`Bus::publish`] (deduplicated by `Nats-Msg-Id` = event id).
+//! Decisions are appended with [`Bus::append`], which adds run-wide optimistic concurrency:
+//! `Nats-Expected-Last-Subject-Sequence` with the subject filter `slipway.run.<id>.>`, so a
+//! writer that decided on a stale view of the run loses with [`AppendError::Conflict`].
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream};
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::binding::{self, BindingError};
+use crate::envelope::{EnvelopeError, Event};
+use crate::subjects;
+
+/// The oldest nats-server that honours everything Slipway relies on: `filter_subjects`, strict
+/// consumer creation and run-wide optimistic concurrency (2.9 silently ignores them).
+pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 11, 0);
+
+/// How a service reaches NATS and how the log's stream is shaped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsSettings {
+    pub url: String,
+    /// Give up connecting after this long (the server may still be starting).
+    pub connect_timeout_secs: u64,
+    pub stream: StreamSettings,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            connect_timeout_secs: 15,
+            stream: StreamSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamSettings {
+    pub name: String,
+    /// 1 on a single server, 3 on a cluster.
+    pub replicas: usize,
+    /// Window within which a repeated `Nats-Msg-Id` is dropped as a duplicate.
+    pub duplicate_window_secs: u64,
+    pub artifacts_bucket: String,
+    pub logs_bucket: String,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            name: "SLIPWAY".into(),
+            replicas: 1,
+            duplicate_window_secs: 120,
+            artifacts_bucket: "slipway-artifacts".into(),
+            logs_bucket: "slipway-logs".into(),
+        }
+    }
+}
+
+/// Infrastructure failures: NATS unreachable, the stream unusable. Retry, nak, alert.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error(
+        "nats-server {found} is too old: Slipway needs {}.{}.{} or newer \
+         (older servers silently ignore consumer filters and optimistic concurrency)",
+        MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1, MIN_SERVER_VERSION.2
+    )]
+    ServerTooOld { found: String },
+    #[error("stream {stream} exists with an incompatible configuration: {differences}")]
+    IncompatibleStream { stream: String, differences: String },
+    #[error("NATS {operation} failed: {message}")]
+    Nats {
+        operation: &'static str,
+        message: String,
+    },
+}
+
+impl BusError {
+    fn nats(operation: &'static str, e: impl std::fmt::Display) -> Self {
+        BusError::Nats {
+            operation,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Why a decision was not appended.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// Another writer appended to the run since the state the decision was made on.
+    #[error("run {run_id} changed since sequence {expected}: re-fold and decide again")]
+    Conflict { run_id: String, expected: u64 },
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// A message that is not a Slipway event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error(transparent)]
+    Binding(#[from] BindingError),
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+}
+
+/// An acknowledged append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: u64,
+    /// The id was already in the log: nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// A message read back from the log.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub seq: u64,
+    pub subject: String,
+    pub event: Result<Event, DecodeError>,
+    /// Set when the message is not an event, so the raw bytes can still be shown.
+    pub raw: Option<bytes::Bytes>,
+}
+
+/// Decodes a stored or delivered message into an event.
+///
+/// # Errors
+/// [`DecodeError`] naming what is wrong with the message.
+pub fn decode(
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> Result<Event, DecodeError> {
+    let ce = binding::decode(headers, payload)?;
+    Ok(Event::from_cloudevent(&ce)?)
+}
+
+/// A connection to NATS with the log's stream.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    settings: NatsSettings,
+}
+
+impl Bus {
+    /// Connects (retrying while the server starts), refusing servers older than 2.11.
+    ///
+    /// # Errors
+    /// [`BusError::Connect`] or [`BusError::ServerTooOld`].
+    pub async fn connect(settings: &NatsSettings, client_name: &str) -> Result<Self, BusError> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(settings.connect_timeout_secs.max(1));
+        let client = loop {
+            let opts = async_nats::ConnectOptions::new()
+                .name(client_name)
+                .connection_timeout(Duration::from_secs(2))
+                .max_reconnects(None);
+            match opts.connect(settings.url.as_str()).await {
+                Ok(c) => break c,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    debug!(url = %settings.url, error = %e, "NATS not reachable yet; retrying.");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    return Err(BusError::Connect {
+                        url: settings.url.clone(),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        };
+        let version = client.server_info().version;
+        check_server_version(&version)?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build(client.clone());
+        Ok(Self {
+            client,
+            js,
+            settings: settings.clone(),
+        })
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn settings(&self) -> &NatsSettings {
+        &self.settings
+    }
+
+    pub fn stream_name(&self) -> &str {
+        &self.settings.stream.name
+    }
+
+    /// The stream configuration Slipway wants.
+    pub fn stream_config(&self) -> stream::Config {
+        let s = &self.settings.stream;
+        stream::Config {
+            name: s.name.clone(),
+            description: Some("Slipway event log: the only source of truth".into()),
+            subjects: subjects::STREAM_SUBJECTS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: s.replicas,
+            duplicate_window: Duration::from_secs(s.duplicate_window_secs),
+            discard: stream::DiscardPolicy::Old,
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
+    /// Creates the stream, or checks that the existing one fits.
+    ///
+    /// Tunables (replicas, duplicate window) are updated in place; a different storage,
+    /// retention or subject set is an [`BusError::IncompatibleStream`] naming each difference.
+    ///
+    /// # Errors
+    /// [`BusError`] when the stream cannot be created or does not fit.
+    pub async fn ensure_stream(&self) -> Result<stream::Stream, BusError> {
+        let want = self.stream_config();
+        match self.js.get_stream(&want.name).await {
+            Ok(mut existing) => {
+                let have = existing
+                    .info()
+                    .await
+                    .map_err(|e| BusError::nats("stream info", e))?
+                    .config
+                    .clone();
+                let mut diffs = Vec::new();
+                if have.storage != want.storage {
+                    diffs.push(format!(
+                        "storage is {:?}, want {:?}",
+                        have.storage, want.storage
+                    ));
+                }
+                if have.retention != want.retention {
+                    diffs.push(format!(
+                        "retention is {:?}, want {:?}",
+                        have.retention, want.retention
+                    ));
+                }
+                let mut hs = have.subjects.clone();
+                let mut ws = want.subjects.clone();
+                hs.sort();
+                ws.sort();
+                if hs != ws {
+                    diffs.push(format!("subjects are {hs:?}, want {ws:?}"));
+                }
+                if !diffs.is_empty() {
+                    return Err(BusError::IncompatibleStream {
+                        stream: want.name.clone(),
+                        differences: diffs.join("; "),
+                    });
+                }
+                if have.num_replicas != want.num_replicas
+                    || have.duplicate_window != want.duplicate_window
+                {
+                    info!(
+                        stream = %want.name,
+                        replicas = want.num_replicas,
+                        duplicate_window_secs = want.duplicate_window.as_secs(),
+                        "Updating the stream's replicas and duplicate window."
+                    );
+                    let mut update = have.clone();
+                    update.num_replicas = want.num_replicas;
+                    update.duplicate_window = want.duplicate_window;
+                    self.js
+                        .update_stream(update)
+                        .await
+                        .map_err(|e| BusError::nats("stream update", e))?;
+                }
+                Ok(existing)
+            }
+            Err(_) => match self.js.create_stream(want.clone()).await {
+                Ok(s) => {
+                    info!(stream = %want.name, "Created the event log stream.");
+                    Ok(s)
+                }
+                // Another service created it between our get and create: check it again.
+                Err(e) => match self.js.get_stream(&want.name).await {
+                    Ok(s) => Ok(s),
+                    Err(_) => Err(BusError::nats("stream create", e)),
+                },
+            },
+        }
+    }
+
+    /// Appends a fact. A duplicate id is success: the fact is already in the log.
+    ///
+    /// # Errors
+    /// [`BusError`] when no PubAck came.
+    pub async fn publish(&self, event: &Event) -> Result<Appended, BusError> {
+        self.publish_message(event, None)
+            .await
+            .map_err(|e| match e {
+                AppendError::Bus(b) => b,
+                AppendError::Conflict { .. } => unreachable!("no expectation was set"),
+            })
+    }
+
+    /// Appends a decision about `run_id`, expecting the run's last event to be `expected`
+    /// (0 when the run must not exist yet).
+    ///
+    /// # Errors
+    /// [`AppendError::Conflict`] when the run moved on; [`AppendError::Bus`] otherwise.
+    pub async fn append(
+        &self,
+        event: &Event,
+        run_id: &str,
+        expected: u64,
+    ) -> Result<Appended, AppendError> {
+        self.publish_message(event, Some((run_id, expected))).await
+    }
+
+    async fn publish_message(
+        &self,
+        event: &Event,
+        expect: Option<(&str, u64)>,
+    ) -> Result<Appended, AppendError> {
+        let subject = event.nats_subject();
+        let (headers, payload) = binding::encode(event.to_cloudevent());
+        let mut msg = PublishMessage::build()
+            .headers(headers)
+            .payload(payload)
+            .message_id(&event.id);
+        if let Some((run_id, seq)) = expect {
+            msg = msg.expected_last_subject_sequence(seq).header(
+                "Nats-Expected-Last-Subject-Sequence-Subject",
+                subjects::run(run_id),
+            );
+        }
+        let ack = self
+            .js
+            .send_publish(subject.clone(), msg)
+            .await
+            .map_err(|e| BusError::nats("publish", e))?
+            .await;
+        match ack {
+            Ok(ack) => {
+                debug!(%subject, seq = ack.sequence, duplicate = ack.duplicate, "Appended.");
+                Ok(Appended {
+                    seq: ack.sequence,
+                    duplicate: ack.duplicate,
+                })
+            }
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                let (run_id, expected) = expect.unwrap_or_default();
+                Err(AppendError::Conflict {
+                    run_id: run_id.to_string(),
+                    expected,
+                })
+            }
+            Err(e) => Err(BusError::nats("publish ack", e).into()),
+        }
+    }
+
+    /// Every stored message on `filters`, in log order, from `start_seq` on (1 = all).
+    ///
+    /// # Errors
+    /// [`BusError`] when the stream cannot be read.
+    pub async fn read(
+        &self,
+        filters: &[String],
+        start_seq: u64,
+    ) -> Result<Vec<Recorded>, BusError> {
+        let stream = self
+            .js
+            .get_stream_no_info(self.stream_name())
+            .await
+            .map_err(|e| BusError::nats("get stream", e))?;
+        let deliver_policy = if start_seq <= 1 {
+            jetstream::consumer::DeliverPolicy::All
+        } else {
+            jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start_seq,
+            }
+        };
+        let mut consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subjects: filters.to_vec(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::nats("create reader", e))?;
+        let pending = consumer
+            .info()
+            .await
+            .map_err(|e| BusError::nats("reader info", e))?
+            .num_pending;
+        let mut out = Vec::with_capacity(pending as usize);
+        if pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| BusError::nats("read", e))?;
+        while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .map_err(|_| BusError::nats("read", "no message within 10s"))?
+        {
+            let msg = msg.map_err(|e| BusError::nats("read", e))?;
+            let info = msg.info().map_err(|e| BusError::nats("read info", e))?;
+            let (seq, left) = (info.stream_sequence, info.pending);
+            out.push(recorded(seq, &msg.message));
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every event of one run, in log order.
+    ///
+    /// # Errors
+    /// [`BusError`] when the stream cannot be read.
+    pub async fn run_log(&self, run_id: &str) -> Result<Vec<Recorded>, BusError> {
+        self.read(&[subjects::run(run_id)], 1).await
+    }
+
+    /// The last stream sequence now (0 for an empty stream).
+    ///
+    /// # Errors
+    /// [`BusError`] when the stream cannot be read.
+    pub async fn last_seq(&self) -> Result<u64, BusError> {
+        let mut stream = self
+            .js
+            .get_stream(self.stream_name())
+            .await
+            .map_err(|e| BusError::nats("get stream", e))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| BusError::nats("stream info", e))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// One stored message by sequence.
+    ///
+    /// # Errors
+    /// [`BusError`] when it cannot be read.
+    pub async fn get(&self, seq: u64) -> Result<Recorded, BusError> {
+        let stream = self
+            .js
+            .get_stream_no_info(self.stream_name())
+            .await
+            .map_err(|e| BusError::nats("get stream", e))?;
+        let m = stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| BusError::nats("get message", e))?;
+        let event = decode(Some(&m.headers), &m.payload);
+        let raw = event.is_err().then(|| m.payload.clone());
+        Ok(Recorded {
+            seq,
+            subject: m.subject.to_string(),
+            event,
+            raw,
+        })
+    }
+}
+
+/// A delivered message as a [`Recorded`].
+pub fn recorded(seq: u64, m: &async_nats::Message) -> Recorded {
+    let event = decode(m.headers.as_ref(), &m.payload);
+    let raw = event.is_err().then(|| m.payload.clone());
+    Recorded {
+        seq,
+        subject: m.subject.to_string(),
+        event,
+        raw,
+    }
+}
+
+/// Refuses servers older than [`MIN_SERVER_VERSION`].
+///
+/// # Errors
+/// [`BusError::ServerTooOld`] naming the version found.
+pub fn check_server_version(version: &str) -> Result<(), BusError> {
+    let core = version.trim_start_matches('v');
+    let core = core.split(['-', '+']).next().unwrap_or_default();
+    let mut parts = core.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let found = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    if found >= MIN_SERVER_VERSION {
+        Ok(())
+    } else {
+        warn!(version, "nats-server is too old.");
+        Err(BusError::ServerTooOld {
+            found: version.to_string(),
+        })
+    }
+}
+
+/// The current time; the I/O layer's clock, passed into the pure logic as a value.
+pub fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_versions() {
+        assert!(check_server_version("2.15.1").is_ok());
+        assert!(check_server_version("2.11.0").is_ok());
+        assert!(check_server_version("v2.12.0-beta.1").is_ok());
+        let err = check_server_version("2.9.10").unwrap_err().to_string();
+        assert!(err.contains("2.9.10") && err.contains("2.11.0"), "{err}");
+    }
+}

@@ -1,0 +1,104 @@
+//! Service configuration: one TOML file shared by every service, overridden by
+//! `SLIPWAY__<SECTION>__<KEY>` environment variables (e.g. `SLIPWAY__NATS__URL`).
+//!
+//! The file comes from `--config PATH` or `SLIPWAY_CONFIG`; without one, defaults apply.
+//! Unknown keys are errors, so a typo never silently falls back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::bus::NatsSettings;
+use crate::exec::ExecSettings;
+use crate::runtime::WorkerSettings;
+
+/// Everything a Slipway service can be told.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub nats: NatsSettings,
+    pub worker: WorkerSettings,
+    pub exec: ExecSettings,
+    pub conductor: ConductorSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConductorSettings {
+    /// How often stage timeouts are checked.
+    pub tick_millis: u64,
+}
+
+impl Default for ConductorSettings {
+    fn default() -> Self {
+        Self { tick_millis: 500 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Loads the file (if any) and the environment overrides.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, key or value at fault.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let path: Option<PathBuf> = path
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("SLIPWAY_CONFIG").map(PathBuf::from));
+        let mut b = config::Config::builder();
+        if let Some(p) = &path {
+            if !p.is_file() {
+                return Err(ConfigError(format!("{} is not a file", p.display())));
+            }
+            b = b.add_source(config::File::from(p.as_path()).format(config::FileFormat::Toml));
+        }
+        b = b.add_source(
+            config::Environment::with_prefix("SLIPWAY")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let c = b.build().map_err(|e| ConfigError(e.to_string()))?;
+        c.try_deserialize().map_err(|e| ConfigError(e.to_string()))
+    }
+}
+
+/// `--config PATH` from a service's arguments, the only argument services take.
+///
+/// # Errors
+/// [`ConfigError`] for any other argument.
+pub fn config_path_from_args() -> Result<Option<PathBuf>, ConfigError> {
+    let mut args = std::env::args().skip(1);
+    match (args.next().as_deref(), args.next(), args.next()) {
+        (None, _, _) => Ok(None),
+        (Some("--config"), Some(p), None) => Ok(Some(PathBuf::from(p))),
+        _ => Err(ConfigError(
+            "usage: <service> [--config PATH] (settings also from SLIPWAY__* variables)".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_is_read_and_unknown_keys_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[nats]\nurl = \"nats://127.0.0.1:1\"\n[nats.stream]\nreplicas = 3\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.nats.url, "nats://127.0.0.1:1");
+        assert_eq!(c.nats.stream.replicas, 3);
+        std::fs::write(&p, "[nats]\nurll = \"x\"\n").unwrap();
+        let err = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("urll"), "{err}");
+    }
+}

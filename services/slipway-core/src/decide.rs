@@ -1,0 +1,498 @@
+//! `decide`: what a run needs next, a pure function of its state and the time.
+//!
+//! Decisions come back as [`Command`] values; the conductor turns each into an event and
+//! appends it with run-wide optimistic concurrency. Replaying the log never repeats an effect:
+//! the commands a decision yields are already in the log, so `decide` on the replayed state
+//! asks for nothing new.
+
+use chrono::{DateTime, Duration, Utc};
+use sha2::{Digest, Sha256};
+
+use crate::envelope::Event;
+use crate::events::{
+    ApprovalDecision, ApprovalRequested, BuildRequested, CostRequested, DeployRequested,
+    EnvironmentRef, EvaluateRequested, EventData, GateSummary, MonitorRequested, ObjectRef,
+    PerfRequested, RunEnded, StageKind, TestRequested, Verdict,
+};
+use crate::fold::{Phase, Run, StageState, StageStatus};
+use crate::ids;
+use crate::plan::{Step, approval_key, plan};
+use crate::spec::{AutoApprove, PipelineSpec};
+
+/// Stage attempts start at 1; a retry policy would raise it.
+pub const FIRST_ATTEMPT: u32 = 1;
+
+/// The approver name of an approval the policy granted without a human.
+pub const POLICY_APPROVER: &str = "slipway:policy";
+
+/// A decision about one run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Ask for a stage: a `<stage>.requested` event.
+    Request(EventData),
+    /// A stage outlived its timeout: its `failed` fact, written by the conductor.
+    FailStage(EventData),
+    /// The approval policy approves by itself (every gate passed cleanly).
+    AutoApprove(EventData),
+    /// End the run.
+    Finish {
+        outcome: Phase,
+        reason: String,
+        stage: Option<String>,
+    },
+}
+
+impl Command {
+    /// The event recording this decision, with a deterministic id so a repeat is a duplicate.
+    pub fn to_event(&self, run_id: &str, source: &str, now: DateTime<Utc>) -> Event {
+        let (id, data) = match self {
+            Command::Request(d) | Command::FailStage(d) | Command::AutoApprove(d) => {
+                let (stage, attempt) = d.stage_fact().map_or(("", 0), |(s, a, _)| (s, a));
+                let stage = match d {
+                    EventData::ApprovalApproved(a) => a.stage.as_str(),
+                    _ => stage,
+                };
+                (
+                    ids::derived(&[run_id, d.type_name(), stage, &attempt.to_string()]),
+                    d.clone(),
+                )
+            }
+            Command::Finish {
+                outcome,
+                reason,
+                stage,
+            } => {
+                let ended = RunEnded {
+                    reason: reason.clone(),
+                    stage: stage.clone(),
+                    by: Some("conductor".into()),
+                };
+                (ids::run_end(run_id), run_ended(*outcome, ended))
+            }
+        };
+        Event::new(id, source, Some(run_id.to_string()), now, data)
+    }
+}
+
+/// The event data that ends a run with `outcome`.
+///
+/// # Panics
+/// When `outcome` is not a final phase.
+pub fn run_ended(outcome: Phase, ended: RunEnded) -> EventData {
+    match outcome {
+        Phase::Succeeded => EventData::RunSucceeded(ended),
+        Phase::Failed => EventData::RunFailed(ended),
+        Phase::Cancelled => EventData::RunCancelled(ended),
+        Phase::Rejected => EventData::RunRejected(ended),
+        Phase::RolledBack => EventData::RunRolledBack(ended),
+        other => panic!("{other:?} is not a final phase"),
+    }
+}
+
+/// What the run needs now.
+pub fn decide(run: &Run, now: DateTime<Utc>) -> Vec<Command> {
+    if run.is_ended() {
+        return Vec::new();
+    }
+    let timeouts = timeouts(run, now);
+    if !timeouts.is_empty() {
+        return timeouts;
+    }
+    for step in plan(&run.spec) {
+        let next = match step {
+            Step::Stages(keys) => stages_step(run, &keys),
+            Step::Approval { environment } => approval_step(run, &environment),
+        };
+        match next {
+            Next::Continue => {}
+            Next::Wait => return Vec::new(),
+            Next::Do(cmds) => return cmds,
+        }
+    }
+    let n = run.stages.len();
+    vec![Command::Finish {
+        outcome: Phase::Succeeded,
+        reason: format!("all {n} stages succeeded"),
+        stage: None,
+    }]
+}
+
+enum Next {
+    Continue,
+    Wait,
+    Do(Vec<Command>),
+}
+
+fn stage_of<'a>(run: &'a Run, key: &str) -> Option<&'a StageState> {
+    run.stage(key)
+}
+
+fn stages_step(run: &Run, keys: &[String]) -> Next {
+    let states: Vec<Option<&StageState>> = keys.iter().map(|k| stage_of(run, k)).collect();
+    if let Some(failed) = states
+        .iter()
+        .flatten()
+        .find(|s| s.status == StageStatus::Failed)
+    {
+        return Next::Do(on_failure(run, failed));
+    }
+    let mut requests = Vec::new();
+    for (key, state) in keys.iter().zip(&states) {
+        let pending = state.is_none_or(|s| s.status == StageStatus::Pending);
+        if pending && let Some(data) = request_for(run, key) {
+            requests.push(Command::Request(data));
+        }
+    }
+    if !requests.is_empty() {
+        return Next::Do(requests);
+    }
+    if states
+        .iter()
+        .all(|s| s.is_some_and(|s| s.status == StageStatus::Succeeded))
+    {
+        Next::Continue
+    } else {
+        Next::Wait
+    }
+}
+
+fn finish(outcome: Phase, reason: String, stage: &str) -> Vec<Command> {
+    vec![Command::Finish {
+        outcome,
+        reason,
+        stage: Some(stage.to_string()),
+    }]
+}
+
+fn on_failure(run: &Run, failed: &StageState) -> Vec<Command> {
+    let reason = failed
+        .reason
+        .clone()
+        .unwrap_or_else(|| "no reason given".into());
+    let key = failed.name.as_str();
+    if failed.kind() != Some(StageKind::Monitor) {
+        return finish(Phase::Failed, format!("{key} failed: {reason}"), key);
+    }
+    // The monitor saw production degrade: roll back to the last good version, if any.
+    let environment = key.split_once(':').map_or("", |(_, e)| e);
+    let rollback_wanted = run.spec.monitor.as_ref().is_some_and(|m| m.rollback);
+    let previous = run
+        .deployment(environment)
+        .and_then(|d| Some((d.previous_version.clone()?, d.previous_artifact.clone()?)));
+    let (true, Some((version, artifact))) = (rollback_wanted, previous) else {
+        let why = if rollback_wanted {
+            "no earlier version to roll back to"
+        } else {
+            "rollback is disabled"
+        };
+        return finish(Phase::Failed, format!("{key} failed: {reason}; {why}"), key);
+    };
+    let rb_key = StageKind::Rollback.key(Some(environment));
+    match run.stage(&rb_key).map(|s| s.status) {
+        None | Some(StageStatus::Pending) => {
+            let Some(env) = run.spec.environment(environment) else {
+                return finish(Phase::Failed, format!("{key} failed: {reason}"), key);
+            };
+            vec![Command::Request(EventData::RollbackRequested(
+                DeployRequested {
+                    stage: rb_key,
+                    attempt: FIRST_ATTEMPT,
+                    pipeline: run.pipeline.clone(),
+                    environment: environment.to_string(),
+                    artifact,
+                    version,
+                    target: env.deploy.clone(),
+                    reason: Some(format!("{key} failed: {reason}")),
+                },
+            ))]
+        }
+        Some(StageStatus::Succeeded) => finish(
+            Phase::RolledBack,
+            format!("{key} failed: {reason}; rolled back to {version}"),
+            key,
+        ),
+        Some(StageStatus::Failed) => {
+            let rb_reason = run
+                .stage(&rb_key)
+                .and_then(|s| s.reason.clone())
+                .unwrap_or_default();
+            finish(
+                Phase::Failed,
+                format!("{key} failed: {reason}; rollback failed: {rb_reason}"),
+                &rb_key,
+            )
+        }
+        Some(_) => Vec::new(),
+    }
+}
+
+fn approval_step(run: &Run, environment: &str) -> Next {
+    let key = approval_key(environment);
+    let Some(policy) = run.spec.approval.as_ref() else {
+        return Next::Continue;
+    };
+    match run.stage(&key).map(|s| s.status) {
+        None | Some(StageStatus::Pending) => match request_for(run, &key) {
+            Some(data) => Next::Do(vec![Command::Request(data)]),
+            None => Next::Wait,
+        },
+        Some(StageStatus::Requested | StageStatus::Running) => {
+            let clean = run.gates.iter().all(|g| g.verdict == Verdict::Pass);
+            let digest = run.artifact.as_ref().map(|a| a.digest.clone());
+            match (policy.auto_approve, digest) {
+                (AutoApprove::WhenClean, Some(artifact_digest)) if clean => {
+                    let attempt = run.stage(&key).map_or(FIRST_ATTEMPT, |s| s.attempt);
+                    Next::Do(vec![Command::AutoApprove(EventData::ApprovalApproved(
+                        ApprovalDecision {
+                            stage: key,
+                            attempt,
+                            approver: POLICY_APPROVER.into(),
+                            groups: Vec::new(),
+                            artifact_digest,
+                            gates_digest: gates_digest(run),
+                            comment: Some("every gate passed cleanly".into()),
+                            decided_at: run
+                                .stage(&approval_key(environment))
+                                .and_then(|s| s.requested_at)
+                                .unwrap_or(run.created_at),
+                            signature: None,
+                        },
+                    ))])
+                }
+                _ => Next::Wait,
+            }
+        }
+        Some(StageStatus::Succeeded) => Next::Continue,
+        Some(StageStatus::Failed) => {
+            let reason = run
+                .stage(&key)
+                .and_then(|s| s.reason.clone())
+                .unwrap_or_else(|| "rejected".into());
+            Next::Do(finish(Phase::Rejected, reason, &key))
+        }
+    }
+}
+
+/// The `requested` event for a stage, built from the spec snapshot and the facts so far.
+fn request_for(run: &Run, key: &str) -> Option<EventData> {
+    let spec = &run.spec;
+    let (kind, instance) = match key.split_once(':') {
+        Some((k, i)) => (StageKind::parse(k)?, Some(i)),
+        None => (StageKind::parse(key)?, None),
+    };
+    let stage = key.to_string();
+    let attempt = FIRST_ATTEMPT;
+    let pipeline = run.pipeline.clone();
+    let artifact = || run.artifact_ref.clone();
+    let data = match kind {
+        StageKind::Build => EventData::BuildRequested(BuildRequested {
+            stage,
+            attempt,
+            pipeline,
+            source: run.source.clone(),
+            build: spec.build.clone(),
+        }),
+        StageKind::Test => {
+            let suite = spec
+                .test
+                .iter()
+                .find(|t| Some(t.name.as_str()) == instance)?;
+            EventData::TestRequested(TestRequested {
+                stage,
+                attempt,
+                source: run.source.clone(),
+                artifact: artifact()?,
+                suite: suite.clone(),
+            })
+        }
+        StageKind::Deploy => {
+            let env = spec.environment(instance?)?;
+            let artifact = artifact()?;
+            EventData::DeployRequested(DeployRequested {
+                stage,
+                attempt,
+                version: version_of(&run.pipeline, &artifact),
+                pipeline,
+                environment: env.name.clone(),
+                artifact,
+                target: env.deploy.clone(),
+                reason: None,
+            })
+        }
+        StageKind::Evaluate => EventData::EvaluateRequested(EvaluateRequested {
+            stage,
+            attempt,
+            pipeline,
+            source: run.source.clone(),
+            artifact: artifact()?,
+            environment: gated_environment(spec),
+            spec: spec.gates.model_evaluation.clone()?,
+        }),
+        StageKind::Perf => EventData::PerfRequested(PerfRequested {
+            stage,
+            attempt,
+            pipeline,
+            source: run.source.clone(),
+            artifact: artifact()?,
+            environment: gated_environment(spec)?,
+            spec: spec.gates.performance.clone()?,
+        }),
+        StageKind::Cost => EventData::CostRequested(CostRequested {
+            stage,
+            attempt,
+            pipeline,
+            artifact: artifact()?,
+            spec: spec.gates.cost.clone()?,
+            inputs: ["evaluate", "perf"]
+                .iter()
+                .filter_map(|k| run.gate(k).cloned())
+                .collect(),
+        }),
+        StageKind::Approval => EventData::ApprovalRequested(ApprovalRequested {
+            stage,
+            attempt,
+            environment: instance?.to_string(),
+            artifact_digest: run.artifact.as_ref()?.digest.clone(),
+            gates_digest: gates_digest(run),
+            gates: run
+                .gates
+                .iter()
+                .map(|g| GateSummary {
+                    stage: g.stage.clone(),
+                    verdict: g.verdict,
+                })
+                .collect(),
+            policy: spec.approval.clone()?,
+        }),
+        StageKind::Monitor => {
+            let env = spec.environment(instance?)?;
+            EventData::MonitorRequested(MonitorRequested {
+                stage,
+                attempt,
+                environment: EnvironmentRef {
+                    name: env.name.clone(),
+                    url: env.url.clone(),
+                },
+                version: version_of(&run.pipeline, &artifact()?),
+                spec: spec.monitor.clone()?,
+            })
+        }
+        // Rollbacks are requested by the monitor's failure path, never from the plan.
+        StageKind::Rollback => return None,
+    };
+    Some(data)
+}
+
+fn gated_environment(spec: &PipelineSpec) -> Option<EnvironmentRef> {
+    let i = spec.gates_environment_index()?;
+    let e = &spec.environment[i];
+    Some(EnvironmentRef {
+        name: e.name.clone(),
+        url: e.url.clone(),
+    })
+}
+
+/// The version name a deploy gets: pipeline and the artifact digest's first 12 hex digits.
+pub fn version_of(pipeline: &str, artifact: &ObjectRef) -> String {
+    let hex = artifact
+        .digest
+        .strip_prefix("sha256:")
+        .unwrap_or(&artifact.digest);
+    format!("{pipeline}-{}", &hex[..hex.len().min(12)])
+}
+
+/// `sha256:` over the gate reports in log order: what an approval is about.
+pub fn gates_digest(run: &Run) -> String {
+    let reports = serde_json::to_vec(&run.gates).expect("reports serialise");
+    format!("sha256:{:x}", Sha256::digest(&reports))
+}
+
+/// How long after its request a stage may go without a terminal fact.
+pub fn stage_timeout(spec: &PipelineSpec, key: &str) -> Option<Duration> {
+    let (kind, instance) = match key.split_once(':') {
+        Some((k, i)) => (StageKind::parse(k)?, Some(i)),
+        None => (StageKind::parse(key)?, None),
+    };
+    let secs = match kind {
+        StageKind::Build => spec.build.timeout_secs,
+        StageKind::Test => {
+            spec.test
+                .iter()
+                .find(|t| Some(t.name.as_str()) == instance)?
+                .timeout_secs
+        }
+        StageKind::Deploy | StageKind::Rollback => spec.environment(instance?)?.deploy.timeout_secs,
+        StageKind::Evaluate => spec.gates.model_evaluation.as_ref()?.timeout_secs,
+        StageKind::Perf => {
+            let p = spec.gates.performance.as_ref()?;
+            p.timeout_secs.max(p.duration_secs + p.warmup_secs + 30)
+        }
+        StageKind::Cost => spec.gates.cost.as_ref()?.timeout_secs,
+        StageKind::Approval => return Some(secs(spec.approval.as_ref()?.timeout_secs)),
+        StageKind::Monitor => {
+            let m = spec.monitor.as_ref()?;
+            m.window_secs + 2 * m.probe_interval_secs + 60
+        }
+    };
+    // The worker enforces the timeout itself and reports a clearer failure; the conductor
+    // only steps in when no worker answers, after a grace period.
+    let grace = (5 + secs / 4).min(300);
+    Some(self::secs(secs + grace))
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000))
+}
+
+fn timeouts(run: &Run, now: DateTime<Utc>) -> Vec<Command> {
+    let mut out = Vec::new();
+    for s in &run.stages {
+        if !matches!(s.status, StageStatus::Requested | StageStatus::Running) {
+            continue;
+        }
+        let (Some(requested), Some(limit)) = (s.requested_at, stage_timeout(&run.spec, &s.name))
+        else {
+            continue;
+        };
+        if now < requested + limit {
+            continue;
+        }
+        let kind = s.kind().expect("planned stages have kinds");
+        let waited = limit.num_seconds();
+        if kind == StageKind::Approval {
+            return vec![Command::Finish {
+                outcome: Phase::Cancelled,
+                reason: format!("no approval decision within the policy's timeout of {waited}s"),
+                stage: Some(s.name.clone()),
+            }];
+        }
+        let reason = match (&s.worker, s.started_at) {
+            (Some(w), Some(at)) => format!(
+                "timed out: started by {w} at {} but no result {waited}s after it was requested",
+                at.to_rfc3339()
+            ),
+            _ => format!(
+                "timed out: no worker answered within {waited}s of the request (is the {} service running?)",
+                worker_service(kind)
+            ),
+        };
+        out.push(Command::FailStage(EventData::stage_failure(
+            kind, &s.name, s.attempt, reason,
+        )));
+    }
+    out
+}
+
+/// The service that works a stage kind.
+pub fn worker_service(kind: StageKind) -> &'static str {
+    match kind {
+        StageKind::Build => "builder",
+        StageKind::Test => "tester",
+        StageKind::Deploy | StageKind::Rollback => "deployer",
+        StageKind::Evaluate => "model-evaluator",
+        StageKind::Perf => "perf-regression",
+        StageKind::Cost => "cost-estimator",
+        StageKind::Approval => "approval",
+        StageKind::Monitor => "monitor",
+    }
+}

@@ -1,0 +1,816 @@
+//! The event catalogue: every event of the pipeline, as typed data.
+//!
+//! Each event is a CloudEvent whose `type` is `dev.slipway.<noun>.<verb>.v<N>` and whose
+//! `data` is one of the structs below (JSON Schemas in `schemas/events/`, generated from these
+//! types). A change to an event's data makes a new version: a new variant beside the old one,
+//! which [`crate::fold`] keeps reading.
+//!
+//! Subjects follow the type: a run event `dev.slipway.build.succeeded.v1` for run `R` lives on
+//! `slipway.run.R.build.succeeded`, so a service consumes only its requests with a subject
+//! filter and one run can be replayed alone with `slipway.run.R.>`.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{
+    ApprovalPolicy, BuildSpec, CostSpec, DeployTarget, ModelEvaluationSpec, MonitorSpec,
+    PerformanceSpec, TestSuiteSpec,
+};
+
+/// Where a change's source lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceRef {
+    /// A local directory, copied into a fresh workspace.
+    Directory { path: String },
+    /// A git repository at a revision (commit, tag or branch).
+    Git { url: String, revision: String },
+}
+
+/// `dev.slipway.change.submitted.v1` on `slipway.changes.<source>`: a change to deliver.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeSubmitted {
+    /// The pipeline spec, as TOML text (validated by the conductor).
+    pub spec: String,
+    pub source: SourceRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Set by `slipway rerun`: the run this change repeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<String>,
+}
+
+/// `dev.slipway.change.rejected.v1` on `slipway.intake.rejected`: a change that made no run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeRejected {
+    /// Stream sequence of the rejected message (it stays in the log).
+    pub change_seq: u64,
+    pub change_subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_source: Option<String>,
+    pub reason: String,
+}
+
+/// What a run remembers of the change that made it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeInfo {
+    pub id: String,
+    pub source: String,
+    pub seq: u64,
+    pub time: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
+/// `dev.slipway.run.created.v1`: the first event of a run, with its spec snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunCreated {
+    pub run_id: String,
+    pub pipeline: String,
+    pub change: ChangeInfo,
+    pub source: SourceRef,
+    /// The validated pipeline spec (`schemas/pipeline.schema.json`), frozen for this run.
+    pub spec: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<String>,
+}
+
+/// `dev.slipway.run.{succeeded,failed,cancelled,rejected,rolled_back}.v1`: how a run ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunEnded {
+    pub reason: String,
+    /// The stage that decided the end, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// Who ended it (`conductor`, or the user who cancelled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+/// A stored object: a packed artifact or a log, in a JetStream Object Store bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectRef {
+    pub bucket: String,
+    pub name: String,
+    /// `sha256:<hex>` of the stored bytes.
+    pub digest: String,
+    pub size: u64,
+}
+
+/// `dev.slipway.<stage>.started.v1`, shared by every worker stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StageStarted {
+    /// Stage key, e.g. `build`, `test:unit`, `deploy:staging`.
+    pub stage: String,
+    pub attempt: u32,
+    /// The worker instance that took the job.
+    pub worker: String,
+}
+
+/// `dev.slipway.<stage>.failed.v1` for stages without a richer report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StageFailed {
+    pub stage: String,
+    pub attempt: u32,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Last lines of the command's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_tail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<ObjectRef>,
+}
+
+/// `dev.slipway.build.requested.v1`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRequested {
+    pub stage: String,
+    pub attempt: u32,
+    pub pipeline: String,
+    pub source: SourceRef,
+    pub build: BuildSpec,
+}
+
+/// `dev.slipway.build.succeeded.v1`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSucceeded {
+    pub stage: String,
+    pub attempt: u32,
+    /// The packed artifact (`tar.gz`); its digest identifies what is tested and deployed.
+    pub artifact: ObjectRef,
+    /// Paths packed, relative to the workspace.
+    pub files: Vec<String>,
+    pub log: ObjectRef,
+    pub duration_ms: u64,
+}
+
+/// `dev.slipway.test.requested.v1`: one suite.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestRequested {
+    pub stage: String,
+    pub attempt: u32,
+    pub source: SourceRef,
+    pub artifact: ObjectRef,
+    pub suite: TestSuiteSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CaseStatus {
+    Passed,
+    Failed,
+    Error,
+    Skipped,
+}
+
+/// One test case from a JUnit report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestCase {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    pub status: CaseStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestSummary {
+    pub tests: u32,
+    pub passed: u32,
+    pub failed: u32,
+    pub errors: u32,
+    pub skipped: u32,
+}
+
+/// `dev.slipway.test.{succeeded,failed}.v1`: a suite's result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestReport {
+    pub stage: String,
+    pub attempt: u32,
+    pub suite: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Present when the suite wrote a JUnit report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<TestSummary>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cases: Vec<TestCase>,
+    /// Why the suite failed; absent when it passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_tail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<ObjectRef>,
+    pub duration_ms: u64,
+}
+
+/// `dev.slipway.deploy.requested.v1` (and `rollback.requested.v1`, with a reason).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequested {
+    pub stage: String,
+    pub attempt: u32,
+    pub pipeline: String,
+    pub environment: String,
+    /// What to deploy; for a rollback, the last good version's artifact.
+    pub artifact: ObjectRef,
+    pub version: String,
+    pub target: DeployTarget,
+    /// For a rollback: why (the incident).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `dev.slipway.deploy.started.v1` (and `rollback.started.v1`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployStarted {
+    pub stage: String,
+    pub attempt: u32,
+    pub worker: String,
+    pub environment: String,
+    pub version: String,
+    /// What was live before, so a rollback knows where to go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_artifact: Option<ObjectRef>,
+}
+
+/// `dev.slipway.deploy.succeeded.v1` (and `rollback.succeeded.v1`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeploySucceeded {
+    pub stage: String,
+    pub attempt: u32,
+    pub environment: String,
+    pub version: String,
+    pub artifact_digest: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<ObjectRef>,
+    pub duration_ms: u64,
+}
+
+/// Where a gate or the monitor looks: a deployed environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// `dev.slipway.evaluate.requested.v1`: model evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateRequested {
+    pub stage: String,
+    pub attempt: u32,
+    pub pipeline: String,
+    pub source: SourceRef,
+    pub artifact: ObjectRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<EnvironmentRef>,
+    pub spec: ModelEvaluationSpec,
+}
+
+/// `dev.slipway.perf.requested.v1`: performance regression.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PerfRequested {
+    pub stage: String,
+    pub attempt: u32,
+    pub pipeline: String,
+    pub source: SourceRef,
+    pub artifact: ObjectRef,
+    pub environment: EnvironmentRef,
+    pub spec: PerformanceSpec,
+}
+
+/// `dev.slipway.cost.requested.v1`: cost estimate, after evaluation and performance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CostRequested {
+    pub stage: String,
+    pub attempt: u32,
+    pub pipeline: String,
+    pub artifact: ObjectRef,
+    pub spec: CostSpec,
+    /// The reports the estimate uses (token counts, throughput).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<GateReport>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Pass,
+    Warn,
+    Fail,
+}
+
+/// One checked bound: the verdict names metric, candidate, baseline, delta and significance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    pub metric: String,
+    /// What was measured (e.g. the dataset name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    pub candidate: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p_value: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<[f64; 2]>,
+    pub verdict: Verdict,
+    pub note: String,
+}
+
+/// `dev.slipway.{evaluate,perf,cost}.{succeeded,failed}.v1`: a quality gate's result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GateReport {
+    pub stage: String,
+    pub attempt: u32,
+    pub verdict: Verdict,
+    /// Measured figures by name, kept as the baseline for later runs.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<Check>,
+    /// The run whose figures served as baseline, when one was found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_run: Option<String>,
+    /// Sample outputs for human review, or raw measurements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<ObjectRef>,
+    /// Why the gate failed (absent when it passed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// `dev.slipway.approval.requested.v1`: the run waits for a human (or the policy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRequested {
+    pub stage: String,
+    pub attempt: u32,
+    pub environment: String,
+    pub artifact_digest: String,
+    /// `sha256:` over the gate reports this approval is about.
+    pub gates_digest: String,
+    pub gates: Vec<GateSummary>,
+    pub policy: ApprovalPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GateSummary {
+    pub stage: String,
+    pub verdict: Verdict,
+}
+
+/// `dev.slipway.approval.{approved,rejected}.v1`: one approver's decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalDecision {
+    pub stage: String,
+    pub attempt: u32,
+    pub approver: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    pub artifact_digest: String,
+    pub gates_digest: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    pub decided_at: DateTime<Utc>,
+    /// Ed25519 signature of the gateway over the decision (base64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// `dev.slipway.monitor.requested.v1`: watch an environment after a deploy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorRequested {
+    pub stage: String,
+    pub attempt: u32,
+    pub environment: EnvironmentRef,
+    pub version: String,
+    pub spec: MonitorSpec,
+}
+
+/// `dev.slipway.monitor.{succeeded,failed}.v1`: the window's result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorReport {
+    pub stage: String,
+    pub attempt: u32,
+    pub environment: String,
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<Check>,
+    /// The incident opened on a breach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// `dev.slipway.incident.opened.v1`: production degraded after a deploy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncidentOpened {
+    pub incident_id: String,
+    pub environment: String,
+    pub version: String,
+    pub breaches: Vec<Check>,
+    pub opened_at: DateTime<Utc>,
+}
+
+/// `dev.slipway.stage.timed_out.v1` is not an event: the conductor records a timeout as the
+/// stage's `failed` fact, whose reason says so.
+macro_rules! catalogue {
+    ($( $(#[$doc:meta])* $variant:ident => $ty:literal, $data:ty, $producer:literal, [$($consumer:literal),*] ;)*) => {
+        /// The data of every event Slipway knows, by CloudEvents `type`.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum EventData {
+            $( $(#[$doc])* $variant($data), )*
+        }
+
+        /// One entry of the catalogue, for docs and schema generation.
+        #[derive(Debug, Clone, Copy)]
+        pub struct CatalogueEntry {
+            pub type_name: &'static str,
+            pub producer: &'static str,
+            pub consumers: &'static [&'static str],
+            pub data_type: &'static str,
+            pub schema: fn() -> schemars::Schema,
+        }
+
+        /// Every event type, in pipeline order.
+        pub const CATALOGUE: &[CatalogueEntry] = &[
+            $( CatalogueEntry {
+                type_name: $ty,
+                producer: $producer,
+                consumers: &[$($consumer),*],
+                data_type: stringify!($data),
+                schema: || schemars::schema_for!($data),
+            }, )*
+        ];
+
+        impl EventData {
+            /// The CloudEvents `type`.
+            pub fn type_name(&self) -> &'static str {
+                match self { $( Self::$variant(_) => $ty, )* }
+            }
+
+            /// The data as JSON.
+            pub fn to_json(&self) -> serde_json::Value {
+                let v = match self { $( Self::$variant(d) => serde_json::to_value(d), )* };
+                v.expect("event data always serialises")
+            }
+
+            /// Typed data from a CloudEvents `type` and its JSON `data`.
+            ///
+            /// # Errors
+            /// [`DataError::UnknownType`] for a type outside the catalogue, or
+            /// [`DataError::Invalid`] naming the field that does not fit.
+            pub fn from_json(type_name: &str, data: serde_json::Value) -> Result<Self, DataError> {
+                match type_name {
+                    $( $ty => parse(type_name, data).map(Self::$variant), )*
+                    other => Err(DataError::UnknownType(other.to_string())),
+                }
+            }
+        }
+    };
+}
+
+fn parse<T: serde::de::DeserializeOwned>(
+    type_name: &str,
+    data: serde_json::Value,
+) -> Result<T, DataError> {
+    serde_path_to_error::deserialize(data).map_err(|e: serde_path_to_error::Error<_>| {
+        DataError::Invalid {
+            type_name: type_name.to_string(),
+            path: e.path().to_string(),
+            message: e.inner().to_string(),
+        }
+    })
+}
+
+/// Event data that does not fit the catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DataError {
+    #[error("unknown event type {0:?}")]
+    UnknownType(String),
+    #[error("invalid data for {type_name}: {path}: {message}")]
+    Invalid {
+        type_name: String,
+        path: String,
+        message: String,
+    },
+}
+
+catalogue! {
+    ChangeSubmitted => "dev.slipway.change.submitted.v1", ChangeSubmitted, "slipway CLI, gateway, hooks", ["conductor"];
+    ChangeRejected => "dev.slipway.change.rejected.v1", ChangeRejected, "conductor", ["slipway CLI", "gateway"];
+    RunCreated => "dev.slipway.run.created.v1", RunCreated, "conductor", ["every service"];
+    RunSucceeded => "dev.slipway.run.succeeded.v1", RunEnded, "conductor", ["slipway CLI", "gateway"];
+    RunFailed => "dev.slipway.run.failed.v1", RunEnded, "conductor", ["slipway CLI", "gateway"];
+    RunCancelled => "dev.slipway.run.cancelled.v1", RunEnded, "conductor, slipway CLI, gateway", ["every worker", "slipway CLI", "gateway"];
+    RunRejected => "dev.slipway.run.rejected.v1", RunEnded, "conductor", ["slipway CLI", "gateway"];
+    RunRolledBack => "dev.slipway.run.rolled_back.v1", RunEnded, "conductor", ["slipway CLI", "gateway"];
+    BuildRequested => "dev.slipway.build.requested.v1", BuildRequested, "conductor", ["builder"];
+    BuildStarted => "dev.slipway.build.started.v1", StageStarted, "builder", ["conductor"];
+    BuildSucceeded => "dev.slipway.build.succeeded.v1", BuildSucceeded, "builder", ["conductor"];
+    BuildFailed => "dev.slipway.build.failed.v1", StageFailed, "builder, conductor (timeout)", ["conductor"];
+    TestRequested => "dev.slipway.test.requested.v1", TestRequested, "conductor", ["tester"];
+    TestStarted => "dev.slipway.test.started.v1", StageStarted, "tester", ["conductor"];
+    TestSucceeded => "dev.slipway.test.succeeded.v1", TestReport, "tester", ["conductor"];
+    TestFailed => "dev.slipway.test.failed.v1", TestReport, "tester, conductor (timeout)", ["conductor"];
+    DeployRequested => "dev.slipway.deploy.requested.v1", DeployRequested, "conductor", ["deployer"];
+    DeployStarted => "dev.slipway.deploy.started.v1", DeployStarted, "deployer", ["conductor"];
+    DeploySucceeded => "dev.slipway.deploy.succeeded.v1", DeploySucceeded, "deployer", ["conductor", "deployer", "model-evaluator", "perf-regression", "monitor"];
+    DeployFailed => "dev.slipway.deploy.failed.v1", StageFailed, "deployer, conductor (timeout)", ["conductor"];
+    EvaluateRequested => "dev.slipway.evaluate.requested.v1", EvaluateRequested, "conductor", ["model-evaluator"];
+    EvaluateStarted => "dev.slipway.evaluate.started.v1", StageStarted, "model-evaluator", ["conductor"];
+    EvaluateSucceeded => "dev.slipway.evaluate.succeeded.v1", GateReport, "model-evaluator", ["conductor", "cost-estimator", "gateway"];
+    EvaluateFailed => "dev.slipway.evaluate.failed.v1", GateReport, "model-evaluator, conductor (timeout)", ["conductor", "gateway"];
+    PerfRequested => "dev.slipway.perf.requested.v1", PerfRequested, "conductor", ["perf-regression"];
+    PerfStarted => "dev.slipway.perf.started.v1", StageStarted, "perf-regression", ["conductor"];
+    PerfSucceeded => "dev.slipway.perf.succeeded.v1", GateReport, "perf-regression", ["conductor", "cost-estimator", "gateway"];
+    PerfFailed => "dev.slipway.perf.failed.v1", GateReport, "perf-regression, conductor (timeout)", ["conductor", "gateway"];
+    CostRequested => "dev.slipway.cost.requested.v1", CostRequested, "conductor", ["cost-estimator"];
+    CostStarted => "dev.slipway.cost.started.v1", StageStarted, "cost-estimator", ["conductor"];
+    CostSucceeded => "dev.slipway.cost.succeeded.v1", GateReport, "cost-estimator", ["conductor", "gateway"];
+    CostFailed => "dev.slipway.cost.failed.v1", GateReport, "cost-estimator, conductor (timeout)", ["conductor", "gateway"];
+    ApprovalRequested => "dev.slipway.approval.requested.v1", ApprovalRequested, "conductor", ["gateway"];
+    ApprovalApproved => "dev.slipway.approval.approved.v1", ApprovalDecision, "gateway", ["conductor", "deployer"];
+    ApprovalRejected => "dev.slipway.approval.rejected.v1", ApprovalDecision, "gateway", ["conductor", "deployer"];
+    MonitorRequested => "dev.slipway.monitor.requested.v1", MonitorRequested, "conductor", ["monitor"];
+    MonitorStarted => "dev.slipway.monitor.started.v1", StageStarted, "monitor", ["conductor"];
+    MonitorSucceeded => "dev.slipway.monitor.succeeded.v1", MonitorReport, "monitor", ["conductor"];
+    MonitorFailed => "dev.slipway.monitor.failed.v1", MonitorReport, "monitor, conductor (timeout)", ["conductor"];
+    IncidentOpened => "dev.slipway.incident.opened.v1", IncidentOpened, "monitor", ["slipway CLI", "gateway"];
+    RollbackRequested => "dev.slipway.rollback.requested.v1", DeployRequested, "conductor", ["deployer"];
+    RollbackStarted => "dev.slipway.rollback.started.v1", DeployStarted, "deployer", ["conductor"];
+    RollbackSucceeded => "dev.slipway.rollback.succeeded.v1", DeploySucceeded, "deployer", ["conductor"];
+    RollbackFailed => "dev.slipway.rollback.failed.v1", StageFailed, "deployer, conductor (timeout)", ["conductor"];
+}
+
+/// The kinds of stage, as they appear in types and subjects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    Build,
+    Test,
+    Deploy,
+    Evaluate,
+    Perf,
+    Cost,
+    Approval,
+    Monitor,
+    Rollback,
+}
+
+impl StageKind {
+    pub const ALL: [StageKind; 9] = [
+        StageKind::Build,
+        StageKind::Test,
+        StageKind::Deploy,
+        StageKind::Evaluate,
+        StageKind::Perf,
+        StageKind::Cost,
+        StageKind::Approval,
+        StageKind::Monitor,
+        StageKind::Rollback,
+    ];
+
+    /// The subject and type token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageKind::Build => "build",
+            StageKind::Test => "test",
+            StageKind::Deploy => "deploy",
+            StageKind::Evaluate => "evaluate",
+            StageKind::Perf => "perf",
+            StageKind::Cost => "cost",
+            StageKind::Approval => "approval",
+            StageKind::Monitor => "monitor",
+            StageKind::Rollback => "rollback",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StageKind> {
+        StageKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The stage key: the kind alone, or `kind:instance` (a suite, an environment).
+    pub fn key(self, instance: Option<&str>) -> String {
+        match instance {
+            Some(i) => format!("{}:{i}", self.as_str()),
+            None => self.as_str().to_string(),
+        }
+    }
+}
+
+/// What a stage event says, whatever its stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageVerb {
+    Requested,
+    Started,
+    Succeeded,
+    Failed,
+}
+
+impl EventData {
+    /// For stage events: `(stage key, attempt, verb)`.
+    pub fn stage_fact(&self) -> Option<(&str, u32, StageVerb)> {
+        use EventData as E;
+        use StageVerb as V;
+        let r = match self {
+            E::BuildRequested(d) => (d.stage.as_str(), d.attempt, V::Requested),
+            E::TestRequested(d) => (d.stage.as_str(), d.attempt, V::Requested),
+            E::DeployRequested(d) | E::RollbackRequested(d) => {
+                (d.stage.as_str(), d.attempt, V::Requested)
+            }
+            E::EvaluateRequested(d) => (d.stage.as_str(), d.attempt, V::Requested),
+            E::PerfRequested(d) => (d.stage.as_str(), d.attempt, V::Requested),
+            E::CostRequested(d) => (d.stage.as_str(), d.attempt, V::Requested),
+            E::ApprovalRequested(d) => (d.stage.as_str(), d.attempt, V::Requested),
+            E::MonitorRequested(d) => (d.stage.as_str(), d.attempt, V::Requested),
+            E::BuildStarted(d)
+            | E::TestStarted(d)
+            | E::EvaluateStarted(d)
+            | E::PerfStarted(d)
+            | E::CostStarted(d)
+            | E::MonitorStarted(d) => (d.stage.as_str(), d.attempt, V::Started),
+            E::DeployStarted(d) | E::RollbackStarted(d) => {
+                (d.stage.as_str(), d.attempt, V::Started)
+            }
+            E::BuildSucceeded(d) => (d.stage.as_str(), d.attempt, V::Succeeded),
+            E::TestSucceeded(d) => (d.stage.as_str(), d.attempt, V::Succeeded),
+            E::DeploySucceeded(d) | E::RollbackSucceeded(d) => {
+                (d.stage.as_str(), d.attempt, V::Succeeded)
+            }
+            E::EvaluateSucceeded(d) | E::PerfSucceeded(d) | E::CostSucceeded(d) => {
+                (d.stage.as_str(), d.attempt, V::Succeeded)
+            }
+            E::MonitorSucceeded(d) => (d.stage.as_str(), d.attempt, V::Succeeded),
+            E::BuildFailed(d) | E::DeployFailed(d) | E::RollbackFailed(d) => {
+                (d.stage.as_str(), d.attempt, V::Failed)
+            }
+            E::TestFailed(d) => (d.stage.as_str(), d.attempt, V::Failed),
+            E::EvaluateFailed(d) | E::PerfFailed(d) | E::CostFailed(d) => {
+                (d.stage.as_str(), d.attempt, V::Failed)
+            }
+            E::MonitorFailed(d) => (d.stage.as_str(), d.attempt, V::Failed),
+            _ => return None,
+        };
+        Some(r)
+    }
+
+    /// The failed fact a stage gets when it cannot finish: a timeout, a poison request, a
+    /// worker that gave up. Gates keep their report shape so their readers need no special case.
+    pub fn stage_failure(kind: StageKind, stage: &str, attempt: u32, reason: String) -> Self {
+        let plain = StageFailed {
+            stage: stage.to_string(),
+            attempt,
+            reason: reason.clone(),
+            exit_code: None,
+            log_tail: None,
+            log: None,
+        };
+        let gate = || GateReport {
+            stage: stage.to_string(),
+            attempt,
+            verdict: Verdict::Fail,
+            metrics: BTreeMap::new(),
+            checks: Vec::new(),
+            baseline_run: None,
+            details: None,
+            reason: Some(reason.clone()),
+            duration_ms: 0,
+        };
+        match kind {
+            StageKind::Build => EventData::BuildFailed(plain),
+            StageKind::Deploy => EventData::DeployFailed(plain),
+            StageKind::Rollback => EventData::RollbackFailed(plain),
+            StageKind::Test => EventData::TestFailed(TestReport {
+                stage: stage.to_string(),
+                attempt,
+                suite: stage.split_once(':').map_or(stage, |(_, s)| s).to_string(),
+                exit_code: None,
+                summary: None,
+                cases: Vec::new(),
+                reason: Some(reason.clone()),
+                log_tail: None,
+                log: None,
+                duration_ms: 0,
+            }),
+            StageKind::Evaluate => EventData::EvaluateFailed(gate()),
+            StageKind::Perf => EventData::PerfFailed(gate()),
+            StageKind::Cost => EventData::CostFailed(gate()),
+            StageKind::Monitor => EventData::MonitorFailed(MonitorReport {
+                stage: stage.to_string(),
+                attempt,
+                environment: stage.split_once(':').map_or("", |(_, s)| s).to_string(),
+                metrics: BTreeMap::new(),
+                checks: Vec::new(),
+                incident_id: None,
+                reason: Some(reason.clone()),
+                duration_ms: 0,
+            }),
+            // An approval that never comes is a rejection by timeout.
+            StageKind::Approval => EventData::ApprovalRejected(ApprovalDecision {
+                stage: stage.to_string(),
+                attempt,
+                approver: "slipway".into(),
+                groups: Vec::new(),
+                artifact_digest: String::new(),
+                gates_digest: String::new(),
+                comment: Some(reason),
+                decided_at: DateTime::<Utc>::UNIX_EPOCH,
+                signature: None,
+            }),
+        }
+    }
+}
+
+/// `(noun, verb)` of a type such as `dev.slipway.build.succeeded.v1`.
+pub fn type_parts(type_name: &str) -> Option<(&str, &str)> {
+    let rest = type_name.strip_prefix("dev.slipway.")?;
+    let (rest, _version) = rest.rsplit_once('.')?;
+    rest.split_once('.')
+}
+
+/// The stage kind of a stage event's type.
+pub fn stage_kind_of(type_name: &str) -> Option<StageKind> {
+    type_parts(type_name).and_then(|(noun, _)| StageKind::parse(noun))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_type_is_versioned_and_unique() {
+        let mut seen = std::collections::BTreeSet::new();
+        for e in CATALOGUE {
+            assert!(seen.insert(e.type_name), "duplicate {}", e.type_name);
+            let (noun, verb) = type_parts(e.type_name).expect(e.type_name);
+            assert!(!noun.is_empty() && !verb.is_empty());
+            assert!(e.type_name.ends_with(".v1"));
+        }
+    }
+
+    #[test]
+    fn unknown_type_and_bad_field_are_named() {
+        let err = EventData::from_json("dev.slipway.nope.v1", serde_json::json!({})).unwrap_err();
+        assert!(err.to_string().contains("dev.slipway.nope.v1"));
+        let err = EventData::from_json(
+            "dev.slipway.build.started.v1",
+            serde_json::json!({"stage": "build", "attempt": "one", "worker": "w"}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("attempt"), "{err}");
+    }
+}

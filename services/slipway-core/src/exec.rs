@@ -1,0 +1,295 @@
+//! Running a spec's command: argument vector (never a shell string built from event data),
+//! a clean environment from an allow-list, a timeout, cancellation, and the combined output in
+//! a log file. The command runs in its own process group so a timeout kills everything it
+//! started.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// What every command run by a worker may see of the service's environment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecSettings {
+    /// Where fresh workspaces are made; default: the system's temporary directory.
+    pub workspace_root: Option<PathBuf>,
+    /// Variables passed through from the service's environment (all others are cleared).
+    pub pass_env: Vec<String>,
+    /// Git URL schemes a change may use; `file` is off by default (it reads local paths).
+    pub git_schemes: Vec<String>,
+    /// Keep workspaces after the job (for debugging).
+    pub keep_workspaces: bool,
+}
+
+impl Default for ExecSettings {
+    fn default() -> Self {
+        Self {
+            workspace_root: None,
+            pass_env: vec!["PATH".into(), "LANG".into(), "LC_ALL".into(), "TZ".into()],
+            git_schemes: vec!["https".into(), "http".into(), "ssh".into(), "git".into()],
+            keep_workspaces: false,
+        }
+    }
+}
+
+impl ExecSettings {
+    pub fn workspace_root(&self) -> PathBuf {
+        self.workspace_root
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("slipway-work"))
+    }
+
+    /// The base environment: allow-listed variables plus `HOME`/`TMPDIR` inside the workspace.
+    pub fn base_env(&self, home: &Path) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        for k in &self.pass_env {
+            if let Ok(v) = std::env::var(k) {
+                env.insert(k.clone(), v);
+            }
+        }
+        env.entry("PATH".into())
+            .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
+        env.insert("HOME".into(), home.display().to_string());
+        env.insert("TMPDIR".into(), home.display().to_string());
+        env
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+    TimedOut,
+    Cancelled,
+}
+
+impl Exit {
+    pub fn success(self) -> bool {
+        self == Exit::Code(0)
+    }
+
+    pub fn code(self) -> Option<i32> {
+        match self {
+            Exit::Code(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit code {c}"),
+            Exit::Signal(s) => write!(f, "killed by signal {s}"),
+            Exit::TimedOut => write!(f, "timed out"),
+            Exit::Cancelled => write!(f, "cancelled"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub exit: Exit,
+    pub duration: Duration,
+}
+
+/// A command to run.
+#[derive(Debug, Clone)]
+pub struct Cmd<'a> {
+    pub argv: &'a [String],
+    pub cwd: &'a Path,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Duration,
+    /// Output (stdout and stderr, interleaved) is appended here.
+    pub log: &'a Path,
+}
+
+/// Why a command could not even start.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("empty command")]
+    Empty,
+    #[error("cannot start {program:?}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("cannot open the log {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Runs a command to its end, its timeout or `cancel`.
+///
+/// # Errors
+/// [`ExecError`] when the command cannot start (a missing program is a domain failure the
+/// caller reports as the stage's failure).
+pub async fn run(cmd: Cmd<'_>, cancel: &CancellationToken) -> Result<Outcome, ExecError> {
+    let program = cmd.argv.first().ok_or(ExecError::Empty)?;
+    // A relative program path is the workspace's, not the service's working directory.
+    let program_path = if program.contains('/') && !program.starts_with('/') {
+        cmd.cwd.join(program)
+    } else {
+        PathBuf::from(program)
+    };
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cmd.log)
+        .map_err(|source| ExecError::Log {
+            path: cmd.log.to_path_buf(),
+            source,
+        })?;
+    let log_err = log.try_clone().map_err(|source| ExecError::Log {
+        path: cmd.log.to_path_buf(),
+        source,
+    })?;
+    let mut command = tokio::process::Command::new(&program_path);
+    command
+        .args(&cmd.argv[1..])
+        .current_dir(cmd.cwd)
+        .env_clear()
+        .envs(&cmd.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err))
+        .process_group(0)
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let mut child = command.spawn().map_err(|source| ExecError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let pid = child.id();
+    let exit = tokio::select! {
+        status = child.wait() => match status {
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                match (s.code(), s.signal()) {
+                    (Some(c), _) => Exit::Code(c),
+                    (None, Some(sig)) => Exit::Signal(sig),
+                    (None, None) => Exit::Code(-1),
+                }
+            }
+            Err(_) => Exit::Code(-1),
+        },
+        _ = tokio::time::sleep(cmd.timeout) => Exit::TimedOut,
+        _ = cancel.cancelled() => Exit::Cancelled,
+    };
+    if matches!(exit, Exit::TimedOut | Exit::Cancelled) {
+        kill_group(pid);
+        let _ = child.kill().await;
+    } else {
+        // Leftover background processes of a finished command must not outlive the job.
+        kill_group(pid);
+    }
+    Ok(Outcome {
+        exit,
+        duration: started.elapsed(),
+    })
+}
+
+fn kill_group(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// The last `max_lines` lines of a log (at most 8 KiB), for a failure's reason.
+pub fn log_tail(path: &Path, max_lines: usize) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(8192);
+    let text = String::from_utf8_lossy(&bytes[start..]);
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(max_lines);
+    lines[from..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn runs_with_clean_env_and_captures_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let settings = ExecSettings::default();
+        let mut env = settings.base_env(dir.path());
+        env.insert("GREETING".into(), "hi; rm -rf /".into());
+        // SAFETY of the test: a variable the child must not see.
+        let a = argv(&[
+            "sh",
+            "-c",
+            "echo \"$GREETING\"; echo ${SECRET_TOKEN:-unset}; exit 3",
+        ]);
+        let out = run(
+            Cmd {
+                argv: &a,
+                cwd: dir.path(),
+                env,
+                timeout: Duration::from_secs(10),
+                log: &log,
+            },
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.exit, Exit::Code(3));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text, "hi; rm -rf /\nunset\n");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let a = argv(&["sh", "-c", "sleep 30 & sleep 30"]);
+        let out = run(
+            Cmd {
+                argv: &a,
+                cwd: dir.path(),
+                env: ExecSettings::default().base_env(dir.path()),
+                timeout: Duration::from_millis(200),
+                log: &log,
+            },
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.exit, Exit::TimedOut);
+        assert!(out.duration < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = argv(&["./no-such-program"]);
+        let err = run(
+            Cmd {
+                argv: &a,
+                cwd: dir.path(),
+                env: BTreeMap::new(),
+                timeout: Duration::from_secs(1),
+                log: &dir.path().join("log"),
+            },
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("no-such-program"));
+    }
+}

@@ -1,0 +1,511 @@
+//! `fold`: a run's state from its events, a pure function.
+//!
+//! Replaying a run is `events.iter().fold(None, fold)`. The fold is idempotent over
+//! redelivery: an event id it has seen is ignored, the first terminal fact of a stage attempt
+//! wins, facts for an attempt other than the requested one are stale, and once the run has
+//! ended nothing changes it. So any order-preserving delivery with duplicates folds to the
+//! same state as the log itself.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::envelope::Event;
+use crate::events::{
+    ApprovalDecision, ChangeInfo, EventData, GateReport, ObjectRef, SourceRef, StageKind,
+    StageVerb, TestReport, stage_kind_of,
+};
+use crate::plan::planned_stages;
+use crate::spec::PipelineSpec;
+
+/// Where a run is. `slipway status` prints it; the set is part of the CLI contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Queued,
+    Running,
+    AwaitingApproval,
+    Deploying,
+    Monitoring,
+    Succeeded,
+    Failed,
+    Rejected,
+    RolledBack,
+    Cancelled,
+}
+
+impl Phase {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Phase::Succeeded
+                | Phase::Failed
+                | Phase::Rejected
+                | Phase::RolledBack
+                | Phase::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Queued => "queued",
+            Phase::Running => "running",
+            Phase::AwaitingApproval => "awaiting_approval",
+            Phase::Deploying => "deploying",
+            Phase::Monitoring => "monitoring",
+            Phase::Succeeded => "succeeded",
+            Phase::Failed => "failed",
+            Phase::Rejected => "rejected",
+            Phase::RolledBack => "rolled_back",
+            Phase::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Phase> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageStatus {
+    /// Planned, not requested yet.
+    Pending,
+    /// Requested, no worker has started it.
+    Requested,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl StageStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, StageStatus::Succeeded | StageStatus::Failed)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageState {
+    /// Stage key: `build`, `test:<suite>`, `deploy:<environment>`, ...
+    pub name: String,
+    pub status: StageStatus,
+    pub attempt: u32,
+    pub requested_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub reason: Option<String>,
+    pub worker: Option<String>,
+}
+
+impl StageState {
+    fn pending(name: String) -> Self {
+        Self {
+            name,
+            status: StageStatus::Pending,
+            attempt: 0,
+            requested_at: None,
+            started_at: None,
+            finished_at: None,
+            reason: None,
+            worker: None,
+        }
+    }
+
+    pub fn kind(&self) -> Option<StageKind> {
+        StageKind::parse(self.name.split(':').next().unwrap_or_default())
+    }
+}
+
+/// The built artifact, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ArtifactView {
+    pub digest: String,
+    pub size: u64,
+    pub bucket: String,
+    pub object: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Deployment {
+    pub environment: String,
+    pub version: String,
+    pub previous_version: Option<String>,
+    /// The artifact live before, so a rollback can redeploy it.
+    #[serde(skip)]
+    pub previous_artifact: Option<ObjectRef>,
+    pub deployed_at: Option<DateTime<Utc>>,
+    pub rolled_back: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Approval {
+    pub approver: String,
+    pub decision: &'static str,
+    pub environment: String,
+    pub artifact_digest: String,
+    pub comment: Option<String>,
+    pub decided_at: DateTime<Utc>,
+}
+
+/// One run, folded from its events.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Run {
+    pub run_id: String,
+    pub pipeline: String,
+    pub phase: Phase,
+    /// Why the run ended, once it has.
+    pub reason: Option<String>,
+    pub change: ChangeInfo,
+    pub source: SourceRef,
+    pub rerun_of: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub stages: Vec<StageState>,
+    pub artifact: Option<ArtifactView>,
+    pub tests: Vec<TestReport>,
+    pub gates: Vec<GateReport>,
+    pub approvals: Vec<Approval>,
+    pub deployments: Vec<Deployment>,
+    pub incidents: Vec<String>,
+    /// Number of events folded (duplicates excluded).
+    pub events: u64,
+    #[serde(skip)]
+    pub spec: PipelineSpec,
+    #[serde(skip)]
+    pub artifact_ref: Option<ObjectRef>,
+    #[serde(skip)]
+    seen: BTreeSet<String>,
+    #[serde(skip)]
+    approvals_by_stage: BTreeMap<String, Vec<ApprovalDecision>>,
+    /// The artifact live before each deploy stage started, by stage key.
+    #[serde(skip)]
+    started_previous: BTreeMap<String, ObjectRef>,
+}
+
+impl Run {
+    pub fn stage(&self, key: &str) -> Option<&StageState> {
+        self.stages.iter().find(|s| s.name == key)
+    }
+
+    fn stage_mut(&mut self, key: &str) -> &mut StageState {
+        if let Some(i) = self.stages.iter().position(|s| s.name == key) {
+            &mut self.stages[i]
+        } else {
+            // Stages outside the plan (a rollback) are appended as they appear.
+            self.stages.push(StageState::pending(key.to_string()));
+            self.stages.last_mut().expect("just pushed")
+        }
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.phase.is_final()
+    }
+
+    /// The latest report of a gate stage.
+    pub fn gate(&self, key: &str) -> Option<&GateReport> {
+        self.gates.iter().rev().find(|g| g.stage == key)
+    }
+
+    pub fn deployment(&self, environment: &str) -> Option<&Deployment> {
+        self.deployments
+            .iter()
+            .rev()
+            .find(|d| d.environment == environment)
+    }
+
+    /// Approvals that count for a stage: distinct approvers, this artifact, no rejection.
+    pub fn approvals_for(&self, stage: &str) -> &[ApprovalDecision] {
+        self.approvals_by_stage
+            .get(stage)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// The status JSON (`slipway status --json`, `slipway replay --json`, the gateway).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("run state serialises")
+    }
+
+    /// Folds a run from its events in log order.
+    pub fn replay<'a>(events: impl IntoIterator<Item = &'a Event>) -> Option<Run> {
+        events.into_iter().fold(None, fold)
+    }
+
+    fn recompute_phase(&mut self) {
+        if self.phase.is_final() {
+            return;
+        }
+        let active = |kind: StageKind| {
+            self.stages.iter().any(|s| {
+                s.kind() == Some(kind)
+                    && matches!(s.status, StageStatus::Requested | StageStatus::Running)
+            })
+        };
+        self.phase = if active(StageKind::Approval) {
+            Phase::AwaitingApproval
+        } else if active(StageKind::Deploy) || active(StageKind::Rollback) {
+            Phase::Deploying
+        } else if active(StageKind::Monitor) {
+            Phase::Monitoring
+        } else if self.stages.iter().all(|s| s.status == StageStatus::Pending) {
+            Phase::Queued
+        } else {
+            Phase::Running
+        };
+    }
+}
+
+/// Folds one event into a run's state.
+pub fn fold(state: Option<Run>, event: &Event) -> Option<Run> {
+    let mut run = match (state, &event.data) {
+        (None, EventData::RunCreated(created)) => {
+            // A snapshot that does not parse was not written by the conductor: ignore it.
+            let spec = PipelineSpec::from_json(&created.spec).ok()?;
+            let stages = planned_stages(&spec)
+                .into_iter()
+                .map(StageState::pending)
+                .collect();
+            let mut seen = BTreeSet::new();
+            seen.insert(event.id.clone());
+            return Some(Run {
+                run_id: created.run_id.clone(),
+                pipeline: created.pipeline.clone(),
+                phase: Phase::Queued,
+                reason: None,
+                change: created.change.clone(),
+                source: created.source.clone(),
+                rerun_of: created.rerun_of.clone(),
+                created_at: event.time,
+                finished_at: None,
+                stages,
+                artifact: None,
+                tests: Vec::new(),
+                gates: Vec::new(),
+                approvals: Vec::new(),
+                deployments: Vec::new(),
+                incidents: Vec::new(),
+                events: 1,
+                spec,
+                artifact_ref: None,
+                seen,
+                approvals_by_stage: BTreeMap::new(),
+                started_previous: BTreeMap::new(),
+            });
+        }
+        (None, _) => return None,
+        (Some(run), _) => run,
+    };
+    if run.is_ended() || !run.seen.insert(event.id.clone()) {
+        return Some(run);
+    }
+    run.events += 1;
+    apply(&mut run, event);
+    run.recompute_phase();
+    Some(run)
+}
+
+fn apply(run: &mut Run, event: &Event) {
+    let time = event.time;
+    let ended = |run: &mut Run, phase: Phase, reason: &str| {
+        run.phase = phase;
+        run.reason = Some(reason.to_string());
+        run.finished_at = Some(time);
+    };
+    match &event.data {
+        EventData::RunSucceeded(d) => ended(run, Phase::Succeeded, &d.reason),
+        EventData::RunFailed(d) => ended(run, Phase::Failed, &d.reason),
+        EventData::RunCancelled(d) => ended(run, Phase::Cancelled, &d.reason),
+        EventData::RunRejected(d) => ended(run, Phase::Rejected, &d.reason),
+        EventData::RunRolledBack(d) => ended(run, Phase::RolledBack, &d.reason),
+        EventData::ApprovalApproved(d) | EventData::ApprovalRejected(d) => {
+            apply_approval(run, event, d);
+        }
+        EventData::IncidentOpened(d) => run.incidents.push(d.incident_id.clone()),
+        data => {
+            if let Some((key, attempt, verb)) = data.stage_fact() {
+                apply_stage_fact(run, event, key, attempt, verb);
+            }
+        }
+    }
+}
+
+fn apply_stage_fact(run: &mut Run, event: &Event, key: &str, attempt: u32, verb: StageVerb) {
+    // The stage key must agree with the event type, or the event is not what it claims.
+    if stage_kind_of(event.type_name()).map(StageKind::as_str)
+        != Some(key.split(':').next().unwrap_or_default())
+    {
+        return;
+    }
+    let time = event.time;
+    if let (StageVerb::Started, EventData::DeployStarted(d) | EventData::RollbackStarted(d)) =
+        (verb, &event.data)
+        && let Some(prev) = &d.previous_artifact
+    {
+        run.started_previous.insert(key.to_string(), prev.clone());
+    }
+    let stage = run.stage_mut(key);
+    match verb {
+        StageVerb::Requested => {
+            if attempt <= stage.attempt {
+                return;
+            }
+            *stage = StageState::pending(key.to_string());
+            stage.status = StageStatus::Requested;
+            stage.attempt = attempt;
+            stage.requested_at = Some(time);
+        }
+        StageVerb::Started => {
+            if attempt != stage.attempt || stage.status != StageStatus::Requested {
+                return;
+            }
+            stage.status = StageStatus::Running;
+            stage.started_at = Some(time);
+            if let EventData::DeployStarted(d) | EventData::RollbackStarted(d) = &event.data {
+                stage.worker = Some(d.worker.clone());
+            } else if let Some(w) = started_worker(&event.data) {
+                stage.worker = Some(w);
+            }
+        }
+        StageVerb::Succeeded | StageVerb::Failed => {
+            if attempt != stage.attempt || stage.status.is_terminal() || stage.attempt == 0 {
+                return;
+            }
+            stage.finished_at = Some(time);
+            if verb == StageVerb::Succeeded {
+                stage.status = StageStatus::Succeeded;
+            } else {
+                stage.status = StageStatus::Failed;
+                stage.reason = Some(failure_reason(&event.data));
+            }
+            record_outcome(run, event);
+        }
+    }
+}
+
+fn started_worker(data: &EventData) -> Option<String> {
+    match data {
+        EventData::BuildStarted(d)
+        | EventData::TestStarted(d)
+        | EventData::EvaluateStarted(d)
+        | EventData::PerfStarted(d)
+        | EventData::CostStarted(d)
+        | EventData::MonitorStarted(d) => Some(d.worker.clone()),
+        _ => None,
+    }
+}
+
+fn failure_reason(data: &EventData) -> String {
+    let r = match data {
+        EventData::BuildFailed(d) | EventData::DeployFailed(d) | EventData::RollbackFailed(d) => {
+            Some(d.reason.clone())
+        }
+        EventData::TestFailed(d) => d.reason.clone(),
+        EventData::EvaluateFailed(d) | EventData::PerfFailed(d) | EventData::CostFailed(d) => {
+            d.reason.clone()
+        }
+        EventData::MonitorFailed(d) => d.reason.clone(),
+        _ => None,
+    };
+    r.unwrap_or_else(|| "failed without a reason".into())
+}
+
+/// Keeps what later stages and the status need from a terminal fact.
+fn record_outcome(run: &mut Run, event: &Event) {
+    let time = event.time;
+    match &event.data {
+        EventData::BuildSucceeded(d) => {
+            run.artifact = Some(ArtifactView {
+                digest: d.artifact.digest.clone(),
+                size: d.artifact.size,
+                bucket: d.artifact.bucket.clone(),
+                object: d.artifact.name.clone(),
+            });
+            run.artifact_ref = Some(d.artifact.clone());
+        }
+        EventData::TestSucceeded(d) | EventData::TestFailed(d) => run.tests.push(d.clone()),
+        EventData::EvaluateSucceeded(d)
+        | EventData::EvaluateFailed(d)
+        | EventData::PerfSucceeded(d)
+        | EventData::PerfFailed(d)
+        | EventData::CostSucceeded(d)
+        | EventData::CostFailed(d) => run.gates.push(d.clone()),
+        EventData::DeploySucceeded(d) => run.deployments.push(Deployment {
+            environment: d.environment.clone(),
+            version: d.version.clone(),
+            previous_version: d.previous_version.clone(),
+            previous_artifact: None,
+            deployed_at: Some(time),
+            rolled_back: false,
+        }),
+        EventData::RollbackSucceeded(d) => {
+            if let Some(dep) = run
+                .deployments
+                .iter_mut()
+                .rev()
+                .find(|x| x.environment == d.environment)
+            {
+                dep.rolled_back = true;
+            }
+        }
+        _ => {}
+    }
+    // The previous artifact is only known from the deploy's start: attach it now.
+    if let EventData::DeploySucceeded(d) = &event.data {
+        let prev = run.started_previous.get(&d.stage).cloned();
+        if let Some(dep) = run.deployments.last_mut() {
+            dep.previous_artifact = prev;
+        }
+    }
+}
+
+fn apply_approval(run: &mut Run, event: &Event, d: &ApprovalDecision) {
+    let approved = matches!(event.data, EventData::ApprovalApproved(_));
+    let Some(stage) = run.stage(&d.stage) else {
+        return;
+    };
+    if stage.status != StageStatus::Requested || stage.attempt != d.attempt {
+        return;
+    }
+    // Only decisions about this run's artifact count; the deployer re-checks the policy.
+    let current = run.artifact.as_ref().map(|a| a.digest.as_str());
+    if current != Some(d.artifact_digest.as_str()) {
+        return;
+    }
+    let environment = d.stage.split_once(':').map_or("", |(_, e)| e).to_string();
+    run.approvals.push(Approval {
+        approver: d.approver.clone(),
+        decision: if approved { "approve" } else { "reject" },
+        environment,
+        artifact_digest: d.artifact_digest.clone(),
+        comment: d.comment.clone(),
+        decided_at: d.decided_at,
+    });
+    let required = run
+        .spec
+        .approval
+        .as_ref()
+        .map_or(1, |p| p.required_approvals) as usize;
+    let key = d.stage.clone();
+    let time = event.time;
+    if approved {
+        let list = run.approvals_by_stage.entry(key.clone()).or_default();
+        if !list.iter().any(|a| a.approver == d.approver) {
+            list.push(d.clone());
+        }
+        if list.len() >= required || d.approver == crate::decide::POLICY_APPROVER {
+            let stage = run.stage_mut(&key);
+            stage.status = StageStatus::Succeeded;
+            stage.finished_at = Some(time);
+        }
+    } else {
+        let reason = match &d.comment {
+            Some(c) => format!("rejected by {}: {c}", d.approver),
+            None => format!("rejected by {}", d.approver),
+        };
+        let stage = run.stage_mut(&key);
+        stage.status = StageStatus::Failed;
+        stage.finished_at = Some(time);
+        stage.reason = Some(reason);
+    }
+}

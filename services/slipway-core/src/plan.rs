@@ -1,0 +1,87 @@
+//! The plan: the order of a run's stages, derived from its spec.
+//!
+//! build → test suites (in parallel) → for each environment in order: [approval] → deploy →
+//! [monitor] → [quality gates, after the environment they measure]. Gates without any
+//! environment run right after the tests. Cost runs after evaluation and performance, which
+//! run in parallel unless the spec says otherwise.
+
+use crate::events::StageKind;
+use crate::spec::PipelineSpec;
+
+/// One step: its stages run together and must all succeed before the next step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Stages(Vec<String>),
+    /// Hold for an approval before deploying to `environment`.
+    Approval {
+        environment: String,
+    },
+}
+
+pub fn approval_key(environment: &str) -> String {
+    StageKind::Approval.key(Some(environment))
+}
+
+/// The steps of a run, in order.
+pub fn plan(spec: &PipelineSpec) -> Vec<Step> {
+    let mut steps = vec![Step::Stages(vec![StageKind::Build.key(None)])];
+    if !spec.test.is_empty() {
+        steps.push(Step::Stages(
+            spec.test
+                .iter()
+                .map(|t| StageKind::Test.key(Some(&t.name)))
+                .collect(),
+        ));
+    }
+    let gates_at = spec.gates_environment_index();
+    if spec.has_gates() && spec.environment.is_empty() {
+        gate_steps(spec, &mut steps);
+    }
+    for (i, env) in spec.environment.iter().enumerate() {
+        if env.requires_approval {
+            steps.push(Step::Approval {
+                environment: env.name.clone(),
+            });
+        }
+        steps.push(Step::Stages(vec![StageKind::Deploy.key(Some(&env.name))]));
+        if spec.monitors(&env.name) {
+            steps.push(Step::Stages(vec![StageKind::Monitor.key(Some(&env.name))]));
+        }
+        if gates_at == Some(i) {
+            gate_steps(spec, &mut steps);
+        }
+    }
+    steps
+}
+
+fn gate_steps(spec: &PipelineSpec, steps: &mut Vec<Step>) {
+    let g = &spec.gates;
+    let mut first = Vec::new();
+    if g.model_evaluation.is_some() {
+        first.push(StageKind::Evaluate.key(None));
+    }
+    if g.performance.is_some() {
+        first.push(StageKind::Perf.key(None));
+    }
+    if g.parallel {
+        if !first.is_empty() {
+            steps.push(Step::Stages(first));
+        }
+    } else {
+        steps.extend(first.into_iter().map(|k| Step::Stages(vec![k])));
+    }
+    if g.cost.is_some() {
+        steps.push(Step::Stages(vec![StageKind::Cost.key(None)]));
+    }
+}
+
+/// Every planned stage key, in order (rollbacks are not planned: they appear when needed).
+pub fn planned_stages(spec: &PipelineSpec) -> Vec<String> {
+    plan(spec)
+        .into_iter()
+        .flat_map(|s| match s {
+            Step::Stages(keys) => keys,
+            Step::Approval { environment } => vec![approval_key(&environment)],
+        })
+        .collect()
+}

@@ -1,0 +1,588 @@
+//! The service runtime: shutdown signals and the worker loop every stage service shares.
+//!
+//! A worker consumes `<stage>.requested` through a durable pull consumer named after its
+//! service (replicas share it). For each request it checks the log first (a run that ended, or
+//! a stage attempt that already has its terminal fact, is acknowledged and skipped), publishes
+//! `started`, sends progress acks while the work runs, publishes the terminal fact, and only
+//! then acknowledges. Infrastructure errors are nak'ed with a growing delay; after
+//! `max_deliver` the request ends as a `failed` fact with the reason, so a run never hangs on
+//! a poison message.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+pub use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::bus::{Bus, BusError};
+use crate::envelope::Event;
+use crate::events::{EventData, StageKind, StageStarted};
+use crate::fold::Run;
+use crate::{ids, subjects};
+
+/// Cancelled on the first SIGINT or SIGTERM; a second signal exits at once.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("Shutting down: finishing work in flight (signal again to exit at once).");
+        t.cancel();
+        wait_for_signal().await;
+        warn!("Second signal: exiting now.");
+        std::process::exit(130);
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// How a worker takes its requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Redelivery after this long without an ack or progress (progress is sent every third).
+    pub ack_wait_secs: u64,
+    /// Deliveries before a request is given up as a `failed` fact.
+    pub max_deliver: i64,
+    /// Jobs one process works at once.
+    pub concurrency: usize,
+    /// On shutdown, wait this long for jobs in flight before abandoning them to a replica.
+    pub drain_secs: u64,
+    /// Worker id in `started` facts; default `<service>-<host>-<pid>`.
+    pub id: Option<String>,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            ack_wait_secs: 30,
+            max_deliver: 5,
+            concurrency: 1,
+            drain_secs: 30,
+            id: None,
+        }
+    }
+}
+
+/// A request being worked.
+#[derive(Debug)]
+pub struct Job {
+    pub run_id: String,
+    pub stage: String,
+    pub attempt: u32,
+    pub request: Event,
+    /// The run folded from the log just before the work started.
+    pub run: Run,
+    /// How many times the request has been delivered (1 the first time).
+    pub delivered: i64,
+    pub worker_id: String,
+    /// Cancelled when the run is cancelled or the drain period ends: stop the work.
+    pub cancel: CancellationToken,
+    pub bus: Bus,
+}
+
+/// An infrastructure failure during a job: the request is retried later.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Transient(pub String);
+
+impl From<BusError> for Transient {
+    fn from(e: BusError) -> Self {
+        Transient(e.to_string())
+    }
+}
+
+/// A stage service.
+pub trait Worker: Send + Sync + 'static {
+    /// Service name; also the durable consumer's name.
+    fn service(&self) -> &'static str;
+
+    fn kinds(&self) -> &'static [StageKind];
+
+    /// The `started` fact (the deployer adds what was live before).
+    fn started(&self, job: &Job) -> impl Future<Output = Result<EventData, Transient>> + Send {
+        let data = started_data(
+            job.request.type_name(),
+            &job.stage,
+            job.attempt,
+            &job.worker_id,
+        );
+        async move { data.ok_or_else(|| Transient("no started fact for this stage".into())) }
+    }
+
+    /// Does the work: returns the terminal fact (`succeeded`, or `failed` with a reason for a
+    /// domain failure), or [`Transient`] to retry.
+    fn handle(&self, job: &Job) -> impl Future<Output = Result<EventData, Transient>> + Send;
+}
+
+/// The plain `started` fact of a request type.
+pub fn started_data(
+    request_type: &str,
+    stage: &str,
+    attempt: u32,
+    worker: &str,
+) -> Option<EventData> {
+    let s = StageStarted {
+        stage: stage.to_string(),
+        attempt,
+        worker: worker.to_string(),
+    };
+    let kind = crate::events::stage_kind_of(request_type)?;
+    Some(match kind {
+        StageKind::Build => EventData::BuildStarted(s),
+        StageKind::Test => EventData::TestStarted(s),
+        StageKind::Evaluate => EventData::EvaluateStarted(s),
+        StageKind::Perf => EventData::PerfStarted(s),
+        StageKind::Cost => EventData::CostStarted(s),
+        StageKind::Monitor => EventData::MonitorStarted(s),
+        StageKind::Deploy | StageKind::Rollback | StageKind::Approval => return None,
+    })
+}
+
+/// The event a worker publishes about a job: deterministic id, so a repeat is a duplicate.
+pub fn fact(service: &str, run_id: &str, data: EventData) -> Event {
+    let (stage, attempt) = data.stage_fact().map_or(("", 0), |(s, a, _)| (s, a));
+    let id = ids::derived(&[run_id, data.type_name(), stage, &attempt.to_string()]);
+    Event::new(
+        id,
+        format!("/slipway/{service}"),
+        Some(run_id.to_string()),
+        crate::bus::now(),
+        data,
+    )
+}
+
+/// Runs a worker until `shutdown`, then drains.
+///
+/// # Errors
+/// [`BusError`] when the stream or consumer cannot be set up.
+pub async fn run_worker<W: Worker>(
+    bus: Bus,
+    worker: Arc<W>,
+    settings: WorkerSettings,
+    shutdown: CancellationToken,
+) -> Result<(), BusError> {
+    let service = worker.service();
+    let stream = bus.ensure_stream().await?;
+    let filters: Vec<String> = worker
+        .kinds()
+        .iter()
+        .map(|k| subjects::requests(k.as_str()))
+        .collect();
+    let ack_wait = Duration::from_secs(settings.ack_wait_secs.max(1));
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(service.to_string()),
+            description: Some(format!("{service}: stage requests")),
+            filter_subjects: filters.clone(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait,
+            max_deliver: settings.max_deliver,
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| BusError::Nats {
+            operation: "create consumer",
+            message: e.to_string(),
+        })?;
+    let worker_id = settings.id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{service}-{}-{}", host.trim(), std::process::id())
+    });
+    info!(service, worker = %worker_id, ?filters, "Worker ready.");
+
+    let tracker = TaskTracker::new();
+    let jobs_cancel = CancellationToken::new();
+    let advisories =
+        spawn_max_deliveries_listener(&bus, service, &tracker, shutdown.clone()).await?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(settings.concurrency.max(1)));
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| BusError::Nats {
+            operation: "consume",
+            message: e.to_string(),
+        })?;
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
+        };
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = messages.next() => m,
+        };
+        let msg = match msg {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                warn!(service, error = %e, "Consumer error; continuing.");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            None => break,
+        };
+        let ctx = Ctx {
+            bus: bus.clone(),
+            worker: worker.clone(),
+            settings: settings.clone(),
+            worker_id: worker_id.clone(),
+            jobs_cancel: jobs_cancel.clone(),
+        };
+        tracker.spawn(async move {
+            ctx.process(msg).await;
+            drop(permit);
+        });
+    }
+    tracker.close();
+    let drain = Duration::from_secs(settings.drain_secs);
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        warn!(
+            service,
+            "Drain period over: abandoning jobs in flight to another replica."
+        );
+        jobs_cancel.cancel();
+        tracker.wait().await;
+    }
+    advisories.abort();
+    info!(service, "Worker stopped.");
+    Ok(())
+}
+
+struct Ctx<W> {
+    bus: Bus,
+    worker: Arc<W>,
+    settings: WorkerSettings,
+    worker_id: String,
+    jobs_cancel: CancellationToken,
+}
+
+impl<W: Worker> Ctx<W> {
+    async fn process(&self, msg: jetstream::Message) {
+        let service = self.worker.service();
+        let (delivered, seq) = match msg.info() {
+            Ok(i) => (i.delivered, i.stream_sequence),
+            Err(_) => (1, 0),
+        };
+        let subject = msg.subject.to_string();
+        let Some((run_id, noun, _)) = subjects::parse_run(&subject) else {
+            warn!(service, %subject, "Request on an unexpected subject; terminating it.");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        };
+        let run_id = run_id.to_string();
+        let kind = StageKind::parse(noun);
+        let request = match crate::bus::decode(msg.headers.as_ref(), &msg.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                // A poison request: answer it with a failed fact so the run does not hang.
+                warn!(service, %run_id, seq, error = %e, "Malformed request.");
+                if let Some(kind) = kind {
+                    let data = EventData::stage_failure(
+                        kind,
+                        kind.as_str(),
+                        crate::decide::FIRST_ATTEMPT,
+                        format!("malformed request at stream sequence {seq}: {e}"),
+                    );
+                    self.publish_then_ack(&msg, &run_id, data).await;
+                } else {
+                    let _ = msg.ack_with(AckKind::Term).await;
+                }
+                return;
+            }
+        };
+        let Some((stage, attempt, _)) = request.data.stage_fact() else {
+            warn!(service, %run_id, "Request event is not a stage request; terminating it.");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        };
+        let (stage, attempt) = (stage.to_string(), attempt);
+        let span = info_span!("job", service, run_id = %run_id, stage = %stage, attempt, delivered);
+        self.work(msg, run_id, stage, attempt, request, delivered)
+            .instrument(span)
+            .await;
+    }
+
+    async fn work(
+        &self,
+        msg: jetstream::Message,
+        run_id: String,
+        stage: String,
+        attempt: u32,
+        request: Event,
+        delivered: i64,
+    ) {
+        let service = self.worker.service();
+        // Check the log before any side effect: a redelivered request may already be done.
+        let run = match self.bus.run_log(&run_id).await {
+            Ok(log) => {
+                let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
+                Run::replay(&events)
+            }
+            Err(e) => {
+                warn!(error = %e, "Cannot read the run's log; retrying later.");
+                self.nak(&msg, delivered).await;
+                return;
+            }
+        };
+        let Some(run) = run else {
+            warn!("Request for a run that does not exist; terminating it.");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        };
+        if run.is_ended() {
+            info!(
+                phase = run.phase.as_str(),
+                "Run already ended; skipping the request."
+            );
+            let _ = msg.double_ack().await;
+            return;
+        }
+        match run.stage(&stage) {
+            Some(s) if s.attempt == attempt && !s.status.is_terminal() => {}
+            Some(s) => {
+                info!(status = ?s.status, "Stage attempt already settled; skipping the request.");
+                let _ = msg.double_ack().await;
+                return;
+            }
+            None => {
+                info!("Stage not in the run's log; skipping the request.");
+                let _ = msg.double_ack().await;
+                return;
+            }
+        }
+        let job = Job {
+            run_id: run_id.clone(),
+            stage: stage.clone(),
+            attempt,
+            request,
+            run,
+            delivered,
+            worker_id: self.worker_id.clone(),
+            cancel: self.jobs_cancel.child_token(),
+            bus: self.bus.clone(),
+        };
+        let started = match self.worker.started(&job).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.retry_or_give_up(&msg, &job, e).await;
+                return;
+            }
+        };
+        if let Err(e) = self.bus.publish(&fact(service, &run_id, started)).await {
+            warn!(error = %e, "Cannot publish the started fact; retrying later.");
+            self.nak(&msg, delivered).await;
+            return;
+        }
+        info!("Stage started.");
+
+        // Progress acks keep the request ours while the work runs; a run's cancellation
+        // (seen live on its subject) stops the work.
+        let guard = CancellationToken::new();
+        let progress = {
+            let every = Duration::from_secs(self.settings.ack_wait_secs.max(3) / 3);
+            let reply = msg.reply.clone();
+            let client = self.bus.client().clone();
+            let guard = guard.clone();
+            tokio::spawn(async move {
+                let Some(reply) = reply else { return };
+                loop {
+                    tokio::select! {
+                        _ = guard.cancelled() => return,
+                        _ = tokio::time::sleep(every) => {
+                            let _ = client.publish(reply.clone(), "+WPI".into()).await;
+                        }
+                    }
+                }
+            })
+        };
+        let cancelled_run = CancellationToken::new();
+        let watcher = {
+            let sub = self
+                .bus
+                .client()
+                .subscribe(format!("slipway.run.{run_id}.run.cancelled"))
+                .await;
+            let job_cancel = job.cancel.clone();
+            let cancelled_run = cancelled_run.clone();
+            let guard = guard.clone();
+            tokio::spawn(async move {
+                let Ok(mut sub) = sub else { return };
+                tokio::select! {
+                    _ = guard.cancelled() => {}
+                    m = sub.next() => if m.is_some() {
+                        cancelled_run.cancel();
+                        job_cancel.cancel();
+                    }
+                }
+            })
+        };
+        let result = self.worker.handle(&job).await;
+        guard.cancel();
+        progress.abort();
+        watcher.abort();
+
+        if cancelled_run.is_cancelled() {
+            info!("Run cancelled while the stage ran; work stopped.");
+            let data = EventData::stage_failure(
+                kind_of(&job),
+                &stage,
+                attempt,
+                "run cancelled while the stage ran".into(),
+            );
+            self.publish_then_ack(&msg, &run_id, data).await;
+            return;
+        }
+        if self.jobs_cancel.is_cancelled() {
+            // Shutting down: leave the request to a replica or to our restart.
+            let _ = msg.ack_with(AckKind::Nak(None)).await;
+            return;
+        }
+        match result {
+            Ok(data) => {
+                let (_, _, verb) =
+                    data.stage_fact()
+                        .unwrap_or(("", 0, crate::events::StageVerb::Failed));
+                info!(outcome = ?verb, "Stage finished.");
+                self.publish_then_ack(&msg, &run_id, data).await;
+            }
+            Err(e) => self.retry_or_give_up(&msg, &job, e).await,
+        }
+    }
+
+    async fn retry_or_give_up(&self, msg: &jetstream::Message, job: &Job, e: Transient) {
+        if job.delivered >= self.settings.max_deliver {
+            error!(error = %e, "Giving up after the last delivery.");
+            let data = EventData::stage_failure(
+                kind_of(job),
+                &job.stage,
+                job.attempt,
+                format!("gave up after {} deliveries: {e}", job.delivered),
+            );
+            self.publish_then_ack(msg, &job.run_id, data).await;
+        } else {
+            warn!(error = %e, "Transient failure; the request will be retried.");
+            self.nak(msg, job.delivered).await;
+        }
+    }
+
+    async fn publish_then_ack(&self, msg: &jetstream::Message, run_id: &str, data: EventData) {
+        let event = fact(self.worker.service(), run_id, data);
+        let mut delay = Duration::from_millis(200);
+        for _ in 0..8 {
+            match self.bus.publish(&event).await {
+                Ok(_) => {
+                    if let Err(e) = msg.double_ack().await {
+                        warn!(error = %e, "Ack failed; a redelivery will find the fact in the log.");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "Cannot publish the fact; retrying.");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // Not acknowledged: the request comes back and the work is checked against the log.
+        let _ = msg
+            .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+            .await;
+    }
+
+    async fn nak(&self, msg: &jetstream::Message, delivered: i64) {
+        let secs = 1u64 << delivered.clamp(0, 6);
+        let _ = msg
+            .ack_with(AckKind::Nak(Some(Duration::from_secs(secs.min(60)))))
+            .await;
+    }
+}
+
+fn kind_of(job: &Job) -> StageKind {
+    crate::events::stage_kind_of(job.request.type_name()).unwrap_or(StageKind::Build)
+}
+
+/// After `max_deliver`, the server announces the request it stopped delivering; answer it with
+/// a `failed` fact (a worker that crashed on every delivery never could).
+async fn spawn_max_deliveries_listener(
+    bus: &Bus,
+    service: &'static str,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::AbortHandle, BusError> {
+    let subject = format!(
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{service}",
+        bus.stream_name()
+    );
+    let mut sub = bus
+        .client()
+        .subscribe(subject)
+        .await
+        .map_err(|e| BusError::Nats {
+            operation: "subscribe advisories",
+            message: e.to_string(),
+        })?;
+    let bus = bus.clone();
+    let handle = tracker.spawn(async move {
+        loop {
+            let m = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                m = sub.next() => m,
+            };
+            let Some(m) = m else { return };
+            #[derive(Deserialize)]
+            struct Advisory {
+                stream_seq: u64,
+                deliveries: u64,
+            }
+            let Ok(adv) = serde_json::from_slice::<Advisory>(&m.payload) else {
+                continue;
+            };
+            let Ok(rec) = bus.get(adv.stream_seq).await else {
+                continue;
+            };
+            let Some((run_id, noun, _)) = subjects::parse_run(&rec.subject) else {
+                continue;
+            };
+            let Some(kind) = StageKind::parse(noun) else {
+                continue;
+            };
+            let (stage, attempt) = match &rec.event {
+                Ok(e) => match e.data.stage_fact() {
+                    Some((s, a, _)) => (s.to_string(), a),
+                    None => continue,
+                },
+                Err(_) => (kind.as_str().to_string(), crate::decide::FIRST_ATTEMPT),
+            };
+            let reason = format!(
+                "gave up: the request was delivered {} times without a result \
+                 (the {service} crashed or timed out each time)",
+                adv.deliveries
+            );
+            let data = EventData::stage_failure(kind, &stage, attempt, reason);
+            match bus.publish(&fact(service, run_id, data)).await {
+                Ok(_) => warn!(service, run_id, %stage, "Request given up after max deliveries."),
+                Err(e) => debug!(error = %e, "Cannot publish the give-up fact."),
+            }
+        }
+    });
+    Ok(handle.abort_handle())
+}

