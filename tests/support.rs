@@ -1,1 +1,251 @@
+//! End-to-end test support: a real nats-server and the real service binaries as processes,
+//! each test with its own server, ports and temporary directories.
+//!
+//! The binaries come from the same target directory as the test (`cargo build --bins` first;
+//! `deploy/test.sh` does it).
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use slipway_core::bus::Bus;
+use slipway_core::testing::TestNats;
+
+/// Services a full stack runs.
+pub const SERVICES: &[&str] = &["slipway-conductor", "slipway-builder", "slipway-tester"];
+
+/// The directory holding the workspace's binaries (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> → target/<profile>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    for s in SERVICES.iter().chain(&["slipway"]) {
+        assert!(
+            dir.join(s).is_file(),
+            "{} missing: run `cargo build --workspace --bins` before the end-to-end tests",
+            dir.join(s).display()
+        );
+    }
+    dir
+}
+
+/// A running service process, killed on drop.
+#[derive(Debug)]
+pub struct ServiceProc {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl ServiceProc {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
+    }
+}
+
+impl Drop for ServiceProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A nats-server and Slipway's services, for one test.
+#[derive(Debug)]
+pub struct Stack {
+    pub nats: TestNats,
+    pub services: Vec<ServiceProc>,
+    pub dir: tempfile::TempDir,
+    bins: PathBuf,
+}
+
+impl Stack {
+    /// Everything: nats-server, conductor, builder, tester.
+    pub fn start() -> Self {
+        Self::start_with(SERVICES)
+    }
+
+    /// nats-server and the named services only.
+    pub fn start_with(services: &[&str]) -> Self {
+        let mut s = Self {
+            nats: TestNats::start(),
+            services: Vec::new(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            bins: bin_dir(),
+        };
+        for name in services {
+            s.spawn(name);
+        }
+        s
+    }
+
+    /// Starts one service (again), its log appended to `<dir>/<name>.log`.
+    pub fn spawn(&mut self, name: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .expect("service log");
+        let child = Command::new(self.bins.join(name))
+            .env("SLIPWAY__NATS__URL", self.nats.url())
+            .env("SLIPWAY__WORKER__ACK_WAIT_SECS", "3")
+            .env("SLIPWAY__WORKER__DRAIN_SECS", "5")
+            .env("SLIPWAY__CONDUCTOR__TICK_MILLIS", "100")
+            .env(
+                "SLIPWAY__EXEC__WORKSPACE_ROOT",
+                self.dir.path().join("work"),
+            )
+            .env("RUST_LOG", "info,async_nats=warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        self.services.retain(|s| s.name != name);
+        self.services.push(ServiceProc {
+            name: name.to_string(),
+            child: Some(child),
+        });
+    }
+
+    pub fn service(&mut self, name: &str) -> &mut ServiceProc {
+        self.services
+            .iter_mut()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("{name} not started"))
+    }
+
+    /// Every service log, for a failing test's message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for s in &self.services {
+            let p = self.dir.path().join(format!("{}.log", s.name));
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out.push_str(&format!("--- {} (last lines)\n", s.name));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Runs `slipway <args>` against this stack's server.
+    pub fn slipway(&self, args: &[&str]) -> Output {
+        Command::new(self.bins.join("slipway"))
+            .args(args)
+            .env("SLIPWAY_NATS_URL", self.nats.url())
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("slipway runs")
+    }
+
+    /// `slipway <args>` that must succeed; its stdout.
+    pub fn slipway_ok(&self, args: &[&str]) -> String {
+        let out = self.slipway(args);
+        assert!(
+            out.status.success(),
+            "slipway {args:?} failed ({}):\nstdout: {}\nstderr: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// `slipway <args> --json` parsed.
+    pub fn slipway_json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.slipway_ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+
+    /// The run's status, or `None` while it does not exist.
+    pub fn status(&self, run: &str) -> Option<Value> {
+        let out = self.slipway(&["status", run, "--json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("status JSON"))
+    }
+
+    /// Polls the run's status until `until` holds; panics with the logs after `timeout`.
+    pub fn wait_for(&self, run: &str, timeout: Duration, until: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.status(run) {
+                if until(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        panic!(
+            "run {run}: condition not met within {timeout:?}; last status: {}\n{}",
+            last.map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
+                .unwrap_or_else(|| "none".into()),
+            self.logs()
+        );
+    }
+
+    /// Waits until the run is in `phase`.
+    pub fn wait_phase(&self, run: &str, phase: &str, timeout: Duration) -> Value {
+        self.wait_for(run, timeout, |s| s["phase"] == phase)
+    }
+
+    /// `slipway replay RUN --json` must equal `slipway status RUN --json`.
+    pub fn assert_replay_matches(&self, run: &str) {
+        let status = self.slipway_json(&["status", run]);
+        let replay = self.slipway_json(&["replay", run]);
+        assert_eq!(
+            status, replay,
+            "replay differs from the live status of {run}"
+        );
+    }
+
+    pub async fn bus(&self) -> Bus {
+        self.nats.bus().await
+    }
+}
+
+/// A project directory with a spec and files, for one test.
+pub fn project(dir: &Path, name: &str, spec: &str, files: &[(&str, &str)]) -> PathBuf {
+    let root = dir.join(name);
+    std::fs::create_dir_all(&root).expect("project dir");
+    std::fs::write(root.join("slipway.toml"), spec).expect("spec");
+    for (path, body) in files {
+        let p = root.join(path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("dirs");
+        }
+        std::fs::write(p, body).expect("file");
+    }
+    root
+}
+
+/// The example project shipped in `deploy/examples/hello`.
+pub fn hello_example() -> PathBuf {
+    slipway_core::testing::workspace_root().join("deploy/examples/hello")
+}

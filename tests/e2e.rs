@@ -1,0 +1,555 @@
+//! Whole runs across real processes: nats-server, conductor, builder, tester and the `slipway`
+//! CLI, each test with its own server and directories.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use serde_json::{Value, json};
+use slipway_core::Event;
+use slipway_core::events::EventData;
+use slipway_e2e::{Stack, hello_example, project};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn stage<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["stages"]
+        .as_array()
+        .and_then(|s| s.iter().find(|x| x["name"] == name))
+        .unwrap_or_else(|| panic!("no stage {name} in {status}"))
+}
+
+fn submit(stack: &Stack, spec_dir: &std::path::Path) -> String {
+    let spec = spec_dir.join("slipway.toml");
+    let v = stack.slipway_json(&["submit", spec.to_str().unwrap()]);
+    v["run_id"].as_str().expect("run id").to_string()
+}
+
+/// A spec whose build and one suite are shell commands.
+fn spec(name: &str, build: &str, test: &str, extra: &str) -> String {
+    format!(
+        r#"
+[pipeline]
+name = "{name}"
+
+[build]
+command = ["sh", "-c", {build:?}]
+artifacts = ["dist"]
+timeout_secs = 60
+
+[[test]]
+name = "unit"
+command = ["sh", "-c", {test:?}]
+junit = "report.xml"
+timeout_secs = 60
+{extra}
+"#
+    )
+}
+
+const PASSING_JUNIT: &str = r#"cat > report.xml <<'X'
+<testsuite name="unit"><testcase classname="a" name="one"/><testcase classname="a" name="two"/></testsuite>
+X"#;
+
+#[test]
+fn example_from_slipway_submit_succeeds_and_replays() {
+    let stack = Stack::start();
+    let spec = hello_example().join("slipway.toml");
+    let out = stack.slipway_ok(&[
+        "submit",
+        spec.to_str().unwrap(),
+        "--source",
+        hello_example().to_str().unwrap(),
+        "--wait",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["phase"], "succeeded", "{out}\n{}", stack.logs());
+    let run = v["run_id"].as_str().unwrap();
+    let status = stack.slipway_json(&["status", run]);
+    for name in ["build", "test:unit", "test:smoke"] {
+        let s = stage(&status, name);
+        assert_eq!(s["status"], "succeeded");
+        assert!(s["started_at"].is_string() && s["finished_at"].is_string());
+    }
+    assert!(
+        status["artifact"]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    assert!(status["artifact"]["size"].as_u64().unwrap() > 0);
+    // The unit suite's JUnit cases are part of the run.
+    let unit = status["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["suite"] == "unit")
+        .unwrap();
+    assert_eq!(unit["summary"]["passed"], 2);
+    stack.assert_replay_matches(run);
+
+    // `slipway events` prints the log as structured-mode CloudEvents, first the run's creation.
+    let events = stack.slipway_ok(&["events", run]);
+    let first: Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
+    assert_eq!(first["type"], "dev.slipway.run.created.v1");
+    assert_eq!(first["specversion"], "1.0");
+    assert_eq!(first["subject"], run);
+    let last: Value = serde_json::from_str(events.lines().last().unwrap()).unwrap();
+    assert_eq!(last["type"], "dev.slipway.run.succeeded.v1");
+}
+
+/// Publishes a change by hand, the way any producer without Slipway's code would.
+async fn publish_raw(
+    client: &async_nats::Client,
+    subject: &str,
+    headers: Option<HeaderMap>,
+    body: Vec<u8>,
+) {
+    let js = async_nats::jetstream::new(client.clone());
+    let ack = match headers {
+        Some(h) => {
+            js.publish_with_headers(subject.to_string(), h, body.into())
+                .await
+        }
+        None => js.publish(subject.to_string(), body.into()).await,
+    };
+    ack.expect("publish").await.expect("acked");
+}
+
+fn change_data(spec: &str, dir: &std::path::Path) -> Value {
+    json!({
+        "spec": spec,
+        "source": {"kind": "directory", "path": dir.display().to_string()},
+        "author": "raw-producer",
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_cloudevents_in_both_modes_become_runs_and_repeats_make_one_run() {
+    let stack = Stack::start();
+    let spec_text = spec(
+        "raw",
+        "mkdir -p dist && echo hi > dist/a",
+        PASSING_JUNIT,
+        "",
+    );
+    let dir = project(stack.dir.path(), "raw", &spec_text, &[]);
+    // The stream exists once any service or client has started; make sure before raw publishes.
+    stack.bus().await;
+    let client = async_nats::connect(stack.nats.url()).await.unwrap();
+
+    // Binary content mode: attributes as ce-* headers.
+    let mut h = HeaderMap::new();
+    h.insert("ce-specversion", "1.0");
+    h.insert("ce-id", "commit-abc123");
+    h.insert("ce-source", "git-hook/acme");
+    h.insert("ce-type", "dev.slipway.change.submitted.v1");
+    h.insert("ce-time", "2026-11-26T10:00:00Z");
+    h.insert("content-type", "application/json");
+    let body = serde_json::to_vec(&change_data(&spec_text, &dir)).unwrap();
+    publish_raw(
+        &client,
+        "slipway.changes.git-hook",
+        Some(h.clone()),
+        body.clone(),
+    )
+    .await;
+    // The same change again (a redelivery upstream): same id and source.
+    publish_raw(&client, "slipway.changes.git-hook", Some(h), body).await;
+
+    // Structured content mode: the whole event as JSON.
+    let structured = json!({
+        "specversion": "1.0",
+        "id": "model-run-7",
+        "source": "trainer",
+        "type": "dev.slipway.change.submitted.v1",
+        "time": "2026-11-26T10:00:01Z",
+        "datacontenttype": "application/json",
+        "data": change_data(&spec_text, &dir),
+    });
+    let mut sh = HeaderMap::new();
+    sh.insert("content-type", "application/cloudevents+json");
+    publish_raw(
+        &client,
+        "slipway.changes.trainer",
+        Some(sh),
+        serde_json::to_vec(&structured).unwrap(),
+    )
+    .await;
+
+    let binary_run = slipway_core::ids::run_id("git-hook/acme", "commit-abc123");
+    let structured_run = slipway_core::ids::run_id("trainer", "model-run-7");
+    for run in [&binary_run, &structured_run] {
+        stack.wait_phase(run, "succeeded", LONG);
+        stack.assert_replay_matches(run);
+    }
+
+    // One run for the repeated change: exactly one run.created in the log for it.
+    let bus = stack.bus().await;
+    let created = bus
+        .read(&[slipway_core::subjects::RUN_CREATED.to_string()], 1)
+        .await
+        .unwrap();
+    assert_eq!(created.len(), 2, "two distinct changes, two runs");
+    let changes = stack.slipway_json(&["changes"]);
+    let rows = changes.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    let repeats = rows
+        .iter()
+        .filter(|r| r["outcome"]["duplicate"] == true)
+        .count();
+    assert_eq!(repeats, 1, "{changes:#}");
+}
+
+#[test]
+fn failing_build_reports_exit_code_and_log_tail() {
+    let stack = Stack::start();
+    let s = spec(
+        "broken",
+        "echo compiling; echo 'error: missing semicolon at main.c:3' >&2; exit 7",
+        "true",
+        "",
+    );
+    let dir = project(stack.dir.path(), "broken", &s, &[]);
+    let run = submit(&stack, &dir);
+    let status = stack.wait_phase(&run, "failed", LONG);
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.contains("exit code 7"), "{reason}");
+    assert!(reason.contains("missing semicolon at main.c:3"), "{reason}");
+    assert_eq!(stage(&status, "build")["status"], "failed");
+    assert_eq!(stage(&status, "test:unit")["status"], "pending");
+    stack.assert_replay_matches(&run);
+}
+
+#[test]
+fn failing_suite_names_the_failing_cases() {
+    let stack = Stack::start();
+    let junit = r#"cat > report.xml <<'X'
+<testsuite name="unit">
+  <testcase classname="cart" name="adds_items"/>
+  <testcase classname="cart" name="applies_discount"><failure message="expected 90, got 100"/></testcase>
+  <testcase classname="cart" name="checks_out"><error message="connection refused"/></testcase>
+</testsuite>
+X
+exit 1"#;
+    let s = spec("suite", "mkdir -p dist && echo x > dist/x", junit, "");
+    let dir = project(stack.dir.path(), "suite", &s, &[]);
+    let run = submit(&stack, &dir);
+    let status = stack.wait_phase(&run, "failed", LONG);
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("cart.applies_discount (expected 90, got 100)"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("cart.checks_out (connection refused)"),
+        "{reason}"
+    );
+    assert!(reason.contains("2 of 3 cases failed"), "{reason}");
+    let unit = &status["tests"][0];
+    assert_eq!(unit["summary"]["failed"], 1);
+    assert_eq!(unit["summary"]["errors"], 1);
+    assert_eq!(unit["exit_code"], 1);
+    stack.assert_replay_matches(&run);
+}
+
+#[test]
+fn passing_run_moves_on_to_the_next_stage_of_its_spec() {
+    // Build and tests pass; the spec's next stage is a staging deploy, which the run requests.
+    let stack = Stack::start();
+    let extra = r#"
+[[environment]]
+name = "staging"
+[environment.deploy]
+command = ["./deploy.sh"]
+timeout_secs = 600
+"#;
+    let s = spec(
+        "next",
+        "mkdir -p dist && echo x > dist/x",
+        PASSING_JUNIT,
+        extra,
+    );
+    let dir = project(stack.dir.path(), "next", &s, &[]);
+    let run = submit(&stack, &dir);
+    let status = stack.wait_for(&run, LONG, |s| {
+        s["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["name"] == "deploy:staging" && x["status"] == "requested")
+    });
+    assert_eq!(status["phase"], "deploying");
+    assert_eq!(stage(&status, "test:unit")["status"], "succeeded");
+    stack.assert_replay_matches(&run);
+    stack.slipway_ok(&["cancel", &run, "--reason", "test over"]);
+    let status = stack.wait_phase(&run, "cancelled", LONG);
+    assert_eq!(status["reason"], "test over");
+    stack.assert_replay_matches(&run);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_changes_are_rejected_with_a_reason_and_services_keep_running() {
+    let stack = Stack::start();
+    // The stream exists once any service or client has started; make sure before raw publishes.
+    stack.bus().await;
+    let client = async_nats::connect(stack.nats.url()).await.unwrap();
+    // Not JSON at all.
+    publish_raw(
+        &client,
+        "slipway.changes.junk",
+        None,
+        b"\x00\xffnot json".to_vec(),
+    )
+    .await;
+    // JSON, but not a CloudEvent.
+    publish_raw(
+        &client,
+        "slipway.changes.junk",
+        None,
+        br#"{"hello": "world"}"#.to_vec(),
+    )
+    .await;
+    // A CloudEvent whose spec breaks the schema (a string where a command array belongs).
+    let bad_spec = "[pipeline]\nname = \"bad\"\n[build]\ncommand = \"make all\"\n";
+    let mut h = HeaderMap::new();
+    h.insert("ce-specversion", "1.0");
+    h.insert("ce-id", "bad-spec-1");
+    h.insert("ce-source", "tests");
+    h.insert("ce-type", "dev.slipway.change.submitted.v1");
+    h.insert("ce-time", "2026-11-26T10:00:00Z");
+    h.insert("content-type", "application/json");
+    let body = serde_json::to_vec(&json!({
+        "spec": bad_spec,
+        "source": {"kind": "directory", "path": "/tmp"},
+    }))
+    .unwrap();
+    publish_raw(&client, "slipway.changes.tests", Some(h), body).await;
+
+    // Each is answered with a rejection that names what is wrong.
+    let deadline = std::time::Instant::now() + LONG;
+    let rows = loop {
+        let changes = stack.slipway_json(&["changes"]);
+        let rows = changes.as_array().unwrap().clone();
+        if rows
+            .iter()
+            .filter(|r| r["outcome"]["rejected"].is_string())
+            .count()
+            == 3
+        {
+            break rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rejections missing: {rows:#?}\n{}",
+            stack.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let reasons: Vec<&str> = rows
+        .iter()
+        .map(|r| r["outcome"]["rejected"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("not a CloudEvent")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("build.command")),
+        "{reasons:?}"
+    );
+    // The human listing shows them too.
+    let text = stack.slipway_ok(&["changes"]);
+    assert!(
+        text.contains("rejected: invalid pipeline spec: build.command"),
+        "{text}"
+    );
+    // The offending messages stay in the log.
+    let bus = stack.bus().await;
+    let stored = bus
+        .read(&["slipway.changes.>".to_string()], 1)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 3);
+
+    // The services are still there: a good change still becomes a successful run.
+    for s in stack_services(&stack) {
+        assert!(s, "a service died on bad input\n{}", stack.logs());
+    }
+    let s = spec(
+        "after",
+        "mkdir -p dist && echo x > dist/x",
+        PASSING_JUNIT,
+        "",
+    );
+    let dir = project(stack.dir.path(), "after", &s, &[]);
+    let run = submit(&stack, &dir);
+    stack.wait_phase(&run, "succeeded", LONG);
+}
+
+fn stack_services(stack: &Stack) -> Vec<bool> {
+    // Signal 0 probes that each process is alive without touching it.
+    stack
+        .services
+        .iter()
+        .map(|s| {
+            s.pid().is_some_and(|p| {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), None).is_ok()
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builder_killed_mid_build_is_redelivered_and_makes_one_artifact() {
+    let mut stack = Stack::start();
+    let s = spec(
+        "crash",
+        "touch started; sleep 2; mkdir -p dist && echo stable > dist/out",
+        PASSING_JUNIT,
+        "",
+    );
+    let dir = project(stack.dir.path(), "crash", &s, &[]);
+    let run = submit(&stack, &dir);
+    stack.wait_for(&run, LONG, |s| stage(s, "build")["status"] == "running");
+    stack.service("slipway-builder").kill();
+    stack.spawn("slipway-builder");
+    stack.wait_phase(&run, "succeeded", LONG);
+
+    let bus = stack.bus().await;
+    let log = bus.run_log(&run).await.unwrap();
+    let types: Vec<&str> = log
+        .iter()
+        .map(|r| r.event.as_ref().unwrap().type_name())
+        .collect();
+    let count = |t: &str| types.iter().filter(|x| **x == t).count();
+    assert_eq!(count("dev.slipway.build.succeeded.v1"), 1, "{types:?}");
+    assert_eq!(
+        count("dev.slipway.build.started.v1"),
+        1,
+        "a repeated start is a duplicate"
+    );
+    let artifacts = slipway_core::objects::list(&bus, "slipway-artifacts")
+        .await
+        .unwrap();
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    stack.assert_replay_matches(&run);
+}
+
+#[test]
+fn a_stage_whose_worker_never_answers_fails_at_its_timeout() {
+    // No tester: the suite's request is never answered.
+    let stack = Stack::start_with(&["slipway-conductor", "slipway-builder"]);
+    let s = spec("lonely", "mkdir -p dist && echo x > dist/x", "true", "")
+        .replace("timeout_secs = 60\n{extra}", "")
+        .replacen(
+            "junit = \"report.xml\"\ntimeout_secs = 60",
+            "timeout_secs = 1",
+            1,
+        );
+    let dir = project(stack.dir.path(), "lonely", &s, &[]);
+    let run = submit(&stack, &dir);
+    let status = stack.wait_phase(&run, "failed", LONG);
+    let reason = stage(&status, "test:unit")["reason"].as_str().unwrap();
+    assert!(reason.contains("timed out"), "{reason}");
+    assert!(reason.contains("no worker answered"), "{reason}");
+    assert!(reason.contains("tester"), "{reason}");
+    stack.assert_replay_matches(&run);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_run_stops_and_stays_cancelled() {
+    let stack = Stack::start();
+    let s = spec(
+        "cancel",
+        "sleep 30; mkdir -p dist && echo x > dist/x",
+        PASSING_JUNIT,
+        "",
+    );
+    let dir = project(stack.dir.path(), "cancel", &s, &[]);
+    let run = submit(&stack, &dir);
+    stack.wait_for(&run, LONG, |s| stage(s, "build")["status"] == "running");
+    let started = std::time::Instant::now();
+    stack.slipway_ok(&["cancel", &run, "--reason", "wrong branch"]);
+    let status = stack.wait_phase(&run, "cancelled", LONG);
+    assert_eq!(status["reason"], "wrong branch");
+
+    // The build stops (the builder answers the cancelled request well before its 30 s sleep).
+    let bus = stack.bus().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = bus.run_log(&run).await.unwrap();
+        let failed = log.iter().find_map(|r| match &r.event {
+            Ok(Event {
+                data: EventData::BuildFailed(f),
+                ..
+            }) => Some(f.reason.clone()),
+            _ => None,
+        });
+        if let Some(reason) = failed {
+            assert!(reason.contains("cancelled"), "{reason}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "build was not stopped\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(25));
+
+    // And it stays cancelled: nothing more is requested, a second cancel is refused.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = stack.slipway_json(&["status", &run]);
+    assert_eq!(status["phase"], "cancelled");
+    assert_eq!(stage(&status, "test:unit")["status"], "pending");
+    let again = stack.slipway(&["cancel", &run]);
+    assert_eq!(again.status.code(), Some(1));
+    stack.assert_replay_matches(&run);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_restart_on_the_same_store_loses_no_event() {
+    let mut stack = Stack::start();
+    let s = spec(
+        "durable",
+        "mkdir -p dist && echo x > dist/x",
+        PASSING_JUNIT,
+        "",
+    );
+    let dir = project(stack.dir.path(), "durable", &s, &[]);
+    let first = submit(&stack, &dir);
+    stack.wait_phase(&first, "succeeded", LONG);
+    let before = stack.slipway_ok(&["events", &first]);
+
+    stack.nats.restart();
+
+    let after = stack.slipway_ok(&["events", &first]);
+    assert_eq!(before, after, "the log changed across a restart");
+    // The services reconnect by themselves and the next change runs through.
+    let second = submit(&stack, &dir);
+    stack.wait_phase(&second, "succeeded", LONG);
+    stack.assert_replay_matches(&first);
+    stack.assert_replay_matches(&second);
+}
+
+#[test]
+fn rerun_makes_a_new_run_of_the_same_change() {
+    let stack = Stack::start();
+    let s = spec(
+        "again",
+        "mkdir -p dist && echo x > dist/x",
+        PASSING_JUNIT,
+        "",
+    );
+    let dir = project(stack.dir.path(), "again", &s, &[]);
+    let run = submit(&stack, &dir);
+    stack.wait_phase(&run, "succeeded", LONG);
+    let v = stack.slipway_json(&["rerun", &run]);
+    let second = v["run_id"].as_str().unwrap().to_string();
+    assert_ne!(second, run);
+    let status = stack.wait_phase(&second, "succeeded", LONG);
+    assert_eq!(status["rerun_of"], run.as_str());
+    stack.assert_replay_matches(&second);
+}
