@@ -496,3 +496,7 @@ pub fn worker_service(kind: StageKind) -> &'static str {
         StageKind::Monitor => "monitor",
     }
 }
+
+#[cfg(test)]
+#[path = "decide_tests.rs"]
+mod tests;

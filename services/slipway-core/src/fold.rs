@@ -509,3 +509,7 @@ fn apply_approval(run: &mut Run, event: &Event, d: &ApprovalDecision) {
         stage.reason = Some(reason);
     }
 }
+
+#[cfg(test)]
+#[path = "fold_props.rs"]
+mod props;

@@ -33,3 +33,8 @@ pub use decide::{Command, decide};
 pub use envelope::Event;
 pub use events::EventData;
 pub use fold::{Phase, Run, fold};
+
+/// A pure simulation of a whole pipeline (deciding, and answering every request), for tests
+/// of the domain logic here and in other crates.
+#[cfg(any(test, feature = "test-support"))]
+pub mod sim;

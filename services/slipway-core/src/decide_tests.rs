@@ -1,0 +1,367 @@
+//! Given a run's events, when deciding, then these commands: the pipeline logic as tables.
+
+use chrono::Duration;
+
+use super::*;
+use crate::fold::StageStatus;
+use crate::sim::{Answer, Sim, artifact};
+
+const FULL: &str = include_str!("../../../schemas/examples/full-pipeline.toml");
+
+const BUILD_AND_TEST: &str = r#"
+[pipeline]
+name = "bt"
+[build]
+command = ["make"]
+timeout_secs = 60
+[[test]]
+name = "unit"
+command = ["make", "test"]
+timeout_secs = 30
+[[test]]
+name = "e2e"
+command = ["make", "e2e"]
+"#;
+
+/// The stage keys each round requested, and how the run ended.
+fn requested(rounds: &[Vec<Command>]) -> Vec<Vec<String>> {
+    rounds
+        .iter()
+        .map(|cmds| {
+            cmds.iter()
+                .map(|c| match c {
+                    Command::Request(d) => d.stage_fact().unwrap().0.to_string(),
+                    Command::FailStage(d) => format!("fail {}", d.stage_fact().unwrap().0),
+                    Command::AutoApprove(_) => "auto-approve".into(),
+                    Command::Finish { outcome, .. } => format!("finish {}", outcome.as_str()),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn keys(v: &[&[&str]]) -> Vec<Vec<String>> {
+    v.iter()
+        .map(|r| r.iter().map(|s| s.to_string()).collect())
+        .collect()
+}
+
+#[test]
+fn build_then_suites_in_parallel_then_success() {
+    let mut sim = Sim::new(BUILD_AND_TEST);
+    let rounds = sim.run_to_end();
+    assert_eq!(
+        requested(&rounds),
+        keys(&[
+            &["build"],
+            &["test:unit", "test:e2e"],
+            &["finish succeeded"]
+        ])
+    );
+    assert_eq!(sim.run().phase, Phase::Succeeded);
+    assert_eq!(sim.run().reason.as_deref(), Some("all 3 stages succeeded"));
+}
+
+#[test]
+fn the_whole_pipeline_in_order() {
+    let mut sim = Sim::new(FULL);
+    // A version is live in production before this run: the baseline and rollback target.
+    sim.live.insert(
+        "production".into(),
+        ("support-bot-000000000000".into(), artifact("old")),
+    );
+    let rounds = sim.run_to_end();
+    assert_eq!(
+        requested(&rounds),
+        keys(&[
+            &["build"],
+            &["test:unit", "test:integration"],
+            &["deploy:staging"],
+            &["evaluate", "perf"],
+            &["cost"],
+            &["approval:production"],
+            &["deploy:production"],
+            &["monitor:production"],
+            &["finish succeeded"],
+        ])
+    );
+    let run = sim.run();
+    assert_eq!(run.approvals.len(), 2, "two approvers required");
+    assert!(
+        run.stages
+            .iter()
+            .all(|s| s.status == StageStatus::Succeeded)
+    );
+}
+
+#[test]
+fn phases_follow_the_work() {
+    let mut sim = Sim::new(FULL);
+    assert_eq!(sim.run().phase, Phase::Queued);
+    let cmds = sim.decide();
+    assert_eq!(sim.run().phase, Phase::Running);
+    sim.answer(&cmds);
+    sim.script
+        .insert("approval:production".into(), Answer::Silent);
+    sim.run_to_end();
+    assert_eq!(sim.run().phase, Phase::AwaitingApproval);
+}
+
+#[test]
+fn failures_end_the_run_with_the_stage_reason() {
+    let cases: &[(&str, Answer, Phase, &str)] = &[
+        (
+            "build",
+            Answer::Fail("exit code 2".into()),
+            Phase::Failed,
+            "build failed: exit code 2",
+        ),
+        (
+            "test:unit",
+            Answer::Fail("1 of 3 cases failed".into()),
+            Phase::Failed,
+            "test:unit failed: 1 of 3",
+        ),
+        (
+            "deploy:staging",
+            Answer::Fail("deploy script".into()),
+            Phase::Failed,
+            "deploy:staging failed",
+        ),
+        (
+            "perf",
+            Answer::Fail("p95 regressed".into()),
+            Phase::Failed,
+            "perf failed: p95 regressed",
+        ),
+        (
+            "approval:production",
+            Answer::Fail("not this week".into()),
+            Phase::Rejected,
+            "rejected by approver-0: not this week",
+        ),
+    ];
+    for (stage, answer, phase, reason) in cases {
+        let mut sim = Sim::new(FULL);
+        sim.script.insert(stage.to_string(), answer.clone());
+        sim.run_to_end();
+        let run = sim.run();
+        assert_eq!(run.phase, *phase, "{stage}");
+        let got = run.reason.as_deref().unwrap_or_default();
+        assert!(got.starts_with(reason), "{stage}: {got}");
+    }
+}
+
+#[test]
+fn a_monitor_breach_rolls_back_to_the_previous_version() {
+    let mut sim = Sim::new(FULL);
+    sim.live.insert(
+        "production".into(),
+        ("support-bot-000000000000".into(), artifact("old")),
+    );
+    sim.script.insert(
+        "monitor:production".into(),
+        Answer::Fail("error rate 7% > 1%".into()),
+    );
+    let rounds = sim.run_to_end();
+    let flat: Vec<String> = requested(&rounds).concat();
+    assert_eq!(
+        flat[flat.len() - 2..],
+        [
+            "rollback:production".to_string(),
+            "finish rolled_back".to_string()
+        ]
+    );
+    let rb = rounds
+        .iter()
+        .flatten()
+        .find_map(|c| match c {
+            Command::Request(EventData::RollbackRequested(r)) => Some(r.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(rb.version, "support-bot-000000000000");
+    assert_eq!(rb.artifact, artifact("old"));
+    let run = sim.run();
+    assert_eq!(run.phase, Phase::RolledBack);
+    assert!(
+        run.reason
+            .as_deref()
+            .unwrap()
+            .contains("rolled back to support-bot-000000000000")
+    );
+}
+
+#[test]
+fn a_monitor_breach_without_an_earlier_version_fails() {
+    let mut sim = Sim::new(FULL);
+    sim.script
+        .insert("monitor:production".into(), Answer::Fail("down".into()));
+    sim.run_to_end();
+    assert_eq!(sim.run().phase, Phase::Failed);
+    assert!(
+        sim.run()
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("no earlier version")
+    );
+}
+
+#[test]
+fn a_silent_worker_fails_at_the_timeout_with_a_reason() {
+    let mut sim = Sim::new(BUILD_AND_TEST);
+    sim.script.insert("test:unit".into(), Answer::Silent);
+    sim.run_to_end();
+    assert_eq!(sim.run().phase, Phase::Running);
+    // 30 s timeout plus 5 + 30/4 = 12 s of grace: nothing before, a failure after.
+    let requested = sim.run().stage("test:unit").unwrap().requested_at.unwrap();
+    sim.now = requested + Duration::seconds(41);
+    assert!(decide(sim.run(), sim.now).is_empty());
+    sim.now = requested + Duration::seconds(42);
+    let cmds = sim.decide();
+    let Command::FailStage(EventData::TestFailed(r)) = &cmds[0] else {
+        panic!("{cmds:?}")
+    };
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains("no worker answered within 42s"),
+        "{r:?}"
+    );
+    assert!(r.reason.as_deref().unwrap().contains("tester"));
+    sim.run_to_end();
+    assert_eq!(sim.run().phase, Phase::Failed);
+}
+
+#[test]
+fn an_approval_that_never_comes_cancels_the_run() {
+    let mut sim = Sim::new(FULL);
+    sim.script
+        .insert("approval:production".into(), Answer::Silent);
+    sim.run_to_end();
+    assert_eq!(sim.run().phase, Phase::AwaitingApproval);
+    sim.now += Duration::seconds(259_200);
+    sim.run_to_end();
+    assert_eq!(sim.run().phase, Phase::Cancelled);
+    assert!(
+        sim.run()
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("no approval decision")
+    );
+}
+
+#[test]
+fn clean_gates_auto_approve_and_warnings_wait_for_a_human() {
+    let auto = FULL.replace("auto_approve = \"never\"", "auto_approve = \"when_clean\"");
+    let mut sim = Sim::new(&auto);
+    sim.script
+        .insert("approval:production".into(), Answer::Silent);
+    let rounds = sim.run_to_end();
+    assert!(
+        requested(&rounds)
+            .concat()
+            .contains(&"auto-approve".to_string())
+    );
+    assert_eq!(sim.run().phase, Phase::Succeeded);
+
+    let mut sim = Sim::new(&auto);
+    sim.script
+        .insert("approval:production".into(), Answer::Silent);
+    sim.script.insert("perf".into(), Answer::Warn);
+    sim.run_to_end();
+    assert_eq!(sim.run().phase, Phase::AwaitingApproval);
+}
+
+#[test]
+fn an_approval_for_another_artifact_does_not_count() {
+    let mut sim = Sim::new(FULL);
+    sim.script
+        .insert("approval:production".into(), Answer::Silent);
+    sim.run_to_end();
+    let (now, run_id) = (sim.now, sim.run_id.clone());
+    let approval = |approver: &str, digest: &str| {
+        let d = ApprovalDecision {
+            stage: "approval:production".into(),
+            attempt: 1,
+            approver: approver.into(),
+            groups: vec![],
+            artifact_digest: digest.into(),
+            gates_digest: String::new(),
+            comment: None,
+            decided_at: now,
+            signature: None,
+        };
+        Event::new(
+            ids::derived(&[approver, digest]),
+            "/slipway/approval",
+            Some(run_id.clone()),
+            now,
+            EventData::ApprovalApproved(d),
+        )
+    };
+    let digest = sim.run().artifact.as_ref().unwrap().digest.clone();
+    let stale = approval("bob", "sha256:0000");
+    let bob = approval("bob", &digest);
+    let bob_again = approval("bob", &digest);
+    sim.push(stale);
+    sim.push(bob);
+    // The same approver twice (a new event id) still counts once.
+    let mut again = bob_again;
+    again.id = "another-id".into();
+    sim.push(again);
+    let st = sim.run().stage("approval:production").unwrap();
+    assert_eq!(
+        st.status,
+        StageStatus::Requested,
+        "one valid approver of two"
+    );
+    let carol = approval("carol", &digest);
+    sim.push(carol);
+    assert_eq!(
+        sim.run().stage("approval:production").unwrap().status,
+        StageStatus::Succeeded
+    );
+}
+
+#[test]
+fn nothing_changes_an_ended_run() {
+    let mut sim = Sim::new(BUILD_AND_TEST);
+    sim.run_to_end();
+    let before = sim.run().clone();
+    // A late fact and a second end are ignored.
+    let late = crate::runtime::fact(
+        "tester",
+        &sim.run_id,
+        EventData::stage_failure(StageKind::Test, "test:unit", 1, "late".into()),
+    );
+    sim.push(late);
+    let after = sim.run();
+    assert_eq!(after.phase, before.phase);
+    assert_eq!(after.stages, before.stages);
+    assert!(decide(after, sim.now + Duration::days(30)).is_empty());
+}
+
+#[test]
+fn deciding_on_a_replay_asks_for_nothing_new() {
+    let mut sim = Sim::new(FULL);
+    sim.script
+        .insert("approval:production".into(), Answer::Silent);
+    sim.run_to_end();
+    let replayed = Run::replay(&sim.log).unwrap();
+    assert_eq!(&replayed, sim.run());
+    assert!(decide(&replayed, sim.now).is_empty());
+}
+
+#[test]
+fn decisions_have_deterministic_ids() {
+    let mut a = Sim::new(BUILD_AND_TEST);
+    let mut b = Sim::new(BUILD_AND_TEST);
+    a.run_to_end();
+    b.run_to_end();
+    let ids = |s: &Sim| s.log.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&a), ids(&b));
+}

@@ -1,0 +1,321 @@
+//! A pure simulation of runs: the conductor's decisions folded in, and every request answered
+//! by a scripted worker. No I/O, no clock: time is a value that the test moves.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+
+use crate::decide::{Command, decide};
+use crate::envelope::Event;
+use crate::events::{
+    ApprovalDecision, BuildSucceeded, ChangeInfo, DeployStarted, DeploySucceeded, EventData,
+    GateReport, MonitorReport, ObjectRef, RunCreated, SourceRef, StageKind, TestReport,
+    TestSummary, Verdict,
+};
+use crate::fold::{Run, fold};
+use crate::ids;
+use crate::spec::PipelineSpec;
+
+/// How the scripted worker answers one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Succeed,
+    Fail(String),
+    /// Passes with a warning (gates only).
+    Warn,
+    /// No answer at all (the worker never comes).
+    Silent,
+}
+
+/// One simulated run.
+#[derive(Debug, Clone)]
+pub struct Sim {
+    pub run_id: String,
+    pub run: Option<Run>,
+    /// Every event, in log order.
+    pub log: Vec<Event>,
+    pub now: DateTime<Utc>,
+    /// Answers by stage key; stages not named succeed.
+    pub script: BTreeMap<String, Answer>,
+    /// The version live before the run, per environment (what a deployer would find).
+    pub live: BTreeMap<String, (String, ObjectRef)>,
+}
+
+/// An artifact reference with a digest made from `seed`.
+pub fn artifact(seed: &str) -> ObjectRef {
+    use sha2::Digest;
+    let hex = format!("{:x}", sha2::Sha256::digest(seed.as_bytes()));
+    ObjectRef {
+        bucket: "slipway-artifacts".into(),
+        name: format!("sha256/{hex}"),
+        digest: format!("sha256:{hex}"),
+        size: 1234,
+    }
+}
+
+impl Sim {
+    /// A run of `spec`, created at a fixed time.
+    ///
+    /// # Panics
+    /// When the spec is invalid.
+    pub fn new(spec: &str) -> Self {
+        let spec = PipelineSpec::parse(spec).expect("valid spec");
+        let now = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+        let run_id = ids::run_id("/sim", "change-1");
+        let created = RunCreated {
+            run_id: run_id.clone(),
+            pipeline: spec.pipeline.name.clone(),
+            change: ChangeInfo {
+                id: "change-1".into(),
+                source: "/sim".into(),
+                seq: 1,
+                time: now,
+                author: Some("alice".into()),
+                title: None,
+            },
+            source: SourceRef::Directory {
+                path: "/src".into(),
+            },
+            spec: serde_json::to_value(&spec).unwrap(),
+            rerun_of: None,
+        };
+        let mut sim = Self {
+            run_id: run_id.clone(),
+            run: None,
+            log: Vec::new(),
+            now,
+            script: BTreeMap::new(),
+            live: BTreeMap::new(),
+        };
+        sim.push(Event::new(
+            ids::derived(&[&run_id, "run.created"]),
+            "/slipway/conductor",
+            Some(run_id),
+            now,
+            EventData::RunCreated(created),
+        ));
+        sim
+    }
+
+    pub fn run(&self) -> &Run {
+        self.run.as_ref().expect("run exists")
+    }
+
+    /// Appends an event to the log and folds it.
+    pub fn push(&mut self, e: Event) {
+        self.run = fold(self.run.take(), &e);
+        self.log.push(e);
+    }
+
+    fn fact(&mut self, data: EventData) {
+        self.now += Duration::seconds(1);
+        let (stage, attempt, _) =
+            data.stage_fact()
+                .unwrap_or(("", 0, crate::events::StageVerb::Failed));
+        let id = ids::derived(&[&self.run_id, data.type_name(), stage, &attempt.to_string()]);
+        let id = match &data {
+            // Approvals are per approver.
+            EventData::ApprovalApproved(a) | EventData::ApprovalRejected(a) => {
+                ids::derived(&[&self.run_id, data.type_name(), &a.stage, &a.approver])
+            }
+            _ => id,
+        };
+        let e = Event::new(id, "/sim/worker", Some(self.run_id.clone()), self.now, data);
+        self.push(e);
+    }
+
+    /// One decision round: decide, record the commands, and return them.
+    pub fn decide(&mut self) -> Vec<Command> {
+        let cmds = decide(self.run(), self.now);
+        for c in &cmds {
+            let e = c.to_event(&self.run_id, "/slipway/conductor", self.now);
+            self.push(e);
+        }
+        cmds
+    }
+
+    /// Answers every request in `cmds` per the script.
+    pub fn answer(&mut self, cmds: &[Command]) {
+        for c in cmds {
+            if let Command::Request(data) = c {
+                self.answer_request(data);
+            }
+        }
+    }
+
+    /// Decides and answers until the run ends or nothing moves; returns every round's commands.
+    pub fn run_to_end(&mut self) -> Vec<Vec<Command>> {
+        let mut rounds = Vec::new();
+        for _ in 0..64 {
+            let cmds = self.decide();
+            if cmds.is_empty() {
+                break;
+            }
+            self.answer(&cmds);
+            let done = self.run().is_ended();
+            rounds.push(cmds);
+            if done {
+                break;
+            }
+        }
+        rounds
+    }
+
+    fn answer_for(&self, stage: &str) -> Answer {
+        self.script.get(stage).cloned().unwrap_or(Answer::Succeed)
+    }
+
+    fn answer_request(&mut self, data: &EventData) {
+        let Some((stage, attempt, _)) = data.stage_fact() else {
+            return;
+        };
+        let stage = stage.to_string();
+        let answer = self.answer_for(&stage);
+        if answer == Answer::Silent {
+            return;
+        }
+        let kind = crate::events::stage_kind_of(data.type_name()).expect("stage kind");
+        if let Answer::Fail(reason) = &answer
+            && kind != StageKind::Approval
+        {
+            if let Some(started) =
+                crate::runtime::started_data(data.type_name(), &stage, attempt, "sim")
+            {
+                self.fact(started);
+            }
+            let mut failed = EventData::stage_failure(kind, &stage, attempt, reason.clone());
+            if let EventData::MonitorFailed(m) = &mut failed {
+                m.incident_id = Some("inc-1".into());
+            }
+            self.fact(failed);
+            return;
+        }
+        let verdict = if answer == Answer::Warn {
+            Verdict::Warn
+        } else {
+            Verdict::Pass
+        };
+        match data {
+            EventData::BuildRequested(_) => self.fact(EventData::BuildSucceeded(BuildSucceeded {
+                stage,
+                attempt,
+                artifact: artifact(&self.run_id),
+                files: vec!["dist/app".into()],
+                log: artifact("log"),
+                duration_ms: 10,
+            })),
+            EventData::TestRequested(r) => self.fact(EventData::TestSucceeded(TestReport {
+                stage,
+                attempt,
+                suite: r.suite.name.clone(),
+                exit_code: Some(0),
+                summary: Some(TestSummary {
+                    tests: 1,
+                    passed: 1,
+                    ..Default::default()
+                }),
+                cases: Vec::new(),
+                reason: None,
+                log_tail: None,
+                log: None,
+                duration_ms: 5,
+            })),
+            EventData::DeployRequested(r) | EventData::RollbackRequested(r) => {
+                let rollback = matches!(data, EventData::RollbackRequested(_));
+                let prev = self.live.get(&r.environment).cloned();
+                let started = DeployStarted {
+                    stage: stage.clone(),
+                    attempt,
+                    worker: "sim".into(),
+                    environment: r.environment.clone(),
+                    version: r.version.clone(),
+                    previous_version: prev.as_ref().map(|p| p.0.clone()),
+                    previous_artifact: prev.as_ref().map(|p| p.1.clone()),
+                };
+                let done = DeploySucceeded {
+                    stage,
+                    attempt,
+                    environment: r.environment.clone(),
+                    version: r.version.clone(),
+                    artifact_digest: r.artifact.digest.clone(),
+                    previous_version: prev.map(|p| p.0),
+                    log: None,
+                    duration_ms: 3,
+                };
+                if rollback {
+                    self.fact(EventData::RollbackStarted(started));
+                    self.fact(EventData::RollbackSucceeded(done));
+                } else {
+                    self.fact(EventData::DeployStarted(started));
+                    self.fact(EventData::DeploySucceeded(done));
+                }
+                self.live.insert(
+                    r.environment.clone(),
+                    (r.version.clone(), r.artifact.clone()),
+                );
+            }
+            EventData::EvaluateRequested(_)
+            | EventData::PerfRequested(_)
+            | EventData::CostRequested(_) => {
+                let report = GateReport {
+                    stage,
+                    attempt,
+                    verdict,
+                    metrics: BTreeMap::from([("score".to_string(), 1.0)]),
+                    checks: Vec::new(),
+                    baseline_run: None,
+                    details: None,
+                    reason: None,
+                    duration_ms: 7,
+                };
+                self.fact(match kind {
+                    StageKind::Evaluate => EventData::EvaluateSucceeded(report),
+                    StageKind::Perf => EventData::PerfSucceeded(report),
+                    _ => EventData::CostSucceeded(report),
+                });
+            }
+            EventData::ApprovalRequested(r) => {
+                let reject = matches!(answer, Answer::Fail(_));
+                let n = if reject {
+                    1
+                } else {
+                    r.policy.required_approvals
+                };
+                for i in 0..n {
+                    let d = ApprovalDecision {
+                        stage: stage.clone(),
+                        attempt,
+                        approver: format!("approver-{i}"),
+                        groups: vec!["release-managers".into()],
+                        artifact_digest: r.artifact_digest.clone(),
+                        gates_digest: r.gates_digest.clone(),
+                        comment: match &answer {
+                            Answer::Fail(c) => Some(c.clone()),
+                            _ => None,
+                        },
+                        decided_at: self.now,
+                        signature: None,
+                    };
+                    self.fact(if reject {
+                        EventData::ApprovalRejected(d)
+                    } else {
+                        EventData::ApprovalApproved(d)
+                    });
+                }
+            }
+            EventData::MonitorRequested(r) => {
+                self.fact(EventData::MonitorSucceeded(MonitorReport {
+                    stage,
+                    attempt,
+                    environment: r.environment.name.clone(),
+                    metrics: BTreeMap::new(),
+                    checks: Vec::new(),
+                    incident_id: None,
+                    reason: None,
+                    duration_ms: 9,
+                }))
+            }
+            _ => {}
+        }
+    }
+}
