@@ -50,8 +50,8 @@ const PASSING_JUNIT: &str = r#"cat > report.xml <<'X'
 <testsuite name="unit"><testcase classname="a" name="one"/><testcase classname="a" name="two"/></testsuite>
 X"#;
 
-#[test]
-fn example_from_slipway_submit_succeeds_and_replays() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_from_slipway_submit_succeeds_and_replays() {
     let stack = Stack::start();
     let spec = hello_example().join("slipway.toml");
     let out = stack.slipway_ok(&[
@@ -96,6 +96,7 @@ fn example_from_slipway_submit_succeeds_and_replays() {
     assert_eq!(first["subject"], run);
     let last: Value = serde_json::from_str(events.lines().last().unwrap()).unwrap();
     assert_eq!(last["type"], "dev.slipway.run.succeeded.v1");
+    stack.assert_log_meets_schemas().await;
 }
 
 /// Publishes a change by hand, the way any producer without Slipway's code would.
@@ -201,8 +202,8 @@ async fn raw_cloudevents_in_both_modes_become_runs_and_repeats_make_one_run() {
     assert_eq!(repeats, 1, "{changes:#}");
 }
 
-#[test]
-fn failing_build_reports_exit_code_and_log_tail() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_build_reports_exit_code_and_log_tail() {
     let stack = Stack::start();
     let s = spec(
         "broken",
@@ -219,10 +220,11 @@ fn failing_build_reports_exit_code_and_log_tail() {
     assert_eq!(stage(&status, "build")["status"], "failed");
     assert_eq!(stage(&status, "test:unit")["status"], "pending");
     stack.assert_replay_matches(&run);
+    stack.assert_log_meets_schemas().await;
 }
 
-#[test]
-fn failing_suite_names_the_failing_cases() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_suite_names_the_failing_cases() {
     let stack = Stack::start();
     let junit = r#"cat > report.xml <<'X'
 <testsuite name="unit">
@@ -251,6 +253,7 @@ exit 1"#;
     assert_eq!(unit["summary"]["errors"], 1);
     assert_eq!(unit["exit_code"], 1);
     stack.assert_replay_matches(&run);
+    stack.assert_log_meets_schemas().await;
 }
 
 #[test]
@@ -385,6 +388,7 @@ async fn malformed_changes_are_rejected_with_a_reason_and_services_keep_running(
     let dir = project(stack.dir.path(), "after", &s, &[]);
     let run = submit(&stack, &dir);
     stack.wait_phase(&run, "succeeded", LONG);
+    stack.assert_log_meets_schemas().await;
 }
 
 fn stack_services(stack: &Stack) -> Vec<bool> {

@@ -225,6 +225,42 @@ impl Stack {
         );
     }
 
+    /// Every event stored so far meets the JSON Schema of its type (`schemas/events/`).
+    pub async fn assert_log_meets_schemas(&self) {
+        let bus = self.bus().await;
+        let filters: Vec<String> = slipway_core::subjects::STREAM_SUBJECTS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let log = bus.read(&filters, 1).await.expect("read log");
+        let dir = slipway_core::testing::workspace_root().join("schemas/events");
+        let mut checked = 0;
+        for rec in log {
+            // Malformed input stays in the log on purpose; only Slipway's events are checked.
+            let Ok(event) = rec.event else { continue };
+            let path = dir.join(format!("{}.json", event.type_name()));
+            let schema: Value = serde_json::from_str(
+                &std::fs::read_to_string(&path)
+                    .unwrap_or_else(|_| panic!("{} missing", path.display())),
+            )
+            .expect("schema JSON");
+            let validator = jsonschema::validator_for(&schema).expect("valid schema");
+            let data = event.data.to_json();
+            let errors: Vec<String> = validator
+                .iter_errors(&data)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(
+                errors.is_empty(),
+                "{} at seq {}: {errors:?}",
+                event.type_name(),
+                rec.seq
+            );
+            checked += 1;
+        }
+        assert!(checked > 0, "no events to check");
+    }
+
     pub async fn bus(&self) -> Bus {
         self.nats.bus().await
     }

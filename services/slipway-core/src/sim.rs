@@ -120,7 +120,15 @@ impl Sim {
             }
             _ => id,
         };
-        let e = Event::new(id, "/sim/worker", Some(self.run_id.clone()), self.now, data);
+        let service = crate::events::stage_kind_of(data.type_name())
+            .map_or("worker", crate::decide::worker_service);
+        let e = Event::new(
+            id,
+            format!("/slipway/{service}"),
+            Some(self.run_id.clone()),
+            self.now,
+            data,
+        );
         self.push(e);
     }
 

@@ -1,0 +1,278 @@
+//! The event catalogue's generated artefacts stay in step with the code:
+//! `schemas/events/*.json`, `schemas/pipeline.schema.json` and `docs/events.md`.
+//!
+//! Run with `SLIPWAY_BLESS=1` to rewrite them after changing an event or the spec.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use chrono::{TimeZone, Utc};
+use serde_json::{Value, json};
+use slipway_core::events::{
+    CATALOGUE, ChangeRejected, ChangeSubmitted, Check, EventData, IncidentOpened, RunEnded,
+    SourceRef, Verdict,
+};
+use slipway_core::sim::{Answer, Sim};
+use slipway_core::spec::PipelineSpec;
+use slipway_core::{Event, Phase, decide::run_ended, ids};
+
+fn root() -> PathBuf {
+    slipway_core::testing::workspace_root()
+}
+
+const FULL: &str = include_str!("../../../schemas/examples/full-pipeline.toml");
+
+fn bless() -> bool {
+    std::env::var_os("SLIPWAY_BLESS").is_some()
+}
+
+/// Compares a generated file with the committed one, or rewrites it when blessing.
+fn check_file(rel: &str, generated: &str) {
+    let path = root().join(rel);
+    if bless() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, generated).unwrap();
+        return;
+    }
+    let committed = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("{rel} missing: run the tests with SLIPWAY_BLESS=1"));
+    assert!(
+        committed == generated,
+        "{rel} is out of date with the code: run the tests with SLIPWAY_BLESS=1"
+    );
+}
+
+fn pretty(v: &Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap();
+    s.push('\n');
+    s
+}
+
+#[test]
+fn event_schemas_are_generated_from_the_types() {
+    for e in CATALOGUE {
+        let schema = serde_json::to_value((e.schema)()).unwrap();
+        check_file(
+            &format!("schemas/events/{}.json", e.type_name),
+            &pretty(&schema),
+        );
+    }
+    let spec = serde_json::to_value(schemars::schema_for!(PipelineSpec)).unwrap();
+    check_file("schemas/pipeline.schema.json", &pretty(&spec));
+}
+
+/// One example of every event type, from simulated runs through every path.
+fn examples() -> BTreeMap<&'static str, Event> {
+    let mut out: BTreeMap<&'static str, Event> = BTreeMap::new();
+    let mut take = |log: &[Event]| {
+        for e in log {
+            out.entry(e.type_name()).or_insert_with(|| e.clone());
+        }
+    };
+    let live = |sim: &mut Sim| {
+        sim.live.insert(
+            "production".into(),
+            (
+                "support-bot-3f2a9c1b7d20".into(),
+                slipway_core::sim::artifact("old"),
+            ),
+        );
+    };
+    let mut ok = Sim::new(FULL);
+    live(&mut ok);
+    ok.run_to_end();
+    take(&ok.log);
+    let failures: &[(&str, &str)] = &[
+        ("build", "build command failed with exit code 2"),
+        (
+            "test:unit",
+            "suite unit: 1 of 40 cases failed: cart.applies_discount",
+        ),
+        ("deploy:staging", "deploy command failed with exit code 1"),
+        ("evaluate", "faq: exact_match 0.62 < min 0.70"),
+        ("perf", "p95_ms 912 > max 800"),
+        ("cost", "4120.50/month > budget 4000.00"),
+        ("approval:production", "not before the holiday freeze"),
+        ("monitor:production", "error_rate 0.07 > max 0.01"),
+    ];
+    for (stage, reason) in failures {
+        let mut sim = Sim::new(FULL);
+        live(&mut sim);
+        sim.script
+            .insert(stage.to_string(), Answer::Fail(reason.to_string()));
+        if *stage == "monitor:production" {
+            sim.run_to_end();
+            take(&sim.log);
+            let mut sim = Sim::new(FULL);
+            live(&mut sim);
+            sim.script
+                .insert(stage.to_string(), Answer::Fail(reason.to_string()));
+            sim.script.insert(
+                "rollback:production".into(),
+                Answer::Fail("deploy command failed with exit code 3".into()),
+            );
+            sim.run_to_end();
+            take(&sim.log);
+        } else {
+            sim.run_to_end();
+            take(&sim.log);
+        }
+    }
+    let t = Utc.with_ymd_and_hms(2026, 1, 1, 11, 59, 0).unwrap();
+    let run_id = ok.run_id.clone();
+    let mut extra = vec![
+        Event::new(
+            "change-1",
+            "/sim",
+            None,
+            t,
+            EventData::ChangeSubmitted(ChangeSubmitted {
+                spec: "[pipeline]\nname = \"support-bot\"\n…".into(),
+                source: SourceRef::Git {
+                    url: "https://git.example.com/acme/support-bot.git".into(),
+                    revision: "9f1c2e4".into(),
+                },
+                author: Some("alice".into()),
+                title: Some("Retrieval: rerank top 20".into()),
+                rerun_of: None,
+            }),
+        ),
+        Event::new(
+            ids::derived(&["change.rejected", "17"]),
+            "/slipway/conductor",
+            None,
+            t,
+            EventData::ChangeRejected(ChangeRejected {
+                change_seq: 17,
+                change_subject: "slipway.changes.git-hook".into(),
+                change_id: Some("commit-77".into()),
+                change_source: Some("git-hook/acme".into()),
+                reason: "invalid pipeline spec: build.command: invalid type: string \"make\", expected a sequence".into(),
+            }),
+        ),
+        Event::new(
+            ids::derived(&[&run_id, "incident", "inc-1"]),
+            "/slipway/monitor",
+            Some(run_id.clone()),
+            t,
+            EventData::IncidentOpened(IncidentOpened {
+                incident_id: "inc-1".into(),
+                environment: "production".into(),
+                version: "support-bot-8c1d2e3f4a5b".into(),
+                breaches: vec![Check {
+                    metric: "error_rate".into(),
+                    scope: Some("production".into()),
+                    candidate: 0.07,
+                    baseline: Some(0.004),
+                    delta: Some(0.066),
+                    p_value: None,
+                    interval: None,
+                    verdict: Verdict::Fail,
+                    note: "error_rate 0.07 > max 0.01".into(),
+                }],
+                opened_at: t,
+            }),
+        ),
+        Event::new(
+            ids::run_end(&run_id),
+            "/slipway/cli",
+            Some(run_id.clone()),
+            t,
+            run_ended(
+                Phase::Cancelled,
+                RunEnded {
+                    reason: "wrong branch".into(),
+                    stage: None,
+                    by: Some("alice".into()),
+                },
+            ),
+        ),
+    ];
+    take(&extra);
+    extra.clear();
+    out
+}
+
+fn subject_pattern(e: &Event) -> String {
+    let s = e.nats_subject();
+    match &e.subject {
+        Some(run) => s.replace(run, "<run_id>"),
+        None => s,
+    }
+}
+
+#[test]
+fn every_event_type_has_a_valid_example_and_the_catalogue_doc_is_current() {
+    let examples = examples();
+    let mut doc = String::from(include_str!("catalogue_intro.md"));
+    for entry in CATALOGUE {
+        let e = examples
+            .get(entry.type_name)
+            .unwrap_or_else(|| panic!("no example of {}", entry.type_name));
+        // The example's data meets its schema.
+        let schema = serde_json::to_value((entry.schema)()).unwrap();
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        let data = e.data.to_json();
+        let errors: Vec<String> = validator
+            .iter_errors(&data)
+            .map(|x| x.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", entry.type_name);
+
+        doc.push_str(&format!(
+            "\n### `{}`\n\n| | |\n|---|---|\n| subject | `{}` |\n| producer | {} |\n| consumers | {} |\n| data | `{}` ([schema](../schemas/events/{}.json)) |\n\n```json\n{}\n```\n",
+            entry.type_name,
+            subject_pattern(e),
+            entry.producer,
+            entry.consumers.join(", "),
+            entry.data_type,
+            entry.type_name,
+            serde_json::to_string_pretty(&e.to_structured_json()).unwrap(),
+        ));
+    }
+    check_file("docs/events.md", &doc);
+}
+
+#[test]
+fn the_pipeline_schema_and_the_parser_agree() {
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("schemas/pipeline.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let as_json = |toml_text: &str| -> Value {
+        let v: toml::Value = toml::from_str(toml_text).unwrap();
+        serde_json::to_value(v).unwrap()
+    };
+    for good in [
+        FULL.to_string(),
+        std::fs::read_to_string(root().join("deploy/examples/hello/slipway.toml")).unwrap(),
+    ] {
+        assert!(PipelineSpec::parse(&good).is_ok());
+        let errors: Vec<String> = validator
+            .iter_errors(&as_json(&good))
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+    // Shape errors: both the schema and the parser refuse them.
+    let bad = [
+        "[pipeline]\nname='x'\n[build]\ncommand='make'\n",
+        "[pipeline]\nname='x'\n[build]\ncommand=['make']\nunknown=1\n",
+        "[pipeline]\nname='x'\n",
+        "[pipeline]\nname='x'\n[build]\ncommand=['make']\ntimeout_secs=-1\n",
+        "[pipeline]\nname='x'\n[build]\ncommand=['make']\n[[test]]\ncommand=['t']\n",
+        "[pipeline]\nname='x'\n[build]\ncommand=['make']\n[approval]\nauto_approve='sometimes'\n",
+    ];
+    for text in bad {
+        assert!(
+            PipelineSpec::parse(text).is_err(),
+            "parser accepted {text:?}"
+        );
+        assert!(
+            !validator.is_valid(&as_json(text)),
+            "schema accepted {text:?}"
+        );
+    }
+    let _ = json!({});
+}
