@@ -397,6 +397,8 @@ impl<W: Worker> Ctx<W> {
         // Progress acks keep the request ours while the work runs; a run's cancellation
         // (seen live on its subject) stops the work.
         let guard = CancellationToken::new();
+        // Stops the helpers below even if the handler panics (the request is then redelivered).
+        let _helpers = guard.clone().drop_guard();
         let progress = {
             let every = Duration::from_secs(self.settings.ack_wait_secs.max(3) / 3);
             let reply = msg.reply.clone();

@@ -59,23 +59,35 @@ impl Sim {
     /// # Panics
     /// When the spec is invalid.
     pub fn new(spec: &str) -> Self {
+        Self::with_source(
+            spec,
+            SourceRef::Directory {
+                path: "/src".into(),
+            },
+            "change-1",
+        )
+    }
+
+    /// A run of `spec` on `source`, for the change `change_id` (which makes the run id).
+    ///
+    /// # Panics
+    /// When the spec is invalid.
+    pub fn with_source(spec: &str, source: SourceRef, change_id: &str) -> Self {
         let spec = PipelineSpec::parse(spec).expect("valid spec");
         let now = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
-        let run_id = ids::run_id("/sim", "change-1");
+        let run_id = ids::run_id("/sim", change_id);
         let created = RunCreated {
             run_id: run_id.clone(),
             pipeline: spec.pipeline.name.clone(),
             change: ChangeInfo {
-                id: "change-1".into(),
+                id: change_id.into(),
                 source: "/sim".into(),
                 seq: 1,
                 time: now,
                 author: Some("alice".into()),
                 title: None,
             },
-            source: SourceRef::Directory {
-                path: "/src".into(),
-            },
+            source,
             spec: serde_json::to_value(&spec).unwrap(),
             rerun_of: None,
         };
