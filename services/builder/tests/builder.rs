@@ -63,10 +63,15 @@ async fn start(git_schemes: &[&str]) -> Harness {
     let nats = TestNats::start();
     let bus = nats.bus().await;
     let work = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.nats = nats.settings();
-    config.exec.workspace_root = Some(work.path().to_path_buf());
-    config.exec.git_schemes = git_schemes.iter().map(|s| s.to_string()).collect();
+    let config = Config {
+        nats: nats.settings(),
+        exec: slipway_core::exec::ExecSettings {
+            workspace_root: Some(work.path().to_path_buf()),
+            git_schemes: git_schemes.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     let task = tokio::spawn(async move { builder::run(config, s).await.unwrap() });

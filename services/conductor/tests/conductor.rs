@@ -15,10 +15,11 @@ use slipway_core::{Event, ids};
 const SPEC: &str = "[pipeline]\nname = \"p\"\n[build]\ncommand = [\"true\"]\ntimeout_secs = 600\n";
 
 fn config(nats: &TestNats) -> Config {
-    let mut c = Config::default();
-    c.nats = nats.settings();
-    c.conductor.tick_millis = 50;
-    c
+    Config {
+        nats: nats.settings(),
+        conductor: slipway_core::config::ConductorSettings { tick_millis: 50 },
+        ..Default::default()
+    }
 }
 
 fn spawn_conductor(nats: &TestNats) -> (CancellationToken, tokio::task::JoinHandle<()>) {
