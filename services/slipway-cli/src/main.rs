@@ -108,6 +108,9 @@ enum Command {
         /// The example's spec.
         #[arg(long, default_value = "deploy/examples/hello/slipway.toml")]
         spec: PathBuf,
+        /// Directory for the demo's server data and workspaces (emptied first).
+        #[arg(long, default_value = ".slipway/demo")]
+        data_dir: PathBuf,
     },
 }
 
@@ -142,7 +145,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             port,
             data_dir,
         } => up::up(explicit_url, config, port, data_dir).await,
-        Command::Demo { spec } => up::demo(spec).await,
+        Command::Demo { spec, data_dir } => up::demo(spec, data_dir).await,
         Command::Submit {
             spec,
             source,

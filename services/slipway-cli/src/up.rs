@@ -44,6 +44,7 @@ impl Stack {
         port: u16,
         data_dir: &Path,
         config: Option<&Path>,
+        quiet: bool,
     ) -> anyhow::Result<Self> {
         let data_dir = absolute(data_dir)?;
         let (nats, url) = match url {
@@ -82,6 +83,9 @@ impl Stack {
                 data_dir.join("work").display().to_string(),
             ),
         ];
+        if quiet && std::env::var_os("RUST_LOG").is_none() {
+            env.push(("RUST_LOG".into(), "warn".into()));
+        }
         if let Some(c) = config {
             env.push((
                 "SLIPWAY_CONFIG".into(),
@@ -188,7 +192,7 @@ pub async fn up(
     port: u16,
     data_dir: PathBuf,
 ) -> anyhow::Result<ExitCode> {
-    let mut stack = Stack::start(url, port, &data_dir, config.as_deref()).await?;
+    let mut stack = Stack::start(url, port, &data_dir, config.as_deref(), false).await?;
     eprintln!(
         "Slipway is up: NATS at {}; services: {}. Ctrl-C stops everything.",
         stack.url,
@@ -208,12 +212,11 @@ pub async fn up(
 }
 
 /// `slipway demo`: a private server and services, one run of the example, then stop.
-pub async fn demo(spec: PathBuf) -> anyhow::Result<ExitCode> {
+pub async fn demo(spec: PathBuf, data_dir: PathBuf) -> anyhow::Result<ExitCode> {
     let spec = absolute_file(&spec)?;
-    let data_dir = PathBuf::from(".slipway/demo");
     // A fresh log for every demo.
     let _ = std::fs::remove_dir_all(&data_dir);
-    let stack = Stack::start(None, free_port(), &data_dir, None).await?;
+    let stack = Stack::start(None, free_port(), &data_dir, None, true).await?;
     let result = async {
         let client = Client::connect(&stack.url).await?;
         eprintln!("Submitting {} …", spec.display());

@@ -59,7 +59,11 @@ impl Config {
             config::Environment::with_prefix("SLIPWAY")
                 .prefix_separator("__")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                // Lists come comma-separated, e.g. SLIPWAY__EXEC__GIT_SCHEMES=https,file.
+                .list_separator(",")
+                .with_list_parse_key("exec.pass_env")
+                .with_list_parse_key("exec.git_schemes"),
         );
         let c = b.build().map_err(|e| ConfigError(e.to_string()))?;
         c.try_deserialize().map_err(|e| ConfigError(e.to_string()))

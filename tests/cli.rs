@@ -1,0 +1,283 @@
+//! The `slipway` command as a user runs it: `up` (its own server, every service, Ctrl-C),
+//! `demo`, `watch`; services refusing an old server; SIGTERM draining a real worker; two
+//! builder replicas sharing one consumer.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use slipway_core::Event;
+use slipway_core::events::EventData;
+use slipway_core::server::{NatsProcess, free_port};
+use slipway_e2e::{Stack, bin_dir, hello_example, project};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn sigterm(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+}
+
+fn sigint(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+}
+
+fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Processes whose command line mentions `needle` (to check nothing is left behind).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push(cmd);
+        }
+    }
+    out
+}
+
+#[test]
+fn slipway_up_runs_the_example_and_ctrl_c_stops_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+    let mut up = Command::new(bin_dir().join("slipway"))
+        .args(["up", "--port", &port.to_string(), "--data-dir"])
+        .arg(&data)
+        .env_remove("SLIPWAY_NATS_URL")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let spec = hello_example().join("slipway.toml");
+    // `submit --wait` retries the connection while `up` starts its server.
+    let out = Command::new(bin_dir().join("slipway"))
+        .args(["--nats-url", &url, "submit"])
+        .arg(&spec)
+        .arg("--source")
+        .arg(hello_example())
+        .args(["--wait", "--json", "--timeout", "60"])
+        .output()
+        .unwrap();
+    let up_log = || std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        up_log()
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["phase"], "succeeded");
+    // The server's store is under the data directory.
+    assert!(data.join("nats/jetstream").is_dir());
+
+    sigint(up.id());
+    let status = wait_exit(&mut up, Duration::from_secs(60));
+    assert!(status.success(), "{status}\n{}", up_log());
+    let left = processes_mentioning(&data.display().to_string());
+    assert!(left.is_empty(), "left running: {left:?}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nats-server still listening"
+    );
+}
+
+#[test]
+fn slipway_demo_runs_a_whole_run_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin_dir().join("slipway"))
+        .arg("demo")
+        .arg("--spec")
+        .arg(hello_example().join("slipway.toml"))
+        .arg("--data-dir")
+        .arg(dir.path().join("demo"))
+        .env_remove("SLIPWAY_NATS_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("(pipeline hello): succeeded"), "{stdout}");
+    assert!(stdout.contains("test:smoke"), "{stdout}");
+    let left = processes_mentioning(&dir.path().display().to_string());
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+#[test]
+fn slipway_watch_follows_a_run_to_its_end() {
+    let stack = Stack::start();
+    let spec = r#"
+[pipeline]
+name = "watched"
+[build]
+command = ["sh", "-c", "sleep 1; mkdir -p dist; echo x > dist/x"]
+artifacts = ["dist"]
+[[test]]
+name = "unit"
+command = ["true"]
+"#;
+    let dir = project(stack.dir.path(), "watched", spec, &[]);
+    let v = stack.slipway_json(&["submit", dir.join("slipway.toml").to_str().unwrap()]);
+    let run = v["run_id"].as_str().unwrap();
+    let out = stack.slipway_ok(&["watch", run, "--timeout", "60"]);
+    let lines: Vec<&str> = out.lines().collect();
+    let pos = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle:?} missing from:\n{out}"))
+    };
+    assert!(pos("build") < pos("test:unit"));
+    assert!(pos("is succeeded") > pos("test:unit"), "{out}");
+}
+
+fn old_server() -> Option<PathBuf> {
+    let p = slipway_core::testing::workspace_root().join(".venv/nats-2.9/usr/sbin/nats-server");
+    if p.is_file() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} missing: `bash deploy/setup.sh --old-server` unpacks Debian's nats-server 2.9 there",
+        p.display()
+    );
+    eprintln!(
+        "skipping: no nats-server 2.9 at {} (deploy/setup.sh --old-server)",
+        p.display()
+    );
+    None
+}
+
+#[test]
+fn services_and_the_cli_refuse_a_server_older_than_2_11() {
+    let Some(binary) = old_server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsProcess::spawn(&binary, 0, &dir.path().join("store"), &[]).unwrap();
+    for service in ["slipway-conductor", "slipway-builder", "slipway-tester"] {
+        let out = Command::new(bin_dir().join(service))
+            .env("SLIPWAY__NATS__URL", nats.url())
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{service} started on 2.9");
+        assert!(
+            err.contains("nats-server 2.9.10 is too old"),
+            "{service}: {err}"
+        );
+        assert!(err.contains("2.11.0 or newer"), "{service}: {err}");
+    }
+    let out = Command::new(bin_dir().join("slipway"))
+        .args(["--nats-url", &nats.url(), "changes"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("too old"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_worker_finish_its_job_before_it_exits() {
+    let mut stack = Stack::start();
+    let spec = r#"
+[pipeline]
+name = "drain"
+[build]
+command = ["sh", "-c", "sleep 2; mkdir -p dist; echo x > dist/x"]
+artifacts = ["dist"]
+"#;
+    let dir = project(stack.dir.path(), "drain", spec, &[]);
+    let v = stack.slipway_json(&["submit", dir.join("slipway.toml").to_str().unwrap()]);
+    let run = v["run_id"].as_str().unwrap().to_string();
+    stack.wait_for(&run, LONG, |s| s["stages"][0]["status"] == "running");
+    let builder = stack.service("slipway-builder");
+    let pid = builder.pid().unwrap();
+    sigterm(pid);
+    // Exits cleanly once the build is done (drain period 5 s in the test stack).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while builder.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "builder did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = stack.wait_phase(&run, "succeeded", LONG);
+    assert_eq!(
+        status["stages"][0]["worker"]
+            .as_str()
+            .unwrap()
+            .contains(&pid.to_string()),
+        true
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_builder_replicas_share_one_consumer() {
+    let mut stack = Stack::start();
+    // A second builder process: same durable consumer, so each request goes to one of them.
+    stack.spawn_replica("slipway-builder", "slipway-builder-2");
+    let spec = r#"
+[pipeline]
+name = "shared"
+[build]
+command = ["sh", "-c", "sleep 1; mkdir -p dist; echo x > dist/x"]
+artifacts = ["dist"]
+"#;
+    let dir = project(stack.dir.path(), "shared", spec, &[]);
+    let runs: Vec<String> = (0..6)
+        .map(|_| {
+            let v = stack.slipway_json(&["submit", dir.join("slipway.toml").to_str().unwrap()]);
+            v["run_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let bus = stack.bus().await;
+    let mut workers = std::collections::BTreeSet::new();
+    for run in &runs {
+        stack.wait_phase(run, "succeeded", LONG);
+        let log = bus.run_log(run).await.unwrap();
+        let started: Vec<String> = log
+            .iter()
+            .filter_map(|r| match &r.event {
+                Ok(Event {
+                    data: EventData::BuildStarted(s),
+                    ..
+                }) => Some(s.worker.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(started.len(), 1, "{run}: built {} times", started.len());
+        workers.insert(started[0].clone());
+    }
+    assert_eq!(workers.len(), 2, "both replicas took work: {workers:?}");
+}
