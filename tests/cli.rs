@@ -160,6 +160,7 @@ command = ["true"]
     };
     assert!(pos("build") < pos("test:unit"));
     assert!(pos("is succeeded") > pos("test:unit"), "{out}");
+    stack.assert_replay_matches(run);
 }
 
 fn old_server() -> Option<PathBuf> {
@@ -233,6 +234,7 @@ artifacts = ["dist"]
         std::thread::sleep(Duration::from_millis(50));
     }
     let status = stack.wait_phase(&run, "succeeded", LONG);
+    stack.assert_replay_matches(&run);
     let worker = status["stages"][0]["worker"].as_str().unwrap();
     assert!(
         worker.contains(&pid.to_string()),
@@ -276,6 +278,7 @@ artifacts = ["dist"]
             .collect();
         assert_eq!(started.len(), 1, "{run}: built {} times", started.len());
         workers.insert(started[0].clone());
+        stack.assert_replay_matches(run);
     }
     assert_eq!(workers.len(), 2, "both replicas took work: {workers:?}");
 }

@@ -89,8 +89,11 @@ pub(crate) async fn answer_change(state: &mut State, bus: &Bus, rec: &Recorded) 
                 info!(%run_id, seq = rec.seq, "Change already has its run (a repeat).");
                 return;
             }
-            // Expect an empty run: a second conductor racing us loses here.
-            match bus.append(&event, &run_id, 0).await {
+            // Expect no run yet: a second conductor racing us loses here.
+            match bus
+                .append(&event, &run_id, state.expected_seq(&run_id))
+                .await
+            {
                 Ok(a) if !a.duplicate => {
                     info!(%run_id, seq = a.seq, "Change accepted: run created.");
                     state.fold_in(&run_id, &event, a.seq);
@@ -100,8 +103,9 @@ pub(crate) async fn answer_change(state: &mut State, bus: &Bus, rec: &Recorded) 
                     info!(%run_id, "Run already created by another writer.");
                 }
                 Err(AppendError::Bus(e)) => {
-                    // Left unanswered: a restart answers it after catching up.
-                    warn!(%run_id, error = %e, "Cannot create the run.");
+                    // Kept unanswered: the next tick tries again.
+                    warn!(%run_id, error = %e, "Cannot create the run; retrying.");
+                    state.unanswered.insert(rec.seq, rec.clone());
                 }
             }
         }
@@ -122,7 +126,8 @@ pub(crate) async fn answer_change(state: &mut State, bus: &Bus, rec: &Recorded) 
                 EventData::ChangeRejected(data),
             );
             if let Err(e) = bus.publish(&event).await {
-                warn!(error = %e, "Cannot record the rejection.");
+                warn!(error = %e, "Cannot record the rejection; retrying.");
+                state.unanswered.insert(rec.seq, rec.clone());
             }
         }
     }

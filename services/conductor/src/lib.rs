@@ -20,8 +20,9 @@ use async_nats::jetstream;
 use futures_util::StreamExt;
 use slipway_core::bus::{AppendError, Bus, BusError, Recorded};
 use slipway_core::config::Config;
+use slipway_core::decide::{Fleet, decide_in};
 use slipway_core::events::EventData;
-use slipway_core::{Event, Run, decide, fold, subjects};
+use slipway_core::{Event, Run, fold, subjects};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -46,6 +47,9 @@ struct Entry {
 #[derive(Debug, Default)]
 struct State {
     runs: HashMap<String, Entry>,
+    /// The last stream sequence stored on each run's subjects, whether or not it decoded:
+    /// a stray or unreadable message must not leave the run's expectation behind forever.
+    last_seqs: HashMap<String, u64>,
     /// Changes seen before catching up, by stream sequence, answered once caught up.
     unanswered: BTreeMap<u64, Recorded>,
     caught_up: bool,
@@ -120,12 +124,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cond
             },
             _ = tick.tick() => {
                 if state.caught_up {
+                    state.retry_unanswered(&bus).await;
                     state.decide_all(&bus).await;
                 }
             },
-            q = queries.next() => if let Some(q) = q {
-                state.answer(&bus, q).await;
-            },
+            // A closed subscription disables this branch instead of spinning on it.
+            Some(q) = queries.next() => state.answer(&bus, q).await,
         }
     }
     info!("Conductor stopped.");
@@ -156,6 +160,8 @@ impl State {
         let Some((run_id, _, _)) = subjects::parse_run(&subject) else {
             return;
         };
+        let seq = self.last_seqs.entry(run_id.to_string()).or_default();
+        *seq = (*seq).max(rec.seq);
         let event = match rec.event {
             Ok(e) => e,
             Err(e) => {
@@ -169,11 +175,39 @@ impl State {
         self.fold_in(run_id, &event, rec.seq);
         if self.caught_up {
             self.decide_run(bus, run_id).await;
+            // The run may have freed or taken an environment other runs of its pipeline wait for.
+            self.decide_pipeline(bus, run_id).await;
         }
+    }
+
+    /// Decides the other active runs of `run_id`'s pipeline.
+    async fn decide_pipeline(&mut self, bus: &Bus, run_id: &str) {
+        let Some(pipeline) = self.runs.get(run_id).map(|e| e.run.pipeline.clone()) else {
+            return;
+        };
+        let others: Vec<String> = self
+            .runs
+            .iter()
+            .filter(|(id, e)| {
+                id.as_str() != run_id && !e.run.is_ended() && e.run.pipeline == pipeline
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in others {
+            self.decide_run(bus, &id).await;
+        }
+    }
+
+    /// The sequence a decision about `run_id` must expect.
+    fn expected_seq(&self, run_id: &str) -> u64 {
+        let folded = self.runs.get(run_id).map_or(0, |e| e.last_seq);
+        folded.max(self.last_seqs.get(run_id).copied().unwrap_or(0))
     }
 
     /// Folds an event into its run; `seq` raises the run's last sequence.
     fn fold_in(&mut self, run_id: &str, event: &Event, seq: u64) {
+        let last = self.last_seqs.entry(run_id.to_string()).or_default();
+        *last = (*last).max(seq);
         match self.runs.remove(run_id) {
             Some(entry) => {
                 let run = fold(Some(entry.run), event).expect("a run stays a run");
@@ -208,6 +242,14 @@ impl State {
         self.decide_all(bus).await;
     }
 
+    /// Changes whose answer could not be appended (NATS trouble) are tried again.
+    async fn retry_unanswered(&mut self, bus: &Bus) {
+        let pending = std::mem::take(&mut self.unanswered);
+        for rec in pending.values() {
+            intake::answer_change(self, bus, rec).await;
+        }
+    }
+
     async fn decide_all(&mut self, bus: &Bus) {
         let active: Vec<String> = self
             .runs
@@ -226,13 +268,17 @@ impl State {
             return;
         };
         let now = slipway_core::bus::now();
-        let commands = decide(&entry.run, now);
+        let pipeline = &entry.run.pipeline;
+        let fleet = Fleet::of(
+            self.runs
+                .values()
+                .filter(|e| &e.run.pipeline == pipeline && !e.run.is_ended())
+                .map(|e| &e.run),
+        );
+        let commands = decide_in(&entry.run, &fleet, now);
         for cmd in commands {
-            let Some(entry) = self.runs.get(run_id) else {
-                return;
-            };
             let event = cmd.to_event(run_id, SOURCE, now);
-            match bus.append(&event, run_id, entry.last_seq).await {
+            match bus.append(&event, run_id, self.expected_seq(run_id)).await {
                 Ok(a) if a.duplicate => {
                     // Already in the log: our view is behind; the reader brings it.
                     debug!(run_id, "Decision already in the log.");
@@ -242,8 +288,11 @@ impl State {
                     info!(run_id, event = event.type_name(), seq = a.seq, "Decided.");
                     self.fold_in(run_id, &event, a.seq);
                 }
-                Err(AppendError::Conflict { .. }) => {
-                    debug!(run_id, "Run moved on; deciding again on the newer events.");
+                Err(AppendError::Conflict { expected, .. }) => {
+                    debug!(
+                        run_id,
+                        expected, "Run moved on; deciding again on the newer events."
+                    );
                     return;
                 }
                 Err(AppendError::Bus(e)) => {

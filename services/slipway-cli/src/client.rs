@@ -53,7 +53,7 @@ impl Client {
             ..Default::default()
         };
         let bus = Bus::connect(&settings, "slipway-cli").await?;
-        bus.ensure_stream().await?;
+        bus.ensure_stream_exists().await?;
         Ok(Self { bus })
     }
 

@@ -14,6 +14,9 @@ use crate::client::Client;
 /// The services `up` starts, by binary name.
 pub const SERVICES: &[&str] = &["slipway-conductor", "slipway-builder", "slipway-tester"];
 
+/// A service that exits this many times is not restarted again: something is wrong.
+const MAX_RESTARTS: u32 = 5;
+
 /// Services are stopped with SIGTERM and get this long to drain before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(35);
 
@@ -117,6 +120,9 @@ impl Stack {
         let child = Command::new(self.bin_dir.join(name))
             .envs(self.env.iter().cloned())
             .stdin(Stdio::null())
+            // Own process group: a terminal's Ctrl-C goes to `up`, which stops each service
+            // with one SIGTERM (a second signal would make it exit without draining).
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
@@ -134,6 +140,12 @@ impl Stack {
             if let Some(status) = exited {
                 let s = &mut self.services[i];
                 s.restarts += 1;
+                if s.restarts > MAX_RESTARTS {
+                    bail!(
+                        "{} keeps exiting ({status}); giving up after {MAX_RESTARTS} restarts",
+                        s.name
+                    );
+                }
                 let delay = Duration::from_millis(500 * u64::from(s.restarts.min(10)));
                 eprintln!(
                     "{} exited ({status}); restarting in {:.1}s",
@@ -200,15 +212,19 @@ pub async fn up(
     );
     let stop = signal();
     tokio::pin!(stop);
-    loop {
+    let outcome = loop {
         tokio::select! {
-            _ = &mut stop => break,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => stack.supervise_once().await?,
+            _ = &mut stop => break Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Err(e) = stack.supervise_once().await {
+                    break Err(e);
+                }
+            }
         }
-    }
+    };
     eprintln!("Stopping Slipway…");
     stack.stop().await;
-    Ok(ExitCode::SUCCESS)
+    outcome.map(|()| ExitCode::SUCCESS)
 }
 
 /// `slipway demo`: a private server and services, one run of the example, then stop.

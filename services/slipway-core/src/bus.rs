@@ -263,6 +263,22 @@ impl Bus {
                 if hs != ws {
                     diffs.push(format!("subjects are {hs:?}, want {ws:?}"));
                 }
+                // Limits that would silently drop events from the log.
+                if !have.max_age.is_zero() {
+                    diffs.push(format!("max_age is {:?}, want none", have.max_age));
+                }
+                if have.max_messages > 0 {
+                    diffs.push(format!("max_msgs is {}, want none", have.max_messages));
+                }
+                if have.max_bytes > 0 {
+                    diffs.push(format!("max_bytes is {}, want none", have.max_bytes));
+                }
+                if have.max_messages_per_subject > 0 {
+                    diffs.push(format!(
+                        "max_msgs_per_subject is {}, want none",
+                        have.max_messages_per_subject
+                    ));
+                }
                 if !diffs.is_empty() {
                     return Err(BusError::IncompatibleStream {
                         stream: want.name.clone(),
@@ -300,6 +316,20 @@ impl Bus {
                 },
             },
         }
+    }
+
+    /// For clients (the CLI): creates the stream when it is missing, and otherwise leaves it
+    /// as the services configured it (a client's defaults must not retune a cluster's stream).
+    ///
+    /// # Errors
+    /// [`BusError`] when the stream cannot be created.
+    pub async fn ensure_stream_exists(&self) -> Result<(), BusError> {
+        if self.js.get_stream_no_info(self.stream_name()).await.is_ok()
+            && self.js.get_stream(self.stream_name()).await.is_ok()
+        {
+            return Ok(());
+        }
+        self.ensure_stream().await.map(|_| ())
     }
 
     /// Appends a fact. A duplicate id is success: the fact is already in the log.

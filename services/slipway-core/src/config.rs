@@ -20,6 +20,48 @@ pub struct Config {
     pub worker: WorkerSettings,
     pub exec: ExecSettings,
     pub conductor: ConductorSettings,
+    pub gateway: GatewaySettings,
+}
+
+/// The approval gateway: where it listens, who may approve, whom to notify.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// Address to bind; loopback by default.
+    pub listen: String,
+    /// The URL people reach the gateway at, for links in notifications.
+    pub public_url: Option<String>,
+    pub approvers: Vec<Approver>,
+    /// URLs that get a JSON POST when a run starts waiting for approval.
+    pub webhooks: Vec<String>,
+    /// Attempts per webhook notification (with exponential backoff from 500 ms).
+    pub webhook_attempts: u32,
+    /// Largest request body accepted (a change carries its spec).
+    pub max_body_bytes: usize,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            public_url: None,
+            approvers: Vec::new(),
+            webhooks: Vec::new(),
+            webhook_attempts: 5,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Someone who may approve: only the sha256 of their token is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approver {
+    pub name: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Lower-case hex sha256 of the bearer token (`printf %s TOKEN | sha256sum`).
+    pub token_sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

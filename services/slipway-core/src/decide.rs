@@ -89,8 +89,14 @@ pub fn run_ended(outcome: Phase, ended: RunEnded) -> EventData {
     }
 }
 
-/// What the run needs now.
+/// What the run needs now, as if it were the only run of its pipeline.
 pub fn decide(run: &Run, now: DateTime<Utc>) -> Vec<Command> {
+    decide_in(run, &Fleet::default(), now)
+}
+
+/// What the run needs now, given what the other runs of its pipeline do with its
+/// environments (see [`Fleet`]).
+pub fn decide_in(run: &Run, fleet: &Fleet, now: DateTime<Utc>) -> Vec<Command> {
     if run.is_ended() {
         return Vec::new();
     }
@@ -98,9 +104,12 @@ pub fn decide(run: &Run, now: DateTime<Utc>) -> Vec<Command> {
     if !timeouts.is_empty() {
         return timeouts;
     }
+    if let Some(cmds) = fleet.superseded(run) {
+        return cmds;
+    }
     for step in plan(&run.spec) {
         let next = match step {
-            Step::Stages(keys) => stages_step(run, &keys),
+            Step::Stages(keys) => stages_step(run, fleet, &keys),
             Step::Approval { environment } => approval_step(run, &environment),
         };
         match next {
@@ -127,7 +136,7 @@ fn stage_of<'a>(run: &'a Run, key: &str) -> Option<&'a StageState> {
     run.stage(key)
 }
 
-fn stages_step(run: &Run, keys: &[String]) -> Next {
+fn stages_step(run: &Run, fleet: &Fleet, keys: &[String]) -> Next {
     let states: Vec<Option<&StageState>> = keys.iter().map(|k| stage_of(run, k)).collect();
     if let Some(failed) = states
         .iter()
@@ -139,6 +148,12 @@ fn stages_step(run: &Run, keys: &[String]) -> Next {
     let mut requests = Vec::new();
     for (key, state) in keys.iter().zip(&states) {
         let pending = state.is_none_or(|s| s.status == StageStatus::Pending);
+        if pending
+            && let Some(env) = key.strip_prefix("deploy:")
+            && !fleet.may_deploy(run, env)
+        {
+            return Next::Wait;
+        }
         if pending && let Some(data) = request_for(run, key) {
             requests.push(Command::Request(data));
         }
@@ -398,7 +413,9 @@ pub fn version_of(pipeline: &str, artifact: &ObjectRef) -> String {
         .digest
         .strip_prefix("sha256:")
         .unwrap_or(&artifact.digest);
-    format!("{pipeline}-{}", &hex[..hex.len().min(12)])
+    // By characters: a digest from an event is not trusted to be ASCII.
+    let short: String = hex.chars().take(12).collect();
+    format!("{pipeline}-{short}")
 }
 
 /// `sha256:` over the gate reports in log order: what an approval is about.
@@ -431,7 +448,7 @@ pub fn stage_timeout(spec: &PipelineSpec, key: &str) -> Option<Duration> {
         StageKind::Approval => return Some(secs(spec.approval.as_ref()?.timeout_secs)),
         StageKind::Monitor => {
             let m = spec.monitor.as_ref()?;
-            m.window_secs + 2 * m.probe_interval_secs + 60
+            m.window_secs + 2 * m.probe_interval_ms.div_ceil(1000) + 60
         }
     };
     // The worker enforces the timeout itself and reports a clearer failure; the conductor
@@ -454,7 +471,10 @@ fn timeouts(run: &Run, now: DateTime<Utc>) -> Vec<Command> {
         else {
             continue;
         };
-        if now < requested + limit {
+        // A started stage is timed from its start: waiting in a busy worker's queue is not
+        // the stage's own time.
+        let from = s.started_at.unwrap_or(requested);
+        if now < from + limit {
             continue;
         }
         let kind = s.kind().expect("planned stages have kinds");
@@ -468,7 +488,7 @@ fn timeouts(run: &Run, now: DateTime<Utc>) -> Vec<Command> {
         }
         let reason = match (&s.worker, s.started_at) {
             (Some(w), Some(at)) => format!(
-                "timed out: started by {w} at {} but no result {waited}s after it was requested",
+                "timed out: started by {w} at {} but no result within {waited}s",
                 at.to_rfc3339()
             ),
             _ => format!(
@@ -481,6 +501,167 @@ fn timeouts(run: &Run, now: DateTime<Utc>) -> Vec<Command> {
         )));
     }
     out
+}
+
+/// Where a run stands with respect to the environments its pipeline shares with other runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Position {
+    run_id: String,
+    pipeline: String,
+    /// Creation order: time, then the change's stream sequence.
+    order: (DateTime<Utc>, u64),
+    /// The environment the run holds: deploying, monitoring or rolling it back.
+    holds: Option<String>,
+    /// The environment the run waits for (its next step is that environment's approval or
+    /// deploy), and whether it is approved for it.
+    waits: Option<(String, bool)>,
+}
+
+impl Position {
+    fn of(run: &Run) -> Self {
+        let status = |key: String| run.stage(&key).map(|s| s.status);
+        let active = |key: String| {
+            matches!(
+                status(key),
+                Some(StageStatus::Requested | StageStatus::Running)
+            )
+        };
+        let mut holds = None;
+        for env in &run.spec.environment {
+            let e = env.name.as_str();
+            let deployed_pending_monitor = status(StageKind::Deploy.key(Some(e)))
+                == Some(StageStatus::Succeeded)
+                && run.spec.monitors(e)
+                && !status(StageKind::Monitor.key(Some(e))).is_some_and(StageStatus::is_terminal);
+            let monitor_failed_rollback_due = status(StageKind::Monitor.key(Some(e)))
+                == Some(StageStatus::Failed)
+                && !status(StageKind::Rollback.key(Some(e))).is_some_and(StageStatus::is_terminal);
+            if active(StageKind::Deploy.key(Some(e)))
+                || active(StageKind::Rollback.key(Some(e)))
+                || deployed_pending_monitor
+                || monitor_failed_rollback_due
+            {
+                holds = Some(e.to_string());
+            }
+        }
+        Self {
+            run_id: run.run_id.clone(),
+            pipeline: run.pipeline.clone(),
+            order: (run.created_at, run.change.seq),
+            holds,
+            waits: next_environment(run),
+        }
+    }
+}
+
+/// The environment whose approval or deploy is the run's next step, if any.
+fn next_environment(run: &Run) -> Option<(String, bool)> {
+    let done = |key: &str| {
+        run.stage(key)
+            .is_some_and(|s| s.status == StageStatus::Succeeded)
+    };
+    for step in plan(&run.spec) {
+        match step {
+            Step::Approval { environment } => {
+                if !done(&approval_key(&environment)) {
+                    return Some((environment, false));
+                }
+            }
+            Step::Stages(keys) => {
+                if let [key] = keys.as_slice()
+                    && let Some(env) = key.strip_prefix("deploy:")
+                    && run
+                        .stage(key)
+                        .is_none_or(|s| s.status == StageStatus::Pending)
+                {
+                    let needs = run
+                        .spec
+                        .environment(env)
+                        .is_some_and(|e| e.requires_approval);
+                    let approved = !needs || done(&approval_key(env));
+                    return Some((env.to_string(), approved));
+                }
+                if !keys.iter().all(|k| done(k)) {
+                    return None;
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The other active runs of a pipeline, as far as its environments are concerned: the input
+/// of the cross-run rules. Deploys to one environment of one pipeline happen one at a time
+/// and in creation order; a newer approved run supersedes older runs still waiting for the
+/// same environment (they end `cancelled`, saying why).
+#[derive(Debug, Clone, Default)]
+pub struct Fleet {
+    positions: Vec<Position>,
+}
+
+impl Fleet {
+    /// The fleet of the given runs; ended runs are left out, and each run only ever meets the
+    /// runs of its own pipeline.
+    pub fn of<'a>(runs: impl IntoIterator<Item = &'a Run>) -> Self {
+        Self {
+            positions: runs
+                .into_iter()
+                .filter(|r| !r.is_ended())
+                .map(Position::of)
+                .collect(),
+        }
+    }
+
+    fn others<'a>(&'a self, run: &'a Run) -> impl Iterator<Item = &'a Position> + 'a {
+        self.positions
+            .iter()
+            .filter(move |p| p.run_id != run.run_id && p.pipeline == run.pipeline)
+    }
+
+    /// Whether `run` may request its deploy to `env` now.
+    fn may_deploy(&self, run: &Run, env: &str) -> bool {
+        let me = (run.created_at, run.change.seq);
+        let needs_approval = run
+            .spec
+            .environment(env)
+            .is_some_and(|e| e.requires_approval);
+        for p in self.others(run) {
+            if p.holds.as_deref() == Some(env) {
+                return false;
+            }
+            // In order, unless approval decides (an approved newer run supersedes instead).
+            if !needs_approval && p.order < me && p.waits.as_ref().is_some_and(|(e, _)| e == env) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The end of `run` when a newer approved run of its pipeline supersedes it.
+    fn superseded(&self, run: &Run) -> Option<Vec<Command>> {
+        let (env, _) = next_environment(run)?;
+        if !run
+            .spec
+            .environment(&env)
+            .is_some_and(|e| e.requires_approval)
+        {
+            return None;
+        }
+        let me = (run.created_at, run.change.seq);
+        let newer = self.others(run).find(|p| {
+            p.order > me
+                && (p.holds.as_deref() == Some(env.as_str())
+                    || p.waits.as_ref() == Some(&(env.clone(), true)))
+        })?;
+        Some(vec![Command::Finish {
+            outcome: Phase::Cancelled,
+            reason: format!(
+                "superseded by run {}, a newer approved change for {env}",
+                newer.run_id
+            ),
+            stage: Some(approval_key(&env)),
+        }])
+    }
 }
 
 /// The service that works a stage kind.

@@ -365,3 +365,136 @@ fn decisions_have_deterministic_ids() {
     let ids = |s: &Sim| s.log.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
     assert_eq!(ids(&a), ids(&b));
 }
+
+const TWO_ENVS: &str = r#"
+[pipeline]
+name = "lanes"
+[build]
+command = ["make"]
+[[environment]]
+name = "staging"
+url = "http://127.0.0.1:1"
+[environment.deploy]
+command = ["./deploy"]
+[[environment]]
+name = "production"
+url = "http://127.0.0.1:2"
+requires_approval = true
+[environment.deploy]
+command = ["./deploy"]
+[approval]
+"#;
+
+/// Decides and answers `sim` among `others` until nothing moves.
+fn advance(sim: &mut Sim, others: &[&Sim]) -> Vec<String> {
+    let mut asked = Vec::new();
+    for _ in 0..32 {
+        let mut runs: Vec<&Run> = others.iter().map(|s| s.run()).collect();
+        runs.push(sim.run());
+        let fleet = Fleet::of(runs);
+        let cmds = sim.decide_in(&fleet);
+        if cmds.is_empty() {
+            break;
+        }
+        asked.extend(requested(std::slice::from_ref(&cmds)).concat());
+        sim.answer(&cmds);
+        if sim.run().is_ended() {
+            break;
+        }
+    }
+    asked
+}
+
+#[test]
+fn one_deploy_per_environment_at_a_time_in_creation_order() {
+    let mut a = Sim::nth(TWO_ENVS, 1);
+    let mut b = Sim::nth(TWO_ENVS, 2);
+    a.script.insert("deploy:staging".into(), Answer::Silent);
+    // A holds staging (its deploy never finishes); B builds but waits for staging.
+    assert!(advance(&mut a, &[&b]).contains(&"deploy:staging".to_string()));
+    let asked = advance(&mut b, &[&a]);
+    assert!(asked.contains(&"build".to_string()));
+    assert!(!asked.contains(&"deploy:staging".to_string()), "{asked:?}");
+    assert_eq!(
+        b.run().stage("deploy:staging").unwrap().status,
+        StageStatus::Pending
+    );
+
+    // A's deploy finishes: B goes next.
+    let request = a
+        .log
+        .iter()
+        .rev()
+        .find(|e| e.type_name() == "dev.slipway.deploy.requested.v1")
+        .unwrap()
+        .data
+        .clone();
+    a.script.remove("deploy:staging");
+    a.answer(&[Command::Request(request)]);
+    assert!(advance(&mut b, &[&a]).contains(&"deploy:staging".to_string()));
+}
+
+#[test]
+fn an_older_run_waiting_for_an_environment_goes_first() {
+    let mut a = Sim::nth(TWO_ENVS, 1);
+    let mut b = Sim::nth(TWO_ENVS, 2);
+    a.script.insert("build".into(), Answer::Silent);
+    advance(&mut a, &[&b]);
+    // B is ready for staging before A, but A is older and still on its way: B waits for it
+    // only once A waits for staging too.
+    b.script.insert("deploy:staging".into(), Answer::Silent);
+    let build = a
+        .log
+        .iter()
+        .rev()
+        .find(|e| e.type_name() == "dev.slipway.build.requested.v1")
+        .unwrap()
+        .data
+        .clone();
+    a.script.remove("build");
+    a.answer(&[Command::Request(build)]);
+    // A now waits for staging (its build is done); B, newer, must not jump the queue.
+    let asked = advance(&mut b, &[&a]);
+    assert!(!asked.contains(&"deploy:staging".to_string()), "{asked:?}");
+    assert!(advance(&mut a, &[&b]).contains(&"deploy:staging".to_string()));
+}
+
+#[test]
+fn a_newer_approved_run_supersedes_an_older_one_waiting_for_production() {
+    let mut holder = Sim::nth(TWO_ENVS, 1);
+    let mut older = Sim::nth(TWO_ENVS, 2);
+    let mut newer = Sim::nth(TWO_ENVS, 3);
+    holder
+        .script
+        .insert("deploy:production".into(), Answer::Silent);
+    advance(&mut holder, &[]);
+    assert_eq!(
+        holder.run().stage("deploy:production").unwrap().status,
+        StageStatus::Requested
+    );
+    // Both later runs get approved while production is busy: they wait.
+    advance(&mut older, &[&holder]);
+    assert_eq!(
+        older.run().stage("approval:production").unwrap().status,
+        StageStatus::Succeeded
+    );
+    assert_eq!(older.run().phase, Phase::Running);
+    advance(&mut newer, &[&holder, &older]);
+    assert_eq!(
+        newer.run().stage("approval:production").unwrap().status,
+        StageStatus::Succeeded
+    );
+    // The older one is superseded by the newer approved one.
+    advance(&mut older, &[&holder, &newer]);
+    assert_eq!(older.run().phase, Phase::Cancelled);
+    let reason = older.run().reason.clone().unwrap();
+    assert!(
+        reason.contains(&newer.run_id) && reason.contains("superseded"),
+        "{reason}"
+    );
+    // Runs of another pipeline never interact.
+    let other = TWO_ENVS.replace("name = \"lanes\"", "name = \"other\"");
+    let mut stranger = Sim::nth(&other, 4);
+    let fleet_free = advance(&mut stranger, &[&holder]);
+    assert!(fleet_free.contains(&"deploy:production".to_string()));
+}

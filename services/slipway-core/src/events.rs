@@ -271,9 +271,11 @@ pub struct DeployStarted {
 pub struct DeploySucceeded {
     pub stage: String,
     pub attempt: u32,
+    pub pipeline: String,
     pub environment: String,
+    /// The version now live in the environment, and its artifact.
     pub version: String,
-    pub artifact_digest: String,
+    pub artifact: ObjectRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -435,13 +437,30 @@ pub struct MonitorRequested {
     pub spec: MonitorSpec,
 }
 
-/// `dev.slipway.monitor.{succeeded,failed}.v1`: the window's result.
+/// The monitor's verdict on a deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MonitorVerdict {
+    /// Every SLO held for the whole window.
+    Verified,
+    /// An SLO was breached: an incident is opened and production rolls back.
+    Degraded,
+}
+
+/// `dev.slipway.monitor.{succeeded,failed}.v1`: the window's result, with its evidence.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MonitorReport {
     pub stage: String,
     pub attempt: u32,
     pub environment: String,
+    pub verdict: MonitorVerdict,
+    /// The version watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Probes made in the window.
+    #[serde(default)]
+    pub probes: u32,
     #[serde(default)]
     pub metrics: BTreeMap<String, f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -753,6 +772,9 @@ impl EventData {
                 stage: stage.to_string(),
                 attempt,
                 environment: stage.split_once(':').map_or("", |(_, s)| s).to_string(),
+                verdict: MonitorVerdict::Degraded,
+                version: None,
+                probes: 0,
                 metrics: BTreeMap::new(),
                 checks: Vec::new(),
                 incident_id: None,

@@ -141,6 +141,8 @@ pub struct Deployment {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Approval {
     pub approver: String,
+    /// The approver's groups when deciding, as the gateway recorded them.
+    pub groups: Vec<String>,
     pub decision: &'static str,
     pub environment: String,
     pub artifact_digest: String,
@@ -337,6 +339,10 @@ fn apply_stage_fact(run: &mut Run, event: &Event, key: &str, attempt: u32, verb:
     {
         return;
     }
+    // Only planned stages, and rollbacks (which are never planned), have state.
+    if run.stage(key).is_none() && !key.starts_with("rollback:") {
+        return;
+    }
     let time = event.time;
     if let (StageVerb::Started, EventData::DeployStarted(d) | EventData::RollbackStarted(d)) =
         (verb, &event.data)
@@ -475,6 +481,7 @@ fn apply_approval(run: &mut Run, event: &Event, d: &ApprovalDecision) {
     let environment = d.stage.split_once(':').map_or("", |(_, e)| e).to_string();
     run.approvals.push(Approval {
         approver: d.approver.clone(),
+        groups: d.groups.clone(),
         decision: if approved { "approve" } else { "reject" },
         environment,
         artifact_digest: d.artifact_digest.clone(),

@@ -19,11 +19,13 @@ pub mod fold;
 pub mod ids;
 pub mod objects;
 pub mod plan;
+pub mod policy;
 pub mod runtime;
 pub mod server;
 pub mod spec;
 pub mod subjects;
 pub mod telemetry;
+pub mod thresholds;
 pub mod workspace;
 
 #[cfg(feature = "test-support")]

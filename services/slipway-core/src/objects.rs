@@ -56,13 +56,15 @@ pub async fn put_file(
     path: &Path,
 ) -> Result<ObjectRef, BusError> {
     let (digest, size) = sha256_file(path).map_err(|e| nats("read file", e))?;
+    let content_addressed = name.is_none();
     let name = match name {
         Some(n) => n.to_string(),
         None => format!("sha256/{}", digest.trim_start_matches("sha256:")),
     };
     let store = bucket(bus, bucket_name).await?;
-    // Already stored with the same bytes (a repeated build): nothing to upload.
-    let present = matches!(store.info(&name).await, Ok(i) if i.size == size as usize && !i.deleted);
+    // A content-addressed name already present holds these very bytes (a repeated build).
+    let present = content_addressed
+        && matches!(store.info(&name).await, Ok(i) if i.size == size as usize && !i.deleted);
     if !present {
         let mut file = tokio::fs::File::open(path)
             .await

@@ -208,8 +208,10 @@ pub async fn run_worker<W: Worker>(
 
     let tracker = TaskTracker::new();
     let jobs_cancel = CancellationToken::new();
+    // Stopped when the loop ends for any reason, so the tracker can drain.
+    let helpers = shutdown.child_token();
     let advisories =
-        spawn_max_deliveries_listener(&bus, service, &tracker, shutdown.clone()).await?;
+        spawn_max_deliveries_listener(&bus, service, &tracker, helpers.clone()).await?;
     let permits = Arc::new(tokio::sync::Semaphore::new(settings.concurrency.max(1)));
     let mut messages = consumer
         .stream()
@@ -252,6 +254,7 @@ pub async fn run_worker<W: Worker>(
             drop(permit);
         });
     }
+    helpers.cancel();
     tracker.close();
     let drain = Duration::from_secs(settings.drain_secs);
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
@@ -331,6 +334,12 @@ impl<W: Worker> Ctx<W> {
         delivered: i64,
     ) {
         let service = self.worker.service();
+        // Watch the run's end before reading the log, so an end landing in between is seen.
+        let ends = self
+            .bus
+            .client()
+            .subscribe(format!("slipway.run.{run_id}.run.*"))
+            .await;
         // Check the log before any side effect: a redelivered request may already be done.
         let run = match self.bus.run_log(&run_id).await {
             Ok(log) => {
@@ -400,7 +409,9 @@ impl<W: Worker> Ctx<W> {
         // Stops the helpers below even if the handler panics (the request is then redelivered).
         let _helpers = guard.clone().drop_guard();
         let progress = {
-            let every = Duration::from_secs(self.settings.ack_wait_secs.max(3) / 3);
+            // Well inside ack_wait, whatever it is.
+            let every =
+                Duration::from_millis((self.settings.ack_wait_secs.max(1) * 1000 / 3).max(100));
             let reply = msg.reply.clone();
             let client = self.bus.client().clone();
             let guard = guard.clone();
@@ -418,43 +429,52 @@ impl<W: Worker> Ctx<W> {
         };
         let cancelled_run = CancellationToken::new();
         let watcher = {
-            let sub = self
-                .bus
-                .client()
-                .subscribe(format!("slipway.run.{run_id}.run.cancelled"))
-                .await;
             let job_cancel = job.cancel.clone();
             let cancelled_run = cancelled_run.clone();
             let guard = guard.clone();
             tokio::spawn(async move {
-                let Ok(mut sub) = sub else { return };
+                let Ok(mut sub) = ends else { return };
                 tokio::select! {
                     _ = guard.cancelled() => {}
-                    m = sub.next() => if m.is_some() {
+                    // Any end of the run (cancelled, failed elsewhere, ...) stops the work.
+                    m = sub.next() => if m.is_some_and(|m| !m.subject.as_str().ends_with(".run.created")) {
                         cancelled_run.cancel();
                         job_cancel.cancel();
                     }
                 }
             })
         };
+        // An end that landed after the log was read but before the subscription took is in
+        // the log now.
+        if let Ok(log) = self.bus.run_log(&run_id).await {
+            let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
+            if Run::replay(&events).is_some_and(|r| r.is_ended()) {
+                cancelled_run.cancel();
+                job.cancel.cancel();
+            }
+        }
         let result = self.worker.handle(&job).await;
         guard.cancel();
         progress.abort();
         watcher.abort();
 
         if cancelled_run.is_cancelled() {
-            info!("Run cancelled while the stage ran; work stopped.");
+            info!("Run ended while the stage ran; work stopped.");
             let data = EventData::stage_failure(
                 kind_of(&job),
                 &stage,
                 attempt,
-                "run cancelled while the stage ran".into(),
+                "the run ended (cancelled or failed elsewhere) while the stage ran".into(),
             );
             self.publish_then_ack(&msg, &run_id, data).await;
             return;
         }
-        if self.jobs_cancel.is_cancelled() {
-            // Shutting down: leave the request to a replica or to our restart.
+        let succeeded = matches!(
+            result.as_ref().map(|d| d.stage_fact().map(|(_, _, v)| v)),
+            Ok(Some(crate::events::StageVerb::Succeeded))
+        );
+        if self.jobs_cancel.is_cancelled() && !succeeded {
+            // Shutting down cut the work short: leave the request to a replica or our restart.
             let _ = msg.ack_with(AckKind::Nak(None)).await;
             return;
         }

@@ -125,6 +125,10 @@ impl NatsProcess {
 
     fn start(&mut self) -> Result<(), String> {
         std::fs::create_dir_all(&self.store).map_err(|e| e.to_string())?;
+        // Readiness is "something listens on the port": it must not be someone else.
+        if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
+            return Err(format!("port {} is already in use on 127.0.0.1", self.port));
+        }
         let log = self.store.join("nats-server.log");
         let mut cmd = Command::new(&self.binary);
         cmd.args([

@@ -73,8 +73,29 @@ impl Sim {
     /// # Panics
     /// When the spec is invalid.
     pub fn with_source(spec: &str, source: SourceRef, change_id: &str) -> Self {
+        Self::build(spec, source, change_id, 1)
+    }
+
+    /// The `n`-th change of a pipeline: created `n` seconds after the first, with stream
+    /// sequence `n`, so runs of the same spec have a creation order.
+    ///
+    /// # Panics
+    /// When the spec is invalid.
+    pub fn nth(spec: &str, n: u64) -> Self {
+        Self::build(
+            spec,
+            SourceRef::Directory {
+                path: "/src".into(),
+            },
+            &format!("change-{n}"),
+            n,
+        )
+    }
+
+    fn build(spec: &str, source: SourceRef, change_id: &str, seq: u64) -> Self {
         let spec = PipelineSpec::parse(spec).expect("valid spec");
-        let now = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+        let now = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap()
+            + Duration::seconds(i64::try_from(seq).unwrap_or(0) - 1);
         let run_id = ids::run_id("/sim", change_id);
         let created = RunCreated {
             run_id: run_id.clone(),
@@ -82,7 +103,7 @@ impl Sim {
             change: ChangeInfo {
                 id: change_id.into(),
                 source: "/sim".into(),
-                seq: 1,
+                seq,
                 time: now,
                 author: Some("alice".into()),
                 title: None,
@@ -147,6 +168,16 @@ impl Sim {
     /// One decision round: decide, record the commands, and return them.
     pub fn decide(&mut self) -> Vec<Command> {
         let cmds = decide(self.run(), self.now);
+        for c in &cmds {
+            let e = c.to_event(&self.run_id, "/slipway/conductor", self.now);
+            self.push(e);
+        }
+        cmds
+    }
+
+    /// One decision round among other runs of the pipeline (see [`crate::decide::Fleet`]).
+    pub fn decide_in(&mut self, fleet: &crate::decide::Fleet) -> Vec<Command> {
+        let cmds = crate::decide::decide_in(self.run(), fleet, self.now);
         for c in &cmds {
             let e = c.to_event(&self.run_id, "/slipway/conductor", self.now);
             self.push(e);
@@ -255,9 +286,10 @@ impl Sim {
                 let done = DeploySucceeded {
                     stage,
                     attempt,
+                    pipeline: r.pipeline.clone(),
                     environment: r.environment.clone(),
                     version: r.version.clone(),
-                    artifact_digest: r.artifact.digest.clone(),
+                    artifact: r.artifact.clone(),
                     previous_version: prev.map(|p| p.0),
                     log: None,
                     duration_ms: 3,
@@ -328,6 +360,9 @@ impl Sim {
                     stage,
                     attempt,
                     environment: r.environment.name.clone(),
+                    verdict: crate::events::MonitorVerdict::Verified,
+                    version: Some(r.version.clone()),
+                    probes: 10,
                     metrics: BTreeMap::new(),
                     checks: Vec::new(),
                     incident_id: None,

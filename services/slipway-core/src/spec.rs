@@ -405,8 +405,37 @@ fn default_approval_timeout() -> u64 {
     7 * 24 * 3600
 }
 
-/// Metrics an SLO may bound.
-pub const SLO_METRICS: &[&str] = &["availability", "error_rate", "p95_ms", "p99_ms"];
+/// Metrics an SLO may bound: from the health probes (`availability`, `probe_p95_ms`,
+/// `probe_p99_ms`) or from the service's Prometheus endpoint (`error_rate`, `p95_ms`, `p99_ms`).
+pub const SLO_METRICS: &[&str] = &[
+    "availability",
+    "probe_p95_ms",
+    "probe_p99_ms",
+    "error_rate",
+    "p95_ms",
+    "p99_ms",
+];
+
+/// Names of the deployed service's own metrics in its Prometheus text endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PrometheusNames {
+    /// Counter of requests served (for `error_rate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<String>,
+    /// Counter of requests that failed (for `error_rate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<String>,
+    /// Histogram of request latency in seconds (for `p95_ms`, `p99_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_histogram: Option<String>,
+}
+
+impl PrometheusNames {
+    fn is_empty(&self) -> bool {
+        self.requests.is_none() && self.errors.is_none() && self.latency_histogram.is_none()
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -417,9 +446,17 @@ pub struct MonitorSpec {
     #[serde(default = "default_window")]
     pub window_secs: u64,
     #[serde(default = "default_probe_interval")]
-    pub probe_interval_secs: u64,
+    pub probe_interval_ms: u64,
+    /// A probe slower than this counts as failed.
+    #[serde(default = "default_probe_timeout")]
+    pub probe_timeout_ms: u64,
     #[serde(default = "default_health_path")]
     pub health_path: String,
+    /// Prometheus text endpoint of the deployed service, scraped at the window's start and end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_path: Option<String>,
+    #[serde(default, skip_serializing_if = "PrometheusNames::is_empty")]
+    pub metrics: PrometheusNames,
     /// Roll back to the last good version on an SLO breach.
     #[serde(default = "default_true")]
     pub rollback: bool,
@@ -432,7 +469,10 @@ fn default_window() -> u64 {
     300
 }
 fn default_probe_interval() -> u64 {
-    10
+    10_000
+}
+fn default_probe_timeout() -> u64 {
+    2_000
 }
 fn default_health_path() -> String {
     "/healthz".into()
@@ -567,8 +607,56 @@ impl PipelineSpec {
                 }
             }
             check_timeout("monitor.window_secs", m.window_secs)?;
-            check_timeout("monitor.probe_interval_secs", m.probe_interval_secs)?;
+            if m.probe_interval_ms < 50 || m.probe_interval_ms > m.window_secs * 1000 {
+                return Err(SpecError::new(
+                    "monitor.probe_interval_ms",
+                    "must be at least 50 and at most the window",
+                ));
+            }
+            if m.probe_timeout_ms == 0 {
+                return Err(SpecError::new(
+                    "monitor.probe_timeout_ms",
+                    "must be at least 1",
+                ));
+            }
             check_metrics("monitor.slos", &m.slos, SLO_METRICS)?;
+            for (slo, needs) in [
+                (
+                    "error_rate",
+                    [m.metrics.requests.as_ref(), m.metrics.errors.as_ref()],
+                ),
+                (
+                    "p95_ms",
+                    [
+                        m.metrics.latency_histogram.as_ref(),
+                        m.metrics.latency_histogram.as_ref(),
+                    ],
+                ),
+                (
+                    "p99_ms",
+                    [
+                        m.metrics.latency_histogram.as_ref(),
+                        m.metrics.latency_histogram.as_ref(),
+                    ],
+                ),
+            ] {
+                if m.slos.contains_key(slo)
+                    && (m.metrics_path.is_none() || needs.iter().any(Option::is_none))
+                {
+                    return Err(SpecError::new(
+                        format!("monitor.slos.{slo}"),
+                        "needs monitor.metrics_path and the metric names in [monitor.metrics]",
+                    ));
+                }
+            }
+            for (i, e) in self.environment.iter().enumerate() {
+                if self.monitors(&e.name) && e.url.is_none() {
+                    return Err(SpecError::new(
+                        format!("environment[{i}].url"),
+                        "a monitored environment needs a url",
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -271,6 +271,12 @@ pub fn pack(src: &Path, paths: &[String], dest: &Path) -> Result<Packed, Workspa
                 why: "resolves outside the workspace".into(),
             });
         }
+        // The resolved target decides: a link to a directory inside the workspace is packed.
+        let meta = if meta.file_type().is_symlink() {
+            std::fs::metadata(&canon)?
+        } else {
+            meta
+        };
         if meta.is_dir() {
             collect(&canon_src, &canon, &mut files)?;
         } else {

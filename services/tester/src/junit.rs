@@ -8,8 +8,9 @@ use quick_xml::Reader;
 use quick_xml::events::{BytesStart, Event};
 use slipway_core::events::{CaseStatus, TestCase, TestSummary};
 
-/// At most this many cases are kept; a larger report is summarised, not stored whole.
-pub const MAX_CASES: usize = 10_000;
+/// At most this many cases go into the event (failing ones first), so a suite's fact stays
+/// well below NATS's message size limit; the summary still counts every case.
+pub const MAX_CASES: usize = 500;
 const MAX_MESSAGE: usize = 500;
 
 /// A report that cannot be read.
@@ -151,6 +152,7 @@ fn case_from(e: &BytesStart<'_>) -> TestCase {
 
 fn finish(report: &mut Report, case: Option<TestCase>) {
     let Some(case) = case else { return };
+    let failing = matches!(case.status, CaseStatus::Failed | CaseStatus::Error);
     let s = &mut report.summary;
     s.tests += 1;
     match case.status {
@@ -161,6 +163,16 @@ fn finish(report: &mut Report, case: Option<TestCase>) {
     }
     if report.cases.len() < MAX_CASES {
         report.cases.push(case);
+    } else if failing {
+        // Make room for a failing case by dropping a passing or skipped one.
+        if let Some(i) = report
+            .cases
+            .iter()
+            .rposition(|c| !matches!(c.status, CaseStatus::Failed | CaseStatus::Error))
+        {
+            report.cases.remove(i);
+            report.cases.push(case);
+        }
     }
 }
 
@@ -205,6 +217,20 @@ mod tests {
         assert!(parse("not xml at all").is_err());
         assert!(parse("<testsuite><testcase name='a'></testsuite>").is_err());
         assert!(parse("<html/>").is_err());
+    }
+
+    #[test]
+    fn a_huge_report_keeps_its_failures_within_the_cap() {
+        let mut xml = String::from("<testsuite>");
+        for i in 0..2000 {
+            xml.push_str(&format!("<testcase name=\"ok{i}\"/>"));
+        }
+        xml.push_str("<testcase name=\"bad\"><failure message=\"boom\"/></testcase></testsuite>");
+        let r = parse(&xml).unwrap();
+        assert_eq!(r.summary.tests, 2001);
+        assert_eq!(r.summary.failed, 1);
+        assert_eq!(r.cases.len(), MAX_CASES);
+        assert!(r.cases.iter().any(|c| c.name == "bad"));
     }
 
     proptest::proptest! {

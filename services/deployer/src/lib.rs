@@ -1,0 +1,367 @@
+//! The deployer: `deploy.requested` and `rollback.requested` in; `started` (with what was live
+//! before) and `succeeded` / `failed` out.
+//!
+//! It trusts the log, not the request: the deploy command comes from the run's spec snapshot,
+//! the artifact must be the run's own build (or, for a rollback, the version the log says was
+//! live before), and before an environment that requires approval it folds the run itself and
+//! refuses unless every gate passed and an approval the policy accepts is in the log for exactly
+//! this artifact digest. A request whose deploy was already started by an earlier delivery is
+//! never run again: deploys never run twice for the same run and environment.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slipway_core::bus::{Bus, BusError};
+use slipway_core::config::Config;
+use slipway_core::decide::version_of;
+use slipway_core::events::{
+    DeployRequested, DeployStarted, DeploySucceeded, EventData, ObjectRef, StageFailed, StageKind,
+};
+use slipway_core::exec::{self, Cmd, ExecSettings};
+use slipway_core::fold::StageStatus;
+use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
+use slipway_core::workspace::{self, Workspace};
+use tracing::{info, warn};
+
+/// Runs the deployer until `shutdown`.
+///
+/// # Errors
+/// [`BusError`] when NATS cannot be reached or the consumer cannot be set up.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BusError> {
+    let bus = Bus::connect(&config.nats, "slipway-deployer").await?;
+    let worker = Arc::new(Deployer {
+        exec: config.exec.clone(),
+        logs_bucket: config.nats.stream.logs_bucket.clone(),
+    });
+    run_worker(bus, worker, config.worker, shutdown).await
+}
+
+/// The deploy worker.
+#[derive(Debug)]
+pub struct Deployer {
+    pub exec: ExecSettings,
+    pub logs_bucket: String,
+}
+
+/// The version live in one environment of one pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Live {
+    pub version: String,
+    pub artifact: ObjectRef,
+    pub run_id: String,
+}
+
+/// What the log says is live in `environment` of `pipeline`: the last successful deploy or
+/// rollback there.
+///
+/// # Errors
+/// [`BusError`] when the log cannot be read.
+pub async fn live_version(
+    bus: &Bus,
+    pipeline: &str,
+    environment: &str,
+) -> Result<Option<Live>, BusError> {
+    let recs = bus
+        .read(
+            &[
+                "slipway.run.*.deploy.succeeded".to_string(),
+                "slipway.run.*.rollback.succeeded".to_string(),
+            ],
+            1,
+        )
+        .await?;
+    Ok(recs.into_iter().rev().find_map(|r| {
+        let e = r.event.ok()?;
+        match e.data {
+            EventData::DeploySucceeded(d) | EventData::RollbackSucceeded(d)
+                if d.pipeline == pipeline && d.environment == environment =>
+            {
+                Some(Live {
+                    version: d.version,
+                    artifact: d.artifact,
+                    run_id: e.subject.unwrap_or_default(),
+                })
+            }
+            _ => None,
+        }
+    }))
+}
+
+fn request(job: &Job) -> Result<(&DeployRequested, bool), Transient> {
+    match &job.request.data {
+        EventData::DeployRequested(r) => Ok((r, false)),
+        EventData::RollbackRequested(r) => Ok((r, true)),
+        other => Err(Transient(format!(
+            "{} is not a deploy request",
+            other.type_name()
+        ))),
+    }
+}
+
+fn failed(
+    rollback: bool,
+    r: &DeployRequested,
+    reason: String,
+    exit_code: Option<i32>,
+    log_tail: Option<String>,
+    log: Option<ObjectRef>,
+) -> EventData {
+    let f = StageFailed {
+        stage: r.stage.clone(),
+        attempt: r.attempt,
+        reason,
+        exit_code,
+        log_tail,
+        log,
+    };
+    if rollback {
+        EventData::RollbackFailed(f)
+    } else {
+        EventData::DeployFailed(f)
+    }
+}
+
+impl Worker for Deployer {
+    fn service(&self) -> &'static str {
+        "deployer"
+    }
+
+    fn kinds(&self) -> &'static [StageKind] {
+        &[StageKind::Deploy, StageKind::Rollback]
+    }
+
+    async fn started(&self, job: &Job) -> Result<EventData, Transient> {
+        let (r, rollback) = request(job)?;
+        let live = live_version(&job.bus, &job.run.pipeline, &r.environment).await?;
+        let s = DeployStarted {
+            stage: r.stage.clone(),
+            attempt: r.attempt,
+            worker: job.worker_id.clone(),
+            environment: r.environment.clone(),
+            version: r.version.clone(),
+            previous_version: live.as_ref().map(|l| l.version.clone()),
+            previous_artifact: live.map(|l| l.artifact),
+        };
+        Ok(if rollback {
+            EventData::RollbackStarted(s)
+        } else {
+            EventData::DeployStarted(s)
+        })
+    }
+
+    async fn handle(&self, job: &Job) -> Result<EventData, Transient> {
+        let (r, rollback) = request(job)?;
+        if let Some(why) = self.refusal(job, r, rollback).await? {
+            warn!(environment = %r.environment, %why, "Deploy refused.");
+            return Ok(failed(
+                rollback,
+                r,
+                format!("refused: {why}"),
+                None,
+                None,
+                None,
+            ));
+        }
+        self.deploy(job, r, rollback).await
+    }
+}
+
+impl Deployer {
+    /// Why this request must not be carried out, from the log's point of view.
+    async fn refusal(
+        &self,
+        job: &Job,
+        r: &DeployRequested,
+        rollback: bool,
+    ) -> Result<Option<String>, Transient> {
+        let run = &job.run;
+        // Started by an earlier delivery that never reported: the command may have run.
+        if run
+            .stage(&r.stage)
+            .is_some_and(|s| s.status == StageStatus::Running)
+        {
+            let by = run
+                .stage(&r.stage)
+                .and_then(|s| s.worker.clone())
+                .unwrap_or_default();
+            return Ok(Some(format!(
+                "an earlier delivery ({by}) started this deploy and stopped before reporting; \
+                 a deploy is never run twice, so its outcome must be checked by hand"
+            )));
+        }
+        if run.pipeline != r.pipeline || run.spec.environment(&r.environment).is_none() {
+            return Ok(Some(format!(
+                "the run's spec has no environment {:?} in pipeline {:?}",
+                r.environment, r.pipeline
+            )));
+        }
+        if rollback {
+            // Only back to what the log says was live before this run's deploy.
+            let dep = run.deployment(&r.environment);
+            let expected =
+                dep.and_then(|d| Some((d.previous_version.clone()?, d.previous_artifact.clone()?)));
+            return Ok(match expected {
+                Some((v, a)) if v == r.version && a.digest == r.artifact.digest => None,
+                Some((v, _)) => Some(format!(
+                    "rollback target {} is not the version live before this run ({v})",
+                    r.version
+                )),
+                None => Some(
+                    "the log holds no earlier version of this environment to roll back to".into(),
+                ),
+            });
+        }
+        let Some(built) = run.artifact_ref.as_ref() else {
+            return Ok(Some("the run has no built artifact".into()));
+        };
+        if built.digest != r.artifact.digest {
+            return Ok(Some(format!(
+                "artifact {} is not the run's build ({})",
+                r.artifact.digest, built.digest
+            )));
+        }
+        Ok(slipway_core::policy::deploy_refusal(
+            run,
+            &r.environment,
+            slipway_core::bus::now(),
+        ))
+    }
+
+    async fn deploy(
+        &self,
+        job: &Job,
+        r: &DeployRequested,
+        rollback: bool,
+    ) -> Result<EventData, Transient> {
+        let started = Instant::now();
+        let run = &job.run;
+        // The command comes from the spec snapshot in the log, never from the request.
+        let target = run
+            .spec
+            .environment(&r.environment)
+            .map(|e| e.deploy.clone())
+            .ok_or_else(|| Transient("environment vanished from the spec".into()))?;
+        let previous = live_version(&job.bus, &run.pipeline, &r.environment).await?;
+        let ws = Workspace::create(
+            &self.exec,
+            &format!("{}-deploy-{}", job.run_id, r.environment),
+        )
+        .map_err(|e| Transient(e.to_string()))?;
+        if let Err(e) = ws.checkout(&run.source, &self.exec, &job.cancel).await {
+            return Ok(failed(
+                rollback,
+                r,
+                format!("checkout failed: {e}"),
+                None,
+                None,
+                None,
+            ));
+        }
+        let archive = ws.out().join("artifact.tar.gz");
+        slipway_core::objects::get_file(&job.bus, &r.artifact, &archive)
+            .await
+            .map_err(Transient::from)?;
+        let artifact_dir = ws.root().join("artifact");
+        let (a, d) = (archive.clone(), artifact_dir.clone());
+        tokio::task::spawn_blocking(move || workspace::unpack(&a, &d))
+            .await
+            .map_err(|e| Transient(e.to_string()))?
+            .map_err(|e| Transient(format!("cannot unpack the artifact: {e}")))?;
+
+        let version = if rollback {
+            r.version.clone()
+        } else {
+            version_of(&run.pipeline, &r.artifact)
+        };
+        let log_path = ws.out().join("deploy.log");
+        let mut env = self.exec.base_env(&ws.home());
+        env.extend(target.env.clone());
+        env.insert("SLIPWAY_ENVIRONMENT".into(), r.environment.clone());
+        env.insert("SLIPWAY_RUN_ID".into(), job.run_id.clone());
+        env.insert("SLIPWAY_PIPELINE".into(), run.pipeline.clone());
+        env.insert("SLIPWAY_VERSION".into(), version.clone());
+        env.insert(
+            "SLIPWAY_ARTIFACT_DIR".into(),
+            artifact_dir.display().to_string(),
+        );
+        env.insert("SLIPWAY_ARTIFACT_DIGEST".into(), r.artifact.digest.clone());
+        env.insert(
+            "SLIPWAY_PREVIOUS_VERSION".into(),
+            previous
+                .as_ref()
+                .map(|p| p.version.clone())
+                .unwrap_or_default(),
+        );
+        let src = ws.src();
+        info!(environment = %r.environment, %version, rollback, "Deploying.");
+        let outcome = exec::run(
+            Cmd {
+                argv: &target.command,
+                cwd: &src,
+                env,
+                timeout: Duration::from_secs(target.timeout_secs),
+                log: &log_path,
+            },
+            &job.cancel,
+        )
+        .await;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                return Ok(failed(
+                    rollback,
+                    r,
+                    format!("deploy command could not start: {e}"),
+                    None,
+                    None,
+                    None,
+                ));
+            }
+        };
+        let log_name = format!(
+            "runs/{}/{}-{}.log",
+            job.run_id,
+            r.stage.replace(':', "-"),
+            r.attempt
+        );
+        let log = slipway_core::objects::put_file(
+            &job.bus,
+            &self.logs_bucket,
+            Some(&log_name),
+            &log_path,
+        )
+        .await
+        .map_err(Transient::from)?;
+        if !outcome.exit.success() {
+            let tail = exec::log_tail(&log_path, 20);
+            let what = match outcome.exit {
+                exec::Exit::TimedOut => format!("deploy timed out after {}s", target.timeout_secs),
+                other => format!("deploy command failed with {other}"),
+            };
+            return Ok(failed(
+                rollback,
+                r,
+                format!("{what}; last lines of the log:\n{tail}"),
+                outcome.exit.code(),
+                Some(tail),
+                Some(log),
+            ));
+        }
+        let done = DeploySucceeded {
+            stage: r.stage.clone(),
+            attempt: r.attempt,
+            pipeline: run.pipeline.clone(),
+            environment: r.environment.clone(),
+            version,
+            artifact: r.artifact.clone(),
+            previous_version: previous.map(|p| p.version),
+            log: Some(log),
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        };
+        Ok(if rollback {
+            EventData::RollbackSucceeded(done)
+        } else {
+            EventData::DeploySucceeded(done)
+        })
+    }
+}

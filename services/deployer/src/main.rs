@@ -1,0 +1,12 @@
+//! `slipway-deployer`: reads its configuration and runs the deployer until a signal.
+
+use slipway_core::config::{Config, config_path_from_args};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    slipway_core::telemetry::init("deployer");
+    let config = Config::load(config_path_from_args()?.as_deref())?;
+    let shutdown = slipway_core::runtime::shutdown_on_signals();
+    deployer::run(config, shutdown).await?;
+    Ok(())
+}

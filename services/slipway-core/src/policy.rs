@@ -1,0 +1,185 @@
+//! The approval policy, as pure checks: who may decide (the gateway answers `403` when the
+//! policy says no) and whether the log holds an approval production may be deployed on (the
+//! deployer refuses otherwise, whatever the request says).
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Duration, Utc};
+
+use crate::decide::POLICY_APPROVER;
+use crate::events::{StageKind, Verdict};
+use crate::fold::{Run, StageStatus};
+use crate::plan::planned_stages;
+use crate::spec::{ApprovalPolicy, AutoApprove};
+
+/// Why an approver may not decide on a run, if they may not.
+///
+/// # Errors
+/// The policy's reason, for a `403`.
+pub fn check_approver(
+    policy: &ApprovalPolicy,
+    approver: &str,
+    groups: &[String],
+    author: Option<&str>,
+) -> Result<(), String> {
+    if !policy.allow_self_approval && author == Some(approver) {
+        return Err(format!(
+            "{approver} authored this change and the policy forbids self-approval"
+        ));
+    }
+    if !policy.allowed_groups.is_empty()
+        && !groups.iter().any(|g| policy.allowed_groups.contains(g))
+    {
+        return Err(format!(
+            "{approver} is in none of the allowed groups ({})",
+            policy.allowed_groups.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// The gate stages of the run's plan, and whether each passed.
+fn gates(run: &Run) -> Vec<(String, Option<StageStatus>)> {
+    planned_stages(&run.spec)
+        .into_iter()
+        .filter(|k| {
+            matches!(
+                StageKind::parse(k.split(':').next().unwrap_or_default()),
+                Some(StageKind::Evaluate | StageKind::Perf | StageKind::Cost)
+            )
+        })
+        .map(|k| {
+            let status = run.stage(&k).map(|s| s.status);
+            (k, status)
+        })
+        .collect()
+}
+
+/// Why the run's artifact may not be deployed to `environment` now, if it may not: a gate
+/// that has not passed, or no approval the policy accepts for exactly this artifact.
+pub fn deploy_refusal(run: &Run, environment: &str, now: DateTime<Utc>) -> Option<String> {
+    let Some(env) = run.spec.environment(environment) else {
+        return Some(format!("the run's spec has no environment {environment:?}"));
+    };
+    let Some(artifact) = run.artifact.as_ref() else {
+        return Some("the run has no built artifact".into());
+    };
+    if env.requires_approval {
+        for (key, status) in gates(run) {
+            if status != Some(StageStatus::Succeeded) {
+                let s = status.map_or("not run".to_string(), |s| format!("{s:?}").to_lowercase());
+                return Some(format!("gate {key} has not passed ({s})"));
+            }
+        }
+    }
+    if !env.requires_approval {
+        return None;
+    }
+    let Some(policy) = run.spec.approval.as_ref() else {
+        return Some("the environment requires approval but the spec has no policy".into());
+    };
+    let decisions: Vec<_> = run
+        .approvals
+        .iter()
+        .filter(|a| a.environment == environment && a.artifact_digest == artifact.digest)
+        .collect();
+    if let Some(r) = decisions.iter().find(|a| a.decision == "reject") {
+        return Some(format!("rejected by {}", r.approver));
+    }
+    let clean = run.gates.iter().all(|g| g.verdict == Verdict::Pass);
+    let expiry =
+        Duration::seconds(i64::try_from(policy.expires_after_secs).unwrap_or(i64::MAX / 1000));
+    let mut accepted = BTreeSet::new();
+    let mut notes = Vec::new();
+    for a in decisions.iter().filter(|a| a.decision == "approve") {
+        if a.approver == POLICY_APPROVER {
+            if policy.auto_approve == AutoApprove::WhenClean && clean {
+                return None;
+            }
+            notes.push("an automatic approval the policy does not allow".to_string());
+            continue;
+        }
+        if now > a.decided_at + expiry {
+            notes.push(format!("{}'s approval expired", a.approver));
+            continue;
+        }
+        if let Err(why) =
+            check_approver(policy, &a.approver, &a.groups, run.change.author.as_deref())
+        {
+            notes.push(why);
+            continue;
+        }
+        accepted.insert(a.approver.as_str());
+    }
+    if accepted.len() >= policy.required_approvals as usize {
+        return None;
+    }
+    let mut reason = format!(
+        "{} of {} required approvals for artifact {} accepted",
+        accepted.len(),
+        policy.required_approvals,
+        artifact.digest
+    );
+    if !notes.is_empty() {
+        reason.push_str(&format!(" ({})", notes.join("; ")));
+    }
+    Some(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{Answer, Sim};
+
+    const SPEC: &str = include_str!("../../../schemas/examples/full-pipeline.toml");
+
+    fn policy() -> ApprovalPolicy {
+        crate::spec::PipelineSpec::parse(SPEC)
+            .unwrap()
+            .approval
+            .unwrap()
+    }
+
+    #[test]
+    fn approvers_are_checked_against_the_policy() {
+        let p = policy();
+        let rm = vec!["release-managers".to_string()];
+        assert!(check_approver(&p, "bob", &rm, Some("alice")).is_ok());
+        let err = check_approver(&p, "alice", &rm, Some("alice")).unwrap_err();
+        assert!(err.contains("self-approval"), "{err}");
+        let err = check_approver(&p, "bob", &["interns".into()], Some("alice")).unwrap_err();
+        assert!(err.contains("allowed groups"), "{err}");
+    }
+
+    #[test]
+    fn production_needs_passed_gates_and_accepted_approvals() {
+        // Approved by two release managers (the simulation's approvers): accepted.
+        let mut sim = Sim::new(SPEC);
+        sim.script
+            .insert("deploy:production".into(), Answer::Silent);
+        sim.run_to_end();
+        assert_eq!(deploy_refusal(sim.run(), "production", sim.now), None);
+        // Staging needs nothing.
+        assert_eq!(deploy_refusal(sim.run(), "staging", sim.now), None);
+        // Too late: the approvals expired.
+        let late = sim.now + Duration::days(2);
+        let why = deploy_refusal(sim.run(), "production", late).unwrap();
+        assert!(why.contains("expired"), "{why}");
+
+        // Waiting for approval: refused, naming the count.
+        let mut sim = Sim::new(SPEC);
+        sim.script
+            .insert("approval:production".into(), Answer::Silent);
+        sim.run_to_end();
+        let why = deploy_refusal(sim.run(), "production", sim.now).unwrap();
+        assert!(why.starts_with("0 of 2 required approvals"), "{why}");
+
+        // A gate that failed: refused.
+        let mut sim = Sim::new(SPEC);
+        sim.script
+            .insert("perf".into(), Answer::Fail("slow".into()));
+        sim.run_to_end();
+        let why = deploy_refusal(sim.run(), "production", sim.now).unwrap();
+        assert!(why.contains("gate perf has not passed"), "{why}");
+    }
+}

@@ -1,0 +1,156 @@
+//! Checking a measured value against a [`Threshold`]: the verdict names the metric, the
+//! candidate, the baseline, the delta and the bound that failed. Shared by the gates and the
+//! monitor.
+
+use crate::events::{Check, Verdict};
+use crate::spec::{Severity, Threshold};
+
+/// Metrics where more is better; for every other metric less is better.
+pub fn higher_is_better(metric: &str) -> bool {
+    matches!(
+        metric,
+        "availability" | "exact_match" | "accuracy" | "f1" | "format_compliance" | "throughput_rps"
+    )
+}
+
+/// Checks `value` (and its baseline, when known) against a threshold.
+pub fn check(
+    metric: &str,
+    scope: Option<&str>,
+    value: f64,
+    baseline: Option<f64>,
+    t: &Threshold,
+) -> Check {
+    let mut broken = Vec::new();
+    if let Some(min) = t.min
+        && value < min
+    {
+        broken.push(format!("{metric} {value:.4} < min {min:.4}"));
+    }
+    if let Some(max) = t.max
+        && value > max
+    {
+        broken.push(format!("{metric} {value:.4} > max {max:.4}"));
+    }
+    let delta = baseline.map(|b| value - b);
+    // How much worse than the baseline, in the metric's unit (positive = worse).
+    let worse = delta.map(|d| if higher_is_better(metric) { -d } else { d });
+    if let (Some(limit), Some(w)) = (t.max_regression, worse)
+        && w > limit
+    {
+        broken.push(format!("{metric} regressed by {w:.4} > {limit:.4}"));
+    }
+    if let (Some(limit), Some(w), Some(b)) = (t.max_regression_pct, worse, baseline)
+        && b != 0.0
+    {
+        let pct = 100.0 * w / b.abs();
+        if pct > limit {
+            broken.push(format!("{metric} regressed by {pct:.1}% > {limit:.1}%"));
+        }
+    }
+    let verdict = if broken.is_empty() {
+        Verdict::Pass
+    } else if t.severity == Severity::Warn {
+        Verdict::Warn
+    } else {
+        Verdict::Fail
+    };
+    let note = if broken.is_empty() {
+        format!("{metric} {value:.4} within bounds")
+    } else {
+        broken.join("; ")
+    };
+    Check {
+        metric: metric.to_string(),
+        scope: scope.map(str::to_string),
+        candidate: value,
+        baseline,
+        delta,
+        p_value: None,
+        interval: None,
+        verdict,
+        note,
+    }
+}
+
+/// The worst verdict of a set of checks (`Pass` for none).
+pub fn overall(checks: &[Check]) -> Verdict {
+    if checks.iter().any(|c| c.verdict == Verdict::Fail) {
+        Verdict::Fail
+    } else if checks.iter().any(|c| c.verdict == Verdict::Warn) {
+        Verdict::Warn
+    } else {
+        Verdict::Pass
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(
+        min: Option<f64>,
+        max: Option<f64>,
+        reg: Option<f64>,
+        pct: Option<f64>,
+        severity: Severity,
+    ) -> Threshold {
+        Threshold {
+            min,
+            max,
+            max_regression: reg,
+            max_regression_pct: pct,
+            severity,
+        }
+    }
+
+    #[test]
+    fn bounds_and_regressions() {
+        let c = check(
+            "error_rate",
+            None,
+            0.05,
+            None,
+            &t(None, Some(0.01), None, None, Severity::Fail),
+        );
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert!(c.note.contains("> max"), "{}", c.note);
+        let c = check(
+            "availability",
+            None,
+            0.999,
+            None,
+            &t(Some(0.99), None, None, None, Severity::Fail),
+        );
+        assert_eq!(c.verdict, Verdict::Pass);
+        // Accuracy fell by 0.05 against a limit of 0.02: a regression, here only a warning.
+        let c = check(
+            "accuracy",
+            None,
+            0.80,
+            Some(0.85),
+            &t(None, None, Some(0.02), None, Severity::Warn),
+        );
+        assert_eq!(c.verdict, Verdict::Warn);
+        // Latency 10% higher than the baseline with 5% allowed.
+        let c = check(
+            "p95_ms",
+            None,
+            110.0,
+            Some(100.0),
+            &t(None, None, None, Some(5.0), Severity::Fail),
+        );
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert!(c.note.contains("10.0%"), "{}", c.note);
+        // Latency that improved is no regression.
+        let c = check(
+            "p95_ms",
+            None,
+            90.0,
+            Some(100.0),
+            &t(None, None, None, Some(5.0), Severity::Fail),
+        );
+        assert_eq!(c.verdict, Verdict::Pass);
+        assert_eq!(overall(&[]), Verdict::Pass);
+    }
+}
