@@ -5,6 +5,8 @@
 #
 # With --old-server it also unpacks Debian's nats-server 2.9 (never installed system-wide) into
 # .venv/nats-2.9/, for the test that Slipway refuses servers older than 2.11.
+# With --browser it installs Debian's chromium and chromium-driver when missing (needs root),
+# for the approver page's browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,9 +53,28 @@ old_server() {
     echo "setup: $("$dir/usr/sbin/nats-server" --version) unpacked into $dir (old-server test)" >&2
 }
 
-if [ "${1:-}" = "--old-server" ]; then
-    old_server
-fi
+browser() {
+    if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+        return 0
+    fi
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "setup: chromium/chromedriver missing and not root with apt-get; the browser test will say so" >&2
+        return 0
+    fi
+    echo "setup: installing chromium and chromium-driver from Debian" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || {
+        apt-get update -qq >/dev/null 2>&1 || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    }
+}
+
+for arg in "$@"; do
+    case "$arg" in
+        --old-server) old_server ;;
+        --browser) browser ;;
+        *) echo "setup: unknown option $arg" >&2; exit 2 ;;
+    esac
+done
 
 if [ -n "${SLIPWAY_NATS_SERVER:-}" ] && suitable "$SLIPWAY_NATS_SERVER"; then
     exit 0

@@ -66,9 +66,17 @@ fn slipway_up_runs_the_example_and_ctrl_c_stops_everything() {
     let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
     let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+    let config = dir.path().join("slipway.toml");
+    std::fs::write(
+        &config,
+        format!("[gateway]\nlisten = \"127.0.0.1:{}\"\n", free_port()),
+    )
+    .unwrap();
     let mut up = Command::new(bin_dir().join("slipway"))
         .args(["up", "--port", &port.to_string(), "--data-dir"])
         .arg(&data)
+        .arg("--config")
+        .arg(&config)
         .env_remove("SLIPWAY_NATS_URL")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -111,12 +119,12 @@ fn slipway_up_runs_the_example_and_ctrl_c_stops_everything() {
 }
 
 #[test]
-fn slipway_demo_runs_a_whole_run_and_stops() {
+fn slipway_demo_delivers_one_change_and_rolls_the_defective_one_back() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(bin_dir().join("slipway"))
         .arg("demo")
-        .arg("--spec")
-        .arg(hello_example().join("slipway.toml"))
+        .arg("--project")
+        .arg(slipway_core::testing::workspace_root().join("deploy/demo/model-server"))
         .arg("--data-dir")
         .arg(dir.path().join("demo"))
         .env_remove("SLIPWAY_NATS_URL")
@@ -128,8 +136,17 @@ fn slipway_demo_runs_a_whole_run_and_stops() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("(pipeline hello): succeeded"), "{stdout}");
-    assert!(stdout.contains("test:smoke"), "{stdout}");
+    assert!(stdout.contains("approved through the HTTP API"), "{stdout}");
+    assert!(
+        stdout.contains("(pipeline demo-model): succeeded"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("(pipeline demo-model): rolled_back"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("Demo passed"), "{stdout}");
+    // Everything it started is gone: services, nats-server, the model servers.
     let left = processes_mentioning(&dir.path().display().to_string());
     assert!(left.is_empty(), "left running: {left:?}");
 }

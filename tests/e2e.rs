@@ -258,8 +258,9 @@ exit 1"#;
 
 #[test]
 fn passing_run_moves_on_to_the_next_stage_of_its_spec() {
-    // Build and tests pass; the spec's next stage is a staging deploy, which the run requests.
-    let stack = Stack::start();
+    // Build and tests pass; the spec's next stage is a staging deploy, which the run requests
+    // (no deployer here, so it stays requested).
+    let stack = Stack::start_with(slipway_e2e::BUILD_AND_TEST);
     let extra = r#"
 [[environment]]
 name = "staging"

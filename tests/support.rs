@@ -13,7 +13,24 @@ use slipway_core::bus::Bus;
 use slipway_core::testing::TestNats;
 
 /// Services a full stack runs.
-pub const SERVICES: &[&str] = &["slipway-conductor", "slipway-builder", "slipway-tester"];
+pub const SERVICES: &[&str] = &[
+    "slipway-conductor",
+    "slipway-builder",
+    "slipway-tester",
+    "slipway-deployer",
+    "slipway-monitor",
+    "slipway-approval",
+];
+
+/// The worker services of issue 2's slice: no deploys, no gateway.
+pub const BUILD_AND_TEST: &[&str] = &["slipway-conductor", "slipway-builder", "slipway-tester"];
+
+/// Approvers of the test stacks: name, group, bearer token (`<name>-token`).
+pub const APPROVERS: &[(&str, &str)] = &[
+    ("bob", "release-managers"),
+    ("dave", "release-managers"),
+    ("carol", "interns"),
+];
 
 /// The directory holding the workspace's binaries (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
@@ -71,6 +88,8 @@ pub struct Stack {
     pub nats: TestNats,
     pub services: Vec<ServiceProc>,
     pub dir: tempfile::TempDir,
+    /// Where the approval gateway listens (when started).
+    pub gateway_port: u16,
     bins: PathBuf,
 }
 
@@ -86,8 +105,23 @@ impl Stack {
             nats: TestNats::start(),
             services: Vec::new(),
             dir: tempfile::tempdir().expect("temp dir"),
+            gateway_port: slipway_core::server::free_port(),
             bins: bin_dir(),
         };
+        let mut config = format!("[gateway]\nlisten = \"127.0.0.1:{}\"\n", s.gateway_port);
+        for (name, group) in APPROVERS {
+            let hash = {
+                use sha2::Digest;
+                format!(
+                    "{:x}",
+                    sha2::Sha256::digest(format!("{name}-token").as_bytes())
+                )
+            };
+            config.push_str(&format!(
+                "\n[[gateway.approvers]]\nname = \"{name}\"\ngroups = [\"{group}\"]\ntoken_sha256 = \"{hash}\"\n"
+            ));
+        }
+        std::fs::write(s.dir.path().join("slipway.toml"), config).expect("config");
         for name in services {
             s.spawn(name);
         }
@@ -107,6 +141,7 @@ impl Stack {
             .open(self.dir.path().join(format!("{name}.log")))
             .expect("service log");
         let child = Command::new(self.bins.join(binary))
+            .env("SLIPWAY_CONFIG", self.dir.path().join("slipway.toml"))
             .env("SLIPWAY__NATS__URL", self.nats.url())
             .env("SLIPWAY__WORKER__ACK_WAIT_SECS", "3")
             .env("SLIPWAY__WORKER__DRAIN_SECS", "5")
@@ -152,11 +187,28 @@ impl Stack {
         out
     }
 
+    pub fn gateway_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.gateway_port)
+    }
+
+    /// Waits until the gateway answers its health check.
+    pub fn wait_gateway(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.gateway_port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("gateway did not listen\n{}", self.logs());
+    }
+
     /// Runs `slipway <args>` against this stack's server.
     pub fn slipway(&self, args: &[&str]) -> Output {
         Command::new(self.bins.join("slipway"))
             .args(args)
             .env("SLIPWAY_NATS_URL", self.nats.url())
+            .env("SLIPWAY_GATEWAY_URL", self.gateway_url())
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -95,6 +95,62 @@ impl Client {
         timeout: u64,
         json_out: bool,
     ) -> anyhow::Result<ExitCode> {
+        let change = change_from(spec, source, revision, title)?;
+        self.publish_change(change, wait, timeout, json_out).await
+    }
+
+    /// Publishes a change; returns its run id and the change's stream sequence.
+    pub async fn send_change(&self, change: ChangeSubmitted) -> anyhow::Result<(String, u64)> {
+        let event = Event::new(
+            ids::random(),
+            SOURCE,
+            None,
+            slipway_core::bus::now(),
+            EventData::ChangeSubmitted(change),
+        );
+        let appended = self.bus.publish(&event).await?;
+        Ok((ids::run_id(&event.source, &event.id), appended.seq))
+    }
+
+    /// Waits until the run's state satisfies `until`; fails when the change was rejected or
+    /// `timeout` passes.
+    pub async fn wait_until(
+        &self,
+        run: &str,
+        change_seq: u64,
+        timeout: Duration,
+        until: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(reason) = self.rejection(change_seq).await? {
+                bail!("change rejected: {reason}");
+            }
+            if let Some(state) = self.state(run).await? {
+                if until(&state) {
+                    return Ok(state);
+                }
+                if phase_of(&state).is_final() {
+                    return Ok(state);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("run {run} did not get there within {}s", timeout.as_secs());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A change of the spec at `spec` and its source (a directory, default the spec's own, or a
+/// git URL at a revision).
+pub fn change_from(
+    spec: &Path,
+    source: Option<String>,
+    revision: Option<String>,
+    title: Option<String>,
+) -> anyhow::Result<ChangeSubmitted> {
+    {
         let text = std::fs::read_to_string(spec)
             .with_context(|| format!("cannot read the spec {}", spec.display()))?;
         let source = match source {
@@ -123,16 +179,17 @@ impl Client {
                 }
             }
         };
-        let change = ChangeSubmitted {
+        Ok(ChangeSubmitted {
             spec: text,
             source,
             author: Some(user()),
             title,
             rerun_of: None,
-        };
-        self.publish_change(change, wait, timeout, json_out).await
+        })
     }
+}
 
+impl Client {
     async fn publish_change(
         &self,
         change: ChangeSubmitted,
@@ -140,15 +197,7 @@ impl Client {
         timeout: u64,
         json_out: bool,
     ) -> anyhow::Result<ExitCode> {
-        let event = Event::new(
-            ids::random(),
-            SOURCE,
-            None,
-            slipway_core::bus::now(),
-            EventData::ChangeSubmitted(change),
-        );
-        let appended = self.bus.publish(&event).await?;
-        let run_id = ids::run_id(&event.source, &event.id);
+        let (run_id, change_seq) = self.send_change(change).await?;
         if !wait {
             if json_out {
                 println!("{}", json!({ "run_id": run_id }));
@@ -162,7 +211,7 @@ impl Client {
         }
         let deadline = Instant::now() + Duration::from_secs(timeout);
         loop {
-            if let Some(reason) = self.rejection(appended.seq).await? {
+            if let Some(reason) = self.rejection(change_seq).await? {
                 if json_out {
                     println!("{}", json!({"run_id": null, "rejected": reason}));
                 } else {

@@ -5,6 +5,8 @@
 //! operation refused, 2 bad usage or an unreachable server.
 
 mod client;
+mod demo;
+mod http;
 mod show;
 mod up;
 
@@ -97,20 +99,43 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Approve (or reject) a run awaiting approval, through the gateway's HTTP API.
+    Approve {
+        run: String,
+        #[arg(long)]
+        reject: bool,
+        #[arg(long)]
+        comment: Option<String>,
+        /// Bearer token (default: SLIPWAY_TOKEN).
+        #[arg(long, env = "SLIPWAY_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Gateway URL (default: SLIPWAY_GATEWAY_URL, else http://127.0.0.1:8080).
+        #[arg(long)]
+        gateway: Option<String>,
+        /// The artifact you reviewed (default: the run's current one).
+        #[arg(long)]
+        artifact_digest: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a new run of the same change.
     Rerun {
         run: String,
         #[arg(long)]
         json: bool,
     },
-    /// A whole run of the example project against a private nats-server, then stop.
+    /// Two changes of the demo model server end to end (the first verified in production,
+    /// the second rolled back), against a private nats-server; then stop.
     Demo {
-        /// The example's spec.
-        #[arg(long, default_value = "deploy/examples/hello/slipway.toml")]
-        spec: PathBuf,
-        /// Directory for the demo's server data and workspaces (emptied first).
+        /// The demo project (default: deploy/demo/model-server of this repository).
+        #[arg(long)]
+        project: Option<PathBuf>,
+        /// Directory for the demo's server data, workspaces and deployments (emptied first).
         #[arg(long, default_value = ".slipway/demo")]
         data_dir: PathBuf,
+        /// Seconds production is watched after each deploy.
+        #[arg(long, default_value_t = 8)]
+        monitor_window: u64,
     },
 }
 
@@ -145,7 +170,41 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             port,
             data_dir,
         } => up::up(explicit_url, config, port, data_dir).await,
-        Command::Demo { spec, data_dir } => up::demo(spec, data_dir).await,
+        Command::Demo {
+            project,
+            data_dir,
+            monitor_window,
+        } => demo::demo(project, data_dir, monitor_window).await,
+        Command::Approve {
+            run,
+            reject,
+            comment,
+            token,
+            gateway,
+            artifact_digest,
+            json,
+        } => {
+            let gw = http::gateway_url(gateway);
+            match http::decide(&gw, &token, &run, !reject, comment, artifact_digest).await {
+                Ok(v) => {
+                    if json {
+                        println!("{v}");
+                    } else {
+                        println!(
+                            "Recorded: {} of run {run} by {} for {}",
+                            v["decision"].as_str().unwrap_or(""),
+                            v["approver"].as_str().unwrap_or(""),
+                            v["artifact_digest"].as_str().unwrap_or("")
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("slipway: {e:#}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
         Command::Submit {
             spec,
             source,

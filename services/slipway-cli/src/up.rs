@@ -6,13 +6,18 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use slipway_core::server::{NatsProcess, find_nats_server, free_port};
+use slipway_core::server::{NatsProcess, find_nats_server};
 use tokio::process::{Child, Command};
 
-use crate::client::Client;
-
 /// The services `up` starts, by binary name.
-pub const SERVICES: &[&str] = &["slipway-conductor", "slipway-builder", "slipway-tester"];
+pub const SERVICES: &[&str] = &[
+    "slipway-conductor",
+    "slipway-builder",
+    "slipway-tester",
+    "slipway-deployer",
+    "slipway-monitor",
+    "slipway-approval",
+];
 
 /// A service that exits this many times is not restarted again: something is wrong.
 const MAX_RESTARTS: u32 = 5;
@@ -87,7 +92,7 @@ impl Stack {
             ),
         ];
         if quiet && std::env::var_os("RUST_LOG").is_none() {
-            env.push(("RUST_LOG".into(), "warn".into()));
+            env.push(("RUST_LOG".into(), "error".into()));
         }
         if let Some(c) = config {
             env.push((
@@ -184,7 +189,7 @@ impl Stack {
     }
 }
 
-fn absolute_file(p: &Path) -> anyhow::Result<PathBuf> {
+pub fn absolute_file(p: &Path) -> anyhow::Result<PathBuf> {
     std::fs::canonicalize(p).with_context(|| format!("{} does not exist", p.display()))
 }
 
@@ -225,22 +230,4 @@ pub async fn up(
     eprintln!("Stopping Slipway…");
     stack.stop().await;
     outcome.map(|()| ExitCode::SUCCESS)
-}
-
-/// `slipway demo`: a private server and services, one run of the example, then stop.
-pub async fn demo(spec: PathBuf, data_dir: PathBuf) -> anyhow::Result<ExitCode> {
-    let spec = absolute_file(&spec)?;
-    // A fresh log for every demo.
-    let _ = std::fs::remove_dir_all(&data_dir);
-    let stack = Stack::start(None, free_port(), &data_dir, None, true).await?;
-    let result = async {
-        let client = Client::connect(&stack.url).await?;
-        eprintln!("Submitting {} …", spec.display());
-        client
-            .submit(&spec, None, None, Some("demo".into()), true, 600, false)
-            .await
-    }
-    .await;
-    stack.stop().await;
-    result
 }

@@ -343,6 +343,10 @@ fn apply_stage_fact(run: &mut Run, event: &Event, key: &str, attempt: u32, verb:
     if run.stage(key).is_none() && !key.starts_with("rollback:") {
         return;
     }
+    // A request before its turn is not the conductor's: it never becomes an attempt.
+    if verb == StageVerb::Requested && !crate::plan::in_order(run, key) {
+        return;
+    }
     let time = event.time;
     if let (StageVerb::Started, EventData::DeployStarted(d) | EventData::RollbackStarted(d)) =
         (verb, &event.data)

@@ -85,3 +85,30 @@ pub fn planned_stages(spec: &PipelineSpec) -> Vec<String> {
         })
         .collect()
 }
+
+/// Whether a request for `key` is in plan order: every step before the stage's own has
+/// succeeded (a rollback: its environment's monitor failed). A request out of order is not
+/// the conductor's and is ignored by `fold`, so it can never become a stage attempt.
+pub fn in_order(run: &crate::fold::Run, key: &str) -> bool {
+    use crate::fold::StageStatus;
+    let status = |k: &str| run.stage(k).map(|s| s.status);
+    if let Some(env) = key.strip_prefix("rollback:") {
+        return status(&StageKind::Monitor.key(Some(env))) == Some(StageStatus::Failed);
+    }
+    for step in plan(&run.spec) {
+        let keys = match step {
+            Step::Stages(keys) => keys,
+            Step::Approval { environment } => vec![approval_key(&environment)],
+        };
+        if keys.iter().any(|k| k == key) {
+            return true;
+        }
+        if !keys
+            .iter()
+            .all(|k| status(k) == Some(StageStatus::Succeeded))
+        {
+            return false;
+        }
+    }
+    false
+}

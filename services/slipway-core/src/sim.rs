@@ -92,10 +92,37 @@ impl Sim {
         )
     }
 
+    /// The `n`-th change, its clock starting at `start` (a simulated run written to a live
+    /// log must not look months old to a real conductor's timeouts).
+    ///
+    /// # Panics
+    /// When the spec is invalid.
+    pub fn nth_at(spec: &str, n: u64, start: DateTime<Utc>) -> Self {
+        Self::build_at(
+            spec,
+            SourceRef::Directory {
+                path: "/src".into(),
+            },
+            &format!("change-{n}"),
+            n,
+            start,
+        )
+    }
+
     fn build(spec: &str, source: SourceRef, change_id: &str, seq: u64) -> Self {
+        let start = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+        Self::build_at(spec, source, change_id, seq, start)
+    }
+
+    fn build_at(
+        spec: &str,
+        source: SourceRef,
+        change_id: &str,
+        seq: u64,
+        start: DateTime<Utc>,
+    ) -> Self {
         let spec = PipelineSpec::parse(spec).expect("valid spec");
-        let now = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap()
-            + Duration::seconds(i64::try_from(seq).unwrap_or(0) - 1);
+        let now = start + Duration::seconds(i64::try_from(seq).unwrap_or(0) - 1);
         let run_id = ids::run_id("/sim", change_id);
         let created = RunCreated {
             run_id: run_id.clone(),

@@ -1,0 +1,432 @@
+//! The demo's model server: a tiny OpenAI-compatible chat endpoint, built by Slipway's own
+//! pipeline from this file with nothing but `rustc` (no crates), so the demo builds it in
+//! seconds.
+//!
+//! Endpoints: `POST /v1/chat/completions`, `GET /healthz`, `GET /metrics` (Prometheus text),
+//! `GET /version`. Its behaviour comes from a config file (`model.conf`, `key = value`):
+//! `version`, and `degrade_after_secs`, the deliberate defect of the demo's second change: after
+//! that many seconds of uptime the server answers errors, which only production monitoring
+//! sees.
+//!
+//! Other modes: `--self-test --junit PATH` runs the unit tests and writes a JUnit report;
+//! `--wait-healthy URL --timeout SECS` polls a health URL (the deploy script uses it);
+//! `--get URL` prints a response body.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Latency histogram bucket bounds, in seconds.
+const BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+struct Config {
+    version: String,
+    degrade_after: Option<Duration>,
+}
+
+fn parse_config(text: &str) -> Config {
+    let mut map = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            map.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
+        }
+    }
+    Config {
+        version: map.get("version").cloned().unwrap_or_else(|| "0.0.0".into()),
+        degrade_after: map
+            .get("degrade_after_secs")
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(Duration::from_secs_f64),
+    }
+}
+
+struct Metrics {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Self {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            buckets: Default::default(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, elapsed: Duration, error: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if error {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let secs = elapsed.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, version: &str) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP demo_requests_total Requests served.\n# TYPE demo_requests_total counter\n");
+        out.push_str(&format!(
+            "demo_requests_total{{version=\"{version}\"}} {}\n",
+            self.requests.load(Ordering::Relaxed)
+        ));
+        out.push_str("# HELP demo_request_errors_total Requests answered with an error.\n# TYPE demo_request_errors_total counter\n");
+        out.push_str(&format!(
+            "demo_request_errors_total{{version=\"{version}\"}} {}\n",
+            self.errors.load(Ordering::Relaxed)
+        ));
+        out.push_str("# HELP demo_request_duration_seconds Request latency.\n# TYPE demo_request_duration_seconds histogram\n");
+        for (i, le) in BUCKETS.iter().enumerate() {
+            out.push_str(&format!(
+                "demo_request_duration_seconds_bucket{{le=\"{le}\"}} {}\n",
+                self.buckets[i].load(Ordering::Relaxed)
+            ));
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        out.push_str(&format!("demo_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}\n"));
+        out.push_str(&format!(
+            "demo_request_duration_seconds_sum {}\n",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        ));
+        out.push_str(&format!("demo_request_duration_seconds_count {count}\n"));
+        out
+    }
+}
+
+struct Server {
+    config: Config,
+    started: Instant,
+    metrics: Metrics,
+}
+
+struct Request {
+    method: String,
+    path: String,
+    body: String,
+}
+
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+}
+
+fn json_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The content of the last `"content": "..."` in a chat request: the user's latest message.
+fn last_content(body: &str) -> Option<String> {
+    let key = "\"content\"";
+    let start = body.rfind(key)? + key.len();
+    let rest = body[start..].trim_start().strip_prefix(':')?.trim_start();
+    let rest = rest.strip_prefix('"')?;
+    let mut out = String::new();
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                'n' => out.push('\n'),
+                't' => out.push('\t'),
+                'u' => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?).unwrap_or('?'));
+                }
+                other => out.push(other),
+            },
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+/// The "model": a small knowledge base, answering what it knows and saying so otherwise.
+fn answer(question: &str) -> String {
+    let q = question.to_lowercase();
+    let facts: &[(&str, &str)] = &[
+        ("capital of france", "Paris"),
+        ("capital of japan", "Tokyo"),
+        ("capital of italy", "Rome"),
+        ("2 + 2", "4"),
+        ("2+2", "4"),
+        ("largest planet", "Jupiter"),
+        ("reset my password", "Open Settings, choose Security, then Reset password."),
+    ];
+    for (k, v) in facts {
+        if q.contains(k) {
+            return (*v).to_string();
+        }
+    }
+    "I don't know.".to_string()
+}
+
+impl Server {
+    fn degraded(&self) -> bool {
+        self.config
+            .degrade_after
+            .is_some_and(|d| self.started.elapsed() >= d)
+    }
+
+    fn handle(&self, req: &Request) -> Response {
+        let json = |status: u16, body: String| Response { status, content_type: "application/json", body };
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/healthz") => {
+                if self.degraded() {
+                    json(503, format!("{{\"status\":\"degraded\",\"version\":\"{}\"}}", self.config.version))
+                } else {
+                    json(200, format!("{{\"status\":\"ok\",\"version\":\"{}\"}}", self.config.version))
+                }
+            }
+            ("GET", "/version") => json(200, format!("{{\"version\":\"{}\"}}", self.config.version)),
+            ("GET", "/metrics") => Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: self.metrics.render(&self.config.version),
+            },
+            ("POST", "/v1/chat/completions") => {
+                if self.degraded() {
+                    return json(500, "{\"error\":{\"message\":\"model backend exhausted\",\"type\":\"server_error\"}}".into());
+                }
+                let Some(question) = last_content(&req.body) else {
+                    return json(400, "{\"error\":{\"message\":\"messages[].content is required\",\"type\":\"invalid_request_error\"}}".into());
+                };
+                let reply = answer(&question);
+                let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                let prompt_tokens = question.split_whitespace().count();
+                let completion_tokens = reply.split_whitespace().count();
+                json(
+                    200,
+                    format!(
+                        "{{\"id\":\"chatcmpl-{created}\",\"object\":\"chat.completion\",\"created\":{created},\"model\":\"slipway-demo-{}\",\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"{}\"}},\"finish_reason\":\"stop\"}}],\"usage\":{{\"prompt_tokens\":{prompt_tokens},\"completion_tokens\":{completion_tokens},\"total_tokens\":{}}}}}",
+                        self.config.version,
+                        json_escape(&reply),
+                        prompt_tokens + completion_tokens
+                    ),
+                )
+            }
+            _ => json(404, "{\"error\":{\"message\":\"not found\"}}".into()),
+        }
+    }
+}
+
+fn read_request(stream: &mut TcpStream) -> Option<Request> {
+    let mut reader = BufReader::new(stream.try_clone().ok()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.split('?').next()?.to_string();
+    let mut length = 0usize;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).ok()? == 0 {
+            break;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.trim().eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0u8; length.min(1 << 20)];
+    reader.read_exact(&mut body).ok()?;
+    Some(Request { method, path, body: String::from_utf8_lossy(&body).into_owned() })
+}
+
+fn write_response(stream: &mut TcpStream, r: &Response) {
+    let reason = match r.status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    };
+    let head = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        r.status,
+        r.content_type,
+        r.body.len()
+    );
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(r.body.as_bytes());
+}
+
+fn serve(port: u16, config: Config) -> ! {
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap_or_else(|e| {
+        eprintln!("model-server: cannot listen on 127.0.0.1:{port}: {e}");
+        std::process::exit(1)
+    });
+    eprintln!("model-server {} listening on 127.0.0.1:{port}", config.version);
+    let server = Arc::new(Server { config, started: Instant::now(), metrics: Metrics::new() });
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let server = server.clone();
+        std::thread::spawn(move || {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let t0 = Instant::now();
+            let Some(req) = read_request(&mut stream) else { return };
+            let resp = server.handle(&req);
+            write_response(&mut stream, &resp);
+            if req.path != "/metrics" {
+                server.metrics.observe(t0.elapsed(), resp.status >= 500);
+            }
+        });
+    }
+    std::process::exit(0)
+}
+
+/// A minimal HTTP GET: (status, body).
+fn http_get(url: &str, timeout: Duration) -> Result<(u16, String), String> {
+    let rest = url.strip_prefix("http://").ok_or("only http:// URLs")?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("no status line")?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((status, body))
+}
+
+/// The unit tests, as (name, passed, message).
+fn self_tests() -> Vec<(&'static str, bool, String)> {
+    let mut out = Vec::new();
+    let mut check = |name, ok: bool, msg: String| out.push((name, ok, msg));
+    let c = parse_config("# demo\nversion = \"2.0.0\"\ndegrade_after_secs = 1.5\n");
+    check("config_is_read", c.version == "2.0.0" && c.degrade_after == Some(Duration::from_millis(1500)), "version or degrade_after not parsed".into());
+    check("knows_capitals", answer("What is the capital of France?") == "Paris", answer("What is the capital of France?"));
+    check("admits_ignorance", answer("Who won in 1066?") == "I don't know.", answer("Who won in 1066?"));
+    let body = r#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"capital of \"Japan\"?"}]}"#;
+    check("reads_the_last_message", last_content(body).as_deref() == Some("capital of \"Japan\"?"), format!("{:?}", last_content(body)));
+    check("escapes_json", json_escape("a\"b\\c\n") == "a\\\"b\\\\c\\n", json_escape("a\"b\\c\n"));
+    let m = Metrics::new();
+    m.observe(Duration::from_millis(3), false);
+    m.observe(Duration::from_millis(30), true);
+    let text = m.render("1");
+    check(
+        "renders_prometheus_text",
+        text.contains("demo_requests_total{version=\"1\"} 2")
+            && text.contains("demo_request_errors_total{version=\"1\"} 1")
+            && text.contains("demo_request_duration_seconds_bucket{le=\"+Inf\"} 2"),
+        text.clone(),
+    );
+    out
+}
+
+fn junit(results: &[(&str, bool, String)]) -> String {
+    let failures = results.iter().filter(|(_, ok, _)| !ok).count();
+    let mut x = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"model-server\" tests=\"{}\" failures=\"{failures}\">\n",
+        results.len()
+    );
+    for (name, ok, msg) in results {
+        if *ok {
+            x.push_str(&format!("  <testcase classname=\"model_server\" name=\"{name}\"/>\n"));
+        } else {
+            let msg = msg.replace('&', "&amp;").replace('<', "&lt;").replace('"', "&quot;");
+            x.push_str(&format!("  <testcase classname=\"model_server\" name=\"{name}\"><failure message=\"{msg}\"/></testcase>\n"));
+        }
+    }
+    x.push_str("</testsuite>\n");
+    x
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--self-test") {
+        let results = self_tests();
+        if let Some(path) = arg(&args, "--junit") {
+            if let Some(dir) = std::path::Path::new(&path).parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            std::fs::write(&path, junit(&results)).expect("write the JUnit report");
+        }
+        let failed = results.iter().filter(|(_, ok, _)| !ok).count();
+        println!("{} passed, {failed} failed", results.len() - failed);
+        std::process::exit(i32::from(failed > 0));
+    }
+    if let Some(url) = arg(&args, "--wait-healthy") {
+        let secs: f64 = arg(&args, "--timeout").and_then(|t| t.parse().ok()).unwrap_or(10.0);
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        while Instant::now() < deadline {
+            if let Ok((200, _)) = http_get(&url, Duration::from_secs(1)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("model-server: {url} not healthy within {secs}s");
+        std::process::exit(1);
+    }
+    if let Some(url) = arg(&args, "--get") {
+        match http_get(&url, Duration::from_secs(5)) {
+            Ok((status, body)) => {
+                println!("{body}");
+                std::process::exit(i32::from(!(200..300).contains(&status)));
+            }
+            Err(e) => {
+                eprintln!("model-server: {url}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let port: u16 = arg(&args, "--port").and_then(|p| p.parse().ok()).unwrap_or(8000);
+    let conf_path = arg(&args, "--config").unwrap_or_else(|| "model.conf".into());
+    let text = std::fs::read_to_string(&conf_path).unwrap_or_else(|e| {
+        eprintln!("model-server: cannot read {conf_path}: {e}");
+        std::process::exit(1)
+    });
+    serve(port, parse_config(&text));
+}

@@ -1,0 +1,117 @@
+//! The approval gateway: Slipway's HTTP face.
+//!
+//! - `POST /v1/changes`: a change as a CloudEvent (HTTP binding, binary or structured mode);
+//! - `GET /v1/runs`, `GET /v1/runs/{id}`, `GET /v1/runs/{id}/events`: runs from the log;
+//! - `POST /v1/runs/{id}/approvals`: an approver's decision, authenticated with a bearer
+//!   token, checked against the run's approval policy, and appended with run-wide optimistic
+//!   concurrency so that of two racing decisions exactly one wins;
+//! - `GET /`: the approver page; `GET /healthz`; `GET /openapi.json`.
+//!
+//! It binds to loopback by default. Reads come from an in-memory fold of the log
+//! ([`projection`]); decisions fold the run's log afresh.
+
+pub mod auth;
+pub mod error;
+pub mod projection;
+pub mod routes;
+
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use slipway_core::bus::{Bus, BusError};
+use slipway_core::config::{Approver, Config};
+use slipway_core::runtime::CancellationToken;
+use tracing::info;
+
+use crate::projection::{Notifier, Runs, SharedRuns};
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub bus: Bus,
+    pub runs: SharedRuns,
+    pub approvers: Arc<Vec<Approver>>,
+}
+
+/// The gateway's routes.
+pub fn app(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/", get(routes::page))
+        .route("/healthz", get(routes::healthz))
+        .route("/openapi.json", get(routes::openapi))
+        .route("/v1/changes", post(routes::post_change))
+        .route("/v1/runs", get(routes::list_runs))
+        .route("/v1/runs/{id}", get(routes::get_run))
+        .route("/v1/runs/{id}/events", get(routes::run_events))
+        .route("/v1/runs/{id}/approvals", post(routes::post_approval))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Connects, follows the log, and serves until `shutdown`.
+///
+/// # Errors
+/// [`GatewayError`] when NATS cannot be reached or the address cannot be bound.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    let settings = config.gateway.clone();
+    let bus = Bus::connect(&config.nats, "slipway-approval").await?;
+    bus.ensure_stream().await?;
+    let listener = tokio::net::TcpListener::bind(&settings.listen)
+        .await
+        .map_err(|source| GatewayError::Listen {
+            addr: settings.listen.clone(),
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| GatewayError::Listen {
+            addr: settings.listen.clone(),
+            source,
+        })?;
+    let runs: SharedRuns = Arc::new(RwLock::new(Runs::default()));
+    let notifier = Notifier {
+        webhooks: settings.webhooks.clone(),
+        attempts: settings.webhook_attempts,
+        public_url: settings
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}")),
+    };
+    let follower = tokio::spawn(projection::follow(
+        bus.clone(),
+        runs.clone(),
+        notifier,
+        shutdown.clone(),
+    ));
+    let state = AppState {
+        bus,
+        runs,
+        approvers: Arc::new(settings.approvers.clone()),
+    };
+    info!(%addr, approvers = settings.approvers.len(), "Approval gateway listening.");
+    let s = shutdown.clone();
+    axum::serve(listener, app(state, settings.max_body_bytes))
+        .with_graceful_shutdown(async move { s.cancelled().await })
+        .await
+        .map_err(|source| GatewayError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+    shutdown.cancel();
+    let _ = follower.await;
+    info!("Approval gateway stopped.");
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! `slipway-approval`: reads its configuration and serves the gateway until a signal.
+
+use slipway_core::config::{Config, config_path_from_args};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    slipway_core::telemetry::init("approval");
+    let config = Config::load(config_path_from_args()?.as_deref())?;
+    let shutdown = slipway_core::runtime::shutdown_on_signals();
+    approval::run(config, shutdown).await?;
+    Ok(())
+}

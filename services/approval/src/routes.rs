@@ -1,0 +1,412 @@
+//! The HTTP API: a handler per route, each documented for the OpenAPI description served at
+//! `/openapi.json`.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse};
+use chrono::Utc;
+use cloudevents::event::AttributesWriter;
+use serde::{Deserialize, Serialize};
+use slipway_core::bus::AppendError;
+use slipway_core::events::{ApprovalDecision, EventData, SourceRef};
+use slipway_core::fold::StageStatus;
+use slipway_core::spec::PipelineSpec;
+use slipway_core::{Event, Phase, Run, ids, policy};
+use utoipa::{OpenApi, ToSchema};
+
+use crate::AppState;
+use crate::auth;
+use crate::error::{ApiError, ErrorBody};
+
+/// CloudEvents `source` of the gateway's own events.
+pub const SOURCE: &str = "/slipway/approval";
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "Slipway approval gateway",
+        description = "Changes in, runs out, approvals in. Errors are {\"error\": \"...\"}."
+    ),
+    paths(post_change, list_runs, get_run, run_events, post_approval, healthz),
+    components(schemas(RunIdBody, ErrorBody, ApprovalBody, Decision, RecordedDecision, Health))
+)]
+pub struct ApiDoc;
+
+/// `202` body of an accepted change.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunIdBody {
+    pub run_id: String,
+}
+
+/// Publishes a change given as a CloudEvent (HTTP binding, binary or structured mode) whose
+/// type is `dev.slipway.change.submitted.v1`.
+#[utoipa::path(
+    post,
+    path = "/v1/changes",
+    request_body(content = String, content_type = "application/cloudevents+json",
+        description = "A CloudEvent: structured mode, or binary mode with ce-* headers and a JSON body"),
+    responses(
+        (status = 202, description = "Accepted: the run it becomes", body = RunIdBody),
+        (status = 400, description = "Not a CloudEvent, not a change, or an invalid spec", body = ErrorBody),
+        (status = 503, description = "NATS unavailable", body = ErrorBody),
+    )
+)]
+pub async fn post_change(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<RunIdBody>), ApiError> {
+    let mut ce = cloudevents::binding::http::to_event(&headers, body.to_vec())
+        .map_err(|e| ApiError::BadRequest(format!("not a CloudEvent: {e}")))?;
+    // `time` is optional in CloudEvents; the log always records one.
+    if cloudevents::event::AttributesReader::time(&ce).is_none() {
+        ce.set_time(Some(Utc::now()));
+    }
+    let event = Event::from_cloudevent(&ce).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let EventData::ChangeSubmitted(change) = &event.data else {
+        return Err(ApiError::BadRequest(format!(
+            "{} is not a change (expected dev.slipway.change.submitted.v1)",
+            event.type_name()
+        )));
+    };
+    PipelineSpec::parse(&change.spec).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if let SourceRef::Directory { path } = &change.source
+        && !std::path::Path::new(path).is_absolute()
+    {
+        return Err(ApiError::BadRequest(format!(
+            "data.source.path: {path:?} must be an absolute path"
+        )));
+    }
+    state.bus.publish(&event).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RunIdBody {
+            run_id: ids::run_id(&event.source, &event.id),
+        }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunsQuery {
+    phase: Option<String>,
+    pipeline: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Runs, newest first; the same JSON per run as `slipway status --json`.
+#[utoipa::path(
+    get,
+    path = "/v1/runs",
+    params(
+        ("phase" = Option<String>, Query, description = "queued, running, awaiting_approval, deploying, monitoring, succeeded, failed, rejected, rolled_back or cancelled"),
+        ("pipeline" = Option<String>, Query, description = "only this pipeline"),
+        ("limit" = Option<usize>, Query, description = "at most this many (default 100)"),
+    ),
+    responses(
+        (status = 200, description = "Runs", body = Vec<Object>),
+        (status = 400, description = "Unknown phase or query field", body = ErrorBody),
+    )
+)]
+pub async fn list_runs(
+    State(state): State<AppState>,
+    query: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let phase = match &q.phase {
+        Some(p) => Some(
+            Phase::parse(p)
+                .ok_or_else(|| ApiError::BadRequest(format!("phase: unknown phase {p:?}")))?,
+        ),
+        None => None,
+    };
+    let runs = state.runs.read().expect("lock");
+    let out = runs
+        .newest_first()
+        .filter(|r| phase.is_none_or(|p| r.phase == p))
+        .filter(|r| q.pipeline.as_ref().is_none_or(|p| &r.pipeline == p))
+        .take(q.limit.unwrap_or(100).min(10_000))
+        .map(Run::to_json)
+        .collect();
+    Ok(Json(out))
+}
+
+/// A run's state from the log: the projection, or the log itself for a run the projection has
+/// not seen yet.
+async fn run_state(state: &AppState, id: &str) -> Result<Run, ApiError> {
+    if !ids::is_valid_run_id(id) {
+        return Err(ApiError::NotFound(format!("no run {id:?}")));
+    }
+    if let Some(run) = state.runs.read().expect("lock").get(id) {
+        return Ok(run.clone());
+    }
+    fold_log(state, id).await.map(|(r, _)| r)
+}
+
+async fn fold_log(state: &AppState, id: &str) -> Result<(Run, u64), ApiError> {
+    let log = state.bus.run_log(id).await?;
+    let last = log.last().map_or(0, |r| r.seq);
+    let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
+    Run::replay(&events)
+        .map(|r| (r, last))
+        .ok_or_else(|| ApiError::NotFound(format!("no run {id}")))
+}
+
+/// One run (the same JSON as `slipway status RUN --json`).
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}",
+    params(("id" = String, Path, description = "run id")),
+    responses(
+        (status = 200, description = "The run", body = Object),
+        (status = 404, description = "No such run", body = ErrorBody),
+    )
+)]
+pub async fn get_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(run_state(&state, &id).await?.to_json()))
+}
+
+/// A run's CloudEvents in log order (structured mode).
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}/events",
+    params(("id" = String, Path, description = "run id")),
+    responses(
+        (status = 200, description = "The run's events", body = Vec<Object>),
+        (status = 404, description = "No such run", body = ErrorBody),
+    )
+)]
+pub async fn run_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    if !ids::is_valid_run_id(&id) {
+        return Err(ApiError::NotFound(format!("no run {id:?}")));
+    }
+    let log = state.bus.run_log(&id).await?;
+    if log.is_empty() {
+        return Err(ApiError::NotFound(format!("no run {id}")));
+    }
+    Ok(Json(
+        log.into_iter()
+            .map(|r| match r.event {
+                Ok(e) => e.to_structured_json(),
+                Err(err) => serde_json::json!({"seq": r.seq, "subject": r.subject, "error": err.to_string()}),
+            })
+            .collect(),
+    ))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Approve,
+    Reject,
+}
+
+/// An approver's decision.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalBody {
+    pub decision: Decision,
+    #[serde(default)]
+    pub comment: Option<String>,
+    /// The artifact the approver looked at; it must be the run's current one.
+    pub artifact_digest: String,
+}
+
+/// `201` body: the decision as recorded in the log.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RecordedDecision {
+    pub run_id: String,
+    pub stage: String,
+    pub decision: Decision,
+    pub approver: String,
+    pub artifact_digest: String,
+    pub comment: Option<String>,
+    pub decided_at: String,
+    /// Stream sequence of the decision event.
+    pub seq: u64,
+}
+
+/// Attempts at appending a decision while other writers move the run on.
+const APPEND_ATTEMPTS: usize = 8;
+
+/// Approves or rejects a run awaiting approval.
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/approvals",
+    params(("id" = String, Path, description = "run id")),
+    request_body = ApprovalBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Recorded", body = RecordedDecision),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "The policy says no", body = ErrorBody),
+        (status = 404, description = "No such run", body = ErrorBody),
+        (status = 409, description = "Not awaiting approval, or not the run's current artifact", body = ErrorBody),
+        (status = 503, description = "NATS unavailable, or the run kept changing", body = ErrorBody),
+    )
+)]
+pub async fn post_approval(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<RecordedDecision>), ApiError> {
+    let approver = auth::approver(&headers, &state.approvers)?.clone();
+    let body: ApprovalBody =
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                ApiError::BadRequest(if path == "." {
+                    format!("body: {}", e.inner())
+                } else {
+                    format!("{path}: {}", e.inner())
+                })
+            })?;
+    if !ids::is_valid_run_id(&id) {
+        return Err(ApiError::NotFound(format!("no run {id:?}")));
+    }
+    for _ in 0..APPEND_ATTEMPTS {
+        // Decide on the log itself, never on the projection.
+        let (run, last) = fold_log(&state, &id).await?;
+        let Some(stage) = run
+            .stages
+            .iter()
+            .find(|s| s.name.starts_with("approval:") && s.status == StageStatus::Requested)
+        else {
+            return Err(ApiError::Conflict(format!(
+                "run {id} is not awaiting approval (it is {})",
+                run.phase.as_str()
+            )));
+        };
+        let current = run
+            .artifact
+            .as_ref()
+            .map(|a| a.digest.clone())
+            .unwrap_or_default();
+        if body.artifact_digest != current {
+            return Err(ApiError::Conflict(format!(
+                "artifact_digest {} is not the run's current artifact {current}",
+                body.artifact_digest
+            )));
+        }
+        let policy =
+            run.spec.approval.as_ref().ok_or_else(|| {
+                ApiError::Conflict("the run's spec has no approval policy".into())
+            })?;
+        policy::check_approver(
+            policy,
+            &approver.name,
+            &approver.groups,
+            run.change.author.as_deref(),
+        )
+        .map_err(ApiError::Forbidden)?;
+        let gates_digest = slipway_core::decide::gates_digest(&run);
+        let decided_at = Utc::now();
+        let decision = ApprovalDecision {
+            stage: stage.name.clone(),
+            attempt: stage.attempt,
+            approver: approver.name.clone(),
+            groups: approver.groups.clone(),
+            artifact_digest: current.clone(),
+            gates_digest,
+            comment: body.comment.clone(),
+            decided_at,
+            signature: None,
+        };
+        let data = match body.decision {
+            Decision::Approve => EventData::ApprovalApproved(decision),
+            Decision::Reject => EventData::ApprovalRejected(decision),
+        };
+        let event_id = ids::derived(&[
+            &id,
+            data.type_name(),
+            &stage.name,
+            &stage.attempt.to_string(),
+            &approver.name,
+        ]);
+        let event = Event::new(event_id, SOURCE, Some(id.clone()), decided_at, data);
+        match state.bus.append(&event, &id, last).await {
+            Ok(a) => {
+                return Ok((
+                    StatusCode::CREATED,
+                    Json(RecordedDecision {
+                        run_id: id.clone(),
+                        stage: stage.name.clone(),
+                        decision: body.decision,
+                        approver: approver.name.clone(),
+                        artifact_digest: current,
+                        comment: body.comment.clone(),
+                        decided_at: event.time.to_rfc3339(),
+                        seq: a.seq,
+                    }),
+                ));
+            }
+            // Another writer moved the run on: look again (it may no longer await approval).
+            Err(AppendError::Conflict { .. }) => continue,
+            Err(AppendError::Bus(e)) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::Unavailable(format!(
+        "run {id} kept changing; the decision was not recorded, try again"
+    )))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub nats: String,
+    pub caught_up: bool,
+}
+
+/// Liveness: the gateway and its NATS connection.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health), (status = 503, body = Health)))]
+pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    let connected = matches!(
+        state.bus.client().connection_state(),
+        async_nats::connection::State::Connected
+    );
+    let caught_up = state.runs.read().expect("lock").caught_up;
+    let status = if connected {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(Health {
+            status: if connected { "ok" } else { "degraded" }.into(),
+            nats: if connected {
+                "connected"
+            } else {
+                "disconnected"
+            }
+            .into(),
+            caught_up,
+        }),
+    )
+}
+
+pub async fn openapi() -> impl IntoResponse {
+    let mut doc = ApiDoc::openapi();
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    doc.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    Json(doc)
+}
+
+pub async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}

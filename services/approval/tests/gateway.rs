@@ -1,0 +1,398 @@
+//! The gateway's routes with `Router::oneshot`, on a real nats-server: changes in, runs out,
+//! approvals authenticated, policy-checked and serialised through the log.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use approval::auth::token_hash;
+use approval::projection::{Notifier, Runs};
+use approval::{AppState, app};
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use serde_json::{Value, json};
+use slipway_core::bus::Bus;
+use slipway_core::config::Approver;
+use slipway_core::runtime::CancellationToken;
+use slipway_core::sim::{Answer, Sim};
+use slipway_core::testing::TestNats;
+use tower::ServiceExt;
+
+const SPEC: &str = r#"
+[pipeline]
+name = "gated"
+[build]
+command = ["make"]
+[[environment]]
+name = "production"
+url = "http://127.0.0.1:9"
+requires_approval = true
+[environment.deploy]
+command = ["./deploy"]
+[approval]
+allowed_groups = ["release-managers"]
+"#;
+
+struct Gw {
+    _nats: TestNats,
+    bus: Bus,
+    router: Router,
+    stop: CancellationToken,
+}
+
+async fn gateway() -> Gw {
+    let nats = TestNats::start();
+    let bus = nats.bus().await;
+    let approver = |name: &str, group: &str| Approver {
+        name: name.into(),
+        groups: vec![group.into()],
+        token_sha256: token_hash(&format!("{name}-token")),
+    };
+    let runs = Arc::new(RwLock::new(Runs::default()));
+    let stop = CancellationToken::new();
+    tokio::spawn(approval::projection::follow(
+        bus.clone(),
+        runs.clone(),
+        Notifier {
+            webhooks: vec![],
+            attempts: 1,
+            public_url: "http://gw".into(),
+        },
+        stop.clone(),
+    ));
+    let state = AppState {
+        bus: bus.clone(),
+        runs,
+        approvers: Arc::new(vec![
+            approver("bob", "release-managers"),
+            approver("dave", "release-managers"),
+            approver("alice", "release-managers"),
+            approver("carol", "interns"),
+        ]),
+    };
+    Gw {
+        _nats: nats,
+        bus,
+        router: app(state, 1 << 20),
+        stop,
+    }
+}
+
+impl Gw {
+    async fn call(&self, req: Request<Body>) -> (StatusCode, Value) {
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 22)
+            .await
+            .unwrap();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, v)
+    }
+
+    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        self.call(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+    }
+
+    async fn approve(&self, run: &str, who: Option<&str>, body: Value) -> (StatusCode, Value) {
+        let mut req = Request::post(format!("/v1/runs/{run}/approvals"))
+            .header("content-type", "application/json");
+        if let Some(w) = who {
+            req = req.header("authorization", format!("Bearer {w}-token"));
+        }
+        self.call(req.body(Body::from(body.to_string())).unwrap())
+            .await
+    }
+
+    /// A run of `SPEC` waiting for approval, written to the log; (run id, artifact digest).
+    async fn waiting_run(&self, n: u64) -> (String, String) {
+        let mut sim = Sim::nth(SPEC, n);
+        sim.script
+            .insert("approval:production".into(), Answer::Silent);
+        sim.run_to_end();
+        for e in &sim.log {
+            self.bus.publish(e).await.unwrap();
+        }
+        let digest = sim.run().artifact.as_ref().unwrap().digest.clone();
+        (sim.run_id.clone(), digest)
+    }
+}
+
+fn decision(d: &str, digest: &str) -> Value {
+    json!({"decision": d, "comment": "looks good", "artifact_digest": digest})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_are_authenticated_and_policy_checked() {
+    let gw = gateway().await;
+    let (run, digest) = gw.waiting_run(1).await;
+
+    let (s, v) = gw.approve(&run, None, decision("approve", &digest)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("Bearer"));
+    let (s, _) = gw
+        .approve(&run, Some("mallory"), decision("approve", &digest))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    let (s, v) = gw
+        .approve(&run, Some("carol"), decision("approve", &digest))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(
+        v["error"].as_str().unwrap().contains("allowed groups"),
+        "{v}"
+    );
+    // The simulated change was authored by alice.
+    let (s, v) = gw
+        .approve(&run, Some("alice"), decision("approve", &digest))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(
+        v["error"].as_str().unwrap().contains("self-approval"),
+        "{v}"
+    );
+
+    let (s, v) = gw
+        .approve(&run, Some("bob"), decision("approve", "sha256:0000"))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("not the run's current artifact"),
+        "{v}"
+    );
+
+    let (s, v) = gw
+        .approve(
+            &run,
+            Some("bob"),
+            json!({"decision": "maybe", "artifact_digest": digest}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["error"].as_str().unwrap().starts_with("decision"), "{v}");
+
+    let (s, v) = gw
+        .approve(&run, Some("bob"), decision("approve", &digest))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["approver"], "bob");
+    assert_eq!(v["stage"], "approval:production");
+
+    // Decided: a second decision finds nothing to decide.
+    let (s, v) = gw
+        .approve(&run, Some("dave"), decision("reject", &digest))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("not awaiting approval"),
+        "{v}"
+    );
+
+    let (s, _) = gw
+        .approve("no-such-run", Some("bob"), decision("approve", &digest))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    gw.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_approve_and_reject_record_exactly_one_decision() {
+    let gw = Arc::new(gateway().await);
+    for n in 1..=5 {
+        let (run, digest) = gw.waiting_run(n).await;
+        let (a, b) = {
+            let (g1, g2) = (gw.clone(), gw.clone());
+            let (r1, r2, d1, d2) = (run.clone(), run.clone(), digest.clone(), digest.clone());
+            tokio::join!(
+                tokio::spawn(async move {
+                    g1.approve(&r1, Some("bob"), decision("approve", &d1)).await
+                }),
+                tokio::spawn(async move {
+                    g2.approve(&r2, Some("dave"), decision("reject", &d2)).await
+                }),
+            )
+        };
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let mut codes = [a.0, b.0];
+        codes.sort();
+        assert_eq!(
+            codes,
+            [StatusCode::CREATED, StatusCode::CONFLICT],
+            "{a:?} {b:?}"
+        );
+        let log = gw.bus.run_log(&run).await.unwrap();
+        let decisions = log
+            .iter()
+            .filter(|r| {
+                r.subject.contains(".approval.approved") || r.subject.contains(".approval.rejected")
+            })
+            .count();
+        assert_eq!(decisions, 1, "run {n}");
+    }
+    gw.stop.cancel();
+}
+
+fn change_data(spec: &str) -> Value {
+    json!({"spec": spec, "source": {"kind": "directory", "path": "/tmp"}, "author": "erin"})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_come_in_over_the_cloudevents_http_binding() {
+    let gw = gateway().await;
+    // Binary mode.
+    let req = Request::post("/v1/changes")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "c-1")
+        .header("ce-source", "ci/acme")
+        .header("ce-type", "dev.slipway.change.submitted.v1")
+        .header("content-type", "application/json")
+        .body(Body::from(change_data(SPEC).to_string()))
+        .unwrap();
+    let (s, v) = gw.call(req).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["run_id"], slipway_core::ids::run_id("ci/acme", "c-1"));
+    // Structured mode.
+    let body = json!({
+        "specversion": "1.0", "id": "c-2", "source": "ci/acme",
+        "type": "dev.slipway.change.submitted.v1", "datacontenttype": "application/json",
+        "data": change_data(SPEC),
+    });
+    let req = Request::post("/v1/changes")
+        .header("content-type", "application/cloudevents+json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let (s, v) = gw.call(req).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    // Both are in the log, in binary mode, on the changes subject.
+    let stored = gw
+        .bus
+        .read(&["slipway.changes.>".to_string()], 1)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 2);
+    assert!(stored.iter().all(|r| r.event.is_ok()));
+
+    // (headers, body, what the error must name)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, String, &'a str);
+    let bad: &[Case] = &[
+        (
+            vec![("content-type", "application/json")],
+            "{}".into(),
+            "not a CloudEvent",
+        ),
+        (
+            vec![("content-type", "application/cloudevents+json")],
+            "{not json".into(),
+            "not a CloudEvent",
+        ),
+        (
+            vec![
+                ("ce-specversion", "1.0"),
+                ("ce-id", "x"),
+                ("ce-source", "s"),
+                ("ce-type", "dev.slipway.change.submitted.v1"),
+                ("content-type", "application/json"),
+            ],
+            change_data("[pipeline]\nname = 'x'\n[build]\ncommand = 'make'\n").to_string(),
+            "build.command",
+        ),
+        (
+            vec![
+                ("ce-specversion", "1.0"),
+                ("ce-id", "x"),
+                ("ce-source", "s"),
+                ("ce-type", "com.example.other.v1"),
+                ("content-type", "application/json"),
+            ],
+            "{}".into(),
+            "unknown event type",
+        ),
+        (
+            vec![
+                ("ce-specversion", "1.0"),
+                ("ce-id", "x"),
+                ("ce-source", "s"),
+                ("ce-type", "dev.slipway.change.submitted.v1"),
+                ("content-type", "application/json"),
+            ],
+            json!({"spec": SPEC}).to_string(),
+            "source",
+        ),
+    ];
+    for (headers, body, expected) in bad {
+        let mut req = Request::post("/v1/changes");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let (s, v) = gw.call(req.body(Body::from(body.clone())).unwrap()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"].as_str().unwrap().contains(expected),
+            "{expected}: {v}"
+        );
+    }
+    gw.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_served_from_the_log() {
+    let gw = gateway().await;
+    let (run, _) = gw.waiting_run(1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, v) = gw.get("/v1/runs?phase=awaiting_approval").await;
+        assert_eq!(s, StatusCode::OK);
+        if v.as_array().unwrap().len() == 1 {
+            assert_eq!(v[0]["run_id"], run.as_str());
+            break;
+        }
+        assert!(Instant::now() < deadline, "run not listed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, v) = gw.get(&format!("/v1/runs/{run}")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["phase"], "awaiting_approval");
+    let (s, v) = gw.get(&format!("/v1/runs/{run}/events")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v[0]["type"], "dev.slipway.run.created.v1");
+    for uri in ["/v1/runs/nope", "/v1/runs/nope/events", "/v1/runs/a.b"] {
+        let (s, v) = gw.get(uri).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{uri}: {v}");
+        assert!(v["error"].is_string());
+    }
+    let (s, v) = gw.get("/v1/runs?phase=sideways").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["error"].as_str().unwrap().contains("sideways"));
+    let (s, v) = gw.get("/v1/runs?color=red").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    let (s, v) = gw.get("/healthz").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["nats"], "connected");
+    let (s, v) = gw.get("/openapi.json").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(v["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/v1/changes",
+        "/v1/runs",
+        "/v1/runs/{id}",
+        "/v1/runs/{id}/approvals",
+    ] {
+        assert!(
+            v["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    let (s, v) = gw.get("/").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(v.as_str().unwrap().contains("Slipway approvals"));
+    gw.stop.cancel();
+}

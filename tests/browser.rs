@@ -1,0 +1,287 @@
+//! The approver page in a real browser: headless Chromium driven over WebDriver
+//! (chromedriver). The page lists the waiting run with its stages and gate results; clicking
+//! Approve deploys to production.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use slipway_core::sim::{Answer, Sim};
+use slipway_e2e::{Stack, project};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// chromedriver and chromium from Debian's packages (`deploy/setup.sh --browser`).
+fn browser() -> Option<(PathBuf, PathBuf)> {
+    let driver = PathBuf::from("/usr/bin/chromedriver");
+    let chromium = PathBuf::from("/usr/bin/chromium");
+    if driver.is_file() && chromium.is_file() {
+        return Some((driver, chromium));
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "chromium and chromedriver are missing: `bash deploy/setup.sh --browser` installs them"
+    );
+    eprintln!("skipping: no chromium/chromedriver (deploy/setup.sh --browser installs them)");
+    None
+}
+
+/// A WebDriver session on a chromedriver child process.
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+    http: reqwest::Client,
+    _profile: tempfile::TempDir,
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Browser {
+    async fn start(driver: &Path, chromium: &Path) -> Self {
+        let port = slipway_core::server::free_port();
+        let child = Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = http.get(format!("{base}/status")).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let profile = tempfile::tempdir().unwrap();
+        // The flags this machine needs: no sandbox as root, and no background network traffic.
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--disable-quic", "--no-first-run", "--disable-background-networking",
+                         "--disable-component-update", "--disable-sync",
+                         format!("--user-data-dir={}", profile.path().display())]
+            }
+        }}});
+        let mut b = Self {
+            driver: child,
+            base,
+            session: String::new(),
+            http,
+            _profile: profile,
+        };
+        let v = b.call("POST", "/session", Some(caps)).await;
+        b.session = v["sessionId"].as_str().expect("session id").to_string();
+        b
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}{path}", self.base);
+        let req = match method {
+            "POST" => self.http.post(url).json(&body.unwrap_or(json!({}))),
+            "DELETE" => self.http.delete(url),
+            _ => self.http.get(url),
+        };
+        let resp = req.send().await.expect("webdriver answers");
+        let v: Value = resp.json().await.expect("webdriver JSON");
+        v["value"].clone()
+    }
+
+    async fn session_call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.call(method, &format!("/session/{}{path}", self.session), body)
+            .await
+    }
+
+    async fn goto(&self, url: &str) {
+        self.session_call("POST", "/url", Some(json!({"url": url})))
+            .await;
+    }
+
+    /// The element matching `css`, waiting for it to appear.
+    async fn find(&self, css: &str) -> String {
+        let deadline = Instant::now() + LONG;
+        loop {
+            let v = self
+                .session_call(
+                    "POST",
+                    "/element",
+                    Some(json!({"using": "css selector", "value": css})),
+                )
+                .await;
+            if let Some(id) = v[ELEMENT].as_str() {
+                return id.to_string();
+            }
+            assert!(Instant::now() < deadline, "no element {css}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn text(&self, css: &str) -> String {
+        let id = self.find(css).await;
+        self.session_call("GET", &format!("/element/{id}/text"), None)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Waits until the text of `css` contains `needle`.
+    async fn wait_text(&self, css: &str, needle: &str) -> String {
+        let deadline = Instant::now() + LONG;
+        loop {
+            let t = self.text(css).await;
+            if t.contains(needle) {
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{css} never showed {needle:?}; last: {t}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let id = self.find(css).await;
+        self.session_call(
+            "POST",
+            &format!("/element/{id}/value"),
+            Some(json!({"text": text})),
+        )
+        .await;
+    }
+
+    async fn click(&self, css: &str) {
+        let id = self.find(css).await;
+        self.session_call("POST", &format!("/element/{id}/click"), Some(json!({})))
+            .await;
+    }
+
+    async fn screenshot(&self, path: &Path) {
+        let v = self.session_call("GET", "/screenshot", None).await;
+        if let Some(b64) = v.as_str() {
+            let bytes = decode_base64(b64);
+            let _ = std::fs::write(path, bytes);
+        }
+    }
+
+    async fn quit(mut self) {
+        self.session_call("DELETE", "", None).await;
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn decode_base64(s: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut buf, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let Some(v) = ALPHABET.iter().position(|a| *a == c) else {
+            continue;
+        };
+        buf = (buf << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+        }
+    }
+    out
+}
+
+const SPEC: &str = r#"
+[pipeline]
+name = "page"
+[build]
+command = ["sh", "-c", "mkdir -p dist && echo page > dist/v"]
+artifacts = ["dist"]
+[[test]]
+name = "unit"
+command = ["true"]
+[[environment]]
+name = "production"
+requires_approval = true
+[environment.deploy]
+command = ["sh", "-c", "echo \"$SLIPWAY_RUN_ID\" >> \"$COUNTS/production\""]
+env = { COUNTS = "@COUNTS@" }
+[approval]
+allowed_groups = ["release-managers"]
+"#;
+
+/// A run with quality gates, waiting for approval: simulated (gate services are separate),
+/// written to the real log the real gateway serves.
+const GATED: &str = include_str!("../schemas/examples/full-pipeline.toml");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approving_on_the_page_deploys_to_production() {
+    let Some((driver, chromium)) = browser() else {
+        return;
+    };
+    let stack = Stack::start();
+    stack.wait_gateway();
+    let counts = stack.dir.path().join("counts");
+    std::fs::create_dir_all(&counts).unwrap();
+    let dir = project(
+        stack.dir.path(),
+        "page",
+        &SPEC.replace("@COUNTS@", &counts.display().to_string()),
+        &[],
+    );
+    let v = stack.slipway_json(&["submit", dir.join("slipway.toml").to_str().unwrap()]);
+    let run = v["run_id"].as_str().unwrap().to_string();
+    let status = stack.wait_phase(&run, "awaiting_approval", LONG);
+    let digest = status["artifact"]["digest"].as_str().unwrap().to_string();
+
+    let mut gated = Sim::nth_at(GATED, 1, slipway_core::bus::now());
+    gated.script.insert("perf".into(), Answer::Warn);
+    gated
+        .script
+        .insert("approval:production".into(), Answer::Silent);
+    gated.run_to_end();
+    let bus = stack.bus().await;
+    for e in &gated.log {
+        bus.publish(e).await.unwrap();
+    }
+
+    let b = Browser::start(&driver, &chromium).await;
+    b.goto(&stack.gateway_url()).await;
+    b.type_into("#token", "bob-token").await;
+    let card = format!("#run-{run}");
+    let text = b.wait_text(&card, "approval:production").await;
+    assert!(text.contains(&digest), "{text}");
+    assert!(text.contains("test:unit"), "{text}");
+    // The gated run shows each gate's verdict.
+    let gated_text = b.wait_text(&format!("#run-{}", gated.run_id), "perf").await;
+    assert!(gated_text.contains("evaluate: pass"), "{gated_text}");
+    assert!(gated_text.contains("perf: warn"), "{gated_text}");
+    assert!(gated_text.contains("cost: pass"), "{gated_text}");
+    if let Some(dir) = std::env::var_os("SLIPWAY_SCREENSHOT_DIR") {
+        b.screenshot(&PathBuf::from(dir).join("approver-page.png"))
+            .await;
+    }
+
+    b.type_into(&format!("{card} .comment"), "approved in the browser")
+        .await;
+    b.click(&format!("{card} button.approve")).await;
+    b.wait_text(&format!("{card} .result"), "Recorded: approve by bob")
+        .await;
+    let status = stack.wait_phase(&run, "succeeded", LONG);
+    assert_eq!(status["approvals"][0]["comment"], "approved in the browser");
+    let prod = std::fs::read_to_string(counts.join("production")).unwrap();
+    assert_eq!(prod.lines().collect::<Vec<_>>(), vec![run.as_str()]);
+    // The page shows the production deploy happen: the run leaves the waiting list and the
+    // recent runs say it succeeded.
+    b.wait_text(&format!("#recent-{run} .phase"), "succeeded")
+        .await;
+    b.quit().await;
+    stack.assert_replay_matches(&run);
+}

@@ -1,0 +1,260 @@
+//! Shipping behind an approval, across real processes: no production deploy without an
+//! approval the policy accepts, whatever reaches the bus; the gateway's answers through
+//! `slipway approve`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use slipway_core::events::{ApprovalDecision, DeployRequested, EventData};
+use slipway_core::{Event, Run, ids};
+use slipway_e2e::{Stack, project};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn spec(counts: &Path) -> String {
+    let deploy = format!(
+        r#"[environment.deploy]
+command = ["sh", "-c", "echo \"$SLIPWAY_RUN_ID $SLIPWAY_VERSION previous=$SLIPWAY_PREVIOUS_VERSION\" >> \"$COUNTS/$SLIPWAY_ENVIRONMENT\""]
+env = {{ COUNTS = "{}" }}
+"#,
+        counts.display()
+    );
+    format!(
+        r#"
+[pipeline]
+name = "ship"
+[build]
+command = ["sh", "-c", "mkdir -p dist && echo $RANDOM > dist/v"]
+artifacts = ["dist"]
+[[test]]
+name = "unit"
+command = ["true"]
+[[environment]]
+name = "staging"
+{deploy}
+[[environment]]
+name = "production"
+requires_approval = true
+{deploy}
+[approval]
+allowed_groups = ["release-managers"]
+"#
+    )
+}
+
+/// Lines the deploy command wrote for an environment (one per invocation).
+fn deploys(counts: &Path, env: &str) -> Vec<String> {
+    std::fs::read_to_string(counts.join(env))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn submit_as(stack: &Stack, dir: &Path, user: &str) -> String {
+    let out = std::process::Command::new(slipway_e2e::bin_dir().join("slipway"))
+        .args([
+            "submit",
+            dir.join("slipway.toml").to_str().unwrap(),
+            "--json",
+        ])
+        .env("SLIPWAY_NATS_URL", stack.nats.url())
+        .env("USER", user)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["run_id"].as_str().unwrap().to_string()
+}
+
+fn approve(stack: &Stack, run: &str, who: &str, extra: &[&str]) -> (bool, String) {
+    let mut args = vec!["approve", run, "--token"];
+    let token = format!("{who}-token");
+    args.push(&token);
+    args.extend_from_slice(extra);
+    let out = stack.slipway(&args);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn production_needs_an_accepted_approval_and_a_rejection_deploys_nothing() {
+    let stack = Stack::start();
+    stack.wait_gateway();
+    let counts = stack.dir.path().join("counts");
+    std::fs::create_dir_all(&counts).unwrap();
+    let dir = project(stack.dir.path(), "ship", &spec(&counts), &[]);
+
+    // A rejected run: staging only.
+    let first = submit_as(&stack, &dir, "erin");
+    stack.wait_phase(&first, "awaiting_approval", LONG);
+    let (ok, out) = approve(
+        &stack,
+        &first,
+        "bob",
+        &["--reject", "--comment", "not this week"],
+    );
+    assert!(ok, "{out}");
+    let status = stack.wait_phase(&first, "rejected", LONG);
+    assert_eq!(status["reason"], "rejected by bob: not this week");
+    assert_eq!(deploys(&counts, "staging").len(), 1);
+    assert!(deploys(&counts, "production").is_empty());
+
+    // The gateway's refusals, through the CLI.
+    let second = submit_as(&stack, &dir, "bob");
+    stack.wait_phase(&second, "awaiting_approval", LONG);
+    let (ok, out) = approve(&stack, &second, "mallory", &[]);
+    assert!(!ok && out.contains("401"), "{out}");
+    let (ok, out) = approve(&stack, &second, "carol", &[]);
+    assert!(
+        !ok && out.contains("403") && out.contains("allowed groups"),
+        "{out}"
+    );
+    let (ok, out) = approve(&stack, &second, "bob", &[]);
+    assert!(
+        !ok && out.contains("403") && out.contains("self-approval"),
+        "{out}"
+    );
+    let (ok, out) = approve(&stack, &second, "dave", &["--artifact-digest", "sha256:00"]);
+    assert!(!ok && out.contains("409"), "{out}");
+
+    // An accepted approval: production gets exactly one deploy, which knows what it replaced.
+    let (ok, out) = approve(&stack, &second, "dave", &["--comment", "ship it"]);
+    assert!(ok, "{out}");
+    let status = stack.wait_phase(&second, "succeeded", LONG);
+    let prod = deploys(&counts, "production");
+    assert_eq!(prod.len(), 1, "{prod:?}");
+    assert!(prod[0].starts_with(&second));
+    let staging = deploys(&counts, "staging");
+    assert_eq!(staging.len(), 2);
+    // The second staging deploy saw the first run's version as the previous one.
+    let first_version = staging[0].split_whitespace().nth(1).unwrap();
+    assert!(
+        staging[1].ends_with(&format!("previous={first_version}")),
+        "{staging:?}"
+    );
+    assert_eq!(status["deployments"].as_array().unwrap().len(), 2);
+    let (ok, out) = approve(&stack, &second, "dave", &[]);
+    assert!(
+        !ok && out.contains("409") && out.contains("not awaiting approval"),
+        "{out}"
+    );
+    stack.assert_replay_matches(&first);
+    stack.assert_replay_matches(&second);
+}
+
+async fn run_of(stack: &Stack, run: &str) -> Run {
+    let bus = stack.bus().await;
+    let events: Vec<Event> = bus
+        .run_log(run)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| r.event.ok())
+        .collect();
+    Run::replay(&events).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
+    let stack = Stack::start();
+    let counts = stack.dir.path().join("counts");
+    std::fs::create_dir_all(&counts).unwrap();
+    let dir = project(stack.dir.path(), "forged", &spec(&counts), &[]);
+    let bus = stack.bus().await;
+
+    // 1. A deploy request for production published straight onto NATS, with no approval.
+    let run = submit_as(&stack, &dir, "erin");
+    stack.wait_phase(&run, "awaiting_approval", LONG);
+    let state = run_of(&stack, &run).await;
+    let artifact = state.artifact_ref.clone().unwrap();
+    let forged = Event::new(
+        ids::random(),
+        "/mallory",
+        Some(run.clone()),
+        slipway_core::bus::now(),
+        EventData::DeployRequested(DeployRequested {
+            stage: "deploy:production".into(),
+            attempt: 1,
+            pipeline: "ship".into(),
+            environment: "production".into(),
+            version: "ship-forged".into(),
+            artifact,
+            target: state.spec.environment("production").unwrap().deploy.clone(),
+            reason: None,
+        }),
+    );
+    bus.publish(&forged).await.unwrap();
+    // Out of plan order, it never becomes the stage's attempt: nothing is deployed, and the
+    // run still waits for a real approval (the forged request stays in the log).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = stack.slipway_json(&["status", &run]);
+    assert_eq!(status["phase"], "awaiting_approval");
+    let prod = status["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "deploy:production")
+        .unwrap()
+        .clone();
+    assert_eq!(prod["status"], "pending", "{prod}");
+    assert!(deploys(&counts, "production").is_empty());
+    let events = stack.slipway_ok(&["events", &run]);
+    assert!(events.contains("/mallory"));
+    stack.wait_gateway();
+    let out = stack.slipway(&["approve", &run, "--token", "bob-token"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stack.wait_phase(&run, "succeeded", LONG);
+    assert_eq!(deploys(&counts, "production").len(), 1);
+
+    // 2. An approval published straight onto NATS by someone outside the allowed groups.
+    let run = submit_as(&stack, &dir, "erin");
+    stack.wait_phase(&run, "awaiting_approval", LONG);
+    let state = run_of(&stack, &run).await;
+    let forged = Event::new(
+        ids::random(),
+        "/mallory",
+        Some(run.clone()),
+        slipway_core::bus::now(),
+        EventData::ApprovalApproved(ApprovalDecision {
+            stage: "approval:production".into(),
+            attempt: 1,
+            approver: "mallory".into(),
+            groups: vec!["interns".into()],
+            artifact_digest: state.artifact.as_ref().unwrap().digest.clone(),
+            gates_digest: slipway_core::decide::gates_digest(&state),
+            comment: None,
+            decided_at: slipway_core::bus::now(),
+            signature: None,
+        }),
+    );
+    bus.publish(&forged).await.unwrap();
+    let status = stack.wait_phase(&run, "failed", LONG);
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.contains("refused"), "{reason}");
+    assert!(
+        reason.contains("mallory is in none of the allowed groups"),
+        "{reason}"
+    );
+    let prod = deploys(&counts, "production");
+    assert!(
+        !prod.iter().any(|l| l.starts_with(&run)),
+        "production was deployed: {prod:?}"
+    );
+    stack.assert_replay_matches(&run);
+}
