@@ -88,8 +88,8 @@ fn approve(stack: &Stack, run: &str, who: &str, extra: &[&str]) -> (bool, String
     )
 }
 
-#[test]
-fn production_needs_an_accepted_approval_and_a_rejection_deploys_nothing() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_needs_an_accepted_approval_and_a_rejection_deploys_nothing() {
     let stack = Stack::start();
     stack.wait_gateway();
     let counts = stack.dir.path().join("counts");

@@ -396,3 +396,116 @@ async fn runs_are_served_from_the_log() {
     assert!(v.as_str().unwrap().contains("Slipway approvals"));
     gw.stop.cancel();
 }
+
+/// A webhook receiver on loopback that refuses the first delivery, then records the rest.
+async fn webhook_receiver() -> (String, tokio::sync::mpsc::Receiver<(u16, Value)>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut n = 0;
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            n += 1;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read headers and the body announced by content-length.
+            let body = loop {
+                let k = sock.read(&mut chunk).await.unwrap_or(0);
+                if k == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..k]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break Some(body.to_string());
+                    }
+                }
+            };
+            let status = if n == 1 { 500 } else { 200 };
+            let _ = sock
+                .write_all(
+                    format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await;
+            if let Some(b) = body {
+                let _ = tx
+                    .send((status, serde_json::from_str(&b).unwrap_or(Value::Null)))
+                    .await;
+            }
+        }
+    });
+    (url, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_starting_to_wait_notifies_the_webhooks_with_retries() {
+    let nats = TestNats::start();
+    let bus = nats.bus().await;
+    let (url, mut rx) = webhook_receiver().await;
+    let runs = Arc::new(RwLock::new(Runs::default()));
+    let stop = CancellationToken::new();
+    tokio::spawn(approval::projection::follow(
+        bus.clone(),
+        runs.clone(),
+        Notifier {
+            webhooks: vec![url],
+            attempts: 3,
+            public_url: "http://gw.example".into(),
+        },
+        stop.clone(),
+    ));
+    // Once the gateway has caught up, a run starts waiting.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !runs.read().unwrap().caught_up {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut sim = Sim::nth_at(SPEC, 1, slipway_core::bus::now());
+    sim.script
+        .insert("approval:production".into(), Answer::Silent);
+    sim.run_to_end();
+    for e in &sim.log {
+        bus.publish(e).await.unwrap();
+    }
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.0, 500, "the first delivery is refused");
+    let second = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.0, 200, "and retried");
+    let body = second.1;
+    assert_eq!(body["event"], "approval.requested");
+    assert_eq!(body["run_id"], sim.run_id.as_str());
+    assert_eq!(body["environment"], "production");
+    assert_eq!(
+        body["url"],
+        format!("http://gw.example/#run-{}", sim.run_id)
+    );
+    assert!(
+        body["artifact_digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    stop.cancel();
+}
