@@ -258,3 +258,48 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
     );
     stack.assert_replay_matches(&run);
 }
+
+#[test]
+fn one_production_deploy_at_a_time_and_a_newer_approval_supersedes_an_older_waiting_run() {
+    let stack = Stack::start();
+    stack.wait_gateway();
+    let counts = stack.dir.path().join("counts");
+    std::fs::create_dir_all(&counts).unwrap();
+    // Production deploys take as long as the `delay` file says.
+    let slow = spec(&counts).replace(
+        r#"command = ["sh", "-c", "echo"#,
+        r#"command = ["sh", "-c", "sleep $(cat \"$COUNTS/delay\" 2>/dev/null || echo 0); echo"#,
+    );
+    let dir = project(stack.dir.path(), "lanes", &slow, &[]);
+    let runs: Vec<String> = (0..3).map(|_| submit_as(&stack, &dir, "erin")).collect();
+    for r in &runs {
+        stack.wait_phase(r, "awaiting_approval", LONG);
+    }
+    let (a, b, c) = (&runs[0], &runs[1], &runs[2]);
+
+    // A holds production for a while; B, then C, are approved meanwhile.
+    std::fs::write(counts.join("delay"), "4").unwrap();
+    assert!(approve(&stack, a, "bob", &[]).0);
+    stack.wait_phase(a, "deploying", LONG);
+    assert!(approve(&stack, b, "bob", &[]).0);
+    assert!(approve(&stack, c, "bob", &[]).0);
+    std::fs::write(counts.join("delay"), "0").unwrap();
+
+    let status = stack.wait_phase(b, "cancelled", LONG);
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("superseded by run") && reason.contains(c.as_str()),
+        "{reason}"
+    );
+    stack.wait_phase(a, "succeeded", LONG);
+    stack.wait_phase(c, "succeeded", LONG);
+    // Production saw A, then C; never B, never two at once.
+    let prod: Vec<String> = deploys(&counts, "production")
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    assert_eq!(prod, vec![a.clone(), c.clone()]);
+    for r in &runs {
+        stack.assert_replay_matches(r);
+    }
+}
