@@ -222,7 +222,7 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
     stack.wait_phase(&run, "succeeded", LONG);
     assert_eq!(deploys(&counts, "production").len(), 1);
 
-    // 2. An approval published straight onto NATS by someone outside the allowed groups.
+    // 2. An approval published straight onto NATS by someone who is not a configured approver.
     let run = submit_as(&stack, &dir, "erin");
     stack.wait_phase(&run, "awaiting_approval", LONG);
     let state = run_of(&stack, &run).await;
@@ -235,7 +235,8 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
             stage: "approval:production".into(),
             attempt: 1,
             approver: "mallory".into(),
-            groups: vec!["interns".into()],
+            // Claims the allowed group: the deployer goes by its own approver registry.
+            groups: vec!["release-managers".into()],
             artifact_digest: state.artifact.as_ref().unwrap().digest.clone(),
             gates_digest: slipway_core::decide::gates_digest(&state),
             comment: None,
@@ -248,7 +249,7 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
     let reason = status["reason"].as_str().unwrap();
     assert!(reason.contains("refused"), "{reason}");
     assert!(
-        reason.contains("mallory is in none of the allowed groups"),
+        reason.contains("mallory is not a configured approver"),
         "{reason}"
     );
     let prod = deploys(&counts, "production");

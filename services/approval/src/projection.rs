@@ -88,11 +88,15 @@ pub async fn follow(
             operation: "create gateway reader",
             message: e.to_string(),
         })?;
+    let consumer_empty = {
+        let mut c = consumer.clone();
+        c.info().await.map(|i| i.num_pending == 0).unwrap_or(false)
+    };
     let mut messages = consumer.messages().await.map_err(|e| BusError::Nats {
         operation: "read log",
         message: e.to_string(),
     })?;
-    if target == 0 {
+    if target == 0 || consumer_empty {
         runs.write().expect("lock").caught_up = true;
     }
     let client = reqwest::Client::builder()
@@ -116,7 +120,15 @@ pub async fn follow(
             None => return Ok(()),
         };
         let Ok(info) = msg.info() else { continue };
-        let seq = info.stream_sequence;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        let live = runs.read().expect("lock").caught_up;
+        // Caught up when nothing of our subjects is left to read (not the whole stream's last
+        // sequence, which may be a change on another subject).
+        if !live && pending == 0 {
+            let mut w = runs.write().expect("lock");
+            w.caught_up = true;
+            info!(runs = w.order.len(), "Gateway caught up with the log.");
+        }
         let rec = slipway_core::bus::recorded(seq, &msg.message);
         let Some((run_id, _, _)) = subjects::parse_run(&rec.subject) else {
             continue;
@@ -125,11 +137,6 @@ pub async fn follow(
         let notify = {
             let mut w = runs.write().expect("lock");
             w.fold_in(run_id, &event);
-            let live = w.caught_up;
-            if !w.caught_up && seq >= target {
-                w.caught_up = true;
-                info!(runs = w.order.len(), "Gateway caught up with the log.");
-            }
             match (&event.data, live) {
                 (EventData::ApprovalRequested(r), true) => w
                     .get(run_id)

@@ -277,6 +277,13 @@ pub async fn post_approval(
     for _ in 0..APPEND_ATTEMPTS {
         // Decide on the log itself, never on the projection.
         let (run, last) = fold_log(&state, &id).await?;
+        if run.is_ended() {
+            return Err(ApiError::Conflict(format!(
+                "run {id} is not awaiting approval (it ended {}: {})",
+                run.phase.as_str(),
+                run.reason.as_deref().unwrap_or("")
+            )));
+        }
         let Some(stage) = run
             .stages
             .iter()

@@ -196,6 +196,33 @@ async fn approvals_are_authenticated_and_policy_checked() {
         "{v}"
     );
 
+    // A run that ended while its approval stage still shows requested (cancelled at its
+    // approval timeout, say) cannot be approved.
+    let (ended, ended_digest) = gw.waiting_run(7).await;
+    let cancel = slipway_core::Event::new(
+        slipway_core::ids::run_end(&ended),
+        "/slipway/cli",
+        Some(ended.clone()),
+        slipway_core::bus::now(),
+        slipway_core::decide::run_ended(
+            slipway_core::Phase::Cancelled,
+            slipway_core::events::RunEnded {
+                reason: "waited too long".into(),
+                stage: None,
+                by: None,
+            },
+        ),
+    );
+    gw.bus.publish(&cancel).await.unwrap();
+    let (s, v) = gw
+        .approve(&ended, Some("bob"), decision("approve", &ended_digest))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("ended cancelled"),
+        "{v}"
+    );
+
     let (s, _) = gw
         .approve("no-such-run", Some("bob"), decision("approve", &digest))
         .await;

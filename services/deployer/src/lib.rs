@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use slipway_core::Event;
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::Config;
 use slipway_core::decide::version_of;
@@ -18,7 +19,7 @@ use slipway_core::events::{
     DeployRequested, DeployStarted, DeploySucceeded, EventData, ObjectRef, StageFailed, StageKind,
 };
 use slipway_core::exec::{self, Cmd, ExecSettings};
-use slipway_core::fold::StageStatus;
+use slipway_core::fold::Run;
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
 use slipway_core::workspace::{self, Workspace};
 use tracing::{info, warn};
@@ -32,6 +33,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BusE
     let worker = Arc::new(Deployer {
         exec: config.exec.clone(),
         logs_bucket: config.nats.stream.logs_bucket.clone(),
+        approvers: config.gateway.approvers.clone(),
     });
     run_worker(bus, worker, config.worker, shutdown).await
 }
@@ -41,51 +43,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BusE
 pub struct Deployer {
     pub exec: ExecSettings,
     pub logs_bucket: String,
+    /// The configured approvers: an approval counts only from one of them, with the groups
+    /// the configuration gives them.
+    pub approvers: Vec<slipway_core::config::Approver>,
 }
 
-/// The version live in one environment of one pipeline.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Live {
-    pub version: String,
-    pub artifact: ObjectRef,
-    pub run_id: String,
-}
-
-/// What the log says is live in `environment` of `pipeline`: the last successful deploy or
-/// rollback there.
-///
-/// # Errors
-/// [`BusError`] when the log cannot be read.
-pub async fn live_version(
-    bus: &Bus,
-    pipeline: &str,
-    environment: &str,
-) -> Result<Option<Live>, BusError> {
-    let recs = bus
-        .read(
-            &[
-                "slipway.run.*.deploy.succeeded".to_string(),
-                "slipway.run.*.rollback.succeeded".to_string(),
-            ],
-            1,
-        )
-        .await?;
-    Ok(recs.into_iter().rev().find_map(|r| {
-        let e = r.event.ok()?;
-        match e.data {
-            EventData::DeploySucceeded(d) | EventData::RollbackSucceeded(d)
-                if d.pipeline == pipeline && d.environment == environment =>
-            {
-                Some(Live {
-                    version: d.version,
-                    artifact: d.artifact,
-                    run_id: e.subject.unwrap_or_default(),
-                })
-            }
-            _ => None,
-        }
-    }))
-}
+pub use slipway_core::baseline::{Live, live_version};
 
 fn request(job: &Job) -> Result<(&DeployRequested, bool), Transient> {
     match &job.request.data {
@@ -130,6 +93,12 @@ impl Worker for Deployer {
         &[StageKind::Deploy, StageKind::Rollback]
     }
 
+    /// A deploy is never run twice: one delivery wins the start, and a start without a result
+    /// is left to the stage timeout rather than repeated.
+    fn exclusive(&self) -> bool {
+        true
+    }
+
     async fn started(&self, job: &Job) -> Result<EventData, Transient> {
         let (r, rollback) = request(job)?;
         let live = live_version(&job.bus, &job.run.pipeline, &r.environment).await?;
@@ -166,6 +135,24 @@ impl Worker for Deployer {
     }
 }
 
+/// Tries `f` a few times with a growing pause: fetching an artifact can meet a passing NATS
+/// hiccup, and after the start a deploy must not be left to a redelivery.
+async fn retried<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    mut f: impl FnMut() -> F,
+) -> Result<T, String> {
+    let mut delay = Duration::from_millis(200);
+    let mut last = String::new();
+    for _ in 0..5 {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(delay).await;
+        delay *= 2;
+    }
+    Err(last)
+}
+
 impl Deployer {
     /// Why this request must not be carried out, from the log's point of view.
     async fn refusal(
@@ -175,20 +162,6 @@ impl Deployer {
         rollback: bool,
     ) -> Result<Option<String>, Transient> {
         let run = &job.run;
-        // Started by an earlier delivery that never reported: the command may have run.
-        if run
-            .stage(&r.stage)
-            .is_some_and(|s| s.status == StageStatus::Running)
-        {
-            let by = run
-                .stage(&r.stage)
-                .and_then(|s| s.worker.clone())
-                .unwrap_or_default();
-            return Ok(Some(format!(
-                "an earlier delivery ({by}) started this deploy and stopped before reporting; \
-                 a deploy is never run twice, so its outcome must be checked by hand"
-            )));
-        }
         if run.pipeline != r.pipeline || run.spec.environment(&r.environment).is_none() {
             return Ok(Some(format!(
                 "the run's spec has no environment {:?} in pipeline {:?}",
@@ -224,7 +197,30 @@ impl Deployer {
             run,
             &r.environment,
             slipway_core::bus::now(),
+            Some(&self.approvers),
         ))
+    }
+
+    /// The run whose source and deploy command a deploy uses: the run itself, or for a
+    /// rollback the run that built the version being restored (the failing change's own
+    /// deploy tooling may be what broke).
+    async fn tooling(&self, job: &Job, r: &DeployRequested, rollback: bool) -> Run {
+        if rollback
+            && let Ok(Some(live)) = find_builder(
+                &job.bus,
+                &job.run.pipeline,
+                &r.environment,
+                &r.artifact.digest,
+            )
+            .await
+            && let Ok(log) = job.bus.run_log(&live).await
+        {
+            let events: Vec<Event> = log.into_iter().filter_map(|x| x.event.ok()).collect();
+            if let Some(base) = Run::replay(&events) {
+                return base;
+            }
+        }
+        job.run.clone()
     }
 
     async fn deploy(
@@ -234,51 +230,59 @@ impl Deployer {
         rollback: bool,
     ) -> Result<EventData, Transient> {
         let started = Instant::now();
-        let run = &job.run;
-        // The command comes from the spec snapshot in the log, never from the request.
-        let target = run
+        let fail = |reason: String| Ok(failed(rollback, r, reason, None, None, None));
+        let tooling = self.tooling(job, r, rollback).await;
+        // The command comes from a spec snapshot in the log, never from the request.
+        let Some(target) = tooling
             .spec
             .environment(&r.environment)
             .map(|e| e.deploy.clone())
-            .ok_or_else(|| Transient("environment vanished from the spec".into()))?;
-        let previous = live_version(&job.bus, &run.pipeline, &r.environment).await?;
-        let ws = Workspace::create(
+        else {
+            return fail(format!("no environment {:?} in the spec", r.environment));
+        };
+        let previous = live_version(&job.bus, &job.run.pipeline, &r.environment)
+            .await
+            .ok()
+            .flatten();
+        let ws = match Workspace::create(
             &self.exec,
             &format!("{}-deploy-{}", job.run_id, r.environment),
-        )
-        .map_err(|e| Transient(e.to_string()))?;
-        if let Err(e) = ws.checkout(&run.source, &self.exec, &job.cancel).await {
-            return Ok(failed(
-                rollback,
-                r,
-                format!("checkout failed: {e}"),
-                None,
-                None,
-                None,
-            ));
+        ) {
+            Ok(ws) => ws,
+            Err(e) => return fail(format!("cannot create a workspace: {e}")),
+        };
+        if let Err(e) = ws.checkout(&tooling.source, &self.exec, &job.cancel).await {
+            return fail(format!("checkout failed: {e}"));
         }
         let archive = ws.out().join("artifact.tar.gz");
-        slipway_core::objects::get_file(&job.bus, &r.artifact, &archive)
-            .await
-            .map_err(Transient::from)?;
+        if let Err(e) =
+            retried(|| slipway_core::objects::get_file(&job.bus, &r.artifact, &archive)).await
+        {
+            return fail(format!(
+                "cannot fetch the artifact {}: {e}",
+                r.artifact.name
+            ));
+        }
         let artifact_dir = ws.root().join("artifact");
         let (a, d) = (archive.clone(), artifact_dir.clone());
-        tokio::task::spawn_blocking(move || workspace::unpack(&a, &d))
-            .await
-            .map_err(|e| Transient(e.to_string()))?
-            .map_err(|e| Transient(format!("cannot unpack the artifact: {e}")))?;
-
+        let unpacked = tokio::task::spawn_blocking(move || workspace::unpack(&a, &d)).await;
+        if let Err(e) = unpacked
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            return fail(format!("cannot unpack the artifact: {e}"));
+        }
         let version = if rollback {
             r.version.clone()
         } else {
-            version_of(&run.pipeline, &r.artifact)
+            version_of(&job.run.pipeline, &r.artifact)
         };
         let log_path = ws.out().join("deploy.log");
         let mut env = self.exec.base_env(&ws.home());
         env.extend(target.env.clone());
         env.insert("SLIPWAY_ENVIRONMENT".into(), r.environment.clone());
         env.insert("SLIPWAY_RUN_ID".into(), job.run_id.clone());
-        env.insert("SLIPWAY_PIPELINE".into(), run.pipeline.clone());
+        env.insert("SLIPWAY_PIPELINE".into(), job.run.pipeline.clone());
         env.insert("SLIPWAY_VERSION".into(), version.clone());
         env.insert(
             "SLIPWAY_ARTIFACT_DIR".into(),
@@ -307,16 +311,7 @@ impl Deployer {
         .await;
         let outcome = match outcome {
             Ok(o) => o,
-            Err(e) => {
-                return Ok(failed(
-                    rollback,
-                    r,
-                    format!("deploy command could not start: {e}"),
-                    None,
-                    None,
-                    None,
-                ));
-            }
+            Err(e) => return fail(format!("deploy command could not start: {e}")),
         };
         let log_name = format!(
             "runs/{}/{}-{}.log",
@@ -324,14 +319,18 @@ impl Deployer {
             r.stage.replace(':', "-"),
             r.attempt
         );
-        let log = slipway_core::objects::put_file(
-            &job.bus,
-            &self.logs_bucket,
-            Some(&log_name),
-            &log_path,
-        )
+        // The deploy happened (or not) whatever becomes of its log: never fail it for that.
+        let log = match retried(|| {
+            slipway_core::objects::put_file(&job.bus, &self.logs_bucket, Some(&log_name), &log_path)
+        })
         .await
-        .map_err(Transient::from)?;
+        {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "Cannot store the deploy log.");
+                None
+            }
+        };
         if !outcome.exit.success() {
             let tail = exec::log_tail(&log_path, 20);
             let what = match outcome.exit {
@@ -344,18 +343,18 @@ impl Deployer {
                 format!("{what}; last lines of the log:\n{tail}"),
                 outcome.exit.code(),
                 Some(tail),
-                Some(log),
+                log,
             ));
         }
         let done = DeploySucceeded {
             stage: r.stage.clone(),
             attempt: r.attempt,
-            pipeline: run.pipeline.clone(),
+            pipeline: job.run.pipeline.clone(),
             environment: r.environment.clone(),
             version,
             artifact: r.artifact.clone(),
             previous_version: previous.map(|p| p.version),
-            log: Some(log),
+            log,
             duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         };
         Ok(if rollback {
@@ -364,4 +363,29 @@ impl Deployer {
             EventData::DeploySucceeded(done)
         })
     }
+}
+
+/// The run that first deployed the artifact `digest` to the environment (the one that built it).
+async fn find_builder(
+    bus: &Bus,
+    pipeline: &str,
+    environment: &str,
+    digest: &str,
+) -> Result<Option<String>, BusError> {
+    let recs = bus
+        .read(&["slipway.run.*.deploy.succeeded".to_string()], 1)
+        .await?;
+    Ok(recs
+        .into_iter()
+        .filter_map(|r| r.event.ok())
+        .find_map(|e| match &e.data {
+            EventData::DeploySucceeded(d)
+                if d.pipeline == pipeline
+                    && d.environment == environment
+                    && d.artifact.digest == digest =>
+            {
+                e.subject.clone()
+            }
+            _ => None,
+        }))
 }

@@ -68,7 +68,13 @@ fn percentile(values: &[f64], q: f64) -> Option<f64> {
 
 impl Evidence {
     /// Measured values, and the SLO checks on them.
-    fn evaluate(&self, spec: &MonitorSpec, scope: &str) -> (BTreeMap<String, f64>, Vec<Check>) {
+    /// `final_` marks the window's end, where an SLO still without data fails.
+    fn evaluate(
+        &self,
+        spec: &MonitorSpec,
+        scope: &str,
+        final_: bool,
+    ) -> (BTreeMap<String, f64>, Vec<Check>) {
         let mut metrics = BTreeMap::new();
         let n = self.probes.len();
         if n > 0 {
@@ -129,6 +135,23 @@ impl Evidence {
                     });
                 }
             }
+        }
+        // Health is always watched, SLOs or not: three failed probes in a row are a breach.
+        let tail_failed = self.probes.iter().rev().take_while(|(h, _)| !*h).count();
+        if !spec.slos.contains_key("availability")
+            && (tail_failed >= MIN_PROBES || (final_ && n > 0 && tail_failed == n))
+        {
+            checks.push(Check {
+                metric: "health".into(),
+                scope: Some(scope.to_string()),
+                candidate: tail_failed as f64,
+                baseline: None,
+                delta: None,
+                p_value: None,
+                interval: None,
+                verdict: Verdict::Fail,
+                note: format!("health: the last {tail_failed} probes failed"),
+            });
         }
         // NaN does not survive JSON: an unmeasured metric is reported through its note only.
         for c in &mut checks {
@@ -231,8 +254,14 @@ async fn watch(job: &Job, req: &MonitorRequested) -> Result<EventData, Transient
         if problem.is_some() {
             ev.last_problem = problem;
         }
-        if let (Some(url), Some(_)) = (&metrics_url, &ev.before) {
+        if let Some(url) = &metrics_url {
             match scrape(&client, url).await {
+                // The first successful scrape is the window's start: one failed scrape right
+                // after a restart must not roll production back.
+                Ok(s) if ev.before.is_none() => {
+                    ev.before = Some(s);
+                    ev.scrape_error = None;
+                }
                 Ok(s) => {
                     ev.now = Some(s);
                     ev.scrape_error = None;
@@ -240,7 +269,7 @@ async fn watch(job: &Job, req: &MonitorRequested) -> Result<EventData, Transient
                 Err(e) => ev.scrape_error = Some(e),
             }
         }
-        let (_, checks) = ev.evaluate(spec, env);
+        let (_, checks) = ev.evaluate(spec, env, false);
         if ev.probes.len() >= MIN_PROBES && thresholds::overall(&checks) == Verdict::Fail {
             early = true;
             break;
@@ -253,7 +282,7 @@ async fn watch(job: &Job, req: &MonitorRequested) -> Result<EventData, Transient
             _ = tokio::time::sleep(interval.saturating_sub(t0.elapsed())) => {}
         }
     }
-    let (metrics, checks) = ev.evaluate(spec, env);
+    let (metrics, checks) = ev.evaluate(spec, env, true);
     let probes = u32::try_from(ev.probes.len()).unwrap_or(u32::MAX);
     if thresholds::overall(&checks) != Verdict::Fail {
         info!(environment = %env, probes, "Deploy verified.");

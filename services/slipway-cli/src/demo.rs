@@ -194,7 +194,7 @@ pub async fn demo(
     println!("  staging      http://127.0.0.1:{staging}");
     println!("  production   http://127.0.0.1:{production}");
 
-    let outcome = async {
+    let flow = async {
         let client = Client::connect(&stack.url).await?;
         // The gateway listens once it has connected.
         let mut ready = false;
@@ -232,10 +232,27 @@ pub async fn demo(
         .await?;
         let live_after_second = version_at(production).await;
         anyhow::Ok((first, live_after_first, second, live_after_second))
-    }
-    .await;
+    };
+    // Ctrl-C stops everything the demo started (services and model servers live in their
+    // own process groups and would otherwise outlive it).
+    let interrupted = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    let outcome = tokio::select! {
+        o = flow => Some(o),
+        _ = interrupted => None,
+    };
     stop_servers(&state_dir);
     stack.stop().await;
+    let Some(outcome) = outcome else {
+        eprintln!("Demo interrupted; everything it started is stopped.");
+        return Ok(ExitCode::from(130));
+    };
     let (first, live1, second, live2) = outcome?;
 
     let ok1 =

@@ -536,10 +536,22 @@ impl Position {
             let monitor_failed_rollback_due = status(StageKind::Monitor.key(Some(e)))
                 == Some(StageStatus::Failed)
                 && !status(StageKind::Rollback.key(Some(e))).is_some_and(StageStatus::is_terminal);
+            // Gates measure the environment after its deploy: it is held until they are done.
+            let gated_here = run
+                .spec
+                .gates_environment_index()
+                .map(|i| run.spec.environment[i].name.as_str())
+                == Some(e)
+                && status(StageKind::Deploy.key(Some(e))) == Some(StageStatus::Succeeded)
+                && ["evaluate", "perf", "cost"].iter().any(|g| {
+                    planned_has(run, g)
+                        && !status((*g).to_string()).is_some_and(StageStatus::is_terminal)
+                });
             if active(StageKind::Deploy.key(Some(e)))
                 || active(StageKind::Rollback.key(Some(e)))
                 || deployed_pending_monitor
                 || monitor_failed_rollback_due
+                || gated_here
             {
                 holds = Some(e.to_string());
             }
@@ -552,6 +564,10 @@ impl Position {
             waits: next_environment(run),
         }
     }
+}
+
+fn planned_has(run: &Run, key: &str) -> bool {
+    run.stages.iter().any(|s| s.name == key)
 }
 
 /// The environment whose approval or deploy is the run's next step, if any.

@@ -8,6 +8,7 @@
 //!
 //! A service's own domain (how to build, how to parse a JUnit report) lives in its crate.
 
+pub mod baseline;
 pub mod binding;
 pub mod bus;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod policy;
 pub mod runtime;
 pub mod server;
 pub mod spec;
+pub mod stats;
 pub mod subjects;
 pub mod telemetry;
 pub mod thresholds;

@@ -57,7 +57,15 @@ fn gates(run: &Run) -> Vec<(String, Option<StageStatus>)> {
 
 /// Why the run's artifact may not be deployed to `environment` now, if it may not: a gate
 /// that has not passed, or no approval the policy accepts for exactly this artifact.
-pub fn deploy_refusal(run: &Run, environment: &str, now: DateTime<Utc>) -> Option<String> {
+///
+/// With `approvers` (the configured registry), an approval counts only from a configured
+/// approver, judged by the groups the configuration gives them, not those the event claims.
+pub fn deploy_refusal(
+    run: &Run,
+    environment: &str,
+    now: DateTime<Utc>,
+    approvers: Option<&[crate::config::Approver]>,
+) -> Option<String> {
     let Some(env) = run.spec.environment(environment) else {
         return Some(format!("the run's spec has no environment {environment:?}"));
     };
@@ -103,8 +111,18 @@ pub fn deploy_refusal(run: &Run, environment: &str, now: DateTime<Utc>) -> Optio
             notes.push(format!("{}'s approval expired", a.approver));
             continue;
         }
-        if let Err(why) =
-            check_approver(policy, &a.approver, &a.groups, run.change.author.as_deref())
+        // Against the registry, the groups are the configured ones, never the event's claim.
+        let groups = match approvers {
+            Some(registry) => match registry.iter().find(|r| r.name == a.approver) {
+                Some(r) => r.groups.clone(),
+                None => {
+                    notes.push(format!("{} is not a configured approver", a.approver));
+                    continue;
+                }
+            },
+            None => a.groups.clone(),
+        };
+        if let Err(why) = check_approver(policy, &a.approver, &groups, run.change.author.as_deref())
         {
             notes.push(why);
             continue;
@@ -158,12 +176,23 @@ mod tests {
         sim.script
             .insert("deploy:production".into(), Answer::Silent);
         sim.run_to_end();
-        assert_eq!(deploy_refusal(sim.run(), "production", sim.now), None);
+        assert_eq!(deploy_refusal(sim.run(), "production", sim.now, None), None);
+        // Against a registry, only configured approvers count, with their configured groups.
+        let registry = vec![crate::config::Approver {
+            name: "approver-0".into(),
+            groups: vec!["release-managers".into()],
+            token_sha256: String::new(),
+        }];
+        let why = deploy_refusal(sim.run(), "production", sim.now, Some(&registry)).unwrap();
+        assert!(
+            why.contains("approver-1 is not a configured approver"),
+            "{why}"
+        );
         // Staging needs nothing.
-        assert_eq!(deploy_refusal(sim.run(), "staging", sim.now), None);
+        assert_eq!(deploy_refusal(sim.run(), "staging", sim.now, None), None);
         // Too late: the approvals expired.
         let late = sim.now + Duration::days(2);
-        let why = deploy_refusal(sim.run(), "production", late).unwrap();
+        let why = deploy_refusal(sim.run(), "production", late, None).unwrap();
         assert!(why.contains("expired"), "{why}");
 
         // Waiting for approval: refused, naming the count.
@@ -171,7 +200,7 @@ mod tests {
         sim.script
             .insert("approval:production".into(), Answer::Silent);
         sim.run_to_end();
-        let why = deploy_refusal(sim.run(), "production", sim.now).unwrap();
+        let why = deploy_refusal(sim.run(), "production", sim.now, None).unwrap();
         assert!(why.starts_with("0 of 2 required approvals"), "{why}");
 
         // A gate that failed: refused.
@@ -179,7 +208,7 @@ mod tests {
         sim.script
             .insert("perf".into(), Answer::Fail("slow".into()));
         sim.run_to_end();
-        let why = deploy_refusal(sim.run(), "production", sim.now).unwrap();
+        let why = deploy_refusal(sim.run(), "production", sim.now, None).unwrap();
         assert!(why.contains("gate perf has not passed"), "{why}");
     }
 }

@@ -113,6 +113,13 @@ pub trait Worker: Send + Sync + 'static {
 
     fn kinds(&self) -> &'static [StageKind];
 
+    /// Whether a job may run at most once per stage attempt (a deploy). Its `started` fact is
+    /// then appended with run-wide optimistic concurrency, so of two deliveries one starts; a
+    /// delivery that finds the attempt already started leaves it to the stage timeout.
+    fn exclusive(&self) -> bool {
+        false
+    }
+
     /// The `started` fact (the deployer adds what was live before).
     fn started(&self, job: &Job) -> impl Future<Output = Result<EventData, Transient>> + Send {
         let data = started_data(
@@ -341,10 +348,11 @@ impl<W: Worker> Ctx<W> {
             .subscribe(format!("slipway.run.{run_id}.run.*"))
             .await;
         // Check the log before any side effect: a redelivered request may already be done.
-        let run = match self.bus.run_log(&run_id).await {
+        let (run, last_seq) = match self.bus.run_log(&run_id).await {
             Ok(log) => {
+                let last_seq = log.last().map_or(0, |r| r.seq);
                 let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
-                Run::replay(&events)
+                (Run::replay(&events), last_seq)
             }
             Err(e) => {
                 warn!(error = %e, "Cannot read the run's log; retrying later.");
@@ -366,6 +374,17 @@ impl<W: Worker> Ctx<W> {
             return;
         }
         match run.stage(&stage) {
+            Some(s)
+                if self.worker.exclusive()
+                    && s.attempt == attempt
+                    && s.status == crate::fold::StageStatus::Running =>
+            {
+                // An earlier delivery started it and never reported: it may have run. Never
+                // run it twice; the conductor's stage timeout ends it, saying so.
+                warn!(worker = ?s.worker, "Stage already started by an earlier delivery; not repeating it.");
+                let _ = msg.double_ack().await;
+                return;
+            }
             Some(s) if s.attempt == attempt && !s.status.is_terminal() => {}
             Some(s) => {
                 info!(status = ?s.status, "Stage attempt already settled; skipping the request.");
@@ -396,7 +415,26 @@ impl<W: Worker> Ctx<W> {
                 return;
             }
         };
-        if let Err(e) = self.bus.publish(&fact(service, &run_id, started)).await {
+        let started = fact(service, &run_id, started);
+        if self.worker.exclusive() {
+            // Exactly one delivery starts: the append expects the log as just read.
+            match self.bus.append(&started, &run_id, last_seq).await {
+                Ok(a) if !a.duplicate => {}
+                Ok(_) | Err(crate::bus::AppendError::Conflict { .. }) => {
+                    // Another delivery started it, or the run moved on: look again later.
+                    info!("Start not won; the request is looked at again.");
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                        .await;
+                    return;
+                }
+                Err(crate::bus::AppendError::Bus(e)) => {
+                    warn!(error = %e, "Cannot publish the started fact; retrying later.");
+                    self.nak(&msg, delivered).await;
+                    return;
+                }
+            }
+        } else if let Err(e) = self.bus.publish(&started).await {
             warn!(error = %e, "Cannot publish the started fact; retrying later.");
             self.nak(&msg, delivered).await;
             return;

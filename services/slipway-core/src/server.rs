@@ -156,9 +156,10 @@ impl NatsProcess {
                 return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                let tail = crate::exec::log_tail(&log, 5);
                 return Err(format!(
-                    "nats-server exited at start ({status}); see {}",
-                    log.display()
+                    "nats-server exited at start ({status}) on port {}: {tail}",
+                    self.port
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -37,7 +37,7 @@ impl TestNats {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let process = NatsProcess::spawn(&nats_binary(), 0, &dir.path().join("store"), &[])
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap_or_else(|e| panic!("cannot start a test nats-server: {e}"));
         Self { process, _dir: dir }
     }
 

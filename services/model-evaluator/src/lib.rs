@@ -1,0 +1,522 @@
+//! The model evaluator: `evaluate.requested` in, a gate report out.
+//!
+//! It runs the model under test (by default the gated environment's OpenAI-compatible
+//! endpoint) over the spec's JSONL datasets, scores every item ([`metrics`]), and checks each
+//! dataset's thresholds: absolute bounds, and the largest allowed regression against the
+//! baseline, the version live in production, whose per-item results it reads back from the log.
+//! A regression beyond its bound fails only when a paired test says it is real (McNemar on
+//! per-item correctness, a paired bootstrap interval for means); otherwise it is a warning, so
+//! a human looks. Sample outputs (the worst items and a seeded random sample) are stored with
+//! the run for review.
+
+pub mod dataset;
+pub mod metrics;
+pub mod model;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use slipway_core::bus::{Bus, BusError};
+use slipway_core::config::Config;
+use slipway_core::events::{Check, EvaluateRequested, EventData, GateReport, StageKind, Verdict};
+use slipway_core::exec::ExecSettings;
+use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
+use slipway_core::spec::{ModelEndpoint, Threshold, check_relative_path};
+use slipway_core::stats::{self, Rng};
+use slipway_core::workspace::Workspace;
+use slipway_core::{baseline, objects, thresholds};
+use tracing::info;
+
+use crate::dataset::Item;
+use crate::metrics::ItemResult;
+use crate::model::Model;
+
+/// Runs the evaluator until `shutdown`.
+///
+/// # Errors
+/// [`BusError`] when NATS cannot be reached or the consumer cannot be set up.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BusError> {
+    let bus = Bus::connect(&config.nats, "slipway-model-evaluator").await?;
+    let worker = Arc::new(Evaluator {
+        exec: config.exec.clone(),
+        logs_bucket: config.nats.stream.logs_bucket.clone(),
+    });
+    run_worker(bus, worker, config.worker, shutdown).await
+}
+
+#[derive(Debug)]
+pub struct Evaluator {
+    pub exec: ExecSettings,
+    pub logs_bucket: String,
+}
+
+/// What the evaluator stores with the run: every item's result, and the samples for review.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Details {
+    pub datasets: BTreeMap<String, Vec<ItemResult>>,
+    pub samples: Vec<Sample>,
+}
+
+/// One output shown to reviewers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    pub dataset: String,
+    pub id: String,
+    pub input: String,
+    pub expected: Option<String>,
+    pub got: String,
+    pub verdict: String,
+    /// Why it was picked: `worst` or `random`.
+    pub picked: String,
+}
+
+impl Worker for Evaluator {
+    fn service(&self) -> &'static str {
+        "model-evaluator"
+    }
+
+    fn kinds(&self) -> &'static [StageKind] {
+        &[StageKind::Evaluate]
+    }
+
+    async fn handle(&self, job: &Job) -> Result<EventData, Transient> {
+        let EventData::EvaluateRequested(req) = &job.request.data else {
+            return Err(Transient(format!(
+                "{} is not an evaluation request",
+                job.request.type_name()
+            )));
+        };
+        self.evaluate(job, req).await
+    }
+}
+
+fn failed(req: &EvaluateRequested, reason: String, started: Instant) -> EventData {
+    EventData::EvaluateFailed(GateReport {
+        stage: req.stage.clone(),
+        attempt: req.attempt,
+        verdict: Verdict::Fail,
+        metrics: BTreeMap::new(),
+        checks: Vec::new(),
+        baseline_run: None,
+        details: None,
+        reason: Some(reason),
+        duration_ms: ms(started),
+    })
+}
+
+fn ms(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn verdict_word(r: &ItemResult) -> String {
+    if let Some(e) = &r.error {
+        return format!("error: {e}");
+    }
+    let mut parts = Vec::new();
+    match r.correct() {
+        Some(true) => parts.push("correct"),
+        Some(false) => parts.push("incorrect"),
+        None => {}
+    }
+    if r.hallucinated == Some(true) {
+        parts.push("hallucinated");
+    }
+    if r.format_ok == Some(false) {
+        parts.push("bad format");
+    }
+    if r.refusal {
+        parts.push("refused");
+    }
+    if parts.is_empty() {
+        "scored".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The worst items, then a seeded random sample of the rest, `n` in all.
+pub fn pick_samples(
+    details: &Details,
+    items: &BTreeMap<String, Vec<Item>>,
+    n: usize,
+    seed: &str,
+) -> Vec<Sample> {
+    let mut all: Vec<(&String, &ItemResult)> = details
+        .datasets
+        .iter()
+        .flat_map(|(d, rs)| rs.iter().map(move |r| (d, r)))
+        .collect();
+    let sample = |d: &String, r: &ItemResult, picked: &str| {
+        let item = items.get(d).and_then(|is| is.iter().find(|i| i.id == r.id));
+        Sample {
+            dataset: d.clone(),
+            id: r.id.clone(),
+            input: item.map(Item::input_text).unwrap_or_default(),
+            expected: item.and_then(|i| i.expected.clone().or_else(|| i.label.clone())),
+            got: r.output.clone(),
+            verdict: verdict_word(r),
+            picked: picked.into(),
+        }
+    };
+    all.sort_by(|a, b| b.1.badness().total_cmp(&a.1.badness()));
+    let worst_n = (n / 2).min(all.len());
+    let mut out: Vec<Sample> = all[..worst_n]
+        .iter()
+        .filter(|(_, r)| r.badness() > 0.0)
+        .map(|(d, r)| sample(d, r, "worst"))
+        .collect();
+    let mut rest: Vec<&(&String, &ItemResult)> = all
+        .iter()
+        .filter(|(d, r)| !out.iter().any(|s| &s.dataset == *d && s.id == r.id))
+        .collect();
+    let mut rng = Rng::from_text(seed);
+    while out.len() < n && !rest.is_empty() {
+        let (d, r) = rest.swap_remove(rng.below(rest.len()));
+        out.push(sample(d, r, "random"));
+    }
+    out
+}
+
+/// Checks one dataset metric: absolute bounds fail outright; a regression beyond its bound
+/// fails only when the paired test finds it significant, and warns otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn check_metric(
+    dataset: &str,
+    metric: &str,
+    value: Option<f64>,
+    baseline_value: Option<f64>,
+    t: &Threshold,
+    candidate: &[ItemResult],
+    baseline_items: Option<&Vec<ItemResult>>,
+    alpha: f64,
+    rng: &mut Rng,
+) -> Check {
+    let Some(value) = value else {
+        return Check {
+            metric: metric.into(),
+            scope: Some(dataset.into()),
+            candidate: 0.0,
+            baseline: baseline_value,
+            delta: None,
+            p_value: None,
+            interval: None,
+            verdict: Verdict::Fail,
+            note: format!("{dataset}: {metric} cannot be measured: no item carries what it needs"),
+        };
+    };
+    let absolute = Threshold {
+        max_regression: None,
+        max_regression_pct: None,
+        ..t.clone()
+    };
+    let abs = thresholds::check(metric, Some(dataset), value, None, &absolute);
+    let mut full = thresholds::check(metric, Some(dataset), value, baseline_value, t);
+    // The paired evidence, on the items both versions answered.
+    if let (Some(base), Some(_)) = (baseline_items, baseline_value) {
+        let by_id: BTreeMap<&str, &ItemResult> = base.iter().map(|r| (r.id.as_str(), r)).collect();
+        let pairs: Vec<(&ItemResult, &ItemResult)> = candidate
+            .iter()
+            .filter_map(|c| by_id.get(c.id.as_str()).map(|b| (c, *b)))
+            .collect();
+        let per_item = |r: &ItemResult| -> Option<f64> {
+            let b = |x: bool| if x { 1.0 } else { 0.0 };
+            match metric {
+                "exact_match" => r.exact.map(b),
+                "accuracy" => r.label_ok.map(b),
+                "f1" => r.f1,
+                "format_compliance" => r.format_ok.map(b),
+                "hallucination_rate" => r.hallucinated.map(b),
+                "refusal_rate" => Some(b(r.refusal)),
+                _ => None,
+            }
+        };
+        if matches!(metric, "exact_match" | "accuracy") {
+            let (mut b, mut c) = (0, 0);
+            for (cand, base) in &pairs {
+                match (per_item(cand), per_item(base)) {
+                    (Some(x), Some(y)) if x < y => b += 1,
+                    (Some(x), Some(y)) if x > y => c += 1,
+                    _ => {}
+                }
+            }
+            full.p_value = Some(stats::mcnemar(b, c).p_value);
+        } else {
+            let (cv, bv): (Vec<f64>, Vec<f64>) = pairs
+                .iter()
+                .filter_map(|(c, b)| Some((per_item(c)?, per_item(b)?)))
+                .unzip();
+            full.interval = stats::paired_bootstrap_mean(&cv, &bv, 2000, 1.0 - alpha, rng);
+        }
+    }
+    let significant = match (full.p_value, full.interval) {
+        (Some(p), _) => p < alpha,
+        (None, Some([lo, hi])) => lo > 0.0 || hi < 0.0,
+        // Without per-item evidence the bound decides alone.
+        (None, None) => true,
+    };
+    let evidence = match (full.p_value, full.interval) {
+        (Some(p), _) => format!("McNemar p={p:.4}"),
+        (None, Some([lo, hi])) => format!(
+            "paired bootstrap {:.0}% interval of the difference [{lo:.4}, {hi:.4}]",
+            (1.0 - alpha) * 100.0
+        ),
+        _ => "no per-item baseline".into(),
+    };
+    let base_note = match (baseline_value, full.delta) {
+        (Some(b), Some(d)) => format!("; baseline {b:.4}, delta {d:+.4}, {evidence}"),
+        _ => "; no baseline: absolute thresholds only".into(),
+    };
+    if abs.verdict == Verdict::Fail || full.verdict == Verdict::Pass || abs.verdict == Verdict::Warn
+    {
+        // Absolute bounds decide, or nothing is wrong.
+        full.verdict = if abs.verdict != Verdict::Pass {
+            abs.verdict
+        } else {
+            full.verdict
+        };
+    } else if !significant {
+        full.verdict = Verdict::Warn;
+        full.note.push_str(" (but not statistically significant)");
+    }
+    full.note = format!("{dataset}: {}{base_note}", full.note);
+    full
+}
+
+impl Evaluator {
+    async fn evaluate(&self, job: &Job, req: &EvaluateRequested) -> Result<EventData, Transient> {
+        let started = Instant::now();
+        let spec = &req.spec;
+        let ws = Workspace::create(&self.exec, &format!("{}-evaluate", job.run_id))
+            .map_err(|e| Transient(e.to_string()))?;
+        if let Err(e) = ws.checkout(&req.source, &self.exec, &job.cancel).await {
+            return Ok(failed(req, format!("checkout failed: {e}"), started));
+        }
+        let model = match &spec.endpoint {
+            ModelEndpoint::Openai {
+                base_url,
+                model,
+                api_key_env,
+            } => {
+                let Some(base) = base_url
+                    .clone()
+                    .or_else(|| req.environment.as_ref().and_then(|e| e.url.clone()))
+                else {
+                    return Ok(failed(
+                        req,
+                        "no model endpoint: neither base_url nor a gated environment url".into(),
+                        started,
+                    ));
+                };
+                let api_key = match api_key_env {
+                    Some(var) => match std::env::var(var) {
+                        Ok(k) => Some(k),
+                        Err(_) => {
+                            return Ok(failed(
+                                req,
+                                format!(
+                                    "the API key variable {var} is not set for the model-evaluator"
+                                ),
+                                started,
+                            ));
+                        }
+                    },
+                    None => None,
+                };
+                Model::Openai {
+                    client: reqwest::Client::builder()
+                        .timeout(Duration::from_secs(spec.request_timeout_secs))
+                        .build()
+                        .map_err(|e| Transient(e.to_string()))?,
+                    url: format!("{}/v1/chat/completions", base.trim_end_matches('/')),
+                    model: model.clone(),
+                    api_key,
+                }
+            }
+            ModelEndpoint::Command { command } => Model::Command {
+                argv: command.clone(),
+                env: self.exec.base_env(&ws.home()),
+            },
+        };
+
+        let mut items_by_ds: BTreeMap<String, Vec<Item>> = BTreeMap::new();
+        let mut details = Details::default();
+        let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
+        let (mut tin, mut tout, mut n_items) = (0u64, 0u64, 0u64);
+        for ds in &spec.dataset {
+            let text = match self.load(job, &ws, &ds.path).await {
+                Ok(t) => t,
+                Err(e) => return Ok(failed(req, format!("dataset {}: {e}", ds.name), started)),
+            };
+            let items = match dataset::parse(&ds.name, &text) {
+                Ok(i) => i,
+                Err(e) => return Ok(failed(req, e.to_string(), started)),
+            };
+            let answers = match model
+                .answer_all(
+                    &items,
+                    spec.concurrency as usize,
+                    &ws.src(),
+                    Duration::from_secs(spec.timeout_secs),
+                )
+                .await
+            {
+                Ok(a) => a,
+                Err(e) => return Ok(failed(req, format!("dataset {}: {e}", ds.name), started)),
+            };
+            let results: Vec<ItemResult> = items
+                .iter()
+                .zip(answers)
+                .map(|(item, a)| match a {
+                    Ok(a) => ItemResult {
+                        latency_ms: a.latency_ms,
+                        tokens_in: a.tokens_in,
+                        tokens_out: a.tokens_out,
+                        ..metrics::score(item, &a.output)
+                    },
+                    Err(e) => ItemResult {
+                        id: item.id.clone(),
+                        error: Some(e),
+                        ..Default::default()
+                    },
+                })
+                .collect();
+            for r in &results {
+                tin += r.tokens_in;
+                tout += r.tokens_out;
+                n_items += 1;
+            }
+            for (k, v) in metrics::summarize(&results) {
+                metrics.insert(format!("{}.{k}", ds.name), v);
+            }
+            details.datasets.insert(ds.name.clone(), results);
+            items_by_ds.insert(ds.name.clone(), items);
+        }
+        if n_items > 0 {
+            metrics.insert("tokens_in_per_item".into(), tin as f64 / n_items as f64);
+            metrics.insert("tokens_out_per_item".into(), tout as f64 / n_items as f64);
+        }
+
+        // The baseline: the production version's own evaluation, with its per-item results.
+        let base = baseline::gate_baseline(&job.bus, &job.run, &req.stage).await?;
+        let base_details: Option<Details> = match base.as_ref().and_then(|(_, g)| g.details.clone())
+        {
+            Some(obj) => {
+                let path = ws.out().join("baseline.json");
+                match objects::get_file(&job.bus, &obj, &path).await {
+                    Ok(()) => std::fs::read(&path)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice(&b).ok()),
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
+        let mut rng = Rng::from_text(&job.run_id);
+        let mut checks = Vec::new();
+        if base.is_none() {
+            checks.push(Check {
+                metric: "baseline".into(),
+                scope: None,
+                candidate: 0.0,
+                baseline: None,
+                delta: None,
+                p_value: None,
+                interval: None,
+                verdict: Verdict::Pass,
+                note:
+                    "no baseline in the log (first deployment): judged on absolute thresholds alone"
+                        .into(),
+            });
+        }
+        for ds in &spec.dataset {
+            for (metric, t) in &ds.thresholds {
+                let key = format!("{}.{metric}", ds.name);
+                checks.push(check_metric(
+                    &ds.name,
+                    metric,
+                    metrics.get(&key).copied(),
+                    base.as_ref()
+                        .and_then(|(_, g)| g.metrics.get(&key).copied()),
+                    t,
+                    &details.datasets[&ds.name],
+                    base_details.as_ref().and_then(|d| d.datasets.get(&ds.name)),
+                    spec.significance,
+                    &mut rng,
+                ));
+            }
+        }
+        details.samples = pick_samples(&details, &items_by_ds, spec.samples as usize, &job.run_id);
+        let path = ws.out().join("evaluation.json");
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(&details).expect("details serialise"),
+        )
+        .map_err(|e| Transient(e.to_string()))?;
+        let name = format!("runs/{}/{}-{}.json", job.run_id, req.stage, req.attempt);
+        let stored = objects::put_file(&job.bus, &self.logs_bucket, Some(&name), &path).await?;
+
+        let verdict = thresholds::overall(&checks);
+        let reason = (verdict == Verdict::Fail).then(|| {
+            checks
+                .iter()
+                .filter(|c| c.verdict == Verdict::Fail)
+                .map(|c| c.note.clone())
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+        info!(
+            ?verdict,
+            datasets = spec.dataset.len(),
+            items = n_items,
+            "Evaluation done."
+        );
+        let report = GateReport {
+            stage: req.stage.clone(),
+            attempt: req.attempt,
+            verdict,
+            metrics,
+            checks,
+            baseline_run: base.map(|(r, _)| r),
+            details: Some(stored),
+            reason,
+            duration_ms: ms(started),
+        };
+        Ok(if verdict == Verdict::Fail {
+            EventData::EvaluateFailed(report)
+        } else {
+            EventData::EvaluateSucceeded(report)
+        })
+    }
+
+    /// A dataset from the source tree, or `object://<bucket>/<name>` from the object store.
+    async fn load(&self, job: &Job, ws: &Workspace, path: &str) -> Result<String, String> {
+        if let Some(rest) = path.strip_prefix("object://") {
+            let (bucket, name) = rest
+                .split_once('/')
+                .ok_or("object:// paths are object://<bucket>/<name>")?;
+            let store = objects::bucket(&job.bus, bucket)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut obj = store
+                .get(name)
+                .await
+                .map_err(|e| format!("object {rest}: {e}"))?;
+            let mut buf = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut buf)
+                .await
+                .map_err(|e| e.to_string())?;
+            return String::from_utf8(buf).map_err(|_| "not UTF-8".to_string());
+        }
+        check_relative_path("path", path).map_err(|e| e.message)?;
+        let full = ws.src().join(path);
+        let canon = full
+            .canonicalize()
+            .map_err(|_| format!("{path} not found in the source"))?;
+        if !canon.starts_with(ws.src().canonicalize().map_err(|e| e.to_string())?) {
+            return Err(format!("{path} resolves outside the source"));
+        }
+        std::fs::read_to_string(&canon).map_err(|e| format!("{path}: {e}"))
+    }
+}

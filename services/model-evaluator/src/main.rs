@@ -1,0 +1,12 @@
+//! `slipway-model-evaluator`: reads its configuration and runs the evaluator until a signal.
+
+use slipway_core::config::{Config, config_path_from_args};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    slipway_core::telemetry::init("model-evaluator");
+    let config = Config::load(config_path_from_args()?.as_deref())?;
+    let shutdown = slipway_core::runtime::shutdown_on_signals();
+    model_evaluator::run(config, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,355 @@
+//! The metric functions, per item and per dataset. Definitions (and why) in `docs/gates.md`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// An answer counts as hallucinated when more than this share of its content words appear in
+/// neither the item's context/reference nor its input.
+pub const HALLUCINATION_THRESHOLD: f64 = 0.5;
+
+const STOPWORDS: &[&str] = &[
+    "a", "an", "the", "is", "are", "was", "were", "be", "been", "of", "in", "on", "at", "to",
+    "for", "and", "or", "but", "it", "its", "this", "that", "these", "those", "with", "as", "by",
+    "from", "i", "you", "he", "she", "we", "they", "me", "my", "your", "our", "their", "there",
+    "then", "than", "so", "if", "not", "no", "yes", "do", "does", "did", "can", "will", "would",
+    "should", "could", "has", "have", "had", "what", "which", "who", "whom", "how", "why", "when",
+    "where", "also", "just", "very",
+];
+
+const REFUSALS: &[&str] = &[
+    "i don t know",
+    "i do not know",
+    "i cannot",
+    "i can t",
+    "unable to",
+    "as an ai",
+    "i m sorry",
+    "i am sorry",
+    "no answer",
+];
+
+/// Lower case, punctuation to spaces, articles removed, whitespace collapsed (SQuAD's
+/// normalisation).
+pub fn normalize(s: &str) -> String {
+    let lowered: String = s
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c.is_whitespace() {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    lowered
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn tokens(s: &str) -> Vec<String> {
+    normalize(s)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn exact_match(output: &str, expected: &str) -> bool {
+    normalize(output) == normalize(expected)
+}
+
+/// Token F1 between an answer and the expected answer (multiset overlap).
+pub fn token_f1(output: &str, expected: &str) -> f64 {
+    let (o, e) = (tokens(output), tokens(expected));
+    if o.is_empty() && e.is_empty() {
+        return 1.0;
+    }
+    if o.is_empty() || e.is_empty() {
+        return 0.0;
+    }
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    for t in &e {
+        *counts.entry(t).or_default() += 1;
+    }
+    let mut common = 0;
+    for t in &o {
+        if let Some(c) = counts.get_mut(t.as_str())
+            && *c > 0
+        {
+            *c -= 1;
+            common += 1;
+        }
+    }
+    if common == 0 {
+        return 0.0;
+    }
+    let p = f64::from(common) / o.len() as f64;
+    let r = f64::from(common) / e.len() as f64;
+    2.0 * p * r / (p + r)
+}
+
+pub fn is_refusal(output: &str) -> bool {
+    let n = normalize(output);
+    n.is_empty() || REFUSALS.iter().any(|r| n.contains(r))
+}
+
+/// The output parsed as JSON (a Markdown code fence around it is tolerated).
+pub fn as_json(output: &str) -> Option<serde_json::Value> {
+    let t = output.trim();
+    let t = t
+        .strip_prefix("```json")
+        .or_else(|| t.strip_prefix("```"))
+        .map_or(t, |rest| rest.trim_end().trim_end_matches("```"))
+        .trim();
+    serde_json::from_str(t).ok()
+}
+
+/// Whether the output is JSON meeting `schema`.
+pub fn format_compliant(output: &str, schema: &serde_json::Value) -> bool {
+    let Some(value) = as_json(output) else {
+        return false;
+    };
+    match jsonschema::validator_for(schema) {
+        Ok(v) => v.is_valid(&value),
+        Err(_) => false,
+    }
+}
+
+/// The share of the answer's content words found in neither the grounding nor the input.
+pub fn unsupported_share(output: &str, grounding: &str, input: &str) -> f64 {
+    let known: BTreeSet<String> = tokens(grounding).into_iter().chain(tokens(input)).collect();
+    let content: Vec<String> = tokens(output)
+        .into_iter()
+        .filter(|t| !STOPWORDS.contains(&t.as_str()))
+        .collect();
+    if content.is_empty() {
+        return 0.0;
+    }
+    let unsupported = content.iter().filter(|t| !known.contains(*t)).count();
+    unsupported as f64 / content.len() as f64
+}
+
+/// A refusal is not a hallucination; an answer is one when most of its claims are ungrounded.
+pub fn hallucinated(output: &str, grounding: &str, input: &str) -> bool {
+    !is_refusal(output) && unsupported_share(output, grounding, input) > HALLUCINATION_THRESHOLD
+}
+
+/// What one item scored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ItemResult {
+    pub id: String,
+    pub output: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub latency_ms: f64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_ok: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub f1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format_ok: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hallucinated: Option<bool>,
+    pub refusal: bool,
+}
+
+impl ItemResult {
+    /// Per-item correctness for the paired test: exact match where there is an expected
+    /// answer, else the label.
+    pub fn correct(&self) -> Option<bool> {
+        self.exact.or(self.label_ok)
+    }
+
+    /// How bad the item went, for choosing the worst samples (higher is worse).
+    pub fn badness(&self) -> f64 {
+        let mut b = 0.0;
+        if self.error.is_some() {
+            b += 4.0;
+        }
+        if self.correct() == Some(false) {
+            b += 2.0;
+        }
+        if self.hallucinated == Some(true) {
+            b += 2.0;
+        }
+        if self.format_ok == Some(false) {
+            b += 1.0;
+        }
+        b + (1.0 - self.f1.unwrap_or(1.0))
+    }
+}
+
+/// Scores an answer against an item.
+pub fn score(item: &crate::dataset::Item, output: &str) -> ItemResult {
+    ItemResult {
+        id: item.id.clone(),
+        output: output.to_string(),
+        exact: item.expected.as_ref().map(|e| exact_match(output, e)),
+        label_ok: item
+            .label
+            .as_ref()
+            .map(|l| normalize(output) == normalize(l)),
+        f1: item.expected.as_ref().map(|e| token_f1(output, e)),
+        format_ok: item.schema.as_ref().map(|s| format_compliant(output, s)),
+        hallucinated: item
+            .grounding()
+            .map(|g| hallucinated(output, &g, &item.input_text())),
+        refusal: is_refusal(output),
+        ..Default::default()
+    }
+}
+
+fn mean_of(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let v: Vec<f64> = values.collect();
+    slipway_core::stats::mean(&v)
+}
+
+/// A dataset's metrics (only those its items allow).
+pub fn summarize(results: &[ItemResult]) -> BTreeMap<String, f64> {
+    let b = |x: bool| if x { 1.0 } else { 0.0 };
+    let mut m = BTreeMap::new();
+    let mut put = |k: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            m.insert(k.to_string(), v);
+        }
+    };
+    put(
+        "exact_match",
+        mean_of(results.iter().filter_map(|r| r.exact).map(b)),
+    );
+    put(
+        "accuracy",
+        mean_of(results.iter().filter_map(|r| r.label_ok).map(b)),
+    );
+    put("f1", mean_of(results.iter().filter_map(|r| r.f1)));
+    put(
+        "format_compliance",
+        mean_of(results.iter().filter_map(|r| r.format_ok).map(b)),
+    );
+    put(
+        "hallucination_rate",
+        mean_of(results.iter().filter_map(|r| r.hallucinated).map(b)),
+    );
+    put(
+        "refusal_rate",
+        mean_of(results.iter().map(|r| b(r.refusal))),
+    );
+    put(
+        "error_rate",
+        mean_of(results.iter().map(|r| b(r.error.is_some()))),
+    );
+    let lat: Vec<f64> = results
+        .iter()
+        .filter(|r| r.error.is_none())
+        .map(|r| r.latency_ms)
+        .collect();
+    put("latency_p95_ms", slipway_core::stats::quantile(&lat, 0.95));
+    put(
+        "tokens_in_per_item",
+        mean_of(results.iter().map(|r| r.tokens_in as f64)),
+    );
+    put(
+        "tokens_out_per_item",
+        mean_of(results.iter().map(|r| r.tokens_out as f64)),
+    );
+    put(
+        "tokens_per_item",
+        mean_of(results.iter().map(|r| (r.tokens_in + r.tokens_out) as f64)),
+    );
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::parse;
+
+    #[test]
+    fn metrics_by_hand() {
+        assert!(exact_match("The  Paris!", "paris"));
+        assert!(!exact_match("Paris, France", "Paris"));
+        // "paris france" vs "paris": p = 1/2, r = 1, F1 = 2/3.
+        assert!((token_f1("Paris, France", "Paris") - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(token_f1("Berlin", "Paris"), 0.0);
+        // Multiset: "the cat cat" vs "cat": tokens cat,cat vs cat -> common 1, p = 1/2, r = 1.
+        assert!((token_f1("the cat cat", "cat") - 2.0 / 3.0).abs() < 1e-12);
+        assert!(is_refusal("I don't know."));
+        assert!(is_refusal("   "));
+        assert!(!is_refusal("Paris"));
+        let schema = serde_json::json!({"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}});
+        assert!(format_compliant("{\"city\": \"Paris\"}", &schema));
+        assert!(format_compliant(
+            "```json\n{\"city\": \"Paris\"}\n```",
+            &schema
+        ));
+        assert!(!format_compliant("{\"town\": \"Paris\"}", &schema));
+        assert!(!format_compliant("Paris", &schema));
+        // Content words of "Paris is lovely in spring": paris, lovely, spring (3);
+        // grounding has paris only -> 2/3 unsupported > 0.5.
+        let share = unsupported_share(
+            "Paris is lovely in spring",
+            "The capital of France is Paris.",
+            "Capital?",
+        );
+        assert!((share - 2.0 / 3.0).abs() < 1e-12, "{share}");
+        assert!(hallucinated(
+            "Paris is lovely in spring",
+            "The capital of France is Paris.",
+            "Capital?"
+        ));
+        assert!(!hallucinated(
+            "Paris",
+            "The capital of France is Paris.",
+            "Capital?"
+        ));
+        assert!(!hallucinated("I don't know", "Paris.", "Capital?"));
+    }
+
+    #[test]
+    fn dataset_summary_by_hand() {
+        let items = parse(
+            "d",
+            concat!(
+                "{\"id\":\"1\",\"prompt\":\"Capital of France?\",\"expected\":\"Paris\",\"context\":\"Paris is the capital of France.\"}\n",
+                "{\"id\":\"2\",\"prompt\":\"Capital of Japan?\",\"expected\":\"Tokyo\",\"context\":\"Tokyo is the capital of Japan.\"}\n",
+                "{\"id\":\"3\",\"prompt\":\"Sentiment of 'great'?\",\"label\":\"positive\"}\n",
+                "{\"id\":\"4\",\"prompt\":\"Capital of Italy?\",\"expected\":\"Rome\"}\n",
+            ),
+        )
+        .unwrap();
+        let outputs = ["Paris", "Kyoto temples shine", "positive", "I don't know."];
+        let results: Vec<ItemResult> = items
+            .iter()
+            .zip(outputs)
+            .map(|(i, o)| {
+                let mut r = score(i, o);
+                r.tokens_in = 4;
+                r.tokens_out = 2;
+                r.latency_ms = 10.0;
+                r
+            })
+            .collect();
+        let m = summarize(&results);
+        // Exact match on items 1, 2, 4: only 1 right -> 1/3.
+        assert!((m["exact_match"] - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(m["accuracy"], 1.0);
+        // F1: 1, 0, 0 -> 1/3.
+        assert!((m["f1"] - 1.0 / 3.0).abs() < 1e-12);
+        // Grounded items 1, 2: item 2's answer is all unsupported -> 1/2.
+        assert_eq!(m["hallucination_rate"], 0.5);
+        // One refusal in four.
+        assert_eq!(m["refusal_rate"], 0.25);
+        assert_eq!(m["tokens_per_item"], 6.0);
+        assert!(!m.contains_key("format_compliance"));
+        assert_eq!(results[0].correct(), Some(true));
+        assert_eq!(results[2].correct(), Some(true));
+        assert_eq!(results[3].correct(), Some(false));
+    }
+}

@@ -1,0 +1,13 @@
+//! `slipway-perf-regression`: reads its configuration and runs the performance gate until a
+//! signal.
+
+use slipway_core::config::{Config, config_path_from_args};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    slipway_core::telemetry::init("perf-regression");
+    let config = Config::load(config_path_from_args()?.as_deref())?;
+    let shutdown = slipway_core::runtime::shutdown_on_signals();
+    perf_regression::run(config, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Baselines from the log: what is live in an environment, which run built it, and that run's
+//! gate reports. Every comparison of the quality gates is against the version live in
+//! production, as the log records it.
+
+use crate::bus::{Bus, BusError};
+use crate::envelope::Event;
+use crate::events::{EventData, GateReport, ObjectRef};
+use crate::fold::Run;
+
+/// The version live in one environment of one pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Live {
+    pub version: String,
+    pub artifact: ObjectRef,
+    /// The run that built the live artifact (not a run that rolled back to it).
+    pub run_id: String,
+}
+
+/// What the log says is live in `environment` of `pipeline`: the last successful deploy or
+/// rollback there.
+///
+/// # Errors
+/// [`BusError`] when the log cannot be read.
+pub async fn live_version(
+    bus: &Bus,
+    pipeline: &str,
+    environment: &str,
+) -> Result<Option<Live>, BusError> {
+    let recs = bus
+        .read(
+            &[
+                "slipway.run.*.deploy.succeeded".to_string(),
+                "slipway.run.*.rollback.succeeded".to_string(),
+            ],
+            1,
+        )
+        .await?;
+    let here: Vec<Event> = recs
+        .into_iter()
+        .filter_map(|r| r.event.ok())
+        .filter(|e| match &e.data {
+            EventData::DeploySucceeded(d) | EventData::RollbackSucceeded(d) => {
+                d.pipeline == pipeline && d.environment == environment
+            }
+            _ => false,
+        })
+        .collect();
+    let Some(last) = here.last() else {
+        return Ok(None);
+    };
+    let (EventData::DeploySucceeded(d) | EventData::RollbackSucceeded(d)) = &last.data else {
+        return Ok(None);
+    };
+    // The run that first deployed this artifact here built it.
+    let builder = here
+        .iter()
+        .find_map(|e| match &e.data {
+            EventData::DeploySucceeded(x) if x.artifact.digest == d.artifact.digest => {
+                e.subject.clone()
+            }
+            _ => None,
+        })
+        .or_else(|| last.subject.clone())
+        .unwrap_or_default();
+    Ok(Some(Live {
+        version: d.version.clone(),
+        artifact: d.artifact.clone(),
+        run_id: builder,
+    }))
+}
+
+/// The baseline of a gate: the latest report of `stage` by the run live in the pipeline's last
+/// environment (production), if there is one and it was gated.
+///
+/// # Errors
+/// [`BusError`] when the log cannot be read.
+pub async fn gate_baseline(
+    bus: &Bus,
+    run: &Run,
+    stage: &str,
+) -> Result<Option<(String, GateReport)>, BusError> {
+    let Some(production) = run.spec.environment.last() else {
+        return Ok(None);
+    };
+    let Some(live) = live_version(bus, &run.pipeline, &production.name).await? else {
+        return Ok(None);
+    };
+    if live.run_id == run.run_id {
+        return Ok(None);
+    }
+    let log = bus.run_log(&live.run_id).await?;
+    let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
+    let Some(base) = Run::replay(&events) else {
+        return Ok(None);
+    };
+    Ok(base.gate(stage).cloned().map(|g| (live.run_id.clone(), g)))
+}
