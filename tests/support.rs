@@ -20,6 +20,9 @@ pub const SERVICES: &[&str] = &[
     "slipway-deployer",
     "slipway-monitor",
     "slipway-approval",
+    "slipway-model-evaluator",
+    "slipway-perf-regression",
+    "slipway-cost-estimator",
 ];
 
 /// The worker services of issue 2's slice: no deploys, no gateway.

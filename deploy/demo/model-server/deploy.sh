@@ -17,7 +17,7 @@ rm -rf "$dest"
 mkdir -p "$dest"
 cp -R "$SLIPWAY_ARTIFACT_DIR"/. "$dest"/
 # A session of its own, so the server outlives this deploy command.
-setsid "$dest/dist/model-server" --port "$PORT" --config "$dest/dist/model.conf" \
+setsid "$dest/dist/model-server" --port "$PORT" --config "$dest/dist/model.conf" --environment "$SLIPWAY_ENVIRONMENT" \
     >"$state/server.log" 2>&1 </dev/null &
 echo $! >"$state/pid"
 echo "$SLIPWAY_VERSION" >"$state/version"

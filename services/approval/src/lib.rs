@@ -45,6 +45,7 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/runs", get(routes::list_runs))
         .route("/v1/runs/{id}", get(routes::get_run))
         .route("/v1/runs/{id}/events", get(routes::run_events))
+        .route("/v1/runs/{id}/gates/{stage}", get(routes::gate_details))
         .route("/v1/runs/{id}/approvals", post(routes::post_approval))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)

@@ -29,7 +29,15 @@ pub const SOURCE: &str = "/slipway/approval";
         title = "Slipway approval gateway",
         description = "Changes in, runs out, approvals in. Errors are {\"error\": \"...\"}."
     ),
-    paths(post_change, list_runs, get_run, run_events, post_approval, healthz),
+    paths(
+        post_change,
+        list_runs,
+        get_run,
+        run_events,
+        gate_details,
+        post_approval,
+        healthz
+    ),
     components(schemas(RunIdBody, ErrorBody, ApprovalBody, Decision, RecordedDecision, Health))
 )]
 pub struct ApiDoc;
@@ -200,6 +208,42 @@ pub async fn run_events(
             })
             .collect(),
     ))
+}
+
+/// A gate's stored details (the evaluator's sample outputs and per-item results, the
+/// performance gate's latency sample), for review.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}/gates/{stage}",
+    params(("id" = String, Path, description = "run id"), ("stage" = String, Path, description = "gate stage: evaluate, perf or cost")),
+    responses(
+        (status = 200, description = "The gate's details", body = Object),
+        (status = 404, description = "No such run, gate or details", body = ErrorBody),
+    )
+)]
+pub async fn gate_details(
+    State(state): State<AppState>,
+    Path((id, stage)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let run = run_state(&state, &id).await?;
+    let gate = run
+        .gate(&stage)
+        .ok_or_else(|| ApiError::NotFound(format!("run {id} has no {stage:?} gate report")))?;
+    let obj = gate.details.clone().ok_or_else(|| {
+        ApiError::NotFound(format!("the {stage} gate of run {id} stored no details"))
+    })?;
+    let store = slipway_core::objects::bucket(&state.bus, &obj.bucket).await?;
+    let mut reader = store
+        .get(&obj.name)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("cannot read {}: {e}", obj.name)))?;
+    let mut buf = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut buf)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_slice(&buf)
+        .map_err(|e| ApiError::Unavailable(format!("{} is not JSON: {e}", obj.name)))?;
+    Ok(Json(v))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]

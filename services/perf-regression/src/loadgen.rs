@@ -36,6 +36,9 @@ pub struct Load {
     pub timeout: Duration,
 }
 
+/// One request's outcome: when it was due (open) or sent (closed), its latency, its result.
+type Outcome = (Instant, Duration, Result<(), String>);
+
 /// What a load run measured.
 #[derive(Debug, Clone)]
 pub struct Measured {
@@ -62,7 +65,9 @@ impl Measured {
     }
 
     fn record(&mut self, latency: Duration, ok: Result<(), String>, rng: &mut Rng) {
-        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
+        let micros = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let _ = self.histogram.record(micros.min(3_600_000_000));
         match ok {
             Ok(()) => self.ok += 1,
@@ -89,19 +94,29 @@ impl Measured {
 
     pub fn throughput_rps(&self) -> f64 {
         let secs = self.measured.as_secs_f64();
-        if secs <= 0.0 { 0.0 } else { self.ok as f64 / secs }
+        if secs <= 0.0 {
+            0.0
+        } else {
+            self.ok as f64 / secs
+        }
     }
 
     pub fn error_rate(&self) -> f64 {
         let n = self.ok + self.errors;
-        if n == 0 { 0.0 } else { self.errors as f64 / n as f64 }
+        if n == 0 {
+            0.0
+        } else {
+            self.errors as f64 / n as f64
+        }
     }
 }
 
 async fn one(client: &reqwest::Client, load: &Load) -> Result<(), String> {
     let mut req = client.request(load.method.clone(), &load.url);
     if let Some(b) = &load.body {
-        req = req.header("content-type", "application/json").body(b.clone());
+        req = req
+            .header("content-type", "application/json")
+            .body(b.clone());
     }
     match req.send().await {
         Ok(r) if r.status().is_success() => {
@@ -131,7 +146,7 @@ pub async fn run(load: &Load, seed: &str) -> Measured {
     match load.mode {
         Mode::Open { rate_per_sec } => {
             let interval = Duration::from_secs_f64(1.0 / rate_per_sec.max(0.001));
-            let mut set: JoinSet<(Instant, Duration, Result<(), String>)> = JoinSet::new();
+            let mut set: JoinSet<Outcome> = JoinSet::new();
             let mut i: u32 = 0;
             loop {
                 let due = t0 + interval * i;
@@ -164,7 +179,7 @@ pub async fn run(load: &Load, seed: &str) -> Measured {
             }
         }
         Mode::Closed { concurrency } => {
-            let mut set: JoinSet<Vec<(Instant, Duration, Result<(), String>)>> = JoinSet::new();
+            let mut set: JoinSet<Vec<Outcome>> = JoinSet::new();
             for _ in 0..concurrency.max(1) {
                 let (c, l) = (client.clone(), load.clone());
                 set.spawn(async move {

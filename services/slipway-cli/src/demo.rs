@@ -25,7 +25,12 @@ use crate::show;
 use crate::up::Stack;
 
 const APPROVER: &str = "demo-approver";
-const DEFECT: &str = "version = 2.0.0\n# The deliberate defect: errors after two seconds of uptime.\ndegrade_after_secs = 2\n";
+/// Healthy but worse: forgets half of what 1.0.0 knew, and answers 40 ms slower.
+const WORSE: &str = "version = 1.1.0\nskip = 12\nslow_ms = 40\n";
+/// Better than 1.0.0 (knows every fact), with a defect only production shows: errors after
+/// two seconds of uptime there.
+const DEFECT: &str =
+    "version = 2.0.0\nskip = 0\ndegrade_after_secs = 2\ndegrade_only_in = production\n";
 
 fn locate_project(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(p) = flag {
@@ -157,9 +162,15 @@ pub async fn demo(
     std::fs::create_dir_all(&data_dir)?;
     let data = std::fs::canonicalize(&data_dir)?;
     let state_dir = data.join("deployments");
-    let (v1, v2) = (data.join("src-v1"), data.join("src-v2"));
-    copy_tree(&project, &v1)?;
-    copy_tree(&project, &v2)?;
+    let (v1, worse, v2) = (
+        data.join("src-v1"),
+        data.join("src-v1.1"),
+        data.join("src-v2"),
+    );
+    for dir in [&v1, &worse, &v2] {
+        copy_tree(&project, dir)?;
+    }
+    std::fs::write(worse.join("model.conf"), WORSE)?;
     std::fs::write(v2.join("model.conf"), DEFECT)?;
 
     let (staging, production, gateway_port) = (free_port(), free_port(), free_port());
@@ -178,7 +189,9 @@ pub async fn demo(
     let config = format!(
         "[gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\npublic_url = \"{gateway}\"\n\n\
          [[gateway.approvers]]\nname = \"{APPROVER}\"\ngroups = [\"release-managers\"]\n\
-         token_sha256 = \"{:x}\"\n",
+         token_sha256 = \"{:x}\"\n\n\
+         [pricing.models.demo-model]\ninput_per_1k = 0.01\noutput_per_1k = 0.03\n\n\
+         [pricing.instances.demo-small]\nper_hour = 0.05\n",
         Sha256::digest(token.as_bytes())
     );
     let config_path = data.join("slipway.toml");
@@ -187,10 +200,7 @@ pub async fn demo(
     let stack = Stack::start(None, free_port(), &data, Some(&config_path), true).await?;
     println!("Slipway demo");
     println!("  NATS         {}", stack.url);
-    println!(
-        "  gateway      {gateway}  (approver page; token in {})",
-        config_path.display()
-    );
+    println!("  gateway      {gateway}  (approver page; approver token {token})");
     println!("  staging      http://127.0.0.1:{staging}");
     println!("  production   http://127.0.0.1:{production}");
 
@@ -221,17 +231,26 @@ pub async fn demo(
         )
         .await?;
         let live_after_first = version_at(production).await;
+        let blocked = deliver(
+            &client,
+            &gateway,
+            &token,
+            &spec_path,
+            &worse,
+            "model server 1.1.0 (healthy, but less accurate and slower)",
+        )
+        .await?;
         let second = deliver(
             &client,
             &gateway,
             &token,
             &spec_path,
             &v2,
-            "model server 2.0.0 (with a defect only production shows)",
+            "model server 2.0.0 (more accurate, with a defect only production shows)",
         )
         .await?;
         let live_after_second = version_at(production).await;
-        anyhow::Ok((first, live_after_first, second, live_after_second))
+        anyhow::Ok((first, live_after_first, blocked, second, live_after_second))
     };
     // Ctrl-C stops everything the demo started (services and model servers live in their
     // own process groups and would otherwise outlive it).
@@ -253,7 +272,17 @@ pub async fn demo(
         eprintln!("Demo interrupted; everything it started is stopped.");
         return Ok(ExitCode::from(130));
     };
-    let (first, live1, second, live2) = outcome?;
+    let (first, live1, blocked, second, live2) = outcome?;
+
+    // Stopped by a gate before anyone was asked to approve.
+    let gate_failed = blocked["stages"].as_array().is_some_and(|st| {
+        st.iter().any(|s| {
+            matches!(s["name"].as_str(), Some("evaluate" | "perf")) && s["status"] == "failed"
+        }) && st
+            .iter()
+            .any(|s| s["name"] == "approval:production" && s["status"] == "pending")
+    });
+    let ok_blocked = phase_of(&blocked) == slipway_core::Phase::Failed && gate_failed;
 
     let ok1 =
         phase_of(&first) == slipway_core::Phase::Succeeded && live1.as_deref() == Some("1.0.0");
@@ -268,6 +297,15 @@ pub async fn demo(
         live1.as_deref().unwrap_or("nothing")
     );
     println!(
+        "  {} run {}: {} before approval, stopped by the gates",
+        if ok_blocked { "✓" } else { "✗" },
+        blocked["run_id"].as_str().unwrap_or(""),
+        blocked["phase"].as_str().unwrap_or(""),
+    );
+    if let Some(r) = blocked["reason"].as_str() {
+        println!("    {r}");
+    }
+    println!(
         "  {} run {}: {} (production then served {})",
         if ok2 { "✓" } else { "✗" },
         second["run_id"].as_str().unwrap_or(""),
@@ -281,13 +319,17 @@ pub async fn demo(
         "  gateway was {gateway}; the event log is in {}",
         data.join("nats").display()
     );
-    if ok1 && ok2 {
+    if ok1 && ok_blocked && ok2 {
         println!(
-            "Demo passed: 1.0.0 verified in production; 2.0.0 degraded and rolled back to 1.0.0."
+            "Demo passed: 1.0.0 verified in production; 1.1.0 stopped by the quality gates; \
+             2.0.0 passed them, degraded in production and was rolled back to 1.0.0."
         );
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("Demo FAILED: expected run 1 succeeded on 1.0.0, run 2 rolled back to 1.0.0.");
+        println!(
+            "Demo FAILED: expected 1.0.0 succeeded, 1.1.0 failed at the gates, 2.0.0 rolled back \
+             to 1.0.0."
+        );
         Ok(ExitCode::from(1))
     }
 }

@@ -40,6 +40,22 @@ pub fn print_status(state: &Value) {
             }
         }
     }
+    if let Some(gates) = state["gates"].as_array() {
+        for g in gates {
+            println!(
+                "  gate {}: {}{}",
+                s(&g["stage"]),
+                s(&g["verdict"]),
+                g["baseline_run"]
+                    .as_str()
+                    .map(|b| format!(" (baseline run {b})"))
+                    .unwrap_or_default()
+            );
+            for c in g["checks"].as_array().into_iter().flatten() {
+                println!("      {:<5} {}", s(&c["verdict"]), s(&c["note"]));
+            }
+        }
+    }
     if let Some(a) = state["artifact"].as_object() {
         println!(
             "  artifact {} ({} bytes)",

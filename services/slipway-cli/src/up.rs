@@ -17,6 +17,9 @@ pub const SERVICES: &[&str] = &[
     "slipway-deployer",
     "slipway-monitor",
     "slipway-approval",
+    "slipway-model-evaluator",
+    "slipway-perf-regression",
+    "slipway-cost-estimator",
 ];
 
 /// A service that exits this many times is not restarted again: something is wrong.

@@ -21,6 +21,30 @@ pub struct Config {
     pub exec: ExecSettings,
     pub conductor: ConductorSettings,
     pub gateway: GatewaySettings,
+    pub pricing: Pricing,
+}
+
+/// The cost estimator's price list.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pricing {
+    /// Per model: prices per 1,000 tokens.
+    pub models: std::collections::BTreeMap<String, ModelPrice>,
+    /// Per instance type: price per hour.
+    pub instances: std::collections::BTreeMap<String, InstancePrice>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    pub input_per_1k: f64,
+    pub output_per_1k: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstancePrice {
+    pub per_hour: f64,
 }
 
 /// The approval gateway: where it listens, who may approve, whom to notify.

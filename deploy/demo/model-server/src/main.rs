@@ -4,9 +4,12 @@
 //!
 //! Endpoints: `POST /v1/chat/completions`, `GET /healthz`, `GET /metrics` (Prometheus text),
 //! `GET /version`. Its behaviour comes from a config file (`model.conf`, `key = value`):
-//! `version`, and `degrade_after_secs`, the deliberate defect of the demo's second change: after
-//! that many seconds of uptime the server answers errors, which only production monitoring
-//! sees.
+//! - `version`;
+//! - `skip = N`: the model does not know the last N facts of its knowledge base (a worse model);
+//! - `slow_ms = N`: every answer takes N ms longer (a slower model);
+//! - `degrade_after_secs = N` with `degrade_only_in = <environment>`: the deliberate defect of
+//!   the demo's last change, errors after N seconds of uptime in that environment only, which
+//!   only production monitoring sees.
 //!
 //! Other modes: `--self-test --junit PATH` runs the unit tests and writes a JUnit report;
 //! `--wait-healthy URL --timeout SECS` polls a health URL (the deploy script uses it);
@@ -25,6 +28,9 @@ const BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 struct Config {
     version: String,
     degrade_after: Option<Duration>,
+    degrade_only_in: Option<String>,
+    skip: usize,
+    slow: Duration,
 }
 
 fn parse_config(text: &str) -> Config {
@@ -44,6 +50,9 @@ fn parse_config(text: &str) -> Config {
             .get("degrade_after_secs")
             .and_then(|v| v.parse::<f64>().ok())
             .map(Duration::from_secs_f64),
+        degrade_only_in: map.get("degrade_only_in").cloned(),
+        skip: map.get("skip").and_then(|v| v.parse().ok()).unwrap_or(0),
+        slow: Duration::from_millis(map.get("slow_ms").and_then(|v| v.parse().ok()).unwrap_or(0)),
     }
 }
 
@@ -114,6 +123,7 @@ impl Metrics {
 
 struct Server {
     config: Config,
+    environment: String,
     started: Instant,
     metrics: Metrics,
 }
@@ -172,19 +182,34 @@ fn last_content(body: &str) -> Option<String> {
     None
 }
 
-/// The "model": a small knowledge base, answering what it knows and saying so otherwise.
-fn answer(question: &str) -> String {
+/// The knowledge base: what the model can know (the demo's dataset asks about all of it).
+const FACTS: &[(&str, &str)] = &[
+    ("capital of france", "Paris"),
+    ("capital of japan", "Tokyo"),
+    ("capital of italy", "Rome"),
+    ("capital of spain", "Madrid"),
+    ("capital of germany", "Berlin"),
+    ("capital of canada", "Ottawa"),
+    ("capital of australia", "Canberra"),
+    ("capital of egypt", "Cairo"),
+    ("capital of kenya", "Nairobi"),
+    ("capital of peru", "Lima"),
+    ("largest planet", "Jupiter"),
+    ("red planet", "Mars"),
+    ("2 + 2", "4"),
+    ("3 + 5", "8"),
+    ("chemical symbol for gold", "Au"),
+    ("chemical symbol for iron", "Fe"),
+    ("boiling point of water", "100 degrees Celsius"),
+    ("longest river", "The Nile"),
+    ("author of hamlet", "William Shakespeare"),
+    ("reset my password", "Open Settings, choose Security, then Reset password."),
+];
+
+/// The "model": answers what it knows (all but the last `skip` facts) and says so otherwise.
+fn answer(question: &str, skip: usize) -> String {
     let q = question.to_lowercase();
-    let facts: &[(&str, &str)] = &[
-        ("capital of france", "Paris"),
-        ("capital of japan", "Tokyo"),
-        ("capital of italy", "Rome"),
-        ("2 + 2", "4"),
-        ("2+2", "4"),
-        ("largest planet", "Jupiter"),
-        ("reset my password", "Open Settings, choose Security, then Reset password."),
-    ];
-    for (k, v) in facts {
+    for (k, v) in &FACTS[..FACTS.len().saturating_sub(skip)] {
         if q.contains(k) {
             return (*v).to_string();
         }
@@ -194,7 +219,13 @@ fn answer(question: &str) -> String {
 
 impl Server {
     fn degraded(&self) -> bool {
-        self.config
+        let here = self
+            .config
+            .degrade_only_in
+            .as_ref()
+            .is_none_or(|e| *e == self.environment);
+        here && self
+            .config
             .degrade_after
             .is_some_and(|d| self.started.elapsed() >= d)
     }
@@ -222,7 +253,10 @@ impl Server {
                 let Some(question) = last_content(&req.body) else {
                     return json(400, "{\"error\":{\"message\":\"messages[].content is required\",\"type\":\"invalid_request_error\"}}".into());
                 };
-                let reply = answer(&question);
+                if !self.config.slow.is_zero() {
+                    std::thread::sleep(self.config.slow);
+                }
+                let reply = answer(&question, self.config.skip);
                 let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 let prompt_tokens = question.split_whitespace().count();
                 let completion_tokens = reply.split_whitespace().count();
@@ -288,13 +322,13 @@ fn write_response(stream: &mut TcpStream, r: &Response) {
     let _ = stream.write_all(r.body.as_bytes());
 }
 
-fn serve(port: u16, config: Config) -> ! {
+fn serve(port: u16, config: Config, environment: String) -> ! {
     let listener = TcpListener::bind(("127.0.0.1", port)).unwrap_or_else(|e| {
         eprintln!("model-server: cannot listen on 127.0.0.1:{port}: {e}");
         std::process::exit(1)
     });
     eprintln!("model-server {} listening on 127.0.0.1:{port}", config.version);
-    let server = Arc::new(Server { config, started: Instant::now(), metrics: Metrics::new() });
+    let server = Arc::new(Server { config, environment, started: Instant::now(), metrics: Metrics::new() });
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let server = server.clone();
@@ -341,10 +375,15 @@ fn http_get(url: &str, timeout: Duration) -> Result<(u16, String), String> {
 fn self_tests() -> Vec<(&'static str, bool, String)> {
     let mut out = Vec::new();
     let mut check = |name, ok: bool, msg: String| out.push((name, ok, msg));
-    let c = parse_config("# demo\nversion = \"2.0.0\"\ndegrade_after_secs = 1.5\n");
-    check("config_is_read", c.version == "2.0.0" && c.degrade_after == Some(Duration::from_millis(1500)), "version or degrade_after not parsed".into());
-    check("knows_capitals", answer("What is the capital of France?") == "Paris", answer("What is the capital of France?"));
-    check("admits_ignorance", answer("Who won in 1066?") == "I don't know.", answer("Who won in 1066?"));
+    let c = parse_config("# demo\nversion = \"2.0.0\"\ndegrade_after_secs = 1.5\nskip = 3\nslow_ms = 7\n");
+    check(
+        "config_is_read",
+        c.version == "2.0.0" && c.degrade_after == Some(Duration::from_millis(1500)) && c.skip == 3 && c.slow == Duration::from_millis(7),
+        "a key was not parsed".into(),
+    );
+    check("knows_capitals", answer("What is the capital of France?", 0) == "Paris", answer("What is the capital of France?", 0));
+    check("admits_ignorance", answer("Who won in 1066?", 0) == "I don't know.", answer("Who won in 1066?", 0));
+    check("skips_the_last_facts", answer("How do I reset my password?", 1) == "I don't know.", answer("How do I reset my password?", 1));
     let body = r#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"capital of \"Japan\"?"}]}"#;
     check("reads_the_last_message", last_content(body).as_deref() == Some("capital of \"Japan\"?"), format!("{:?}", last_content(body)));
     check("escapes_json", json_escape("a\"b\\c\n") == "a\\\"b\\\\c\\n", json_escape("a\"b\\c\n"));
@@ -428,5 +467,6 @@ fn main() {
         eprintln!("model-server: cannot read {conf_path}: {e}");
         std::process::exit(1)
     });
-    serve(port, parse_config(&text));
+    let environment = arg(&args, "--environment").unwrap_or_default();
+    serve(port, parse_config(&text), environment);
 }

@@ -1,0 +1,12 @@
+//! `slipway-cost-estimator`: reads its configuration and runs the cost gate until a signal.
+
+use slipway_core::config::{Config, config_path_from_args};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    slipway_core::telemetry::init("cost-estimator");
+    let config = Config::load(config_path_from_args()?.as_deref())?;
+    let shutdown = slipway_core::runtime::shutdown_on_signals();
+    cost_estimator::run(config, shutdown).await?;
+    Ok(())
+}

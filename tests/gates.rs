@@ -1,0 +1,175 @@
+//! The model-evaluation gate across real processes, against the demo's model server (compiled
+//! here with rustc): a first deployment judged on absolute thresholds alone, sample outputs for
+//! reviewers, a worse model blocked, an unreachable model failing fast.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use slipway_e2e::{Stack, project};
+
+const LONG: Duration = Duration::from_secs(90);
+
+struct ModelServer {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for ModelServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn model_server_binary(dir: &Path) -> PathBuf {
+    let src = slipway_core::testing::workspace_root().join("deploy/demo/model-server/src/main.rs");
+    let out = dir.join("model-server");
+    let st = Command::new("rustc")
+        .args(["--edition", "2024", "-O", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("rustc runs");
+    assert!(st.success());
+    out
+}
+
+fn start_model(bin: &Path, dir: &Path, conf: &str) -> ModelServer {
+    let port = slipway_core::server::free_port();
+    let conf_path = dir.join(format!("model-{port}.conf"));
+    std::fs::write(&conf_path, conf).unwrap();
+    let child = Command::new(bin)
+        .args(["--port", &port.to_string(), "--config"])
+        .arg(&conf_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ok = Command::new(bin)
+        .args([
+            "--wait-healthy",
+            &format!("http://127.0.0.1:{port}/healthz"),
+            "--timeout",
+            "10",
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    ModelServer { child, port }
+}
+
+fn spec(port: u16) -> String {
+    format!(
+        r#"
+[pipeline]
+name = "gated-model"
+[build]
+command = ["true"]
+[gates.model_evaluation]
+endpoint = {{ kind = "openai", base_url = "http://127.0.0.1:{port}", model = "demo-model" }}
+request_timeout_secs = 5
+samples = 6
+[[gates.model_evaluation.dataset]]
+name = "facts"
+path = "qa.jsonl"
+[gates.model_evaluation.dataset.thresholds]
+exact_match = {{ min = 0.75 }}
+hallucination_rate = {{ max = 0.1 }}
+"#
+    )
+}
+
+fn run_with(stack: &Stack, name: &str, port: u16) -> String {
+    let dataset = std::fs::read_to_string(
+        slipway_core::testing::workspace_root().join("deploy/demo/model-server/eval/qa.jsonl"),
+    )
+    .unwrap();
+    let dir = project(
+        stack.dir.path(),
+        name,
+        &spec(port),
+        &[("qa.jsonl", &dataset)],
+    );
+    let v = stack.slipway_json(&["submit", dir.join("slipway.toml").to_str().unwrap()]);
+    v["run_id"].as_str().unwrap().to_string()
+}
+
+fn gate<'a>(status: &'a Value, stage: &str) -> &'a Value {
+    status["gates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["stage"] == stage)
+        .unwrap_or_else(|| panic!("no {stage} gate in {status}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_evaluation_gate_scores_blocks_and_fails_fast() {
+    let stack = Stack::start();
+    stack.wait_gateway();
+    let bin = model_server_binary(stack.dir.path());
+
+    // A model knowing 16 of 20 facts, first of its pipeline: passes on absolute thresholds.
+    let good = start_model(&bin, stack.dir.path(), "version = 1.0.0\nskip = 4\n");
+    let run = run_with(&stack, "good", good.port);
+    let status = stack.wait_phase(&run, "succeeded", LONG);
+    let g = gate(&status, "evaluate");
+    assert_eq!(g["verdict"], "pass");
+    assert_eq!(g["metrics"]["facts.exact_match"], 0.8);
+    assert_eq!(g["metrics"]["facts.hallucination_rate"], 0.0);
+    let notes: Vec<&str> = g["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["note"].as_str().unwrap())
+        .collect();
+    assert!(
+        notes.iter().any(|n| n.contains("first deployment")),
+        "{notes:?}"
+    );
+    // Reviewers get sample outputs: the worst items first, then a seeded random sample.
+    let samples: Value = reqwest::get(format!(
+        "{}/v1/runs/{run}/gates/evaluate",
+        stack.gateway_url()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let s = samples["samples"].as_array().unwrap();
+    assert_eq!(s.len(), 6);
+    assert_eq!(s[0]["picked"], "worst");
+    assert!(
+        s[0]["verdict"].as_str().unwrap().contains("incorrect"),
+        "{}",
+        s[0]
+    );
+    assert_eq!(s[0]["got"], "I don't know.");
+    assert!(s.iter().any(|x| x["picked"] == "random"));
+    assert_eq!(samples["datasets"]["facts"].as_array().unwrap().len(), 20);
+    let text = stack.slipway_ok(&["status", &run]);
+    assert!(text.contains("gate evaluate: pass"), "{text}");
+
+    // A model knowing 8 of 20: blocked, naming the metric and the bound.
+    let worse = start_model(&bin, stack.dir.path(), "version = 1.1.0\nskip = 12\n");
+    let run = run_with(&stack, "worse", worse.port);
+    let status = stack.wait_phase(&run, "failed", LONG);
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("evaluate failed: facts: exact_match 0.4000 < min 0.7500"),
+        "{reason}"
+    );
+
+    // An unreachable model: a clear failure, long before the stage's timeout.
+    let closed = slipway_core::server::free_port();
+    let run = run_with(&stack, "unreachable", closed);
+    let status = stack.wait_phase(&run, "failed", LONG);
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.contains("model unreachable"), "{reason}");
+    assert!(reason.contains(&format!("127.0.0.1:{closed}")), "{reason}");
+    stack.assert_replay_matches(&run);
+    stack.assert_log_meets_schemas().await;
+}
