@@ -71,6 +71,7 @@ command = ["true"]
 endpoint = {{ kind = "openai", base_url = "http://127.0.0.1:{port}", model = "demo-model" }}
 request_timeout_secs = 5
 samples = 6
+judge = {{ model = "judge" }}
 [[gates.model_evaluation.dataset]]
 name = "facts"
 path = "qa.jsonl"
@@ -119,6 +120,22 @@ async fn the_evaluation_gate_scores_blocks_and_fails_fast() {
     assert_eq!(g["verdict"], "pass");
     assert_eq!(g["metrics"]["facts.exact_match"], 0.8);
     assert_eq!(g["metrics"]["facts.hallucination_rate"], 0.0);
+    // The judge model (the same server, as a judge) ruled on the 16 grounded answers that were
+    // not refusals.
+    let details: Value = reqwest::get(format!(
+        "{}/v1/runs/{run}/gates/evaluate",
+        stack.gateway_url()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        g["metrics"]["facts.judged_items"], 16.0,
+        "{}",
+        details["datasets"]["facts"][0]
+    );
     let notes: Vec<&str> = g["checks"]
         .as_array()
         .unwrap()

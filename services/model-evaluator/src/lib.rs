@@ -382,6 +382,10 @@ impl Evaluator {
                     },
                 })
                 .collect();
+            let mut results = results;
+            if let Some(j) = &spec.judge {
+                self.judge_all(j, req, &items, &mut results).await;
+            }
             for r in &results {
                 tin += r.tokens_in;
                 tout += r.tokens_out;
@@ -488,6 +492,59 @@ impl Evaluator {
         } else {
             EventData::EvaluateSucceeded(report)
         })
+    }
+
+    /// Replaces the lexical hallucination measure with the judge's verdicts; an item the judge
+    /// cannot answer keeps the lexical verdict (and says so in its error).
+    async fn judge_all(
+        &self,
+        j: &slipway_core::spec::JudgeSpec,
+        req: &EvaluateRequested,
+        items: &[Item],
+        results: &mut [ItemResult],
+    ) {
+        let base = j
+            .base_url
+            .clone()
+            .or_else(|| match &req.spec.endpoint {
+                ModelEndpoint::Openai { base_url, .. } => base_url.clone(),
+                ModelEndpoint::Command { .. } => None,
+            })
+            .or_else(|| req.environment.as_ref().and_then(|e| e.url.clone()));
+        let Some(base) = base else { return };
+        let url = format!("{}/v1/chat/completions", base.trim_end_matches('/'));
+        let key = j.api_key_env.as_ref().and_then(|v| std::env::var(v).ok());
+        let Ok(client) = reqwest::Client::builder()
+            .timeout(Duration::from_secs(req.spec.request_timeout_secs))
+            .build()
+        else {
+            return;
+        };
+        for (item, r) in items.iter().zip(results.iter_mut()) {
+            let Some(grounding) = item.grounding() else {
+                continue;
+            };
+            if r.error.is_some() || r.refusal {
+                continue;
+            }
+            match model::judge(
+                &client,
+                &url,
+                &j.model,
+                key.as_deref(),
+                &grounding,
+                &item.input_text(),
+                &r.output,
+            )
+            .await
+            {
+                Ok(v) => {
+                    r.hallucinated = Some(v);
+                    r.judged = true;
+                }
+                Err(e) => r.judge_error = Some(e),
+            }
+        }
     }
 
     /// A dataset from the source tree, or `object://<bucket>/<name>` from the object store.

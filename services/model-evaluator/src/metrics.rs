@@ -158,6 +158,12 @@ pub struct ItemResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hallucinated: Option<bool>,
     pub refusal: bool,
+    /// The hallucination verdict came from the judge model.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub judged: bool,
+    /// The judge could not answer for this item (the lexical verdict stands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_error: Option<String>,
 }
 
 impl ItemResult {
@@ -263,6 +269,13 @@ pub fn summarize(results: &[ItemResult]) -> BTreeMap<String, f64> {
         "tokens_per_item",
         mean_of(results.iter().map(|r| (r.tokens_in + r.tokens_out) as f64)),
     );
+    // How many hallucination verdicts came from the judge model (absent without a judge).
+    if results.iter().any(|r| r.judged) {
+        put(
+            "judged_items",
+            Some(results.iter().filter(|r| r.judged).count() as f64),
+        );
+    }
     m
 }
 
@@ -270,6 +283,14 @@ pub fn summarize(results: &[ItemResult]) -> BTreeMap<String, f64> {
 mod tests {
     use super::*;
     use crate::dataset::parse;
+
+    #[test]
+    fn judge_replies() {
+        use crate::model::judge_verdict;
+        assert_eq!(judge_verdict(" UNSUPPORTED."), Some(true));
+        assert_eq!(judge_verdict("supported"), Some(false));
+        assert_eq!(judge_verdict("I think so"), None);
+    }
 
     #[test]
     fn metrics_by_hand() {

@@ -47,6 +47,66 @@ fn words(s: &str) -> u64 {
     s.split_whitespace().count() as u64
 }
 
+/// The judge's instruction: one word back, so the verdict parses without guessing.
+pub const JUDGE_SYSTEM: &str = "You judge whether an answer is supported by a context. \
+Reply with one word, SUPPORTED or UNSUPPORTED: SUPPORTED if every claim in the answer is \
+stated in the context, UNSUPPORTED otherwise.";
+
+/// The judge's verdict on an answer: `Some(true)` when it says the answer is unsupported.
+pub fn judge_verdict(reply: &str) -> Option<bool> {
+    let r = reply.trim().to_ascii_uppercase();
+    if r.starts_with("UNSUPPORTED") {
+        Some(true)
+    } else if r.starts_with("SUPPORTED") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// Asks the judge about one grounded answer.
+///
+/// # Errors
+/// The request's failure, or a reply that is neither verdict.
+pub async fn judge(
+    client: &reqwest::Client,
+    url: &str,
+    model: &str,
+    api_key: Option<&str>,
+    context: &str,
+    question: &str,
+    answer: &str,
+) -> Result<bool, String> {
+    let item = Item {
+        id: "judge".into(),
+        messages: Some(vec![
+            crate::dataset::Message {
+                role: "system".into(),
+                content: JUDGE_SYSTEM.into(),
+            },
+            crate::dataset::Message {
+                role: "user".into(),
+                content: format!(
+                    "Context:\n{context}\n\nQuestion:\n{question}\n\nAnswer:\n{answer}"
+                ),
+            },
+        ]),
+        prompt: None,
+        expected: None,
+        label: None,
+        context: None,
+        reference: None,
+        schema: None,
+    };
+    let a = ask_openai(client, url, model, api_key, &item).await?;
+    judge_verdict(&a.output).ok_or_else(|| {
+        format!(
+            "the judge answered {:?}, not SUPPORTED or UNSUPPORTED",
+            a.output
+        )
+    })
+}
+
 async fn ask_openai(
     client: &reqwest::Client,
     url: &str,

@@ -212,7 +212,23 @@ pub struct ModelEvaluationSpec {
     /// Significance level of the paired tests against the baseline.
     #[serde(default = "default_alpha")]
     pub significance: f64,
+    /// Judge hallucination with a model (LLM-as-judge) instead of the lexical measure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<JudgeSpec>,
     pub dataset: Vec<DatasetSpec>,
+}
+
+/// A judge model, through the same OpenAI-compatible API: asked whether each grounded answer
+/// is supported by its context, it answers `SUPPORTED` or `UNSUPPORTED`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JudgeSpec {
+    /// Default: the model under test's base URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
 }
 
 fn default_concurrency() -> u32 {

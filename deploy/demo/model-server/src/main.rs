@@ -206,6 +206,30 @@ const FACTS: &[(&str, &str)] = &[
     ("reset my password", "Open Settings, choose Security, then Reset password."),
 ];
 
+/// The judge: `SUPPORTED` when every word of the answer (longer than three letters) appears in
+/// the context of a "Context: / Question: / Answer:" prompt.
+fn judge(prompt: &str) -> String {
+    let lower = prompt.to_lowercase();
+    let context = lower
+        .split("question:")
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("context:");
+    let answer = lower.rsplit("answer:").next().unwrap_or("");
+    let words = |s: &str| -> Vec<String> {
+        s.split(|c: char| !c.is_alphanumeric())
+            .filter(|w| w.len() > 3)
+            .map(str::to_string)
+            .collect()
+    };
+    let known = words(context);
+    if words(answer).iter().all(|w| known.contains(w)) {
+        "SUPPORTED".into()
+    } else {
+        "UNSUPPORTED".into()
+    }
+}
+
 /// The "model": answers what it knows (all but the last `skip` facts) and says so otherwise.
 fn answer(question: &str, skip: usize) -> String {
     let q = question.to_lowercase();
@@ -256,7 +280,13 @@ impl Server {
                 if !self.config.slow.is_zero() {
                     std::thread::sleep(self.config.slow);
                 }
-                let reply = answer(&question, self.config.skip);
+                // Asked to judge (LLM-as-judge), it checks the answer's words against the
+                // context, so the demo's pipeline can use it as its judge model.
+                let reply = if req.body.contains("SUPPORTED or UNSUPPORTED") {
+                    judge(&question)
+                } else {
+                    answer(&question, self.config.skip)
+                };
                 let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 let prompt_tokens = question.split_whitespace().count();
                 let completion_tokens = reply.split_whitespace().count();
@@ -387,6 +417,12 @@ fn self_tests() -> Vec<(&'static str, bool, String)> {
     let body = r#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"capital of \"Japan\"?"}]}"#;
     check("reads_the_last_message", last_content(body).as_deref() == Some("capital of \"Japan\"?"), format!("{:?}", last_content(body)));
     check("escapes_json", json_escape("a\"b\\c\n") == "a\\\"b\\\\c\\n", json_escape("a\"b\\c\n"));
+    check(
+        "judges_support",
+        judge("Context:\nParis is the capital.\n\nQuestion:\nCapital?\n\nAnswer:\nParis") == "SUPPORTED"
+            && judge("Context:\nParis is the capital.\n\nQuestion:\nCapital?\n\nAnswer:\nLyon, surely") == "UNSUPPORTED",
+        "judge verdicts".into(),
+    );
     let m = Metrics::new();
     m.observe(Duration::from_millis(3), false);
     m.observe(Duration::from_millis(30), true);
