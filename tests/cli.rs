@@ -119,7 +119,7 @@ fn slipway_up_runs_the_example_and_ctrl_c_stops_everything() {
 }
 
 #[test]
-fn slipway_demo_delivers_one_change_and_rolls_the_defective_one_back() {
+fn slipway_demo_ships_one_version_blocks_a_worse_one_and_rolls_a_defective_one_back() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(bin_dir().join("slipway"))
         .arg("demo")
@@ -143,6 +143,27 @@ fn slipway_demo_delivers_one_change_and_rolls_the_defective_one_back() {
     );
     assert!(
         stdout.contains("(pipeline demo-model): rolled_back"),
+        "{stdout}"
+    );
+    // The worse model is stopped by the evaluation gate before approval, with a reason
+    // naming the metric, the baseline, the delta and the significance.
+    assert!(stdout.contains("(pipeline demo-model): failed"), "{stdout}");
+    assert!(
+        stdout.contains("evaluate failed: facts: exact_match"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("baseline 0.8000, delta -0.4000, McNemar p=0.0078"),
+        "{stdout}"
+    );
+    // The first deployment is judged on absolute thresholds alone and says so; the improved
+    // 2.0.0 passes its gates against the production baseline (exact match 0.80 -> 1.00).
+    assert!(
+        stdout.contains("no baseline in the log (first deployment)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("baseline 0.8000, delta +0.2000"),
         "{stdout}"
     );
     assert!(stdout.contains("Demo passed"), "{stdout}");

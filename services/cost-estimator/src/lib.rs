@@ -177,6 +177,17 @@ impl CostGate {
             tokens_out_per_request: find("evaluate", "tokens_out_per_item").unwrap_or(0.0),
             throughput_rps: find("perf", "throughput_rps"),
         };
+        // A priced model without measured tokens would look free: refuse to guess.
+        if req.spec.model.is_some() && find("evaluate", "tokens_in_per_item").is_none() {
+            let r = report(
+                Verdict::Fail,
+                BTreeMap::new(),
+                Vec::new(),
+                None,
+                Some("no token counts from the evaluation gate to price the model with".into()),
+            );
+            return Ok(EventData::CostFailed(r));
+        }
         let metrics = match estimate(&req.spec, &self.pricing, inputs) {
             Ok(m) => m,
             Err(e) => {

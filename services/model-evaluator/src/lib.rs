@@ -57,6 +57,12 @@ pub struct Evaluator {
 pub struct Details {
     pub datasets: BTreeMap<String, Vec<ItemResult>>,
     pub samples: Vec<Sample>,
+    /// `sha256:` of each dataset's file: a baseline is only comparable on the same items.
+    #[serde(default)]
+    pub dataset_digests: BTreeMap<String, String>,
+    /// How hallucination was measured: `lexical` or `judge:<model>`.
+    #[serde(default)]
+    pub hallucination_measure: String,
 }
 
 /// One output shown to reviewers.
@@ -179,6 +185,9 @@ pub fn pick_samples(
     out
 }
 
+/// Fewer paired items than this give no bootstrap interval.
+pub const MIN_BOOTSTRAP_PAIRS: usize = 10;
+
 /// Checks one dataset metric: absolute bounds fail outright; a regression beyond its bound
 /// fails only when the paired test finds it significant, and warns otherwise.
 #[allow(clippy::too_many_arguments)]
@@ -229,25 +238,38 @@ pub fn check_metric(
                 "format_compliance" => r.format_ok.map(b),
                 "hallucination_rate" => r.hallucinated.map(b),
                 "refusal_rate" => Some(b(r.refusal)),
+                "error_rate" => Some(b(r.error.is_some())),
                 _ => None,
             }
         };
-        if matches!(metric, "exact_match" | "accuracy") {
-            let (mut b, mut c) = (0, 0);
-            for (cand, base) in &pairs {
-                match (per_item(cand), per_item(base)) {
-                    (Some(x), Some(y)) if x < y => b += 1,
-                    (Some(x), Some(y)) if x > y => c += 1,
-                    _ => {}
-                }
-            }
-            full.p_value = Some(stats::mcnemar(b, c).p_value);
-        } else {
+        if metric == "f1" {
             let (cv, bv): (Vec<f64>, Vec<f64>) = pairs
                 .iter()
                 .filter_map(|(c, b)| Some((per_item(c)?, per_item(b)?)))
                 .unzip();
-            full.interval = stats::paired_bootstrap_mean(&cv, &bv, 2000, 1.0 - alpha, rng);
+            // Too few pairs make a bootstrap interval meaningless: no evidence then.
+            if cv.len() >= MIN_BOOTSTRAP_PAIRS {
+                full.interval = stats::paired_bootstrap_mean(&cv, &bv, 2000, 1.0 - alpha, rng);
+            } else {
+                full.p_value = Some(1.0);
+            }
+        } else {
+            // Yes/no per item: McNemar on the pairs where the versions disagree, `b` where the
+            // candidate is worse.
+            let higher_better = thresholds::higher_is_better(metric);
+            let (mut b, mut c) = (0, 0);
+            for (cand, base) in &pairs {
+                if let (Some(x), Some(y)) = (per_item(cand), per_item(base))
+                    && x != y
+                {
+                    if (x < y) == higher_better {
+                        b += 1;
+                    } else {
+                        c += 1;
+                    }
+                }
+            }
+            full.p_value = Some(stats::mcnemar(b, c).p_value);
         }
     }
     let significant = match (full.p_value, full.interval) {
@@ -349,6 +371,13 @@ impl Evaluator {
                 Ok(t) => t,
                 Err(e) => return Ok(failed(req, format!("dataset {}: {e}", ds.name), started)),
             };
+            {
+                use sha2::Digest;
+                details.dataset_digests.insert(
+                    ds.name.clone(),
+                    format!("sha256:{:x}", sha2::Sha256::digest(text.as_bytes())),
+                );
+            }
             let items = match dataset::parse(&ds.name, &text) {
                 Ok(i) => i,
                 Err(e) => return Ok(failed(req, e.to_string(), started)),
@@ -375,9 +404,15 @@ impl Evaluator {
                         tokens_out: a.tokens_out,
                         ..metrics::score(item, &a.output)
                     },
+                    // A request that failed answered nothing right: it counts against the
+                    // model in every metric the item carries.
                     Err(e) => ItemResult {
                         id: item.id.clone(),
                         error: Some(e),
+                        exact: item.expected.as_ref().map(|_| false),
+                        label_ok: item.label.as_ref().map(|_| false),
+                        f1: item.expected.as_ref().map(|_| 0.0),
+                        format_ok: item.schema.as_ref().map(|_| false),
                         ..Default::default()
                     },
                 })
@@ -434,18 +469,90 @@ impl Evaluator {
                         .into(),
             });
         }
+        details.hallucination_measure = match &spec.judge {
+            Some(j) => format!("judge:{}", j.model),
+            None => "lexical".into(),
+        };
+        // A judge that did not answer most items must not pass silently on the lexical measure.
+        if spec.judge.is_some() {
+            let eligible: Vec<&ItemResult> = details
+                .datasets
+                .iter()
+                .flat_map(|(d, rs)| {
+                    let items = &items_by_ds[d];
+                    rs.iter().filter(move |r| {
+                        r.error.is_none()
+                            && !r.refusal
+                            && items
+                                .iter()
+                                .any(|i| i.id == r.id && i.grounding().is_some())
+                    })
+                })
+                .collect();
+            let judged = eligible.iter().filter(|r| r.judged).count();
+            if judged * 2 < eligible.len() {
+                let first = eligible
+                    .iter()
+                    .find_map(|r| r.judge_error.clone())
+                    .unwrap_or_default();
+                checks.push(Check {
+                    metric: "judge".into(),
+                    scope: None,
+                    candidate: judged as f64,
+                    baseline: None,
+                    delta: None,
+                    p_value: None,
+                    interval: None,
+                    verdict: Verdict::Fail,
+                    note: format!(
+                        "the judge model answered {judged} of {} grounded items (first error: {first})",
+                        eligible.len()
+                    ),
+                });
+            }
+        }
         for ds in &spec.dataset {
+            // Only a baseline scored on the same dataset file (and the same hallucination
+            // measure) is comparable.
+            let comparable = base_details.as_ref().is_none_or(|d| {
+                d.dataset_digests.get(&ds.name) == details.dataset_digests.get(&ds.name)
+            });
+            let same_measure = base_details
+                .as_ref()
+                .is_none_or(|d| d.hallucination_measure == details.hallucination_measure);
+            if base.is_some() && !comparable {
+                checks.push(Check {
+                    metric: "baseline".into(),
+                    scope: Some(ds.name.clone()),
+                    candidate: 0.0,
+                    baseline: None,
+                    delta: None,
+                    p_value: None,
+                    interval: None,
+                    verdict: Verdict::Pass,
+                    note: format!(
+                        "{}: the baseline scored another version of this dataset: absolute thresholds only",
+                        ds.name
+                    ),
+                });
+            }
             for (metric, t) in &ds.thresholds {
                 let key = format!("{}.{metric}", ds.name);
+                let usable = comparable && (metric != "hallucination_rate" || same_measure);
+
                 checks.push(check_metric(
                     &ds.name,
                     metric,
                     metrics.get(&key).copied(),
                     base.as_ref()
+                        .filter(|_| usable)
                         .and_then(|(_, g)| g.metrics.get(&key).copied()),
                     t,
                     &details.datasets[&ds.name],
-                    base_details.as_ref().and_then(|d| d.datasets.get(&ds.name)),
+                    base_details
+                        .as_ref()
+                        .filter(|_| usable)
+                        .and_then(|d| d.datasets.get(&ds.name)),
                     spec.significance,
                     &mut rng,
                 ));
@@ -575,5 +682,173 @@ impl Evaluator {
             return Err(format!("{path} resolves outside the source"));
         }
         std::fs::read_to_string(&canon).map_err(|e| format!("{path}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slipway_core::spec::Severity;
+
+    fn items(correct: &[bool]) -> Vec<ItemResult> {
+        correct
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ItemResult {
+                id: format!("i{i}"),
+                exact: Some(*c),
+                f1: Some(if *c { 1.0 } else { 0.0 }),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn t(min: Option<f64>, reg: Option<f64>) -> Threshold {
+        Threshold {
+            min,
+            max: None,
+            max_regression: reg,
+            max_regression_pct: None,
+            severity: Severity::Fail,
+        }
+    }
+
+    #[test]
+    fn verdicts_with_and_without_significance() {
+        let mut rng = Rng::new(1);
+        let base = items(&[true; 20]);
+        // 8 of 20 newly wrong: McNemar exact p = 2 * 0.5^8 = 0.0078, significant: fail.
+        let mut worse = vec![false; 8];
+        worse.extend([true; 12]);
+        let cand = items(&worse);
+        let c = check_metric(
+            "d",
+            "exact_match",
+            Some(0.6),
+            Some(1.0),
+            &t(None, Some(0.05)),
+            &cand,
+            Some(&base),
+            0.05,
+            &mut rng,
+        );
+        assert_eq!(c.verdict, Verdict::Fail, "{}", c.note);
+        assert!(
+            c.note
+                .contains("baseline 1.0000, delta -0.4000, McNemar p=0.0078"),
+            "{}",
+            c.note
+        );
+        // 2 of 20 newly wrong: p = 0.5, beyond the bound but not significant: warn.
+        let mut slightly = vec![false; 2];
+        slightly.extend([true; 18]);
+        let cand = items(&slightly);
+        let c = check_metric(
+            "d",
+            "exact_match",
+            Some(0.9),
+            Some(1.0),
+            &t(None, Some(0.05)),
+            &cand,
+            Some(&base),
+            0.05,
+            &mut rng,
+        );
+        assert_eq!(c.verdict, Verdict::Warn, "{}", c.note);
+        assert!(
+            c.note.contains("not statistically significant"),
+            "{}",
+            c.note
+        );
+        // An absolute bound fails whatever the evidence.
+        let c = check_metric(
+            "d",
+            "exact_match",
+            Some(0.9),
+            Some(1.0),
+            &t(Some(0.95), None),
+            &cand,
+            Some(&base),
+            0.05,
+            &mut rng,
+        );
+        assert_eq!(c.verdict, Verdict::Fail);
+        // Better than the baseline: pass.
+        let c = check_metric(
+            "d",
+            "exact_match",
+            Some(1.0),
+            Some(0.9),
+            &t(None, Some(0.05)),
+            &base,
+            Some(&cand),
+            0.05,
+            &mut rng,
+        );
+        assert_eq!(c.verdict, Verdict::Pass, "{}", c.note);
+        // No baseline: absolute only, and it says so.
+        let c = check_metric(
+            "d",
+            "exact_match",
+            Some(0.9),
+            None,
+            &t(Some(0.5), Some(0.05)),
+            &cand,
+            None,
+            0.05,
+            &mut rng,
+        );
+        assert_eq!(c.verdict, Verdict::Pass);
+        assert!(c.note.contains("no baseline"), "{}", c.note);
+        // Not measurable: fail, naming why.
+        let c = check_metric(
+            "d",
+            "accuracy",
+            None,
+            None,
+            &t(Some(0.5), None),
+            &cand,
+            None,
+            0.05,
+            &mut rng,
+        );
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert!(c.note.contains("cannot be measured"));
+    }
+
+    #[test]
+    fn a_worse_rate_is_tested_in_its_own_direction() {
+        let mut rng = Rng::new(2);
+        let mk = |h: &[bool]| -> Vec<ItemResult> {
+            h.iter()
+                .enumerate()
+                .map(|(i, x)| ItemResult {
+                    id: format!("i{i}"),
+                    hallucinated: Some(*x),
+                    ..Default::default()
+                })
+                .collect()
+        };
+        let base = mk(&[false; 20]);
+        let mut more = vec![true; 8];
+        more.extend([false; 12]);
+        let cand = mk(&more);
+        let threshold = Threshold {
+            max_regression: Some(0.05),
+            ..Default::default()
+        };
+        let c = check_metric(
+            "d",
+            "hallucination_rate",
+            Some(0.4),
+            Some(0.0),
+            &threshold,
+            &cand,
+            Some(&base),
+            0.05,
+            &mut rng,
+        );
+        assert_eq!(c.verdict, Verdict::Fail, "{}", c.note);
+        assert!(c.p_value.unwrap() < 0.01);
     }
 }

@@ -3,9 +3,9 @@
 //! It drives the gated environment (staging) with the built-in load generator ([`loadgen`]),
 //! reports p50 / p95 / p99 / max latency, throughput and error rate, and checks the spec's
 //! tolerances: absolute bounds, and regressions against the baseline (the version live in
-//! production, its figures and latency sample read back from the log). A latency regression
-//! beyond its tolerance fails only when a Mann–Whitney U test on the two latency samples says
-//! it is real; otherwise it warns. An optional benchmark command (criterion's JSON messages)
+//! production, its figures and latency sample read back from the log). A percentile's
+//! regression beyond its tolerance fails only when a bootstrap interval of the difference of
+//! that percentile between the two latency samples lies above zero; otherwise it warns. An optional benchmark command (criterion's JSON messages)
 //! is compared with the baseline's benchmark results the same way.
 
 pub mod criterion;
@@ -79,14 +79,39 @@ fn ms(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The statistical evidence of a latency regression.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Evidence {
+    /// A bootstrap interval of candidate − baseline for a percentile: significant when it lies
+    /// above 0 (the candidate slower).
+    Interval([f64; 2], f64),
+}
+
+impl Evidence {
+    fn significant(self) -> bool {
+        match self {
+            Evidence::Interval([lo, _], _) => lo > 0.0,
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Evidence::Interval([lo, hi], alpha) => format!(
+                "bootstrap {:.0}% interval of the difference [{lo:.3}, {hi:.3}]",
+                (1.0 - alpha) * 100.0
+            ),
+        }
+    }
+}
+
 /// Checks one figure: absolute bounds decide outright; a regression beyond its tolerance
-/// fails only when `significant`, and warns otherwise.
+/// fails only when the evidence (if any) finds it significant, and warns otherwise.
 pub fn check_figure(
     metric: &str,
     value: f64,
     baseline: Option<f64>,
     t: &Threshold,
-    significance: Option<(f64, f64)>,
+    evidence: Option<Evidence>,
 ) -> Check {
     let absolute = Threshold {
         max_regression: None,
@@ -95,22 +120,22 @@ pub fn check_figure(
     };
     let abs = thresholds::check(metric, None, value, None, &absolute);
     let mut c = thresholds::check(metric, None, value, baseline, t);
-    if let Some((p, _)) = significance {
-        c.p_value = Some(p);
+    if let Some(Evidence::Interval(iv, _)) = evidence {
+        c.interval = Some(iv);
     }
-    let evidence = match significance {
-        Some((p, alpha)) => format!("Mann-Whitney p={p:.4} (alpha {alpha})"),
-        None => "no baseline sample".into(),
+    let described = match evidence {
+        Some(e) => e.describe(),
+        None => "the bound decides alone".into(),
     };
     match (baseline, c.delta) {
         (Some(b), Some(d)) => {
-            c.note = format!("{}; baseline {b:.3}, delta {d:+.3}, {evidence}", c.note)
+            c.note = format!("{}; baseline {b:.3}, delta {d:+.3}, {described}", c.note)
         }
         _ => c.note = format!("{}; no baseline: absolute tolerances only", c.note),
     }
     if abs.verdict != Verdict::Pass {
         c.verdict = abs.verdict;
-    } else if c.verdict == Verdict::Fail && significance.is_some_and(|(p, alpha)| p >= alpha) {
+    } else if c.verdict == Verdict::Fail && evidence.is_some_and(|e| !e.significant()) {
         c.verdict = Verdict::Warn;
         c.note
             .push_str(" (regression not statistically significant)");
@@ -245,10 +270,32 @@ impl PerfGate {
             }
             None => None,
         };
-        let mann_whitney = base_details
+        // A latency percentile's regression is tested on that percentile: a bootstrap interval
+        // of the difference between the two samples' quantiles (a shift of the bulk, which a
+        // rank test sees, says little about the tail).
+        let base_sample = base_details
             .as_ref()
-            .filter(|d| !d.latencies_ms.is_empty() && !m.samples.is_empty())
-            .map(|d| stats::mann_whitney_u(&m.samples, &d.latencies_ms).p_value);
+            .map(|d| d.latencies_ms.clone())
+            .filter(|v| !v.is_empty() && !m.samples.is_empty());
+        let mut rng = stats::Rng::from_text(&job.run_id);
+        let mut evidence_for = |metric: &str| -> Option<Evidence> {
+            let q = match metric {
+                "p50_ms" => 0.50,
+                "p95_ms" => 0.95,
+                "p99_ms" => 0.99,
+                _ => return None,
+            };
+            let base = base_sample.as_ref()?;
+            let iv = stats::bootstrap_quantile_diff(
+                &m.samples,
+                base,
+                q,
+                1000,
+                1.0 - spec.significance,
+                &mut rng,
+            )?;
+            Some(Evidence::Interval(iv, spec.significance))
+        };
         let mut checks = Vec::new();
         if base.is_none() {
             checks.push(Check {
@@ -270,13 +317,8 @@ impl PerfGate {
             let base_value = base
                 .as_ref()
                 .and_then(|(_, g)| g.metrics.get(metric).copied());
-            let latency = metric.ends_with("_ms");
-            let sig = if latency {
-                mann_whitney.map(|p| (p, spec.significance))
-            } else {
-                None
-            };
-            checks.push(check_figure(metric, value, base_value, t, sig));
+            let evidence = evidence_for(metric);
+            checks.push(check_figure(metric, value, base_value, t, evidence));
         }
         if let Some(bench) = &spec.benchmark {
             for (id, ns) in &details.benchmarks_ns {
@@ -325,5 +367,55 @@ impl PerfGate {
         } else {
             EventData::PerfSucceeded(report)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figure_verdicts() {
+        let t = Threshold {
+            max: Some(500.0),
+            max_regression_pct: Some(50.0),
+            ..Default::default()
+        };
+        // Twice as slow, and the interval says so: fail.
+        let c = check_figure(
+            "p95_ms",
+            20.0,
+            Some(10.0),
+            &t,
+            Some(Evidence::Interval([8.0, 12.0], 0.05)),
+        );
+        assert_eq!(c.verdict, Verdict::Fail, "{}", c.note);
+        assert!(
+            c.note.contains("baseline 10.000, delta +10.000"),
+            "{}",
+            c.note
+        );
+        // Beyond the tolerance but the interval includes 0: warn.
+        let c = check_figure(
+            "p95_ms",
+            20.0,
+            Some(10.0),
+            &t,
+            Some(Evidence::Interval([-1.0, 15.0], 0.05)),
+        );
+        assert_eq!(c.verdict, Verdict::Warn, "{}", c.note);
+        // Over the absolute bound: fail whatever the evidence.
+        let c = check_figure(
+            "p95_ms",
+            600.0,
+            Some(590.0),
+            &t,
+            Some(Evidence::Interval([-5.0, 20.0], 0.05)),
+        );
+        assert_eq!(c.verdict, Verdict::Fail);
+        // No baseline: the bound only.
+        let c = check_figure("p95_ms", 20.0, None, &t, None);
+        assert_eq!(c.verdict, Verdict::Pass);
+        assert!(c.note.contains("no baseline"), "{}", c.note);
     }
 }

@@ -19,6 +19,10 @@ use tokio::task::JoinSet;
 /// Latency samples kept for the statistical comparison (reservoir).
 pub const SAMPLE_CAP: usize = 4000;
 
+/// Requests in flight at most (open loop); a request due when the cap is full counts as an
+/// error, so an overloaded target cannot exhaust the generator's sockets.
+pub const MAX_IN_FLIGHT: usize = 1024;
+
 #[derive(Debug, Clone)]
 pub enum Mode {
     Open { rate_per_sec: f64 },
@@ -47,6 +51,8 @@ pub struct Measured {
     pub samples: Vec<f64>,
     pub ok: u64,
     pub errors: u64,
+    /// Successful responses that completed inside the measured window (the achieved rate).
+    pub ok_in_window: u64,
     /// Length of the measured phase.
     pub measured: Duration,
     pub first_error: Option<String>,
@@ -59,18 +65,30 @@ impl Measured {
             samples: Vec::new(),
             ok: 0,
             errors: 0,
+            ok_in_window: 0,
             measured,
             first_error: None,
         }
     }
 
-    fn record(&mut self, latency: Duration, ok: Result<(), String>, rng: &mut Rng) {
+    fn record(
+        &mut self,
+        latency: Duration,
+        ok: Result<(), String>,
+        done_in_window: bool,
+        rng: &mut Rng,
+    ) {
         let micros = u64::try_from(latency.as_micros())
             .unwrap_or(u64::MAX)
             .max(1);
         let _ = self.histogram.record(micros.min(3_600_000_000));
         match ok {
-            Ok(()) => self.ok += 1,
+            Ok(()) => {
+                self.ok += 1;
+                if done_in_window {
+                    self.ok_in_window += 1;
+                }
+            }
             Err(e) => {
                 self.errors += 1;
                 self.first_error.get_or_insert(e);
@@ -92,12 +110,14 @@ impl Measured {
         self.histogram.value_at_quantile(q) as f64 / 1000.0
     }
 
+    /// Responses completed inside the measured window per second: what the target achieved,
+    /// not what was offered (an open loop offers its rate whatever the target can do).
     pub fn throughput_rps(&self) -> f64 {
         let secs = self.measured.as_secs_f64();
         if secs <= 0.0 {
             0.0
         } else {
-            self.ok as f64 / secs
+            self.ok_in_window as f64 / secs
         }
     }
 
@@ -147,6 +167,7 @@ pub async fn run(load: &Load, seed: &str) -> Measured {
         Mode::Open { rate_per_sec } => {
             let interval = Duration::from_secs_f64(1.0 / rate_per_sec.max(0.001));
             let mut set: JoinSet<Outcome> = JoinSet::new();
+            let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
             let mut i: u32 = 0;
             loop {
                 let due = t0 + interval * i;
@@ -154,19 +175,32 @@ pub async fn run(load: &Load, seed: &str) -> Measured {
                     break;
                 }
                 tokio::time::sleep_until(due.into()).await;
+                i += 1;
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    if due >= measure_from {
+                        m.record(
+                            Duration::ZERO,
+                            Err(format!("more than {MAX_IN_FLIGHT} requests in flight")),
+                            false,
+                            &mut rng,
+                        );
+                    }
+                    continue;
+                };
                 let (c, l) = (client.clone(), load.clone());
                 set.spawn(async move {
                     let r = one(&c, &l).await;
+                    drop(slot);
                     // From when it was due: the corrected latency.
                     (due, due.elapsed(), r)
                 });
-                i += 1;
                 // Collect what has finished, so memory stays bounded on long runs.
                 while let Some(done) = set.try_join_next() {
                     if let Ok((due, lat, r)) = done
                         && due >= measure_from
                     {
-                        m.record(lat, r, &mut rng);
+                        let in_window = due + lat <= end;
+                        m.record(lat, r, in_window, &mut rng);
                     }
                 }
             }
@@ -174,7 +208,8 @@ pub async fn run(load: &Load, seed: &str) -> Measured {
                 if let Ok((due, lat, r)) = done
                     && due >= measure_from
                 {
-                    m.record(lat, r, &mut rng);
+                    let in_window = due + lat <= end;
+                    m.record(lat, r, in_window, &mut rng);
                 }
             }
         }
@@ -195,7 +230,8 @@ pub async fn run(load: &Load, seed: &str) -> Measured {
             while let Some(done) = set.join_next().await {
                 for (start, lat, r) in done.unwrap_or_default() {
                     if start >= measure_from {
-                        m.record(lat, r, &mut rng);
+                        let in_window = start + lat <= end;
+                        m.record(lat, r, in_window, &mut rng);
                     }
                 }
             }

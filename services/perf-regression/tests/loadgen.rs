@@ -68,24 +68,55 @@ async fn closed_loop_throughput_follows_concurrency_over_latency() {
     assert!(m.percentile_ms(0.5) >= 25.0);
 }
 
+/// A server that answers one request at a time, each taking `latency`.
+async fn serial_server(latency: Duration) -> String {
+    let lock = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+    let app = Router::new().route(
+        "/",
+        get(move || {
+            let lock = lock.clone();
+            async move {
+                let _one_at_a_time = lock.lock().await;
+                tokio::time::sleep(latency).await;
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalling_server_is_charged_for_the_queue_it_causes() {
-    // Open loop at 100/s against a server taking 50 ms with one request at a time would
-    // queue; here each request is independent, so check the other way: latencies are taken
-    // from when requests were due, so they are never below the service time.
-    let url = server(Duration::from_millis(50)).await;
+    // 50 requests per second offered to a server that can do 20 (one at a time, 50 ms each):
+    // a queue builds. Measured from when each request was due, latencies grow with the queue;
+    // the achieved throughput is what the server did, not what was offered.
+    let url = serial_server(Duration::from_millis(50)).await;
     let load = Load {
         url,
         method: reqwest::Method::GET,
         body: None,
-        mode: Mode::Open {
-            rate_per_sec: 100.0,
-        },
+        mode: Mode::Open { rate_per_sec: 50.0 },
         warmup: Duration::from_millis(200),
         duration: Duration::from_secs(1),
-        timeout: Duration::from_secs(5),
+        timeout: Duration::from_secs(10),
     };
     let m = run(&load, "t").await;
-    assert!(m.percentile_ms(0.01) >= 50.0, "{}", m.percentile_ms(0.01));
-    assert!(m.samples.len() as u64 == m.ok + m.errors);
+    assert_eq!(m.errors, 0);
+    // The last requests waited behind dozens of others: far longer than the 50 ms service.
+    assert!(
+        m.percentile_ms(0.99) >= 1000.0,
+        "p99 {}",
+        m.percentile_ms(0.99)
+    );
+    assert!(m.percentile_ms(0.01) >= 50.0);
+    // At most 20 answered per second inside the window, though 50 were offered.
+    assert!(
+        m.throughput_rps() <= 21.0,
+        "throughput {}",
+        m.throughput_rps()
+    );
+    assert_eq!(m.samples.len() as u64, m.ok + m.errors);
 }

@@ -252,6 +252,7 @@ pub const MODEL_METRICS: &[&str] = &[
     "format_compliance",
     "hallucination_rate",
     "refusal_rate",
+    "error_rate",
     "latency_p95_ms",
     "tokens_per_item",
 ];
@@ -759,6 +760,12 @@ impl PipelineSpec {
         }
         if let Some(c) = &g.cost {
             check_timeout("gates.cost.timeout_secs", c.timeout_secs)?;
+            if c.model.is_some() && g.model_evaluation.is_none() {
+                return Err(SpecError::new(
+                    "gates.cost.model",
+                    "pricing a model needs [gates.model_evaluation] (its token counts)",
+                ));
+            }
             if c.model.is_none() && c.instance_type.is_none() {
                 return Err(SpecError::new(
                     "gates.cost",

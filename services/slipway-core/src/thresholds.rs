@@ -40,12 +40,17 @@ pub fn check(
     {
         broken.push(format!("{metric} regressed by {w:.4} > {limit:.4}"));
     }
-    if let (Some(limit), Some(w), Some(b)) = (t.max_regression_pct, worse, baseline)
-        && b != 0.0
-    {
-        let pct = 100.0 * w / b.abs();
-        if pct > limit {
-            broken.push(format!("{metric} regressed by {pct:.1}% > {limit:.1}%"));
+    if let (Some(limit), Some(w), Some(b)) = (t.max_regression_pct, worse, baseline) {
+        if b != 0.0 {
+            let pct = 100.0 * w / b.abs();
+            if pct > limit {
+                broken.push(format!("{metric} regressed by {pct:.1}% > {limit:.1}%"));
+            }
+        } else if w > 0.0 {
+            // From zero any worsening is an unbounded relative regression.
+            broken.push(format!(
+                "{metric} regressed from 0 to {value:.4} (unbounded %)"
+            ));
         }
     }
     let verdict = if broken.is_empty() {
@@ -142,6 +147,15 @@ mod tests {
         );
         assert_eq!(c.verdict, Verdict::Fail);
         assert!(c.note.contains("10.0%"), "{}", c.note);
+        // From a zero baseline, any worsening breaks a percentage bound.
+        let c = check(
+            "error_rate",
+            None,
+            0.2,
+            Some(0.0),
+            &t(None, None, None, Some(10.0), Severity::Fail),
+        );
+        assert_eq!(c.verdict, Verdict::Fail, "{}", c.note);
         // Latency that improved is no regression.
         let c = check(
             "p95_ms",
