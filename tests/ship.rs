@@ -150,6 +150,49 @@ async fn production_needs_an_accepted_approval_and_a_rejection_deploys_nothing()
         !ok && out.contains("409") && out.contains("not awaiting approval"),
         "{out}"
     );
+
+    // The production request delivered again (a duplicate with a new id): nothing is redeployed.
+    let bus = stack.bus().await;
+    let log = bus.run_log(&second).await.unwrap();
+    let mut again = log
+        .iter()
+        .filter_map(|r| r.event.clone().ok())
+        .find(|e| matches!(&e.data, EventData::DeployRequested(d) if d.environment == "production"))
+        .expect("the production request is in the log");
+    again.id = ids::random();
+    bus.publish(&again).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(deploys(&counts, "production").len(), 1);
+
+    // DORA from the log: one production deployment, none failed, in the CLI and the gateway.
+    let dora = stack.slipway_json(&["dora", "--since", "1h"]);
+    assert_eq!(dora["overall"]["deployments"], 1, "{dora:#}");
+    assert_eq!(dora["overall"]["change_fail_rate"], 0.0);
+    assert_eq!(dora["pipelines"]["ship"]["deployments"], 1);
+    assert!(
+        dora["overall"]["change_lead_time_hours_p50"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let from_gateway: Value =
+        reqwest::get(format!("{}/v1/metrics/dora?since=1h", stack.gateway_url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(
+        from_gateway["overall"]["deployments"], 1,
+        "{from_gateway:#}"
+    );
+    let bad = reqwest::get(format!(
+        "{}/v1/metrics/dora?since=soon",
+        stack.gateway_url()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
     stack.assert_replay_matches(&first);
     stack.assert_replay_matches(&second);
 }

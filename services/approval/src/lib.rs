@@ -47,6 +47,7 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/runs/{id}/events", get(routes::run_events))
         .route("/v1/runs/{id}/gates/{stage}", get(routes::gate_details))
         .route("/v1/runs/{id}/approvals", post(routes::post_approval))
+        .route("/v1/metrics/dora", get(routes::dora))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }

@@ -411,6 +411,37 @@ pub async fn post_approval(
     )))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoraQuery {
+    since: Option<String>,
+}
+
+/// DORA delivery metrics from the log, per pipeline and overall, for a window ending now.
+#[utoipa::path(
+    get,
+    path = "/v1/metrics/dora",
+    params(("since" = Option<String>, Query, description = "window length, e.g. 30d (default), 12h, 90m")),
+    responses(
+        (status = 200, description = "The metrics", body = Object),
+        (status = 400, description = "Bad window", body = ErrorBody),
+    )
+)]
+pub async fn dora(
+    State(state): State<AppState>,
+    query: Result<Query<DoraQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let window = slipway_core::dora::parse_window(q.since.as_deref().unwrap_or("30d"))
+        .map_err(|e| ApiError::BadRequest(format!("since: {e}")))?;
+    let now = Utc::now();
+    let runs = state.runs.read().expect("lock");
+    let report = slipway_core::dora::report(runs.newest_first(), now - window, now);
+    Ok(Json(
+        serde_json::to_value(report).expect("report serialises"),
+    ))
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     pub status: String,

@@ -372,6 +372,28 @@ impl Client {
         Ok(ExitCode::SUCCESS)
     }
 
+    pub async fn dora(&self, since: &str, json_out: bool) -> anyhow::Result<ExitCode> {
+        let window = slipway_core::dora::parse_window(since).map_err(anyhow::Error::msg)?;
+        let log = self.bus.read(&[subjects::RUNS.to_string()], 1).await?;
+        let mut runs: HashMap<String, Option<Run>> = HashMap::new();
+        for r in log {
+            let Some((id, _, _)) = subjects::parse_run(&r.subject) else {
+                continue;
+            };
+            let Ok(e) = r.event else { continue };
+            let slot = runs.entry(id.to_string()).or_default();
+            *slot = slipway_core::fold(slot.take(), &e);
+        }
+        let now = slipway_core::bus::now();
+        let report = slipway_core::dora::report(runs.values().flatten(), now - window, now);
+        if json_out {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            show::print_dora(&report);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
     pub async fn changes(&self, json_out: bool, limit: usize) -> anyhow::Result<ExitCode> {
         let recs = self
             .bus

@@ -118,6 +118,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// DORA delivery metrics from the log: per pipeline and overall.
+    Dora {
+        /// The window, ending now: e.g. 30d, 12h, 90m.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a new run of the same change.
     Rerun {
         run: String,
@@ -241,6 +249,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel { run, reason } => {
             let c = client::Client::connect(&url).await?;
             c.cancel(&run, reason).await
+        }
+        Command::Dora { since, json } => {
+            let c = client::Client::connect(&url).await?;
+            c.dora(&since, json).await
         }
         Command::Rerun { run, json } => {
             let c = client::Client::connect(&url).await?;

@@ -121,3 +121,34 @@ pub fn print_changes_table(rows: &[Value]) {
         );
     }
 }
+
+/// `slipway dora` as a table.
+pub fn print_dora(r: &slipway_core::dora::Report) {
+    let opt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |x| format!("{x:.2}{unit}"));
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{:.1}%", x * 100.0));
+    println!(
+        "DORA from {} to {}",
+        r.since.format("%Y-%m-%d %H:%M"),
+        r.until.format("%Y-%m-%d %H:%M")
+    );
+    println!(
+        "{:<24} {:>8} {:>10} {:>14} {:>10} {:>14} {:>8}",
+        "pipeline", "deploys", "per day", "lead time p50", "fail rate", "recovery p50", "rework"
+    );
+    let row = |name: &str, m: &slipway_core::dora::Measures| {
+        println!(
+            "{:<24} {:>8} {:>10.2} {:>14} {:>10} {:>14} {:>8}",
+            name,
+            m.deployments,
+            m.deployment_frequency_per_day,
+            opt(m.change_lead_time_hours_p50, " h"),
+            pct(m.change_fail_rate),
+            opt(m.failed_deployment_recovery_hours_p50, " h"),
+            pct(m.deployment_rework_rate),
+        );
+    };
+    for (p, m) in &r.pipelines {
+        row(p, m);
+    }
+    row("(all)", &r.overall);
+}

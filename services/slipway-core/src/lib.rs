@@ -13,6 +13,7 @@ pub mod binding;
 pub mod bus;
 pub mod config;
 pub mod decide;
+pub mod dora;
 pub mod envelope;
 pub mod events;
 pub mod exec;
