@@ -276,3 +276,135 @@ fn the_pipeline_schema_and_the_parser_agree() {
     }
     let _ = json!({});
 }
+
+/// A small YAML emitter for the JSON values the AsyncAPI document is built from.
+fn yaml(v: &Value, indent: usize, out: &mut String) {
+    let pad = " ".repeat(indent);
+    let scalar = |v: &Value| -> String {
+        match v {
+            Value::String(s) => serde_json::to_string(s).unwrap(),
+            other => other.to_string(),
+        }
+    };
+    match v {
+        Value::Object(m) if m.is_empty() => out.push_str(" {}\n"),
+        Value::Array(a) if a.is_empty() => out.push_str(" []\n"),
+        Value::Object(m) => {
+            out.push('\n');
+            for (k, v) in m {
+                out.push_str(&format!("{pad}{}:", serde_json::to_string(k).unwrap()));
+                yaml(v, indent + 2, out);
+            }
+        }
+        Value::Array(a) => {
+            out.push('\n');
+            for v in a {
+                out.push_str(&format!("{pad}-"));
+                match v {
+                    Value::Object(_) | Value::Array(_) => yaml(v, indent + 2, out),
+                    s => out.push_str(&format!(" {}\n", scalar(s))),
+                }
+            }
+        }
+        s => out.push_str(&format!(" {}\n", scalar(s))),
+    }
+}
+
+/// `schemas/asyncapi.yaml`: every channel (subject), message (CloudEvent type) and payload
+/// (the JSON Schemas), generated from the catalogue.
+fn asyncapi() -> String {
+    let mut channels = serde_json::Map::new();
+    let mut operations = serde_json::Map::new();
+    let mut messages = serde_json::Map::new();
+    for e in CATALOGUE {
+        let (noun, verb) = slipway_core::events::type_parts(e.type_name).unwrap();
+        let (key, address, params) = match (noun, verb) {
+            ("change", "submitted") => ("changes".to_string(), "slipway.changes.{source}".to_string(), json!({"source": {"description": "one token naming the producer"}})),
+            ("change", "rejected") => ("intake_rejected".to_string(), "slipway.intake.rejected".to_string(), json!({})),
+            _ => (
+                format!("run_{noun}_{verb}"),
+                format!("slipway.run.{{runId}}.{noun}.{verb}"),
+                json!({"runId": {"description": "the run id (UUIDv5 of the change's source and id)"}}),
+            ),
+        };
+        let msg = e.type_name.replace('.', "_");
+        messages.insert(
+            msg.clone(),
+            json!({
+                "name": e.type_name,
+                "title": e.type_name,
+                "summary": format!("{} (produced by {}; consumed by {})", e.data_type, e.producer, e.consumers.join(", ")),
+                "contentType": "application/json",
+                "headers": {
+                    "type": "object",
+                    "required": ["ce-specversion", "ce-id", "ce-source", "ce-type"],
+                    "properties": {
+                        "ce-specversion": {"type": "string", "const": "1.0"},
+                        "ce-id": {"type": "string"},
+                        "ce-source": {"type": "string"},
+                        "ce-type": {"type": "string", "const": e.type_name},
+                        "ce-time": {"type": "string", "format": "date-time"},
+                        "ce-subject": {"type": "string"},
+                        "ce-traceparent": {"type": "string"},
+                        "content-type": {"type": "string", "const": "application/json"},
+                        "Nats-Msg-Id": {"type": "string"}
+                    }
+                },
+                "payload": {"$ref": format!("./events/{}.json", e.type_name)},
+            }),
+        );
+        let mut ch = json!({
+            "address": address,
+            "messages": {msg.clone(): {"$ref": format!("#/components/messages/{msg}")}},
+        });
+        if params.as_object().is_some_and(|p| !p.is_empty()) {
+            ch["parameters"] = params;
+        }
+        channels.insert(key.clone(), ch);
+        operations.insert(
+            format!("send_{key}"),
+            json!({
+                "action": "send",
+                "channel": {"$ref": format!("#/channels/{key}")},
+                "summary": format!("{} publishes {}", e.producer, e.type_name),
+            }),
+        );
+    }
+    let doc = json!({
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "Slipway event log",
+            "version": "1.0.0",
+            "description": "Every event of the JetStream stream SLIPWAY: CloudEvents 1.0 in binary content mode on NATS (attributes as ce-* headers, data as the payload). Generated from services/slipway-core/src/events.rs by the catalogue test; do not edit by hand."
+        },
+        "defaultContentType": "application/json",
+        "servers": {"local": {"host": "127.0.0.1:4222", "protocol": "nats", "description": "slipway up's nats-server"}},
+        "channels": channels,
+        "operations": operations,
+        "components": {"messages": messages},
+    });
+    let mut out = String::from("# Generated by `SLIPWAY_BLESS=1 cargo test -p slipway-core --test catalogue`.");
+    yaml(&doc, 0, &mut out);
+    out
+}
+
+#[test]
+fn the_asyncapi_document_describes_the_real_catalogue() {
+    let text = asyncapi();
+    check_file("schemas/asyncapi.yaml", &text);
+    // Every type is a message, every message's payload schema exists, every channel names
+    // the subject the event is really published on.
+    for e in CATALOGUE {
+        assert!(text.contains(&format!("\"name\": \"{}\"", e.type_name)), "{} missing", e.type_name);
+        assert!(root().join(format!("schemas/events/{}.json", e.type_name)).is_file());
+    }
+    for ev in examples().values() {
+        let subject = ev.nats_subject();
+        let pattern = match &ev.subject {
+            Some(run) if subject.starts_with("slipway.run.") => subject.replace(run, "{runId}"),
+            _ if subject.starts_with("slipway.changes.") => "slipway.changes.{source}".to_string(),
+            _ => subject,
+        };
+        assert!(text.contains(&format!("\"address\": \"{pattern}\"")), "no channel {pattern}");
+    }
+}
