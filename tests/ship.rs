@@ -193,6 +193,22 @@ async fn production_needs_an_accepted_approval_and_a_rejection_deploys_nothing()
     .await
     .unwrap();
     assert_eq!(bad.status().as_u16(), 400);
+    // Prometheus text: deploys by environment, and every service's consumer lag.
+    let metrics = reqwest::get(format!("{}/metrics", stack.gateway_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("slipway_deployments_total{deployment_environment_name=\"production\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("slipway_consumer_pending_messages{consumer=\"deployer\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cicd_pipeline_run_duration_seconds_count{cicd_pipeline_name=\"ship\",cicd_pipeline_result=\"rejected\"} 1"), "{metrics}");
     stack.assert_replay_matches(&first);
     stack.assert_replay_matches(&second);
 }

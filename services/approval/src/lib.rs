@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod metrics;
 pub mod projection;
 pub mod routes;
 
@@ -41,6 +42,7 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/", get(routes::page))
         .route("/healthz", get(routes::healthz))
         .route("/openapi.json", get(routes::openapi))
+        .route("/metrics", get(routes::prometheus))
         .route("/v1/changes", post(routes::post_change))
         .route("/v1/runs", get(routes::list_runs))
         .route("/v1/runs/{id}", get(routes::get_run))

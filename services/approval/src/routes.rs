@@ -489,6 +489,22 @@ pub async fn openapi() -> impl IntoResponse {
     Json(doc)
 }
 
+/// Prometheus text: delivery metrics from the log, consumer lag from JetStream.
+pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
+    let mut body = {
+        let runs = state.runs.read().expect("lock");
+        crate::metrics::render_runs(runs.newest_first())
+    };
+    body.push_str(&crate::metrics::render_lag(&state.bus).await);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+}
+
 pub async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }

@@ -401,6 +401,20 @@ async fn runs_are_served_from_the_log() {
     let (s, v) = gw.get("/v1/runs?color=red").await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
 
+    // Prometheus text with the run's state.
+    let (s, v) = gw.get("/metrics").await;
+    assert_eq!(s, StatusCode::OK);
+    let text = v.as_str().unwrap();
+    assert!(
+        text.contains("cicd_pipeline_run_active{cicd_pipeline_name=\"gated\",cicd_pipeline_run_state=\"executing\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("slipway_stage_duration_seconds_count{cicd_pipeline_name=\"gated\",cicd_pipeline_task_name=\"build\",cicd_pipeline_task_run_result=\"success\"} 1"), "{text}");
+    assert!(
+        text.contains("# TYPE slipway_consumer_pending_messages gauge"),
+        "{text}"
+    );
+
     let (s, v) = gw.get("/healthz").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["nats"], "connected");
