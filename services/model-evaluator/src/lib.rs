@@ -439,35 +439,16 @@ impl Evaluator {
 
         // The baseline: the production version's own evaluation, with its per-item results.
         let base = baseline::gate_baseline(&job.bus, &job.run, &req.stage).await?;
-        let base_details: Option<Details> = match base.as_ref().and_then(|(_, g)| g.details.clone())
-        {
-            Some(obj) => {
-                let path = ws.out().join("baseline.json");
-                match objects::get_file(&job.bus, &obj, &path).await {
-                    Ok(()) => std::fs::read(&path)
-                        .ok()
-                        .and_then(|b| serde_json::from_slice(&b).ok()),
-                    Err(_) => None,
-                }
-            }
-            None => None,
-        };
+        let base_details: Option<Details> = baseline::details(
+            &job.bus,
+            base.as_ref().map(|(_, g)| g),
+            &ws.out().join("baseline.json"),
+        )
+        .await;
         let mut rng = Rng::from_text(&job.run_id);
         let mut checks = Vec::new();
         if base.is_none() {
-            checks.push(Check {
-                metric: "baseline".into(),
-                scope: None,
-                candidate: 0.0,
-                baseline: None,
-                delta: None,
-                p_value: None,
-                interval: None,
-                verdict: Verdict::Pass,
-                note:
-                    "no baseline in the log (first deployment): judged on absolute thresholds alone"
-                        .into(),
-            });
+            checks.push(thresholds::no_baseline(None, "thresholds"));
         }
         details.hallucination_measure = match &spec.judge {
             Some(j) => format!("judge:{}", j.model),

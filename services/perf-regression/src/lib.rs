@@ -257,19 +257,12 @@ impl PerfGate {
 
         // The baseline: the production version's own performance report and latency sample.
         let base = baseline::gate_baseline(&job.bus, &job.run, &req.stage).await?;
-        let base_details: Option<Details> = match base.as_ref().and_then(|(_, g)| g.details.clone())
-        {
-            Some(obj) => {
-                let path = ws.out().join("baseline.json");
-                match objects::get_file(&job.bus, &obj, &path).await {
-                    Ok(()) => std::fs::read(&path)
-                        .ok()
-                        .and_then(|b| serde_json::from_slice(&b).ok()),
-                    Err(_) => None,
-                }
-            }
-            None => None,
-        };
+        let base_details: Option<Details> = baseline::details(
+            &job.bus,
+            base.as_ref().map(|(_, g)| g),
+            &ws.out().join("baseline.json"),
+        )
+        .await;
         // A latency percentile's regression is tested on that percentile: a bootstrap interval
         // of the difference between the two samples' quantiles (a shift of the bulk, which a
         // rank test sees, says little about the tail).
@@ -298,19 +291,7 @@ impl PerfGate {
         };
         let mut checks = Vec::new();
         if base.is_none() {
-            checks.push(Check {
-                metric: "baseline".into(),
-                scope: None,
-                candidate: 0.0,
-                baseline: None,
-                delta: None,
-                p_value: None,
-                interval: None,
-                verdict: Verdict::Pass,
-                note:
-                    "no baseline in the log (first deployment): judged on absolute tolerances alone"
-                        .into(),
-            });
+            checks.push(thresholds::no_baseline(None, "tolerances"));
         }
         for (metric, t) in &spec.tolerances {
             let value = metrics.get(metric).copied().unwrap_or(0.0);

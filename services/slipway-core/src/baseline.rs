@@ -95,3 +95,16 @@ pub async fn gate_baseline(
     };
     Ok(base.gate(stage).cloned().map(|g| (live.run_id.clone(), g)))
 }
+
+/// The stored details of a baseline report (per-item results, a latency sample), read into
+/// `T`; `None` when the report stored none or they cannot be read.
+pub async fn details<T: serde::de::DeserializeOwned>(
+    bus: &Bus,
+    report: Option<&GateReport>,
+    scratch: &std::path::Path,
+) -> Option<T> {
+    let obj = report?.details.clone()?;
+    crate::objects::get_file(bus, &obj, scratch).await.ok()?;
+    let bytes = std::fs::read(scratch).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}

@@ -78,6 +78,24 @@ pub fn check(
     }
 }
 
+/// The check a gate reports when the log holds no baseline: the bounds decide alone, and the
+/// report says why.
+pub fn no_baseline(scope: Option<&str>, bounds: &str) -> Check {
+    Check {
+        metric: "baseline".into(),
+        scope: scope.map(str::to_string),
+        candidate: 0.0,
+        baseline: None,
+        delta: None,
+        p_value: None,
+        interval: None,
+        verdict: Verdict::Pass,
+        note: format!(
+            "no baseline in the log (first deployment): judged on absolute {bounds} alone"
+        ),
+    }
+}
+
 /// The worst verdict of a set of checks (`Pass` for none).
 pub fn overall(checks: &[Check]) -> Verdict {
     if checks.iter().any(|c| c.verdict == Verdict::Fail) {
