@@ -320,3 +320,46 @@ artifacts = ["dist"]
     }
     assert_eq!(workers.len(), 2, "both replicas took work: {workers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slipway_watch_waits_for_a_run_that_is_about_to_exist() {
+    let stack = Stack::start();
+    let spec = "[pipeline]\nname = \"soon\"\n[build]\ncommand = [\"true\"]\n";
+    let run = slipway_core::ids::run_id("tests/watch", "change-1");
+    // Watch first: the change has not even been sent.
+    let watcher = Command::new(bin_dir().join("slipway"))
+        .args(["watch", &run, "--timeout", "60"])
+        .env("SLIPWAY_NATS_URL", stack.nats.url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let bus = stack.bus().await;
+    let change = slipway_core::Event::new(
+        "change-1",
+        "tests/watch",
+        None,
+        slipway_core::bus::now(),
+        EventData::ChangeSubmitted(slipway_core::events::ChangeSubmitted {
+            spec: spec.into(),
+            source: slipway_core::events::SourceRef::Directory {
+                path: stack.dir.path().display().to_string(),
+            },
+            author: None,
+            title: None,
+            rerun_of: None,
+        }),
+    );
+    bus.publish(&change).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || watcher.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("is succeeded"), "{stdout}");
+}

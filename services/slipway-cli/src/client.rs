@@ -16,6 +16,9 @@ use slipway_core::{Event, Phase, Run, ids, subjects};
 
 use crate::show;
 
+/// How long `watch` waits for a run that does not exist yet (just submitted).
+const RUN_APPEARS_WITHIN_SECS: u64 = 30;
+
 /// CloudEvents `source` of changes and decisions made with the CLI.
 pub const SOURCE: &str = "/slipway/cli";
 
@@ -297,9 +300,16 @@ impl Client {
             .subscribe(format!("slipway.run.{run}.>"))
             .await?;
         let deadline = Instant::now() + Duration::from_secs(timeout);
+        // A run just submitted exists once the conductor has answered its change: give it a
+        // moment before saying there is no such run.
+        let appear_by = Instant::now() + Duration::from_secs(RUN_APPEARS_WITHIN_SECS.min(timeout));
         let mut last: Option<Value> = None;
         loop {
             let Some(state) = self.state(run).await? else {
+                if Instant::now() < appear_by {
+                    let _ = tokio::time::timeout(Duration::from_millis(200), sub.next()).await;
+                    continue;
+                }
                 eprintln!("slipway: no run {run}");
                 return Ok(ExitCode::from(1));
             };

@@ -97,7 +97,10 @@ impl Workspace {
                     return Err(WorkspaceError::BadDirectory(path.clone()));
                 }
                 let (from, to) = (p.to_path_buf(), self.src());
-                tokio::task::spawn_blocking(move || copy_tree(&from, &to))
+                // The copy must not descend into the workspace itself (a source directory may
+                // contain the workspace root): that would copy the copy, forever.
+                let avoid = self.root.canonicalize()?;
+                tokio::task::spawn_blocking(move || copy_tree(&from, &to, &avoid))
                     .await
                     .map_err(|e| std::io::Error::other(e.to_string()))??;
                 Ok(())
@@ -216,15 +219,20 @@ fn check_revision(rev: &str) -> Result<(), WorkspaceError> {
     }
 }
 
-/// Copies a tree; symlinks are copied as links, never followed out of the source.
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Copies a tree; symlinks are copied as links, never followed out of the source, and a
+/// directory containing `avoid` (the destination workspace) is not entered.
+fn copy_tree(from: &Path, to: &Path, avoid: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let ft = entry.file_type()?;
         let dest = to.join(entry.file_name());
         if ft.is_dir() {
+            let here = entry.path().canonicalize()?;
+            if avoid.starts_with(&here) {
+                continue;
+            }
             std::fs::create_dir_all(&dest)?;
-            copy_tree(&entry.path(), &dest)?;
+            copy_tree(&entry.path(), &dest, avoid)?;
         } else if ft.is_symlink() {
             std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &dest)?;
         } else if ft.is_file() {
@@ -381,6 +389,31 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_source_containing_the_workspace_is_copied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("main.c"), "int main;").unwrap();
+        let settings = ExecSettings {
+            workspace_root: Some(dir.path().join("work")),
+            ..Default::default()
+        };
+        let ws = Workspace::create(&settings, "t").unwrap();
+        let source = SourceRef::Directory {
+            path: dir.path().display().to_string(),
+        };
+        ws.checkout(&source, &settings, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(ws.src().join("main.c").is_file());
+        // The workspace root's parent is copied without descending into the workspace.
+        assert!(
+            !ws.src()
+                .join("work")
+                .join(ws.root().file_name().unwrap())
+                .exists()
+        );
+    }
 
     #[test]
     fn git_inputs_are_checked() {
