@@ -11,6 +11,8 @@ use slipway_e2e::{Stack, hello_example, project};
 
 const LONG: Duration = Duration::from_secs(60);
 
+const CALLER_TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 fn stage<'a>(status: &'a Value, name: &str) -> &'a Value {
     status["stages"]
         .as_array()
@@ -146,6 +148,8 @@ async fn raw_cloudevents_in_both_modes_become_runs_and_repeats_make_one_run() {
     h.insert("ce-source", "git-hook/acme");
     h.insert("ce-type", "dev.slipway.change.submitted.v1");
     h.insert("ce-time", "2026-11-26T10:00:00Z");
+    // The producer's trace: the run joins it.
+    h.insert("ce-traceparent", CALLER_TRACE);
     h.insert("content-type", "application/json");
     let body = serde_json::to_vec(&change_data(&spec_text, &dir)).unwrap();
     publish_raw(
@@ -183,6 +187,34 @@ async fn raw_cloudevents_in_both_modes_become_runs_and_repeats_make_one_run() {
     for run in [&binary_run, &structured_run] {
         stack.wait_phase(run, "succeeded", LONG);
         stack.assert_replay_matches(run);
+    }
+    // One trace per run, on every event of it: the caller's when the change brought one,
+    // else the run's own.
+    let bus = stack.bus().await;
+    for (run, expected) in [
+        (&binary_run, Some("4bf92f3577b34da6a3ce929d0e0e4736")),
+        (&structured_run, None),
+    ] {
+        let status = stack.slipway_json(&["status", run]);
+        let trace = status["trace_id"].as_str().expect("a trace id").to_string();
+        if let Some(t) = expected {
+            assert_eq!(trace, t);
+        }
+        let log = bus.run_log(run).await.unwrap();
+        assert!(log.len() > 5);
+        for r in &log {
+            let e = r.event.as_ref().unwrap();
+            let tp = e
+                .traceparent
+                .as_deref()
+                .unwrap_or_else(|| panic!("{} has no traceparent", e.type_name()));
+            assert_eq!(
+                slipway_core::trace::parse(tp).unwrap().0,
+                trace,
+                "{}",
+                e.type_name()
+            );
+        }
     }
 
     // One run for the repeated change: exactly one run.created in the log for it.

@@ -72,7 +72,18 @@ pub async fn post_change(
     if cloudevents::event::AttributesReader::time(&ce).is_none() {
         ce.set_time(Some(Utc::now()));
     }
-    let event = Event::from_cloudevent(&ce).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let mut event = Event::from_cloudevent(&ce).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    // The HTTP caller's trace context, when the event itself carries none.
+    if event.traceparent.is_none()
+        && let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok())
+        && slipway_core::trace::parse(tp).is_some()
+    {
+        event.traceparent = Some(tp.to_string());
+        event.tracestate = headers
+            .get("tracestate")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+    }
     let EventData::ChangeSubmitted(change) = &event.data else {
         return Err(ApiError::BadRequest(format!(
             "{} is not a change (expected dev.slipway.change.submitted.v1)",
@@ -384,7 +395,8 @@ pub async fn post_approval(
             &stage.attempt.to_string(),
             &approver.name,
         ]);
-        let event = Event::new(event_id, SOURCE, Some(id.clone()), decided_at, data);
+        let mut event = Event::new(event_id, SOURCE, Some(id.clone()), decided_at, data);
+        event.traceparent = run.traceparent.clone();
         match state.bus.append(&event, &id, last).await {
             Ok(a) => {
                 return Ok((

@@ -286,6 +286,21 @@ async fn changes_come_in_over_the_cloudevents_http_binding() {
     let (s, v) = gw.call(req).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     assert_eq!(v["run_id"], slipway_core::ids::run_id("ci/acme", "c-1"));
+    // An HTTP caller's W3C trace context travels into the stored change.
+    let traced = Request::post("/v1/changes")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "c-3")
+        .header("ce-source", "ci/acme")
+        .header("ce-type", "dev.slipway.change.submitted.v1")
+        .header("content-type", "application/json")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .body(Body::from(change_data(SPEC).to_string()))
+        .unwrap();
+    let (s, v) = gw.call(traced).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     // Structured mode.
     let body = json!({
         "specversion": "1.0", "id": "c-2", "source": "ci/acme",
@@ -304,7 +319,12 @@ async fn changes_come_in_over_the_cloudevents_http_binding() {
         .read(&["slipway.changes.>".to_string()], 1)
         .await
         .unwrap();
-    assert_eq!(stored.len(), 2);
+    assert_eq!(stored.len(), 3);
+    let traced = stored[1].event.as_ref().unwrap();
+    assert_eq!(
+        traced.traceparent.as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
     assert!(stored.iter().all(|r| r.event.is_ok()));
 
     // (headers, body, what the error must name)

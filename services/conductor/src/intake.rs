@@ -74,8 +74,12 @@ fn judge(rec: &Recorded) -> Verdict {
         slipway_core::bus::now(),
         EventData::RunCreated(created),
     );
-    // The run joins the change's trace, if it came with one.
-    ev.traceparent = event.traceparent.clone();
+    // The run joins the change's trace, if it came with one; otherwise it starts its own.
+    let run = ev.subject.clone().unwrap_or_default();
+    ev.traceparent = Some(slipway_core::trace::run_traceparent(
+        event.traceparent.as_deref(),
+        &run,
+    ));
     ev.tracestate = event.tracestate.clone();
     Verdict::Run(Box::new(ev))
 }

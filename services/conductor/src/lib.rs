@@ -277,7 +277,11 @@ impl State {
         );
         let commands = decide_in(&entry.run, &fleet, now);
         for cmd in commands {
-            let event = cmd.to_event(run_id, SOURCE, now);
+            let mut event = cmd.to_event(run_id, SOURCE, now);
+            event.traceparent = self
+                .runs
+                .get(run_id)
+                .and_then(|e| e.run.traceparent.clone());
             match bus.append(&event, run_id, self.expected_seq(run_id)).await {
                 Ok(a) if a.duplicate => {
                     // Already in the log: our view is behind; the reader brings it.

@@ -330,6 +330,8 @@ async fn watch(job: &Job, req: &MonitorRequested) -> Result<EventData, Transient
             opened_at: slipway_core::bus::now(),
         }),
     );
+    let mut incident = incident;
+    incident.traceparent = job.request.traceparent.clone();
     job.bus.publish(&incident).await.map_err(Transient::from)?;
     warn!(environment = %env, %reason, "Deploy degraded: incident opened.");
     Ok(EventData::MonitorFailed(report(

@@ -503,13 +503,14 @@ impl Client {
                     by: Some(user()),
                 },
             );
-            let event = Event::new(
+            let mut event = Event::new(
                 ids::run_end(run),
                 SOURCE,
                 Some(run.to_string()),
                 slipway_core::bus::now(),
                 data,
             );
+            event.traceparent = state.traceparent.clone();
             match self.bus.append(&event, run, last).await {
                 Ok(a) if a.duplicate => {
                     eprintln!("slipway: run {run} already ended");

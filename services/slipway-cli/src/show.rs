@@ -24,6 +24,9 @@ pub fn print_status(state: &Value) {
     if let Some(r) = state["reason"].as_str() {
         println!("  {r}");
     }
+    if let Some(t) = state["trace_id"].as_str() {
+        println!("  trace {t}");
+    }
     if let Some(stages) = state["stages"].as_array() {
         for st in stages {
             println!(

@@ -172,6 +172,11 @@ pub struct Run {
     pub incidents: Vec<String>,
     /// Number of events folded (duplicates excluded).
     pub events: u64,
+    /// The run's trace (W3C trace id), from its first event.
+    pub trace_id: Option<String>,
+    /// The run's `traceparent`, carried by every event about it.
+    #[serde(skip)]
+    pub traceparent: Option<String>,
     #[serde(skip)]
     pub spec: PipelineSpec,
     #[serde(skip)]
@@ -288,6 +293,12 @@ pub fn fold(state: Option<Run>, event: &Event) -> Option<Run> {
                 deployments: Vec::new(),
                 incidents: Vec::new(),
                 events: 1,
+                trace_id: event
+                    .traceparent
+                    .as_deref()
+                    .and_then(crate::trace::parse)
+                    .map(|(t, _)| t.to_string()),
+                traceparent: event.traceparent.clone(),
                 spec,
                 artifact_ref: None,
                 seen,

@@ -29,6 +29,7 @@ pub mod stats;
 pub mod subjects;
 pub mod telemetry;
 pub mod thresholds;
+pub mod trace;
 pub mod workspace;
 
 #[cfg(feature = "test-support")]

@@ -160,6 +160,13 @@ pub fn started_data(
     })
 }
 
+/// The event a worker publishes about a job, in the request's trace.
+pub fn fact_in(service: &str, run_id: &str, data: EventData, traceparent: Option<&str>) -> Event {
+    let mut e = fact(service, run_id, data);
+    e.traceparent = traceparent.map(str::to_string);
+    e
+}
+
 /// The event a worker publishes about a job: deterministic id, so a repeat is a duplicate.
 pub fn fact(service: &str, run_id: &str, data: EventData) -> Event {
     let (stage, attempt) = data.stage_fact().map_or(("", 0), |(s, a, _)| (s, a));
@@ -415,7 +422,12 @@ impl<W: Worker> Ctx<W> {
                 return;
             }
         };
-        let started = fact(service, &run_id, started);
+        let started = fact_in(
+            service,
+            &run_id,
+            started,
+            job.request.traceparent.as_deref(),
+        );
         if self.worker.exclusive() {
             // Exactly one delivery starts: the append expects the log as just read.
             match self.bus.append(&started, &run_id, last_seq).await {
@@ -545,7 +557,11 @@ impl<W: Worker> Ctx<W> {
     }
 
     async fn publish_then_ack(&self, msg: &jetstream::Message, run_id: &str, data: EventData) {
-        let event = fact(self.worker.service(), run_id, data);
+        // In the request's trace (a malformed request has none to give).
+        let trace = crate::bus::decode(msg.headers.as_ref(), &msg.payload)
+            .ok()
+            .and_then(|e| e.traceparent);
+        let event = fact_in(self.worker.service(), run_id, data, trace.as_deref());
         let mut delay = Duration::from_millis(200);
         for _ in 0..8 {
             match self.bus.publish(&event).await {
