@@ -258,6 +258,14 @@ async fn approving_on_the_page_deploys_to_production() {
     let card = format!("#run-{run}");
     let text = b.wait_text(&card, "approval:production").await;
     assert!(text.contains(&digest), "{text}");
+    // The run's trace, linked to the configured trace UI.
+    let trace = status["trace_id"].as_str().unwrap();
+    assert!(text.contains(trace), "{text}");
+    let link = b.find(&format!("{card} a.trace")).await;
+    let href = b
+        .session_call("GET", &format!("/element/{link}/attribute/href"), None)
+        .await;
+    assert_eq!(href, format!("http://traces.example/trace/{trace}"));
     assert!(text.contains("test:unit"), "{text}");
     // The gated run shows each gate's verdict.
     let gated_text = b.wait_text(&format!("#run-{}", gated.run_id), "perf").await;

@@ -111,7 +111,10 @@ impl Stack {
             gateway_port: slipway_core::server::free_port(),
             bins: bin_dir(),
         };
-        let mut config = format!("[gateway]\nlisten = \"127.0.0.1:{}\"\n", s.gateway_port);
+        let mut config = format!(
+            "[gateway]\nlisten = \"127.0.0.1:{}\"\ntrace_url_template = \"http://traces.example/trace/{{trace_id}}\"\n",
+            s.gateway_port
+        );
         for (name, group) in APPROVERS {
             let hash = {
                 use sha2::Digest;

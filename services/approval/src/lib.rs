@@ -34,6 +34,8 @@ pub struct AppState {
     pub bus: Bus,
     pub runs: SharedRuns,
     pub approvers: Arc<Vec<Approver>>,
+    /// Where a run's trace can be seen (`{trace_id}` replaced), if configured.
+    pub trace_url_template: Option<String>,
 }
 
 /// The gateway's routes.
@@ -43,6 +45,7 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/healthz", get(routes::healthz))
         .route("/openapi.json", get(routes::openapi))
         .route("/metrics", get(routes::prometheus))
+        .route("/v1/ui", get(routes::ui))
         .route("/v1/changes", post(routes::post_change))
         .route("/v1/runs", get(routes::list_runs))
         .route("/v1/runs/{id}", get(routes::get_run))
@@ -104,6 +107,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         bus,
         runs,
         approvers: Arc::new(settings.approvers.clone()),
+        trace_url_template: settings.trace_url_template.clone(),
     };
     info!(%addr, approvers = settings.approvers.len(), "Approval gateway listening.");
     let s = shutdown.clone();

@@ -517,6 +517,11 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// What the page needs to know of the configuration.
+pub async fn ui(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "trace_url_template": state.trace_url_template }))
+}
+
 pub async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }

@@ -69,6 +69,7 @@ async fn gateway() -> Gw {
             approver("alice", "release-managers"),
             approver("carol", "interns"),
         ]),
+        trace_url_template: Some("http://traces.example/trace/{trace_id}".into()),
     };
     Gw {
         _nats: nats,
@@ -438,6 +439,12 @@ async fn runs_are_served_from_the_log() {
     let (s, v) = gw.get("/healthz").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["nats"], "connected");
+    let (s, v) = gw.get("/v1/ui").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        v["trace_url_template"],
+        "http://traces.example/trace/{trace_id}"
+    );
     let (s, v) = gw.get("/openapi.json").await;
     assert_eq!(s, StatusCode::OK);
     assert!(v["openapi"].as_str().unwrap().starts_with("3."));

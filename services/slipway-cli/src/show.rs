@@ -25,7 +25,13 @@ pub fn print_status(state: &Value) {
         println!("  {r}");
     }
     if let Some(t) = state["trace_id"].as_str() {
-        println!("  trace {t}");
+        // A trace UI's URL template ({trace_id}), as the gateway has it.
+        match std::env::var("SLIPWAY_TRACE_URL_TEMPLATE") {
+            Ok(tpl) if tpl.contains("{trace_id}") => {
+                println!("  trace {t}  {}", tpl.replace("{trace_id}", t));
+            }
+            _ => println!("  trace {t}"),
+        }
     }
     if let Some(stages) = state["stages"].as_array() {
         for st in stages {

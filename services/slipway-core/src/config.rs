@@ -62,6 +62,9 @@ pub struct GatewaySettings {
     pub webhook_attempts: u32,
     /// Largest request body accepted (a change carries its spec).
     pub max_body_bytes: usize,
+    /// A trace UI's URL for a trace, with `{trace_id}` in it (e.g. Jaeger's
+    /// `http://127.0.0.1:16686/trace/{trace_id}`): the page links each run's trace.
+    pub trace_url_template: Option<String>,
 }
 
 impl Default for GatewaySettings {
@@ -73,6 +76,7 @@ impl Default for GatewaySettings {
             webhooks: Vec::new(),
             webhook_attempts: 5,
             max_body_bytes: 1024 * 1024,
+            trace_url_template: None,
         }
     }
 }
