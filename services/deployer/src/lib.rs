@@ -206,7 +206,7 @@ impl Deployer {
     /// deploy tooling may be what broke).
     async fn tooling(&self, job: &Job, r: &DeployRequested, rollback: bool) -> Run {
         if rollback
-            && let Ok(Some(live)) = find_builder(
+            && let Ok(Some(live)) = slipway_core::baseline::builder_of(
                 &job.bus,
                 &job.run.pipeline,
                 &r.environment,
@@ -363,29 +363,4 @@ impl Deployer {
             EventData::DeploySucceeded(done)
         })
     }
-}
-
-/// The run that first deployed the artifact `digest` to the environment (the one that built it).
-async fn find_builder(
-    bus: &Bus,
-    pipeline: &str,
-    environment: &str,
-    digest: &str,
-) -> Result<Option<String>, BusError> {
-    let recs = bus
-        .read(&["slipway.run.*.deploy.succeeded".to_string()], 1)
-        .await?;
-    Ok(recs
-        .into_iter()
-        .filter_map(|r| r.event.ok())
-        .find_map(|e| match &e.data {
-            EventData::DeploySucceeded(d)
-                if d.pipeline == pipeline
-                    && d.environment == environment
-                    && d.artifact.digest == digest =>
-            {
-                e.subject.clone()
-            }
-            _ => None,
-        }))
 }

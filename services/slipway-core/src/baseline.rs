@@ -26,6 +26,52 @@ pub async fn live_version(
     pipeline: &str,
     environment: &str,
 ) -> Result<Option<Live>, BusError> {
+    let here = deploys_here(bus, pipeline, environment).await?;
+    let Some(last) = here.last() else {
+        return Ok(None);
+    };
+    let (EventData::DeploySucceeded(d) | EventData::RollbackSucceeded(d)) = &last.data else {
+        return Ok(None);
+    };
+    let builder = first_deployer(&here, &d.artifact.digest)
+        .or_else(|| last.subject.clone())
+        .unwrap_or_default();
+    Ok(Some(Live {
+        version: d.version.clone(),
+        artifact: d.artifact.clone(),
+        run_id: builder,
+    }))
+}
+
+/// The run that built the artifact `digest`: the first to deploy it to the environment.
+///
+/// # Errors
+/// [`BusError`] when the log cannot be read.
+pub async fn builder_of(
+    bus: &Bus,
+    pipeline: &str,
+    environment: &str,
+    digest: &str,
+) -> Result<Option<String>, BusError> {
+    Ok(first_deployer(
+        &deploys_here(bus, pipeline, environment).await?,
+        digest,
+    ))
+}
+
+fn first_deployer(here: &[Event], digest: &str) -> Option<String> {
+    here.iter().find_map(|e| match &e.data {
+        EventData::DeploySucceeded(x) if x.artifact.digest == digest => e.subject.clone(),
+        _ => None,
+    })
+}
+
+/// Successful deploys and rollbacks of one environment of one pipeline, in log order.
+async fn deploys_here(
+    bus: &Bus,
+    pipeline: &str,
+    environment: &str,
+) -> Result<Vec<Event>, BusError> {
     let recs = bus
         .read(
             &[
@@ -35,7 +81,7 @@ pub async fn live_version(
             1,
         )
         .await?;
-    let here: Vec<Event> = recs
+    Ok(recs
         .into_iter()
         .filter_map(|r| r.event.ok())
         .filter(|e| match &e.data {
@@ -44,29 +90,7 @@ pub async fn live_version(
             }
             _ => false,
         })
-        .collect();
-    let Some(last) = here.last() else {
-        return Ok(None);
-    };
-    let (EventData::DeploySucceeded(d) | EventData::RollbackSucceeded(d)) = &last.data else {
-        return Ok(None);
-    };
-    // The run that first deployed this artifact here built it.
-    let builder = here
-        .iter()
-        .find_map(|e| match &e.data {
-            EventData::DeploySucceeded(x) if x.artifact.digest == d.artifact.digest => {
-                e.subject.clone()
-            }
-            _ => None,
-        })
-        .or_else(|| last.subject.clone())
-        .unwrap_or_default();
-    Ok(Some(Live {
-        version: d.version.clone(),
-        artifact: d.artifact.clone(),
-        run_id: builder,
-    }))
+        .collect())
 }
 
 /// The baseline of a gate: the latest report of `stage` by the run live in the pipeline's last
