@@ -111,22 +111,31 @@ impl NatsProcess {
         store: &Path,
         extra_args: &[String],
     ) -> Result<Self, String> {
-        let port = if port == 0 { free_port() } else { port };
-        let mut p = Self {
-            child: None,
-            binary: binary.to_path_buf(),
-            port,
-            store: store.to_path_buf(),
-            extra_args: extra_args.to_vec(),
-        };
-        p.start()?;
-        Ok(p)
+        // A picked port can be taken by another process before the server binds it: the
+        // server then exits at start, and another port is picked.
+        let tries = if port == 0 { 5 } else { 1 };
+        let mut last = String::new();
+        for _ in 0..tries {
+            let mut p = Self {
+                child: None,
+                binary: binary.to_path_buf(),
+                port: if port == 0 { free_port() } else { port },
+                store: store.to_path_buf(),
+                extra_args: extra_args.to_vec(),
+            };
+            match p.start(port != 0) {
+                Ok(()) => return Ok(p),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
-    fn start(&mut self) -> Result<(), String> {
+    /// `chosen`: the port was given, not picked free, so check that nobody else listens there
+    /// (readiness is "something listens on the port").
+    fn start(&mut self, chosen: bool) -> Result<(), String> {
         std::fs::create_dir_all(&self.store).map_err(|e| e.to_string())?;
-        // Readiness is "something listens on the port": it must not be someone else.
-        if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
+        if chosen && TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
             return Err(format!("port {} is already in use on 127.0.0.1", self.port));
         }
         let log = self.store.join("nats-server.log");
@@ -213,7 +222,7 @@ impl NatsProcess {
     /// As [`NatsProcess::spawn`].
     pub fn restart(&mut self) -> Result<(), String> {
         self.kill();
-        self.start()
+        self.start(false)
     }
 }
 
