@@ -17,6 +17,7 @@ pub mod projection;
 pub mod routes;
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -103,6 +104,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         notifier,
         shutdown.clone(),
     ));
+    metrics::export_lag(bus.clone(), Duration::from_secs(5), shutdown.clone());
     let state = AppState {
         bus,
         runs,

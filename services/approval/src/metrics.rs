@@ -170,32 +170,92 @@ pub fn render_runs<'a>(runs: impl IntoIterator<Item = &'a Run>) -> String {
     out
 }
 
-/// Consumer lag per service: messages not yet delivered and delivered but not acknowledged.
-pub async fn render_lag(bus: &slipway_core::bus::Bus) -> String {
-    let mut out = String::from(
-        "# HELP slipway_consumer_pending_messages Requests waiting for each service's consumer.\n# TYPE slipway_consumer_pending_messages gauge\n# HELP slipway_consumer_ack_pending_messages Requests delivered and not yet acknowledged.\n# TYPE slipway_consumer_ack_pending_messages gauge\n",
-    );
+/// One durable consumer's lag: `(name, not yet delivered, delivered and not acknowledged)`.
+pub type Lag = (String, u64, u64);
+
+/// The lag of every service's durable consumer.
+pub async fn consumer_lag(bus: &slipway_core::bus::Bus) -> Vec<Lag> {
+    let mut out = Vec::new();
     let Ok(stream) = bus.jetstream().get_stream_no_info(bus.stream_name()).await else {
         return out;
     };
     let mut consumers = stream.consumers();
     while let Some(Ok(info)) = consumers.next().await {
         // Only the services' durable consumers (readers are ephemeral and unnamed).
-        let Some(name) = info.config.durable_name.clone() else {
-            continue;
-        };
-        let _ = writeln!(
-            out,
-            "slipway_consumer_pending_messages{{consumer=\"{}\"}} {}",
-            esc(&name),
-            info.num_pending
-        );
-        let _ = writeln!(
-            out,
-            "slipway_consumer_ack_pending_messages{{consumer=\"{}\"}} {}",
-            esc(&name),
-            info.num_ack_pending
-        );
+        if let Some(name) = info.config.durable_name.clone() {
+            out.push((name, info.num_pending, info.num_ack_pending as u64));
+        }
     }
     out
+}
+
+/// Consumer lag per service: messages not yet delivered and delivered but not acknowledged.
+pub async fn render_lag(bus: &slipway_core::bus::Bus) -> String {
+    let mut out = String::from(
+        "# HELP slipway_consumer_pending_messages Requests waiting for each service's consumer.\n# TYPE slipway_consumer_pending_messages gauge\n# HELP slipway_consumer_ack_pending_messages Requests delivered and not yet acknowledged.\n# TYPE slipway_consumer_ack_pending_messages gauge\n",
+    );
+    for (name, pending, ack_pending) in consumer_lag(bus).await {
+        let _ = writeln!(
+            out,
+            "slipway_consumer_pending_messages{{consumer=\"{}\"}} {pending}",
+            esc(&name),
+        );
+        let _ = writeln!(
+            out,
+            "slipway_consumer_ack_pending_messages{{consumer=\"{}\"}} {ack_pending}",
+            esc(&name),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP slipway_otel_spans_dropped_total Spans this gateway could not export.\n# TYPE slipway_otel_spans_dropped_total counter\nslipway_otel_spans_dropped_total {}",
+        slipway_core::otel::spans_dropped()
+    );
+    out
+}
+
+/// Exports consumer lag over OTLP (`slipway.consumer.lag`), sampled every `every`; a no-op
+/// unless OTLP metrics are on.
+pub fn export_lag(
+    bus: slipway_core::bus::Bus,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    if !slipway_core::otel::metrics_enabled() {
+        return;
+    }
+    let latest: std::sync::Arc<std::sync::Mutex<Vec<Lag>>> = Default::default();
+    let read = latest.clone();
+    let gauge = opentelemetry::global::meter("slipway")
+        .u64_observable_gauge("slipway.consumer.lag")
+        .with_unit("{message}")
+        .with_description("Requests waiting for (pending) or held by (ack_pending) each service.")
+        .with_callback(move |o| {
+            for (name, pending, ack_pending) in read.lock().expect("not poisoned").iter() {
+                for (state, n) in [("pending", *pending), ("ack_pending", *ack_pending)] {
+                    o.observe(
+                        n,
+                        &[
+                            opentelemetry::KeyValue::new(
+                                "messaging.consumer.group.name",
+                                name.clone(),
+                            ),
+                            opentelemetry::KeyValue::new("slipway.lag.state", state),
+                        ],
+                    );
+                }
+            }
+        })
+        .build();
+    tokio::spawn(async move {
+        let _gauge = gauge;
+        loop {
+            let lag = consumer_lag(&bus).await;
+            *latest.lock().expect("not poisoned") = lag;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    });
 }

@@ -73,9 +73,13 @@ impl Builder {
         };
         let ws = Workspace::create(&self.exec, &format!("{}-build", job.run_id))
             .map_err(|e| Transient(e.to_string()))?;
+        let scope = job.scope();
+        let span = scope.span("checkout");
         if let Err(e) = ws.checkout(&req.source, &self.exec, &job.cancel).await {
+            span.fail("checkout_failed", e.to_string());
             return fail(format!("checkout failed: {e}"), None, None, None);
         }
+        drop(span);
         let log_path = ws.out().join("build.log");
         let mut env = self.exec.base_env(&ws.home());
         env.extend(req.build.env.clone());
@@ -83,7 +87,8 @@ impl Builder {
         env.insert("SLIPWAY_PIPELINE".into(), req.pipeline.clone());
         env.insert("SLIPWAY_STAGE".into(), req.stage.clone());
         let src = ws.src();
-        let outcome = exec::run(
+        let outcome = exec::run_in(
+            &scope,
             Cmd {
                 argv: &req.build.command,
                 cwd: &src,
@@ -105,6 +110,7 @@ impl Builder {
                 );
             }
         };
+        let upload = scope.span("upload");
         let log_name = format!("runs/{}/{}-{}.log", job.run_id, req.stage, req.attempt);
         let log = slipway_core::objects::put_file(
             &job.bus,
@@ -114,6 +120,7 @@ impl Builder {
         )
         .await
         .map_err(Transient::from)?;
+        drop(upload);
         if !outcome.exit.success() {
             let tail = exec::log_tail(&log_path, 20);
             let what = match outcome.exit {
@@ -129,6 +136,7 @@ impl Builder {
                 Some(log),
             );
         }
+        let pack = scope.span("package");
         let artifacts = req.build.artifacts.clone();
         let dest = ws.out().join("artifact.tar.gz");
         let packed = tokio::task::spawn_blocking(move || workspace::pack(&src, &artifacts, &dest))
@@ -145,10 +153,14 @@ impl Builder {
                 );
             }
         };
+        drop(pack);
+        let mut upload = scope.span("upload");
+        upload.attr("slipway.artifact.files", packed.files.len() as i64);
         let artifact =
             slipway_core::objects::put_file(&job.bus, &self.artifacts_bucket, None, &packed.path)
                 .await
                 .map_err(Transient::from)?;
+        drop(upload);
         Ok(EventData::BuildSucceeded(BuildSucceeded {
             stage: req.stage.clone(),
             attempt: req.attempt,

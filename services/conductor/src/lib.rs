@@ -12,6 +12,7 @@
 //! state, which `slipway replay` checks against a fresh fold of the log.
 
 mod intake;
+mod observe;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -53,6 +54,7 @@ struct State {
     /// Changes seen before catching up, by stream sequence, answered once caught up.
     unanswered: BTreeMap<u64, Recorded>,
     caught_up: bool,
+    observer: observe::Observer,
 }
 
 /// Runs the conductor until `shutdown`.
@@ -208,6 +210,9 @@ impl State {
     fn fold_in(&mut self, run_id: &str, event: &Event, seq: u64) {
         let last = self.last_seqs.entry(run_id.to_string()).or_default();
         *last = (*last).max(seq);
+        let prior = self.runs.get(run_id).map(|e| &e.run);
+        let before = prior.map(observe::Brief::of);
+        let stage = observe::stage_before(prior, event);
         match self.runs.remove(run_id) {
             Some(entry) => {
                 let run = fold(Some(entry.run), event).expect("a run stays a run");
@@ -225,6 +230,10 @@ impl State {
                         .insert(run_id.to_string(), Entry { run, last_seq: seq });
                 }
             }
+        }
+        if let Some(after) = self.runs.get(run_id) {
+            self.observer
+                .observe(before, stage, &after.run, event, SOURCE, self.caught_up);
         }
     }
 

@@ -251,9 +251,13 @@ impl Deployer {
             Ok(ws) => ws,
             Err(e) => return fail(format!("cannot create a workspace: {e}")),
         };
+        let scope = job.scope();
+        let checkout = scope.span("checkout");
         if let Err(e) = ws.checkout(&tooling.source, &self.exec, &job.cancel).await {
+            checkout.fail("checkout_failed", e.to_string());
             return fail(format!("checkout failed: {e}"));
         }
+        drop(checkout);
         let archive = ws.out().join("artifact.tar.gz");
         if let Err(e) =
             retried(|| slipway_core::objects::get_file(&job.bus, &r.artifact, &archive)).await
@@ -298,7 +302,8 @@ impl Deployer {
         );
         let src = ws.src();
         info!(environment = %r.environment, %version, rollback, "Deploying.");
-        let outcome = exec::run(
+        let outcome = exec::run_in(
+            &scope,
             Cmd {
                 argv: &target.command,
                 cwd: &src,

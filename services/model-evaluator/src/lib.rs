@@ -312,9 +312,13 @@ impl Evaluator {
         let spec = &req.spec;
         let ws = Workspace::create(&self.exec, &format!("{}-evaluate", job.run_id))
             .map_err(|e| Transient(e.to_string()))?;
+        let scope = job.scope();
+        let checkout = scope.span("checkout");
         if let Err(e) = ws.checkout(&req.source, &self.exec, &job.cancel).await {
+            checkout.fail("checkout_failed", e.to_string());
             return Ok(failed(req, format!("checkout failed: {e}"), started));
         }
+        drop(checkout);
         let model = match &spec.endpoint {
             ModelEndpoint::Openai {
                 base_url,
@@ -382,6 +386,9 @@ impl Evaluator {
                 Ok(i) => i,
                 Err(e) => return Ok(failed(req, e.to_string(), started)),
             };
+            let mut batch = scope.span("model requests");
+            batch.attr("slipway.dataset", ds.name.clone());
+            batch.attr("slipway.dataset.items", items.len() as i64);
             let answers = match model
                 .answer_all(
                     &items,
@@ -392,8 +399,16 @@ impl Evaluator {
                 .await
             {
                 Ok(a) => a,
-                Err(e) => return Ok(failed(req, format!("dataset {}: {e}", ds.name), started)),
+                Err(e) => {
+                    batch.fail("model_unavailable", e.to_string());
+                    return Ok(failed(req, format!("dataset {}: {e}", ds.name), started));
+                }
             };
+            batch.attr(
+                "slipway.dataset.errors",
+                answers.iter().filter(|a| a.is_err()).count() as i64,
+            );
+            drop(batch);
             let results: Vec<ItemResult> = items
                 .iter()
                 .zip(answers)
@@ -419,7 +434,10 @@ impl Evaluator {
                 .collect();
             let mut results = results;
             if let Some(j) = &spec.judge {
+                let mut judging = scope.span("judge requests");
+                judging.attr("slipway.dataset", ds.name.clone());
                 self.judge_all(j, req, &items, &mut results).await;
+                drop(judging);
             }
             for r in &results {
                 tin += r.tokens_in;

@@ -27,6 +27,7 @@ use slipway_core::{baseline, objects, stats, thresholds};
 use tracing::info;
 
 use crate::loadgen::{Load, Measured, Mode};
+use opentelemetry::KeyValue;
 
 /// Runs the performance gate until `shutdown`.
 ///
@@ -205,10 +206,25 @@ impl PerfGate {
             timeout: Duration::from_secs(10),
         };
         info!(%url, mode = ?spec.mode, duration_secs = spec.duration_secs, "Load test starting.");
+        let scope = job.scope();
+        let t0 = std::time::SystemTime::now();
         let m: Measured = tokio::select! {
             m = loadgen::run(&load, &job.run_id) => m,
             _ = job.cancel.cancelled() => return Err(Transient("load test interrupted".into())),
         };
+        let t_end = std::time::SystemTime::now();
+        let measure_from = (t0 + load.warmup).min(t_end);
+        scope.record("load warmup", t0, measure_from, vec![]);
+        scope.record(
+            "load measure",
+            measure_from,
+            t_end,
+            vec![
+                KeyValue::new("url.full", url.clone()),
+                KeyValue::new("slipway.load.requests", (m.ok + m.errors) as i64),
+                KeyValue::new("slipway.load.errors", m.errors as i64),
+            ],
+        );
         let mut metrics = BTreeMap::new();
         metrics.insert("p50_ms".to_string(), m.percentile_ms(0.50));
         metrics.insert("p95_ms".to_string(), m.percentile_ms(0.95));
@@ -229,7 +245,8 @@ impl PerfGate {
                 return Ok(fail(format!("checkout for the benchmark failed: {e}")));
             }
             let log = ws.out().join("bench.log");
-            let out = exec::run(
+            let out = exec::run_in(
+                &scope,
                 Cmd {
                     argv: &bench.command,
                     cwd: &ws.src(),

@@ -8,6 +8,9 @@ async fn main() -> anyhow::Result<()> {
     slipway_core::telemetry::init("perf-regression");
     let config = Config::load(config_path_from_args()?.as_deref())?;
     let shutdown = slipway_core::runtime::shutdown_on_signals();
-    perf_regression::run(config, shutdown).await?;
+    let otel = slipway_core::otel::install("slipway-perf-regression");
+    let result = perf_regression::run(config, shutdown).await;
+    otel.shutdown().await;
+    result?;
     Ok(())
 }

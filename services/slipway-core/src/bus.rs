@@ -365,6 +365,7 @@ impl Bus {
         expect: Option<(&str, u64)>,
     ) -> Result<Appended, AppendError> {
         let subject = event.nats_subject();
+        let started = std::time::SystemTime::now();
         let (headers, payload) = binding::encode(event.to_cloudevent());
         let mut msg = PublishMessage::build()
             .headers(headers)
@@ -385,6 +386,17 @@ impl Bus {
         match ack {
             Ok(ack) => {
                 debug!(%subject, seq = ack.sequence, duplicate = ack.duplicate, "Appended.");
+                if !ack.duplicate && crate::otel::enabled() {
+                    if let Some((run_id, _, _)) = subjects::parse_run(&subject) {
+                        crate::otel::emit(crate::otel::publish_span(
+                            &subject,
+                            run_id,
+                            event,
+                            started,
+                            std::time::SystemTime::now(),
+                        ));
+                    }
+                }
                 Ok(Appended {
                     seq: ack.sequence,
                     duplicate: ack.duplicate,

@@ -680,7 +680,23 @@ pub enum StageVerb {
     Failed,
 }
 
+impl StageVerb {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, StageVerb::Succeeded | StageVerb::Failed)
+    }
+}
+
 impl EventData {
+    /// For an approver's decision: the approval stage and attempt it answers.
+    pub fn approval_stage(&self) -> Option<(String, u32)> {
+        match self {
+            EventData::ApprovalApproved(d) | EventData::ApprovalRejected(d) => {
+                Some((d.stage.clone(), d.attempt))
+            }
+            _ => None,
+        }
+    }
+
     /// For stage events: `(stage key, attempt, verb)`.
     pub fn stage_fact(&self) -> Option<(&str, u32, StageVerb)> {
         use EventData as E;

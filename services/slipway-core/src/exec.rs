@@ -205,6 +205,41 @@ fn kill_group(pid: Option<u32>) {
     }
 }
 
+/// [`run`] inside a `command` span of the stage attempt (`process.*` attributes, failed
+/// unless the command exits 0).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_in(
+    scope: &crate::otel::StageScope,
+    cmd: Cmd<'_>,
+    cancel: &CancellationToken,
+) -> Result<Outcome, ExecError> {
+    let mut span = scope.span("command");
+    if let Some(program) = cmd.argv.first() {
+        let name = program.rsplit('/').next().unwrap_or(program);
+        span.attr("process.executable.name", name.to_string());
+    }
+    let outcome = run(cmd, cancel).await;
+    match &outcome {
+        Ok(o) => {
+            if let Some(code) = o.exit.code() {
+                span.attr("process.exit.code", i64::from(code));
+            }
+            if !o.exit.success() {
+                let kind = match o.exit {
+                    Exit::TimedOut => "timeout",
+                    Exit::Cancelled => "cancelled",
+                    _ => "command_failed",
+                };
+                span.fail(kind, o.exit.to_string());
+            }
+        }
+        Err(e) => span.fail("command_not_started", e.to_string()),
+    }
+    outcome
+}
+
 /// The last `max_lines` lines of a log (at most 8 KiB), for a failure's reason.
 pub fn log_tail(path: &Path, max_lines: usize) -> String {
     let bytes = std::fs::read(path).unwrap_or_default();

@@ -20,6 +20,7 @@ pub mod exec;
 pub mod fold;
 pub mod ids;
 pub mod objects;
+pub mod otel;
 pub mod plan;
 pub mod policy;
 pub mod runtime;

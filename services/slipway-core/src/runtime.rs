@@ -95,6 +95,19 @@ pub struct Job {
     pub bus: Bus,
 }
 
+impl Job {
+    /// Where the job's work hangs its spans (children of the stage attempt's span).
+    pub fn scope(&self) -> crate::otel::StageScope {
+        crate::otel::StageScope::new(
+            &self.run_id,
+            &self.run.pipeline,
+            self.request.traceparent.as_deref(),
+            &self.stage,
+            self.attempt,
+        )
+    }
+}
+
 /// An infrastructure failure during a job: the request is retried later.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -333,9 +346,16 @@ impl<W: Worker> Ctx<W> {
         };
         let (stage, attempt) = (stage.to_string(), attempt);
         let span = info_span!("job", service, run_id = %run_id, stage = %stage, attempt, delivered);
-        self.work(msg, run_id, stage, attempt, request, delivered)
+        let received = std::time::SystemTime::now();
+        let traced = crate::otel::enabled().then(|| request.clone());
+        self.work(msg, run_id.clone(), stage, attempt, request, delivered)
             .instrument(span)
             .await;
+        if let Some(request) = traced {
+            crate::otel::emit(crate::otel::process_span(
+                &subject, &run_id, &request, service, received, None,
+            ));
+        }
     }
 
     async fn work(
@@ -565,7 +585,13 @@ impl<W: Worker> Ctx<W> {
         let mut delay = Duration::from_millis(200);
         for _ in 0..8 {
             match self.bus.publish(&event).await {
-                Ok(_) => {
+                Ok(a) => {
+                    if let Some((stage, attempt, v)) = event.data.stage_fact()
+                        && !a.duplicate
+                        && v.is_terminal()
+                    {
+                        crate::otel::emit_stage_span(&self.bus, run_id, stage, attempt).await;
+                    }
                     if let Err(e) = msg.double_ack().await {
                         warn!(error = %e, "Ack failed; a redelivery will find the fact in the log.");
                     }
@@ -654,8 +680,18 @@ async fn spawn_max_deliveries_listener(
                 adv.deliveries
             );
             let data = EventData::stage_failure(kind, &stage, attempt, reason);
-            match bus.publish(&fact(service, run_id, data)).await {
-                Ok(_) => warn!(service, run_id, %stage, "Request given up after max deliveries."),
+            let trace = rec
+                .event
+                .as_ref()
+                .ok()
+                .and_then(|e| e.traceparent.as_deref());
+            match bus.publish(&fact_in(service, run_id, data, trace)).await {
+                Ok(a) => {
+                    warn!(service, run_id, %stage, "Request given up after max deliveries.");
+                    if !a.duplicate {
+                        crate::otel::emit_stage_span(&bus, run_id, &stage, attempt).await;
+                    }
+                }
                 Err(e) => debug!(error = %e, "Cannot publish the give-up fact."),
             }
         }

@@ -79,11 +79,15 @@ impl Tester {
         let elapsed = |s: Instant| u64::try_from(s.elapsed().as_millis()).unwrap_or(u64::MAX);
         let ws = Workspace::create(&self.exec, &format!("{}-test-{}", job.run_id, suite.name))
             .map_err(|e| Transient(e.to_string()))?;
+        let scope = job.scope();
+        let checkout = scope.span("checkout");
         if let Err(e) = ws.checkout(&req.source, &self.exec, &job.cancel).await {
+            checkout.fail("checkout_failed", e.to_string());
             report.reason = Some(format!("checkout failed: {e}"));
             report.duration_ms = elapsed(started);
             return Ok(EventData::TestFailed(report));
         }
+        drop(checkout);
         let archive = ws.out().join("artifact.tar.gz");
         slipway_core::objects::get_file(&job.bus, &req.artifact, &archive)
             .await
@@ -109,7 +113,8 @@ impl Tester {
             req.artifact.digest.clone(),
         );
         let src = ws.src();
-        let outcome = exec::run(
+        let outcome = exec::run_in(
+            &scope,
             Cmd {
                 argv: &suite.command,
                 cwd: &src,
