@@ -12,6 +12,8 @@ use serde_json::Value;
 use slipway_core::bus::Bus;
 use slipway_core::testing::TestNats;
 
+pub mod collector;
+
 /// Services a full stack runs.
 pub const SERVICES: &[&str] = &[
     "slipway-conductor",
@@ -94,6 +96,8 @@ pub struct Stack {
     /// Where the approval gateway listens (when started).
     pub gateway_port: u16,
     bins: PathBuf,
+    /// Extra environment of every service started (OTLP settings, say).
+    env: Vec<(String, String)>,
 }
 
 impl Stack {
@@ -104,12 +108,21 @@ impl Stack {
 
     /// nats-server and the named services only.
     pub fn start_with(services: &[&str]) -> Self {
+        Self::start_with_env(services, &[])
+    }
+
+    /// nats-server and the named services, each with `env` added to its environment.
+    pub fn start_with_env(services: &[&str], env: &[(&str, &str)]) -> Self {
         let mut s = Self {
             nats: TestNats::start(),
             services: Vec::new(),
             dir: tempfile::tempdir().expect("temp dir"),
             gateway_port: slipway_core::server::free_port(),
             bins: bin_dir(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         let mut config = format!(
             "[gateway]\nlisten = \"127.0.0.1:{}\"\ntrace_url_template = \"http://traces.example/trace/{{trace_id}}\"\n",
@@ -158,6 +171,7 @@ impl Stack {
             )
             .env("RUST_LOG", "info,async_nats=warn")
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

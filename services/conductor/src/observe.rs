@@ -220,12 +220,10 @@ impl Observer {
             return;
         }
         let mut map = self.active.lock().expect("not poisoned");
+        // Kept at zero rather than removed: a pipeline with no active run reports 0, not
+        // nothing (bounded by pipelines x states).
         if let Some(k) = was {
-            let n = map.entry(k.clone()).or_default();
-            *n -= 1;
-            if *n <= 0 {
-                map.remove(&k);
-            }
+            *map.entry(k).or_default() -= 1;
         }
         if let Some(k) = now {
             *map.entry(k).or_default() += 1;
