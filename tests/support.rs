@@ -113,6 +113,17 @@ impl Stack {
 
     /// nats-server and the named services, each with `env` added to its environment.
     pub fn start_with_env(services: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with_config(services, env, "", "")
+    }
+
+    /// As [`Stack::start_with_env`], with `gateway` added to the configuration's `[gateway]`
+    /// table and `extra` (more tables) appended.
+    pub fn start_with_config(
+        services: &[&str],
+        env: &[(&str, &str)],
+        gateway: &str,
+        extra: &str,
+    ) -> Self {
         let mut s = Self {
             nats: TestNats::start(),
             services: Vec::new(),
@@ -125,7 +136,7 @@ impl Stack {
                 .collect(),
         };
         let mut config = format!(
-            "[gateway]\nlisten = \"127.0.0.1:{}\"\ntrace_url_template = \"http://traces.example/trace/{{trace_id}}\"\n",
+            "[gateway]\nlisten = \"127.0.0.1:{}\"\ntrace_url_template = \"http://traces.example/trace/{{trace_id}}\"\n{gateway}\n",
             s.gateway_port
         );
         for (name, group) in APPROVERS {
@@ -140,6 +151,8 @@ impl Stack {
                 "\n[[gateway.approvers]]\nname = \"{name}\"\ngroups = [\"{group}\"]\ntoken_sha256 = \"{hash}\"\n"
             ));
         }
+        config.push('\n');
+        config.push_str(extra);
         std::fs::write(s.dir.path().join("slipway.toml"), config).expect("config");
         for name in services {
             s.spawn(name);

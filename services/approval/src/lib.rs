@@ -97,6 +97,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{addr}")),
+        cdevents: settings.cdevents,
+        cdevents_webhooks: settings.cdevents_webhooks.clone(),
     };
     let follower = tokio::spawn(projection::follow(
         bus.clone(),

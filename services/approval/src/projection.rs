@@ -16,7 +16,7 @@ use serde_json::json;
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::events::{ApprovalRequested, EventData};
 use slipway_core::runtime::CancellationToken;
-use slipway_core::{Run, fold, subjects};
+use slipway_core::{Run, cdevents, fold, subjects};
 use tracing::{debug, info, warn};
 
 /// Every run, folded from the log.
@@ -63,6 +63,9 @@ pub struct Notifier {
     pub webhooks: Vec<String>,
     pub attempts: u32,
     pub public_url: String,
+    /// Publish CDEvents on `cdevents.>`.
+    pub cdevents: bool,
+    pub cdevents_webhooks: Vec<String>,
 }
 
 /// Follows the log into `runs` until `shutdown`.
@@ -134,19 +137,32 @@ pub async fn follow(
             continue;
         };
         let Ok(event) = rec.event else { continue };
-        let notify = {
+        let (notify, cdevents) = {
             let mut w = runs.write().expect("lock");
             w.fold_in(run_id, &event);
-            match (&event.data, live) {
+            let notify = match (&event.data, live) {
                 (EventData::ApprovalRequested(r), true) => w
                     .get(run_id)
                     .map(|run| payload(run, r, &notifier.public_url)),
                 _ => None,
-            }
+            };
+            // Live only: a restart does not repeat what was already said.
+            let cdevents = match (live, w.get(run_id)) {
+                (true, Some(run))
+                    if notifier.cdevents || !notifier.cdevents_webhooks.is_empty() =>
+                {
+                    cdevents::for_event(&event, run, Some(&notifier.public_url))
+                }
+                _ => Vec::new(),
+            };
+            (notify, cdevents)
         };
+        for cdevent in cdevents {
+            publish_cdevent(&bus, &client, &notifier, cdevent).await;
+        }
         if let Some(body) = notify {
             for url in &notifier.webhooks {
-                tokio::spawn(deliver(
+                tokio::spawn(deliver_json(
                     client.clone(),
                     url.clone(),
                     body.clone(),
@@ -172,19 +188,94 @@ pub fn payload(run: &Run, r: &ApprovalRequested, public_url: &str) -> serde_json
     })
 }
 
-async fn deliver(client: reqwest::Client, url: String, body: serde_json::Value, attempts: u32) {
+/// The CloudEvents binary-mode attributes of a CDEvent (`ce-*` headers on NATS and HTTP).
+fn cloudevent_headers(cdevent: &serde_json::Value) -> Vec<(&'static str, String)> {
+    let ctx = &cdevent["context"];
+    let text = |k: &str| ctx[k].as_str().unwrap_or_default().to_string();
+    vec![
+        ("ce-specversion", "1.0".into()),
+        ("ce-id", text("id")),
+        ("ce-source", text("source")),
+        ("ce-type", text("type")),
+        ("ce-time", text("timestamp")),
+        (
+            "ce-subject",
+            cdevent["subject"]["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        ("content-type", "application/json".into()),
+    ]
+}
+
+/// Says a CDEvent on `cdevents.<subject>.<predicate>` and to each CDEvents webhook.
+async fn publish_cdevent(
+    bus: &Bus,
+    client: &reqwest::Client,
+    notifier: &Notifier,
+    cdevent: serde_json::Value,
+) {
+    let headers = cloudevent_headers(&cdevent);
+    let body = serde_json::to_vec(&cdevent).expect("JSON serialises");
+    if notifier.cdevents {
+        let mut h = async_nats::HeaderMap::new();
+        for (k, v) in &headers {
+            h.insert(*k, v.as_str());
+        }
+        let subject = cdevents::subject_of(&cdevent);
+        if let Err(e) = bus
+            .client()
+            .publish_with_headers(subject, h, body.clone().into())
+            .await
+        {
+            warn!(error = %e, "Cannot publish a CDEvent.");
+        }
+    }
+    for url in &notifier.cdevents_webhooks {
+        tokio::spawn(deliver(
+            client.clone(),
+            url.clone(),
+            headers.clone(),
+            body.clone(),
+            notifier.attempts,
+        ));
+    }
+}
+
+async fn deliver_json(
+    client: reqwest::Client,
+    url: String,
+    body: serde_json::Value,
+    attempts: u32,
+) {
     let bytes = serde_json::to_vec(&body).expect("JSON serialises");
+    deliver(
+        client,
+        url,
+        vec![("content-type", "application/json".to_string())],
+        bytes,
+        attempts,
+    )
+    .await;
+}
+
+async fn deliver(
+    client: reqwest::Client,
+    url: String,
+    headers: Vec<(&'static str, String)>,
+    bytes: Vec<u8>,
+    attempts: u32,
+) {
     let mut delay = Duration::from_millis(500);
     for attempt in 1..=attempts.max(1) {
-        let resp = client
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(bytes.clone())
-            .send()
-            .await;
-        match resp {
+        let mut req = client.post(&url).body(bytes.clone());
+        for (k, v) in &headers {
+            req = req.header(*k, v.as_str());
+        }
+        match req.send().await {
             Ok(r) if r.status().is_success() => {
-                info!(%url, attempt, "Approval notification delivered.");
+                info!(%url, attempt, "Notification delivered.");
                 return;
             }
             Ok(r) => {
@@ -195,5 +286,5 @@ async fn deliver(client: reqwest::Client, url: String, body: serde_json::Value, 
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(60));
     }
-    warn!(%url, attempts, "Giving up on an approval notification.");
+    warn!(%url, attempts, "Giving up on a notification.");
 }

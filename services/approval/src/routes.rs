@@ -13,7 +13,7 @@ use slipway_core::bus::AppendError;
 use slipway_core::events::{ApprovalDecision, EventData, SourceRef};
 use slipway_core::fold::StageStatus;
 use slipway_core::spec::PipelineSpec;
-use slipway_core::{Event, Phase, Run, ids, policy};
+use slipway_core::{Event, Phase, Run, cdevents, ids, policy, subjects};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::AppState;
@@ -49,7 +49,9 @@ pub struct RunIdBody {
 }
 
 /// Publishes a change given as a CloudEvent (HTTP binding, binary or structured mode) whose
-/// type is `dev.slipway.change.submitted.v1`.
+/// type is `dev.slipway.change.submitted.v1`, or as a CDEvent (`change.merged`,
+/// `artifact.packaged`, `artifact.published`; bare JSON or in a CloudEvent), which the conductor
+/// delivers with the pipeline registered for it.
 #[utoipa::path(
     post,
     path = "/v1/changes",
@@ -66,6 +68,9 @@ pub async fn post_change(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<RunIdBody>), ApiError> {
+    if is_cdevent(&headers, &body) {
+        return post_cdevent(&state, &body).await;
+    }
     let mut ce = cloudevents::binding::http::to_event(&headers, body.to_vec())
         .map_err(|e| ApiError::BadRequest(format!("not a CloudEvent: {e}")))?;
     // `time` is optional in CloudEvents; the log always records one.
@@ -103,6 +108,48 @@ pub async fn post_change(
         StatusCode::ACCEPTED,
         Json(RunIdBody {
             run_id: ids::run_id(&event.source, &event.id),
+        }),
+    ))
+}
+
+/// A bare CDEvent (a JSON object with a `context`), or a CloudEvent of a CDEvents type.
+fn is_cdevent(headers: &HeaderMap, body: &[u8]) -> bool {
+    let header_type = headers
+        .get("ce-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(cdevents::is_cdevent_type);
+    header_type
+        || serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| {
+            v.get("context").is_some()
+                || v.get("type")
+                    .and_then(serde_json::Value::as_str)
+                    .is_some_and(cdevents::is_cdevent_type)
+        })
+}
+
+/// Stores a CDEvent taken as a change as it came (the log keeps the original), on
+/// `slipway.changes.cdevents`; its context id is the message id, so a repeat is one change.
+async fn post_cdevent(
+    state: &AppState,
+    body: &[u8],
+) -> Result<(StatusCode, Json<RunIdBody>), ApiError> {
+    let incoming = cdevents::parse_incoming(body).map_err(ApiError::BadRequest)?;
+    let msg = async_nats::jetstream::message::PublishMessage::build()
+        .payload(Bytes::copy_from_slice(body))
+        .header("content-type", "application/json")
+        .message_id(format!("cdevent:{}:{}", incoming.source, incoming.id));
+    let ack = state
+        .bus
+        .jetstream()
+        .send_publish(subjects::CDEVENT_CHANGES, msg)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("cannot publish the change: {e}")))?;
+    ack.await
+        .map_err(|e| ApiError::Unavailable(format!("the change was not stored: {e}")))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RunIdBody {
+            run_id: ids::run_id(&incoming.source, &incoming.id),
         }),
     ))
 }

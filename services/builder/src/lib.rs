@@ -86,6 +86,9 @@ impl Builder {
         env.insert("SLIPWAY_RUN_ID".into(), job.run_id.clone());
         env.insert("SLIPWAY_PIPELINE".into(), req.pipeline.clone());
         env.insert("SLIPWAY_STAGE".into(), req.stage.clone());
+        if let Some(subject) = &job.run.change.subject {
+            env.insert("SLIPWAY_CHANGE_SUBJECT".into(), subject.clone());
+        }
         let src = ws.src();
         let outcome = exec::run_in(
             &scope,

@@ -1,7 +1,11 @@
 //! Intake: a change becomes a run, or a `change.rejected` fact that says why.
 
 use slipway_core::bus::{AppendError, Bus, Recorded};
-use slipway_core::events::{ChangeInfo, ChangeRejected, EventData, RunCreated, SourceRef};
+use slipway_core::cdevents;
+use slipway_core::config::CdeventsPipeline;
+use slipway_core::events::{
+    ChangeInfo, ChangeRejected, ChangeSubmitted, EventData, RunCreated, SourceRef,
+};
 use slipway_core::spec::PipelineSpec;
 use slipway_core::{Event, ids};
 use tracing::{info, warn};
@@ -18,10 +22,17 @@ enum Verdict {
     },
 }
 
-fn judge(rec: &Recorded) -> Verdict {
+fn judge(rec: &Recorded, registry: &[CdeventsPipeline]) -> Verdict {
     let event = match &rec.event {
         Ok(e) => e,
         Err(e) => {
+            // Not a Slipway event: a CDEvent (bare, or in a CloudEvent) may still be a change.
+            if let Some(raw) = rec.raw.as_deref().filter(|r| looks_like_cdevent(r)) {
+                return match from_cdevent(raw, registry) {
+                    Ok((event, subject)) => judge_change(rec, &event, Some(subject)),
+                    Err((id, source, reason)) => Verdict::Reject { id, source, reason },
+                };
+            }
             return Verdict::Reject {
                 id: None,
                 source: None,
@@ -29,6 +40,72 @@ fn judge(rec: &Recorded) -> Verdict {
             };
         }
     };
+    judge_change(rec, event, None)
+}
+
+/// A JSON object with a CDEvents `context`, or a CloudEvent whose type is a CDEvents type.
+fn looks_like_cdevent(raw: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(raw) else {
+        return false;
+    };
+    v.get("context").is_some()
+        || v.get("type")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(cdevents::is_cdevent_type)
+}
+
+type Refusal = (Option<String>, Option<String>, String);
+
+/// The change a CDEvent stands for: the registered pipeline that delivers it, with its spec.
+fn from_cdevent(raw: &[u8], registry: &[CdeventsPipeline]) -> Result<(Event, String), Refusal> {
+    let inc = cdevents::parse_incoming(raw).map_err(|e| (None, None, format!("CDEvent: {e}")))?;
+    let refuse = |reason: String| (Some(inc.id.clone()), Some(inc.source.clone()), reason);
+    let Some(pipeline) = registry.iter().find(|p| p.matches(&inc)) else {
+        let what = match &inc.repository {
+            Some(r) => format!("repository {r:?}"),
+            None => format!("artifact {:?}", inc.subject_id),
+        };
+        return Err(refuse(format!(
+            "no pipeline is registered for {what} ({}); add one under [[conductor.cdevents]]",
+            inc.ty
+        )));
+    };
+    let spec = std::fs::read_to_string(&pipeline.spec).map_err(|e| {
+        refuse(format!(
+            "cannot read the registered spec {}: {e}",
+            pipeline.spec.display()
+        ))
+    })?;
+    let short = inc
+        .ty
+        .strip_prefix("dev.cdevents.")
+        .unwrap_or(&inc.ty)
+        .rsplitn(4, '.')
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let change = ChangeSubmitted {
+        spec,
+        source: pipeline.source.clone(),
+        author: Some(
+            inc.user
+                .clone()
+                .unwrap_or_else(|| format!("cdevents:{}", inc.source)),
+        ),
+        title: Some(format!("{short} {}", inc.subject_id)),
+        rerun_of: None,
+    };
+    let event = Event::new(
+        inc.id.clone(),
+        inc.source.clone(),
+        None,
+        inc.timestamp,
+        EventData::ChangeSubmitted(change),
+    );
+    Ok((event, inc.subject_id))
+}
+
+fn judge_change(rec: &Recorded, event: &Event, subject: Option<String>) -> Verdict {
     let reject = |reason: String| Verdict::Reject {
         id: Some(event.id.clone()),
         source: Some(event.source.clone()),
@@ -62,6 +139,7 @@ fn judge(rec: &Recorded) -> Verdict {
             time: event.time,
             author: change.author.clone(),
             title: change.title.clone(),
+            subject,
         },
         source: change.source.clone(),
         spec: serde_json::to_value(&spec).expect("spec serialises"),
@@ -86,7 +164,7 @@ fn judge(rec: &Recorded) -> Verdict {
 
 /// Answers one change: a new run, nothing (its run exists), or a rejection.
 pub(crate) async fn answer_change(state: &mut State, bus: &Bus, rec: &Recorded) {
-    match judge(rec) {
+    match judge(rec, &state.cdevents) {
         Verdict::Run(event) => {
             let run_id = event.subject.clone().expect("run events have a subject");
             if state.runs.contains_key(&run_id) {

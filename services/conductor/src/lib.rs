@@ -55,6 +55,8 @@ struct State {
     unanswered: BTreeMap<u64, Recorded>,
     caught_up: bool,
     observer: observe::Observer,
+    /// Pipelines CDEvents start (from the configuration).
+    cdevents: Vec<slipway_core::config::CdeventsPipeline>,
 }
 
 /// Runs the conductor until `shutdown`.
@@ -95,6 +97,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cond
 
     let mut state = State {
         caught_up: target == 0,
+        cdevents: config.conductor.cdevents.clone(),
         ..Default::default()
     };
     if state.caught_up {

@@ -65,6 +65,10 @@ pub struct GatewaySettings {
     /// A trace UI's URL for a trace, with `{trace_id}` in it (e.g. Jaeger's
     /// `http://127.0.0.1:16686/trace/{trace_id}`): the page links each run's trace.
     pub trace_url_template: Option<String>,
+    /// Publish the CDEvents of runs on `cdevents.<subject>.<predicate>` (core NATS).
+    pub cdevents: bool,
+    /// URLs that get each CDEvent as a CloudEvent (HTTP binary mode), with retries.
+    pub cdevents_webhooks: Vec<String>,
 }
 
 impl Default for GatewaySettings {
@@ -77,6 +81,8 @@ impl Default for GatewaySettings {
             webhook_attempts: 5,
             max_body_bytes: 1024 * 1024,
             trace_url_template: None,
+            cdevents: true,
+            cdevents_webhooks: Vec::new(),
         }
     }
 }
@@ -97,11 +103,50 @@ pub struct Approver {
 pub struct ConductorSettings {
     /// How often stage timeouts are checked.
     pub tick_millis: u64,
+    /// Pipelines started by CDEvents (`change.merged`, `artifact.packaged`/`published`): a
+    /// CDEvent names no spec, so the conductor looks up which registered pipeline delivers it.
+    pub cdevents: Vec<CdeventsPipeline>,
 }
 
 impl Default for ConductorSettings {
     fn default() -> Self {
-        Self { tick_millis: 500 }
+        Self {
+            tick_millis: 500,
+            cdevents: Vec::new(),
+        }
+    }
+}
+
+/// A pipeline a CDEvent starts: what it matches, its spec, and where its source is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CdeventsPipeline {
+    /// `change.merged`: the repository (`subject.content.repository.id`, or its `source`).
+    #[serde(default)]
+    pub repository: Option<String>,
+    /// `artifact.packaged` / `artifact.published`: artifact ids (purls) starting with this.
+    #[serde(default)]
+    pub artifact_prefix: Option<String>,
+    /// The pipeline spec (TOML), read when the CDEvent arrives.
+    pub spec: std::path::PathBuf,
+    /// What the pipeline builds from.
+    pub source: crate::events::SourceRef,
+}
+
+impl CdeventsPipeline {
+    /// Whether this pipeline delivers the CDEvent.
+    pub fn matches(&self, incoming: &crate::cdevents::Incoming) -> bool {
+        if incoming.ty.starts_with("dev.cdevents.change.merged.") {
+            let repo = incoming.repository.as_deref();
+            let src = incoming.repository_source.as_deref();
+            self.repository
+                .as_deref()
+                .is_some_and(|r| Some(r) == repo || Some(r) == src)
+        } else {
+            self.artifact_prefix
+                .as_deref()
+                .is_some_and(|p| incoming.subject_id.starts_with(p))
+        }
     }
 }
 

@@ -72,6 +72,10 @@ pub struct ChangeInfo {
     pub author: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
+    /// For a change that came as a CDEvent: its subject (the merged change, or the artifact's
+    /// purl), given to the build as `SLIPWAY_CHANGE_SUBJECT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 /// `dev.slipway.run.created.v1`: the first event of a run, with its spec snapshot.

@@ -11,6 +11,7 @@
 pub mod baseline;
 pub mod binding;
 pub mod bus;
+pub mod cdevents;
 pub mod config;
 pub mod decide;
 pub mod dora;

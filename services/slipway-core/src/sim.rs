@@ -134,6 +134,7 @@ impl Sim {
                 time: now,
                 author: Some("alice".into()),
                 title: None,
+                subject: None,
             },
             source,
             spec: serde_json::to_value(&spec).unwrap(),

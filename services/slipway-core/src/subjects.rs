@@ -11,6 +11,10 @@
 pub const STREAM_SUBJECTS: [&str; 3] = ["slipway.changes.>", "slipway.intake.>", "slipway.run.>"];
 
 pub const CHANGES: &str = "slipway.changes.>";
+/// Where the gateway stores CDEvents taken as changes (any `slipway.changes.*` subject works).
+pub const CDEVENT_CHANGES: &str = "slipway.changes.cdevents";
+/// Where the CDEvents of runs are published (core NATS): `cdevents.<subject>.<predicate>`.
+pub const CDEVENTS: &str = "cdevents.>";
 pub const REJECTED: &str = "slipway.intake.rejected";
 pub const RUNS: &str = "slipway.run.>";
 
