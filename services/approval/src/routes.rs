@@ -56,10 +56,10 @@ pub struct RunIdBody {
     post,
     path = "/v1/changes",
     request_body(content = String, content_type = "application/cloudevents+json",
-        description = "A CloudEvent: structured mode, or binary mode with ce-* headers and a JSON body"),
+        description = "A CloudEvent (structured mode, or binary mode with ce-* headers and a JSON body) of type dev.slipway.change.submitted.v1; or a CDEvent v0.5 change.merged, artifact.packaged or artifact.published, bare or in a CloudEvent"),
     responses(
         (status = 202, description = "Accepted: the run it becomes", body = RunIdBody),
-        (status = 400, description = "Not a CloudEvent, not a change, or an invalid spec", body = ErrorBody),
+        (status = 400, description = "Not a CloudEvent or CDEvent, not a change, or an invalid spec", body = ErrorBody),
         (status = 503, description = "NATS unavailable", body = ErrorBody),
     )
 )]

@@ -378,12 +378,68 @@ fn asyncapi() -> String {
             }),
         );
     }
+    // CDEvents: the ones runs emit (core NATS, `cdevents.<subject>.<predicate>`), and the ones
+    // taken as changes on the changes channel.
+    let mut files: Vec<_> = std::fs::read_dir(root().join("schemas/cdevents"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    for path in files {
+        let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let ty = schema["properties"]["context"]["properties"]["type"]["const"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let file = path.file_name().unwrap().to_string_lossy().to_string();
+        let msg = ty.replace(['.', '-'], "_");
+        let taken = slipway_core::cdevents::ACCEPTED
+            .iter()
+            .any(|a| ty.starts_with(a));
+        messages.insert(
+            msg.clone(),
+            json!({
+                "name": ty,
+                "title": ty,
+                "summary": if taken {
+                    "A CDEvent taken as a change (bare JSON, or a CloudEvent carrying it); the conductor runs the pipeline registered for it"
+                } else {
+                    "A CDEvent a run emits (published by the gateway; CloudEvents binary mode)"
+                },
+                "contentType": "application/json",
+                "payload": {"$ref": format!("./cdevents/{file}")},
+            }),
+        );
+        let msg_ref = json!({"$ref": format!("#/components/messages/{msg}")});
+        if taken {
+            channels["changes"]["messages"][&msg] = msg_ref;
+            continue;
+        }
+        let (_, subject, predicate, _) = slipway_core::cdevents::type_parts(&ty).unwrap();
+        let key = format!("cdevents_{}_{predicate}", subject.replace('-', "_"));
+        channels.insert(
+            key.clone(),
+            json!({
+                "address": format!("cdevents.{subject}.{predicate}"),
+                "messages": {msg: msg_ref},
+            }),
+        );
+        operations.insert(
+            format!("send_{key}"),
+            json!({
+                "action": "send",
+                "channel": {"$ref": format!("#/channels/{key}")},
+                "summary": format!("the gateway publishes {ty}"),
+            }),
+        );
+    }
     let doc = json!({
         "asyncapi": "3.0.0",
         "info": {
             "title": "Slipway event log",
             "version": "1.0.0",
-            "description": "Every event of the JetStream stream SLIPWAY: CloudEvents 1.0 in binary content mode on NATS (attributes as ce-* headers, data as the payload). Generated from services/slipway-core/src/events.rs by the catalogue test; do not edit by hand."
+            "description": "Every event of the JetStream stream SLIPWAY: CloudEvents 1.0 in binary content mode on NATS (attributes as ce-* headers, data as the payload); and the CDEvents (v0.5) runs emit on cdevents.> (core NATS) or that are taken as changes. Generated from services/slipway-core/src/events.rs and schemas/cdevents by the catalogue test; do not edit by hand."
         },
         "defaultContentType": "application/json",
         "servers": {"local": {"host": "127.0.0.1:4222", "protocol": "nats", "description": "slipway up's nats-server"}},
