@@ -57,6 +57,8 @@ async fn gateway() -> Gw {
             webhooks: vec![],
             attempts: 1,
             public_url: "http://gw".into(),
+            cdevents: false,
+            cdevents_webhooks: vec![],
         },
         stop.clone(),
     ));
@@ -535,6 +537,8 @@ async fn a_run_starting_to_wait_notifies_the_webhooks_with_retries() {
             webhooks: vec![url],
             attempts: 3,
             public_url: "http://gw.example".into(),
+            cdevents: false,
+            cdevents_webhooks: vec![],
         },
         stop.clone(),
     ));

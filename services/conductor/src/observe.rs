@@ -164,10 +164,10 @@ impl Observer {
         }
         // Workers emit the spans of the stages they end; approvals and the conductor's own
         // decisions (timeouts) have no worker to do it.
-        if now.kind() == Some(StageKind::Approval) || event.source == own_source {
-            if let Some(span) = otel::stage_span(after, &key, now.attempt) {
-                otel::emit(span);
-            }
+        if (now.kind() == Some(StageKind::Approval) || event.source == own_source)
+            && let Some(span) = otel::stage_span(after, &key, now.attempt)
+        {
+            otel::emit(span);
         }
         let (result, _) = otel::task_result(now.status, now.reason.as_deref());
         if let (Some(start), Some(end)) = (now.requested_at, now.finished_at) {

@@ -17,7 +17,10 @@ const SPEC: &str = "[pipeline]\nname = \"p\"\n[build]\ncommand = [\"true\"]\ntim
 fn config(nats: &TestNats) -> Config {
     Config {
         nats: nats.settings(),
-        conductor: slipway_core::config::ConductorSettings { tick_millis: 50 },
+        conductor: slipway_core::config::ConductorSettings {
+            tick_millis: 50,
+            ..Default::default()
+        },
         ..Default::default()
     }
 }

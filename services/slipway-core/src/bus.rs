@@ -386,16 +386,17 @@ impl Bus {
         match ack {
             Ok(ack) => {
                 debug!(%subject, seq = ack.sequence, duplicate = ack.duplicate, "Appended.");
-                if !ack.duplicate && crate::otel::enabled() {
-                    if let Some((run_id, _, _)) = subjects::parse_run(&subject) {
-                        crate::otel::emit(crate::otel::publish_span(
-                            &subject,
-                            run_id,
-                            event,
-                            started,
-                            std::time::SystemTime::now(),
-                        ));
-                    }
+                if !ack.duplicate
+                    && crate::otel::enabled()
+                    && let Some((run_id, _, _)) = subjects::parse_run(&subject)
+                {
+                    crate::otel::emit(crate::otel::publish_span(
+                        &subject,
+                        run_id,
+                        event,
+                        started,
+                        std::time::SystemTime::now(),
+                    ));
                 }
                 Ok(Appended {
                     seq: ack.sequence,

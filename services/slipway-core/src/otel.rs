@@ -420,7 +420,7 @@ pub fn emit(record: SpanRecord) {
     let links = record
         .links
         .into_iter()
-        .map(|sc| opentelemetry::trace::Link::with_context(sc))
+        .map(opentelemetry::trace::Link::with_context)
         .collect();
     let builder = SpanBuilder::from_name(record.name)
         .with_kind(record.kind)
