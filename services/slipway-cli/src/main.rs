@@ -4,6 +4,7 @@
 //! `nats://127.0.0.1:4222`). Exit codes: 0 success, 1 a run that did not succeed or an
 //! operation refused, 2 bad usage or an unreachable server.
 
+mod bench;
 mod client;
 mod demo;
 mod http;
@@ -132,6 +133,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure Slipway against the raw JetStream floor on its own nats-server and services:
+    /// a markdown table of ratios (docs/performance.md).
+    Bench {
+        /// Sequential no-op runs for the latency rows.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        /// No-op runs in flight at once for the throughput row.
+        #[arg(long, default_value_t = 100)]
+        inflight: usize,
+        /// Messages per raw-floor latency row.
+        #[arg(long, default_value_t = 2000)]
+        raw: usize,
+        /// Stored events read back for the read-rate rows.
+        #[arg(long, default_value_t = 100_000)]
+        stored: usize,
+        /// Gateway requests, and the load's concurrency.
+        #[arg(long, default_value_t = 20_000)]
+        gateway_requests: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Keep the servers' data here (default: a temporary directory, removed after).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Two changes of the demo model server end to end (the first verified in production,
     /// the second rolled back), against a private nats-server; then stop.
     Demo {
@@ -183,6 +210,28 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             monitor_window,
         } => demo::demo(project, data_dir, monitor_window).await,
+        Command::Bench {
+            runs,
+            inflight,
+            raw,
+            stored,
+            gateway_requests,
+            concurrency,
+            data_dir,
+            json,
+        } => {
+            bench::bench(bench::Options {
+                runs,
+                inflight,
+                raw,
+                stored,
+                gateway_requests,
+                concurrency,
+                json,
+                data_dir,
+            })
+            .await
+        }
         Command::Approve {
             run,
             reject,

@@ -57,6 +57,18 @@ impl Stack {
         config: Option<&Path>,
         quiet: bool,
     ) -> anyhow::Result<Self> {
+        Self::start_env(url, port, data_dir, config, quiet, Vec::new()).await
+    }
+
+    /// As [`Stack::start`], with `extra_env` added to every service's environment.
+    pub async fn start_env(
+        url: Option<String>,
+        port: u16,
+        data_dir: &Path,
+        config: Option<&Path>,
+        quiet: bool,
+        extra_env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let data_dir = absolute(data_dir)?;
         let (nats, url) = match url {
             Some(u) => (None, u),
@@ -97,6 +109,7 @@ impl Stack {
         if quiet && std::env::var_os("RUST_LOG").is_none() {
             env.push(("RUST_LOG".into(), "error".into()));
         }
+        env.extend(extra_env);
         if let Some(c) = config {
             env.push((
                 "SLIPWAY_CONFIG".into(),
@@ -165,6 +178,14 @@ impl Stack {
             }
         }
         Ok(())
+    }
+
+    /// `(service, pid)` of every running service.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        self.services
+            .iter()
+            .filter_map(|s| Some((s.name, s.child.as_ref()?.id()?)))
+            .collect()
     }
 
     /// SIGTERM every service, wait for them to drain, then stop nats-server.

@@ -1,0 +1,771 @@
+//! `slipway bench`: Slipway's own overhead as ratios to the raw JetStream floor, measured in one
+//! run against its own nats-server and services (these machines are shared and noisy, so only
+//! ratios measured together mean much).
+//!
+//! Rows: the raw floor with plain async-nats (acked publish, publish -> pull receipt, pipelined
+//! publishes, ordered reads with and without decoding); no-op runs through every stage (per-stage
+//! overhead from a stage's result to the next stage's start, end-to-end latency with the
+//! approval granted by the API as soon as it is asked for); throughput with many runs in
+//! flight; the gateway under load; resident memory per service; and the same no-op runs with
+//! OTLP export pointed at a collector that is down.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use slipway_core::bus::Bus;
+use slipway_core::bus::NatsSettings;
+use slipway_core::events::{ChangeSubmitted, EventData, SourceRef};
+use slipway_core::server::free_port;
+use slipway_core::{Event, ids};
+
+use crate::up::Stack;
+
+/// How big a bench run is.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Sequential no-op runs for the latency rows.
+    pub runs: usize,
+    /// Runs submitted at once for the throughput row.
+    pub inflight: usize,
+    /// Messages per raw-floor row.
+    pub raw: usize,
+    /// Stored events for the read-rate rows.
+    pub stored: usize,
+    /// Gateway requests for its row, and the load's concurrency.
+    pub gateway_requests: usize,
+    pub concurrency: usize,
+    pub json: bool,
+    pub data_dir: Option<PathBuf>,
+}
+
+const TOKEN: &str = "bench-approver-token";
+
+/// p50 and p99 in milliseconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pct {
+    p50: f64,
+    p99: f64,
+}
+
+fn pct(samples: &mut [Duration]) -> Pct {
+    if samples.is_empty() {
+        return Pct::default();
+    }
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples[i].as_secs_f64() * 1000.0
+    };
+    Pct {
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+struct Table {
+    rows: Vec<(String, String, String)>,
+    json: serde_json::Map<String, Value>,
+}
+
+impl Table {
+    fn row(&mut self, key: &str, what: &str, value: String, ratio: Option<String>, j: Value) {
+        self.rows
+            .push((what.to_string(), value, ratio.unwrap_or_default()));
+        self.json.insert(key.to_string(), j);
+    }
+}
+
+fn spec() -> &'static str {
+    r#"
+[pipeline]
+name = "noop"
+[build]
+command = ["sh", "-c", "mkdir -p dist && echo ok > dist/a"]
+artifacts = ["dist"]
+[[test]]
+name = "unit"
+command = ["true"]
+[[environment]]
+name = "staging"
+[environment.deploy]
+command = ["true"]
+[[environment]]
+name = "production"
+requires_approval = true
+[environment.deploy]
+command = ["true"]
+[approval]
+allowed_groups = ["release-managers"]
+"#
+}
+
+/// `slipway bench`.
+pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
+    let tmp;
+    let data = match &opts.data_dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = std::env::temp_dir().join(format!("slipway-bench-{}", std::process::id()));
+            tmp.clone()
+        }
+    };
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data)?;
+    let project = data.join("project");
+    std::fs::create_dir_all(&project)?;
+    std::fs::write(project.join("slipway.toml"), spec())?;
+    let mut table = Table {
+        rows: Vec::new(),
+        json: serde_json::Map::new(),
+    };
+    let machine = machine();
+    eprintln!("slipway bench on {machine}");
+
+    // Plain Slipway first, then the same with OTLP export to a collector that is down.
+    let plain = Measured::take(&opts, &data.join("plain"), &project, Vec::new(), true).await?;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let otel_env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), dead),
+        (
+            "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
+            "http/protobuf".to_string(),
+        ),
+    ];
+    let traced = Measured::take(&opts, &data.join("otel"), &project, otel_env, false).await?;
+
+    let raw = plain.raw.as_ref().expect("measured with the floor");
+    let hop = raw.hop.p50;
+    let f = |x: f64| format!("{x:.3} ms");
+    let ratio = |x: f64, floor: f64| {
+        if floor > 0.0 {
+            format!("{:.3}x", x / floor)
+        } else {
+            "n/a".into()
+        }
+    };
+    table.row(
+        "raw_publish_ms",
+        "raw: acked publish latency p50 / p99",
+        format!("{} / {}", f(raw.publish.p50), f(raw.publish.p99)),
+        None,
+        json!({"p50": raw.publish.p50, "p99": raw.publish.p99}),
+    );
+    table.row(
+        "raw_hop_ms",
+        "raw: publish -> pull-consumer receipt p50 / p99 (the raw hop)",
+        format!("{} / {}", f(raw.hop.p50), f(raw.hop.p99)),
+        None,
+        json!({"p50": raw.hop.p50, "p99": raw.hop.p99}),
+    );
+    table.row(
+        "raw_publish_rate",
+        "raw: pipelined acked publishes per second",
+        format!("{:.0}/s", raw.pipelined_rate),
+        None,
+        json!(raw.pipelined_rate),
+    );
+    table.row(
+        "raw_read_rate",
+        "raw: ordered-consumer reads per second (no decoding / decoded events)",
+        format!("{:.0}/s / {:.0}/s", raw.read_rate, raw.read_decode_rate),
+        None,
+        json!({"raw": raw.read_rate, "decoded": raw.read_decode_rate}),
+    );
+    table.row(
+        "stage_overhead_ms",
+        "per-stage overhead (stage result -> next stage started) p50 / p99",
+        format!("{} / {}", f(plain.stage.p50), f(plain.stage.p99)),
+        Some(format!(
+            "{} of the raw hop (p50)",
+            ratio(plain.stage.p50, hop)
+        )),
+        json!({"p50": plain.stage.p50, "p99": plain.stage.p99, "ratio_p50": plain.stage.p50 / hop}),
+    );
+    let bound = raw.hop.p50 * plain.hops as f64;
+    table.row(
+        "run_latency_ms",
+        &format!(
+            "no-op run end to end ({} events, approval by API) p50 / p99",
+            plain.hops
+        ),
+        format!("{} / {}", f(plain.run.p50), f(plain.run.p99)),
+        Some(format!("{} of hops x raw hop (p50)", ratio(plain.run.p50, bound))),
+        json!({"p50": plain.run.p50, "p99": plain.run.p99, "events": plain.hops, "ratio_p50": plain.run.p50 / bound}),
+    );
+    let raw_bound = raw.pipelined_rate / plain.hops.max(1) as f64;
+    table.row(
+        "throughput_runs_per_s",
+        &format!("throughput: no-op runs per second, {} in flight", opts.inflight),
+        format!("{:.1}/s", plain.throughput),
+        Some(format!(
+            "{} of the raw bound ({raw_bound:.1}/s = publishes/s / events per run)",
+            ratio(plain.throughput, raw_bound)
+        )),
+        json!({"runs_per_s": plain.throughput, "raw_bound": raw_bound, "ratio": plain.throughput / raw_bound}),
+    );
+    table.row(
+        "gateway",
+        &format!(
+            "gateway: GET /v1/runs/{{id}} at concurrency {}",
+            opts.concurrency
+        ),
+        format!(
+            "{:.0} req/s, p99 {}",
+            plain.gateway_rps,
+            f(plain.gateway.p99)
+        ),
+        None,
+        json!({"rps": plain.gateway_rps, "p50": plain.gateway.p50, "p99": plain.gateway.p99}),
+    );
+    let mut rss = serde_json::Map::new();
+    for (name, idle, loaded) in &plain.rss {
+        rss.insert(
+            name.to_string(),
+            json!({"idle_mb": idle, "loaded_mb": loaded}),
+        );
+    }
+    let rss_text: Vec<String> = plain
+        .rss
+        .iter()
+        .map(|(n, i, l)| format!("{} {i:.1}/{l:.1}", n.trim_start_matches("slipway-")))
+        .collect();
+    table.row(
+        "rss_mb",
+        "resident MB per service, idle / after load",
+        rss_text.join(", "),
+        None,
+        Value::Object(rss),
+    );
+    table.row(
+        "otel_unreachable_run_latency_ms",
+        "no-op run with OTLP export to a collector that is down, p50 / p99",
+        format!("{} / {}", f(traced.run.p50), f(traced.run.p99)),
+        Some(format!(
+            "{} of the same without export (p50)",
+            ratio(traced.run.p50, plain.run.p50)
+        )),
+        json!({"p50": traced.run.p50, "p99": traced.run.p99, "ratio_p50": traced.run.p50 / plain.run.p50}),
+    );
+
+    if opts.json {
+        let mut j = table.json;
+        j.insert("machine".into(), json!(machine));
+        j.insert(
+            "options".into(),
+            json!({"runs": opts.runs, "inflight": opts.inflight, "raw": opts.raw, "stored": opts.stored,
+                   "gateway_requests": opts.gateway_requests, "concurrency": opts.concurrency}),
+        );
+        println!("{}", serde_json::to_string_pretty(&Value::Object(j))?);
+    } else {
+        println!("| measure | value | ratio |");
+        println!("|---|---|---|");
+        for (what, value, ratio) in &table.rows {
+            println!("| {what} | {value} | {ratio} |");
+        }
+    }
+    if opts.data_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&data);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    format!("{cpus} CPUs ({model}), {mem:.0} GiB")
+}
+
+struct RawFloor {
+    publish: Pct,
+    hop: Pct,
+    pipelined_rate: f64,
+    read_rate: f64,
+    read_decode_rate: f64,
+}
+
+struct Measured {
+    raw: Option<RawFloor>,
+    stage: Pct,
+    run: Pct,
+    /// Events in a no-op run: its sequential hops.
+    hops: usize,
+    throughput: f64,
+    gateway: Pct,
+    gateway_rps: f64,
+    rss: Vec<(&'static str, f64, f64)>,
+}
+
+impl Measured {
+    async fn take(
+        opts: &Options,
+        data: &Path,
+        project: &Path,
+        env: Vec<(String, String)>,
+        everything: bool,
+    ) -> anyhow::Result<Self> {
+        let gateway_port = free_port();
+        let config = data.join("slipway.toml");
+        std::fs::create_dir_all(data)?;
+        std::fs::write(
+            &config,
+            format!(
+                "[gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\ncdevents = false\n\n\
+                 [[gateway.approvers]]\nname = \"bench\"\ngroups = [\"release-managers\"]\n\
+                 token_sha256 = \"{:x}\"\n\n[worker]\nack_wait_secs = 10\n\n[conductor]\ntick_millis = 100\n",
+                Sha256::digest(TOKEN.as_bytes())
+            ),
+        )?;
+        let stack = Stack::start_env(None, free_port(), data, Some(&config), true, env).await?;
+        let gateway = format!("http://127.0.0.1:{gateway_port}");
+        let result = async {
+            wait_healthy(&gateway).await?;
+            let bus = Bus::connect(
+                &NatsSettings {
+                    url: stack.url.clone(),
+                    ..Default::default()
+                },
+                "slipway-bench",
+            )
+            .await?;
+            bus.ensure_stream().await?;
+            let raw = if everything {
+                Some(raw_floor(&stack.url, opts.raw, opts.stored).await?)
+            } else {
+                None
+            };
+            // One run first, untimed: every consumer and connection warm.
+            one_run(&bus, &gateway, project).await?;
+            let mut latencies = Vec::new();
+            let mut overheads = Vec::new();
+            let mut hops = 0;
+            for _ in 0..opts.runs {
+                let (run, took) = one_run(&bus, &gateway, project).await?;
+                latencies.push(took);
+                let log = bus.run_log(&run).await?;
+                hops = log.len();
+                let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
+                overheads.extend(stage_overheads(&events));
+            }
+            let mut m = Measured {
+                raw,
+                stage: pct(&mut overheads),
+                run: pct(&mut latencies),
+                hops,
+                throughput: 0.0,
+                gateway: Pct::default(),
+                gateway_rps: 0.0,
+                rss: Vec::new(),
+            };
+            if everything {
+                let idle: Vec<(&'static str, f64)> = stack
+                    .pids()
+                    .into_iter()
+                    .map(|(n, p)| (n, rss_mb(p)))
+                    .collect();
+                m.throughput = throughput(&bus, &gateway, project, opts.inflight).await?;
+                let sample = latest_run(&bus).await?;
+                let (g, rps) =
+                    gateway_load(&gateway, &sample, opts.gateway_requests, opts.concurrency)
+                        .await?;
+                m.gateway = g;
+                m.gateway_rps = rps;
+                let loaded: Vec<(&'static str, f64)> = stack
+                    .pids()
+                    .into_iter()
+                    .map(|(n, p)| (n, rss_mb(p)))
+                    .collect();
+                m.rss = idle
+                    .iter()
+                    .map(|(n, i)| {
+                        let l = loaded.iter().find(|(ln, _)| ln == n).map_or(0.0, |x| x.1);
+                        (*n, *i, l)
+                    })
+                    .collect();
+            }
+            anyhow::Ok(m)
+        }
+        .await;
+        stack.stop().await;
+        result
+    }
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn wait_healthy(gateway: &str) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if reqwest::get(format!("{gateway}/healthz"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the gateway at {gateway} did not come up")
+}
+
+fn change(project: &Path) -> ChangeSubmitted {
+    ChangeSubmitted {
+        spec: spec().to_string(),
+        source: SourceRef::Directory {
+            path: project.display().to_string(),
+        },
+        author: Some("bench-author".into()),
+        title: Some("bench".into()),
+        rerun_of: None,
+    }
+}
+
+/// Approves `run` through the gateway as soon as it asks, and waits for its end.
+async fn drive(gateway: &str, run: &str, mut sub: async_nats::Subscriber) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = tokio::time::timeout_at(deadline, sub.next())
+            .await
+            .with_context(|| format!("run {run} did not end within 120 s"))?
+            .context("subscription ended")?;
+        let Ok(e) = slipway_core::bus::decode(m.headers.as_ref(), &m.payload) else {
+            continue;
+        };
+        match &e.data {
+            EventData::ApprovalRequested(r) => {
+                let resp = http
+                    .post(format!("{gateway}/v1/runs/{run}/approvals"))
+                    .header("authorization", format!("Bearer {TOKEN}"))
+                    .header("content-type", "application/json")
+                    .body(
+                        json!({"decision": "approve", "artifact_digest": r.artifact_digest})
+                            .to_string(),
+                    )
+                    .send()
+                    .await?;
+                if !resp.status().is_success() {
+                    bail!("approval refused: {}", resp.text().await?);
+                }
+            }
+            EventData::RunSucceeded(_) => return Ok(()),
+            EventData::RunFailed(r)
+            | EventData::RunCancelled(r)
+            | EventData::RunRejected(r)
+            | EventData::RunRolledBack(r) => {
+                bail!("run {run} ended as {}: {}", e.type_name(), r.reason)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One no-op run from change to success; its id and how long it took.
+async fn one_run(bus: &Bus, gateway: &str, project: &Path) -> anyhow::Result<(String, Duration)> {
+    let id = ids::random();
+    let event = Event::new(
+        id.clone(),
+        "/slipway/bench",
+        None,
+        slipway_core::bus::now(),
+        EventData::ChangeSubmitted(change(project)),
+    );
+    let run = ids::run_id(&event.source, &event.id);
+    let sub = bus
+        .client()
+        .subscribe(format!("slipway.run.{run}.>"))
+        .await?;
+    let t0 = Instant::now();
+    bus.publish(&event).await?;
+    drive(gateway, &run, sub).await?;
+    Ok((run, t0.elapsed()))
+}
+
+/// From each stage's result (or an approver's decision) to the next worker stage's start.
+fn stage_overheads(events: &[Event]) -> Vec<Duration> {
+    let mut out = Vec::new();
+    let mut last_result: Option<chrono::DateTime<chrono::Utc>> = None;
+    for e in events {
+        if let Some((_, _, verb)) = e.data.stage_fact() {
+            match verb {
+                slipway_core::events::StageVerb::Started => {
+                    if let Some(t) = last_result.take() {
+                        out.push((e.time - t).to_std().unwrap_or_default());
+                    }
+                }
+                v if v.is_terminal() => last_result = Some(e.time),
+                _ => {}
+            }
+        } else if e.data.approval_stage().is_some() {
+            last_result = Some(e.time);
+        }
+    }
+    out
+}
+
+/// Runs per second with `inflight` no-op runs submitted at once, each approved when it asks.
+async fn throughput(
+    bus: &Bus,
+    gateway: &str,
+    project: &Path,
+    inflight: usize,
+) -> anyhow::Result<f64> {
+    let mut runs = Vec::new();
+    for _ in 0..inflight {
+        let id = ids::random();
+        let run = ids::run_id("/slipway/bench", &id);
+        let sub = bus
+            .client()
+            .subscribe(format!("slipway.run.{run}.>"))
+            .await?;
+        runs.push((id, run, sub));
+    }
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (id, run, sub) in runs {
+        let event = Event::new(
+            id,
+            "/slipway/bench",
+            None,
+            slipway_core::bus::now(),
+            EventData::ChangeSubmitted(change(project)),
+        );
+        bus.publish(&event).await?;
+        let gateway = gateway.to_string();
+        tasks.spawn(async move { drive(&gateway, &run, sub).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(inflight as f64 / t0.elapsed().as_secs_f64())
+}
+
+async fn latest_run(bus: &Bus) -> anyhow::Result<String> {
+    let created = bus
+        .read(&[slipway_core::subjects::RUN_CREATED.to_string()], 1)
+        .await?;
+    created
+        .last()
+        .and_then(|r| r.event.as_ref().ok())
+        .and_then(|e| e.subject.clone())
+        .context("no run to ask the gateway about")
+}
+
+/// `GET /v1/runs/{id}` at a fixed concurrency: latency percentiles and requests per second.
+async fn gateway_load(
+    gateway: &str,
+    run: &str,
+    requests: usize,
+    concurrency: usize,
+) -> anyhow::Result<(Pct, f64)> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
+    let url = format!("{gateway}/v1/runs/{run}");
+    let per = requests.div_ceil(concurrency.max(1));
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (http, url) = (http.clone(), url.clone());
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(per);
+            for _ in 0..per {
+                let t = Instant::now();
+                let r = http.get(&url).send().await?;
+                let ok = r.status().is_success();
+                let _ = r.bytes().await?;
+                if !ok {
+                    bail!("the gateway answered an error");
+                }
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r??);
+    }
+    let rps = all.len() as f64 / t0.elapsed().as_secs_f64();
+    Ok((pct(&mut all), rps))
+}
+
+/// The floor: plain async-nats on the same server, with messages the size of Slipway's events.
+async fn raw_floor(url: &str, n: usize, stored: usize) -> anyhow::Result<RawFloor> {
+    let client = async_nats::connect(url).await?;
+    let js = jetstream::new(client.clone());
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "BENCH".into(),
+            subjects: vec!["bench.>".into()],
+            ..Default::default()
+        })
+        .await?;
+    let sample = sample_event();
+    let (headers, payload) = slipway_core::binding::encode(sample.to_cloudevent());
+
+    // Acked publish latency.
+    let mut publish = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        js.publish_with_headers("bench.pub", headers.clone(), payload.clone())
+            .await?
+            .await?;
+        publish.push(t.elapsed());
+    }
+
+    // Publish -> pull-consumer receipt: the hop every stage transition is made of.
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("hop".into()),
+            filter_subject: "bench.hop".into(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1)
+        .messages()
+        .await?;
+    let mut hop = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        js.publish_with_headers("bench.hop", headers.clone(), payload.clone())
+            .await?
+            .await?;
+        let m = messages
+            .next()
+            .await
+            .context("consumer ended")?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        hop.push(t.elapsed());
+        m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+
+    // Pipelined acked publishes: a window of acks in flight.
+    let count = n.max(stored);
+    let t = Instant::now();
+    let mut acks = std::collections::VecDeque::new();
+    for _ in 0..count {
+        acks.push_back(
+            js.publish_with_headers("bench.stored", headers.clone(), payload.clone())
+                .await?,
+        );
+        if acks.len() >= 256 {
+            acks.pop_front().expect("non-empty").await?;
+        }
+    }
+    for a in acks {
+        a.await?;
+    }
+    let pipelined_rate = count as f64 / t.elapsed().as_secs_f64();
+
+    // Ordered reads of the stored events, raw and decoded.
+    let read = |decode: bool| {
+        let stream = stream.clone();
+        async move {
+            let c = stream
+                .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: "bench.stored".into(),
+                    ..Default::default()
+                })
+                .await?;
+            let mut msgs = c.messages().await?;
+            let t = Instant::now();
+            let mut got = 0usize;
+            while got < count {
+                let m = msgs
+                    .next()
+                    .await
+                    .context("reader ended")?
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if decode {
+                    slipway_core::bus::decode(m.headers.as_ref(), &m.payload)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+                got += 1;
+            }
+            anyhow::Ok(count as f64 / t.elapsed().as_secs_f64())
+        }
+    };
+    let read_rate = read(false).await?;
+    let read_decode_rate = read(true).await?;
+    js.delete_stream("BENCH").await?;
+    Ok(RawFloor {
+        publish: pct(&mut publish),
+        hop: pct(&mut hop),
+        pipelined_rate,
+        read_rate,
+        read_decode_rate,
+    })
+}
+
+/// A typical event: a build's result.
+fn sample_event() -> Event {
+    let artifact = slipway_core::events::ObjectRef {
+        bucket: "slipway-artifacts".into(),
+        name: "a".repeat(64),
+        digest: format!("sha256:{}", "0".repeat(64)),
+        size: 1234,
+    };
+    Event::new(
+        ids::random(),
+        "/slipway/builder",
+        Some(ids::random()),
+        slipway_core::bus::now(),
+        EventData::BuildSucceeded(slipway_core::events::BuildSucceeded {
+            stage: "build".into(),
+            attempt: 1,
+            artifact: artifact.clone(),
+            files: vec!["dist/a".into()],
+            log: artifact,
+            duration_ms: 12,
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_sorted_samples() {
+        let mut s: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        s.reverse();
+        let p = pct(&mut s);
+        assert!((p.p50 - 51.0).abs() < 1.01, "{}", p.p50);
+        assert!((p.p99 - 99.0).abs() < 1.01, "{}", p.p99);
+        assert_eq!(pct(&mut []).p50, 0.0);
+    }
+}

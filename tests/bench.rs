@@ -1,0 +1,55 @@
+//! `slipway bench` at a small size, as a smoke test: it starts its own servers, finishes, and
+//! reports every row (no timing is asserted: these machines are shared).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn the_benchmark_finishes_and_reports_every_row() {
+    let out = Command::new(slipway_e2e::bin_dir().join("slipway"))
+        .args([
+            "bench",
+            "--runs",
+            "3",
+            "--inflight",
+            "5",
+            "--raw",
+            "100",
+            "--stored",
+            "1000",
+            "--gateway-requests",
+            "200",
+            "--concurrency",
+            "4",
+            "--json",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for row in [
+        "raw_publish_ms",
+        "raw_hop_ms",
+        "raw_publish_rate",
+        "raw_read_rate",
+        "stage_overhead_ms",
+        "run_latency_ms",
+        "throughput_runs_per_s",
+        "gateway",
+        "rss_mb",
+        "otel_unreachable_run_latency_ms",
+    ] {
+        assert!(v.get(row).is_some(), "row {row} missing: {v:#}");
+    }
+    assert!(v["raw_hop_ms"]["p50"].as_f64().unwrap() > 0.0);
+    assert!(v["run_latency_ms"]["events"].as_u64().unwrap() > 10);
+    assert!(v["gateway"]["rps"].as_f64().unwrap() > 0.0);
+    let rss = v["rss_mb"].as_object().unwrap();
+    assert_eq!(rss.len(), 9, "every service's memory: {rss:?}");
+}
