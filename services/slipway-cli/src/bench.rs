@@ -81,6 +81,11 @@ impl Table {
     }
 }
 
+/// The no-op pipeline; `name` apart, every run is the same.
+fn spec_named(name: &str) -> String {
+    spec().replacen("name = \"noop\"", &format!("name = \"{name}\""), 1)
+}
+
 fn spec() -> &'static str {
     r#"
 [pipeline]
@@ -127,8 +132,7 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
     let machine = machine();
     eprintln!("slipway bench on {machine}");
 
-    // Plain Slipway first, then the same with OTLP export to a collector that is down.
-    let plain = Measured::take(&opts, &data.join("plain"), &project, Vec::new(), true).await?;
+    // Plain Slipway, and beside it the same with OTLP export to a collector that is down.
     let dead = format!("http://127.0.0.1:{}", free_port());
     let otel_env = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), dead),
@@ -137,14 +141,30 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
             "http/protobuf".to_string(),
         ),
     ];
-    let traced = Measured::take(&opts, &data.join("otel"), &project, otel_env, false).await?;
+    let plain_target = Target::start(&data.join("plain"), Vec::new()).await?;
+    let traced_target = match Target::start(&data.join("otel"), otel_env).await {
+        Ok(t) => t,
+        Err(e) => {
+            plain_target.stack.stop().await;
+            return Err(e);
+        }
+    };
+    let measured = Measured::take(&opts, &plain_target, &traced_target, &project).await;
+    plain_target.stack.stop().await;
+    traced_target.stack.stop().await;
+    let (plain, traced_run) = measured?;
 
     let raw = plain.raw.as_ref().expect("measured with the floor");
     let hop = raw.hop.p50;
     let f = |x: f64| format!("{x:.3} ms");
     let ratio = |x: f64, floor: f64| {
         if floor > 0.0 {
-            format!("{:.3}x", x / floor)
+            let r = x / floor;
+            if r < 0.1 {
+                format!("{r:.5}x")
+            } else {
+                format!("{r:.3}x")
+            }
         } else {
             "n/a".into()
         }
@@ -245,12 +265,12 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
     table.row(
         "otel_unreachable_run_latency_ms",
         "no-op run with OTLP export to a collector that is down, p50 / p99",
-        format!("{} / {}", f(traced.run.p50), f(traced.run.p99)),
+        format!("{} / {}", f(traced_run.p50), f(traced_run.p99)),
         Some(format!(
-            "{} of the same without export (p50)",
-            ratio(traced.run.p50, plain.run.p50)
+            "{} of the same without export (p50; runs alternated)",
+            ratio(traced_run.p50, plain.run.p50)
         )),
-        json!({"p50": traced.run.p50, "p99": traced.run.p99, "ratio_p50": traced.run.p50 / plain.run.p50}),
+        json!({"p50": traced_run.p50, "p99": traced_run.p99, "ratio_p50": traced_run.p50 / plain.run.p50}),
     );
 
     if opts.json {
@@ -318,14 +338,15 @@ struct Measured {
     rss: Vec<(&'static str, f64, f64)>,
 }
 
-impl Measured {
-    async fn take(
-        opts: &Options,
-        data: &Path,
-        project: &Path,
-        env: Vec<(String, String)>,
-        everything: bool,
-    ) -> anyhow::Result<Self> {
+/// One stack under measurement: its services, gateway and a client.
+struct Target {
+    stack: Stack,
+    gateway: String,
+    bus: Bus,
+}
+
+impl Target {
+    async fn start(data: &Path, env: Vec<(String, String)>) -> anyhow::Result<Self> {
         let gateway_port = free_port();
         let config = data.join("slipway.toml");
         std::fs::create_dir_all(data)?;
@@ -340,7 +361,7 @@ impl Measured {
         )?;
         let stack = Stack::start_env(None, free_port(), data, Some(&config), true, env).await?;
         let gateway = format!("http://127.0.0.1:{gateway_port}");
-        let result = async {
+        let ready = async {
             wait_healthy(&gateway).await?;
             let bus = Bus::connect(
                 &NatsSettings {
@@ -351,65 +372,89 @@ impl Measured {
             )
             .await?;
             bus.ensure_stream().await?;
-            let raw = if everything {
-                Some(raw_floor(&stack.url, opts.raw, opts.stored).await?)
-            } else {
-                None
-            };
-            // One run first, untimed: every consumer and connection warm.
-            one_run(&bus, &gateway, project).await?;
-            let mut latencies = Vec::new();
-            let mut overheads = Vec::new();
-            let mut hops = 0;
-            for _ in 0..opts.runs {
-                let (run, took) = one_run(&bus, &gateway, project).await?;
-                latencies.push(took);
-                let log = bus.run_log(&run).await?;
-                hops = log.len();
-                let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
-                overheads.extend(stage_overheads(&events));
+            anyhow::Ok(bus)
+        }
+        .await;
+        match ready {
+            Ok(bus) => Ok(Self {
+                stack,
+                gateway,
+                bus,
+            }),
+            Err(e) => {
+                stack.stop().await;
+                Err(e)
             }
-            let mut m = Measured {
-                raw,
+        }
+    }
+
+    fn rss(&self) -> Vec<(&'static str, f64)> {
+        self.stack
+            .pids()
+            .into_iter()
+            .map(|(n, p)| (n, rss_mb(p)))
+            .collect()
+    }
+}
+
+impl Measured {
+    /// Everything, on `plain`; the no-op run latency also on `traced` (OTLP to a dead
+    /// collector), the runs alternating between the two so that drift hits both alike.
+    async fn take(
+        opts: &Options,
+        plain: &Target,
+        traced: &Target,
+        project: &Path,
+    ) -> anyhow::Result<(Self, Pct)> {
+        let raw = raw_floor(&plain.stack.url, opts.raw, opts.stored).await?;
+        // One run on each first, untimed: every consumer and connection warm.
+        one_run(&plain.bus, &plain.gateway, project).await?;
+        one_run(&traced.bus, &traced.gateway, project).await?;
+        let mut latencies = Vec::new();
+        let mut traced_latencies = Vec::new();
+        let mut overheads = Vec::new();
+        let mut hops = 0;
+        for _ in 0..opts.runs {
+            let (run, took) = one_run(&plain.bus, &plain.gateway, project).await?;
+            latencies.push(took);
+            let log = plain.bus.run_log(&run).await?;
+            hops = log.len();
+            let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
+            overheads.extend(stage_overheads(&events));
+            let (_, took) = one_run(&traced.bus, &traced.gateway, project).await?;
+            traced_latencies.push(took);
+        }
+        let idle = plain.rss();
+        let throughput = throughput(&plain.bus, &plain.gateway, project, opts.inflight).await?;
+        let sample = latest_run(&plain.bus).await?;
+        let (gateway, gateway_rps) = gateway_load(
+            &plain.gateway,
+            &sample,
+            opts.gateway_requests,
+            opts.concurrency,
+        )
+        .await?;
+        let loaded = plain.rss();
+        let rss = idle
+            .iter()
+            .map(|(n, i)| {
+                let l = loaded.iter().find(|(ln, _)| ln == n).map_or(0.0, |x| x.1);
+                (*n, *i, l)
+            })
+            .collect();
+        Ok((
+            Measured {
+                raw: Some(raw),
                 stage: pct(&mut overheads),
                 run: pct(&mut latencies),
                 hops,
-                throughput: 0.0,
-                gateway: Pct::default(),
-                gateway_rps: 0.0,
-                rss: Vec::new(),
-            };
-            if everything {
-                let idle: Vec<(&'static str, f64)> = stack
-                    .pids()
-                    .into_iter()
-                    .map(|(n, p)| (n, rss_mb(p)))
-                    .collect();
-                m.throughput = throughput(&bus, &gateway, project, opts.inflight).await?;
-                let sample = latest_run(&bus).await?;
-                let (g, rps) =
-                    gateway_load(&gateway, &sample, opts.gateway_requests, opts.concurrency)
-                        .await?;
-                m.gateway = g;
-                m.gateway_rps = rps;
-                let loaded: Vec<(&'static str, f64)> = stack
-                    .pids()
-                    .into_iter()
-                    .map(|(n, p)| (n, rss_mb(p)))
-                    .collect();
-                m.rss = idle
-                    .iter()
-                    .map(|(n, i)| {
-                        let l = loaded.iter().find(|(ln, _)| ln == n).map_or(0.0, |x| x.1);
-                        (*n, *i, l)
-                    })
-                    .collect();
-            }
-            anyhow::Ok(m)
-        }
-        .await;
-        stack.stop().await;
-        result
+                throughput,
+                gateway,
+                gateway_rps,
+                rss,
+            },
+            pct(&mut traced_latencies),
+        ))
     }
 }
 
@@ -439,8 +484,12 @@ async fn wait_healthy(gateway: &str) -> anyhow::Result<()> {
 }
 
 fn change(project: &Path) -> ChangeSubmitted {
+    change_of(project, spec().to_string())
+}
+
+fn change_of(project: &Path, spec: String) -> ChangeSubmitted {
     ChangeSubmitted {
-        spec: spec().to_string(),
+        spec,
         source: SourceRef::Directory {
             path: project.display().to_string(),
         },
@@ -534,6 +583,8 @@ fn stage_overheads(events: &[Event]) -> Vec<Duration> {
 }
 
 /// Runs per second with `inflight` no-op runs submitted at once, each approved when it asks.
+/// Each is of its own pipeline: one pipeline's deploys are serialised (and a newer approved
+/// run supersedes older waiting ones) by design, which would measure the lanes, not Slipway.
 async fn throughput(
     bus: &Bus,
     gateway: &str,
@@ -552,13 +603,13 @@ async fn throughput(
     }
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for (id, run, sub) in runs {
+    for (i, (id, run, sub)) in runs.into_iter().enumerate() {
         let event = Event::new(
             id,
             "/slipway/bench",
             None,
             slipway_core::bus::now(),
-            EventData::ChangeSubmitted(change(project)),
+            EventData::ChangeSubmitted(change_of(project, spec_named(&format!("noop-{i}")))),
         );
         bus.publish(&event).await?;
         let gateway = gateway.to_string();

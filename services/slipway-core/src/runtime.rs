@@ -332,7 +332,7 @@ impl<W: Worker> Ctx<W> {
                         crate::decide::FIRST_ATTEMPT,
                         format!("malformed request at stream sequence {seq}: {e}"),
                     );
-                    self.publish_then_ack(&msg, &run_id, data).await;
+                    self.publish_then_ack(&msg, &run_id, data, None).await;
                 } else {
                     let _ = msg.ack_with(AckKind::Term).await;
                 }
@@ -438,7 +438,7 @@ impl<W: Worker> Ctx<W> {
         let started = match self.worker.started(&job).await {
             Ok(d) => d,
             Err(e) => {
-                self.retry_or_give_up(&msg, &job, e).await;
+                self.retry_or_give_up(&msg, &job, e, None).await;
                 return;
             }
         };
@@ -472,6 +472,10 @@ impl<W: Worker> Ctx<W> {
             return;
         }
         info!("Stage started.");
+        // The run as of the start, for the stage's span at its end (no second read of the log).
+        let traced = crate::otel::enabled()
+            .then(|| crate::fold::fold(Some(job.run.clone()), &started))
+            .flatten();
 
         // Progress acks keep the request ours while the work runs; a run's cancellation
         // (seen live on its subject) stops the work.
@@ -536,7 +540,7 @@ impl<W: Worker> Ctx<W> {
                 attempt,
                 "the run ended (cancelled or failed elsewhere) while the stage ran".into(),
             );
-            self.publish_then_ack(&msg, &run_id, data).await;
+            self.publish_then_ack(&msg, &run_id, data, traced).await;
             return;
         }
         let succeeded = matches!(
@@ -554,13 +558,19 @@ impl<W: Worker> Ctx<W> {
                     data.stage_fact()
                         .unwrap_or(("", 0, crate::events::StageVerb::Failed));
                 info!(outcome = ?verb, "Stage finished.");
-                self.publish_then_ack(&msg, &run_id, data).await;
+                self.publish_then_ack(&msg, &run_id, data, traced).await;
             }
-            Err(e) => self.retry_or_give_up(&msg, &job, e).await,
+            Err(e) => self.retry_or_give_up(&msg, &job, e, traced).await,
         }
     }
 
-    async fn retry_or_give_up(&self, msg: &jetstream::Message, job: &Job, e: Transient) {
+    async fn retry_or_give_up(
+        &self,
+        msg: &jetstream::Message,
+        job: &Job,
+        e: Transient,
+        traced: Option<Run>,
+    ) {
         if job.delivered >= self.settings.max_deliver {
             error!(error = %e, "Giving up after the last delivery.");
             let data = EventData::stage_failure(
@@ -569,14 +579,22 @@ impl<W: Worker> Ctx<W> {
                 job.attempt,
                 format!("gave up after {} deliveries: {e}", job.delivered),
             );
-            self.publish_then_ack(msg, &job.run_id, data).await;
+            self.publish_then_ack(msg, &job.run_id, data, traced).await;
         } else {
             warn!(error = %e, "Transient failure; the request will be retried.");
             self.nak(msg, job.delivered).await;
         }
     }
 
-    async fn publish_then_ack(&self, msg: &jetstream::Message, run_id: &str, data: EventData) {
+    /// Publishes the job's fact, then acknowledges the request. `traced` is the run as of the
+    /// stage's start, when spans are exported: the stage's span is made from it.
+    async fn publish_then_ack(
+        &self,
+        msg: &jetstream::Message,
+        run_id: &str,
+        data: EventData,
+        traced: Option<Run>,
+    ) {
         // In the request's trace (a malformed request has none to give).
         let trace = crate::bus::decode(msg.headers.as_ref(), &msg.payload)
             .ok()
@@ -590,7 +608,23 @@ impl<W: Worker> Ctx<W> {
                         && !a.duplicate
                         && v.is_terminal()
                     {
-                        crate::otel::emit_stage_span(&self.bus, run_id, stage, attempt).await;
+                        match traced.and_then(|r| crate::fold::fold(Some(r), &event)) {
+                            Some(run) => {
+                                if let Some(span) = crate::otel::stage_span(&run, stage, attempt) {
+                                    crate::otel::emit(span);
+                                }
+                            }
+                            // No run at hand (a malformed request): read it, off the path.
+                            None if crate::otel::enabled() => {
+                                let (bus, run_id) = (self.bus.clone(), run_id.to_string());
+                                let stage = stage.to_string();
+                                tokio::spawn(async move {
+                                    crate::otel::emit_stage_span(&bus, &run_id, &stage, attempt)
+                                        .await;
+                                });
+                            }
+                            None => {}
+                        }
                     }
                     if let Err(e) = msg.double_ack().await {
                         warn!(error = %e, "Ack failed; a redelivery will find the fact in the log.");
