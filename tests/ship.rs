@@ -280,6 +280,7 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
     );
     stack.wait_phase(&run, "succeeded", LONG);
     assert_eq!(deploys(&counts, "production").len(), 1);
+    let first_run = run.clone();
 
     // 2. An approval published straight onto NATS by someone who is not a configured approver.
     let run = submit_as(&stack, &dir, "erin");
@@ -308,7 +309,7 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
     let reason = status["reason"].as_str().unwrap();
     assert!(reason.contains("refused"), "{reason}");
     assert!(
-        reason.contains("mallory is not a configured approver"),
+        reason.contains("mallory's approval is not signed by the gateway"),
         "{reason}"
     );
     let prod = deploys(&counts, "production");
@@ -317,6 +318,52 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
         "production was deployed: {prod:?}"
     );
     stack.assert_replay_matches(&run);
+
+    // 3. The same with a configured approver's name: still not the gateway's signature.
+    // 4. A valid, signed approval of the first run replayed onto another run and its artifact.
+    let signed = bus
+        .run_log(&first_run)
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|r| match r.event.ok()?.data {
+            EventData::ApprovalApproved(d) => Some(d),
+            _ => None,
+        })
+        .expect("the first run's approval");
+    assert!(signed.signature.is_some(), "the gateway signs approvals");
+    for (case, expected) in [
+        ("forged", "bob's approval is not signed by the gateway"),
+        ("replayed", "bob's signature does not match"),
+    ] {
+        let run = submit_as(&stack, &dir, "erin");
+        stack.wait_phase(&run, "awaiting_approval", LONG);
+        let state = run_of(&stack, &run).await;
+        let mut decision = signed.clone();
+        decision.artifact_digest = state.artifact.as_ref().unwrap().digest.clone();
+        decision.gates_digest = slipway_core::decide::gates_digest(&state);
+        if case == "forged" {
+            decision.signature = None;
+            decision.decided_at = slipway_core::bus::now();
+        }
+        let event = Event::new(
+            ids::random(),
+            "/mallory",
+            Some(run.clone()),
+            slipway_core::bus::now(),
+            EventData::ApprovalApproved(decision),
+        );
+        bus.publish(&event).await.unwrap();
+        let status = stack.wait_phase(&run, "failed", LONG);
+        let reason = status["reason"].as_str().unwrap();
+        assert!(reason.contains(expected), "{case}: {reason}");
+        assert!(
+            !deploys(&counts, "production")
+                .iter()
+                .any(|l| l.starts_with(&run)),
+            "{case}: production was deployed"
+        );
+    }
 }
 
 #[test]

@@ -135,8 +135,10 @@ impl Stack {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
+        // The gateway signs approvals; the deployer verifies them with the public half.
+        let (seed, public) = slipway_core::signing::SigningKey::generate();
         let mut config = format!(
-            "[gateway]\nlisten = \"127.0.0.1:{}\"\ntrace_url_template = \"http://traces.example/trace/{{trace_id}}\"\n{gateway}\n",
+            "[approvals]\npublic_key = \"{public}\"\n\n[gateway]\nlisten = \"127.0.0.1:{}\"\nsigning_key = \"{seed}\"\ntrace_url_template = \"http://traces.example/trace/{{trace_id}}\"\n{gateway}\n",
             s.gateway_port
         );
         for (name, group) in APPROVERS {

@@ -37,6 +37,9 @@ pub struct AppState {
     pub approvers: Arc<Vec<Approver>>,
     /// Where a run's trace can be seen (`{trace_id}` replaced), if configured.
     pub trace_url_template: Option<String>,
+    /// Signs each recorded decision; without it decisions are unsigned and a deployer with a
+    /// public key does not count them.
+    pub signing: Option<Arc<slipway_core::signing::SigningKey>>,
 }
 
 /// The gateway's routes.
@@ -67,6 +70,35 @@ pub enum GatewayError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("configuration error: {0}")]
+    Config(String),
+}
+
+/// The approval signing key from `[gateway] signing_key` or `signing_key_file`, if any.
+///
+/// # Errors
+/// What is wrong with the setting (never the key).
+pub fn signing_key(
+    settings: &slipway_core::config::GatewaySettings,
+) -> Result<Option<slipway_core::signing::SigningKey>, GatewayError> {
+    let seed = match (&settings.signing_key, &settings.signing_key_file) {
+        (Some(_), Some(_)) => {
+            return Err(GatewayError::Config(
+                "set [gateway] signing_key or signing_key_file, not both".into(),
+            ));
+        }
+        (Some(k), None) => k.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
+            GatewayError::Config(format!(
+                "[gateway] signing_key_file {}: {e}",
+                path.display()
+            ))
+        })?,
+        (None, None) => return Ok(None),
+    };
+    slipway_core::signing::SigningKey::from_base64(&seed)
+        .map(Some)
+        .map_err(|e| GatewayError::Config(format!("[gateway] signing key: {e}")))
 }
 
 /// Connects, follows the log, and serves until `shutdown`.
@@ -75,6 +107,12 @@ pub enum GatewayError {
 /// [`GatewayError`] when NATS cannot be reached or the address cannot be bound.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
     let settings = config.gateway.clone();
+    let signing = signing_key(&settings)?.map(Arc::new);
+    if signing.is_none() {
+        tracing::warn!(
+            "No [gateway] signing_key: approvals are recorded unsigned, and a deployer that verifies them will not count them."
+        );
+    }
     let bus = Bus::connect(&config.nats, "slipway-approval").await?;
     bus.ensure_stream().await?;
     let listener = tokio::net::TcpListener::bind(&settings.listen)
@@ -112,6 +150,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         runs,
         approvers: Arc::new(settings.approvers.clone()),
         trace_url_template: settings.trace_url_template.clone(),
+        signing,
     };
     info!(%addr, approvers = settings.approvers.len(), "Approval gateway listening.");
     let s = shutdown.clone();

@@ -420,7 +420,7 @@ pub async fn post_approval(
         .map_err(ApiError::Forbidden)?;
         let gates_digest = slipway_core::decide::gates_digest(&run);
         let decided_at = Utc::now();
-        let decision = ApprovalDecision {
+        let mut decision = ApprovalDecision {
             stage: stage.name.clone(),
             attempt: stage.attempt,
             approver: approver.name.clone(),
@@ -431,6 +431,11 @@ pub async fn post_approval(
             decided_at,
             signature: None,
         };
+        let approve = matches!(body.decision, Decision::Approve);
+        decision.signature = state
+            .signing
+            .as_ref()
+            .map(|k| k.sign(&id, approve, &decision));
         let data = match body.decision {
             Decision::Approve => EventData::ApprovalApproved(decision),
             Decision::Reject => EventData::ApprovalRejected(decision),

@@ -13,6 +13,7 @@ use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
 use slipway_core::bus::Bus;
 use slipway_core::config::Approver;
+use slipway_core::events::EventData;
 use slipway_core::runtime::CancellationToken;
 use slipway_core::sim::{Answer, Sim};
 use slipway_core::testing::TestNats;
@@ -36,6 +37,8 @@ allowed_groups = ["release-managers"]
 struct Gw {
     _nats: TestNats,
     bus: Bus,
+    /// The gateway's approval-signing public key.
+    public: slipway_core::signing::PublicKey,
     router: Router,
     stop: CancellationToken,
 }
@@ -62,6 +65,7 @@ async fn gateway() -> Gw {
         },
         stop.clone(),
     ));
+    let (seed, public) = slipway_core::signing::SigningKey::generate();
     let state = AppState {
         bus: bus.clone(),
         runs,
@@ -72,9 +76,13 @@ async fn gateway() -> Gw {
             approver("carol", "interns"),
         ]),
         trace_url_template: Some("http://traces.example/trace/{trace_id}".into()),
+        signing: Some(Arc::new(
+            slipway_core::signing::SigningKey::from_base64(&seed).unwrap(),
+        )),
     };
     Gw {
         _nats: nats,
+        public: slipway_core::signing::PublicKey::from_base64(&public).unwrap(),
         bus,
         router: app(state, 1 << 20),
         stop,
@@ -185,6 +193,17 @@ async fn approvals_are_authenticated_and_policy_checked() {
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(v["approver"], "bob");
     assert_eq!(v["stage"], "approval:production");
+    // The recorded decision carries the gateway's signature over this run and artifact.
+    let log = gw.bus.run_log(&run).await.unwrap();
+    let recorded = log
+        .iter()
+        .find_map(|r| match &r.event.as_ref().unwrap().data {
+            EventData::ApprovalApproved(d) => Some(d.clone()),
+            _ => None,
+        })
+        .expect("the approval is in the log");
+    assert_eq!(gw.public.verify(&run, true, &recorded), Ok(()));
+    assert!(gw.public.verify("another-run", true, &recorded).is_err());
 
     // Decided: a second decision finds nothing to decide.
     let (s, v) = gw

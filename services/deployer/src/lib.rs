@@ -24,18 +24,40 @@ use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worke
 use slipway_core::workspace::{self, Workspace};
 use tracing::{info, warn};
 
+#[derive(Debug, thiserror::Error)]
+pub enum DeployerError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("configuration error: {0}")]
+    Config(String),
+}
+
 /// Runs the deployer until `shutdown`.
 ///
 /// # Errors
-/// [`BusError`] when NATS cannot be reached or the consumer cannot be set up.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BusError> {
+/// [`DeployerError`] when NATS cannot be reached, the consumer cannot be set up, or the
+/// approval public key is not a key.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DeployerError> {
+    let approval_key = match &config.approvals.public_key {
+        Some(k) => Some(
+            slipway_core::signing::PublicKey::from_base64(k)
+                .map_err(|e| DeployerError::Config(format!("[approvals] public_key: {e}")))?,
+        ),
+        None => {
+            warn!(
+                "No [approvals] public_key: deploys to environments that require approval are refused."
+            );
+            None
+        }
+    };
     let bus = Bus::connect(&config.nats, "slipway-deployer").await?;
     let worker = Arc::new(Deployer {
         exec: config.exec.clone(),
         logs_bucket: config.nats.stream.logs_bucket.clone(),
         approvers: config.gateway.approvers.clone(),
+        approval_key,
     });
-    run_worker(bus, worker, config.worker, shutdown).await
+    Ok(run_worker(bus, worker, config.worker, shutdown).await?)
 }
 
 /// The deploy worker.
@@ -46,6 +68,8 @@ pub struct Deployer {
     /// The configured approvers: an approval counts only from one of them, with the groups
     /// the configuration gives them.
     pub approvers: Vec<slipway_core::config::Approver>,
+    /// The gateway's public key: an approval counts only with its valid signature.
+    pub approval_key: Option<slipway_core::signing::PublicKey>,
 }
 
 pub use slipway_core::baseline::{Live, live_version};
@@ -193,11 +217,22 @@ impl Deployer {
                 r.artifact.digest, built.digest
             )));
         }
+        let gated = run
+            .spec
+            .environment(&r.environment)
+            .is_some_and(|e| e.requires_approval);
+        if gated && self.approval_key.is_none() {
+            return Ok(Some(
+                "no approval public key is configured ([approvals] public_key): approvals cannot be verified"
+                    .into(),
+            ));
+        }
         Ok(slipway_core::policy::deploy_refusal(
             run,
             &r.environment,
             slipway_core::bus::now(),
             Some(&self.approvers),
+            self.approval_key.as_ref(),
         ))
     }
 

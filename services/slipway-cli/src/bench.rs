@@ -348,12 +348,14 @@ struct Target {
 impl Target {
     async fn start(data: &Path, env: Vec<(String, String)>) -> anyhow::Result<Self> {
         let gateway_port = free_port();
+        let (seed, public) = slipway_core::signing::SigningKey::generate();
         let config = data.join("slipway.toml");
         std::fs::create_dir_all(data)?;
         std::fs::write(
             &config,
             format!(
-                "[gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\ncdevents = false\n\n\
+                "[approvals]\npublic_key = \"{public}\"\n\n\
+                 [gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\ncdevents = false\nsigning_key = \"{seed}\"\n\n\
                  [[gateway.approvers]]\nname = \"bench\"\ngroups = [\"release-managers\"]\n\
                  token_sha256 = \"{:x}\"\n\n[worker]\nack_wait_secs = 10\n\n[conductor]\ntick_millis = 100\n",
                 Sha256::digest(TOKEN.as_bytes())

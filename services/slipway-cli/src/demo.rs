@@ -186,8 +186,10 @@ pub async fn demo(
 
     let token = slipway_core::ids::random();
     let gateway = format!("http://127.0.0.1:{gateway_port}");
+    let (seed, public) = slipway_core::signing::SigningKey::generate();
     let config = format!(
-        "[gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\npublic_url = \"{gateway}\"\n\n\
+        "[approvals]\npublic_key = \"{public}\"\n\n\
+         [gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\npublic_url = \"{gateway}\"\nsigning_key = \"{seed}\"\n\n\
          [[gateway.approvers]]\nname = \"{APPROVER}\"\ngroups = [\"release-managers\"]\n\
          token_sha256 = \"{:x}\"\n\n\
          [pricing.models.demo-model]\ninput_per_1k = 0.01\noutput_per_1k = 0.03\n\n\

@@ -110,6 +110,7 @@ impl Stack {
             env.push(("RUST_LOG".into(), "error".into()));
         }
         env.extend(extra_env);
+        env.extend(approval_keys(&data_dir, config)?);
         if let Some(c) = config {
             env.push((
                 "SLIPWAY_CONFIG".into(),
@@ -211,6 +212,44 @@ impl Stack {
             n.stop();
         }
     }
+}
+
+/// When the configuration names no approval keys, a key pair kept in the data directory (the
+/// seed readable by its owner only): the gateway signs with it, the deployer verifies.
+fn approval_keys(data_dir: &Path, config: Option<&Path>) -> anyhow::Result<Vec<(String, String)>> {
+    let loaded = slipway_core::config::Config::load(config)?;
+    if loaded.approvals.public_key.is_some()
+        || loaded.gateway.signing_key.is_some()
+        || loaded.gateway.signing_key_file.is_some()
+    {
+        return Ok(Vec::new());
+    }
+    let seed_path = data_dir.join("approval-signing.key");
+    let seed = match std::fs::read_to_string(&seed_path) {
+        Ok(s) => s,
+        Err(_) => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let (seed, _) = slipway_core::signing::SigningKey::generate();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&seed_path)
+                .with_context(|| format!("cannot write {}", seed_path.display()))?;
+            f.write_all(seed.as_bytes())?;
+            seed
+        }
+    };
+    let key = slipway_core::signing::SigningKey::from_base64(&seed)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", seed_path.display()))?;
+    Ok(vec![
+        (
+            "SLIPWAY__GATEWAY__SIGNING_KEY_FILE".into(),
+            seed_path.display().to_string(),
+        ),
+        ("SLIPWAY__APPROVALS__PUBLIC_KEY".into(), key.public_base64()),
+    ])
 }
 
 pub fn absolute_file(p: &Path) -> anyhow::Result<PathBuf> {

@@ -21,7 +21,17 @@ pub struct Config {
     pub exec: ExecSettings,
     pub conductor: ConductorSettings,
     pub gateway: GatewaySettings,
+    pub approvals: ApprovalKeys,
     pub pricing: Pricing,
+}
+
+/// How approvals are trusted: the gateway signs each decision; the deployer verifies.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApprovalKeys {
+    /// The gateway's Ed25519 public key (base64, 32 bytes): the deployer counts only approvals
+    /// it signed, and refuses approval-gated deploys when none is configured.
+    pub public_key: Option<String>,
 }
 
 /// The cost estimator's price list.
@@ -65,6 +75,10 @@ pub struct GatewaySettings {
     /// A trace UI's URL for a trace, with `{trace_id}` in it (e.g. Jaeger's
     /// `http://127.0.0.1:16686/trace/{trace_id}`): the page links each run's trace.
     pub trace_url_template: Option<String>,
+    /// The Ed25519 seed (base64, 32 bytes) approvals are signed with; keep it to the gateway.
+    pub signing_key: Option<String>,
+    /// A file holding the seed instead (readable by the gateway alone).
+    pub signing_key_file: Option<std::path::PathBuf>,
     /// Publish the CDEvents of runs on `cdevents.<subject>.<predicate>` (core NATS).
     pub cdevents: bool,
     /// URLs that get each CDEvent as a CloudEvent (HTTP binary mode), with retries.
@@ -81,6 +95,8 @@ impl Default for GatewaySettings {
             webhook_attempts: 5,
             max_body_bytes: 1024 * 1024,
             trace_url_template: None,
+            signing_key: None,
+            signing_key_file: None,
             cdevents: true,
             cdevents_webhooks: Vec::new(),
         }

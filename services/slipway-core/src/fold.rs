@@ -148,6 +148,9 @@ pub struct Approval {
     pub artifact_digest: String,
     pub comment: Option<String>,
     pub decided_at: DateTime<Utc>,
+    /// The decision as recorded, with the gateway's signature, for the deployer to verify.
+    #[serde(skip)]
+    pub record: ApprovalDecision,
 }
 
 /// One run, folded from its events.
@@ -502,6 +505,7 @@ fn apply_approval(run: &mut Run, event: &Event, d: &ApprovalDecision) {
         artifact_digest: d.artifact_digest.clone(),
         comment: d.comment.clone(),
         decided_at: d.decided_at,
+        record: d.clone(),
     });
     let required = run
         .spec

@@ -26,6 +26,7 @@ pub mod plan;
 pub mod policy;
 pub mod runtime;
 pub mod server;
+pub mod signing;
 pub mod spec;
 pub mod stats;
 pub mod subjects;

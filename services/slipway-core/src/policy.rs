@@ -60,11 +60,13 @@ fn gates(run: &Run) -> Vec<(String, Option<StageStatus>)> {
 ///
 /// With `approvers` (the configured registry), an approval counts only from a configured
 /// approver, judged by the groups the configuration gives them, not those the event claims.
+/// With `key`, a decision counts only with the gateway's valid signature for this run.
 pub fn deploy_refusal(
     run: &Run,
     environment: &str,
     now: DateTime<Utc>,
     approvers: Option<&[crate::config::Approver]>,
+    key: Option<&crate::signing::PublicKey>,
 ) -> Option<String> {
     let Some(env) = run.spec.environment(environment) else {
         return Some(format!("the run's spec has no environment {environment:?}"));
@@ -86,10 +88,25 @@ pub fn deploy_refusal(
     let Some(policy) = run.spec.approval.as_ref() else {
         return Some("the environment requires approval but the spec has no policy".into());
     };
+    let mut notes = Vec::new();
     let decisions: Vec<_> = run
         .approvals
         .iter()
         .filter(|a| a.environment == environment && a.artifact_digest == artifact.digest)
+        // The conductor's automatic approval is judged by the policy below, not signed.
+        .filter(|a| {
+            let Some(k) = key else { return true };
+            if a.approver == POLICY_APPROVER && a.decision == "approve" {
+                return true;
+            }
+            match k.verify(&run.run_id, a.decision == "approve", &a.record) {
+                Ok(()) => true,
+                Err(why) => {
+                    notes.push(why);
+                    false
+                }
+            }
+        })
         .collect();
     if let Some(r) = decisions.iter().find(|a| a.decision == "reject") {
         return Some(format!("rejected by {}", r.approver));
@@ -98,7 +115,6 @@ pub fn deploy_refusal(
     let expiry =
         Duration::seconds(i64::try_from(policy.expires_after_secs).unwrap_or(i64::MAX / 1000));
     let mut accepted = BTreeSet::new();
-    let mut notes = Vec::new();
     for a in decisions.iter().filter(|a| a.decision == "approve") {
         if a.approver == POLICY_APPROVER {
             if policy.auto_approve == AutoApprove::WhenClean && clean {
@@ -176,23 +192,29 @@ mod tests {
         sim.script
             .insert("deploy:production".into(), Answer::Silent);
         sim.run_to_end();
-        assert_eq!(deploy_refusal(sim.run(), "production", sim.now, None), None);
+        assert_eq!(
+            deploy_refusal(sim.run(), "production", sim.now, None, None),
+            None
+        );
         // Against a registry, only configured approvers count, with their configured groups.
         let registry = vec![crate::config::Approver {
             name: "approver-0".into(),
             groups: vec!["release-managers".into()],
             token_sha256: String::new(),
         }];
-        let why = deploy_refusal(sim.run(), "production", sim.now, Some(&registry)).unwrap();
+        let why = deploy_refusal(sim.run(), "production", sim.now, Some(&registry), None).unwrap();
         assert!(
             why.contains("approver-1 is not a configured approver"),
             "{why}"
         );
         // Staging needs nothing.
-        assert_eq!(deploy_refusal(sim.run(), "staging", sim.now, None), None);
+        assert_eq!(
+            deploy_refusal(sim.run(), "staging", sim.now, None, None),
+            None
+        );
         // Too late: the approvals expired.
         let late = sim.now + Duration::days(2);
-        let why = deploy_refusal(sim.run(), "production", late, None).unwrap();
+        let why = deploy_refusal(sim.run(), "production", late, None, None).unwrap();
         assert!(why.contains("expired"), "{why}");
 
         // Waiting for approval: refused, naming the count.
@@ -200,7 +222,7 @@ mod tests {
         sim.script
             .insert("approval:production".into(), Answer::Silent);
         sim.run_to_end();
-        let why = deploy_refusal(sim.run(), "production", sim.now, None).unwrap();
+        let why = deploy_refusal(sim.run(), "production", sim.now, None, None).unwrap();
         assert!(why.starts_with("0 of 2 required approvals"), "{why}");
 
         // A gate that failed: refused.
@@ -208,7 +230,7 @@ mod tests {
         sim.script
             .insert("perf".into(), Answer::Fail("slow".into()));
         sim.run_to_end();
-        let why = deploy_refusal(sim.run(), "production", sim.now, None).unwrap();
+        let why = deploy_refusal(sim.run(), "production", sim.now, None, None).unwrap();
         assert!(why.contains("gate perf has not passed"), "{why}");
     }
 }

@@ -1,0 +1,180 @@
+//! Approvals that cannot be forged: the gateway signs each decision it records with Ed25519,
+//! over the run, the stage, the artifact digest, the gate-results digest, the approver, the
+//! decision and its time; the deployer verifies the signature with the configured public key
+//! before the policy counts the approval. An approval published straight onto NATS, or a valid
+//! one replayed onto another run or another artifact, does not verify.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+
+use crate::events::ApprovalDecision;
+
+/// What a signature covers, in a fixed layout (one field per line, with a version tag).
+pub fn message(run_id: &str, approved: bool, d: &ApprovalDecision) -> Vec<u8> {
+    format!(
+        "slipway-approval-v1\nrun={run_id}\nstage={}\nattempt={}\nartifact={}\ngates={}\napprover={}\ndecision={}\ntime={}\n",
+        d.stage,
+        d.attempt,
+        d.artifact_digest,
+        d.gates_digest,
+        d.approver,
+        if approved { "approve" } else { "reject" },
+        d.decided_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    )
+    .into_bytes()
+}
+
+/// The gateway's private key.
+pub struct SigningKey(Ed25519KeyPair);
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key itself: it must not reach a log.
+        write!(f, "SigningKey(public {})", self.public_base64())
+    }
+}
+
+impl SigningKey {
+    /// From the base64 of a 32-byte Ed25519 seed.
+    ///
+    /// # Errors
+    /// What is wrong with the value (never the value itself).
+    pub fn from_base64(seed: &str) -> Result<Self, String> {
+        let bytes = STANDARD
+            .decode(seed.trim())
+            .map_err(|e| format!("the approval signing key is not base64: {e}"))?;
+        if bytes.len() != 32 {
+            return Err(format!(
+                "the approval signing key must be a 32-byte Ed25519 seed, not {} bytes",
+                bytes.len()
+            ));
+        }
+        Ed25519KeyPair::from_seed_unchecked(&bytes)
+            .map(Self)
+            .map_err(|_| "the approval signing key is not a valid Ed25519 seed".into())
+    }
+
+    /// A new random key: `(seed, public key)`, both base64.
+    pub fn generate() -> (String, String) {
+        let mut seed = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+            .expect("the system's random source works");
+        let key = Self::from_base64(&STANDARD.encode(seed)).expect("a fresh seed is valid");
+        (STANDARD.encode(seed), key.public_base64())
+    }
+
+    pub fn public_base64(&self) -> String {
+        STANDARD.encode(self.0.public_key().as_ref())
+    }
+
+    /// The signature (base64) of a decision about `run_id`.
+    pub fn sign(&self, run_id: &str, approved: bool, d: &ApprovalDecision) -> String {
+        STANDARD.encode(self.0.sign(&message(run_id, approved, d)).as_ref())
+    }
+}
+
+/// The public key the deployer verifies approvals with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey(Vec<u8>);
+
+impl PublicKey {
+    /// From the base64 of a 32-byte Ed25519 public key.
+    ///
+    /// # Errors
+    /// What is wrong with the value.
+    pub fn from_base64(key: &str) -> Result<Self, String> {
+        let bytes = STANDARD
+            .decode(key.trim())
+            .map_err(|e| format!("the approval public key is not base64: {e}"))?;
+        if bytes.len() != 32 {
+            return Err(format!(
+                "the approval public key must be 32 bytes of Ed25519, not {}",
+                bytes.len()
+            ));
+        }
+        Ok(Self(bytes))
+    }
+
+    /// Whether the decision carries the gateway's valid signature for `run_id`.
+    ///
+    /// # Errors
+    /// Why it does not verify.
+    pub fn verify(&self, run_id: &str, approved: bool, d: &ApprovalDecision) -> Result<(), String> {
+        let Some(sig) = d.signature.as_deref() else {
+            return Err(format!(
+                "{}'s {} is not signed by the gateway",
+                d.approver,
+                if approved { "approval" } else { "rejection" }
+            ));
+        };
+        let sig = STANDARD
+            .decode(sig)
+            .map_err(|_| format!("{}'s signature is not base64", d.approver))?;
+        UnparsedPublicKey::new(&ED25519, &self.0)
+            .verify(&message(run_id, approved, d), &sig)
+            .map_err(|_| {
+                format!(
+                    "{}'s signature does not match this run, artifact and decision",
+                    d.approver
+                )
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision() -> ApprovalDecision {
+        ApprovalDecision {
+            stage: "approval:production".into(),
+            attempt: 1,
+            approver: "bob".into(),
+            groups: vec!["release-managers".into()],
+            artifact_digest: format!("sha256:{}", "a".repeat(64)),
+            gates_digest: format!("sha256:{}", "b".repeat(64)),
+            comment: None,
+            decided_at: chrono::Utc::now(),
+            signature: None,
+        }
+    }
+
+    #[test]
+    fn signed_decisions_verify_and_nothing_else_does() {
+        let (seed, public) = SigningKey::generate();
+        let key = SigningKey::from_base64(&seed).unwrap();
+        let public = PublicKey::from_base64(&public).unwrap();
+        let mut d = decision();
+        assert!(
+            public
+                .verify("r1", true, &d)
+                .unwrap_err()
+                .contains("not signed")
+        );
+        d.signature = Some(key.sign("r1", true, &d));
+        assert_eq!(public.verify("r1", true, &d), Ok(()));
+        // Replayed onto another run, another artifact, as a rejection, or by someone else.
+        assert!(public.verify("r2", true, &d).is_err());
+        assert!(public.verify("r1", false, &d).is_err());
+        let mut other = d.clone();
+        other.artifact_digest = format!("sha256:{}", "c".repeat(64));
+        assert!(public.verify("r1", true, &other).is_err());
+        let mut other = d.clone();
+        other.approver = "dave".into();
+        assert!(public.verify("r1", true, &other).is_err());
+        // Another gateway's key.
+        let (_, stranger) = SigningKey::generate();
+        assert!(
+            PublicKey::from_base64(&stranger)
+                .unwrap()
+                .verify("r1", true, &d)
+                .is_err()
+        );
+        // The key never shows in Debug output.
+        assert!(!format!("{key:?}").contains(&seed));
+        assert!(SigningKey::from_base64("not base64!").is_err());
+        assert!(SigningKey::from_base64(&STANDARD.encode([1u8; 16])).is_err());
+    }
+}
