@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod harden;
 pub mod metrics;
 pub mod projection;
 pub mod routes;
@@ -40,10 +41,16 @@ pub struct AppState {
     /// Signs each recorded decision; without it decisions are unsigned and a deployer with a
     /// public key does not count them.
     pub signing: Option<Arc<slipway_core::signing::SigningKey>>,
+    /// Failed authentications allowed per client address and minute.
+    pub auth_limiter: Arc<harden::AuthLimiter>,
+    /// Longest a request may take.
+    pub request_timeout: Duration,
 }
 
 /// The gateway's routes.
 pub fn app(state: AppState, max_body_bytes: usize) -> Router {
+    let limiter = state.auth_limiter.clone();
+    let timeout = state.request_timeout;
     Router::new()
         .route("/", get(routes::page))
         .route("/healthz", get(routes::healthz))
@@ -58,6 +65,17 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/runs/{id}/approvals", post(routes::post_approval))
         .route("/v1/metrics/dora", get(routes::dora))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            limiter,
+            harden::limit_failed_auth,
+        ))
+        .layer(axum::middleware::from_fn(harden::same_origin_writes))
+        .layer(axum::middleware::from_fn(harden::header_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            timeout,
+            harden::time_limit,
+        ))
+        .layer(axum::middleware::from_fn(harden::security_headers))
         .with_state(state)
 }
 
@@ -151,16 +169,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         approvers: Arc::new(settings.approvers.clone()),
         trace_url_template: settings.trace_url_template.clone(),
         signing,
+        auth_limiter: Arc::new(harden::AuthLimiter::new(
+            settings.auth_failures_per_minute,
+            Duration::from_secs(60),
+        )),
+        request_timeout: Duration::from_secs(settings.request_timeout_secs.max(1)),
     };
     info!(%addr, approvers = settings.approvers.len(), "Approval gateway listening.");
     let s = shutdown.clone();
-    axum::serve(listener, app(state, settings.max_body_bytes))
-        .with_graceful_shutdown(async move { s.cancelled().await })
-        .await
-        .map_err(|source| GatewayError::Listen {
-            addr: addr.to_string(),
-            source,
-        })?;
+    axum::serve(
+        listener,
+        app(state, settings.max_body_bytes)
+            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { s.cancelled().await })
+    .await
+    .map_err(|source| GatewayError::Listen {
+        addr: addr.to_string(),
+        source,
+    })?;
     shutdown.cancel();
     let _ = follower.await;
     info!("Approval gateway stopped.");

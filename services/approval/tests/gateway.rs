@@ -79,6 +79,11 @@ async fn gateway() -> Gw {
         signing: Some(Arc::new(
             slipway_core::signing::SigningKey::from_base64(&seed).unwrap(),
         )),
+        auth_limiter: Arc::new(approval::harden::AuthLimiter::new(
+            1000,
+            Duration::from_secs(60),
+        )),
+        request_timeout: Duration::from_secs(30),
     };
     Gw {
         _nats: nats,

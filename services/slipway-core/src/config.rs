@@ -72,6 +72,10 @@ pub struct GatewaySettings {
     pub webhook_attempts: u32,
     /// Largest request body accepted (a change carries its spec).
     pub max_body_bytes: usize,
+    /// Longest a request may take before it is abandoned with `503`.
+    pub request_timeout_secs: u64,
+    /// Failed authentications per client address and minute before it gets `429`.
+    pub auth_failures_per_minute: u32,
     /// A trace UI's URL for a trace, with `{trace_id}` in it (e.g. Jaeger's
     /// `http://127.0.0.1:16686/trace/{trace_id}`): the page links each run's trace.
     pub trace_url_template: Option<String>,
@@ -94,6 +98,8 @@ impl Default for GatewaySettings {
             webhooks: Vec::new(),
             webhook_attempts: 5,
             max_body_bytes: 1024 * 1024,
+            request_timeout_secs: 30,
+            auth_failures_per_minute: 10,
             trace_url_template: None,
             signing_key: None,
             signing_key_file: None,

@@ -1,0 +1,308 @@
+//! Hostile input against the real gateway and services: every bad change is refused with a
+//! reason naming what is wrong, or handled safely; nothing crashes; the gateway's answers
+//! carry the security headers, refuse cross-site writes and oversized bodies, limit failed
+//! authentications, and never echo a secret into its log.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use slipway_e2e::{Stack, project};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn change(spec: &str, source: Value) -> Value {
+    json!({
+        "specversion": "1.0",
+        "id": slipway_core::ids::random(),
+        "source": "hostile-test",
+        "type": "dev.slipway.change.submitted.v1",
+        "datacontenttype": "application/json",
+        "data": {"spec": spec, "source": source, "author": "mallory"},
+    })
+}
+
+const SPEC: &str = r#"
+[pipeline]
+name = "hostile"
+[build]
+command = ["sh", "-c", "mkdir -p dist && printf '%s' \"$SLIPWAY_PIPELINE\" > dist/name"]
+artifacts = ["dist"]
+"#;
+
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, String) {
+    let r = http
+        .post(url)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_changes_are_refused_with_a_reason_and_nothing_crashes() {
+    let stack = Stack::start_with(&["slipway-conductor", "slipway-builder", "slipway-approval"]);
+    stack.wait_gateway();
+    // No pooled connections: the server closes one after refusing an oversized body unread.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let url = format!("{}/v1/changes", stack.gateway_url());
+    let dir = project(stack.dir.path(), "hostile", SPEC, &[]);
+    let ce = "application/cloudevents+json";
+    let good_source = json!({"kind": "directory", "path": dir.display().to_string()});
+
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let mut missing_id = change(SPEC, good_source.clone());
+    missing_id.as_object_mut().unwrap().remove("id");
+    let mut future = change(SPEC, good_source.clone());
+    future["type"] = json!("dev.slipway.change.submitted.v9");
+    let mut wrong_type = change(SPEC, good_source.clone());
+    wrong_type["data"]["spec"] = json!(42);
+    let relative = change(SPEC, json!({"kind": "directory", "path": "../../etc"}));
+    let bad_spec = change(
+        "[pipeline]\nname = \"x\"\n[build]\ncommand = []\n",
+        good_source.clone(),
+    );
+    let unknown_key = change(
+        &format!("{SPEC}\n[build.extra]\nshell = \"rm -rf /\"\n"),
+        good_source.clone(),
+    );
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "bad JSON",
+            b"{\"specversion\": ".to_vec(),
+            "not a CloudEvent",
+        ),
+        (
+            "invalid UTF-8",
+            vec![0xff, 0xfe, 0x7b, 0x7d],
+            "not a CloudEvent",
+        ),
+        ("deep nesting", deep.into_bytes(), "not a CloudEvent"),
+        ("missing id", missing_id.to_string().into_bytes(), "id"),
+        (
+            "unknown version",
+            future.to_string().into_bytes(),
+            "dev.slipway.change.submitted.v9",
+        ),
+        ("wrong type", wrong_type.to_string().into_bytes(), "spec"),
+        (
+            "relative source path",
+            relative.to_string().into_bytes(),
+            "absolute",
+        ),
+        (
+            "empty command",
+            bad_spec.to_string().into_bytes(),
+            "command",
+        ),
+        (
+            "unknown spec key",
+            unknown_key.to_string().into_bytes(),
+            "extra",
+        ),
+    ];
+    for (what, body, names) in cases {
+        let (status, text) = post(&http, &url, ce, body).await;
+        assert_eq!(status, 400, "{what}: {status} {text}");
+        assert!(
+            text.contains(names),
+            "{what}: the reason names {names:?}: {text}"
+        );
+    }
+    // Oversized: over the gateway's body limit (1 MiB by default).
+    let huge = change(
+        &format!("{SPEC}#{}", "x".repeat(2 << 20)),
+        good_source.clone(),
+    );
+    let (status, _) = post(&http, &url, ce, huge.to_string()).await;
+    assert_eq!(status, 413, "oversized body");
+    // Oversized headers: refused by the HTTP layer, the server lives on.
+    let r = http
+        .get(format!("{}/v1/runs", stack.gateway_url()))
+        .header("x-filler", "y".repeat(40_000))
+        .send()
+        .await;
+    assert_eq!(r.unwrap().status(), 431, "oversized headers");
+    let r = http
+        .get(format!("{}/healthz", stack.gateway_url()))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+
+    // A git source pointing at a local file, and one that looks like an option: the run is
+    // made and its build fails saying why; no checkout happens.
+    for (what, source, names) in [
+        (
+            "file URL",
+            json!({"kind": "git", "url": "file:///etc", "revision": "HEAD"}),
+            "file",
+        ),
+        (
+            "option URL",
+            json!({"kind": "git", "url": "--upload-pack=touch /tmp/pwned", "revision": "HEAD"}),
+            "option",
+        ),
+        (
+            "option revision",
+            json!({"kind": "git", "url": "https://example.invalid/r.git", "revision": "--output=/tmp/pwned"}),
+            "revision",
+        ),
+    ] {
+        let c = change(SPEC, source);
+        let (status, text) = post(&http, &url, ce, c.to_string()).await;
+        assert_eq!(status, 202, "{what}: {text}");
+        let run = serde_json::from_str::<Value>(&text).unwrap()["run_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let s = stack.wait_phase(&run, "failed", LONG);
+        let reason = s["reason"].as_str().unwrap();
+        assert!(reason.contains(names), "{what}: {reason}");
+    }
+    assert!(!std::path::Path::new("/tmp/pwned").exists());
+
+    // Shell metacharacters in values that reach a command (its environment, the pipeline
+    // name in SLIPWAY_PIPELINE) stay data: commands are argv lists, never a shell line.
+    let out = stack.dir.path().join("meta-out");
+    let meta = format!(
+        r#"
+[pipeline]
+name = "meta"
+[build]
+command = ["sh", "-c", "mkdir -p dist && printf '%s' \"$X\" > '{}' && echo ok > dist/a"]
+artifacts = ["dist"]
+env = {{ X = "$(touch /tmp/pwned-too); `id` && rm -rf / ; | cat /etc/passwd" }}
+"#,
+        out.display()
+    );
+    let c = change(&meta, good_source.clone());
+    let (status, text) = post(&http, &url, ce, c.to_string()).await;
+    assert_eq!(status, 202, "{text}");
+    let run = serde_json::from_str::<Value>(&text).unwrap()["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    stack.wait_phase(&run, "succeeded", LONG);
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "$(touch /tmp/pwned-too); `id` && rm -rf / ; | cat /etc/passwd"
+    );
+    assert!(!std::path::Path::new("/tmp/pwned-too").exists());
+
+    // Still serving, and a good change still becomes a run that succeeds.
+    let (status, text) = post(&http, &url, ce, change(SPEC, good_source).to_string()).await;
+    assert_eq!(status, 202, "{text}");
+    let run = serde_json::from_str::<Value>(&text).unwrap()["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    stack.wait_phase(&run, "succeeded", LONG);
+    for s in ["slipway-conductor", "slipway-builder", "slipway-approval"] {
+        assert!(stack.services.iter().any(|p| p.name == s), "{s} started");
+    }
+    let mut stack = stack;
+    for s in ["slipway-conductor", "slipway-builder", "slipway-approval"] {
+        assert!(stack.service(s).is_running(), "{s} is still running");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_sends_security_headers_refuses_cross_site_writes_and_limits_failed_logins() {
+    let stack = Stack::start_with(&["slipway-conductor", "slipway-approval"]);
+    stack.wait_gateway();
+    let http = reqwest::Client::new();
+    let gw = stack.gateway_url();
+
+    let page = http.get(format!("{gw}/")).send().await.unwrap();
+    let h = page.headers().clone();
+    let csp = h["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'sha256-"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["referrer-policy"], "no-referrer");
+
+    // A write a browser makes for another site is refused before anything else.
+    let approve = format!("{gw}/v1/runs/some-run/approvals");
+    for (name, value) in [
+        ("origin", "http://evil.example"),
+        ("sec-fetch-site", "cross-site"),
+        ("origin", "null"),
+    ] {
+        let r = http
+            .post(&approve)
+            .header(name, value)
+            .header("authorization", "Bearer bob-token")
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{name}: {value}");
+        assert!(r.text().await.unwrap().contains("cross-site"));
+    }
+    // Same origin is fine (it gets as far as the run lookup).
+    let r = http
+        .post(&approve)
+        .header("origin", &gw)
+        .header("authorization", "Bearer bob-token")
+        .header("content-type", "application/json")
+        .body(json!({"decision": "approve", "artifact_digest": "sha256:00"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 403);
+
+    // Failed authentications: ten per minute per address, then 429 with Retry-After.
+    let secret = "SECRET-not-a-token-0123456789";
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let r = http
+            .post(&approve)
+            .header("authorization", format!("Bearer {secret}"))
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            assert!(r.headers().get("retry-after").is_some());
+        }
+    }
+    assert_eq!(&statuses[..10], &[401; 10], "{statuses:?}");
+    assert_eq!(statuses[10], 429, "{statuses:?}");
+    // Even a valid token waits out the window from that address.
+    let r = http
+        .post(&approve)
+        .header("authorization", "Bearer bob-token")
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    // No token, and no signing key, ever reaches the log.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = stack.logs();
+    assert!(!logs.contains(secret), "a token reached the log");
+    assert!(!logs.contains("bob-token"), "a token reached the log");
+    let config = std::fs::read_to_string(stack.dir.path().join("slipway.toml")).unwrap();
+    let seed = config
+        .lines()
+        .find_map(|l| l.strip_prefix("signing_key = \""))
+        .unwrap()
+        .trim_end_matches('"');
+    assert!(!logs.contains(seed), "the signing key reached the log");
+}
