@@ -129,7 +129,7 @@ source = {{ kind = "directory", path = "{dir}" }}
         &registry,
     );
     stack.wait_gateway();
-    let client = async_nats::connect(stack.nats.url()).await.unwrap();
+    let client = stack.nats_client().await;
     let mut emitted = client.subscribe("cdevents.>").await.unwrap();
     let http = reqwest::Client::new();
 

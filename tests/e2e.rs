@@ -139,7 +139,7 @@ async fn raw_cloudevents_in_both_modes_become_runs_and_repeats_make_one_run() {
     let dir = project(stack.dir.path(), "raw", &spec_text, &[]);
     // The stream exists once any service or client has started; make sure before raw publishes.
     stack.bus().await;
-    let client = async_nats::connect(stack.nats.url()).await.unwrap();
+    let client = stack.nats_client().await;
 
     // Binary content mode: attributes as ce-* headers.
     let mut h = HeaderMap::new();
@@ -329,7 +329,7 @@ async fn malformed_changes_are_rejected_with_a_reason_and_services_keep_running(
     let stack = Stack::start();
     // The stream exists once any service or client has started; make sure before raw publishes.
     stack.bus().await;
-    let client = async_nats::connect(stack.nats.url()).await.unwrap();
+    let client = stack.nats_client().await;
     // Not JSON at all.
     publish_raw(
         &client,

@@ -189,4 +189,9 @@ async fn the_evaluation_gate_scores_blocks_and_fails_fast() {
     assert!(reason.contains(&format!("127.0.0.1:{closed}")), "{reason}");
     stack.assert_replay_matches(&run);
     stack.assert_log_meets_schemas().await;
+    assert_eq!(
+        stack.refusals(),
+        Vec::<String>::new(),
+        "within least privilege"
+    );
 }

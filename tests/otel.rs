@@ -393,6 +393,8 @@ async fn a_run_is_one_trace_across_the_service_processes_over_otlp_http() {
             .metric_attrs("cicd.pipeline.run.duration")
             .contains("cicd.pipeline.result")
     );
+    // Every service did its work within its least-privilege grants.
+    assert_eq!(stack.refusals(), Vec::<String>::new());
 }
 
 fn build_test_spec() -> &'static str {

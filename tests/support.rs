@@ -125,7 +125,8 @@ impl Stack {
         extra: &str,
     ) -> Self {
         let mut s = Self {
-            nats: TestNats::start(),
+            // Every end-to-end test runs under the shipped least-privilege configuration.
+            nats: TestNats::start_least_privilege(),
             services: Vec::new(),
             dir: tempfile::tempdir().expect("temp dir"),
             gateway_port: slipway_core::server::free_port(),
@@ -174,9 +175,15 @@ impl Stack {
             .append(true)
             .open(self.dir.path().join(format!("{name}.log")))
             .expect("service log");
+        let (user, password) = self
+            .nats
+            .credentials(slipway_core::testing::nats_user_of(binary))
+            .expect("a least-privilege user per service");
         let child = Command::new(self.bins.join(binary))
             .env("SLIPWAY_CONFIG", self.dir.path().join("slipway.toml"))
-            .env("SLIPWAY__NATS__URL", self.nats.url())
+            .env("SLIPWAY__NATS__URL", self.nats.plain_url())
+            .env("SLIPWAY__NATS__USER", user)
+            .env("SLIPWAY__NATS__PASSWORD", password)
             .env("SLIPWAY__WORKER__ACK_WAIT_SECS", "3")
             .env("SLIPWAY__WORKER__DRAIN_SECS", "5")
             .env("SLIPWAY__CONDUCTOR__TICK_MILLIS", "100")
@@ -206,9 +213,33 @@ impl Stack {
             .unwrap_or_else(|| panic!("{name} not started"))
     }
 
-    /// Every service log, for a failing test's message.
+    /// A NATS client of the test itself (the `admin` user).
+    pub async fn nats_client(&self) -> async_nats::Client {
+        let (user, password) = self.nats.credentials("admin").expect("admin user");
+        async_nats::ConnectOptions::with_user_and_password(user, password)
+            .connect(self.nats.plain_url())
+            .await
+            .expect("the test connects to NATS")
+    }
+
+    /// What the server refused any client (permission violations), from its log.
+    pub fn refusals(&self) -> Vec<String> {
+        std::fs::read_to_string(self.nats.process.store.join("nats-server.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("Violation"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Every service log, for a failing test's message; and what the server refused.
     pub fn logs(&self) -> String {
         let mut out = String::new();
+        let server = std::fs::read_to_string(self.nats.process.store.join("nats-server.log"))
+            .unwrap_or_default();
+        for l in server.lines().filter(|l| l.contains("Violation")).take(20) {
+            out.push_str(&format!("nats-server: {l}\n"));
+        }
         for s in &self.services {
             let p = self.dir.path().join(format!("{}.log", s.name));
             let text = std::fs::read_to_string(&p).unwrap_or_default();
@@ -242,7 +273,8 @@ impl Stack {
     pub fn slipway(&self, args: &[&str]) -> Output {
         Command::new(self.bins.join("slipway"))
             .args(args)
-            .env("SLIPWAY_NATS_URL", self.nats.url())
+            // People's commands connect as the least-privilege `cli` user.
+            .env("SLIPWAY_NATS_URL", self.nats.url_as("cli"))
             .env("SLIPWAY_GATEWAY_URL", self.gateway_url())
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")

@@ -22,13 +22,35 @@ use crate::subjects;
 pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 11, 0);
 
 /// How a service reaches NATS and how the log's stream is shaped.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsSettings {
     pub url: String,
     /// Give up connecting after this long (the server may still be starting).
     pub connect_timeout_secs: u64,
     pub stream: StreamSettings,
+    /// User and password, for a server with `authorization` users (deploy/nats/).
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// A NATS credentials file (JWT and NKey seed), for an operator-mode server.
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// A file holding an NKey seed (`SU...`), for a server with `nkey` users.
+    pub nkey_seed_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for NatsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password never reaches a log.
+        f.debug_struct("NatsSettings")
+            .field("url", &self.url)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .field("stream", &self.stream)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field("credentials_file", &self.credentials_file)
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .finish()
+    }
 }
 
 impl Default for NatsSettings {
@@ -37,6 +59,10 @@ impl Default for NatsSettings {
             url: "nats://127.0.0.1:4222".into(),
             connect_timeout_secs: 15,
             stream: StreamSettings::default(),
+            user: None,
+            password: None,
+            credentials_file: None,
+            nkey_seed_file: None,
         }
     }
 }
@@ -159,20 +185,43 @@ impl Bus {
     pub async fn connect(settings: &NatsSettings, client_name: &str) -> Result<Self, BusError> {
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(settings.connect_timeout_secs.max(1));
+        // Credentials in the URL are taken out of it, so they never reach a log or an error.
+        let (url, url_user) = split_userinfo(&settings.url);
         let client = loop {
-            let opts = async_nats::ConnectOptions::new()
+            let mut opts = async_nats::ConnectOptions::new()
                 .name(client_name)
                 .connection_timeout(Duration::from_secs(2))
                 .max_reconnects(None);
-            match opts.connect(settings.url.as_str()).await {
+            if let (Some(u), Some(p)) = (&settings.user, &settings.password) {
+                opts = opts.user_and_password(u.clone(), p.clone());
+            } else if let Some((u, p)) = url_user.clone() {
+                opts = opts.user_and_password(u, p);
+            }
+            if let Some(path) = &settings.nkey_seed_file {
+                let seed = std::fs::read_to_string(path).map_err(|e| BusError::Connect {
+                    url: url.clone(),
+                    message: format!("nkey_seed_file {}: {e}", path.display()),
+                })?;
+                opts = opts.nkey(seed.trim().to_string());
+            }
+            if let Some(path) = &settings.credentials_file {
+                opts = opts
+                    .credentials_file(path)
+                    .await
+                    .map_err(|e| BusError::Connect {
+                        url: url.clone(),
+                        message: format!("credentials_file {}: {e}", path.display()),
+                    })?;
+            }
+            match opts.connect(url.as_str()).await {
                 Ok(c) => break c,
                 Err(e) if tokio::time::Instant::now() < deadline => {
-                    debug!(url = %settings.url, error = %e, "NATS not reachable yet; retrying.");
+                    debug!(url = %url, error = %e, "NATS not reachable yet; retrying.");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(e) => {
                     return Err(BusError::Connect {
-                        url: settings.url.clone(),
+                        url: url.clone(),
                         message: e.to_string(),
                     });
                 }
@@ -531,6 +580,21 @@ pub fn recorded(seq: u64, m: &async_nats::Message) -> Recorded {
         event,
         raw,
     }
+}
+
+/// `nats://user:password@host:port` as the URL without them, and them.
+fn split_userinfo(url: &str) -> (String, Option<(String, String)>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), None);
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return (url.to_string(), None);
+    };
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    (
+        format!("{scheme}://{host}"),
+        Some((user.to_string(), password.to_string())),
+    )
 }
 
 /// Refuses servers older than [`MIN_SERVER_VERSION`].

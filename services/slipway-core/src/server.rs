@@ -97,6 +97,8 @@ pub struct NatsProcess {
     pub port: u16,
     pub store: PathBuf,
     extra_args: Vec<String>,
+    /// Environment of the server (values its configuration refers to as `$NAME`).
+    env: Vec<(String, String)>,
 }
 
 impl NatsProcess {
@@ -122,6 +124,7 @@ impl NatsProcess {
                 port: if port == 0 { free_port() } else { port },
                 store: store.to_path_buf(),
                 extra_args: extra_args.to_vec(),
+                env: Vec::new(),
             };
             match p.start(port != 0) {
                 Ok(()) => return Ok(p),
@@ -152,6 +155,7 @@ impl NatsProcess {
         .arg("-l")
         .arg(&log)
         .args(&self.extra_args)
+        .envs(self.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -220,6 +224,34 @@ impl NatsProcess {
     ///
     /// # Errors
     /// As [`NatsProcess::spawn`].
+    /// As [`NatsProcess::spawn`], with `env` in the server's environment.
+    ///
+    /// # Errors
+    /// As [`NatsProcess::spawn`].
+    pub fn spawn_with_env(
+        binary: &Path,
+        store: &Path,
+        extra_args: &[String],
+        env: &[(String, String)],
+    ) -> Result<Self, String> {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let mut p = Self {
+                child: None,
+                binary: binary.to_path_buf(),
+                port: free_port(),
+                store: store.to_path_buf(),
+                extra_args: extra_args.to_vec(),
+                env: env.to_vec(),
+            };
+            match p.start(false) {
+                Ok(()) => return Ok(p),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     pub fn restart(&mut self) -> Result<(), String> {
         self.kill();
         self.start(false)

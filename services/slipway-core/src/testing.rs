@@ -27,6 +27,31 @@ pub fn nats_binary() -> PathBuf {
 pub struct TestNats {
     pub process: NatsProcess,
     _dir: tempfile::TempDir,
+    /// Passwords by user, when the server runs `deploy/nats/least-privilege.conf`.
+    passwords: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// The users of `deploy/nats/least-privilege.conf`.
+pub const NATS_USERS: &[&str] = &[
+    "admin",
+    "conductor",
+    "builder",
+    "tester",
+    "deployer",
+    "monitor",
+    "model-evaluator",
+    "perf-regression",
+    "cost-estimator",
+    "gateway",
+    "cli",
+];
+
+/// The least-privilege user a service binary connects as (`slipway-approval` is `gateway`).
+pub fn nats_user_of(binary: &str) -> &str {
+    match binary.strip_prefix("slipway-").unwrap_or(binary) {
+        "approval" => "gateway",
+        other => other,
+    }
 }
 
 impl TestNats {
@@ -38,11 +63,74 @@ impl TestNats {
         let dir = tempfile::tempdir().expect("temp dir");
         let process = NatsProcess::spawn(&nats_binary(), 0, &dir.path().join("store"), &[])
             .unwrap_or_else(|e| panic!("cannot start a test nats-server: {e}"));
-        Self { process, _dir: dir }
+        Self {
+            process,
+            _dir: dir,
+            passwords: None,
+        }
     }
 
-    pub fn url(&self) -> String {
+    /// A server with `deploy/nats/least-privilege.conf`: a user per service, random passwords.
+    /// [`TestNats::url`] is then the `admin` user's.
+    ///
+    /// # Panics
+    /// When the server cannot start.
+    pub fn start_least_privilege() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let passwords: std::collections::BTreeMap<String, String> = NATS_USERS
+            .iter()
+            // A letter first: the server's configuration reads a bare `12e4…` as a number.
+            .map(|u| (u.to_string(), format!("pw-{}", crate::ids::random())))
+            .collect();
+        let env: Vec<(String, String)> = passwords
+            .iter()
+            .map(|(u, p)| {
+                (
+                    format!("SLIPWAY_NATS_PASS_{}", u.to_uppercase().replace('-', "_")),
+                    p.clone(),
+                )
+            })
+            .collect();
+        let conf = workspace_root().join("deploy/nats/least-privilege.conf");
+        let process = NatsProcess::spawn_with_env(
+            &nats_binary(),
+            &dir.path().join("store"),
+            &["-c".to_string(), conf.display().to_string()],
+            &env,
+        )
+        .unwrap_or_else(|e| panic!("cannot start a least-privilege nats-server: {e}"));
+        Self {
+            process,
+            _dir: dir,
+            passwords: Some(passwords),
+        }
+    }
+
+    /// The server's URL without credentials.
+    pub fn plain_url(&self) -> String {
         self.process.url()
+    }
+
+    /// `(user, password)` of a least-privilege user.
+    pub fn credentials(&self, user: &str) -> Option<(String, String)> {
+        let p = self.passwords.as_ref()?.get(user)?;
+        Some((user.to_string(), p.clone()))
+    }
+
+    /// The URL as `user` (credentials in it), or the plain URL on an open server.
+    pub fn url_as(&self, user: &str) -> String {
+        match self.credentials(user) {
+            Some((u, p)) => self
+                .process
+                .url()
+                .replacen("nats://", &format!("nats://{u}:{p}@"), 1),
+            None => self.process.url(),
+        }
+    }
+
+    /// The URL tests use: the `admin` user's on a least-privilege server.
+    pub fn url(&self) -> String {
+        self.url_as("admin")
     }
 
     pub fn settings(&self) -> NatsSettings {
