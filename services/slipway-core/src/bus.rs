@@ -213,7 +213,14 @@ impl Bus {
                         message: format!("credentials_file {}: {e}", path.display()),
                     })?;
             }
-            match opts.connect(url.as_str()).await {
+            // A comma-separated list: the nodes of a cluster, tried in turn.
+            let addrs: Result<Vec<async_nats::ServerAddr>, _> =
+                url.split(',').map(|u| u.trim().parse()).collect();
+            let addrs = addrs.map_err(|e| BusError::Connect {
+                url: url.clone(),
+                message: format!("not a NATS URL (or comma-separated list of them): {e}"),
+            })?;
+            match opts.connect(addrs).await {
                 Ok(c) => break c,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     debug!(url = %url, error = %e, "NATS not reachable yet; retrying.");
