@@ -9,6 +9,7 @@ mod client;
 mod demo;
 mod http;
 mod show;
+mod soak;
 mod up;
 
 use std::path::PathBuf;
@@ -133,6 +134,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Push many runs through no-op stages with faults injected (SIGKILL of services, restarts
+    /// of nats-server) and count: lost runs and duplicated side effects must be zero.
+    Soak {
+        #[arg(long, default_value_t = 300)]
+        runs: usize,
+        /// Runs submitted per second at most.
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+        /// Seconds between faults (0: none).
+        #[arg(long, default_value_t = 4.0)]
+        fault_every: f64,
+        /// Seconds to wait for the runs' ends once all are submitted.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Repeat a fault schedule.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Keep the servers' data here (default: a temporary directory, removed after).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure Slipway against the raw JetStream floor on its own nats-server and services:
     /// a markdown table of ratios (docs/performance.md).
     Bench {
@@ -210,6 +234,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             monitor_window,
         } => demo::demo(project, data_dir, monitor_window).await,
+        Command::Soak {
+            runs,
+            rate,
+            fault_every,
+            timeout,
+            seed,
+            data_dir,
+            json,
+        } => {
+            soak::soak(soak::Options {
+                runs,
+                rate,
+                fault_every,
+                timeout_secs: timeout,
+                seed,
+                data_dir,
+                json,
+            })
+            .await
+        }
         Command::Bench {
             runs,
             inflight,

@@ -41,6 +41,8 @@ pub struct Stack {
     services: Vec<Service>,
     env: Vec<(String, String)>,
     bin_dir: PathBuf,
+    /// Exits of one service tolerated before giving up (`slipway soak` kills on purpose).
+    pub max_restarts: u32,
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
@@ -130,6 +132,7 @@ impl Stack {
                 .collect(),
             env,
             bin_dir,
+            max_restarts: MAX_RESTARTS,
         };
         for i in 0..stack.services.len() {
             stack.spawn(i)?;
@@ -153,7 +156,7 @@ impl Stack {
     }
 
     /// Restarts services that exited (with a growing delay), until `stop`.
-    async fn supervise_once(&mut self) -> anyhow::Result<()> {
+    pub async fn supervise_once(&mut self) -> anyhow::Result<()> {
         for i in 0..self.services.len() {
             let exited = match self.services[i].child.as_mut() {
                 Some(c) => c.try_wait()?.map(|s| s.to_string()),
@@ -162,13 +165,18 @@ impl Stack {
             if let Some(status) = exited {
                 let s = &mut self.services[i];
                 s.restarts += 1;
-                if s.restarts > MAX_RESTARTS {
+                if s.restarts > self.max_restarts {
                     bail!(
-                        "{} keeps exiting ({status}); giving up after {MAX_RESTARTS} restarts",
-                        s.name
+                        "{} keeps exiting ({status}); giving up after {} restarts",
+                        s.name,
+                        self.max_restarts
                     );
                 }
-                let delay = Duration::from_millis(500 * u64::from(s.restarts.min(10)));
+                let delay = if self.max_restarts == u32::MAX {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::from_millis(500 * u64::from(s.restarts.min(10)))
+                };
                 eprintln!(
                     "{} exited ({status}); restarting in {:.1}s",
                     s.name,
@@ -179,6 +187,17 @@ impl Stack {
             }
         }
         Ok(())
+    }
+
+    /// SIGKILL to the nats-server this stack started, then the same server on the same store.
+    ///
+    /// # Errors
+    /// When it does not come back.
+    pub fn restart_nats(&mut self) -> anyhow::Result<()> {
+        match self.nats.as_mut() {
+            Some(n) => n.restart().map_err(anyhow::Error::msg),
+            None => bail!("this stack did not start its nats-server"),
+        }
     }
 
     /// `(service, pid)` of every running service.
