@@ -14,6 +14,13 @@ fuzz_target!(|data: &[u8]| {
     let (Ok(ty), Ok(id)) = (std::str::from_utf8(ty), std::str::from_utf8(id)) else {
         return;
     };
+    // Values a header can carry on the wire (no CR or LF), as the server delivers them.
+    let (Ok(ty), Ok(id)) = (
+        ty.parse::<async_nats::HeaderValue>(),
+        id.parse::<async_nats::HeaderValue>(),
+    ) else {
+        return;
+    };
     let mut h = async_nats::HeaderMap::new();
     h.insert("ce-specversion", "1.0");
     h.insert("ce-source", "fuzz");
