@@ -306,3 +306,74 @@ async fn the_gateway_sends_security_headers_refuses_cross_site_writes_and_limits
         .trim_end_matches('"');
     assert!(!logs.contains(seed), "the signing key reached the log");
 }
+
+#[test]
+fn the_gateway_serves_https_when_configured() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let stack = Stack::start_with_config(
+        &["slipway-approval"],
+        &[],
+        &format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+            cert.display(),
+            key.display()
+        ),
+        "",
+    );
+    stack.wait_gateway();
+    let https = stack.gateway_url().replace("http://", "https://");
+    let curl = |url: &str, extra: &[&str]| {
+        std::process::Command::new("curl")
+            .args(["-sS", "-i", "--max-time", "10"])
+            .args(extra)
+            .arg(url)
+            .output()
+            .unwrap()
+    };
+    let out = curl(
+        &format!("{https}/healthz"),
+        &["--cacert", cert.to_str().unwrap()],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with("http/2 200") || text.starts_with("http/1.1 200"),
+        "{text}"
+    );
+    assert!(text.contains("x-frame-options: deny"), "{text}");
+    // Plain HTTP to the TLS port gets no answer, and the gateway keeps serving.
+    let plain = curl(&format!("{}/healthz", stack.gateway_url()), &[]);
+    assert!(!String::from_utf8_lossy(&plain.stdout).contains("200"));
+    let out = curl(
+        &format!("{https}/healthz"),
+        &["--cacert", cert.to_str().unwrap()],
+    );
+    assert!(out.status.success());
+}

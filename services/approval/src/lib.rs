@@ -16,6 +16,7 @@ pub mod harden;
 pub mod metrics;
 pub mod projection;
 pub mod routes;
+pub mod tls;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -126,6 +127,15 @@ pub fn signing_key(
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
     let settings = config.gateway.clone();
     let signing = signing_key(&settings)?.map(Arc::new);
+    let tls = match (&settings.tls_cert_file, &settings.tls_key_file) {
+        (Some(c), Some(k)) => Some(tls::config(c, k)?),
+        (None, None) => None,
+        _ => {
+            return Err(GatewayError::Config(
+                "set both [gateway] tls_cert_file and tls_key_file, or neither".into(),
+            ));
+        }
+    };
     if signing.is_none() {
         tracing::warn!(
             "No [gateway] signing_key: approvals are recorded unsigned, and a deployer that verifies them will not count them."
@@ -175,19 +185,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         )),
         request_timeout: Duration::from_secs(settings.request_timeout_secs.max(1)),
     };
-    info!(%addr, approvers = settings.approvers.len(), "Approval gateway listening.");
+    info!(%addr, approvers = settings.approvers.len(), https = tls.is_some(), "Approval gateway listening.");
     let s = shutdown.clone();
-    axum::serve(
-        listener,
-        app(state, settings.max_body_bytes)
-            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { s.cancelled().await })
-    .await
-    .map_err(|source| GatewayError::Listen {
-        addr: addr.to_string(),
-        source,
-    })?;
+    let router = app(state, settings.max_body_bytes);
+    match tls {
+        Some(cfg) => tls::serve(listener, router, cfg, shutdown.clone()).await,
+        None => axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { s.cancelled().await })
+        .await
+        .map_err(|source| GatewayError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?,
+    }
     shutdown.cancel();
     let _ = follower.await;
     info!("Approval gateway stopped.");

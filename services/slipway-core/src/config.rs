@@ -83,6 +83,10 @@ pub struct GatewaySettings {
     pub signing_key: Option<String>,
     /// A file holding the seed instead (readable by the gateway alone).
     pub signing_key_file: Option<std::path::PathBuf>,
+    /// Serve HTTPS with this certificate chain and private key (PEM files); plain HTTP when
+    /// unset.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    pub tls_key_file: Option<std::path::PathBuf>,
     /// Publish the CDEvents of runs on `cdevents.<subject>.<predicate>` (core NATS).
     pub cdevents: bool,
     /// URLs that get each CDEvent as a CloudEvent (HTTP binary mode), with retries.
@@ -103,6 +107,8 @@ impl Default for GatewaySettings {
             trace_url_template: None,
             signing_key: None,
             signing_key_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             cdevents: true,
             cdevents_webhooks: Vec::new(),
         }
