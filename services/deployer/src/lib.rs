@@ -118,9 +118,22 @@ impl Worker for Deployer {
     }
 
     /// A deploy is never run twice: one delivery wins the start, and a start without a result
-    /// is left to the stage timeout rather than repeated.
+    /// is left to the stage timeout rather than repeated...
     fn exclusive(&self) -> bool {
         true
+    }
+
+    /// ...unless the run's spec declares the environment's deploy command idempotent by its
+    /// deploy key: then it is run again with the same key (what the spec says, not the
+    /// request).
+    fn may_resume(&self, run: &slipway_core::Run, request: &slipway_core::Event) -> bool {
+        let env = match &request.data {
+            EventData::DeployRequested(r) | EventData::RollbackRequested(r) => &r.environment,
+            _ => return false,
+        };
+        run.spec
+            .environment(env)
+            .is_some_and(|e| e.deploy.idempotent)
     }
 
     async fn started(&self, job: &Job) -> Result<EventData, Transient> {
@@ -328,6 +341,10 @@ impl Deployer {
             artifact_dir.display().to_string(),
         );
         env.insert("SLIPWAY_ARTIFACT_DIGEST".into(), r.artifact.digest.clone());
+        env.insert(
+            "SLIPWAY_DEPLOY_KEY".into(),
+            format!("{}/{}/{}", job.run_id, r.stage, r.attempt),
+        );
         env.insert(
             "SLIPWAY_PREVIOUS_VERSION".into(),
             previous

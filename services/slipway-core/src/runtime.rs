@@ -133,6 +133,13 @@ pub trait Worker: Send + Sync + 'static {
         false
     }
 
+    /// For an exclusive worker: whether an attempt an earlier delivery started (and never
+    /// reported) may be run again, because the work is idempotent (a deploy command that
+    /// declares it, by its deploy key).
+    fn may_resume(&self, _run: &Run, _request: &Event) -> bool {
+        false
+    }
+
     /// The `started` fact (the deployer adds what was live before).
     fn started(&self, job: &Job) -> impl Future<Output = Result<EventData, Transient>> + Send {
         let data = started_data(
@@ -400,7 +407,18 @@ impl<W: Worker> Ctx<W> {
             let _ = msg.double_ack().await;
             return;
         }
+        let mut resumed = false;
         match run.stage(&stage) {
+            Some(s)
+                if self.worker.exclusive()
+                    && s.attempt == attempt
+                    && s.status == crate::fold::StageStatus::Running
+                    && self.worker.may_resume(&run, &request) =>
+            {
+                // Idempotent work whose first try never reported: run it again, same key.
+                warn!(worker = ?s.worker, "Stage started by an earlier delivery that never reported; the work is idempotent, so it runs again.");
+                resumed = true;
+            }
             Some(s)
                 if self.worker.exclusive()
                     && s.attempt == attempt
@@ -448,7 +466,9 @@ impl<W: Worker> Ctx<W> {
             started,
             job.request.traceparent.as_deref(),
         );
-        if self.worker.exclusive() {
+        if resumed {
+            // The started fact is already in the log.
+        } else if self.worker.exclusive() {
             // Exactly one delivery starts: the append expects the log as just read.
             match self.bus.append(&started, &run_id, last_seq).await {
                 Ok(a) if !a.duplicate => {}

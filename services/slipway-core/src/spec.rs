@@ -112,7 +112,8 @@ pub struct EnvironmentSpec {
 }
 
 /// The deploy command receives `SLIPWAY_ENVIRONMENT`, `SLIPWAY_RUN_ID`, `SLIPWAY_VERSION`,
-/// `SLIPWAY_ARTIFACT_DIR`, `SLIPWAY_ARTIFACT_DIGEST` and `SLIPWAY_PREVIOUS_VERSION`.
+/// `SLIPWAY_ARTIFACT_DIR`, `SLIPWAY_ARTIFACT_DIGEST`, `SLIPWAY_PREVIOUS_VERSION` and
+/// `SLIPWAY_DEPLOY_KEY` (the same for every try of one stage attempt).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeployTarget {
@@ -121,6 +122,11 @@ pub struct DeployTarget {
     pub timeout_secs: u64,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// The command is idempotent by `SLIPWAY_DEPLOY_KEY`: a deploy whose worker died after
+    /// starting it is run again with the same key (and the command makes that a no-op if it
+    /// had already happened). Otherwise such a deploy is never repeated and times out.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub idempotent: bool,
 }
 
 /// Limits on one metric. Every bound set must hold; `max_regression*` compare with the

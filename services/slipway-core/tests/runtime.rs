@@ -293,3 +293,92 @@ async fn a_settled_request_is_not_worked_again() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+/// An exclusive worker (a deploy's kind of work), idempotent or not.
+#[derive(Debug)]
+struct ExclusiveWorker {
+    idempotent: bool,
+    calls: AtomicU32,
+}
+
+impl Worker for ExclusiveWorker {
+    fn service(&self) -> &'static str {
+        "builder"
+    }
+
+    fn kinds(&self) -> &'static [StageKind] {
+        &[StageKind::Build]
+    }
+
+    fn exclusive(&self) -> bool {
+        true
+    }
+
+    fn may_resume(&self, _run: &slipway_core::Run, _request: &slipway_core::Event) -> bool {
+        self.idempotent
+    }
+
+    async fn handle(&self, job: &Job) -> Result<EventData, Transient> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(EventData::BuildSucceeded(BuildSucceeded {
+            stage: job.stage.clone(),
+            attempt: job.attempt,
+            artifact: artifact("a"),
+            files: vec![],
+            log: artifact("log"),
+            duration_ms: 1,
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_attempt_started_by_a_dead_delivery_is_repeated_only_when_idempotent() {
+    for idempotent in [false, true] {
+        let nats = TestNats::start();
+        let bus = nats.bus().await;
+        let run = requested_run(&bus).await;
+        // An earlier delivery started the attempt and died before reporting.
+        let started = slipway_core::runtime::started_data(
+            "dev.slipway.build.requested.v1",
+            "build",
+            1,
+            "builder-gone",
+        )
+        .unwrap();
+        bus.publish(&slipway_core::runtime::fact("builder", &run, started))
+            .await
+            .unwrap();
+        let worker = Arc::new(ExclusiveWorker {
+            idempotent,
+            calls: AtomicU32::new(0),
+        });
+        let shutdown = CancellationToken::new();
+        let (w, s, settings) = (worker.clone(), shutdown.clone(), nats.settings());
+        let task = tokio::spawn(async move {
+            let bus = Bus::connect(&settings, "worker").await.unwrap();
+            run_worker(bus, w, fast(), s).await.unwrap();
+        });
+        if idempotent {
+            wait_for(
+                &bus,
+                &run,
+                "dev.slipway.build.succeeded.v1",
+                Duration::from_secs(10),
+            )
+            .await;
+            assert_eq!(worker.calls.load(Ordering::SeqCst), 1, "run again, once");
+        } else {
+            // Never repeated: no result, the work not called (the stage timeout decides).
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert_eq!(worker.calls.load(Ordering::SeqCst), 0);
+            let log = bus.run_log(&run).await.unwrap();
+            assert!(
+                !log.iter()
+                    .filter_map(|r| r.event.as_ref().ok())
+                    .any(|e| e.type_name() == "dev.slipway.build.succeeded.v1")
+            );
+        }
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}
