@@ -68,6 +68,9 @@ async fn each_service_may_publish_only_its_own_facts() {
     assert!(can_publish(&stack, "deployer", &fact("rollback.succeeded")).await);
     assert!(!can_publish(&stack, "monitor", &fact("run.succeeded")).await);
     assert!(can_publish(&stack, "conductor", &fact("deploy.requested")).await);
+    // The conductor's automatic approval has its own type; approvers' decisions are not its.
+    assert!(can_publish(&stack, "conductor", &fact("approval.auto_approved")).await);
+    assert!(!can_publish(&stack, "conductor", &approval).await);
     assert!(!can_publish(&stack, "conductor", &fact("deploy.succeeded")).await);
     assert!(!can_publish(&stack, "gateway", &fact("deploy.requested")).await);
     assert!(can_publish(&stack, "cli", "slipway.changes.cli").await);
@@ -88,4 +91,37 @@ async fn each_service_may_publish_only_its_own_facts() {
             .unwrap()
             .is_empty()
     );
+}
+
+#[test]
+fn the_policys_automatic_approval_deploys_under_least_privilege() {
+    let stack = Stack::start_with(&["slipway-conductor", "slipway-builder", "slipway-deployer"]);
+    let counts = stack.dir.path().join("counts");
+    std::fs::create_dir_all(&counts).unwrap();
+    let spec = format!(
+        r#"
+[pipeline]
+name = "auto"
+[build]
+command = ["sh", "-c", "mkdir -p dist && echo ok > dist/a"]
+artifacts = ["dist"]
+[[environment]]
+name = "production"
+requires_approval = true
+[environment.deploy]
+command = ["sh", "-c", "echo \"$SLIPWAY_RUN_ID\" >> {}/production"]
+[approval]
+auto_approve = "when_clean"
+"#,
+        counts.display()
+    );
+    let dir = slipway_e2e::project(stack.dir.path(), "auto", &spec, &[]);
+    let v = stack.slipway_json(&["submit", dir.join("slipway.toml").to_str().unwrap()]);
+    let run = v["run_id"].as_str().unwrap().to_string();
+    stack.wait_phase(&run, "succeeded", Duration::from_secs(60));
+    let deployed = std::fs::read_to_string(counts.join("production")).unwrap();
+    assert_eq!(deployed.trim(), run);
+    let events = stack.slipway_ok(&["events", &run]);
+    assert!(events.contains("dev.slipway.approval.auto_approved.v1"));
+    assert_eq!(stack.refusals(), Vec::<String>::new());
 }

@@ -308,8 +308,10 @@ pub fn for_event(event: &Event, run: &Run, public_url: Option<&str>) -> Vec<Valu
                 c,
             );
         }
-        EventData::ApprovalApproved(a) | EventData::ApprovalRejected(a) => {
-            let approved = matches!(event.data, EventData::ApprovalApproved(_));
+        EventData::ApprovalApproved(a)
+        | EventData::ApprovalRejected(a)
+        | EventData::ApprovalAutoApproved(a) => {
+            let approved = event.data.approves();
             e.push(
                 "dev.cdeventsx.slipway-approval.decided.0.1.0",
                 "",

@@ -49,7 +49,7 @@ impl Command {
             Command::Request(d) | Command::FailStage(d) | Command::AutoApprove(d) => {
                 let (stage, attempt) = d.stage_fact().map_or(("", 0), |(s, a, _)| (s, a));
                 let stage = match d {
-                    EventData::ApprovalApproved(a) => a.stage.as_str(),
+                    EventData::ApprovalAutoApproved(a) => a.stage.as_str(),
                     _ => stage,
                 };
                 (
@@ -257,7 +257,7 @@ fn approval_step(run: &Run, environment: &str) -> Next {
             match (policy.auto_approve, digest) {
                 (AutoApprove::WhenClean, Some(artifact_digest)) if clean => {
                     let attempt = run.stage(&key).map_or(FIRST_ATTEMPT, |s| s.attempt);
-                    Next::Do(vec![Command::AutoApprove(EventData::ApprovalApproved(
+                    Next::Do(vec![Command::AutoApprove(EventData::ApprovalAutoApproved(
                         ApprovalDecision {
                             stage: key,
                             attempt,

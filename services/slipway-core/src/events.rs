@@ -608,6 +608,10 @@ catalogue! {
     ApprovalRequested => "dev.slipway.approval.requested.v1", ApprovalRequested, "conductor", ["gateway"];
     ApprovalApproved => "dev.slipway.approval.approved.v1", ApprovalDecision, "gateway", ["conductor", "deployer"];
     ApprovalRejected => "dev.slipway.approval.rejected.v1", ApprovalDecision, "gateway", ["conductor", "deployer"];
+    /// The policy's automatic approval (`auto_approve = "when_clean"`): the deployer
+    /// re-derives its condition, never trusts it; its own type keeps approvers' decisions the
+    /// gateway's alone on the bus.
+    ApprovalAutoApproved => "dev.slipway.approval.auto_approved.v1", ApprovalDecision, "conductor", ["conductor", "deployer"];
     MonitorRequested => "dev.slipway.monitor.requested.v1", MonitorRequested, "conductor", ["monitor"];
     MonitorStarted => "dev.slipway.monitor.started.v1", StageStarted, "monitor", ["conductor"];
     MonitorSucceeded => "dev.slipway.monitor.succeeded.v1", MonitorReport, "monitor", ["conductor"];
@@ -694,11 +698,19 @@ impl EventData {
     /// For an approver's decision: the approval stage and attempt it answers.
     pub fn approval_stage(&self) -> Option<(String, u32)> {
         match self {
-            EventData::ApprovalApproved(d) | EventData::ApprovalRejected(d) => {
-                Some((d.stage.clone(), d.attempt))
-            }
+            EventData::ApprovalApproved(d)
+            | EventData::ApprovalRejected(d)
+            | EventData::ApprovalAutoApproved(d) => Some((d.stage.clone(), d.attempt)),
             _ => None,
         }
+    }
+
+    /// Whether this is a decision that approves (an approver's or the policy's).
+    pub fn approves(&self) -> bool {
+        matches!(
+            self,
+            EventData::ApprovalApproved(_) | EventData::ApprovalAutoApproved(_)
+        )
     }
 
     /// For stage events: `(stage key, attempt, verb)`.

@@ -334,7 +334,9 @@ fn apply(run: &mut Run, event: &Event) {
         EventData::RunCancelled(d) => ended(run, Phase::Cancelled, &d.reason),
         EventData::RunRejected(d) => ended(run, Phase::Rejected, &d.reason),
         EventData::RunRolledBack(d) => ended(run, Phase::RolledBack, &d.reason),
-        EventData::ApprovalApproved(d) | EventData::ApprovalRejected(d) => {
+        EventData::ApprovalApproved(d)
+        | EventData::ApprovalRejected(d)
+        | EventData::ApprovalAutoApproved(d) => {
             apply_approval(run, event, d);
         }
         EventData::IncidentOpened(d) => run.incidents.push(d.incident_id.clone()),
@@ -484,7 +486,7 @@ fn record_outcome(run: &mut Run, event: &Event) {
 }
 
 fn apply_approval(run: &mut Run, event: &Event, d: &ApprovalDecision) {
-    let approved = matches!(event.data, EventData::ApprovalApproved(_));
+    let approved = event.data.approves();
     let Some(stage) = run.stage(&d.stage) else {
         return;
     };

@@ -176,7 +176,9 @@ impl Sim {
         let id = ids::derived(&[&self.run_id, data.type_name(), stage, &attempt.to_string()]);
         let id = match &data {
             // Approvals are per approver.
-            EventData::ApprovalApproved(a) | EventData::ApprovalRejected(a) => {
+            EventData::ApprovalApproved(a)
+            | EventData::ApprovalRejected(a)
+            | EventData::ApprovalAutoApproved(a) => {
                 ids::derived(&[&self.run_id, data.type_name(), &a.stage, &a.approver])
             }
             _ => id,

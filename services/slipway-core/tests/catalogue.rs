@@ -82,6 +82,14 @@ fn examples() -> BTreeMap<&'static str, Event> {
     live(&mut ok);
     ok.run_to_end();
     take(&ok.log);
+    // The policy's automatic approval, when every gate passed cleanly.
+    let mut auto =
+        Sim::new(&FULL.replace("auto_approve = \"never\"", "auto_approve = \"when_clean\""));
+    live(&mut auto);
+    auto.script
+        .insert("approval:production".into(), Answer::Silent);
+    auto.run_to_end();
+    take(&auto.log);
     let failures: &[(&str, &str)] = &[
         ("build", "build command failed with exit code 2"),
         (
