@@ -6,7 +6,7 @@
 # With --old-server it also unpacks Debian's nats-server 2.9 (never installed system-wide) into
 # .venv/nats-2.9/, for the test that Slipway refuses servers older than 2.11.
 # With --browser it installs Debian's chromium and chromium-driver when missing (needs root),
-# for the approver page's browser test.
+# for the approver page's browser test, and openssl and curl when missing, for the TLS test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,10 +68,25 @@ browser() {
     }
 }
 
+# The TLS test makes a certificate with openssl and fetches over HTTPS with curl.
+tls_tools() {
+    if command -v openssl >/dev/null 2>&1 && command -v curl >/dev/null 2>&1; then
+        return 0
+    fi
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "setup: openssl or curl missing and not root with apt-get; the TLS test will say so" >&2
+        return 0
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl >/dev/null 2>&1 || {
+        apt-get update -qq >/dev/null 2>&1 || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl >/dev/null
+    }
+}
+
 for arg in "$@"; do
     case "$arg" in
         --old-server) old_server ;;
-        --browser) browser ;;
+        --browser) browser; tls_tools ;;
         *) echo "setup: unknown option $arg" >&2; exit 2 ;;
     esac
 done
