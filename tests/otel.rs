@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use slipway_e2e::collector::{Collector, Span};
 use slipway_e2e::{BUILD_AND_TEST, SERVICES, Stack, project};
 
@@ -43,26 +43,6 @@ allowed_groups = ["release-managers"]
 "#,
         c = counts.display()
     )
-}
-
-fn submit_as(stack: &Stack, dir: &Path, user: &str) -> String {
-    let out = std::process::Command::new(slipway_e2e::bin_dir().join("slipway"))
-        .args([
-            "submit",
-            dir.join("slipway.toml").to_str().unwrap(),
-            "--json",
-        ])
-        .env("SLIPWAY_NATS_URL", stack.nats.url())
-        .env("USER", user)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["run_id"].as_str().unwrap().to_string()
 }
 
 fn of_run<'a>(spans: &'a [Span], run: &str) -> Vec<&'a Span> {
@@ -273,7 +253,7 @@ async fn a_run_is_one_trace_across_the_service_processes_over_otlp_http() {
     let dir = project(stack.dir.path(), "ship", &spec, &[]);
 
     // A: from the CLI, no trace context: the run starts its own trace.
-    let a = submit_as(&stack, &dir, "erin");
+    let a = stack.submit_as(&dir, "erin");
     // B: through the gateway with the caller's trace context: the run continues it.
     let change = json!({
         "specversion": "1.0",
@@ -422,7 +402,7 @@ async fn grpc_export_carries_the_trace_and_an_unreachable_collector_fails_nothin
         ],
     );
     let dir = project(stack.dir.path(), "grpc", build_test_spec(), &[]);
-    let run = submit_as(&stack, &dir, "erin");
+    let run = stack.submit_as(&dir, "erin");
     stack.wait_phase(&run, "succeeded", LONG);
     collector
         .wait("the run's spans over gRPC", LONG, |spans| {
@@ -453,7 +433,7 @@ async fn grpc_export_carries_the_trace_and_an_unreachable_collector_fails_nothin
         ],
     );
     let dir = project(stack.dir.path(), "grpc", build_test_spec(), &[]);
-    let run = submit_as(&stack, &dir, "erin");
+    let run = stack.submit_as(&dir, "erin");
     stack.wait_phase(&run, "succeeded", LONG);
     let until = std::time::Instant::now() + Duration::from_secs(20);
     while !stack.logs().contains("Span export failed") {

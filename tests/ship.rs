@@ -52,26 +52,6 @@ fn deploys(counts: &Path, env: &str) -> Vec<String> {
         .collect()
 }
 
-fn submit_as(stack: &Stack, dir: &Path, user: &str) -> String {
-    let out = std::process::Command::new(slipway_e2e::bin_dir().join("slipway"))
-        .args([
-            "submit",
-            dir.join("slipway.toml").to_str().unwrap(),
-            "--json",
-        ])
-        .env("SLIPWAY_NATS_URL", stack.nats.url())
-        .env("USER", user)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["run_id"].as_str().unwrap().to_string()
-}
-
 fn approve(stack: &Stack, run: &str, who: &str, extra: &[&str]) -> (bool, String) {
     let mut args = vec!["approve", run, "--token"];
     let token = format!("{who}-token");
@@ -97,7 +77,7 @@ async fn production_needs_an_accepted_approval_and_a_rejection_deploys_nothing()
     let dir = project(stack.dir.path(), "ship", &spec(&counts), &[]);
 
     // A rejected run: staging only.
-    let first = submit_as(&stack, &dir, "erin");
+    let first = stack.submit_as(&dir, "erin");
     stack.wait_phase(&first, "awaiting_approval", LONG);
     let (ok, out) = approve(
         &stack,
@@ -112,7 +92,7 @@ async fn production_needs_an_accepted_approval_and_a_rejection_deploys_nothing()
     assert!(deploys(&counts, "production").is_empty());
 
     // The gateway's refusals, through the CLI.
-    let second = submit_as(&stack, &dir, "bob");
+    let second = stack.submit_as(&dir, "bob");
     stack.wait_phase(&second, "awaiting_approval", LONG);
     let (ok, out) = approve(&stack, &second, "mallory", &[]);
     assert!(!ok && out.contains("401"), "{out}");
@@ -234,7 +214,7 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
     let bus = stack.bus().await;
 
     // 1. A deploy request for production published straight onto NATS, with no approval.
-    let run = submit_as(&stack, &dir, "erin");
+    let run = stack.submit_as(&dir, "erin");
     stack.wait_phase(&run, "awaiting_approval", LONG);
     let state = run_of(&stack, &run).await;
     let artifact = state.artifact_ref.clone().unwrap();
@@ -283,7 +263,7 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
     let first_run = run.clone();
 
     // 2. An approval published straight onto NATS by someone who is not a configured approver.
-    let run = submit_as(&stack, &dir, "erin");
+    let run = stack.submit_as(&dir, "erin");
     stack.wait_phase(&run, "awaiting_approval", LONG);
     let state = run_of(&stack, &run).await;
     let forged = Event::new(
@@ -336,7 +316,7 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
         ("forged", "bob's approval is not signed by the gateway"),
         ("replayed", "bob's signature does not match"),
     ] {
-        let run = submit_as(&stack, &dir, "erin");
+        let run = stack.submit_as(&dir, "erin");
         stack.wait_phase(&run, "awaiting_approval", LONG);
         let state = run_of(&stack, &run).await;
         let mut decision = signed.clone();
@@ -378,7 +358,7 @@ fn one_production_deploy_at_a_time_and_a_newer_approval_supersedes_an_older_wait
         r#"command = ["sh", "-c", "sleep $(cat \"$COUNTS/delay\" 2>/dev/null || echo 0); echo"#,
     );
     let dir = project(stack.dir.path(), "lanes", &slow, &[]);
-    let runs: Vec<String> = (0..3).map(|_| submit_as(&stack, &dir, "erin")).collect();
+    let runs: Vec<String> = (0..3).map(|_| stack.submit_as(&dir, "erin")).collect();
     for r in &runs {
         stack.wait_phase(r, "awaiting_approval", LONG);
     }

@@ -222,6 +222,28 @@ impl Stack {
             .expect("the test connects to NATS")
     }
 
+    /// `slipway submit` of the project in `dir` as `user` (the change's author); its run id.
+    pub fn submit_as(&self, dir: &Path, user: &str) -> String {
+        let out = Command::new(self.bins.join("slipway"))
+            .args([
+                "submit",
+                dir.join("slipway.toml").to_str().unwrap(),
+                "--json",
+            ])
+            .env("SLIPWAY_NATS_URL", self.nats.url_as("cli"))
+            .env("USER", user)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("slipway runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        v["run_id"].as_str().expect("a run id").to_string()
+    }
+
     /// What the server refused any client (permission violations), from its log.
     pub fn refusals(&self) -> Vec<String> {
         std::fs::read_to_string(self.nats.process.store.join("nats-server.log"))
