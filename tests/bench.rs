@@ -18,6 +18,8 @@ fn the_benchmark_finishes_and_reports_every_row() {
             "100",
             "--stored",
             "1000",
+            "--replay",
+            "3000",
             "--gateway-requests",
             "200",
             "--concurrency",
@@ -44,6 +46,8 @@ fn the_benchmark_finishes_and_reports_every_row() {
         "gateway",
         "rss_mb",
         "otel_unreachable_run_latency_ms",
+        "replay",
+        "memory_per_100k_runs_mb",
     ] {
         assert!(v.get(row).is_some(), "row {row} missing: {v:#}");
     }

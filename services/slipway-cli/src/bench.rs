@@ -37,6 +37,8 @@ pub struct Options {
     pub raw: usize,
     /// Stored events for the read-rate rows.
     pub stored: usize,
+    /// Stored events folded for the replay row (copies of the bench's own runs).
+    pub replay: usize,
     /// Gateway requests for its row, and the load's concurrency.
     pub gateway_requests: usize,
     pub concurrency: usize,
@@ -243,6 +245,30 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
         None,
         json!({"rps": plain.gateway_rps, "p50": plain.gateway.p50, "p99": plain.gateway.p99}),
     );
+    let rep = plain.replay.as_ref().expect("measured with the replay");
+    table.row(
+        "replay",
+        &format!(
+            "replay: {} stored events ({} runs) decoded and folded at start-up",
+            rep.events, rep.runs
+        ),
+        format!(
+            "{:.0} events/s (plain reads of the same: {:.0}/s)",
+            rep.fold_rate, rep.read_rate
+        ),
+        Some(format!(
+            "{} of the raw read rate",
+            ratio(rep.fold_rate, rep.read_rate)
+        )),
+        json!({"events": rep.events, "runs": rep.runs, "fold_rate": rep.fold_rate, "read_rate": rep.read_rate, "ratio": rep.fold_rate / rep.read_rate}),
+    );
+    table.row(
+        "memory_per_100k_runs_mb",
+        "memory held by folded runs, per 100,000 runs",
+        format!("{:.0} MB", rep.mb_per_100k_runs),
+        None,
+        json!(rep.mb_per_100k_runs),
+    );
     let mut rss = serde_json::Map::new();
     for (name, idle, loaded) in &plain.rss {
         rss.insert(
@@ -278,7 +304,7 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
         j.insert("machine".into(), json!(machine));
         j.insert(
             "options".into(),
-            json!({"runs": opts.runs, "inflight": opts.inflight, "raw": opts.raw, "stored": opts.stored,
+            json!({"runs": opts.runs, "inflight": opts.inflight, "raw": opts.raw, "stored": opts.stored, "replay": opts.replay,
                    "gateway_requests": opts.gateway_requests, "concurrency": opts.concurrency}),
         );
         println!("{}", serde_json::to_string_pretty(&Value::Object(j))?);
@@ -326,8 +352,20 @@ struct RawFloor {
     read_decode_rate: f64,
 }
 
+/// Folding the log at start-up, as the conductor does.
+struct Replay {
+    events: usize,
+    runs: usize,
+    /// Events per second read without decoding, and decoded and folded into runs.
+    read_rate: f64,
+    fold_rate: f64,
+    /// Resident memory the folded runs hold, per 100,000 runs.
+    mb_per_100k_runs: f64,
+}
+
 struct Measured {
     raw: Option<RawFloor>,
+    replay: Option<Replay>,
     stage: Pct,
     run: Pct,
     /// Events in a no-op run: its sequential hops.
@@ -437,6 +475,7 @@ impl Measured {
         )
         .await?;
         let loaded = plain.rss();
+        let replay = replay(&plain.bus, opts.replay).await?;
         let rss = idle
             .iter()
             .map(|(n, i)| {
@@ -447,6 +486,7 @@ impl Measured {
         Ok((
             Measured {
                 raw: Some(raw),
+                replay: Some(replay),
                 stage: pct(&mut overheads),
                 run: pct(&mut latencies),
                 hops,
@@ -458,6 +498,107 @@ impl Measured {
             pct(&mut traced_latencies),
         ))
     }
+}
+
+/// Copies of the bench's own runs (every event of them, under `replay.<copy>.` subjects, so
+/// each copy is another set of runs) stored until `target` events, then read back plainly and
+/// read, decoded and folded into runs the way the conductor replays its log at start-up.
+async fn replay(bus: &Bus, target: usize) -> anyhow::Result<Replay> {
+    use std::collections::HashMap;
+    let log = bus.read(&["slipway.run.>".to_string()], 1).await?;
+    let encoded: Vec<(String, async_nats::HeaderMap, bytes::Bytes)> = log
+        .into_iter()
+        .filter_map(|r| {
+            let e = r.event.ok()?;
+            let (h, p) = slipway_core::binding::encode(e.to_cloudevent());
+            Some((r.subject, h, p))
+        })
+        .collect();
+    anyhow::ensure!(!encoded.is_empty(), "no events to replay");
+    let js = bus.jetstream();
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "REPLAY".into(),
+            subjects: vec!["replay.>".into()],
+            ..Default::default()
+        })
+        .await?;
+    let copies = target.div_ceil(encoded.len()).max(1);
+    let mut acks = std::collections::VecDeque::new();
+    for c in 0..copies {
+        for (subject, h, p) in &encoded {
+            acks.push_back(
+                js.publish_with_headers(format!("replay.{c}.{subject}"), h.clone(), p.clone())
+                    .await?,
+            );
+            if acks.len() >= 256 {
+                acks.pop_front().expect("non-empty").await?;
+            }
+        }
+    }
+    for a in acks {
+        a.await?;
+    }
+    let events = copies * encoded.len();
+    let reader = || async {
+        let c = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+            .await?;
+        anyhow::Ok(c.messages().await?)
+    };
+    // Plain reads: the floor for this row.
+    let mut msgs = reader().await?;
+    let t = Instant::now();
+    for _ in 0..events {
+        msgs.next()
+            .await
+            .context("reader ended")?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let read_rate = events as f64 / t.elapsed().as_secs_f64();
+    drop(msgs);
+    // Decoded and folded, one run per (copy, run id).
+    let before = rss_mb(std::process::id());
+    let mut runs: HashMap<(u32, String), slipway_core::Run> = HashMap::new();
+    let mut msgs = reader().await?;
+    let t = Instant::now();
+    for _ in 0..events {
+        let m = msgs
+            .next()
+            .await
+            .context("reader ended")?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let Ok(e) = slipway_core::bus::decode(m.headers.as_ref(), &m.payload) else {
+            continue;
+        };
+        let copy: u32 = m
+            .subject
+            .split('.')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let Some(run) = e.subject.clone() else {
+            continue;
+        };
+        let key = (copy, run);
+        let prev = runs.remove(&key);
+        if let Some(r) = slipway_core::fold(prev, &e) {
+            runs.insert(key, r);
+        }
+    }
+    let fold_rate = events as f64 / t.elapsed().as_secs_f64();
+    let held = (rss_mb(std::process::id()) - before).max(0.0);
+    let n = runs.len().max(1);
+    drop(runs);
+    drop(msgs);
+    js.delete_stream("REPLAY").await?;
+    Ok(Replay {
+        events,
+        runs: n,
+        read_rate,
+        fold_rate,
+        mb_per_100k_runs: held / n as f64 * 100_000.0,
+    })
 }
 
 fn rss_mb(pid: u32) -> f64 {

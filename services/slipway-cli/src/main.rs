@@ -172,6 +172,9 @@ enum Command {
         /// Stored events read back for the read-rate rows.
         #[arg(long, default_value_t = 100_000)]
         stored: usize,
+        /// Stored events folded for the replay row.
+        #[arg(long, default_value_t = 1_000_000)]
+        replay: usize,
         /// Gateway requests, and the load's concurrency.
         #[arg(long, default_value_t = 20_000)]
         gateway_requests: usize,
@@ -259,6 +262,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             inflight,
             raw,
             stored,
+            replay,
             gateway_requests,
             concurrency,
             data_dir,
@@ -269,6 +273,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 inflight,
                 raw,
                 stored,
+                replay,
                 gateway_requests,
                 concurrency,
                 json,
