@@ -499,11 +499,22 @@ impl Bus {
             })
             .await
             .map_err(|e| BusError::nats("create reader", e))?;
-        let pending = consumer
+        let info = consumer
             .info()
             .await
-            .map_err(|e| BusError::nats("reader info", e))?
-            .num_pending;
+            .map_err(|e| BusError::nats("reader info", e))?;
+        let (pending, name) = (info.num_pending, info.name.clone());
+        let out = Self::read_all(consumer, pending).await;
+        // Readers are deleted when done rather than left to expire: under load (a read per
+        // job and per decision) expiring ones pile up against the server's limits.
+        let _ = stream.delete_consumer(&name).await;
+        out
+    }
+
+    async fn read_all(
+        consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::OrderedConfig>,
+        pending: u64,
+    ) -> Result<Vec<Recorded>, BusError> {
         let mut out = Vec::with_capacity(pending as usize);
         if pending == 0 {
             return Ok(out);
