@@ -215,7 +215,12 @@ impl State {
         *last = (*last).max(seq);
         let prior = self.runs.get(run_id).map(|e| &e.run);
         let before = prior.map(observe::Brief::of);
-        let stage = observe::stage_before(prior, event);
+        // Only live observation looks at stage transitions: nothing to compute during replay.
+        let stage = if self.caught_up {
+            observe::stage_before(prior, event)
+        } else {
+            None
+        };
         match self.runs.remove(run_id) {
             Some(entry) => {
                 let run = fold(Some(entry.run), event).expect("a run stays a run");

@@ -27,18 +27,19 @@ fn run_state(run: &Run) -> Option<&'static str> {
 /// A stage's attempt and status, before an event is folded.
 pub type StageBefore = Option<(String, u32, StageStatus)>;
 
-/// What is compared of a run before and after an event (cheaper than keeping the run).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What is compared of a run before and after an event (a run's pipeline never changes, so
+/// it is read from the run after).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Brief {
     ended: bool,
-    active: Option<(String, &'static str)>,
+    state: Option<&'static str>,
 }
 
 impl Brief {
     pub fn of(run: &Run) -> Self {
         Self {
             ended: run.is_ended(),
-            active: run_state(run).map(|s| (run.pipeline.clone(), s)),
+            state: run_state(run),
         }
     }
 }
@@ -136,8 +137,8 @@ impl Observer {
         own_source: &str,
         live: bool,
     ) {
-        let was_ended = before.as_ref().is_some_and(|b| b.ended);
-        self.track_active(before.and_then(|b| b.active), after);
+        let was_ended = before.is_some_and(|b| b.ended);
+        self.track_active(before.and_then(|b| b.state), after);
         if !live {
             return;
         }
@@ -214,19 +215,19 @@ impl Observer {
         }
     }
 
-    fn track_active(&self, was: Option<(String, &'static str)>, after: &Run) {
-        let now = run_state(after).map(|s| (after.pipeline.clone(), s));
+    fn track_active(&self, was: Option<&'static str>, after: &Run) {
+        let now = run_state(after);
         if was == now {
             return;
         }
         let mut map = self.active.lock().expect("not poisoned");
         // Kept at zero rather than removed: a pipeline with no active run reports 0, not
         // nothing (bounded by pipelines x states).
-        if let Some(k) = was {
-            *map.entry(k).or_default() -= 1;
+        if let Some(s) = was {
+            *map.entry((after.pipeline.clone(), s)).or_default() -= 1;
         }
-        if let Some(k) = now {
-            *map.entry(k).or_default() += 1;
+        if let Some(s) = now {
+            *map.entry((after.pipeline.clone(), s)).or_default() += 1;
         }
     }
 }
