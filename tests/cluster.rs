@@ -267,9 +267,23 @@ command = ["sh", "-c", "echo \"$SLIPWAY_RUN_ID\" >> {}/staging"]
             1,
             "{run}"
         );
-        let live = slipway(&url, &["status", run, "--json"]);
-        let replayed = slipway(&url, &["replay", run, "--json"]);
-        assert_eq!(live["events"], replayed["events"], "{run}");
+        // A node just restarted may serve a read before its replica has caught up: the log
+        // converges, so compare until it has (bounded).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let live = slipway(&url, &["status", run, "--json"]);
+            let replayed = slipway(&url, &["replay", run, "--json"]);
+            if live["events"] == replayed["events"] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{run}: live {} events, replayed {}",
+                live["events"],
+                replayed["events"]
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
     let info = bus
         .jetstream()
