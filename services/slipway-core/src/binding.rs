@@ -168,6 +168,62 @@ pub fn decode(
     Ok(event)
 }
 
+/// An event in the form Slipway itself writes (binary mode, `application/json` data, no
+/// extension but trace context), decoded in one pass: the attributes straight from the
+/// headers and the data straight from the bytes into its type. `None` for any other form and
+/// for anything malformed, which [`decode`] then handles and explains; where both decode a
+/// message they give the same event (tested on every event type).
+pub fn decode_fast(headers: &HeaderMap, payload: &[u8]) -> Option<crate::envelope::Event> {
+    let mut slots: [Option<&str>; 9] = [None; 9];
+    const NAMES: [&str; 9] = [
+        SPEC_VERSION_HEADER,
+        CONTENT_TYPE,
+        "ce-id",
+        "ce-source",
+        "ce-type",
+        "ce-time",
+        "ce-subject",
+        "ce-traceparent",
+        "ce-tracestate",
+    ];
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        let Some(value) = values.last() else { continue };
+        match NAMES.iter().position(|n| name.eq_ignore_ascii_case(n)) {
+            // The same attribute twice (names differing in case): leave it to the full path.
+            Some(i) if slots[i].replace(value.as_str()).is_some() => return None,
+            Some(_) => {}
+            // Another attribute or extension: the full path knows them all.
+            None if name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ce-")) => return None,
+            None => {}
+        }
+    }
+    let [
+        spec,
+        ct,
+        id,
+        source,
+        ty,
+        time,
+        subject,
+        traceparent,
+        tracestate,
+    ] = slots;
+    if spec? != "1.0" || ct? != "application/json" {
+        return None;
+    }
+    let time = chrono::DateTime::parse_from_rfc3339(time?).ok()?;
+    Some(crate::envelope::Event {
+        data: crate::events::EventData::from_slice(ty?, payload)?,
+        id: id?.to_string(),
+        source: source?.to_string(),
+        time: time.with_timezone(&chrono::Utc),
+        subject: subject.map(str::to_string),
+        traceparent: traceparent.map(str::to_string),
+        tracestate: tracestate.map(str::to_string),
+    })
+}
+
 /// Binary mode yields bytes; with a JSON content type the data is JSON, so parse it, or a
 /// round trip would not be equal and re-serialising would give `data_base64`.
 fn normalise_json_data(event: &mut cloudevents::Event) {

@@ -531,6 +531,15 @@ macro_rules! catalogue {
                 v.expect("event data always serialises")
             }
 
+            /// Typed data straight from JSON bytes, for decoding's fast path: `None` for
+            /// anything [`EventData::from_json`] must explain instead.
+            pub fn from_slice(type_name: &str, data: &[u8]) -> Option<Self> {
+                match type_name {
+                    $( $ty => serde_json::from_slice::<$data>(data).ok().map(Self::$variant), )*
+                    _ => None,
+                }
+            }
+
             /// Typed data from a CloudEvents `type` and its JSON `data`.
             ///
             /// # Errors

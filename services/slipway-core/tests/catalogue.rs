@@ -493,3 +493,58 @@ fn the_asyncapi_document_describes_the_real_catalogue() {
         );
     }
 }
+
+#[test]
+fn the_fast_decoder_and_the_full_one_agree_on_every_event_type() {
+    use slipway_core::binding;
+    for (ty, ev) in examples() {
+        for traced in [false, true] {
+            let mut ev = ev.clone();
+            if traced {
+                ev.traceparent =
+                    Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+                ev.tracestate = Some("vendor=1".into());
+            }
+            let (headers, payload) = binding::encode(ev.to_cloudevent());
+            let full = Event::from_cloudevent(&binding::decode(Some(&headers), &payload).unwrap())
+                .unwrap();
+            let fast = binding::decode_fast(&headers, &payload)
+                .unwrap_or_else(|| panic!("{ty}: the fast path declined Slipway's own form"));
+            assert_eq!(fast, full, "{ty}");
+            assert_eq!(fast, ev, "{ty}");
+        }
+    }
+}
+
+#[test]
+fn the_fast_decoder_leaves_every_other_form_to_the_full_one() {
+    use slipway_core::binding;
+    let ev = examples().remove("dev.slipway.build.started.v1").unwrap();
+    let (headers, payload) = binding::encode(ev.to_cloudevent());
+    let with = |name: &str, value: &str| {
+        let mut h = headers.clone();
+        h.insert(name, value);
+        h
+    };
+    // An extension the envelope drops, another content type, another spec version, the same
+    // attribute twice, a bad time, data that does not fit: all declined, and the full path
+    // still decodes or explains each.
+    for h in [
+        with("ce-partitionkey", "p"),
+        with("content-type", "application/json; charset=utf-8"),
+        with("ce-specversion", "0.3"),
+        with("CE-ID", "other"),
+        with("ce-time", "yesterday"),
+    ] {
+        assert!(binding::decode_fast(&h, &payload).is_none(), "{h:?}");
+    }
+    assert!(binding::decode_fast(&headers, b"{\"stage\": 1}").is_none());
+    assert!(binding::decode_fast(&headers, b"").is_none());
+    let explained = slipway_core::bus::decode(Some(&headers), b"{\"stage\": 1}").unwrap_err();
+    assert!(explained.to_string().contains("stage"), "{explained}");
+    // The extension case decodes through the full path to the same event.
+    assert_eq!(
+        slipway_core::bus::decode(Some(&with("ce-partitionkey", "p")), &payload).unwrap(),
+        ev
+    );
+}
