@@ -395,7 +395,7 @@ impl Target {
                 "[approvals]\npublic_key = \"{public}\"\n\n\
                  [gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\ncdevents = false\nsigning_key = \"{seed}\"\n\n\
                  [[gateway.approvers]]\nname = \"bench\"\ngroups = [\"release-managers\"]\n\
-                 token_sha256 = \"{:x}\"\n\n[worker]\nack_wait_secs = 10\n\n[conductor]\ntick_millis = 100\n",
+                 token_sha256 = \"{:x}\"\n\n[worker]\nack_wait_secs = 10\nconcurrency = 16\n\n[conductor]\ntick_millis = 100\n",
                 Sha256::digest(TOKEN.as_bytes())
             ),
         )?;
@@ -656,18 +656,29 @@ async fn drive(gateway: &str, run: &str, mut sub: async_nats::Subscriber) -> any
         };
         match &e.data {
             EventData::ApprovalRequested(r) => {
-                let resp = http
-                    .post(format!("{gateway}/v1/runs/{run}/approvals"))
-                    .header("authorization", format!("Bearer {TOKEN}"))
-                    .header("content-type", "application/json")
-                    .body(
-                        json!({"decision": "approve", "artifact_digest": r.artifact_digest})
-                            .to_string(),
-                    )
-                    .send()
-                    .await?;
-                if !resp.status().is_success() {
-                    bail!("approval refused: {}", resp.text().await?);
+                // Seen on core NATS as it is published, the request can reach us before the
+                // stream has stored it, and the gateway decides on the stored log: a 409
+                // then means "not yet", so ask again (bounded).
+                let mut tries = 0;
+                loop {
+                    let resp = http
+                        .post(format!("{gateway}/v1/runs/{run}/approvals"))
+                        .header("authorization", format!("Bearer {TOKEN}"))
+                        .header("content-type", "application/json")
+                        .body(
+                            json!({"decision": "approve", "artifact_digest": r.artifact_digest})
+                                .to_string(),
+                        )
+                        .send()
+                        .await?;
+                    if resp.status().is_success() {
+                        break;
+                    }
+                    tries += 1;
+                    if resp.status() != reqwest::StatusCode::CONFLICT || tries >= 200 {
+                        bail!("approval refused: {}", resp.text().await?);
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
             EventData::RunSucceeded(_) => return Ok(()),

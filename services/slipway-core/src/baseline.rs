@@ -2,6 +2,8 @@
 //! gate reports. Every comparison of the quality gates is against the version live in
 //! production, as the log records it.
 
+use std::collections::HashMap;
+
 use crate::bus::{Bus, BusError};
 use crate::envelope::Event;
 use crate::events::{EventData, GateReport, ObjectRef};
@@ -66,31 +68,46 @@ fn first_deployer(here: &[Event], digest: &str) -> Option<String> {
     })
 }
 
+/// Successful deploys and rollbacks by pipeline and environment, as far as the log has been
+/// read. The log only grows, so each lookup reads just what was appended since the last one
+/// (rather than every deploy ever made, per deploy).
+#[derive(Debug, Default)]
+pub struct DeployIndex {
+    /// The stream sequence of the last deploy or rollback read.
+    through: u64,
+    here: HashMap<(String, String), Vec<Event>>,
+}
+
 /// Successful deploys and rollbacks of one environment of one pipeline, in log order.
 async fn deploys_here(
     bus: &Bus,
     pipeline: &str,
     environment: &str,
 ) -> Result<Vec<Event>, BusError> {
+    // Held across the read: concurrent lookups wait for one read instead of each making one.
+    let mut index = bus.deploy_index().lock().await;
     let recs = bus
         .read(
             &[
                 "slipway.run.*.deploy.succeeded".to_string(),
                 "slipway.run.*.rollback.succeeded".to_string(),
             ],
-            1,
+            index.through + 1,
         )
         .await?;
-    Ok(recs
-        .into_iter()
-        .filter_map(|r| r.event.ok())
-        .filter(|e| match &e.data {
-            EventData::DeploySucceeded(d) | EventData::RollbackSucceeded(d) => {
-                d.pipeline == pipeline && d.environment == environment
-            }
-            _ => false,
-        })
-        .collect())
+    for r in recs {
+        index.through = index.through.max(r.seq);
+        let Ok(e) = r.event else { continue };
+        if let EventData::DeploySucceeded(d) | EventData::RollbackSucceeded(d) = &e.data {
+            let key = (d.pipeline.clone(), d.environment.clone());
+            index.here.entry(key).or_default().push(e);
+        }
+    }
+    Ok(index
+        .here
+        .get(&(pipeline.to_string(), environment.to_string()))
+        .cloned()
+        .unwrap_or_default())
 }
 
 /// The baseline of a gate: the latest report of `stage` by the run live in the pipeline's last

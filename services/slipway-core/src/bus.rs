@@ -21,6 +21,13 @@ use crate::subjects;
 /// consumer creation and run-wide optimistic concurrency (2.9 silently ignores them).
 pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 11, 0);
 
+/// Messages asked for per batched direct get.
+pub const DIRECT_BATCH: usize = 1024;
+
+/// The longest wait for each reply of a direct get (a request on loopback takes well under a
+/// millisecond; a reply that never comes is read another way).
+const DIRECT_REPLY_WAIT: Duration = Duration::from_secs(2);
+
 /// How a service reaches NATS and how the log's stream is shaped.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -165,6 +172,9 @@ pub fn decode(
     headers: Option<&async_nats::HeaderMap>,
     payload: &[u8],
 ) -> Result<Event, DecodeError> {
+    if let Some(e) = headers.and_then(|h| binding::decode_fast(h, payload)) {
+        return Ok(e);
+    }
     let ce = binding::decode(headers, payload)?;
     Ok(Event::from_cloudevent(&ce)?)
 }
@@ -175,6 +185,8 @@ pub struct Bus {
     client: async_nats::Client,
     js: jetstream::Context,
     settings: NatsSettings,
+    /// Deploys read so far, shared by the clones (see [`crate::baseline`]).
+    deploys: std::sync::Arc<tokio::sync::Mutex<crate::baseline::DeployIndex>>,
 }
 
 impl Bus {
@@ -243,7 +255,12 @@ impl Bus {
             client,
             js,
             settings: settings.clone(),
+            deploys: Default::default(),
         })
+    }
+
+    pub(crate) fn deploy_index(&self) -> &tokio::sync::Mutex<crate::baseline::DeployIndex> {
+        &self.deploys
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -491,7 +508,7 @@ impl Bus {
                 start_sequence: start_seq,
             }
         };
-        let mut consumer = stream
+        let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 filter_subjects: filters.to_vec(),
                 deliver_policy,
@@ -499,15 +516,16 @@ impl Bus {
             })
             .await
             .map_err(|e| BusError::nats("create reader", e))?;
-        let info = consumer
-            .info()
-            .await
-            .map_err(|e| BusError::nats("reader info", e))?;
+        // The creation's answer says how many messages there are: no separate info request.
+        let info = consumer.cached_info();
         let (pending, name) = (info.num_pending, info.name.clone());
         let out = Self::read_all(consumer, pending).await;
         // Readers are deleted when done rather than left to expire: under load (a read per
-        // job and per decision) expiring ones pile up against the server's limits.
-        let _ = stream.delete_consumer(&name).await;
+        // job and per decision) expiring ones pile up against the server's limits. The
+        // caller does not wait for it.
+        tokio::spawn(async move {
+            let _ = stream.delete_consumer(&name).await;
+        });
         out
     }
 
@@ -544,6 +562,114 @@ impl Bus {
     /// [`BusError`] when the stream cannot be read.
     pub async fn run_log(&self, run_id: &str) -> Result<Vec<Recorded>, BusError> {
         self.read(&[subjects::run(run_id)], 1).await
+    }
+
+    /// Every event of one run, in log order, up to at least stream sequence `through` (an
+    /// event of the run the caller already holds, such as the request it is working on).
+    ///
+    /// Read by batched direct gets: one request and its replies, where an ordered consumer
+    /// costs a create, an info, a fetch and a delete. Any replica of the stream may answer a
+    /// direct get, and one just restarted may lag; a log that stops short of `through` is
+    /// read again through a consumer, which the stream's leader serves.
+    ///
+    /// # Errors
+    /// [`BusError`] when the stream cannot be read.
+    pub async fn run_log_through(
+        &self,
+        run_id: &str,
+        through: u64,
+    ) -> Result<Vec<Recorded>, BusError> {
+        match self.read_direct(&subjects::run(run_id), 1).await {
+            Ok(log) if log.last().is_some_and(|r| r.seq >= through) => return Ok(log),
+            Ok(_) => debug!(
+                run_id,
+                through,
+                "Direct read stopped short (a lagging replica?); reading through the leader."
+            ),
+            Err(e) => warn!(run_id, error = %e, "Direct read failed; reading through a consumer."),
+        }
+        self.run_log(run_id).await
+    }
+
+    /// Every message on `subject` (one filter; wildcards allowed) from `start_seq`, by
+    /// batched direct gets (NATS 2.11+, ADR-31): pages of [`DIRECT_BATCH`], each answered by
+    /// its messages and an end-of-batch status that says how many are left.
+    ///
+    /// # Errors
+    /// [`BusError`] when the stream cannot be read.
+    pub async fn read_direct(
+        &self,
+        subject: &str,
+        start_seq: u64,
+    ) -> Result<Vec<Recorded>, BusError> {
+        let api = format!("$JS.API.DIRECT.GET.{}", self.stream_name());
+        let mut out = Vec::new();
+        let mut seq = start_seq.max(1);
+        loop {
+            let inbox = self.client.new_inbox();
+            let mut replies = self
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| BusError::nats("direct read", e))?;
+            let request = serde_json::json!({
+                "seq": seq,
+                "next_by_subj": subject,
+                "batch": DIRECT_BATCH,
+            });
+            self.client
+                .publish_with_reply(api.clone(), inbox, request.to_string().into())
+                .await
+                .map_err(|e| BusError::nats("direct read", e))?;
+            let pending = loop {
+                let m = tokio::time::timeout(DIRECT_REPLY_WAIT, replies.next())
+                    .await
+                    .map_err(|_| BusError::nats("direct read", "no reply in time"))?
+                    .ok_or_else(|| BusError::nats("direct read", "reply subscription closed"))?;
+                match m.status.map(|s| s.as_u16()) {
+                    None | Some(200) => {
+                        let headers = m.headers.as_ref();
+                        let stored_seq = headers
+                            .and_then(|h| h.get("Nats-Sequence"))
+                            .and_then(|v| v.as_str().parse::<u64>().ok())
+                            .ok_or_else(|| {
+                                BusError::nats("direct read", "a reply without Nats-Sequence")
+                            })?;
+                        let stored_subject = headers
+                            .and_then(|h| h.get("Nats-Subject"))
+                            .map(|v| v.as_str().to_string())
+                            .unwrap_or_default();
+                        let mut r = recorded(stored_seq, &m);
+                        r.subject = stored_subject;
+                        seq = stored_seq + 1;
+                        out.push(r);
+                    }
+                    // End of batch: how many messages on the subject are left after it.
+                    Some(204) => {
+                        break m
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get("Nats-Num-Pending"))
+                            .and_then(|v| v.as_str().parse::<u64>().ok())
+                            .unwrap_or(0);
+                    }
+                    // Nothing (more) on the subject.
+                    Some(404) => break 0,
+                    Some(code) => {
+                        return Err(BusError::nats(
+                            "direct read",
+                            format!(
+                                "status {code}: {}",
+                                m.description.as_deref().unwrap_or("no description")
+                            ),
+                        ));
+                    }
+                }
+            };
+            if pending == 0 {
+                return Ok(out);
+            }
+        }
     }
 
     /// The last stream sequence now (0 for an empty stream).

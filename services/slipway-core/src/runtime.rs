@@ -375,14 +375,17 @@ impl<W: Worker> Ctx<W> {
         delivered: i64,
     ) {
         let service = self.worker.service();
-        // Watch the run's end before reading the log, so an end landing in between is seen.
+        // The log read must reach at least the request itself.
+        let request_seq = msg.info().map_or(0, |i| i.stream_sequence);
+        // Watch the run's end before reading the log, so an end landing in between is seen:
+        // the subscription is in place before the server answers the read.
         let ends = self
             .bus
             .client()
             .subscribe(format!("slipway.run.{run_id}.run.*"))
             .await;
         // Check the log before any side effect: a redelivered request may already be done.
-        let (run, last_seq) = match self.bus.run_log(&run_id).await {
+        let (run, last_seq) = match self.bus.run_log_through(&run_id, request_seq).await {
             Ok(log) => {
                 let last_seq = log.last().map_or(0, |r| r.seq);
                 let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
@@ -538,15 +541,6 @@ impl<W: Worker> Ctx<W> {
                 }
             })
         };
-        // An end that landed after the log was read but before the subscription took is in
-        // the log now.
-        if let Ok(log) = self.bus.run_log(&run_id).await {
-            let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
-            if Run::replay(&events).is_some_and(|r| r.is_ended()) {
-                cancelled_run.cancel();
-                job.cancel.cancel();
-            }
-        }
         let result = self.worker.handle(&job).await;
         guard.cancel();
         progress.abort();

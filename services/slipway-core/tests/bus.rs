@@ -134,3 +134,147 @@ async fn events_travel_in_binary_mode_and_read_back_equal() {
     let back = bus.run_log("r1").await.unwrap();
     assert_eq!(back[0].event.as_ref().unwrap(), &event);
 }
+
+#[tokio::test]
+async fn direct_reads_page_through_a_long_run_and_equal_a_consumer_read() {
+    let nats = TestNats::start();
+    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
+    bus.ensure_stream().await.unwrap();
+    // More than two pages of one run, another run interleaved, and a message that is not an
+    // event on the long run's subjects.
+    let (long, short) = (ids::random(), ids::random());
+    let n = 2 * slipway_core::bus::DIRECT_BATCH + 300;
+    for i in 0..n {
+        bus.publish(&started(&long, &format!("l{i}")))
+            .await
+            .unwrap();
+        if i % 500 == 0 {
+            bus.publish(&started(&short, &format!("s{i}")))
+                .await
+                .unwrap();
+        }
+    }
+    bus.jetstream()
+        .publish(
+            format!("slipway.run.{long}.build.started"),
+            "not an event".into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let summary = |log: &[slipway_core::bus::Recorded]| -> Vec<(u64, String, String)> {
+        log.iter()
+            .map(|r| {
+                let what = match &r.event {
+                    Ok(e) => e.id.clone(),
+                    Err(e) => format!("error: {e}; raw {:?}", r.raw),
+                };
+                (r.seq, r.subject.clone(), what)
+            })
+            .collect()
+    };
+    let by_consumer = bus.run_log(&long).await.unwrap();
+    assert_eq!(by_consumer.len(), n + 1);
+    let direct = bus
+        .read_direct(&slipway_core::subjects::run(&long), 1)
+        .await
+        .unwrap();
+    assert_eq!(summary(&direct), summary(&by_consumer));
+    assert!(direct.last().unwrap().event.is_err());
+    assert!(direct.last().unwrap().raw.is_some());
+
+    // Through the last event: the direct read is enough; through a later sequence (a replica
+    // that lags would answer short of it): read again through a consumer, same log.
+    let last = by_consumer.last().unwrap().seq;
+    let through = bus.run_log_through(&long, last).await.unwrap();
+    assert_eq!(summary(&through), summary(&by_consumer));
+    let beyond = bus.run_log_through(&long, last + 1000).await.unwrap();
+    assert_eq!(summary(&beyond), summary(&by_consumer));
+
+    // From a later sequence, and for a run that has no events.
+    let from = by_consumer[1500].seq;
+    let tail = bus
+        .read_direct(&slipway_core::subjects::run(&long), from)
+        .await
+        .unwrap();
+    assert_eq!(summary(&tail), summary(&by_consumer[1500..]));
+    let short_log = bus.run_log_through(&short, 0).await.unwrap();
+    assert_eq!(short_log.len(), n.div_ceil(500));
+    assert!(
+        bus.read_direct(&slipway_core::subjects::run(&ids::random()), 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn what_is_live_follows_deploys_appended_after_the_first_lookup() {
+    use slipway_core::baseline::live_version;
+    use slipway_core::events::{DeploySucceeded, ObjectRef};
+    let nats = TestNats::start();
+    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
+    bus.ensure_stream().await.unwrap();
+    let deployed = |run: &str, pipeline: &str, env: &str, version: &str| {
+        Event::new(
+            ids::random(),
+            "/slipway/deployer",
+            Some(run.to_string()),
+            slipway_core::bus::now(),
+            EventData::DeploySucceeded(DeploySucceeded {
+                stage: format!("deploy:{env}"),
+                attempt: 1,
+                pipeline: pipeline.into(),
+                environment: env.into(),
+                version: version.into(),
+                artifact: ObjectRef {
+                    bucket: "b".into(),
+                    name: version.into(),
+                    digest: format!("sha256:{version}"),
+                    size: 1,
+                },
+                previous_version: None,
+                log: None,
+                duration_ms: 1,
+            }),
+        )
+    };
+    assert_eq!(live_version(&bus, "p", "prod").await.unwrap(), None);
+    let (r1, r2) = (ids::random(), ids::random());
+    bus.publish(&deployed(&r1, "p", "prod", "v1"))
+        .await
+        .unwrap();
+    bus.publish(&deployed(&r1, "q", "prod", "q1"))
+        .await
+        .unwrap();
+    let live = live_version(&bus, "p", "prod").await.unwrap().unwrap();
+    assert_eq!(
+        (live.version.as_str(), live.run_id.as_str()),
+        ("v1", r1.as_str())
+    );
+    // Appended after the first lookups: seen by the same connection's next lookup, and a
+    // fresh connection (reading the whole log) agrees.
+    bus.publish(&deployed(&r2, "p", "prod", "v2"))
+        .await
+        .unwrap();
+    bus.publish(&deployed(&r2, "p", "staging", "v2"))
+        .await
+        .unwrap();
+    let live = live_version(&bus, "p", "prod").await.unwrap().unwrap();
+    assert_eq!(
+        (live.version.as_str(), live.run_id.as_str()),
+        ("v2", r2.as_str())
+    );
+    let fresh = Bus::connect(&nats.settings(), "test").await.unwrap();
+    assert_eq!(live_version(&fresh, "p", "prod").await.unwrap(), Some(live));
+    assert_eq!(
+        live_version(&bus, "q", "prod")
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        "q1"
+    );
+}
