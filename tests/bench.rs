@@ -24,6 +24,8 @@ fn the_benchmark_finishes_and_reports_every_row() {
             "200",
             "--concurrency",
             "4",
+            "--scale-builds",
+            "4",
             "--json",
         ])
         .env("RUST_LOG", "warn")
@@ -48,12 +50,25 @@ fn the_benchmark_finishes_and_reports_every_row() {
         "otel_unreachable_run_latency_ms",
         "replay",
         "memory_per_100k_runs_mb",
+        "scale_out",
     ] {
         assert!(v.get(row).is_some(), "row {row} missing: {v:#}");
     }
     assert!(v["raw_hop_ms"]["p50"].as_f64().unwrap() > 0.0);
     assert!(v["run_latency_ms"]["events"].as_u64().unwrap() > 10);
     assert!(v["gateway"]["rps"].as_f64().unwrap() > 0.0);
+    // Two builder processes share one consumer: each took some of the builds.
+    let shares = v["scale_out"]["builds_per_replica"].as_array().unwrap();
+    assert_eq!(shares.len(), 2, "{shares:?}");
+    assert!(
+        shares.iter().all(|n| n.as_u64().unwrap() >= 1),
+        "{shares:?}"
+    );
+    assert_eq!(
+        shares.iter().map(|n| n.as_u64().unwrap()).sum::<u64>(),
+        4,
+        "{shares:?}"
+    );
     let rss = v["rss_mb"].as_object().unwrap();
     assert_eq!(rss.len(), 9, "every service's memory: {rss:?}");
 }

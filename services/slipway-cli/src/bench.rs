@@ -42,6 +42,8 @@ pub struct Options {
     /// Gateway requests for its row, and the load's concurrency.
     pub gateway_requests: usize,
     pub concurrency: usize,
+    /// CPU-bound builds for the scale-out row.
+    pub scale_builds: usize,
     pub json: bool,
     pub data_dir: Option<PathBuf>,
 }
@@ -155,6 +157,7 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
     plain_target.stack.stop().await;
     traced_target.stack.stop().await;
     let (plain, traced_run) = measured?;
+    let scale = scale_out(&data, &project, opts.scale_builds).await?;
 
     let raw = plain.raw.as_ref().expect("measured with the floor");
     let hop = raw.hop.p50;
@@ -299,13 +302,27 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
         json!({"p50": traced_run.p50, "p99": traced_run.p99, "ratio_p50": traced_run.p50 / plain.run.p50}),
     );
 
+    table.row(
+        "scale_out",
+        &format!(
+            "scale-out: {} CPU-bound builds per second, one builder process / two (one job each at a time)",
+            opts.scale_builds
+        ),
+        format!(
+            "{:.2}/s / {:.2}/s (builds per replica: {:?})",
+            scale.one, scale.two, scale.shares
+        ),
+        Some(format!("{} with the second replica", ratio(scale.two, scale.one))),
+        json!({"one": scale.one, "two": scale.two, "ratio": scale.two / scale.one, "builds_per_replica": scale.shares}),
+    );
+
     if opts.json {
         let mut j = table.json;
         j.insert("machine".into(), json!(machine));
         j.insert(
             "options".into(),
             json!({"runs": opts.runs, "inflight": opts.inflight, "raw": opts.raw, "stored": opts.stored, "replay": opts.replay,
-                   "gateway_requests": opts.gateway_requests, "concurrency": opts.concurrency}),
+                   "gateway_requests": opts.gateway_requests, "concurrency": opts.concurrency, "scale_builds": opts.scale_builds}),
         );
         println!("{}", serde_json::to_string_pretty(&Value::Object(j))?);
     } else {
@@ -745,6 +762,20 @@ async fn throughput(
     project: &Path,
     inflight: usize,
 ) -> anyhow::Result<f64> {
+    runs_per_second(bus, gateway, project, inflight, |i| {
+        spec_named(&format!("noop-{i}"))
+    })
+    .await
+}
+
+/// Runs per second with `n` runs submitted at once, run `i` of the pipeline `spec(i)`.
+async fn runs_per_second(
+    bus: &Bus,
+    gateway: &str,
+    project: &Path,
+    inflight: usize,
+    spec: impl Fn(usize) -> String,
+) -> anyhow::Result<f64> {
     let mut runs = Vec::new();
     for _ in 0..inflight {
         let id = ids::random();
@@ -763,7 +794,7 @@ async fn throughput(
             "/slipway/bench",
             None,
             slipway_core::bus::now(),
-            EventData::ChangeSubmitted(change_of(project, spec_named(&format!("noop-{i}")))),
+            EventData::ChangeSubmitted(change_of(project, spec(i))),
         );
         bus.publish(&event).await?;
         let gateway = gateway.to_string();
@@ -773,6 +804,90 @@ async fn throughput(
         r??;
     }
     Ok(inflight as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// The scale-out row's result.
+struct ScaleOut {
+    one: f64,
+    two: f64,
+    /// Builds each of the two replicas took.
+    shares: Vec<usize>,
+}
+
+/// A build that keeps one core busy for about half a second.
+fn cpu_spec(name: &str) -> String {
+    format!(
+        r#"
+[pipeline]
+name = "{name}"
+[build]
+command = ["sh", "-c", "i=0; while [ $i -lt 500000 ]; do i=$((i+1)); done; mkdir -p dist && echo ok > dist/a"]
+artifacts = ["dist"]
+"#
+    )
+}
+
+/// `builds` CPU-bound builds (each of its own pipeline) through one builder process, then
+/// through two, each process taking one job at a time, on a fresh stack each time: builds
+/// per second with one and with two, and how the two shared the builds (by `started` facts).
+async fn scale_out(data: &Path, project: &Path, builds: usize) -> anyhow::Result<ScaleOut> {
+    let mut rates = Vec::new();
+    let mut shares = Vec::new();
+    for replicas in [1, 2] {
+        let env = vec![("SLIPWAY__WORKER__CONCURRENCY".to_string(), "1".to_string())];
+        let mut t = Target::start(&data.join(format!("scale-{replicas}")), env).await?;
+        let measured = async {
+            if replicas == 2 {
+                t.stack.add_replica("slipway-builder")?;
+            }
+            // Every replica is pulling before the clock starts.
+            let consumer = t
+                .bus
+                .jetstream()
+                .get_stream(t.bus.stream_name())
+                .await?
+                .get_consumer::<jetstream::consumer::pull::Config>("builder")
+                .await;
+            let mut consumer = consumer.map_err(|e| anyhow::anyhow!("builder consumer: {e}"))?;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while consumer.info().await?.num_waiting < replicas {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{replicas} builders never pulled"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let rate = runs_per_second(&t.bus, &t.gateway, project, builds, |i| {
+                cpu_spec(&format!("cpu-{i}"))
+            })
+            .await?;
+            let started = t
+                .bus
+                .read(&["slipway.run.*.build.started".to_string()], 1)
+                .await?;
+            let mut by_worker = std::collections::BTreeMap::<String, usize>::new();
+            for r in started {
+                if let Ok(Event {
+                    data: EventData::BuildStarted(s),
+                    ..
+                }) = r.event
+                {
+                    *by_worker.entry(s.worker).or_default() += 1;
+                }
+            }
+            anyhow::Ok((rate, by_worker.into_values().collect::<Vec<_>>()))
+        }
+        .await;
+        t.stack.stop().await;
+        let (rate, by_worker) = measured?;
+        rates.push(rate);
+        shares = by_worker;
+    }
+    Ok(ScaleOut {
+        one: rates[0],
+        two: rates[1],
+        shares,
+    })
 }
 
 async fn latest_run(bus: &Bus) -> anyhow::Result<String> {

@@ -180,6 +180,9 @@ enum Command {
         gateway_requests: usize,
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        /// CPU-bound builds for the scale-out row (one builder process, then two).
+        #[arg(long, default_value_t = 8)]
+        scale_builds: usize,
         /// Keep the servers' data here (default: a temporary directory, removed after).
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -265,6 +268,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             replay,
             gateway_requests,
             concurrency,
+            scale_builds,
             data_dir,
             json,
         } => {
@@ -276,6 +280,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 replay,
                 gateway_requests,
                 concurrency,
+                scale_builds,
                 json,
                 data_dir,
             })

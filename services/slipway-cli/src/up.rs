@@ -140,6 +140,24 @@ impl Stack {
         Ok(stack)
     }
 
+    /// Starts one more process of a service: a replica, sharing the service's consumer.
+    ///
+    /// # Errors
+    /// When `name` is not a service or its binary cannot start.
+    pub fn add_replica(&mut self, name: &str) -> anyhow::Result<()> {
+        let name = SERVICES
+            .iter()
+            .copied()
+            .find(|s| *s == name)
+            .with_context(|| format!("no service {name}"))?;
+        self.services.push(Service {
+            name,
+            child: None,
+            restarts: 0,
+        });
+        self.spawn(self.services.len() - 1)
+    }
+
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
         let name = self.services[i].name;
         let child = Command::new(self.bin_dir.join(name))
