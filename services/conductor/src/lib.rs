@@ -221,16 +221,10 @@ impl State {
         } else {
             None
         };
-        match self.runs.remove(run_id) {
+        match self.runs.get_mut(run_id) {
             Some(entry) => {
-                let run = fold(Some(entry.run), event).expect("a run stays a run");
-                self.runs.insert(
-                    run_id.to_string(),
-                    Entry {
-                        run,
-                        last_seq: entry.last_seq.max(seq),
-                    },
-                );
+                slipway_core::fold_into(&mut entry.run, event);
+                entry.last_seq = entry.last_seq.max(seq);
             }
             None => {
                 if let Some(run) = fold(None, event) {

@@ -4,6 +4,11 @@
 //! `nats://127.0.0.1:4222`). Exit codes: 0 success, 1 a run that did not succeed or an
 //! operation refused, 2 bad usage or an unreachable server.
 
+// Replay, status and the benchmark's replay row decode and fold whole logs: the conductor's
+// allocator (see its main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod client;
 mod demo;

@@ -16,7 +16,6 @@ use crate::events::{
     ApprovalDecision, ChangeInfo, EventData, GateReport, ObjectRef, SourceRef, StageKind,
     StageVerb, TestReport, stage_kind_of,
 };
-use crate::plan::planned_stages;
 use crate::spec::PipelineSpec;
 
 /// Where a run is. `slipway status` prints it; the set is part of the CLI contract.
@@ -191,9 +190,18 @@ pub struct Run {
     /// The artifact live before each deploy stage started, by stage key.
     #[serde(skip)]
     started_previous: BTreeMap<String, ObjectRef>,
+    /// The spec's plan (see [`crate::plan::step_keys`]), made once: every request is checked
+    /// against it.
+    #[serde(skip)]
+    steps: Vec<Vec<String>>,
 }
 
 impl Run {
+    /// The plan's steps, as stage keys.
+    pub fn step_keys(&self) -> &[Vec<String>] {
+        &self.steps
+    }
+
     pub fn stage(&self, key: &str) -> Option<&StageState> {
         self.stages.iter().find(|s| s.name == key)
     }
@@ -246,17 +254,23 @@ impl Run {
         if self.phase.is_final() {
             return;
         }
-        let active = |kind: StageKind| {
-            self.stages.iter().any(|s| {
-                s.kind() == Some(kind)
-                    && matches!(s.status, StageStatus::Requested | StageStatus::Running)
-            })
-        };
-        self.phase = if active(StageKind::Approval) {
+        // Only the few active stages need their kind parsed from the key.
+        let (mut approval, mut deploying, mut monitoring) = (false, false, false);
+        for s in &self.stages {
+            if matches!(s.status, StageStatus::Requested | StageStatus::Running) {
+                match s.kind() {
+                    Some(StageKind::Approval) => approval = true,
+                    Some(StageKind::Deploy | StageKind::Rollback) => deploying = true,
+                    Some(StageKind::Monitor) => monitoring = true,
+                    _ => {}
+                }
+            }
+        }
+        self.phase = if approval {
             Phase::AwaitingApproval
-        } else if active(StageKind::Deploy) || active(StageKind::Rollback) {
+        } else if deploying {
             Phase::Deploying
-        } else if active(StageKind::Monitor) {
+        } else if monitoring {
             Phase::Monitoring
         } else if self.stages.iter().all(|s| s.status == StageStatus::Pending) {
             Phase::Queued
@@ -272,8 +286,11 @@ pub fn fold(state: Option<Run>, event: &Event) -> Option<Run> {
         (None, EventData::RunCreated(created)) => {
             // A snapshot that does not parse was not written by the conductor: ignore it.
             let spec = PipelineSpec::from_json(&created.spec).ok()?;
-            let stages = planned_stages(&spec)
-                .into_iter()
+            let steps = crate::plan::step_keys(&spec);
+            let stages = steps
+                .iter()
+                .flatten()
+                .cloned()
                 .map(StageState::pending)
                 .collect();
             let mut seen = BTreeSet::new();
@@ -307,18 +324,24 @@ pub fn fold(state: Option<Run>, event: &Event) -> Option<Run> {
                 seen,
                 approvals_by_stage: BTreeMap::new(),
                 started_previous: BTreeMap::new(),
+                steps,
             });
         }
         (None, _) => return None,
         (Some(run), _) => run,
     };
+    fold_into(&mut run, event);
+    Some(run)
+}
+
+/// Folds one event into a run held in place (what [`fold`] does for an existing run).
+pub fn fold_into(run: &mut Run, event: &Event) {
     if run.is_ended() || !run.seen.insert(event.id.clone()) {
-        return Some(run);
+        return;
     }
     run.events += 1;
-    apply(&mut run, event);
+    apply(run, event);
     run.recompute_phase();
-    Some(run)
 }
 
 fn apply(run: &mut Run, event: &Event) {

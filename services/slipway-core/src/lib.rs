@@ -41,7 +41,7 @@ pub mod testing;
 pub use decide::{Command, decide};
 pub use envelope::Event;
 pub use events::EventData;
-pub use fold::{Phase, Run, fold};
+pub use fold::{Phase, Run, fold, fold_into};
 
 /// A pure simulation of a whole pipeline (deciding, and answering every request), for tests
 /// of the domain logic here and in other crates.

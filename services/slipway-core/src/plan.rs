@@ -77,9 +77,14 @@ fn gate_steps(spec: &PipelineSpec, steps: &mut Vec<Step>) {
 
 /// Every planned stage key, in order (rollbacks are not planned: they appear when needed).
 pub fn planned_stages(spec: &PipelineSpec) -> Vec<String> {
+    step_keys(spec).into_iter().flatten().collect()
+}
+
+/// The plan's steps as the stage keys each one holds (an approval step: its approval key).
+pub fn step_keys(spec: &PipelineSpec) -> Vec<Vec<String>> {
     plan(spec)
         .into_iter()
-        .flat_map(|s| match s {
+        .map(|s| match s {
             Step::Stages(keys) => keys,
             Step::Approval { environment } => vec![approval_key(&environment)],
         })
@@ -95,11 +100,7 @@ pub fn in_order(run: &crate::fold::Run, key: &str) -> bool {
     if let Some(env) = key.strip_prefix("rollback:") {
         return status(&StageKind::Monitor.key(Some(env))) == Some(StageStatus::Failed);
     }
-    for step in plan(&run.spec) {
-        let keys = match step {
-            Step::Stages(keys) => keys,
-            Step::Approval { environment } => vec![approval_key(&environment)],
-        };
+    for keys in run.step_keys() {
         if keys.iter().any(|k| k == key) {
             return true;
         }

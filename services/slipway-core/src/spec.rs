@@ -542,11 +542,16 @@ impl PipelineSpec {
     /// # Errors
     /// As [`PipelineSpec::parse`].
     pub fn from_json(value: &serde_json::Value) -> Result<Self, SpecError> {
-        let spec: PipelineSpec = serde_path_to_error::deserialize(value).map_err(
-            |e: serde_path_to_error::Error<_>| {
-                error_at(&e.path().to_string(), e.inner().to_string())
-            },
-        )?;
+        // Every run's snapshot is read this way when its log is folded: the path to a bad
+        // field is only tracked once there is one to report.
+        let spec = match PipelineSpec::deserialize(value) {
+            Ok(spec) => spec,
+            Err(_) => serde_path_to_error::deserialize(value).map_err(
+                |e: serde_path_to_error::Error<_>| {
+                    error_at(&e.path().to_string(), e.inner().to_string())
+                },
+            )?,
+        };
         spec.validate()?;
         Ok(spec)
     }
