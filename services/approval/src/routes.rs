@@ -233,8 +233,25 @@ async fn fold_log(state: &AppState, id: &str) -> Result<(Run, u64), ApiError> {
 pub async fn get_run(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(run_state(&state, &id).await?.to_json()))
+) -> Result<axum::response::Response, ApiError> {
+    // The hot path: written straight from the projection under its read lock, with no copy
+    // of the run and no intermediate JSON value.
+    let projected = ids::is_valid_run_id(&id)
+        .then(|| {
+            let runs = state.runs.read().expect("lock");
+            runs.get(&id)
+                .map(|run| serde_json::to_vec(run).expect("run state serialises"))
+        })
+        .flatten();
+    let body = match projected {
+        Some(body) => body,
+        None => serde_json::to_vec(&run_state(&state, &id).await?).expect("run state serialises"),
+    };
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 /// A run's CloudEvents in log order (structured mode).

@@ -534,8 +534,10 @@ macro_rules! catalogue {
             /// Typed data straight from JSON bytes, for decoding's fast path: `None` for
             /// anything [`EventData::from_json`] must explain instead.
             pub fn from_slice(type_name: &str, data: &[u8]) -> Option<Self> {
+                // One UTF-8 check of the whole payload, not one per string in it.
+                let data = std::str::from_utf8(data).ok()?;
                 match type_name {
-                    $( $ty => serde_json::from_slice::<$data>(data).ok().map(Self::$variant), )*
+                    $( $ty => serde_json::from_str::<$data>(data).ok().map(Self::$variant), )*
                     _ => None,
                 }
             }
