@@ -72,3 +72,51 @@ fn the_benchmark_finishes_and_reports_every_row() {
     let rss = v["rss_mb"].as_object().unwrap();
     assert_eq!(rss.len(), 9, "every service's memory: {rss:?}");
 }
+
+#[test]
+fn an_interrupted_benchmark_leaves_nothing_running() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(slipway_e2e::bin_dir().join("slipway"))
+        .args(["bench", "--runs", "1000"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Both stacks' servers are up once two "listening at" lines are out.
+    let mut ports = Vec::new();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    while ports.len() < 2 {
+        let line = lines.next().expect("bench stopped early").unwrap();
+        if let Some(url) = line.split("listening at nats://").nth(1) {
+            let port: u16 = url.split([':', ' ']).nth(1).unwrap().parse().unwrap();
+            ports.push(port);
+        }
+    }
+    // Every service of both stacks is started before the first measurement; give them a moment.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let bench_dir = std::env::temp_dir().join(format!("slipway-bench-{}", child.id()));
+    assert!(bench_dir.is_dir());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    for port in ports {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "nats-server on {port} still running"
+        );
+    }
+    // No service it started is left: none runs with a configuration inside its data directory.
+    let leftovers: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("environ")).ok())
+        .map(|env| String::from_utf8_lossy(&env).into_owned())
+        .filter(|env| env.contains(&bench_dir.display().to_string()))
+        .collect();
+    assert!(leftovers.is_empty(), "{} processes left", leftovers.len());
+    assert!(!bench_dir.exists(), "its data directory is removed");
+}

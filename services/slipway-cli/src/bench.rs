@@ -114,16 +114,14 @@ allowed_groups = ["release-managers"]
 "#
 }
 
+/// Where the servers keep their data unless `--data-dir` says otherwise (removed after).
+pub fn default_data_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("slipway-bench-{}", std::process::id()))
+}
+
 /// `slipway bench`.
 pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
-    let tmp;
-    let data = match &opts.data_dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = std::env::temp_dir().join(format!("slipway-bench-{}", std::process::id()));
-            tmp.clone()
-        }
-    };
+    let data = opts.data_dir.clone().unwrap_or_else(default_data_dir);
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data)?;
     let project = data.join("project");

@@ -254,7 +254,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             json,
         } => {
-            soak::soak(soak::Options {
+            let run = soak::soak(soak::Options {
                 runs,
                 rate,
                 fault_every,
@@ -262,8 +262,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 seed,
                 data_dir,
                 json,
-            })
-            .await
+            });
+            // As for the benchmark: dropping the run kills what it started.
+            tokio::select! {
+                r = run => r,
+                () = up::signal() => {
+                    eprintln!("Interrupted: the soak's servers and services are stopped.");
+                    Ok(ExitCode::from(130))
+                }
+            }
         }
         Command::Bench {
             runs,
@@ -277,7 +284,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             json,
         } => {
-            bench::bench(bench::Options {
+            let keep = data_dir.is_some();
+            let run = bench::bench(bench::Options {
                 runs,
                 inflight,
                 raw,
@@ -288,8 +296,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 scale_builds,
                 json,
                 data_dir,
-            })
-            .await
+            });
+            // Interrupted: dropping the run kills the servers and services it started (they
+            // are killed on drop), so nothing is left running.
+            tokio::select! {
+                r = run => r,
+                () = up::signal() => {
+                    eprintln!("Interrupted: the benchmark's servers and services are stopped.");
+                    if !keep {
+                        let _ = std::fs::remove_dir_all(bench::default_data_dir());
+                    }
+                    Ok(ExitCode::from(130))
+                }
+            }
         }
         Command::Approve {
             run,

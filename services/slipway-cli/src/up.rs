@@ -293,7 +293,8 @@ pub fn absolute_file(p: &Path) -> anyhow::Result<PathBuf> {
     std::fs::canonicalize(p).with_context(|| format!("{} does not exist", p.display()))
 }
 
-async fn signal() {
+/// The first SIGINT or SIGTERM.
+pub async fn signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
     tokio::select! {
