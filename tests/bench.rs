@@ -93,6 +93,8 @@ fn an_interrupted_benchmark_leaves_nothing_running() {
             ports.push(port);
         }
     }
+    // Keep reading what it (and its services) print, so no writer blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     // Every service of both stacks is started before the first measurement; give them a moment.
     std::thread::sleep(std::time::Duration::from_secs(2));
     let bench_dir = std::env::temp_dir().join(format!("slipway-bench-{}", child.id()));

@@ -70,7 +70,9 @@ fn first_deployer(here: &[Event], digest: &str) -> Option<String> {
 
 /// Successful deploys and rollbacks by pipeline and environment, as far as the log has been
 /// read. The log only grows, so each lookup reads just what was appended since the last one
-/// (rather than every deploy ever made, per deploy).
+/// (rather than every deploy ever made, per deploy). One per connection ([`Bus`] clones share
+/// it); a log stream deleted and made again under a running process is not noticed, so the
+/// services are restarted after that.
 #[derive(Debug, Default)]
 pub struct DeployIndex {
     /// The stream sequence of the last deploy or rollback read.

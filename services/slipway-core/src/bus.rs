@@ -358,18 +358,22 @@ impl Bus {
                         differences: diffs.join("; "),
                     });
                 }
+                // Direct gets serve the workers' reads of a run's log (a stream made before
+                // they did is switched on here).
                 if have.num_replicas != want.num_replicas
                     || have.duplicate_window != want.duplicate_window
+                    || have.allow_direct != want.allow_direct
                 {
                     info!(
                         stream = %want.name,
                         replicas = want.num_replicas,
                         duplicate_window_secs = want.duplicate_window.as_secs(),
-                        "Updating the stream's replicas and duplicate window."
+                        "Updating the stream's replicas, duplicate window and direct gets."
                     );
                     let mut update = have.clone();
                     update.num_replicas = want.num_replicas;
                     update.duplicate_window = want.duplicate_window;
+                    update.allow_direct = want.allow_direct;
                     self.js
                         .update_stream(update)
                         .await
@@ -568,9 +572,9 @@ impl Bus {
     /// event of the run the caller already holds, such as the request it is working on).
     ///
     /// Read by batched direct gets: one request and its replies, where an ordered consumer
-    /// costs a create, an info, a fetch and a delete. Any replica of the stream may answer a
-    /// direct get, and one just restarted may lag; a log that stops short of `through` is
-    /// read again through a consumer, which the stream's leader serves.
+    /// costs a create, a fetch and a delete. Any replica of the stream may answer a direct
+    /// get, and one just restarted may lag: a log that stops short of `through`, or a direct
+    /// read that fails, is read again through a consumer, as [`Bus::run_log`] does.
     ///
     /// # Errors
     /// [`BusError`] when the stream cannot be read.
@@ -584,7 +588,7 @@ impl Bus {
             Ok(_) => debug!(
                 run_id,
                 through,
-                "Direct read stopped short (a lagging replica?); reading through the leader."
+                "Direct read stopped short (a lagging replica?); reading through a consumer."
             ),
             Err(e) => warn!(run_id, error = %e, "Direct read failed; reading through a consumer."),
         }
@@ -621,6 +625,7 @@ impl Bus {
                 .publish_with_reply(api.clone(), inbox, request.to_string().into())
                 .await
                 .map_err(|e| BusError::nats("direct read", e))?;
+            let before = out.len();
             let pending = loop {
                 let m = tokio::time::timeout(DIRECT_REPLY_WAIT, replies.next())
                     .await
@@ -668,6 +673,13 @@ impl Bus {
             };
             if pending == 0 {
                 return Ok(out);
+            }
+            // More said to be left, yet none given: asking again would loop.
+            if out.len() == before {
+                return Err(BusError::nats(
+                    "direct read",
+                    format!("{pending} messages said to be left, none returned"),
+                ));
             }
         }
     }

@@ -469,12 +469,14 @@ impl<W: Worker> Ctx<W> {
             started,
             job.request.traceparent.as_deref(),
         );
+        // Where our `started` landed, when this delivery appended it.
+        let mut started_seq = None;
         if resumed {
             // The started fact is already in the log.
         } else if self.worker.exclusive() {
             // Exactly one delivery starts: the append expects the log as just read.
             match self.bus.append(&started, &run_id, last_seq).await {
-                Ok(a) if !a.duplicate => {}
+                Ok(a) if !a.duplicate => started_seq = Some(a.seq),
                 Ok(_) | Err(crate::bus::AppendError::Conflict { .. }) => {
                     // Another delivery started it, or the run moved on: look again later.
                     info!("Start not won; the request is looked at again.");
@@ -489,10 +491,15 @@ impl<W: Worker> Ctx<W> {
                     return;
                 }
             }
-        } else if let Err(e) = self.bus.publish(&started).await {
-            warn!(error = %e, "Cannot publish the started fact; retrying later.");
-            self.nak(&msg, delivered).await;
-            return;
+        } else {
+            match self.bus.publish(&started).await {
+                Ok(a) => started_seq = Some(a.seq),
+                Err(e) => {
+                    warn!(error = %e, "Cannot publish the started fact; retrying later.");
+                    self.nak(&msg, delivered).await;
+                    return;
+                }
+            }
         }
         info!("Stage started.");
         // The run as of the start, for the stage's span at its end (no second read of the log).
@@ -541,6 +548,12 @@ impl<W: Worker> Ctx<W> {
                 }
             })
         };
+        // An end published just before the subscription took may not have been stored when
+        // the log was read: it is stored before our `started`, so look between the two.
+        if self.ended_since(&job.run, last_seq, started_seq).await {
+            cancelled_run.cancel();
+            job.cancel.cancel();
+        }
         let result = self.worker.handle(&job).await;
         guard.cancel();
         progress.abort();
@@ -576,6 +589,36 @@ impl<W: Worker> Ctx<W> {
             }
             Err(e) => self.retry_or_give_up(&msg, &job, e, traced).await,
         }
+    }
+
+    /// Whether the run ended after `last_seq`, as far as `started_seq` (our `started`) at
+    /// least; a resumed attempt (no `started` of ours) reads the whole log again.
+    async fn ended_since(&self, run: &Run, last_seq: u64, started_seq: Option<u64>) -> bool {
+        let subject = subjects::run(&run.run_id);
+        let tail = match started_seq {
+            Some(s) => match self.bus.read_direct(&subject, last_seq + 1).await {
+                Ok(tail) if tail.last().is_some_and(|r| r.seq >= s) => Some(tail),
+                _ => None,
+            },
+            None => None,
+        };
+        let tail = match tail {
+            Some(t) => t,
+            None => match self.bus.read(&[subject], last_seq + 1).await {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(error = %e, "Cannot read the run's log again; working on.");
+                    return false;
+                }
+            },
+        };
+        let mut now = run.clone();
+        for r in &tail {
+            if let Ok(e) = &r.event {
+                crate::fold::fold_into(&mut now, e);
+            }
+        }
+        now.is_ended()
     }
 
     async fn retry_or_give_up(
