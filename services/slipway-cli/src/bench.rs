@@ -91,27 +91,7 @@ fn spec_named(name: &str) -> String {
 }
 
 fn spec() -> &'static str {
-    r#"
-[pipeline]
-name = "noop"
-[build]
-command = ["sh", "-c", "mkdir -p dist && echo ok > dist/a"]
-artifacts = ["dist"]
-[[test]]
-name = "unit"
-command = ["true"]
-[[environment]]
-name = "staging"
-[environment.deploy]
-command = ["true"]
-[[environment]]
-name = "production"
-requires_approval = true
-[environment.deploy]
-command = ["true"]
-[approval]
-allowed_groups = ["release-managers"]
-"#
+    slipway_core::sim::NOOP_PIPELINE
 }
 
 /// Where the servers keep their data unless `--data-dir` says otherwise (removed after).

@@ -7,27 +7,7 @@
 
 use slipway_core::{binding, fold, fold_into, sim::Sim};
 fn main() {
-    let spec = r#"
-[pipeline]
-name = "noop"
-[build]
-command = ["sh", "-c", "mkdir -p dist && echo ok > dist/a"]
-artifacts = ["dist"]
-[[test]]
-name = "unit"
-command = ["true"]
-[[environment]]
-name = "staging"
-[environment.deploy]
-command = ["true"]
-[[environment]]
-name = "production"
-requires_approval = true
-[environment.deploy]
-command = ["true"]
-[approval]
-allowed_groups = ["release-managers"]
-"#;
+    let spec = slipway_core::sim::NOOP_PIPELINE;
     let mut sim = Sim::new(spec);
     sim.run_to_end();
     let enc: Vec<_> = sim
