@@ -583,7 +583,22 @@ impl Bus {
         run_id: &str,
         through: u64,
     ) -> Result<Vec<Recorded>, BusError> {
-        match self.read_direct(&subjects::run(run_id), 1).await {
+        self.run_log_between(run_id, 1, through).await
+    }
+
+    /// A run's events from stream sequence `from`, up to at least `through`, read as
+    /// [`Bus::run_log_through`] reads them.
+    ///
+    /// # Errors
+    /// [`BusError`] when the stream cannot be read.
+    pub async fn run_log_between(
+        &self,
+        run_id: &str,
+        from: u64,
+        through: u64,
+    ) -> Result<Vec<Recorded>, BusError> {
+        let subject = subjects::run(run_id);
+        match self.read_direct(&subject, from).await {
             Ok(log) if log.last().is_some_and(|r| r.seq >= through) => return Ok(log),
             Ok(_) => debug!(
                 run_id,
@@ -592,7 +607,7 @@ impl Bus {
             ),
             Err(e) => warn!(run_id, error = %e, "Direct read failed; reading through a consumer."),
         }
-        self.run_log(run_id).await
+        self.read(&[subject], from).await
     }
 
     /// Every message on `subject` (one filter; wildcards allowed) from `start_seq`, by
@@ -609,20 +624,21 @@ impl Bus {
         let api = format!("$JS.API.DIRECT.GET.{}", self.stream_name());
         let mut out = Vec::new();
         let mut seq = start_seq.max(1);
+        // One reply subject for every page.
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| BusError::nats("direct read", e))?;
         loop {
-            let inbox = self.client.new_inbox();
-            let mut replies = self
-                .client
-                .subscribe(inbox.clone())
-                .await
-                .map_err(|e| BusError::nats("direct read", e))?;
             let request = serde_json::json!({
                 "seq": seq,
                 "next_by_subj": subject,
                 "batch": DIRECT_BATCH,
             });
             self.client
-                .publish_with_reply(api.clone(), inbox, request.to_string().into())
+                .publish_with_reply(api.clone(), inbox.clone(), request.to_string().into())
                 .await
                 .map_err(|e| BusError::nats("direct read", e))?;
             let before = out.len();

@@ -594,23 +594,20 @@ impl<W: Worker> Ctx<W> {
     /// Whether the run ended after `last_seq`, as far as `started_seq` (our `started`) at
     /// least; a resumed attempt (no `started` of ours) reads the whole log again.
     async fn ended_since(&self, run: &Run, last_seq: u64, started_seq: Option<u64>) -> bool {
-        let subject = subjects::run(&run.run_id);
         let tail = match started_seq {
-            Some(s) => match self.bus.read_direct(&subject, last_seq + 1).await {
-                Ok(tail) if tail.last().is_some_and(|r| r.seq >= s) => Some(tail),
-                _ => None,
-            },
-            None => None,
+            Some(s) => self.bus.run_log_between(&run.run_id, last_seq + 1, s).await,
+            None => {
+                self.bus
+                    .read(&[subjects::run(&run.run_id)], last_seq + 1)
+                    .await
+            }
         };
         let tail = match tail {
-            Some(t) => t,
-            None => match self.bus.read(&[subject], last_seq + 1).await {
-                Ok(t) => t,
-                Err(e) => {
-                    warn!(error = %e, "Cannot read the run's log again; working on.");
-                    return false;
-                }
-            },
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "Cannot read the run's log again; working on.");
+                return false;
+            }
         };
         let mut now = run.clone();
         for r in &tail {
