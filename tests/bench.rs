@@ -43,6 +43,7 @@ fn the_benchmark_finishes_and_reports_every_row() {
         "raw_publish_rate",
         "raw_read_rate",
         "stage_overhead_ms",
+        "stage_overhead_split_ms",
         "run_latency_ms",
         "throughput_runs_per_s",
         "gateway",

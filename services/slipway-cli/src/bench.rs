@@ -91,7 +91,7 @@ fn spec_named(name: &str) -> String {
 }
 
 fn spec() -> &'static str {
-    slipway_core::sim::NOOP_PIPELINE
+    slipway_core::spec::NOOP_PIPELINE
 }
 
 /// Where the servers keep their data unless `--data-dir` says otherwise (removed after).
@@ -189,6 +189,21 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
             ratio(plain.stage.p50, hop)
         )),
         json!({"p50": plain.stage.p50, "p99": plain.stage.p99, "ratio_p50": plain.stage.p50 / hop}),
+    );
+    table.row(
+        "stage_overhead_split_ms",
+        "per-stage overhead in two parts p50: result -> next request (conductor) / request -> started (worker)",
+        format!(
+            "{} / {}",
+            f(plain.stage_conductor.p50),
+            f(plain.stage_worker.p50)
+        ),
+        Some(format!(
+            "{} / {} of the raw hop",
+            ratio(plain.stage_conductor.p50, hop),
+            ratio(plain.stage_worker.p50, hop)
+        )),
+        json!({"conductor_p50": plain.stage_conductor.p50, "conductor_p99": plain.stage_conductor.p99, "worker_p50": plain.stage_worker.p50, "worker_p99": plain.stage_worker.p99}),
     );
     let bound = raw.hop.p50 * plain.hops as f64;
     table.row(
@@ -362,6 +377,9 @@ struct Measured {
     raw: Option<RawFloor>,
     replay: Option<Replay>,
     stage: Pct,
+    /// The stage overhead's two parts: result -> the conductor's request, request -> started.
+    stage_conductor: Pct,
+    stage_worker: Pct,
     run: Pct,
     /// Events in a no-op run: its sequential hops.
     hops: usize,
@@ -448,6 +466,8 @@ impl Measured {
         let mut latencies = Vec::new();
         let mut traced_latencies = Vec::new();
         let mut overheads = Vec::new();
+        let mut conductor_parts = Vec::new();
+        let mut worker_parts = Vec::new();
         let mut hops = 0;
         for _ in 0..opts.runs {
             let (run, took) = one_run(&plain.bus, &plain.gateway, project).await?;
@@ -455,7 +475,11 @@ impl Measured {
             let log = plain.bus.run_log(&run).await?;
             hops = log.len();
             let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
-            overheads.extend(stage_overheads(&events));
+            for (whole, conductor, worker) in stage_overheads(&events) {
+                overheads.push(whole);
+                conductor_parts.push(conductor);
+                worker_parts.push(worker);
+            }
             let (_, took) = one_run(&traced.bus, &traced.gateway, project).await?;
             traced_latencies.push(took);
         }
@@ -483,6 +507,8 @@ impl Measured {
                 raw: Some(raw),
                 replay: Some(replay),
                 stage: pct(&mut overheads),
+                stage_conductor: pct(&mut conductor_parts),
+                stage_worker: pct(&mut worker_parts),
                 run: pct(&mut latencies),
                 hops,
                 throughput,
@@ -726,20 +752,31 @@ async fn one_run(bus: &Bus, gateway: &str, project: &Path) -> anyhow::Result<(St
     Ok((run, t0.elapsed()))
 }
 
-/// From each stage's result (or an approver's decision) to the next worker stage's start.
-fn stage_overheads(events: &[Event]) -> Vec<Duration> {
+/// From each stage's result (or an approver's decision) to the next worker stage's start,
+/// split at the conductor's request between them: (whole, result -> request, request ->
+/// started).
+fn stage_overheads(events: &[Event]) -> Vec<(Duration, Duration, Duration)> {
+    use slipway_core::events::StageVerb;
+    let span = |a: chrono::DateTime<chrono::Utc>, b: chrono::DateTime<chrono::Utc>| {
+        (b - a).to_std().unwrap_or_default()
+    };
     let mut out = Vec::new();
     let mut last_result: Option<chrono::DateTime<chrono::Utc>> = None;
+    let mut requested: Option<chrono::DateTime<chrono::Utc>> = None;
     for e in events {
         if let Some((_, _, verb)) = e.data.stage_fact() {
             match verb {
-                slipway_core::events::StageVerb::Started => {
-                    if let Some(t) = last_result.take() {
-                        out.push((e.time - t).to_std().unwrap_or_default());
+                StageVerb::Started => {
+                    if let (Some(t), Some(r)) = (last_result.take(), requested.take()) {
+                        out.push((span(t, e.time), span(t, r), span(r, e.time)));
                     }
                 }
-                v if v.is_terminal() => last_result = Some(e.time),
-                _ => {}
+                StageVerb::Requested => {
+                    if last_result.is_some() {
+                        requested = Some(e.time);
+                    }
+                }
+                _ => last_result = Some(e.time),
             }
         } else if e.data.approval_stage().is_some() {
             last_result = Some(e.time);
@@ -1082,5 +1119,21 @@ mod tests {
         assert!((p.p50 - 51.0).abs() < 1.01, "{}", p.p50);
         assert!((p.p99 - 99.0).abs() < 1.01, "{}", p.p99);
         assert_eq!(pct(&mut []).p50, 0.0);
+    }
+
+    #[test]
+    fn stage_overheads_split_at_the_request() {
+        let mut sim = slipway_core::sim::Sim::new(slipway_core::spec::NOOP_PIPELINE);
+        sim.run_to_end();
+        assert!(sim.run().is_ended());
+        let split = stage_overheads(&sim.log);
+        // The simulation's workers report `started` for some stages only; each of those
+        // after the first follows a result (or a decision) and a request.
+        assert!(!split.is_empty());
+        for (whole, conductor, worker) in split {
+            assert_eq!(whole, conductor + worker);
+            // The simulation answers a request one second after it is made.
+            assert_eq!(worker, Duration::from_secs(1));
+        }
     }
 }

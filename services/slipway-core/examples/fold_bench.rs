@@ -7,7 +7,7 @@
 
 use slipway_core::{binding, fold, fold_into, sim::Sim};
 fn main() {
-    let spec = slipway_core::sim::NOOP_PIPELINE;
+    let spec = slipway_core::spec::NOOP_PIPELINE;
     let mut sim = Sim::new(spec);
     sim.run_to_end();
     let enc: Vec<_> = sim

@@ -16,29 +16,7 @@ use crate::fold::{Run, fold};
 use crate::ids;
 use crate::spec::PipelineSpec;
 
-/// A pipeline whose stages do nothing: build, one suite, staging, approval, production (the
-/// benchmark's runs, and the decoding and folding example's).
-pub const NOOP_PIPELINE: &str = r#"
-[pipeline]
-name = "noop"
-[build]
-command = ["sh", "-c", "mkdir -p dist && echo ok > dist/a"]
-artifacts = ["dist"]
-[[test]]
-name = "unit"
-command = ["true"]
-[[environment]]
-name = "staging"
-[environment.deploy]
-command = ["true"]
-[[environment]]
-name = "production"
-requires_approval = true
-[environment.deploy]
-command = ["true"]
-[approval]
-allowed_groups = ["release-managers"]
-"#;
+pub use crate::spec::NOOP_PIPELINE;
 
 /// How the scripted worker answers one request.
 #[derive(Debug, Clone, PartialEq)]

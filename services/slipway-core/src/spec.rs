@@ -981,6 +981,30 @@ pub fn check_relative_path(path: &str, p: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// A pipeline whose stages do nothing: build, one suite, staging, approval, production (the
+/// benchmark's runs, and the decoding and folding example's).
+pub const NOOP_PIPELINE: &str = r#"
+[pipeline]
+name = "noop"
+[build]
+command = ["sh", "-c", "mkdir -p dist && echo ok > dist/a"]
+artifacts = ["dist"]
+[[test]]
+name = "unit"
+command = ["true"]
+[[environment]]
+name = "staging"
+[environment.deploy]
+command = ["true"]
+[[environment]]
+name = "production"
+requires_approval = true
+[environment.deploy]
+command = ["true"]
+[approval]
+allowed_groups = ["release-managers"]
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
