@@ -70,14 +70,73 @@ fn first_deployer(here: &[Event], digest: &str) -> Option<String> {
 
 /// Successful deploys and rollbacks by pipeline and environment, as far as the log has been
 /// read. The log only grows, so each lookup reads just what was appended since the last one
-/// (rather than every deploy ever made, per deploy). One per connection ([`Bus`] clones share
-/// it); a log stream deleted and made again under a running process is not noticed, so the
-/// services are restarted after that.
+/// (rather than every deploy ever made, per deploy); in a worker, the runs in flight
+/// ([`crate::follow`]) feed it as they follow the log, and a lookup then reads nothing. One
+/// per connection ([`Bus`] clones share it); a log stream deleted and made again under a
+/// running process is not noticed, so the services are restarted after that.
 #[derive(Debug, Default)]
 pub struct DeployIndex {
-    /// The stream sequence of the last deploy or rollback read.
+    /// Every deploy and rollback up to this stream sequence is in `here`.
     through: u64,
     here: HashMap<(String, String), Vec<Event>>,
+    /// The last stream sequence a follower of the log folded (0: none follows).
+    followed: u64,
+}
+
+impl DeployIndex {
+    fn add(&mut self, seq: u64, e: &Event) {
+        if seq <= self.through {
+            return;
+        }
+        self.through = seq;
+        if let EventData::DeploySucceeded(d) | EventData::RollbackSucceeded(d) = &e.data {
+            let key = (d.pipeline.clone(), d.environment.clone());
+            self.here.entry(key).or_default().push(e.clone());
+        }
+    }
+
+    /// A follower of the log starts after `seq`.
+    pub(crate) fn follow_from(&mut self, seq: u64) {
+        self.followed = self.followed.max(seq);
+    }
+
+    /// A follower of the log folded the message at `seq` (`event` when it is one). It is
+    /// taken in when the index already holds everything before it, so nothing is skipped.
+    pub(crate) fn followed(&mut self, seq: u64, event: Option<&Event>) {
+        let contiguous = self.through >= self.followed;
+        self.followed = self.followed.max(seq);
+        if contiguous {
+            match event {
+                Some(e) => self.add(seq, e),
+                None => self.through = self.through.max(seq),
+            }
+        }
+    }
+
+    /// Whether a lookup needs no read: a follower keeps the index as current as it is.
+    fn current(&self) -> bool {
+        self.followed > 0 && self.through >= self.followed
+    }
+}
+
+/// The index and the lock that makes concurrent lookups wait for one read instead of each
+/// making one (the index itself is locked only briefly, as the follower feeds it per message).
+#[derive(Debug, Default)]
+pub struct SharedDeployIndex {
+    index: std::sync::Mutex<DeployIndex>,
+    reading: tokio::sync::Mutex<()>,
+    reads: std::sync::atomic::AtomicU64,
+}
+
+impl SharedDeployIndex {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, DeployIndex> {
+        self.index.lock().expect("deploy index lock")
+    }
+
+    /// Reads of the log the index has made (a follower of the log spares them).
+    pub fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Successful deploys and rollbacks of one environment of one pipeline, in log order.
@@ -86,30 +145,46 @@ async fn deploys_here(
     pipeline: &str,
     environment: &str,
 ) -> Result<Vec<Event>, BusError> {
-    // Held across the read: concurrent lookups wait for one read instead of each making one.
-    let mut index = bus.deploy_index().lock().await;
+    let shared = bus.deploy_index();
+    let key = (pipeline.to_string(), environment.to_string());
+    let lookup = |index: &DeployIndex| index.here.get(&key).cloned().unwrap_or_default();
+    {
+        let index = shared.lock();
+        if index.current() {
+            return Ok(lookup(&index));
+        }
+    }
+    let _reading = shared.reading.lock().await;
+    let (start, followed) = {
+        let index = shared.lock();
+        if index.current() {
+            return Ok(lookup(&index));
+        }
+        (index.through + 1, index.followed)
+    };
+    shared
+        .reads
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let recs = bus
         .read(
             &[
                 "slipway.run.*.deploy.succeeded".to_string(),
                 "slipway.run.*.rollback.succeeded".to_string(),
             ],
-            index.through + 1,
+            start,
         )
         .await?;
+    let mut index = shared.lock();
     for r in recs {
-        index.through = index.through.max(r.seq);
-        let Ok(e) = r.event else { continue };
-        if let EventData::DeploySucceeded(d) | EventData::RollbackSucceeded(d) = &e.data {
-            let key = (d.pipeline.clone(), d.environment.clone());
-            index.here.entry(key).or_default().push(e);
+        match r.event {
+            Ok(e) => index.add(r.seq, &e),
+            Err(_) => index.through = index.through.max(r.seq),
         }
     }
-    Ok(index
-        .here
-        .get(&(pipeline.to_string(), environment.to_string()))
-        .cloned()
-        .unwrap_or_default())
+    // The read began after the follower had folded `followed`: it holds every deploy up to
+    // there, so the follower's next message can be taken in.
+    index.through = index.through.max(followed);
+    Ok(lookup(&index))
 }
 
 /// The baseline of a gate: the latest report of `stage` by the run live in the pipeline's last
@@ -150,4 +225,94 @@ pub async fn details<T: serde::de::DeserializeOwned>(
     crate::objects::get_file(bus, &obj, scratch).await.ok()?;
     let bytes = std::fs::read(scratch).ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::DeploySucceeded;
+
+    fn deployed(version: &str) -> Event {
+        Event::new(
+            format!("id-{version}"),
+            "/slipway/deployer",
+            Some("run".into()),
+            crate::bus::now(),
+            EventData::DeploySucceeded(DeploySucceeded {
+                stage: "deploy:prod".into(),
+                attempt: 1,
+                pipeline: "p".into(),
+                environment: "prod".into(),
+                version: version.into(),
+                artifact: ObjectRef {
+                    bucket: "b".into(),
+                    name: version.into(),
+                    digest: format!("sha256:{version}"),
+                    size: 1,
+                },
+                previous_version: None,
+                log: None,
+                duration_ms: 1,
+            }),
+        )
+    }
+
+    fn versions(index: &DeployIndex) -> Vec<String> {
+        index
+            .here
+            .get(&("p".to_string(), "prod".to_string()))
+            .into_iter()
+            .flatten()
+            .map(|e| match &e.data {
+                EventData::DeploySucceeded(d) => d.version.clone(),
+                _ => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_follower_feeds_the_index_only_once_it_holds_everything_before() {
+        let mut index = DeployIndex::default();
+        assert!(!index.current(), "no follower: every lookup reads");
+        // The follower starts after 10; the index has read nothing yet.
+        index.follow_from(10);
+        index.followed(11, Some(&deployed("v1")));
+        assert!(!index.current());
+        assert!(versions(&index).is_empty(), "deploys before 11 are unknown");
+        // A read took in everything up to where the follower was when it began (11).
+        index.add(5, &deployed("v0"));
+        index.through = index.through.max(11);
+        assert!(index.current());
+        index.followed(12, None);
+        index.followed(13, Some(&deployed("v2")));
+        assert!(index.current());
+        assert_eq!(versions(&index), ["v0", "v2"]);
+        assert_eq!(index.through, 13);
+    }
+
+    #[test]
+    fn a_read_ahead_of_the_follower_is_not_taken_twice() {
+        let mut index = DeployIndex::default();
+        index.follow_from(3);
+        // A read went past the follower: it holds everything to 6.
+        index.add(6, &deployed("v1"));
+        index.followed(4, None);
+        index.followed(6, Some(&deployed("v1")));
+        index.followed(7, Some(&deployed("v2")));
+        assert_eq!(versions(&index), ["v1", "v2"]);
+        assert!(index.current());
+    }
+
+    #[test]
+    fn a_message_the_follower_folded_before_the_read_caught_up_leaves_the_index_reading() {
+        let mut index = DeployIndex::default();
+        index.follow_from(3);
+        index.followed(4, Some(&deployed("v1")));
+        index.followed(5, None);
+        // A read that began when the follower was at 4 holds 4, not 5.
+        index.add(4, &deployed("v1"));
+        assert!(!index.current(), "5 may hold a deploy the index lacks");
+        index.followed(6, Some(&deployed("v2")));
+        assert_eq!(versions(&index), ["v1"], "not taken across the gap");
+    }
 }

@@ -186,7 +186,7 @@ pub struct Bus {
     js: jetstream::Context,
     settings: NatsSettings,
     /// Deploys read so far, shared by the clones (see [`crate::baseline`]).
-    deploys: std::sync::Arc<tokio::sync::Mutex<crate::baseline::DeployIndex>>,
+    deploys: std::sync::Arc<crate::baseline::SharedDeployIndex>,
 }
 
 impl Bus {
@@ -259,7 +259,8 @@ impl Bus {
         })
     }
 
-    pub(crate) fn deploy_index(&self) -> &tokio::sync::Mutex<crate::baseline::DeployIndex> {
+    /// The connection's index of deploys ([`crate::baseline`]).
+    pub fn deploy_index(&self) -> &crate::baseline::SharedDeployIndex {
         &self.deploys
     }
 

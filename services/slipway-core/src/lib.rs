@@ -19,6 +19,7 @@ pub mod envelope;
 pub mod events;
 pub mod exec;
 pub mod fold;
+pub mod follow;
 pub mod ids;
 pub mod objects;
 pub mod otel;

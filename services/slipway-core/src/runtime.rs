@@ -246,6 +246,7 @@ pub async fn run_worker<W: Worker>(
     let helpers = shutdown.child_token();
     let advisories =
         spawn_max_deliveries_listener(&bus, service, &tracker, helpers.clone()).await?;
+    let runs = crate::follow::RunsInFlight::start(&bus, helpers.clone()).await?;
     let permits = Arc::new(tokio::sync::Semaphore::new(settings.concurrency.max(1)));
     let mut messages = consumer
         .stream()
@@ -282,6 +283,7 @@ pub async fn run_worker<W: Worker>(
             settings: settings.clone(),
             worker_id: worker_id.clone(),
             jobs_cancel: jobs_cancel.clone(),
+            runs: runs.clone(),
         };
         tracker.spawn(async move {
             ctx.process(msg).await;
@@ -310,6 +312,7 @@ struct Ctx<W> {
     settings: WorkerSettings,
     worker_id: String,
     jobs_cancel: CancellationToken,
+    runs: crate::follow::RunsInFlight,
 }
 
 impl<W: Worker> Ctx<W> {
@@ -385,17 +388,23 @@ impl<W: Worker> Ctx<W> {
             .subscribe(format!("slipway.run.{run_id}.run.*"))
             .await;
         // Check the log before any side effect: a redelivered request may already be done.
-        let (run, last_seq) = match self.bus.run_log_through(&run_id, request_seq).await {
-            Ok(log) => {
-                let last_seq = log.last().map_or(0, |r| r.seq);
-                let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
-                (Run::replay(&events), last_seq)
-            }
-            Err(e) => {
-                warn!(error = %e, "Cannot read the run's log; retrying later.");
-                self.nak(&msg, delivered).await;
-                return;
-            }
+        // The runs in flight hold it as far as the request at least; otherwise it is read.
+        let followed = self.runs.run_through(&run_id, request_seq).await;
+        let from_view = followed.is_some();
+        let (run, last_seq) = match followed {
+            Some((run, last_seq)) => (Some(run), last_seq),
+            None => match self.bus.run_log_through(&run_id, request_seq).await {
+                Ok(log) => {
+                    let last_seq = log.last().map_or(0, |r| r.seq);
+                    let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
+                    (Run::replay(&events), last_seq)
+                }
+                Err(e) => {
+                    warn!(error = %e, "Cannot read the run's log; retrying later.");
+                    self.nak(&msg, delivered).await;
+                    return;
+                }
+            },
         };
         let Some(run) = run else {
             warn!("Request for a run that does not exist; terminating it.");
@@ -550,7 +559,10 @@ impl<W: Worker> Ctx<W> {
         };
         // An end published just before the subscription took may not have been stored when
         // the log was read: it is stored before our `started`, so look between the two.
-        if self.ended_since(&job.run, last_seq, started_seq).await {
+        if self
+            .ended_since(&job.run, from_view, last_seq, started_seq)
+            .await
+        {
             cancelled_run.cancel();
             job.cancel.cancel();
         }
@@ -592,8 +604,20 @@ impl<W: Worker> Ctx<W> {
     }
 
     /// Whether the run ended after `last_seq`, as far as `started_seq` (our `started`) at
-    /// least; a resumed attempt (no `started` of ours) reads the whole log again.
-    async fn ended_since(&self, run: &Run, last_seq: u64, started_seq: Option<u64>) -> bool {
+    /// least: from the runs in flight when they held the run, else read (a resumed attempt,
+    /// with no `started` of ours, reads the whole log again).
+    async fn ended_since(
+        &self,
+        run: &Run,
+        from_view: bool,
+        last_seq: u64,
+        started_seq: Option<u64>,
+    ) -> bool {
+        if let (true, Some(s)) = (from_view, started_seq)
+            && let Some(ended) = self.runs.ended_through(&run.run_id, s).await
+        {
+            return ended;
+        }
         let tail = match started_seq {
             Some(s) => self.bus.run_log_between(&run.run_id, last_seq + 1, s).await,
             None => {

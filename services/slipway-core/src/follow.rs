@@ -1,0 +1,215 @@
+//! A worker's view of the runs in flight: the log followed from the worker's start by an
+//! ordered consumer and folded in memory, so a job finds its run without a read of the log (a
+//! round trip to the server per job, on the path from a request to its `started`).
+//!
+//! The view vouches only for runs whose `run.created` it folded: a run created before the
+//! worker started is read from the log, as is any run when the view lags. Runs that end are
+//! let go, so the view holds the runs in flight and no more than [`MAX_RUNS`] of them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::bus::{Bus, BusError};
+use crate::events::EventData;
+use crate::fold::{Run, fold, fold_into};
+use crate::subjects;
+
+/// Runs followed at most; past it, new runs are read from the log per job (memory stays
+/// bounded whatever is left waiting).
+pub const MAX_RUNS: usize = 10_000;
+
+/// How long a job waits for the view to reach its request before reading the log. The view
+/// and the worker's consumer get the request at about the same time; a view further behind
+/// than this is lagging, and a read is the quicker answer.
+const WAIT: Duration = Duration::from_millis(50);
+
+/// The runs in flight, shared by a worker's jobs.
+#[derive(Clone)]
+pub struct RunsInFlight {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RunsInFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunsInFlight")
+            .field("through", &self.through())
+            .field("runs", &self.len())
+            .finish()
+    }
+}
+
+struct Inner {
+    runs: Mutex<HashMap<String, Followed>>,
+    /// Every message on the runs' subjects up to this stream sequence is folded in.
+    through: watch::Sender<u64>,
+}
+
+struct Followed {
+    run: Run,
+    /// The stream sequence of the last message on the run's subjects (for appends that
+    /// expect the log as last seen).
+    last_seq: u64,
+}
+
+impl RunsInFlight {
+    /// Starts following the log from its end now, until `shutdown`.
+    ///
+    /// # Errors
+    /// [`BusError`] when the stream cannot be read.
+    pub async fn start(bus: &Bus, shutdown: CancellationToken) -> Result<Self, BusError> {
+        let through = bus.last_seq().await?;
+        let view = Self {
+            inner: Arc::new(Inner {
+                runs: Mutex::new(HashMap::new()),
+                through: watch::Sender::new(through),
+            }),
+        };
+        // The view also keeps the connection's index of deploys current (a deployer's lookup
+        // of what is live then reads nothing).
+        bus.deploy_index().lock().follow_from(through);
+        tokio::spawn(view.clone().follow(bus.clone(), shutdown));
+        Ok(view)
+    }
+
+    /// The stream sequence the view has folded through.
+    pub fn through(&self) -> u64 {
+        *self.inner.through.borrow()
+    }
+
+    /// Runs followed now.
+    pub fn len(&self) -> usize {
+        self.inner.runs.lock().expect("lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The run as of stream sequence `seq` at least (a message of the run the caller holds),
+    /// with the sequence of the run's last message; `None` when the view cannot vouch for it:
+    /// not followed (created before the view, ended, or past [`MAX_RUNS`]) or the view lags.
+    pub async fn run_through(&self, run_id: &str, seq: u64) -> Option<(Run, u64)> {
+        if !self.reached(seq).await {
+            return None;
+        }
+        let runs = self.inner.runs.lock().expect("lock");
+        runs.get(run_id).map(|f| (f.run.clone(), f.last_seq))
+    }
+
+    /// For a run [`RunsInFlight::run_through`] vouched for: whether it has ended by `seq`
+    /// (runs that end are let go, so one no longer followed has ended); `None` when the view
+    /// lags.
+    pub async fn ended_through(&self, run_id: &str, seq: u64) -> Option<bool> {
+        if !self.reached(seq).await {
+            return None;
+        }
+        let runs = self.inner.runs.lock().expect("lock");
+        Some(runs.get(run_id).is_none_or(|f| f.run.is_ended()))
+    }
+
+    async fn reached(&self, seq: u64) -> bool {
+        let mut rx = self.inner.through.subscribe();
+        matches!(
+            tokio::time::timeout(WAIT, rx.wait_for(|t| *t >= seq)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    async fn follow(self, bus: Bus, shutdown: CancellationToken) {
+        loop {
+            let from = self.through() + 1;
+            let messages = match open(&bus, from).await {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(error = %e, "Cannot follow the log; jobs read it until it can.");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            let mut messages = messages;
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = messages.next() => m,
+                };
+                match msg {
+                    Some(Ok(m)) => {
+                        if let Ok(info) = m.info() {
+                            self.apply(&bus, info.stream_sequence, &m.message);
+                        }
+                    }
+                    // The ordered consumer makes itself again after a gap or a lost server.
+                    Some(Err(e)) => debug!(error = %e, "Log follower error; it resumes by itself."),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Folds the message at stream sequence `seq` in.
+    fn apply(&self, bus: &Bus, seq: u64, msg: &async_nats::Message) {
+        if seq <= self.through() {
+            return;
+        }
+        if let Some((run_id, _, _)) = subjects::parse_run(msg.subject.as_str()) {
+            let event = crate::bus::decode(msg.headers.as_ref(), &msg.payload).ok();
+            bus.deploy_index().lock().followed(seq, event.as_ref());
+            let mut runs = self.inner.runs.lock().expect("lock");
+            if let Some(f) = runs.get_mut(run_id) {
+                // A message that is not an event still counts for the run's last sequence.
+                f.last_seq = seq;
+                if let Some(e) = &event {
+                    fold_into(&mut f.run, e);
+                }
+                if f.run.is_ended() {
+                    runs.remove(run_id);
+                }
+            } else if let Some(e) = event.filter(|e| matches!(e.data, EventData::RunCreated(_)))
+                && runs.len() < MAX_RUNS
+                && let Some(run) = fold(None, &e)
+            {
+                runs.insert(run_id.to_string(), Followed { run, last_seq: seq });
+            }
+        }
+        self.inner.through.send_replace(seq);
+    }
+}
+
+type Messages = jetstream::consumer::pull::Ordered;
+
+async fn open(bus: &Bus, from: u64) -> Result<Messages, BusError> {
+    let stream = bus
+        .jetstream()
+        .get_stream_no_info(bus.stream_name())
+        .await
+        .map_err(|e| BusError::Nats {
+            operation: "get stream",
+            message: e.to_string(),
+        })?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subjects::RUNS.to_string(),
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| BusError::Nats {
+            operation: "create log follower",
+            message: e.to_string(),
+        })?;
+    consumer.messages().await.map_err(|e| BusError::Nats {
+        operation: "follow log",
+        message: e.to_string(),
+    })
+}

@@ -1,0 +1,146 @@
+//! The runs in flight, as a worker follows them, against a real nats-server: what the view
+//! vouches for equals a read of the log, and what it cannot vouch for it says so.
+
+use std::time::Duration;
+
+use slipway_core::baseline::live_version;
+use slipway_core::bus::Bus;
+use slipway_core::events::EventData;
+use slipway_core::follow::RunsInFlight;
+use slipway_core::sim::Sim;
+use slipway_core::spec::NOOP_PIPELINE;
+use slipway_core::testing::TestNats;
+use slipway_core::{Event, Run};
+use tokio_util::sync::CancellationToken;
+
+async fn reached(view: &RunsInFlight, seq: u64) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while view.through() < seq {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the view follows the log");
+}
+
+fn replayed(bus_log: Vec<slipway_core::bus::Recorded>) -> Run {
+    let events: Vec<Event> = bus_log.into_iter().filter_map(|r| r.event.ok()).collect();
+    Run::replay(&events).unwrap()
+}
+
+#[tokio::test]
+async fn the_view_holds_runs_created_after_it_started_as_the_log_does_and_lets_ended_ones_go() {
+    let nats = TestNats::start();
+    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
+    bus.ensure_stream().await.unwrap();
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+
+    // A run created before the view: not vouched for, whatever the view later sees of it.
+    let mut before = Sim::nth(NOOP_PIPELINE, 1);
+    bus.publish(&before.log[0]).await.unwrap();
+    let view = RunsInFlight::start(&bus, stop.clone()).await.unwrap();
+
+    let mut sim = Sim::nth(NOOP_PIPELINE, 2);
+    sim.run_to_end();
+    assert!(sim.run().is_ended());
+    let run_id = sim.run_id.clone();
+    // Everything but the end, one event at a time, the view equal to a read at each step.
+    let end_at = sim
+        .log
+        .iter()
+        .rposition(|e| !matches!(e.data, EventData::RunSucceeded(_)));
+    let (upto, rest) = sim.log.split_at(end_at.unwrap() + 1);
+    let mut last = 0;
+    for e in upto {
+        last = bus.publish(e).await.unwrap().seq;
+        reached(&view, last).await;
+        let (run, last_seq) = view
+            .run_through(&run_id, last)
+            .await
+            .unwrap_or_else(|| panic!("vouched for at {last}: {view:?} {}", e.data.type_name()));
+        assert_eq!(last_seq, last);
+        assert_eq!(run, replayed(bus.run_log(&run_id).await.unwrap()));
+    }
+    assert!(!view.run_through(&run_id, last).await.unwrap().0.is_ended());
+    assert_eq!(view.ended_through(&run_id, last).await, Some(false));
+
+    // A message on the run's subjects that is not an event still moves its last sequence
+    // (appends expect the log as last seen).
+    let junk = bus
+        .jetstream()
+        .publish(
+            format!("slipway.run.{run_id}.build.started"),
+            "not an event".into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+    let (_, last_seq) = view.run_through(&run_id, junk).await.unwrap();
+    assert_eq!(last_seq, junk);
+
+    // The earlier run moves on: still not vouched for (its start was never seen).
+    before.run_to_end();
+    let seq = bus.publish(&before.log[1]).await.unwrap().seq;
+    assert!(view.run_through(&before.run_id, seq).await.is_none());
+
+    // The view cannot vouch for what it has not reached: a sequence not yet in the log.
+    assert!(view.run_through(&run_id, seq + 100).await.is_none());
+    assert_eq!(view.ended_through(&run_id, seq + 100).await, None);
+
+    // The end: the run is let go, and said to have ended.
+    for e in rest {
+        last = bus.publish(e).await.unwrap().seq;
+    }
+    assert!(view.run_through(&run_id, last).await.is_none());
+    assert_eq!(view.ended_through(&run_id, last).await, Some(true));
+    assert!(view.is_empty(), "{view:?}");
+}
+
+#[tokio::test]
+async fn the_view_keeps_the_connections_index_of_deploys_current_without_reads() {
+    let nats = TestNats::start();
+    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
+    bus.ensure_stream().await.unwrap();
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+
+    // A deploy before the view started: found by the first lookup's read.
+    let mut first = Sim::nth(NOOP_PIPELINE, 1);
+    first.run_to_end();
+    for e in &first.log {
+        bus.publish(e).await.unwrap();
+    }
+    let view = RunsInFlight::start(&bus, stop.clone()).await.unwrap();
+    let live = live_version(&bus, "noop", "production").await.unwrap();
+    assert_eq!(live.unwrap().run_id, first.run_id);
+    assert_eq!(bus.deploy_index().reads(), 1);
+
+    // Deploys after it: the view takes them in as it follows the log; no lookup reads.
+    let mut second = Sim::nth(NOOP_PIPELINE, 2);
+    second.run_to_end();
+    let mut last = 0;
+    for e in &second.log {
+        last = bus.publish(e).await.unwrap().seq;
+    }
+    reached(&view, last).await;
+    for env in ["staging", "production"] {
+        let live = live_version(&bus, "noop", env).await.unwrap().unwrap();
+        assert_eq!(live.run_id, second.run_id, "{env}");
+    }
+    assert_eq!(bus.deploy_index().reads(), 1);
+    // A fresh connection, reading the whole log, agrees.
+    let fresh = Bus::connect(&nats.settings(), "test").await.unwrap();
+    assert_eq!(
+        live_version(&fresh, "noop", "production").await.unwrap(),
+        live_version(&bus, "noop", "production").await.unwrap()
+    );
+    assert!(
+        second
+            .log
+            .iter()
+            .any(|e| matches!(e.data, EventData::DeploySucceeded(_)))
+    );
+}
