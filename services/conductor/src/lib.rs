@@ -14,7 +14,7 @@
 mod intake;
 mod observe;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -48,6 +48,9 @@ struct Entry {
 #[derive(Debug, Default)]
 struct State {
     runs: HashMap<String, Entry>,
+    /// The runs not ended, by pipeline: what each decision looks at, however many runs
+    /// have ended before.
+    active: HashMap<String, BTreeSet<String>>,
     /// The last stream sequence stored on each run's subjects, whether or not it decoded:
     /// a stray or unreadable message must not leave the run's expectation behind forever.
     last_seqs: HashMap<String, u64>,
@@ -191,12 +194,12 @@ impl State {
             return;
         };
         let others: Vec<String> = self
-            .runs
-            .iter()
-            .filter(|(id, e)| {
-                id.as_str() != run_id && !e.run.is_ended() && e.run.pipeline == pipeline
-            })
-            .map(|(id, _)| id.clone())
+            .active
+            .get(&pipeline)
+            .into_iter()
+            .flatten()
+            .filter(|id| id.as_str() != run_id)
+            .cloned()
             .collect();
         for id in others {
             self.decide_run(bus, &id).await;
@@ -234,8 +237,22 @@ impl State {
             }
         }
         if let Some(after) = self.runs.get(run_id) {
+            let run = &after.run;
+            match (run.is_ended(), self.active.get_mut(&run.pipeline)) {
+                (true, Some(active)) => {
+                    active.remove(run_id);
+                }
+                (false, Some(active)) if active.contains(run_id) => {}
+                (false, _) => {
+                    self.active
+                        .entry(run.pipeline.clone())
+                        .or_default()
+                        .insert(run_id.to_string());
+                }
+                (true, None) => {}
+            }
             self.observer
-                .observe(before, stage, &after.run, event, SOURCE, self.caught_up);
+                .observe(before, stage, run, event, SOURCE, self.caught_up);
         }
     }
 
@@ -262,12 +279,7 @@ impl State {
     }
 
     async fn decide_all(&mut self, bus: &Bus) {
-        let active: Vec<String> = self
-            .runs
-            .iter()
-            .filter(|(_, e)| !e.run.is_ended())
-            .map(|(id, _)| id.clone())
-            .collect();
+        let active: Vec<String> = self.active.values().flatten().cloned().collect();
         for id in active {
             self.decide_run(bus, &id).await;
         }
@@ -281,9 +293,11 @@ impl State {
         let now = slipway_core::bus::now();
         let pipeline = &entry.run.pipeline;
         let fleet = Fleet::of(
-            self.runs
-                .values()
-                .filter(|e| &e.run.pipeline == pipeline && !e.run.is_ended())
+            self.active
+                .get(pipeline)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| self.runs.get(id))
                 .map(|e| &e.run),
         );
         let commands = decide_in(&entry.run, &fleet, now);

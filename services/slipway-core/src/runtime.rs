@@ -64,6 +64,9 @@ pub struct WorkerSettings {
     pub drain_secs: u64,
     /// Worker id in `started` facts; default `<service>-<host>-<pid>`.
     pub id: Option<String>,
+    /// Follow the runs in flight ([`crate::follow`]) so a job needs no read of the log; off,
+    /// every job reads its run's log (no fan-out of every event to every worker process).
+    pub follow_runs: bool,
 }
 
 impl Default for WorkerSettings {
@@ -74,6 +77,7 @@ impl Default for WorkerSettings {
             concurrency: 1,
             drain_secs: 30,
             id: None,
+            follow_runs: true,
         }
     }
 }
@@ -246,7 +250,11 @@ pub async fn run_worker<W: Worker>(
     let helpers = shutdown.child_token();
     let advisories =
         spawn_max_deliveries_listener(&bus, service, &tracker, helpers.clone()).await?;
-    let runs = crate::follow::RunsInFlight::start(&bus, helpers.clone()).await?;
+    let runs = if settings.follow_runs {
+        Some(crate::follow::RunsInFlight::start(&bus, helpers.clone()).await?)
+    } else {
+        None
+    };
     let permits = Arc::new(tokio::sync::Semaphore::new(settings.concurrency.max(1)));
     let mut messages = consumer
         .stream()
@@ -312,7 +320,7 @@ struct Ctx<W> {
     settings: WorkerSettings,
     worker_id: String,
     jobs_cancel: CancellationToken,
-    runs: crate::follow::RunsInFlight,
+    runs: Option<crate::follow::RunsInFlight>,
 }
 
 impl<W: Worker> Ctx<W> {
@@ -389,7 +397,10 @@ impl<W: Worker> Ctx<W> {
             .await;
         // Check the log before any side effect: a redelivered request may already be done.
         // The runs in flight hold it as far as the request at least; otherwise it is read.
-        let followed = self.runs.run_through(&run_id, request_seq).await;
+        let followed = match &self.runs {
+            Some(runs) => runs.run_through(&run_id, request_seq).await,
+            None => None,
+        };
         let from_view = followed.is_some();
         let (run, last_seq) = match followed {
             Some((run, last_seq)) => (Some(run), last_seq),
@@ -613,8 +624,8 @@ impl<W: Worker> Ctx<W> {
         last_seq: u64,
         started_seq: Option<u64>,
     ) -> bool {
-        if let (true, Some(s)) = (from_view, started_seq)
-            && let Some(ended) = self.runs.ended_through(&run.run_id, s).await
+        if let (true, Some(s), Some(runs)) = (from_view, started_seq, &self.runs)
+            && let Some(ended) = runs.ended_through(&run.run_id, s).await
         {
             return ended;
         }

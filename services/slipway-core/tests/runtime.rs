@@ -382,3 +382,56 @@ async fn an_exclusive_attempt_started_by_a_dead_delivery_is_repeated_only_when_i
         task.await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_created_after_the_worker_started_are_worked_once_with_or_without_its_view() {
+    for follow_runs in [true, false] {
+        let nats = TestNats::start();
+        let bus = nats.bus().await;
+        let settings = WorkerSettings {
+            follow_runs,
+            ..fast()
+        };
+        let (worker, shutdown, task) = start(&nats, Behaviour::Succeed, settings);
+        // The worker is up (its consumer made) before the run exists: with its view on, the
+        // job takes the run from the view.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let stream = bus.ensure_stream().await.unwrap();
+            while stream.consumer_info("builder").await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("worker ready");
+        let run = requested_run(&bus).await;
+        wait_for(
+            &bus,
+            &run,
+            "dev.slipway.build.succeeded.v1",
+            Duration::from_secs(20),
+        )
+        .await;
+        // The request again under another id: the attempt is settled, so it is not worked.
+        let log = bus.run_log(&run).await.unwrap();
+        let request = log
+            .iter()
+            .find(|r| r.subject.ends_with("build.requested"))
+            .unwrap();
+        let mut again = request.event.clone().unwrap();
+        again.id = "a-repeat".into();
+        bus.publish(&again).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            worker.calls.load(Ordering::SeqCst),
+            1,
+            "follow_runs {follow_runs}"
+        );
+        let started = log
+            .iter()
+            .filter(|r| r.subject.ends_with("build.started"))
+            .count();
+        assert_eq!(started, 1, "follow_runs {follow_runs}");
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}
