@@ -123,3 +123,20 @@ fn an_interrupted_benchmark_leaves_nothing_running() {
     assert!(leftovers.is_empty(), "{} processes left", leftovers.len());
     assert!(!bench_dir.exists(), "its data directory is removed");
 }
+
+#[test]
+fn an_empty_row_is_refused_naming_its_option() {
+    for option in ["--scale-builds", "--runs", "--inflight"] {
+        let out = Command::new(slipway_e2e::bin_dir().join("slipway"))
+            .args(["bench", option, "0"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{option} 0 accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("{option} must be at least 1")),
+            "{option}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{option}: nothing measured");
+    }
+}

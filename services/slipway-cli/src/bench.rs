@@ -101,6 +101,22 @@ pub fn default_data_dir() -> PathBuf {
 
 /// `slipway bench`.
 pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
+    // A row of nothing has no rate and no ratio: refuse it before starting anything.
+    for (option, n) in [
+        ("--runs", opts.runs),
+        ("--inflight", opts.inflight),
+        ("--raw", opts.raw),
+        ("--stored", opts.stored),
+        ("--replay", opts.replay),
+        ("--gateway-requests", opts.gateway_requests),
+        ("--concurrency", opts.concurrency),
+        ("--scale-builds", opts.scale_builds),
+    ] {
+        anyhow::ensure!(
+            n > 0,
+            "{option} must be at least 1 (every row measures something)"
+        );
+    }
     let data = opts.data_dir.clone().unwrap_or_else(default_data_dir);
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data)?;
