@@ -72,7 +72,7 @@ pub struct Deployer {
     pub approval_key: Option<slipway_core::signing::PublicKey>,
 }
 
-pub use slipway_core::baseline::{Live, live_version};
+pub use slipway_core::baseline::{Live, live_version, live_version_as_of};
 
 fn request(job: &Job) -> Result<(&DeployRequested, bool), Transient> {
     match &job.request.data {
@@ -138,7 +138,7 @@ impl Worker for Deployer {
 
     async fn started(&self, job: &Job) -> Result<EventData, Transient> {
         let (r, rollback) = request(job)?;
-        let live = live_version(&job.bus, &job.run.pipeline, &r.environment).await?;
+        let live = live_version_as_of(&job.bus, &job.run.pipeline, &r.environment, job.seq).await?;
         let s = DeployStarted {
             stage: r.stage.clone(),
             attempt: r.attempt,
@@ -288,7 +288,7 @@ impl Deployer {
         else {
             return fail(format!("no environment {:?} in the spec", r.environment));
         };
-        let previous = live_version(&job.bus, &job.run.pipeline, &r.environment)
+        let previous = live_version_as_of(&job.bus, &job.run.pipeline, &r.environment, job.seq)
             .await
             .ok()
             .flatten();

@@ -28,7 +28,30 @@ pub async fn live_version(
     pipeline: &str,
     environment: &str,
 ) -> Result<Option<Live>, BusError> {
-    let here = deploys_here(bus, pipeline, environment).await?;
+    live_version_in(bus, pipeline, environment, None).await
+}
+
+/// [`live_version`] as of stream sequence `seq` at least (a job's request): when a follower
+/// of the log has folded that far into the connection's index, the answer needs no read.
+///
+/// # Errors
+/// [`BusError`] when the log cannot be read.
+pub async fn live_version_as_of(
+    bus: &Bus,
+    pipeline: &str,
+    environment: &str,
+    seq: u64,
+) -> Result<Option<Live>, BusError> {
+    live_version_in(bus, pipeline, environment, Some(seq)).await
+}
+
+async fn live_version_in(
+    bus: &Bus,
+    pipeline: &str,
+    environment: &str,
+    as_of: Option<u64>,
+) -> Result<Option<Live>, BusError> {
+    let here = deploys_here(bus, pipeline, environment, as_of).await?;
     let Some(last) = here.last() else {
         return Ok(None);
     };
@@ -56,7 +79,7 @@ pub async fn builder_of(
     digest: &str,
 ) -> Result<Option<String>, BusError> {
     Ok(first_deployer(
-        &deploys_here(bus, pipeline, environment).await?,
+        &deploys_here(bus, pipeline, environment, None).await?,
         digest,
     ))
 }
@@ -113,9 +136,11 @@ impl DeployIndex {
         }
     }
 
-    /// Whether a lookup needs no read: a follower keeps the index as current as it is.
-    fn current(&self) -> bool {
-        self.followed > 0 && self.through >= self.followed
+    /// Whether a lookup as of stream sequence `as_of` needs no read: a follower has folded
+    /// that far and the index holds everything it folded. Without `as_of` (as of now), a
+    /// lookup always reads: a follower may lag, or have stopped.
+    fn current(&self, as_of: Option<u64>) -> bool {
+        as_of.is_some_and(|s| s > 0 && self.followed >= s) && self.through >= self.followed
     }
 }
 
@@ -139,25 +164,27 @@ impl SharedDeployIndex {
     }
 }
 
-/// Successful deploys and rollbacks of one environment of one pipeline, in log order.
+/// Successful deploys and rollbacks of one environment of one pipeline, in log order, as of
+/// stream sequence `as_of` at least (`None`: as of now).
 async fn deploys_here(
     bus: &Bus,
     pipeline: &str,
     environment: &str,
+    as_of: Option<u64>,
 ) -> Result<Vec<Event>, BusError> {
     let shared = bus.deploy_index();
     let key = (pipeline.to_string(), environment.to_string());
     let lookup = |index: &DeployIndex| index.here.get(&key).cloned().unwrap_or_default();
     {
         let index = shared.lock();
-        if index.current() {
+        if index.current(as_of) {
             return Ok(lookup(&index));
         }
     }
     let _reading = shared.reading.lock().await;
     let (start, followed) = {
         let index = shared.lock();
-        if index.current() {
+        if index.current(as_of) {
             return Ok(lookup(&index));
         }
         (index.through + 1, index.followed)
@@ -273,19 +300,21 @@ mod tests {
     #[test]
     fn a_follower_feeds_the_index_only_once_it_holds_everything_before() {
         let mut index = DeployIndex::default();
-        assert!(!index.current(), "no follower: every lookup reads");
+        assert!(!index.current(Some(1)), "no follower: every lookup reads");
         // The follower starts after 10; the index has read nothing yet.
         index.follow_from(10);
         index.followed(11, Some(&deployed("v1")));
-        assert!(!index.current());
+        assert!(!index.current(Some(11)));
         assert!(versions(&index).is_empty(), "deploys before 11 are unknown");
         // A read took in everything up to where the follower was when it began (11).
         index.add(5, &deployed("v0"));
         index.through = index.through.max(11);
-        assert!(index.current());
+        assert!(index.current(Some(11)));
+        assert!(!index.current(Some(12)), "the follower has not folded 12");
+        assert!(!index.current(None), "as of now: always read");
         index.followed(12, None);
         index.followed(13, Some(&deployed("v2")));
-        assert!(index.current());
+        assert!(index.current(Some(13)));
         assert_eq!(versions(&index), ["v0", "v2"]);
         assert_eq!(index.through, 13);
     }
@@ -300,7 +329,7 @@ mod tests {
         index.followed(6, Some(&deployed("v1")));
         index.followed(7, Some(&deployed("v2")));
         assert_eq!(versions(&index), ["v1", "v2"]);
-        assert!(index.current());
+        assert!(index.current(Some(7)));
     }
 
     #[test]
@@ -311,7 +340,10 @@ mod tests {
         index.followed(5, None);
         // A read that began when the follower was at 4 holds 4, not 5.
         index.add(4, &deployed("v1"));
-        assert!(!index.current(), "5 may hold a deploy the index lacks");
+        assert!(
+            !index.current(Some(5)),
+            "5 may hold a deploy the index lacks"
+        );
         index.followed(6, Some(&deployed("v2")));
         assert_eq!(versions(&index), ["v1"], "not taken across the gap");
     }

@@ -143,26 +143,41 @@ impl RunsInFlight {
                 };
                 match msg {
                     Some(Ok(m)) => {
-                        if let Ok(info) = m.info() {
-                            self.apply(&bus, info.stream_sequence, &m.message);
+                        let Ok(info) = m.info() else { continue };
+                        let seq = info.stream_sequence;
+                        if seq <= self.through() {
+                            // The ordered consumer made itself again from the stream's start
+                            // (it does when it lost the server before its first message):
+                            // open a new one from where the view is instead.
+                            debug!(seq, "Log follower went back; reopening it.");
+                            break;
                         }
+                        self.apply(&bus, seq, &m.message);
                     }
                     // The ordered consumer makes itself again after a gap or a lost server.
                     Some(Err(e)) => debug!(error = %e, "Log follower error; it resumes by itself."),
                     None => break,
                 }
             }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
         }
     }
 
     /// Folds the message at stream sequence `seq` in.
     fn apply(&self, bus: &Bus, seq: u64, msg: &async_nats::Message) {
-        if seq <= self.through() {
-            return;
-        }
-        if let Some((run_id, _, _)) = subjects::parse_run(msg.subject.as_str()) {
+        let subject = msg.subject.as_str();
+        if let Some((run_id, _, _)) = subjects::parse_run(subject) {
             let event = crate::bus::decode(msg.headers.as_ref(), &msg.payload).ok();
-            bus.deploy_index().lock().followed(seq, event.as_ref());
+            // The index takes deploys by subject, as its reads of the log do.
+            let deploy = [".deploy.succeeded", ".rollback.succeeded"]
+                .iter()
+                .any(|s| subject.ends_with(s));
+            bus.deploy_index()
+                .lock()
+                .followed(seq, event.as_ref().filter(|_| deploy));
             let mut runs = self.inner.runs.lock().expect("lock");
             if let Some(f) = runs.get_mut(run_id) {
                 // A message that is not an event still counts for the run's last sequence.

@@ -89,6 +89,8 @@ pub struct Job {
     pub stage: String,
     pub attempt: u32,
     pub request: Event,
+    /// The request's stream sequence: the run is as of this at least.
+    pub seq: u64,
     /// The run folded from the log just before the work started.
     pub run: Run,
     /// How many times the request has been delivered (1 the first time).
@@ -250,11 +252,6 @@ pub async fn run_worker<W: Worker>(
     let helpers = shutdown.child_token();
     let advisories =
         spawn_max_deliveries_listener(&bus, service, &tracker, helpers.clone()).await?;
-    let runs = if settings.follow_runs {
-        Some(crate::follow::RunsInFlight::start(&bus, helpers.clone()).await?)
-    } else {
-        None
-    };
     let permits = Arc::new(tokio::sync::Semaphore::new(settings.concurrency.max(1)));
     let mut messages = consumer
         .stream()
@@ -267,6 +264,11 @@ pub async fn run_worker<W: Worker>(
             operation: "consume",
             message: e.to_string(),
         })?;
+    let runs = if settings.follow_runs {
+        Some(crate::follow::RunsInFlight::start(&bus, helpers.clone()).await?)
+    } else {
+        None
+    };
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -470,6 +472,7 @@ impl<W: Worker> Ctx<W> {
             stage: stage.clone(),
             attempt,
             request,
+            seq: request_seq,
             run,
             delivered,
             worker_id: self.worker_id.clone(),

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use slipway_core::baseline::live_version;
+use slipway_core::baseline::{live_version, live_version_as_of};
 use slipway_core::bus::Bus;
 use slipway_core::events::EventData;
 use slipway_core::follow::RunsInFlight;
@@ -114,7 +114,10 @@ async fn the_view_keeps_the_connections_index_of_deploys_current_without_reads()
         bus.publish(e).await.unwrap();
     }
     let view = RunsInFlight::start(&bus, stop.clone()).await.unwrap();
-    let live = live_version(&bus, "noop", "production").await.unwrap();
+    let now = view.through();
+    let live = live_version_as_of(&bus, "noop", "production", now)
+        .await
+        .unwrap();
     assert_eq!(live.unwrap().run_id, first.run_id);
     assert_eq!(bus.deploy_index().reads(), 1);
 
@@ -127,10 +130,16 @@ async fn the_view_keeps_the_connections_index_of_deploys_current_without_reads()
     }
     reached(&view, last).await;
     for env in ["staging", "production"] {
-        let live = live_version(&bus, "noop", env).await.unwrap().unwrap();
+        let live = live_version_as_of(&bus, "noop", env, last)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(live.run_id, second.run_id, "{env}");
     }
     assert_eq!(bus.deploy_index().reads(), 1);
+    // As of now (no sequence), a lookup reads: a follower may lag.
+    live_version(&bus, "noop", "production").await.unwrap();
+    assert_eq!(bus.deploy_index().reads(), 2);
     // A fresh connection, reading the whole log, agrees.
     let fresh = Bus::connect(&nats.settings(), "test").await.unwrap();
     assert_eq!(
@@ -143,4 +152,41 @@ async fn the_view_keeps_the_connections_index_of_deploys_current_without_reads()
             .iter()
             .any(|e| matches!(e.data, EventData::DeploySucceeded(_)))
     );
+}
+
+#[tokio::test]
+async fn a_lookup_past_where_the_view_stopped_reads_the_log() {
+    let nats = TestNats::start();
+    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
+    bus.ensure_stream().await.unwrap();
+    let stop = CancellationToken::new();
+    let view = RunsInFlight::start(&bus, stop.clone()).await.unwrap();
+    let mut first = Sim::nth(NOOP_PIPELINE, 1);
+    first.run_to_end();
+    let mut last = 0;
+    for e in &first.log {
+        last = bus.publish(e).await.unwrap().seq;
+    }
+    reached(&view, last).await;
+    let live = live_version_as_of(&bus, "noop", "production", last)
+        .await
+        .unwrap();
+    assert_eq!(live.unwrap().run_id, first.run_id);
+    let reads = bus.deploy_index().reads();
+
+    // The view stops (its worker drains); deploys go on.
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut second = Sim::nth(NOOP_PIPELINE, 2);
+    second.run_to_end();
+    for e in &second.log {
+        last = bus.publish(e).await.unwrap().seq;
+    }
+    assert!(view.through() < last, "{view:?}");
+    assert!(view.run_through(&second.run_id, last).await.is_none());
+    let live = live_version_as_of(&bus, "noop", "production", last)
+        .await
+        .unwrap();
+    assert_eq!(live.unwrap().run_id, second.run_id, "read past the view");
+    assert_eq!(bus.deploy_index().reads(), reads + 1);
 }

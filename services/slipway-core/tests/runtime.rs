@@ -393,11 +393,12 @@ async fn runs_created_after_the_worker_started_are_worked_once_with_or_without_i
             ..fast()
         };
         let (worker, shutdown, task) = start(&nats, Behaviour::Succeed, settings);
-        // The worker is up (its consumer made) before the run exists: with its view on, the
-        // job takes the run from the view.
+        // The worker is up (its consumer made, and its view's when on) before the run exists:
+        // with the view on, the job takes the run from it.
+        let consumers = if follow_runs { 2 } else { 1 };
         tokio::time::timeout(Duration::from_secs(10), async {
-            let stream = bus.ensure_stream().await.unwrap();
-            while stream.consumer_info("builder").await.is_err() {
+            let mut stream = bus.ensure_stream().await.unwrap();
+            while stream.info().await.unwrap().state.consumer_count < consumers {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
@@ -426,7 +427,10 @@ async fn runs_created_after_the_worker_started_are_worked_once_with_or_without_i
             1,
             "follow_runs {follow_runs}"
         );
-        let started = log
+        let started = bus
+            .run_log(&run)
+            .await
+            .unwrap()
             .iter()
             .filter(|r| r.subject.ends_with("build.started"))
             .count();
