@@ -226,7 +226,7 @@ async fn approving_on_the_page_deploys_to_production() {
     let Some((driver, chromium)) = browser() else {
         return;
     };
-    let stack = Stack::start();
+    let mut stack = Stack::start();
     stack.wait_gateway();
     let counts = stack.dir.path().join("counts");
     std::fs::create_dir_all(&counts).unwrap();
@@ -247,9 +247,26 @@ async fn approving_on_the_page_deploys_to_production() {
         .script
         .insert("approval:production".into(), Answer::Silent);
     gated.run_to_end();
+    // The simulated run answers its own requests. Real workers would race those answers with
+    // their own (a real gate failing first fails the run), so they are stopped while it is
+    // written; started again, they find its attempts settled and skip them.
+    const WORKERS: [&str; 6] = [
+        "slipway-builder",
+        "slipway-tester",
+        "slipway-deployer",
+        "slipway-model-evaluator",
+        "slipway-perf-regression",
+        "slipway-cost-estimator",
+    ];
+    for w in WORKERS {
+        stack.service(w).kill();
+    }
     let bus = stack.bus().await;
     for e in &gated.log {
         bus.publish(e).await.unwrap();
+    }
+    for w in WORKERS {
+        stack.spawn(w);
     }
 
     let b = Browser::start(&driver, &chromium).await;
