@@ -6,7 +6,8 @@
 //! ended nothing changes it. So any order-preserving delivery with duplicates folds to the
 //! same state as the log itself.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -179,8 +180,9 @@ pub struct Run {
     /// The run's `traceparent`, carried by every event about it.
     #[serde(skip)]
     pub traceparent: Option<String>,
+    /// Shared by the runs held in this process whose snapshots are the same (see [`spec_of`]).
     #[serde(skip)]
-    pub spec: PipelineSpec,
+    pub spec: Arc<PipelineSpec>,
     #[serde(skip)]
     pub artifact_ref: Option<ObjectRef>,
     #[serde(skip)]
@@ -193,7 +195,7 @@ pub struct Run {
     /// The spec's plan (see [`crate::plan::step_keys`]), made once: every request is checked
     /// against it.
     #[serde(skip)]
-    steps: Vec<Vec<String>>,
+    steps: Arc<Vec<Vec<String>>>,
 }
 
 impl Run {
@@ -285,8 +287,7 @@ pub fn fold(state: Option<Run>, event: &Event) -> Option<Run> {
     let mut run = match (state, &event.data) {
         (None, EventData::RunCreated(created)) => {
             // A snapshot that does not parse was not written by the conductor: ignore it.
-            let spec = PipelineSpec::from_json(&created.spec).ok()?;
-            let steps = crate::plan::step_keys(&spec);
+            let (spec, steps) = spec_of(&created.spec)?;
             let stages = steps
                 .iter()
                 .flatten()
@@ -334,6 +335,33 @@ pub fn fold(state: Option<Run>, event: &Event) -> Option<Run> {
     Some(run)
 }
 
+/// A run's spec and plan from its snapshot, shared with every run held in this process whose
+/// snapshot is byte for byte the same: runs of one pipeline mostly carry the same spec, and a
+/// process holding many runs (the conductor, the gateway) would otherwise parse, plan and keep
+/// one copy per run. Entries go when the last run holding them does.
+type SharedSpec = (Arc<PipelineSpec>, Arc<Vec<Vec<String>>>);
+
+fn spec_of(snapshot: &serde_json::Value) -> Option<SharedSpec> {
+    type Shared = (Weak<PipelineSpec>, Weak<Vec<Vec<String>>>);
+    static SPECS: LazyLock<Mutex<HashMap<[u8; 32], Shared>>> = LazyLock::new(Default::default);
+    use sha2::Digest;
+    let key: [u8; 32] = sha2::Sha256::digest(serde_json::to_vec(snapshot).ok()?).into();
+    let mut specs = SPECS.lock().expect("spec cache lock");
+    if let Some((spec, steps)) = specs.get(&key)
+        && let (Some(spec), Some(steps)) = (spec.upgrade(), steps.upgrade())
+    {
+        return Some((spec, steps));
+    }
+    let spec = Arc::new(PipelineSpec::from_json(snapshot).ok()?);
+    let steps = Arc::new(crate::plan::step_keys(&spec));
+    // Dropped entries are swept as the cache doubles, so it stays within twice the live ones.
+    if specs.len() >= 64 && specs.len().is_power_of_two() {
+        specs.retain(|_, (s, _)| s.strong_count() > 0);
+    }
+    specs.insert(key, (Arc::downgrade(&spec), Arc::downgrade(&steps)));
+    Some((spec, steps))
+}
+
 /// Folds one event into a run held in place (what [`fold`] does for an existing run).
 pub fn fold_into(run: &mut Run, event: &Event) {
     if run.is_ended() || !run.seen.insert(event.id.clone()) {
@@ -342,6 +370,13 @@ pub fn fold_into(run: &mut Run, event: &Event) {
     run.events += 1;
     apply(run, event);
     run.recompute_phase();
+    if run.is_ended() {
+        // Nothing changes an ended run and nothing is decided about it, so what only guarded
+        // against repeats or served decisions goes (most runs held are ended ones).
+        run.seen = BTreeSet::new();
+        run.approvals_by_stage = BTreeMap::new();
+        run.started_previous = BTreeMap::new();
+    }
 }
 
 fn apply(run: &mut Run, event: &Event) {

@@ -89,3 +89,31 @@ proptest! {
         prop_assert_eq!(state, replayed);
     }
 }
+
+#[test]
+fn runs_with_the_same_snapshot_share_one_spec_and_plan() {
+    let a = Sim::nth(FULL, 1);
+    let b = Sim::nth(FULL, 2);
+    let other = Sim::nth(&FULL.replace("timeout_secs = ", "timeout_secs = 1"), 3);
+    let (a, b, other) = (a.run(), b.run(), other.run());
+    assert!(std::sync::Arc::ptr_eq(&a.spec, &b.spec));
+    assert_eq!(a.step_keys(), b.step_keys());
+    assert!(!std::sync::Arc::ptr_eq(&a.spec, &other.spec));
+    assert_ne!(a.spec, other.spec);
+}
+
+#[test]
+fn an_ended_run_lets_its_event_ids_go_and_still_ignores_every_later_event() {
+    let mut sim = Sim::new(FULL);
+    sim.run_to_end();
+    let run = sim.run().clone();
+    assert!(run.is_ended());
+    assert!(run.seen.is_empty());
+    assert!(run.approvals_by_stage.is_empty() && run.started_previous.is_empty());
+    // Any event again, a repeat or not, changes nothing.
+    let mut after = run.clone();
+    for e in &sim.log {
+        crate::fold::fold_into(&mut after, e);
+    }
+    assert_eq!(after, run);
+}
