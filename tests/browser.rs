@@ -2,6 +2,7 @@
 //! (chromedriver). The page lists the waiting run with its stages and gate results; clicking
 //! Approve deploys to production.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,10 +42,12 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 impl Browser {
     async fn start(driver: &Path, chromium: &Path) -> Self {
         let port = slipway_core::server::free_port();
+        // Its own process group, so a failing test takes chromium down with it (see Drop).
         let child = Command::new(driver)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("chromedriver starts");
         let base = format!("http://127.0.0.1:{port}");
@@ -173,9 +176,20 @@ impl Browser {
         }
     }
 
-    async fn quit(mut self) {
+    async fn quit(self) {
         self.session_call("DELETE", "", None).await;
-        let _ = self.driver.kill();
+    }
+}
+
+impl Drop for Browser {
+    /// Kills chromedriver and the chromium it started, whether the test passed or panicked.
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.driver.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.driver.wait();
     }
 }
