@@ -266,21 +266,17 @@ async fn shutdown_drains_work_in_flight() {
     assert_eq!(worker.calls.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_settled_request_is_not_worked_again() {
-    let nats = TestNats::start();
-    let bus = nats.bus().await;
-    let run = requested_run(&bus).await;
-    let (worker, shutdown, task) = start(&nats, Behaviour::Succeed, fast());
+/// Waits for the run's build to succeed, then delivers its request again (an upstream repeat
+/// with a new message id).
+async fn built_then_requested_again(bus: &Bus, run: &str) {
     wait_for(
-        &bus,
-        &run,
+        bus,
+        run,
         "dev.slipway.build.succeeded.v1",
         Duration::from_secs(20),
     )
     .await;
-    // The same request delivered again (an upstream repeat with a new message id).
-    let log = bus.run_log(&run).await.unwrap();
+    let log = bus.run_log(run).await.unwrap();
     let request = log
         .iter()
         .find(|r| r.subject.ends_with("build.requested"))
@@ -288,6 +284,15 @@ async fn a_settled_request_is_not_worked_again() {
     let mut again = request.event.clone().unwrap();
     again.id = "a-repeat".into();
     bus.publish(&again).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_request_is_not_worked_again() {
+    let nats = TestNats::start();
+    let bus = nats.bus().await;
+    let run = requested_run(&bus).await;
+    let (worker, shutdown, task) = start(&nats, Behaviour::Succeed, fast());
+    built_then_requested_again(&bus, &run).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(worker.calls.load(Ordering::SeqCst), 1);
     shutdown.cancel();
@@ -405,22 +410,8 @@ async fn runs_created_after_the_worker_started_are_worked_once_with_or_without_i
         .await
         .expect("worker ready");
         let run = requested_run(&bus).await;
-        wait_for(
-            &bus,
-            &run,
-            "dev.slipway.build.succeeded.v1",
-            Duration::from_secs(20),
-        )
-        .await;
-        // The request again under another id: the attempt is settled, so it is not worked.
-        let log = bus.run_log(&run).await.unwrap();
-        let request = log
-            .iter()
-            .find(|r| r.subject.ends_with("build.requested"))
-            .unwrap();
-        let mut again = request.event.clone().unwrap();
-        again.id = "a-repeat".into();
-        bus.publish(&again).await.unwrap();
+        // The attempt is settled, so the request again is not worked.
+        built_then_requested_again(&bus, &run).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(
             worker.calls.load(Ordering::SeqCst),
