@@ -238,18 +238,16 @@ impl State {
         }
         if let Some(after) = self.runs.get(run_id) {
             let run = &after.run;
-            match (run.is_ended(), self.active.get_mut(&run.pipeline)) {
-                (true, Some(active)) => {
+            let active = self.active.get_mut(&run.pipeline);
+            if run.is_ended() {
+                if let Some(active) = active {
                     active.remove(run_id);
                 }
-                (false, Some(active)) if active.contains(run_id) => {}
-                (false, _) => {
-                    self.active
-                        .entry(run.pipeline.clone())
-                        .or_default()
-                        .insert(run_id.to_string());
-                }
-                (true, None) => {}
+            } else if !active.is_some_and(|a| a.contains(run_id)) {
+                self.active
+                    .entry(run.pipeline.clone())
+                    .or_default()
+                    .insert(run_id.to_string());
             }
             self.observer
                 .observe(before, stage, run, event, SOURCE, self.caught_up);

@@ -110,8 +110,7 @@ impl RunsInFlight {
         if !self.reached(seq).await {
             return None;
         }
-        let runs = self.inner.runs.lock().expect("lock");
-        Some(runs.get(run_id).is_none_or(|f| f.run.is_ended()))
+        Some(!self.inner.runs.lock().expect("lock").contains_key(run_id))
     }
 
     async fn reached(&self, seq: u64) -> bool {
@@ -125,7 +124,7 @@ impl RunsInFlight {
     async fn follow(self, bus: Bus, shutdown: CancellationToken) {
         loop {
             let from = self.through() + 1;
-            let messages = match open(&bus, from).await {
+            let mut messages = match open(&bus, from).await {
                 Ok(m) => m,
                 Err(e) => {
                     warn!(error = %e, "Cannot follow the log; jobs read it until it can.");
@@ -135,7 +134,6 @@ impl RunsInFlight {
                     }
                 }
             };
-            let mut messages = messages;
             loop {
                 let msg = tokio::select! {
                     _ = shutdown.cancelled() => return,
