@@ -307,15 +307,9 @@ pub async fn gate_details(
     let obj = gate.details.clone().ok_or_else(|| {
         ApiError::NotFound(format!("the {stage} gate of run {id} stored no details"))
     })?;
-    let store = slipway_core::objects::bucket(&state.bus, &obj.bucket).await?;
-    let mut reader = store
-        .get(&obj.name)
+    let buf = slipway_core::objects::read(&state.bus, &obj.bucket, &obj.name)
         .await
         .map_err(|e| ApiError::Unavailable(format!("cannot read {}: {e}", obj.name)))?;
-    let mut buf = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut buf)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let v: serde_json::Value = serde_json::from_slice(&buf)
         .map_err(|e| ApiError::Unavailable(format!("{} is not JSON: {e}", obj.name)))?;
     Ok(Json(v))

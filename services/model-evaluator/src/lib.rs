@@ -659,17 +659,9 @@ impl Evaluator {
             let (bucket, name) = rest
                 .split_once('/')
                 .ok_or("object:// paths are object://<bucket>/<name>")?;
-            let store = objects::bucket(&job.bus, bucket)
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut obj = store
-                .get(name)
+            let buf = objects::read(&job.bus, bucket, name)
                 .await
                 .map_err(|e| format!("object {rest}: {e}"))?;
-            let mut buf = Vec::new();
-            tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut buf)
-                .await
-                .map_err(|e| e.to_string())?;
             return String::from_utf8(buf).map_err(|_| "not UTF-8".to_string());
         }
         check_relative_path("path", path).map_err(|e| e.message)?;

@@ -187,6 +187,8 @@ pub struct Bus {
     settings: NatsSettings,
     /// Deploys read so far, shared by the clones (see [`crate::baseline`]).
     deploys: std::sync::Arc<crate::baseline::SharedDeployIndex>,
+    /// Object store handles by bucket, shared by the clones (see [`crate::objects`]).
+    buckets: std::sync::Arc<crate::objects::Buckets>,
 }
 
 impl Bus {
@@ -256,12 +258,18 @@ impl Bus {
             js,
             settings: settings.clone(),
             deploys: Default::default(),
+            buckets: Default::default(),
         })
     }
 
     /// The connection's index of deploys ([`crate::baseline`]).
     pub fn deploy_index(&self) -> &crate::baseline::SharedDeployIndex {
         &self.deploys
+    }
+
+    /// The connection's object store handles ([`crate::objects`]).
+    pub fn buckets(&self) -> &crate::objects::Buckets {
+        &self.buckets
     }
 
     pub fn client(&self) -> &async_nats::Client {

@@ -2,11 +2,18 @@
 //!
 //! Events carry an [`ObjectRef`] (bucket, name, digest, size), never the bytes. Artifacts are
 //! named `sha256/<hex>`, so the same bytes are stored once however often a build repeats.
+//!
+//! Reads of objects up to [`DIRECT_MAX_CHUNKS`] chunks fetch each chunk with a direct get.
+//! The client's own read creates an ordered consumer on the bucket's stream per object, which
+//! the server keeps for 30 s after the read: with hundreds of runs in flight (three reads each)
+//! those piled up to the server's consumer limit and failed deploys.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 
-use async_nats::jetstream::object_store::{self, ObjectStore};
-use tokio::io::AsyncWriteExt;
+use async_nats::jetstream::object_store::{self, ObjectInfo, ObjectStore};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::bus::{Bus, BusError};
 use crate::events::ObjectRef;
@@ -19,11 +26,49 @@ fn nats(operation: &'static str, e: impl std::fmt::Display) -> BusError {
     }
 }
 
+/// Objects of at most this many chunks (8 MiB at the default chunk size) are read with one
+/// direct get per chunk; larger ones stream through the client's ordered consumer, whose set-up
+/// costs less than that many round trips.
+pub const DIRECT_MAX_CHUNKS: usize = 64;
+
+/// A connection's bucket handles, so that each use is not a stream lookup on the server. A
+/// handle names its stream only; one that failed is dropped and looked up again.
+#[derive(Default)]
+pub struct Buckets(Mutex<HashMap<String, ObjectStore>>);
+
+impl std::fmt::Debug for Buckets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.lock().keys().cloned().collect();
+        f.debug_tuple("Buckets").field(&names).finish()
+    }
+}
+
+impl Buckets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ObjectStore>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn forget(&self, name: &str) {
+        self.lock().remove(name);
+    }
+}
+
 /// The bucket, created on first use.
 ///
 /// # Errors
 /// [`BusError`] when the bucket cannot be found or created.
 pub async fn bucket(bus: &Bus, name: &str) -> Result<ObjectStore, BusError> {
+    if let Some(b) = bus.buckets().lock().get(name) {
+        return Ok(b.clone());
+    }
+    let b = find_or_create(bus, name).await?;
+    bus.buckets().lock().insert(name.to_string(), b.clone());
+    Ok(b)
+}
+
+async fn find_or_create(bus: &Bus, name: &str) -> Result<ObjectStore, BusError> {
     let js = bus.jetstream();
     if let Ok(b) = js.get_object_store(name).await {
         return Ok(b);
@@ -69,10 +114,10 @@ pub async fn put_file(
         let mut file = tokio::fs::File::open(path)
             .await
             .map_err(|e| nats("open file", e))?;
-        store
-            .put(name.as_str(), &mut file)
-            .await
-            .map_err(|e| nats("object put", e))?;
+        if let Err(e) = store.put(name.as_str(), &mut file).await {
+            bus.buckets().forget(bucket_name);
+            return Err(nats("object put", e));
+        }
     }
     Ok(ObjectRef {
         bucket: bucket_name.to_string(),
@@ -87,18 +132,10 @@ pub async fn put_file(
 /// # Errors
 /// [`BusError`] on NATS or I/O failure, or a digest mismatch.
 pub async fn get_file(bus: &Bus, object: &ObjectRef, path: &Path) -> Result<(), BusError> {
-    let store = bucket(bus, &object.bucket).await?;
-    let mut obj = store
-        .get(&object.name)
-        .await
-        .map_err(|e| nats("object get", e))?;
     let mut file = tokio::fs::File::create(path)
         .await
         .map_err(|e| nats("create file", e))?;
-    tokio::io::copy(&mut obj, &mut file)
-        .await
-        .map_err(|e| nats("object read", e))?;
-    file.flush().await.map_err(|e| nats("write file", e))?;
+    read_into(bus, &object.bucket, &object.name, &mut file).await?;
     let (digest, _) = sha256_file(path).map_err(|e| nats("read file", e))?;
     if digest != object.digest {
         return Err(nats(
@@ -109,6 +146,103 @@ pub async fn get_file(bus: &Bus, object: &ObjectRef, path: &Path) -> Result<(), 
             ),
         ));
     }
+    Ok(())
+}
+
+/// A whole object in memory (gate details, datasets).
+///
+/// # Errors
+/// [`BusError`] on NATS failure, or when there is no such object.
+pub async fn read(bus: &Bus, bucket_name: &str, name: &str) -> Result<Vec<u8>, BusError> {
+    let mut out = Vec::new();
+    read_into(bus, bucket_name, name, &mut out).await?;
+    Ok(out)
+}
+
+/// Writes the object's bytes to `sink` (and flushes it).
+async fn read_into(
+    bus: &Bus,
+    bucket_name: &str,
+    name: &str,
+    sink: &mut (impl AsyncWrite + Unpin),
+) -> Result<(), BusError> {
+    let store = bucket(bus, bucket_name).await?;
+    let info = match store.info(name).await {
+        Ok(i) if !i.deleted => i,
+        Ok(_) => return Err(nats("object get", format!("{name} was deleted"))),
+        Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => {
+            return Err(nats(
+                "object get",
+                format!("no object {name} in bucket {bucket_name}"),
+            ));
+        }
+        Err(e) => {
+            bus.buckets().forget(bucket_name);
+            return Err(nats("object get", e));
+        }
+    };
+    let linked = info.options.as_ref().is_some_and(|o| o.link.is_some());
+    let read = if linked || info.chunks > DIRECT_MAX_CHUNKS {
+        read_streamed(&store, name, sink).await
+    } else {
+        read_direct(bus, bucket_name, &info, sink).await
+    };
+    if read.is_err() {
+        bus.buckets().forget(bucket_name);
+    }
+    read?;
+    sink.flush().await.map_err(|e| nats("write file", e))
+}
+
+/// Each chunk by a direct get of the next message on the object's chunk subject: no consumer.
+async fn read_direct(
+    bus: &Bus,
+    bucket_name: &str,
+    info: &ObjectInfo,
+    sink: &mut (impl AsyncWrite + Unpin),
+) -> Result<(), BusError> {
+    // The object store's layout (NATS ADR-20): stream OBJ_<bucket>, chunks on
+    // $O.<bucket>.C.<nuid> in order.
+    let stream = bus
+        .jetstream()
+        .get_stream_no_info(format!("OBJ_{bucket_name}"))
+        .await
+        .map_err(|e| nats("object get", e))?;
+    let subject = format!("$O.{bucket_name}.C.{}", info.nuid);
+    let mut next = 1;
+    let mut size = 0;
+    for _ in 0..info.chunks {
+        let chunk = stream
+            .direct_get_next_for_subject(subject.as_str(), Some(next))
+            .await
+            .map_err(|e| nats("object read", e))?;
+        size += chunk.payload.len();
+        sink.write_all(&chunk.payload)
+            .await
+            .map_err(|e| nats("write file", e))?;
+        next = chunk.sequence + 1;
+    }
+    if size != info.size {
+        return Err(nats(
+            "object read",
+            format!(
+                "{} has {size} bytes in its chunks, its info says {}",
+                info.name, info.size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn read_streamed(
+    store: &ObjectStore,
+    name: &str,
+    sink: &mut (impl AsyncWrite + Unpin),
+) -> Result<(), BusError> {
+    let mut obj = store.get(name).await.map_err(|e| nats("object get", e))?;
+    tokio::io::copy(&mut obj, sink)
+        .await
+        .map_err(|e| nats("object read", e))?;
     Ok(())
 }
 

@@ -1,0 +1,206 @@
+//! Artifacts and logs in the object store, against a real nats-server: what is read back is
+//! what was stored, whatever its size, and reads do not leave consumers behind on the server.
+
+use std::path::{Path, PathBuf};
+
+use slipway_core::bus::Bus;
+use slipway_core::events::ObjectRef;
+use slipway_core::objects::{self, DIRECT_MAX_CHUNKS};
+use slipway_core::testing::TestNats;
+
+/// The client's default chunk size.
+const CHUNK: usize = 128 * 1024;
+
+async fn connected(nats: &TestNats) -> Bus {
+    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
+    bus.ensure_stream().await.unwrap();
+    bus
+}
+
+/// `len` bytes that differ from chunk to chunk, so a chunk out of order would show.
+fn bytes(len: usize, salt: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i / 7 % 251) as u8 ^ salt ^ (i / CHUNK) as u8)
+        .collect()
+}
+
+fn file(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
+
+async fn consumers(bus: &Bus, bucket: &str) -> usize {
+    bus.jetstream()
+        .get_stream(format!("OBJ_{bucket}"))
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .consumer_count
+}
+
+#[tokio::test]
+async fn every_size_reads_back_as_stored_small_ones_without_a_consumer() {
+    let nats = TestNats::start();
+    let bus = connected(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sizes = [
+        0,
+        1,
+        CHUNK,
+        3 * CHUNK + 5,
+        DIRECT_MAX_CHUNKS * CHUNK,
+        DIRECT_MAX_CHUNKS * CHUNK + 1,
+    ];
+    for (i, len) in sizes.into_iter().enumerate() {
+        let content = bytes(len, i as u8);
+        let src = file(dir.path(), &format!("in-{i}"), &content);
+        let stored = objects::put_file(&bus, "artifacts", None, &src)
+            .await
+            .unwrap();
+        assert_eq!(stored.size, len as u64);
+        let out = dir.path().join(format!("out-{i}"));
+        objects::get_file(&bus, &stored, &out).await.unwrap();
+        assert!(std::fs::read(&out).unwrap() == content, "{len} bytes");
+        let read = objects::read(&bus, "artifacts", &stored.name)
+            .await
+            .unwrap();
+        assert!(read == content, "{len} bytes in memory");
+        if len <= DIRECT_MAX_CHUNKS * CHUNK {
+            assert_eq!(consumers(&bus, "artifacts").await, 0, "{len} bytes");
+        }
+    }
+}
+
+#[tokio::test]
+async fn many_reads_leave_no_consumer_on_the_server() {
+    let nats = TestNats::start();
+    let bus = connected(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), "a", &bytes(2 * CHUNK + 3, 1));
+    let stored = objects::put_file(&bus, "artifacts", None, &src)
+        .await
+        .unwrap();
+    let log = file(dir.path(), "log", b"build output\n");
+    let named = objects::put_file(&bus, "logs", Some("run-1/build.log"), &log)
+        .await
+        .unwrap();
+    // The client's own read would leave one ordered consumer per read for 30 s.
+    for i in 0..50 {
+        objects::get_file(&bus, &stored, &dir.path().join(format!("out-{i}")))
+            .await
+            .unwrap();
+        objects::read(&bus, "logs", &named.name).await.unwrap();
+    }
+    assert_eq!(consumers(&bus, "artifacts").await, 0);
+    assert_eq!(consumers(&bus, "logs").await, 0);
+}
+
+#[tokio::test]
+async fn objects_written_at_once_read_back_apart() {
+    let nats = TestNats::start();
+    let bus = connected(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Two multi-chunk puts at once: their chunks interleave in the bucket's stream.
+    let (a, b) = (bytes(5 * CHUNK + 1, 3), bytes(4 * CHUNK + 2, 4));
+    let (pa, pb) = (file(dir.path(), "a", &a), file(dir.path(), "b", &b));
+    let (ra, rb) = tokio::join!(
+        objects::put_file(&bus, "artifacts", None, &pa),
+        objects::put_file(&bus, "artifacts", None, &pb),
+    );
+    for (stored, content) in [(ra.unwrap(), a), (rb.unwrap(), b)] {
+        let out = dir.path().join("out");
+        objects::get_file(&bus, &stored, &out).await.unwrap();
+        assert!(std::fs::read(&out).unwrap() == content);
+    }
+}
+
+#[tokio::test]
+async fn a_replaced_object_reads_as_its_last_version() {
+    let nats = TestNats::start();
+    let bus = connected(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = file(dir.path(), "1", &bytes(3 * CHUNK, 5));
+    let second = file(dir.path(), "2", b"shorter");
+    objects::put_file(&bus, "logs", Some("build.log"), &first)
+        .await
+        .unwrap();
+    objects::put_file(&bus, "logs", Some("build.log"), &second)
+        .await
+        .unwrap();
+    assert_eq!(
+        objects::read(&bus, "logs", "build.log").await.unwrap(),
+        b"shorter"
+    );
+}
+
+#[tokio::test]
+async fn missing_deleted_and_altered_objects_are_errors_that_name_them() {
+    let nats = TestNats::start();
+    let bus = connected(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+
+    let missing = objects::read(&bus, "logs", "nope.log").await.unwrap_err();
+    assert!(
+        missing.to_string().contains("no object nope.log"),
+        "{missing}"
+    );
+
+    let src = file(dir.path(), "a", b"artifact");
+    let stored = objects::put_file(&bus, "artifacts", None, &src)
+        .await
+        .unwrap();
+    // An event whose digest is not the stored bytes' is refused after the read.
+    let forged = ObjectRef {
+        digest: format!("sha256:{}", "0".repeat(64)),
+        ..stored.clone()
+    };
+    let err = objects::get_file(&bus, &forged, &out).await.unwrap_err();
+    assert!(err.to_string().contains("the event says"), "{err}");
+
+    objects::bucket(&bus, "artifacts")
+        .await
+        .unwrap()
+        .delete(&stored.name)
+        .await
+        .unwrap();
+    let deleted = objects::get_file(&bus, &stored, &out).await.unwrap_err();
+    assert!(deleted.to_string().contains("was deleted"), "{deleted}");
+}
+
+#[tokio::test]
+async fn a_bucket_made_again_is_found_again() {
+    let nats = TestNats::start();
+    let bus = connected(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), "a", b"artifact");
+    objects::put_file(&bus, "artifacts", None, &src)
+        .await
+        .unwrap();
+    bus.jetstream()
+        .delete_object_store("artifacts")
+        .await
+        .unwrap();
+    // The connection's handle names a stream that is gone: one call fails and drops it, the
+    // next makes the bucket again.
+    let mut failures = 0;
+    let stored = loop {
+        match objects::put_file(&bus, "artifacts", None, &src).await {
+            Ok(s) => break s,
+            Err(e) => {
+                failures += 1;
+                assert!(failures < 2, "{e}");
+            }
+        }
+    };
+    assert_eq!(
+        objects::read(&bus, "artifacts", &stored.name)
+            .await
+            .unwrap(),
+        b"artifact"
+    );
+}
