@@ -133,11 +133,17 @@ pub enum ExecError {
 /// caller reports as the stage's failure).
 pub async fn run(cmd: Cmd<'_>, cancel: &CancellationToken) -> Result<Outcome, ExecError> {
     let program = cmd.argv.first().ok_or(ExecError::Empty)?;
-    // A relative program path is the workspace's, not the service's working directory.
-    let program_path = if program.contains('/') && !program.starts_with('/') {
+    // A relative program path is the workspace's, not the service's working directory. A bare
+    // name is looked up in the command's PATH here: handed a bare name and a PATH of its own,
+    // the standard library forks the whole service to search in the child, where with a path
+    // it spawns without copying the service's memory (posix_spawn).
+    let program_path = if program.contains('/') {
         cmd.cwd.join(program)
     } else {
-        PathBuf::from(program)
+        cmd.env
+            .get("PATH")
+            .and_then(|path| find_in_path(program, path, cmd.cwd))
+            .unwrap_or_else(|| PathBuf::from(program))
     };
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -153,6 +159,8 @@ pub async fn run(cmd: Cmd<'_>, cancel: &CancellationToken) -> Result<Outcome, Ex
     })?;
     let mut command = tokio::process::Command::new(&program_path);
     command
+        // The program sees its name as the spec wrote it, whatever path it was found at.
+        .arg0(program)
         .args(&cmd.argv[1..])
         .current_dir(cmd.cwd)
         .env_clear()
@@ -193,6 +201,17 @@ pub async fn run(cmd: Cmd<'_>, cancel: &CancellationToken) -> Result<Outcome, Ex
     Ok(Outcome {
         exit,
         duration: started.elapsed(),
+    })
+}
+
+/// The first executable file named `program` in `path` (`:`-separated; an empty or relative
+/// entry is relative to `cwd`, where the command runs), as `execvp` would find it.
+fn find_in_path(program: &str, path: &str, cwd: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    path.split(':').find_map(|dir| {
+        let candidate = cwd.join(dir).join(program);
+        let meta = std::fs::metadata(&candidate).ok()?;
+        (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(candidate)
     })
 }
 
@@ -286,6 +305,80 @@ mod tests {
         assert_eq!(out.exit, Exit::Code(3));
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(text, "hi; rm -rf /\nunset\n");
+    }
+
+    #[tokio::test]
+    async fn a_bare_name_is_found_in_the_commands_path_skipping_what_is_not_executable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        for (bin, mode) in [("bin1", 0o644), ("bin2", 0o755)] {
+            std::fs::create_dir(dir.path().join(bin)).unwrap();
+            let tool = dir.path().join(bin).join("slipway-test-tool");
+            std::fs::write(&tool, format!("#!/bin/sh\necho {bin}\n")).unwrap();
+            std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let mut env = ExecSettings::default().base_env(dir.path());
+        // Relative entries are the workspace's; the service's own PATH has neither.
+        env.insert("PATH".into(), "bin1:bin2:/usr/bin:/bin".into());
+        let a = argv(&["slipway-test-tool"]);
+        let cmd = Cmd {
+            argv: &a,
+            cwd: dir.path(),
+            env,
+            timeout: Duration::from_secs(10),
+            log: &log,
+        };
+        let out = run(cmd.clone(), &CancellationToken::new()).await.unwrap();
+        assert_eq!(out.exit, Exit::Code(0));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "bin2\n");
+
+        // Its name as written, not the path it was found at.
+        let own = argv(&["sh", "-c", "head -c 3 /proc/$$/cmdline > argv0"]);
+        let out = run(
+            Cmd {
+                argv: &own,
+                ..cmd.clone()
+            },
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.exit, Exit::Code(0));
+        assert_eq!(std::fs::read(dir.path().join("argv0")).unwrap(), b"sh\0");
+
+        let missing = argv(&["slipway-no-such-tool"]);
+        let err = run(
+            Cmd {
+                argv: &missing,
+                ..cmd
+            },
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("slipway-no-such-tool"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_path_entry_is_the_working_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("tool");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            find_in_path("tool", "/nonexistent:", dir.path()),
+            Some(tool)
+        );
+        assert_eq!(find_in_path("tool", "/nonexistent", dir.path()), None);
+        assert_eq!(
+            find_in_path("sh", "/usr/bin:/bin", dir.path())
+                .unwrap()
+                .file_name()
+                .unwrap(),
+            "sh"
+        );
     }
 
     #[tokio::test]
