@@ -48,6 +48,7 @@ fn the_benchmark_finishes_and_reports_every_row() {
         "throughput_runs_per_s",
         "gateway",
         "rss_mb",
+        "cpu_ms_per_run",
         "otel_unreachable_run_latency_ms",
         "replay",
         "memory_per_100k_runs_mb",
@@ -72,6 +73,10 @@ fn the_benchmark_finishes_and_reports_every_row() {
     );
     let rss = v["rss_mb"].as_object().unwrap();
     assert_eq!(rss.len(), 9, "every service's memory: {rss:?}");
+    // CPU per run for nats-server, every service and the bench itself.
+    let cpu = &v["cpu_ms_per_run"];
+    assert_eq!(cpu["by_process"].as_object().unwrap().len(), 11, "{cpu:#}");
+    assert!(cpu["used_ms"].as_f64().unwrap() > 0.0, "{cpu:#}");
 }
 
 #[test]

@@ -243,6 +243,37 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
         )),
         json!({"runs_per_s": plain.throughput, "raw_bound": raw_bound, "ratio": plain.throughput / raw_bound}),
     );
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let available = cores as f64 * 1000.0 / plain.throughput;
+    let used: f64 = plain.cpu.iter().map(|(_, own, ch)| own + ch).sum();
+    let cpu_text: Vec<String> = plain
+        .cpu
+        .iter()
+        .map(|(n, own, ch)| {
+            let n = n.trim_start_matches("slipway-");
+            if *ch > 0.0 {
+                format!("{n} {own:.2} + {ch:.2}")
+            } else {
+                format!("{n} {own:.2}")
+            }
+        })
+        .collect();
+    let mut cpu = serde_json::Map::new();
+    for (name, own, children) in &plain.cpu {
+        cpu.insert(
+            name.to_string(),
+            json!({"own_ms": own, "commands_ms": children}),
+        );
+    }
+    table.row(
+        "cpu_ms_per_run",
+        "CPU ms per run under the throughput load, by process (own + the commands it ran)",
+        cpu_text.join(", "),
+        Some(format!(
+            "{used:.1} ms used of {available:.1} ms available ({cores} CPUs x wall time / runs)"
+        )),
+        json!({"by_process": Value::Object(cpu), "used_ms": used, "available_ms": available, "cpus": cores}),
+    );
     table.row(
         "gateway",
         &format!(
@@ -403,6 +434,8 @@ struct Measured {
     gateway: Pct,
     gateway_rps: f64,
     rss: Vec<(&'static str, f64, f64)>,
+    /// CPU ms per run under the throughput load: (process, its own, the commands it ran).
+    cpu: Vec<(&'static str, f64, f64)>,
 }
 
 /// One stack under measurement: its services, gateway and a client.
@@ -457,6 +490,21 @@ impl Target {
         }
     }
 
+    /// `(name, pid)` of nats-server, every service and this process (the load's client).
+    fn processes(&self) -> Vec<(&'static str, u32)> {
+        let mut all: Vec<_> = self.stack.nats_pid().into_iter().collect();
+        all.extend(self.stack.pids());
+        all.push(("bench", std::process::id()));
+        all
+    }
+
+    fn cpu(&self) -> Vec<(&'static str, (f64, f64))> {
+        self.processes()
+            .into_iter()
+            .map(|(n, p)| (n, cpu_ms(p)))
+            .collect()
+    }
+
     fn rss(&self) -> Vec<(&'static str, f64)> {
         self.stack
             .pids()
@@ -500,7 +548,20 @@ impl Measured {
             traced_latencies.push(took);
         }
         let idle = plain.rss();
+        let cpu_before = plain.cpu();
         let throughput = throughput(&plain.bus, &plain.gateway, project, opts.inflight).await?;
+        let cpu = plain
+            .cpu()
+            .into_iter()
+            .map(|(n, (own, children))| {
+                let (own0, children0) = cpu_before
+                    .iter()
+                    .find(|(b, _)| *b == n)
+                    .map_or((0.0, 0.0), |x| x.1);
+                let per_run = opts.inflight as f64;
+                (n, (own - own0) / per_run, (children - children0) / per_run)
+            })
+            .collect();
         let sample = latest_run(&plain.bus).await?;
         let (gateway, gateway_rps) = gateway_load(
             &plain.gateway,
@@ -531,6 +592,7 @@ impl Measured {
                 gateway,
                 gateway_rps,
                 rss,
+                cpu,
             },
             pct(&mut traced_latencies),
         ))
@@ -653,6 +715,28 @@ async fn replay(bus: &Bus, target: usize) -> anyhow::Result<Replay> {
         fold_rate,
         mb_per_100k_runs: held / n as f64 * 100_000.0,
     })
+}
+
+/// CPU time (user + system) of a process and of the children it has waited for, in ms.
+fn cpu_ms(pid: u32) -> (f64, f64) {
+    // USER_HZ is 100 in Linux's user-space ABI: a tick of /proc/<pid>/stat is 10 ms.
+    const MS_PER_TICK: f64 = 10.0;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return (0.0, 0.0);
+    };
+    // After the command name's closing parenthesis, fields count from the 3rd (state), so
+    // utime, stime, cutime and cstime (the 14th to 17th) are the 11th to 14th (0-based).
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let at = |i: usize| fields.get(i).copied().unwrap_or(0.0);
+    (
+        (at(11) + at(12)) * MS_PER_TICK,
+        (at(13) + at(14)) * MS_PER_TICK,
+    )
 }
 
 fn rss_mb(pid: u32) -> f64 {
@@ -1135,6 +1219,27 @@ mod tests {
         assert!((p.p50 - 51.0).abs() < 1.01, "{}", p.p50);
         assert!((p.p99 - 99.0).abs() < 1.01, "{}", p.p99);
         assert_eq!(pct(&mut []).p50, 0.0);
+    }
+
+    #[test]
+    fn cpu_time_of_a_process_and_of_the_commands_it_waited_for() {
+        let me = std::process::id();
+        let (own0, children0) = cpu_ms(me);
+        // Busy for at least 60 ms of CPU (six ticks), then a child busy and waited for.
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(60) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let status = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let (own1, children1) = cpu_ms(me);
+        assert!(own1 > own0, "{own0} -> {own1}");
+        assert!(children1 > children0, "{children0} -> {children1}");
+        assert_eq!(cpu_ms(u32::MAX), (0.0, 0.0), "no such process");
     }
 
     #[test]

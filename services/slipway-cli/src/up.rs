@@ -226,6 +226,11 @@ impl Stack {
             .collect()
     }
 
+    /// `("nats-server", pid)` when this stack started its own server.
+    pub fn nats_pid(&self) -> Option<(&'static str, u32)> {
+        Some(("nats-server", self.nats.as_ref()?.pid()?))
+    }
+
     /// SIGTERM every service, wait for them to drain, then stop nats-server.
     pub async fn stop(mut self) {
         for s in &self.services {
