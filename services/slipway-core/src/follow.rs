@@ -5,6 +5,10 @@
 //! The view vouches only for runs whose `run.created` it folded: a run created before the
 //! worker started is read from the log, as is any run when the view lags. Runs that end are
 //! let go, so the view holds the runs in flight and no more than [`MAX_RUNS`] of them.
+//!
+//! A worker's view holds only the runs whose plan has a stage of the worker's kinds; a model
+//! evaluator does not fold the runs of a pipeline without an evaluation. Messages of a run it
+//! does not hold are not decoded (deploys apart, which the deploy index takes).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::bus::{Bus, BusError};
-use crate::events::EventData;
+use crate::events::{EventData, StageKind};
 use crate::fold::{Run, fold, fold_into};
 use crate::subjects;
 
@@ -47,6 +51,8 @@ impl std::fmt::Debug for RunsInFlight {
 
 struct Inner {
     runs: Mutex<HashMap<String, Followed>>,
+    /// Runs are held when their plan requests one of these kinds (`None`: every run).
+    kinds: Option<Vec<StageKind>>,
     /// Every message on the runs' subjects up to this stream sequence is folded in.
     through: watch::Sender<u64>,
 }
@@ -59,15 +65,37 @@ struct Followed {
 }
 
 impl RunsInFlight {
-    /// Starts following the log from its end now, until `shutdown`.
+    /// Starts following every run from the log's end now, until `shutdown`.
     ///
     /// # Errors
     /// [`BusError`] when the stream cannot be read.
     pub async fn start(bus: &Bus, shutdown: CancellationToken) -> Result<Self, BusError> {
+        Self::start_with(bus, None, shutdown).await
+    }
+
+    /// As [`RunsInFlight::start`], holding only the runs that can request a stage of `kinds`
+    /// (a worker's): others are read from the log if a job ever needs them.
+    ///
+    /// # Errors
+    /// [`BusError`] when the stream cannot be read.
+    pub async fn start_for(
+        bus: &Bus,
+        kinds: &[StageKind],
+        shutdown: CancellationToken,
+    ) -> Result<Self, BusError> {
+        Self::start_with(bus, Some(kinds.to_vec()), shutdown).await
+    }
+
+    async fn start_with(
+        bus: &Bus,
+        kinds: Option<Vec<StageKind>>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, BusError> {
         let through = bus.last_seq().await?;
         let view = Self {
             inner: Arc::new(Inner {
                 runs: Mutex::new(HashMap::new()),
+                kinds,
                 through: watch::Sender::new(through),
             }),
         };
@@ -168,11 +196,16 @@ impl RunsInFlight {
     fn apply(&self, bus: &Bus, seq: u64, msg: &async_nats::Message) {
         let subject = msg.subject.as_str();
         if let Some((run_id, _, _)) = subjects::parse_run(subject) {
-            let event = crate::bus::decode(msg.headers.as_ref(), &msg.payload).ok();
             // The index takes deploys by subject, as its reads of the log do.
             let deploy = [".deploy.succeeded", ".rollback.succeeded"]
                 .iter()
                 .any(|s| subject.ends_with(s));
+            let created = subject.ends_with(".run.created");
+            let held = self.inner.runs.lock().expect("lock").contains_key(run_id);
+            // Decoding is most of the cost of a message: only what is taken is decoded.
+            let event = (held || created || deploy)
+                .then(|| crate::bus::decode(msg.headers.as_ref(), &msg.payload).ok())
+                .flatten();
             bus.deploy_index()
                 .lock()
                 .followed(seq, event.as_ref().filter(|_| deploy));
@@ -189,6 +222,11 @@ impl RunsInFlight {
             } else if let Some(e) = event.filter(|e| matches!(e.data, EventData::RunCreated(_)))
                 && runs.len() < MAX_RUNS
                 && let Some(run) = fold(None, &e)
+                && self
+                    .inner
+                    .kinds
+                    .as_ref()
+                    .is_none_or(|k| crate::plan::requests_any(&run.spec, k))
             {
                 runs.insert(run_id.to_string(), Followed { run, last_seq: seq });
             }

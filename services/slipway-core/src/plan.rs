@@ -91,6 +91,17 @@ pub fn step_keys(spec: &PipelineSpec) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Whether a run of `spec` can request a stage of one of `kinds` (a rollback follows a failed
+/// monitor, so it can when the plan monitors an environment).
+pub fn requests_any(spec: &PipelineSpec, kinds: &[StageKind]) -> bool {
+    planned_stages(spec).iter().any(|key| {
+        let kind = StageKind::parse(key.split(':').next().unwrap_or(key));
+        kind.is_some_and(|k| {
+            kinds.contains(&k) || (k == StageKind::Monitor && kinds.contains(&StageKind::Rollback))
+        })
+    })
+}
+
 /// Whether a request for `key` is in plan order: every step before the stage's own has
 /// succeeded (a rollback: its environment's monitor failed). A request out of order is not
 /// the conductor's and is ignored by `fold`, so it can never become a stage attempt.
@@ -112,4 +123,44 @@ pub fn in_order(run: &crate::fold::Run, key: &str) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use StageKind::*;
+
+    #[test]
+    fn a_run_requests_the_kinds_its_plan_has() {
+        let noop = PipelineSpec::parse(crate::spec::NOOP_PIPELINE).unwrap();
+        assert!(requests_any(&noop, &[Build]));
+        assert!(requests_any(&noop, &[Test]));
+        assert!(requests_any(&noop, &[Deploy, Rollback]));
+        for gate in [Evaluate, Perf, Cost, Monitor] {
+            assert!(!requests_any(&noop, &[gate]), "{gate:?}");
+        }
+        // No monitor: no rollback can be asked for.
+        assert!(!requests_any(&noop, &[Rollback]));
+        assert!(!requests_any(&noop, &[]));
+
+        let monitored = PipelineSpec::parse(
+            r#"
+[pipeline]
+name = "svc"
+[build]
+command = ["make"]
+[[environment]]
+name = "production"
+url = "http://127.0.0.1:1"
+[environment.deploy]
+command = ["./deploy"]
+[monitor]
+window_secs = 60
+"#,
+        )
+        .unwrap();
+        assert!(requests_any(&monitored, &[Rollback]));
+        assert!(requests_any(&monitored, &[Monitor]));
+        assert!(!requests_any(&monitored, &[Test]), "no suites");
+    }
 }

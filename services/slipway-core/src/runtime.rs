@@ -265,7 +265,7 @@ pub async fn run_worker<W: Worker>(
             message: e.to_string(),
         })?;
     let runs = if settings.follow_runs {
-        Some(crate::follow::RunsInFlight::start(&bus, helpers.clone()).await?)
+        Some(crate::follow::RunsInFlight::start_for(&bus, worker.kinds(), helpers.clone()).await?)
     } else {
         None
     };

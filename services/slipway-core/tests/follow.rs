@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use slipway_core::baseline::{live_version, live_version_as_of};
 use slipway_core::bus::Bus;
-use slipway_core::events::EventData;
+use slipway_core::events::{EventData, StageKind};
 use slipway_core::follow::RunsInFlight;
 use slipway_core::sim::Sim;
 use slipway_core::spec::NOOP_PIPELINE;
@@ -97,6 +97,50 @@ async fn the_view_holds_runs_created_after_it_started_as_the_log_does_and_lets_e
     assert!(view.run_through(&run_id, last).await.is_none());
     assert_eq!(view.ended_through(&run_id, last).await, Some(true));
     assert!(view.is_empty(), "{view:?}");
+}
+
+#[tokio::test]
+async fn a_workers_view_holds_only_the_runs_that_can_ask_for_its_kinds_and_still_follows_deploys() {
+    let nats = TestNats::start();
+    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
+    bus.ensure_stream().await.unwrap();
+    // Each view on its own connection: each feeds its connection's deploy index.
+    let evaluator_bus = Bus::connect(&nats.settings(), "test").await.unwrap();
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let builder = RunsInFlight::start_for(&bus, &[StageKind::Build], stop.clone())
+        .await
+        .unwrap();
+    let evaluator = RunsInFlight::start_for(&evaluator_bus, &[StageKind::Evaluate], stop.clone())
+        .await
+        .unwrap();
+
+    // A no-op run has no evaluation: the evaluator's view does not hold it.
+    let mut sim = Sim::nth(NOOP_PIPELINE, 1);
+    sim.run_to_end();
+    let run_id = sim.run_id.clone();
+    let (upto, _) = sim.log.split_at(sim.log.len() - 1);
+    let mut last = 0;
+    for e in upto {
+        last = bus.publish(e).await.unwrap().seq;
+    }
+    reached(&builder, last).await;
+    reached(&evaluator, last).await;
+    let (run, _) = builder.run_through(&run_id, last).await.unwrap();
+    assert_eq!(run, replayed(bus.run_log(&run_id).await.unwrap()));
+    assert!(evaluator.run_through(&run_id, last).await.is_none());
+    assert!(evaluator.is_empty(), "{evaluator:?}");
+
+    // Its deploys still reach the evaluator's connection's index: no lookup reads (the view
+    // started with the log empty, so nothing came before it).
+    for env in ["staging", "production"] {
+        let live = live_version_as_of(&evaluator_bus, "noop", env, last)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(live.run_id, run_id, "{env}");
+    }
+    assert_eq!(evaluator_bus.deploy_index().reads(), 0);
 }
 
 #[tokio::test]
