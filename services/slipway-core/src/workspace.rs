@@ -173,9 +173,19 @@ impl Workspace {
 }
 
 impl Drop for Workspace {
+    /// Removes the directory; inside a runtime on a blocking thread, so that a job's result
+    /// is not held back by it (a runtime waits for its blocking tasks when it shuts down).
     fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.root);
+        if self.keep {
+            return;
+        }
+        let root = std::mem::take(&mut self.root);
+        let remove = move || {
+            let _ = std::fs::remove_dir_all(&root);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(remove)),
+            Err(_) => remove(),
         }
     }
 }
@@ -389,6 +399,43 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings_in(dir: &Path, keep: bool) -> ExecSettings {
+        ExecSettings {
+            workspace_root: Some(dir.to_path_buf()),
+            keep_workspaces: keep,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_workspace_is_removed_on_drop_unless_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::create(&settings_in(dir.path(), false), "job").unwrap();
+        std::fs::write(ws.src().join("file"), "x").unwrap();
+        let root = ws.root().to_path_buf();
+        drop(ws);
+        assert!(!root.exists(), "removed at once outside a runtime");
+
+        let kept = Workspace::create(&settings_in(dir.path(), true), "job").unwrap();
+        let root = kept.root().to_path_buf();
+        drop(kept);
+        assert!(root.join("src").is_dir(), "kept");
+    }
+
+    #[tokio::test]
+    async fn inside_a_runtime_a_workspace_is_removed_off_the_jobs_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::create(&settings_in(dir.path(), false), "job").unwrap();
+        std::fs::write(ws.src().join("file"), "x").unwrap();
+        let root = ws.root().to_path_buf();
+        drop(ws);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while root.exists() {
+            assert!(std::time::Instant::now() < deadline, "never removed");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
 
     #[tokio::test]
     async fn a_source_containing_the_workspace_is_copied_once() {
