@@ -44,6 +44,7 @@ fn the_benchmark_finishes_and_reports_every_row() {
         "raw_read_rate",
         "stage_overhead_ms",
         "stage_overhead_split_ms",
+        "stage_work_ms",
         "run_latency_ms",
         "throughput_runs_per_s",
         "gateway",
@@ -58,6 +59,12 @@ fn the_benchmark_finishes_and_reports_every_row() {
     }
     assert!(v["raw_hop_ms"]["p50"].as_f64().unwrap() > 0.0);
     assert!(v["run_latency_ms"]["events"].as_u64().unwrap() > 10);
+    for kind in ["build", "test", "deploy", "approval"] {
+        assert!(
+            v["stage_work_ms"][kind]["p50"].as_f64().unwrap() > 0.0,
+            "{kind}"
+        );
+    }
     assert!(v["gateway"]["rps"].as_f64().unwrap() > 0.0);
     // Two builder processes share one consumer: each took some of the builds.
     let shares = v["scale_out"]["builds_per_replica"].as_array().unwrap();

@@ -221,6 +221,22 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
         )),
         json!({"conductor_p50": plain.stage_conductor.p50, "conductor_p99": plain.stage_conductor.p99, "worker_p50": plain.stage_worker.p50, "worker_p99": plain.stage_worker.p99}),
     );
+    let work_text: Vec<String> = plain
+        .work
+        .iter()
+        .map(|(k, p)| format!("{k} {}", f(p.p50)))
+        .collect();
+    let mut work_json = serde_json::Map::new();
+    for (k, p) in &plain.work {
+        work_json.insert(k.clone(), json!({"p50": p.p50, "p99": p.p99}));
+    }
+    table.row(
+        "stage_work_ms",
+        "each stage's own time in a no-op run p50 (started -> result; approval: asked -> decided)",
+        work_text.join(", "),
+        None,
+        Value::Object(work_json),
+    );
     let bound = raw.hop.p50 * plain.hops as f64;
     table.row(
         "run_latency_ms",
@@ -427,6 +443,8 @@ struct Measured {
     /// The stage overhead's two parts: result -> the conductor's request, request -> started.
     stage_conductor: Pct,
     stage_worker: Pct,
+    /// Each stage kind's own time (`started` to its result; an approval: asked to decided).
+    work: Vec<(String, Pct)>,
     run: Pct,
     /// Events in a no-op run: its sequential hops.
     hops: usize,
@@ -532,6 +550,7 @@ impl Measured {
         let mut overheads = Vec::new();
         let mut conductor_parts = Vec::new();
         let mut worker_parts = Vec::new();
+        let mut work: Vec<(String, Vec<Duration>)> = Vec::new();
         let mut hops = 0;
         for _ in 0..opts.runs {
             let (run, took) = one_run(&plain.bus, &plain.gateway, project).await?;
@@ -543,6 +562,12 @@ impl Measured {
                 overheads.push(whole);
                 conductor_parts.push(conductor);
                 worker_parts.push(worker);
+            }
+            for (kind, took) in stage_work(&events) {
+                match work.iter_mut().find(|(k, _)| *k == kind) {
+                    Some((_, samples)) => samples.push(took),
+                    None => work.push((kind, vec![took])),
+                }
             }
             let (_, took) = one_run(&traced.bus, &traced.gateway, project).await?;
             traced_latencies.push(took);
@@ -586,6 +611,10 @@ impl Measured {
                 stage: pct(&mut overheads),
                 stage_conductor: pct(&mut conductor_parts),
                 stage_worker: pct(&mut worker_parts),
+                work: work
+                    .into_iter()
+                    .map(|(k, mut samples)| (k, pct(&mut samples)))
+                    .collect(),
                 run: pct(&mut latencies),
                 hops,
                 throughput,
@@ -880,6 +909,38 @@ fn stage_overheads(events: &[Event]) -> Vec<(Duration, Duration, Duration)> {
             }
         } else if e.data.approval_stage().is_some() {
             last_result = Some(e.time);
+        }
+    }
+    out
+}
+
+/// Each stage's own time in a run, by kind in the order first seen: `started` to its result;
+/// an approval, from being asked for to the decision.
+fn stage_work(events: &[Event]) -> Vec<(String, Duration)> {
+    use slipway_core::events::StageVerb;
+    let kind = |stage: &str| stage.split(':').next().unwrap_or(stage).to_string();
+    let mut began = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for e in events {
+        if let Some((stage, _, verb)) = e.data.stage_fact() {
+            match verb {
+                StageVerb::Started => {
+                    began.insert(stage.to_string(), e.time);
+                }
+                StageVerb::Requested if stage.starts_with("approval") => {
+                    began.insert(stage.to_string(), e.time);
+                }
+                StageVerb::Succeeded | StageVerb::Failed => {
+                    if let Some(t) = began.remove(stage) {
+                        out.push((kind(stage), (e.time - t).to_std().unwrap_or_default()));
+                    }
+                }
+                StageVerb::Requested => {}
+            }
+        } else if let Some((stage, _)) = e.data.approval_stage()
+            && let Some(t) = began.remove(&stage)
+        {
+            out.push((kind(&stage), (e.time - t).to_std().unwrap_or_default()));
         }
     }
     out
@@ -1240,6 +1301,16 @@ mod tests {
         assert!(own1 > own0, "{own0} -> {own1}");
         assert!(children1 > children0, "{children0} -> {children1}");
         assert_eq!(cpu_ms(u32::MAX), (0.0, 0.0), "no such process");
+    }
+
+    #[test]
+    fn stage_work_by_kind() {
+        let mut sim = slipway_core::sim::Sim::new(slipway_core::spec::NOOP_PIPELINE);
+        sim.run_to_end();
+        let kinds: Vec<String> = stage_work(&sim.log).into_iter().map(|(k, _)| k).collect();
+        // The simulation publishes `started` for deploys only (the workers do for every
+        // stage, which the smoke test sees): staging, the approval, production.
+        assert_eq!(kinds, ["deploy", "approval", "deploy"]);
     }
 
     #[test]
