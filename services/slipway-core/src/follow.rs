@@ -34,6 +34,11 @@ pub const MAX_RUNS: usize = 10_000;
 /// than this is lagging, and a read is the quicker answer.
 const WAIT: Duration = Duration::from_millis(50);
 
+/// How often the follower checks whether its connection was made again. An ordered consumer
+/// notices a lost server only after missed heartbeats (about 15 s); jobs running meanwhile
+/// would learn of their run's end that late.
+const RECONNECT_CHECK: Duration = Duration::from_millis(250);
+
 /// The runs in flight, shared by a worker's jobs.
 #[derive(Clone)]
 pub struct RunsInFlight {
@@ -62,6 +67,8 @@ struct Followed {
     /// The stream sequence of the last message on the run's subjects (for appends that
     /// expect the log as last seen).
     last_seq: u64,
+    /// Cancelled when the view sees the run end (jobs of the run stop their work on it).
+    ended: CancellationToken,
 }
 
 impl RunsInFlight {
@@ -124,11 +131,24 @@ impl RunsInFlight {
     /// with the sequence of the run's last message; `None` when the view cannot vouch for it:
     /// not followed (created before the view, ended, or past [`MAX_RUNS`]) or the view lags.
     pub async fn run_through(&self, run_id: &str, seq: u64) -> Option<(Run, u64)> {
+        self.run_and_end_through(run_id, seq)
+            .await
+            .map(|(run, last_seq, _)| (run, last_seq))
+    }
+
+    /// As [`RunsInFlight::run_through`], with a token the view cancels when it sees the run
+    /// end (any end after the run returned: the view folds the log in order).
+    pub async fn run_and_end_through(
+        &self,
+        run_id: &str,
+        seq: u64,
+    ) -> Option<(Run, u64, CancellationToken)> {
         if !self.reached(seq).await {
             return None;
         }
         let runs = self.inner.runs.lock().expect("lock");
-        runs.get(run_id).map(|f| (f.run.clone(), f.last_seq))
+        runs.get(run_id)
+            .map(|f| (f.run.clone(), f.last_seq, f.ended.clone()))
     }
 
     /// For a run [`RunsInFlight::run_through`] vouched for: whether it has ended by `seq`
@@ -150,7 +170,9 @@ impl RunsInFlight {
     }
 
     async fn follow(self, bus: Bus, shutdown: CancellationToken) {
+        let stats = bus.client().statistics();
         loop {
+            let connects = stats.connects.load(std::sync::atomic::Ordering::Relaxed);
             let from = self.through() + 1;
             let mut messages = match open(&bus, from).await {
                 Ok(m) => m,
@@ -162,9 +184,17 @@ impl RunsInFlight {
                     }
                 }
             };
+            let mut check = tokio::time::interval(RECONNECT_CHECK);
             loop {
                 let msg = tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    _ = check.tick() => {
+                        if stats.connects.load(std::sync::atomic::Ordering::Relaxed) != connects {
+                            debug!("Connected again; reopening the log follower.");
+                            break;
+                        }
+                        continue;
+                    }
                     m = messages.next() => m,
                 };
                 match msg {
@@ -217,6 +247,7 @@ impl RunsInFlight {
                     fold_into(&mut f.run, e);
                 }
                 if f.run.is_ended() {
+                    f.ended.cancel();
                     runs.remove(run_id);
                 }
             } else if let Some(e) = event.filter(|e| matches!(e.data, EventData::RunCreated(_)))
@@ -228,7 +259,14 @@ impl RunsInFlight {
                     .as_ref()
                     .is_none_or(|k| crate::plan::requests_any(&run.spec, k))
             {
-                runs.insert(run_id.to_string(), Followed { run, last_seq: seq });
+                runs.insert(
+                    run_id.to_string(),
+                    Followed {
+                        run,
+                        last_seq: seq,
+                        ended: CancellationToken::new(),
+                    },
+                );
             }
         }
         self.inner.through.send_replace(seq);

@@ -316,6 +316,47 @@ pub async fn run_worker<W: Worker>(
     Ok(())
 }
 
+/// How a job learns that its run ended while it works.
+enum RunEnd {
+    /// From the runs in flight, which hold the run: no subscription per job.
+    Followed(CancellationToken),
+    /// From the run's `run.*` subject.
+    Subject(async_nats::Subscriber),
+    /// Not watched (the subscription failed; the stage timeout still ends the work).
+    Unwatched,
+}
+
+impl RunEnd {
+    async fn subscribe(bus: &Bus, run_id: &str) -> Self {
+        match bus
+            .client()
+            .subscribe(format!("slipway.run.{run_id}.run.*"))
+            .await
+        {
+            Ok(sub) => RunEnd::Subject(sub),
+            Err(e) => {
+                warn!(error = %e, "Cannot watch the run's end.");
+                RunEnd::Unwatched
+            }
+        }
+    }
+
+    /// Resolves when the run ends; never, when that cannot be seen.
+    async fn wait(self) {
+        match self {
+            RunEnd::Followed(ended) => ended.cancelled().await,
+            RunEnd::Subject(mut sub) => loop {
+                match sub.next().await {
+                    Some(m) if !m.subject.as_str().ends_with(".run.created") => return,
+                    Some(_) => {}
+                    None => std::future::pending().await,
+                }
+            },
+            RunEnd::Unwatched => std::future::pending().await,
+        }
+    }
+}
+
 struct Ctx<W> {
     bus: Bus,
     worker: Arc<W>,
@@ -390,22 +431,21 @@ impl<W: Worker> Ctx<W> {
         let service = self.worker.service();
         // The log read must reach at least the request itself.
         let request_seq = msg.info().map_or(0, |i| i.stream_sequence);
-        // Watch the run's end before reading the log, so an end landing in between is seen:
-        // the subscription is in place before the server answers the read.
-        let ends = self
-            .bus
-            .client()
-            .subscribe(format!("slipway.run.{run_id}.run.*"))
-            .await;
         // Check the log before any side effect: a redelivered request may already be done.
-        // The runs in flight hold it as far as the request at least; otherwise it is read.
+        // The runs in flight hold it as far as the request at least, and say when it ends.
         let followed = match &self.runs {
-            Some(runs) => runs.run_through(&run_id, request_seq).await,
+            Some(runs) => runs.run_and_end_through(&run_id, request_seq).await,
             None => None,
         };
         let from_view = followed.is_some();
+        // Otherwise watch the run's end before reading the log, so an end landing in between
+        // is seen: the subscription is in place before the server answers the read.
+        let ends = match &followed {
+            Some((_, _, ended)) => RunEnd::Followed(ended.clone()),
+            None => RunEnd::subscribe(&self.bus, &run_id).await,
+        };
         let (run, last_seq) = match followed {
-            Some((run, last_seq)) => (Some(run), last_seq),
+            Some((run, last_seq, _)) => (Some(run), last_seq),
             None => match self.bus.run_log_through(&run_id, request_seq).await {
                 Ok(log) => {
                     let last_seq = log.last().map_or(0, |r| r.seq);
@@ -560,11 +600,10 @@ impl<W: Worker> Ctx<W> {
             let cancelled_run = cancelled_run.clone();
             let guard = guard.clone();
             tokio::spawn(async move {
-                let Ok(mut sub) = ends else { return };
                 tokio::select! {
                     _ = guard.cancelled() => {}
                     // Any end of the run (cancelled, failed elsewhere, ...) stops the work.
-                    m = sub.next() => if m.is_some_and(|m| !m.subject.as_str().ends_with(".run.created")) {
+                    () = ends.wait() => {
                         cancelled_run.cancel();
                         job_cancel.cancel();
                     }

@@ -64,6 +64,9 @@ async fn the_view_holds_runs_created_after_it_started_as_the_log_does_and_lets_e
     }
     assert!(!view.run_through(&run_id, last).await.unwrap().0.is_ended());
     assert_eq!(view.ended_through(&run_id, last).await, Some(false));
+    // Jobs of the run stop on this when the view sees the run end.
+    let (_, _, ended) = view.run_and_end_through(&run_id, last).await.unwrap();
+    assert!(!ended.is_cancelled());
 
     // A message on the run's subjects that is not an event still moves its last sequence
     // (appends expect the log as last seen).
@@ -97,6 +100,7 @@ async fn the_view_holds_runs_created_after_it_started_as_the_log_does_and_lets_e
     assert!(view.run_through(&run_id, last).await.is_none());
     assert_eq!(view.ended_through(&run_id, last).await, Some(true));
     assert!(view.is_empty(), "{view:?}");
+    assert!(ended.is_cancelled(), "the view saw the end");
 }
 
 #[tokio::test]
@@ -233,4 +237,52 @@ async fn a_lookup_past_where_the_view_stopped_reads_the_log() {
         .unwrap();
     assert_eq!(live.unwrap().run_id, second.run_id, "read past the view");
     assert_eq!(bus.deploy_index().reads(), reads + 1);
+}
+
+#[tokio::test]
+async fn the_view_follows_on_across_a_server_restart_and_still_says_when_a_run_ends() {
+    let mut nats = TestNats::start();
+    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
+    bus.ensure_stream().await.unwrap();
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let view = RunsInFlight::start(&bus, stop.clone()).await.unwrap();
+
+    let mut sim = Sim::nth(NOOP_PIPELINE, 1);
+    sim.run_to_end();
+    let run_id = sim.run_id.clone();
+    let (upto, rest) = sim.log.split_at(sim.log.len() / 2);
+    let mut last = 0;
+    for e in upto {
+        last = bus.publish(e).await.unwrap().seq;
+    }
+    reached(&view, last).await;
+    let (_, _, ended) = view.run_and_end_through(&run_id, last).await.unwrap();
+
+    // The server restarts on the same store; the rest of the run is appended once it is back
+    // (a repeated publish is a duplicate).
+    nats.restart();
+    for e in rest {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        last = loop {
+            match bus.publish(e).await {
+                Ok(a) => break a.seq,
+                Err(err) => {
+                    assert!(std::time::Instant::now() < deadline, "{err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+    }
+    // It reopens as soon as its connection is made again, not after the ordered consumer's
+    // missed heartbeats (15 s): jobs of a run learn of its end without that delay.
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while view.through() < last {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the view resumes after the restart: {view:?}, log at {last}"));
+    assert_eq!(view.ended_through(&run_id, last).await, Some(true));
+    assert!(ended.is_cancelled(), "the end seen after the restart");
 }
