@@ -14,6 +14,7 @@ use std::sync::Mutex;
 
 use async_nats::jetstream::object_store::{self, ObjectInfo, ObjectStore};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tracing::warn;
 
 use crate::bus::{Bus, BusError};
 use crate::events::ObjectRef;
@@ -185,7 +186,16 @@ async fn read_into(
     let read = if linked || info.chunks > DIRECT_MAX_CHUNKS {
         read_streamed(&store, name, sink).await
     } else {
-        read_direct(bus, bucket_name, &info, sink).await
+        match read_direct(bus, bucket_name, &info, sink).await {
+            Ok(()) => Ok(()),
+            // Nothing reached the sink yet (a chunk missing, an object replaced under the read,
+            // a replica behind, a bucket without direct gets): the client's own read, afresh.
+            Err(Direct::BeforeWriting(e)) => {
+                warn!(error = %e, object = name, "Direct read failed; reading through a consumer.");
+                read_streamed(&store, name, sink).await
+            }
+            Err(Direct::Written(e)) => Err(e),
+        }
     };
     if read.is_err() {
         bus.buckets().forget(bucket_name);
@@ -194,42 +204,69 @@ async fn read_into(
     sink.flush().await.map_err(|e| nats("write file", e))
 }
 
-/// Each chunk by a direct get of the next message on the object's chunk subject: no consumer.
+/// How a direct read failed: before or after bytes reached the sink (after, a second read
+/// would append to them).
+enum Direct {
+    BeforeWriting(BusError),
+    Written(BusError),
+}
+
+/// Each chunk by a direct get of the next message on the object's chunk subject (no
+/// consumer), checked against the object's size and digest. The chunks are fetched before any
+/// is written, so a failure leaves the sink untouched.
 async fn read_direct(
     bus: &Bus,
     bucket_name: &str,
     info: &ObjectInfo,
     sink: &mut (impl AsyncWrite + Unpin),
-) -> Result<(), BusError> {
+) -> Result<(), Direct> {
+    use sha2::Digest;
+    let fail = |e: String| Direct::BeforeWriting(nats("object read", e));
     // The object store's layout (NATS ADR-20): stream OBJ_<bucket>, chunks on
     // $O.<bucket>.C.<nuid> in order.
     let stream = bus
         .jetstream()
         .get_stream_no_info(format!("OBJ_{bucket_name}"))
         .await
-        .map_err(|e| nats("object get", e))?;
+        .map_err(|e| fail(e.to_string()))?;
     let subject = format!("$O.{bucket_name}.C.{}", info.nuid);
     let mut next = 1;
-    let mut size = 0;
+    let mut chunks = Vec::with_capacity(info.chunks);
+    let mut sha = sha2::Sha256::new();
     for _ in 0..info.chunks {
         let chunk = stream
             .direct_get_next_for_subject(subject.as_str(), Some(next))
             .await
-            .map_err(|e| nats("object read", e))?;
-        size += chunk.payload.len();
-        sink.write_all(&chunk.payload)
-            .await
-            .map_err(|e| nats("write file", e))?;
+            .map_err(|e| fail(e.to_string()))?;
+        sha.update(&chunk.payload);
         next = chunk.sequence + 1;
+        chunks.push(chunk.payload);
     }
+    let size: usize = chunks.iter().map(bytes::Bytes::len).sum();
     if size != info.size {
-        return Err(nats(
-            "object read",
-            format!(
-                "{} has {size} bytes in its chunks, its info says {}",
-                info.name, info.size
-            ),
-        ));
+        return Err(fail(format!(
+            "{} has {size} bytes in its chunks, its info says {}",
+            info.name, info.size
+        )));
+    }
+    // The digest the writer recorded: `SHA-256=<base64url of the hash>`.
+    if let Some(recorded) = &info.digest {
+        use base64::Engine as _;
+        let ours = format!(
+            "SHA-256={}",
+            base64::engine::general_purpose::URL_SAFE.encode(sha.finalize())
+        );
+        if *recorded != ours {
+            return Err(fail(format!(
+                "{} has digest {ours} in its chunks, its info says {recorded}",
+                info.name
+            )));
+        }
+    }
+    for chunk in chunks {
+        sink.write_all(&chunk)
+            .await
+            .map_err(|e| Direct::Written(nats("write file", e)))?;
     }
     Ok(())
 }

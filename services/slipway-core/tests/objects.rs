@@ -204,3 +204,64 @@ async fn a_bucket_made_again_is_found_again() {
         b"artifact"
     );
 }
+
+#[tokio::test]
+async fn an_object_whose_info_names_another_digest_is_refused() {
+    use base64::Engine as _;
+    let nats = TestNats::start();
+    let bus = connected(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), "a", &bytes(2 * CHUNK + 9, 7));
+    objects::put_file(&bus, "logs", Some("build.log"), &src)
+        .await
+        .unwrap();
+    // The object's info rewritten with a digest its chunks do not have.
+    let store = objects::bucket(&bus, "logs").await.unwrap();
+    let mut info = serde_json::to_value(store.info("build.log").await.unwrap()).unwrap();
+    info["digest"] = format!(
+        "SHA-256={}",
+        base64::engine::general_purpose::URL_SAFE.encode([0u8; 32])
+    )
+    .into();
+    let meta = format!(
+        "$O.logs.M.{}",
+        base64::engine::general_purpose::URL_SAFE.encode("build.log")
+    );
+    bus.jetstream()
+        .publish(meta, serde_json::to_vec(&info).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let err = objects::read(&bus, "logs", "build.log").await.unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("digest"), "{err}");
+}
+
+#[tokio::test]
+async fn a_bucket_without_direct_gets_is_read_through_a_consumer() {
+    let nats = TestNats::start();
+    let bus = connected(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let content = bytes(3 * CHUNK + 1, 8);
+    let src = file(dir.path(), "a", &content);
+    let stored = objects::put_file(&bus, "artifacts", None, &src)
+        .await
+        .unwrap();
+    let js = bus.jetstream();
+    let mut config = js
+        .get_stream("OBJ_artifacts")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    config.allow_direct = false;
+    js.update_stream(config).await.unwrap();
+    // A fresh connection finds the bucket as it is now; the chunks come through a consumer.
+    let fresh = connected(&nats).await;
+    let out = dir.path().join("out");
+    objects::get_file(&fresh, &stored, &out).await.unwrap();
+    assert!(std::fs::read(&out).unwrap() == content);
+}
