@@ -137,12 +137,14 @@ pub async fn run(cmd: Cmd<'_>, cancel: &CancellationToken) -> Result<Outcome, Ex
     // name is looked up in the command's PATH here: handed a bare name and a PATH of its own,
     // the standard library forks the whole service to search in the child, where with a path
     // it spawns without copying the service's memory (posix_spawn).
+    // Absolute, since the child resolves the path after changing to its working directory.
+    let cwd = std::path::absolute(cmd.cwd).unwrap_or_else(|_| cmd.cwd.to_path_buf());
     let program_path = if program.contains('/') {
-        cmd.cwd.join(program)
+        cwd.join(program)
     } else {
         cmd.env
             .get("PATH")
-            .and_then(|path| find_in_path(program, path, cmd.cwd))
+            .and_then(|path| find_in_path(program, path, &cwd))
             .unwrap_or_else(|| PathBuf::from(program))
     };
     let log = std::fs::OpenOptions::new()
@@ -157,24 +159,41 @@ pub async fn run(cmd: Cmd<'_>, cancel: &CancellationToken) -> Result<Outcome, Ex
         path: cmd.log.to_path_buf(),
         source,
     })?;
-    let mut command = tokio::process::Command::new(&program_path);
-    command
-        // The program sees its name as the spec wrote it, whatever path it was found at.
-        .arg0(program)
-        .args(&cmd.argv[1..])
-        .current_dir(cmd.cwd)
-        .env_clear()
-        .envs(&cmd.env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log_err))
-        .process_group(0)
-        .kill_on_drop(true);
+    let command = |path: &Path, args: &[&std::ffi::OsStr]| -> std::io::Result<_> {
+        let mut c = tokio::process::Command::new(path);
+        c
+            // The program sees its name as the spec wrote it, whatever path it was found at.
+            .arg0(program)
+            .args(args)
+            .current_dir(&cwd)
+            .env_clear()
+            .envs(&cmd.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log_err.try_clone()?))
+            .process_group(0)
+            .kill_on_drop(true);
+        Ok(c)
+    };
+    let args: Vec<&std::ffi::OsStr> = cmd.argv[1..].iter().map(|a| a.as_ref()).collect();
     let started = Instant::now();
-    let mut child = command.spawn().map_err(|source| ExecError::Spawn {
+    let spawn_error = |source| ExecError::Spawn {
         program: program.clone(),
         source,
-    })?;
+    };
+    let spawned = command(&program_path, &args).and_then(|mut c| c.spawn());
+    let mut child = match spawned {
+        // An executable without a `#!` line: `execvp` runs it with the shell, and so do we.
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOEXEC) => {
+            let with_script: Vec<&std::ffi::OsStr> = std::iter::once(program_path.as_os_str())
+                .chain(args.iter().copied())
+                .collect();
+            command(Path::new("/bin/sh"), &with_script)
+                .and_then(|mut c| c.spawn())
+                .map_err(spawn_error)?
+        }
+        other => other.map_err(spawn_error)?,
+    };
     let pid = child.id();
     let exit = tokio::select! {
         status = child.wait() => match status {
@@ -204,14 +223,15 @@ pub async fn run(cmd: Cmd<'_>, cancel: &CancellationToken) -> Result<Outcome, Ex
     })
 }
 
-/// The first executable file named `program` in `path` (`:`-separated; an empty or relative
-/// entry is relative to `cwd`, where the command runs), as `execvp` would find it.
+/// The first file named `program` in `path` (`:`-separated; an empty or relative entry is
+/// relative to `cwd`, where the command runs) that this process may execute, as `execvp`
+/// would find it.
 fn find_in_path(program: &str, path: &str, cwd: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
+    use nix::unistd::{AccessFlags, access};
     path.split(':').find_map(|dir| {
         let candidate = cwd.join(dir).join(program);
-        let meta = std::fs::metadata(&candidate).ok()?;
-        (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(candidate)
+        let is_file = std::fs::metadata(&candidate).ok()?.is_file();
+        (is_file && access(&candidate, AccessFlags::X_OK).is_ok()).then_some(candidate)
     })
 }
 
@@ -346,6 +366,26 @@ mod tests {
         .unwrap();
         assert_eq!(out.exit, Exit::Code(0));
         assert_eq!(std::fs::read(dir.path().join("argv0")).unwrap(), b"sh\0");
+
+        // An executable with no `#!` line runs with the shell, as `execvp` runs it.
+        let plain = dir.path().join("bin2").join("slipway-plain-script");
+        std::fs::write(&plain, "echo plain > plain.out\n").unwrap();
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = argv(&["slipway-plain-script"]);
+        let out = run(
+            Cmd {
+                argv: &script,
+                ..cmd.clone()
+            },
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.exit, Exit::Code(0));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("plain.out")).unwrap(),
+            "plain\n"
+        );
 
         let missing = argv(&["slipway-no-such-tool"]);
         let err = run(
