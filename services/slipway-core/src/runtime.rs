@@ -264,8 +264,11 @@ pub async fn run_worker<W: Worker>(
             operation: "consume",
             message: e.to_string(),
         })?;
+    // The view outlives the drain: jobs still running learn of their run's end from it.
+    let view_stop = CancellationToken::new();
+    let _view_stop = view_stop.clone().drop_guard();
     let runs = if settings.follow_runs {
-        Some(crate::follow::RunsInFlight::start_for(&bus, worker.kinds(), helpers.clone()).await?)
+        Some(crate::follow::RunsInFlight::start_for(&bus, worker.kinds(), view_stop).await?)
     } else {
         None
     };
@@ -311,6 +314,8 @@ pub async fn run_worker<W: Worker>(
         jobs_cancel.cancel();
         tracker.wait().await;
     }
+    // Workspaces of the last jobs are removed before the process ends.
+    crate::workspace::removals_done().await;
     advisories.abort();
     info!(service, "Worker stopped.");
     Ok(())

@@ -172,10 +172,30 @@ impl Workspace {
     }
 }
 
+/// Workspace removals handed to blocking threads and not finished yet.
+static REMOVALS: (std::sync::atomic::AtomicUsize, tokio::sync::Notify) = (
+    std::sync::atomic::AtomicUsize::new(0),
+    tokio::sync::Notify::const_new(),
+);
+
+/// Waits until every workspace dropped so far is removed. A runtime that shuts down drops
+/// blocking tasks not yet started, so a worker waits for these before it ends.
+pub async fn removals_done() {
+    use std::sync::atomic::Ordering;
+    loop {
+        let notified = REMOVALS.1.notified();
+        if REMOVALS.0.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        notified.await;
+    }
+}
+
 impl Drop for Workspace {
     /// Removes the directory; inside a runtime on a blocking thread, so that a job's result
-    /// is not held back by it (a runtime waits for its blocking tasks when it shuts down).
+    /// is not held back by it ([`removals_done`] waits for them).
     fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
         if self.keep {
             return;
         }
@@ -184,7 +204,15 @@ impl Drop for Workspace {
             let _ = std::fs::remove_dir_all(&root);
         };
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(remove)),
+            Ok(rt) => {
+                REMOVALS.0.fetch_add(1, Ordering::AcqRel);
+                drop(rt.spawn_blocking(move || {
+                    remove();
+                    if REMOVALS.0.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        REMOVALS.1.notify_waiters();
+                    }
+                }));
+            }
             Err(_) => remove(),
         }
     }
@@ -430,11 +458,8 @@ mod tests {
         std::fs::write(ws.src().join("file"), "x").unwrap();
         let root = ws.root().to_path_buf();
         drop(ws);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while root.exists() {
-            assert!(std::time::Instant::now() < deadline, "never removed");
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        removals_done().await;
+        assert!(!root.exists(), "removed once removals are done");
     }
 
     #[tokio::test]

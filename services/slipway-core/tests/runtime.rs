@@ -21,6 +21,8 @@ enum Behaviour {
     Succeed,
     /// Sleep this long, then succeed.
     Slow(Duration),
+    /// As `Slow`, stopping early when the job is cancelled (as commands are).
+    Cancellable(Duration),
     AlwaysTransient,
     Panic,
 }
@@ -54,6 +56,13 @@ impl Worker for TestWorker {
             Behaviour::Succeed => Ok(ok),
             Behaviour::Slow(d) => {
                 tokio::time::sleep(d).await;
+                Ok(ok)
+            }
+            Behaviour::Cancellable(d) => {
+                tokio::select! {
+                    () = tokio::time::sleep(d) => {}
+                    () = job.cancel.cancelled() => {}
+                }
                 Ok(ok)
             }
             Behaviour::AlwaysTransient => Err(Transient("object store unavailable".into())),
@@ -427,6 +436,72 @@ async fn runs_created_after_the_worker_started_are_worked_once_with_or_without_i
             .count();
         assert_eq!(started, 1, "follow_runs {follow_runs}");
         shutdown.cancel();
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cancelled_while_its_job_drains_stops_the_job_with_or_without_its_view() {
+    for follow_runs in [true, false] {
+        let nats = TestNats::start();
+        let bus = nats.bus().await;
+        let settings = WorkerSettings {
+            follow_runs,
+            ..fast()
+        };
+        let (_, shutdown, task) = start(
+            &nats,
+            Behaviour::Cancellable(Duration::from_secs(60)),
+            settings,
+        );
+        let consumers = if follow_runs { 2 } else { 1 };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let mut stream = bus.ensure_stream().await.unwrap();
+            while stream.info().await.unwrap().state.consumer_count < consumers {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("worker ready");
+        let run = requested_run(&bus).await;
+        wait_for(
+            &bus,
+            &run,
+            "dev.slipway.build.started.v1",
+            Duration::from_secs(20),
+        )
+        .await;
+        // The worker is told to stop and drains its job; then the run is cancelled.
+        shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let cancel = slipway_core::Event::new(
+            "cancel-1",
+            "/slipway/cli",
+            Some(run.clone()),
+            slipway_core::bus::now(),
+            EventData::RunCancelled(slipway_core::events::RunEnded {
+                reason: "wrong branch".into(),
+                stage: None,
+                by: Some("test".into()),
+            }),
+        );
+        bus.publish(&cancel).await.unwrap();
+        // Seen during the drain (10 s): the job stops and says why.
+        let failed = wait_for(
+            &bus,
+            &run,
+            "dev.slipway.build.failed.v1",
+            Duration::from_secs(8),
+        )
+        .await;
+        let EventData::BuildFailed(f) = failed else {
+            unreachable!()
+        };
+        assert!(
+            f.reason.contains("the run ended"),
+            "follow_runs {follow_runs}: {}",
+            f.reason
+        );
         task.await.unwrap();
     }
 }
