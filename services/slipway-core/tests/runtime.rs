@@ -275,6 +275,19 @@ async fn shutdown_drains_work_in_flight() {
     assert_eq!(worker.calls.load(Ordering::SeqCst), 1);
 }
 
+/// Waits until the worker's consumer is made, and its view's when `follow_runs`.
+async fn worker_ready(bus: &Bus, follow_runs: bool) {
+    let consumers = if follow_runs { 2 } else { 1 };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut stream = bus.ensure_stream().await.unwrap();
+        while stream.info().await.unwrap().state.consumer_count < consumers {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("worker ready");
+}
+
 /// Waits for the run's build to succeed, then delivers its request again (an upstream repeat
 /// with a new message id).
 async fn built_then_requested_again(bus: &Bus, run: &str) {
@@ -409,15 +422,7 @@ async fn runs_created_after_the_worker_started_are_worked_once_with_or_without_i
         let (worker, shutdown, task) = start(&nats, Behaviour::Succeed, settings);
         // The worker is up (its consumer made, and its view's when on) before the run exists:
         // with the view on, the job takes the run from it.
-        let consumers = if follow_runs { 2 } else { 1 };
-        tokio::time::timeout(Duration::from_secs(10), async {
-            let mut stream = bus.ensure_stream().await.unwrap();
-            while stream.info().await.unwrap().state.consumer_count < consumers {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("worker ready");
+        worker_ready(&bus, follow_runs).await;
         let run = requested_run(&bus).await;
         // The attempt is settled, so the request again is not worked.
         built_then_requested_again(&bus, &run).await;
@@ -454,15 +459,7 @@ async fn a_run_cancelled_while_its_job_drains_stops_the_job_with_or_without_its_
             Behaviour::Cancellable(Duration::from_secs(60)),
             settings,
         );
-        let consumers = if follow_runs { 2 } else { 1 };
-        tokio::time::timeout(Duration::from_secs(10), async {
-            let mut stream = bus.ensure_stream().await.unwrap();
-            while stream.info().await.unwrap().state.consumer_count < consumers {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("worker ready");
+        worker_ready(&bus, follow_runs).await;
         let run = requested_run(&bus).await;
         wait_for(
             &bus,
