@@ -155,21 +155,7 @@ pub fn parse_window(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::{Answer, Sim, artifact};
-
-    const SPEC: &str = r#"
-[pipeline]
-name = "svc"
-[build]
-command = ["make"]
-[[environment]]
-name = "production"
-url = "http://127.0.0.1:1"
-[environment.deploy]
-command = ["./deploy"]
-[monitor]
-window_secs = 60
-"#;
+    use crate::sim::{Answer, MONITORED_PIPELINE as SPEC, Sim, artifact};
 
     #[test]
     fn windows() {

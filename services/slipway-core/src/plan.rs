@@ -143,22 +143,7 @@ mod tests {
         assert!(!requests_any(&noop, &[Rollback]));
         assert!(!requests_any(&noop, &[]));
 
-        let monitored = PipelineSpec::parse(
-            r#"
-[pipeline]
-name = "svc"
-[build]
-command = ["make"]
-[[environment]]
-name = "production"
-url = "http://127.0.0.1:1"
-[environment.deploy]
-command = ["./deploy"]
-[monitor]
-window_secs = 60
-"#,
-        )
-        .unwrap();
+        let monitored = PipelineSpec::parse(crate::sim::MONITORED_PIPELINE).unwrap();
         assert!(requests_any(&monitored, &[Rollback]));
         assert!(requests_any(&monitored, &[Monitor]));
         assert!(!requests_any(&monitored, &[Test]), "no suites");

@@ -43,6 +43,21 @@ pub struct Sim {
     pub live: BTreeMap<String, (String, ObjectRef)>,
 }
 
+/// One production environment, deployed and then monitored: no tests, no approval.
+pub const MONITORED_PIPELINE: &str = r#"
+[pipeline]
+name = "svc"
+[build]
+command = ["make"]
+[[environment]]
+name = "production"
+url = "http://127.0.0.1:1"
+[environment.deploy]
+command = ["./deploy"]
+[monitor]
+window_secs = 60
+"#;
+
 /// An artifact reference with a digest made from `seed`.
 pub fn artifact(seed: &str) -> ObjectRef {
     use sha2::Digest;

@@ -23,6 +23,21 @@ async fn reached(view: &RunsInFlight, seq: u64) {
     .expect("the view follows the log");
 }
 
+async fn connected(nats: &TestNats) -> Bus {
+    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
+    bus.ensure_stream().await.unwrap();
+    bus
+}
+
+/// Appends the events in order; the stream sequence of the last.
+async fn publish_all(bus: &Bus, events: &[Event]) -> u64 {
+    let mut last = 0;
+    for e in events {
+        last = bus.publish(e).await.unwrap().seq;
+    }
+    last
+}
+
 fn replayed(bus_log: Vec<slipway_core::bus::Recorded>) -> Run {
     let events: Vec<Event> = bus_log.into_iter().filter_map(|r| r.event.ok()).collect();
     Run::replay(&events).unwrap()
@@ -31,8 +46,7 @@ fn replayed(bus_log: Vec<slipway_core::bus::Recorded>) -> Run {
 #[tokio::test]
 async fn the_view_holds_runs_created_after_it_started_as_the_log_does_and_lets_ended_ones_go() {
     let nats = TestNats::start();
-    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
-    bus.ensure_stream().await.unwrap();
+    let bus = connected(&nats).await;
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
 
@@ -94,9 +108,7 @@ async fn the_view_holds_runs_created_after_it_started_as_the_log_does_and_lets_e
     assert_eq!(view.ended_through(&run_id, seq + 100).await, None);
 
     // The end: the run is let go, and said to have ended.
-    for e in rest {
-        last = bus.publish(e).await.unwrap().seq;
-    }
+    last = publish_all(&bus, rest).await;
     assert!(view.run_through(&run_id, last).await.is_none());
     assert_eq!(view.ended_through(&run_id, last).await, Some(true));
     assert!(view.is_empty(), "{view:?}");
@@ -106,8 +118,7 @@ async fn the_view_holds_runs_created_after_it_started_as_the_log_does_and_lets_e
 #[tokio::test]
 async fn a_workers_view_holds_only_the_runs_that_can_ask_for_its_kinds_and_still_follows_deploys() {
     let nats = TestNats::start();
-    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
-    bus.ensure_stream().await.unwrap();
+    let bus = connected(&nats).await;
     // Each view on its own connection: each feeds its connection's deploy index.
     let evaluator_bus = Bus::connect(&nats.settings(), "test").await.unwrap();
     let stop = CancellationToken::new();
@@ -124,10 +135,7 @@ async fn a_workers_view_holds_only_the_runs_that_can_ask_for_its_kinds_and_still
     sim.run_to_end();
     let run_id = sim.run_id.clone();
     let (upto, _) = sim.log.split_at(sim.log.len() - 1);
-    let mut last = 0;
-    for e in upto {
-        last = bus.publish(e).await.unwrap().seq;
-    }
+    let last = publish_all(&bus, upto).await;
     reached(&builder, last).await;
     reached(&evaluator, last).await;
     let (run, _) = builder.run_through(&run_id, last).await.unwrap();
@@ -150,8 +158,7 @@ async fn a_workers_view_holds_only_the_runs_that_can_ask_for_its_kinds_and_still
 #[tokio::test]
 async fn the_view_keeps_the_connections_index_of_deploys_current_without_reads() {
     let nats = TestNats::start();
-    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
-    bus.ensure_stream().await.unwrap();
+    let bus = connected(&nats).await;
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
 
@@ -172,10 +179,7 @@ async fn the_view_keeps_the_connections_index_of_deploys_current_without_reads()
     // Deploys after it: the view takes them in as it follows the log; no lookup reads.
     let mut second = Sim::nth(NOOP_PIPELINE, 2);
     second.run_to_end();
-    let mut last = 0;
-    for e in &second.log {
-        last = bus.publish(e).await.unwrap().seq;
-    }
+    let last = publish_all(&bus, &second.log).await;
     reached(&view, last).await;
     for env in ["staging", "production"] {
         let live = live_version_as_of(&bus, "noop", env, last)
@@ -205,16 +209,12 @@ async fn the_view_keeps_the_connections_index_of_deploys_current_without_reads()
 #[tokio::test]
 async fn a_lookup_past_where_the_view_stopped_reads_the_log() {
     let nats = TestNats::start();
-    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
-    bus.ensure_stream().await.unwrap();
+    let bus = connected(&nats).await;
     let stop = CancellationToken::new();
     let view = RunsInFlight::start(&bus, stop.clone()).await.unwrap();
     let mut first = Sim::nth(NOOP_PIPELINE, 1);
     first.run_to_end();
-    let mut last = 0;
-    for e in &first.log {
-        last = bus.publish(e).await.unwrap().seq;
-    }
+    let mut last = publish_all(&bus, &first.log).await;
     reached(&view, last).await;
     let live = live_version_as_of(&bus, "noop", "production", last)
         .await
@@ -227,9 +227,7 @@ async fn a_lookup_past_where_the_view_stopped_reads_the_log() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut second = Sim::nth(NOOP_PIPELINE, 2);
     second.run_to_end();
-    for e in &second.log {
-        last = bus.publish(e).await.unwrap().seq;
-    }
+    last = publish_all(&bus, &second.log).await;
     assert!(view.through() < last, "{view:?}");
     assert!(view.run_through(&second.run_id, last).await.is_none());
     let live = live_version_as_of(&bus, "noop", "production", last)
@@ -242,8 +240,7 @@ async fn a_lookup_past_where_the_view_stopped_reads_the_log() {
 #[tokio::test]
 async fn the_view_follows_on_across_a_server_restart_and_still_says_when_a_run_ends() {
     let mut nats = TestNats::start();
-    let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
-    bus.ensure_stream().await.unwrap();
+    let bus = connected(&nats).await;
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let view = RunsInFlight::start(&bus, stop.clone()).await.unwrap();
@@ -252,10 +249,7 @@ async fn the_view_follows_on_across_a_server_restart_and_still_says_when_a_run_e
     sim.run_to_end();
     let run_id = sim.run_id.clone();
     let (upto, rest) = sim.log.split_at(sim.log.len() / 2);
-    let mut last = 0;
-    for e in upto {
-        last = bus.publish(e).await.unwrap().seq;
-    }
+    let mut last = publish_all(&bus, upto).await;
     reached(&view, last).await;
     let (_, _, ended) = view.run_and_end_through(&run_id, last).await.unwrap();
 
