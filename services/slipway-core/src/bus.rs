@@ -276,6 +276,25 @@ impl Bus {
         &self.client
     }
 
+    /// Acknowledges a delivery and waits for the server to confirm it, as
+    /// `Message::double_ack` does, but through the connection's shared reply subscription:
+    /// `double_ack` subscribes and unsubscribes an inbox of its own for every ack, two changes
+    /// to the server's subject table per job.
+    ///
+    /// # Errors
+    /// [`BusError`] when the message has no reply subject or the server does not confirm.
+    pub async fn ack_confirmed(&self, msg: &jetstream::Message) -> Result<(), BusError> {
+        let reply = msg
+            .reply
+            .clone()
+            .ok_or_else(|| BusError::nats("ack", "the message has no reply subject"))?;
+        self.client
+            .request(reply, bytes::Bytes::from_static(b"+ACK"))
+            .await
+            .map_err(|e| BusError::nats("ack", e))?;
+        Ok(())
+    }
+
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
     }

@@ -474,7 +474,7 @@ impl<W: Worker> Ctx<W> {
                 phase = run.phase.as_str(),
                 "Run already ended; skipping the request."
             );
-            let _ = msg.double_ack().await;
+            let _ = self.bus.ack_confirmed(&msg).await;
             return;
         }
         let mut resumed = false;
@@ -497,18 +497,18 @@ impl<W: Worker> Ctx<W> {
                 // An earlier delivery started it and never reported: it may have run. Never
                 // run it twice; the conductor's stage timeout ends it, saying so.
                 warn!(worker = ?s.worker, "Stage already started by an earlier delivery; not repeating it.");
-                let _ = msg.double_ack().await;
+                let _ = self.bus.ack_confirmed(&msg).await;
                 return;
             }
             Some(s) if s.attempt == attempt && !s.status.is_terminal() => {}
             Some(s) => {
                 info!(status = ?s.status, "Stage attempt already settled; skipping the request.");
-                let _ = msg.double_ack().await;
+                let _ = self.bus.ack_confirmed(&msg).await;
                 return;
             }
             None => {
                 info!("Stage not in the run's log; skipping the request.");
-                let _ = msg.double_ack().await;
+                let _ = self.bus.ack_confirmed(&msg).await;
                 return;
             }
         }
@@ -762,7 +762,7 @@ impl<W: Worker> Ctx<W> {
                             None => {}
                         }
                     }
-                    if let Err(e) = msg.double_ack().await {
+                    if let Err(e) = self.bus.ack_confirmed(msg).await {
                         warn!(error = %e, "Ack failed; a redelivery will find the fact in the log.");
                     }
                     return;

@@ -278,3 +278,31 @@ async fn what_is_live_follows_deploys_appended_after_the_first_lookup() {
         "q1"
     );
 }
+
+#[tokio::test]
+async fn a_confirmed_ack_settles_the_delivery() {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    use futures_util::StreamExt;
+
+    let nats = TestNats::start();
+    let bus = nats.bus().await;
+    let sim = Sim::new(SPEC);
+    bus.publish(&sim.log[0]).await.unwrap();
+    let stream = bus.jetstream().get_stream(bus.stream_name()).await.unwrap();
+    let mut consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("acks".into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let msg = batch.next().await.unwrap().unwrap();
+    assert_eq!(consumer.info().await.unwrap().num_ack_pending, 1);
+    bus.ack_confirmed(&msg).await.unwrap();
+    // Confirmed means already applied: nothing pending, nothing to redeliver.
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
+}
