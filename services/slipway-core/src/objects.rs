@@ -101,30 +101,197 @@ pub async fn put_file(
     name: Option<&str>,
     path: &Path,
 ) -> Result<ObjectRef, BusError> {
-    let (digest, size) = sha256_file(path).map_err(|e| nats("read file", e))?;
-    let content_addressed = name.is_none();
-    let name = match name {
-        Some(n) => n.to_string(),
-        None => format!("sha256/{}", digest.trim_start_matches("sha256:")),
-    };
     let store = bucket(bus, bucket_name).await?;
-    // A content-addressed name already present holds these very bytes (a repeated build).
-    let present = content_addressed
-        && matches!(store.info(&name).await, Ok(i) if i.size == size as usize && !i.deleted);
-    if !present {
+    // A content-addressed name needs the digest before the put; any other name takes it from
+    // the put's own pass over the file.
+    let (name, expected, previous) = match name {
+        Some(n) => (n.to_string(), None, Previous::LookUp(&store)),
+        None => {
+            let (digest, size) = sha256_file(path).map_err(|e| nats("read file", e))?;
+            let name = format!("sha256/{}", digest.trim_start_matches("sha256:"));
+            let object = ObjectRef {
+                bucket: bucket_name.to_string(),
+                name,
+                digest,
+                size,
+            };
+            // Already present: these very bytes (a repeated build). Any other version found
+            // is replaced, its chunks purged.
+            let previous = match store.info(&object.name).await {
+                Ok(i) if i.size == size as usize && !i.deleted => return Ok(object),
+                Ok(i) => Previous::Found(i.nuid),
+                Err(_) => Previous::None,
+            };
+            (object.name.clone(), Some(object), previous)
+        }
+    };
+    let stored = match put(bus, bucket_name, &name, path, previous).await {
+        Ok(s) => s,
+        Err(e) => {
+            bus.buckets().forget(bucket_name);
+            return Err(e);
+        }
+    };
+    if let Some(expected) = expected
+        && (expected.digest != stored.digest || expected.size != stored.size)
+    {
+        return Err(nats(
+            "object put",
+            format!(
+                "{} changed while it was stored ({} bytes now, {} when hashed)",
+                name, stored.size, expected.size
+            ),
+        ));
+    }
+    Ok(stored)
+}
+
+/// Chunks of a put in flight at once: 4 MiB at the default chunk size.
+const PUT_WINDOW: usize = 32;
+
+/// The chunk size of the object store's own put (128 KiB).
+const CHUNK_SIZE: usize = 128 * 1024;
+
+/// The version of an object that a put replaces.
+enum Previous<'a> {
+    None,
+    /// Its chunks' nuid.
+    Found(String),
+    /// Not looked up yet: looked up while the chunks go out.
+    LookUp(&'a ObjectStore),
+}
+
+/// Stores `path` as `object` in the object store's layout (NATS ADR-20): chunks on
+/// `$O.<bucket>.C.<nuid>`; once all are stored, the info on `$O.<bucket>.M.<base64url name>`,
+/// rolling up the version before; then that version's chunks purged.
+///
+/// The client's own put looks the name up first and waits for each chunk's ack before it sends
+/// the next: 2 + chunks round trips. Here up to [`PUT_WINDOW`] chunks are in flight and the
+/// look-up runs alongside them: two round trips for a small object, one for an empty one.
+async fn put(
+    bus: &Bus,
+    bucket: &str,
+    name: &str,
+    path: &Path,
+    previous: Previous<'_>,
+) -> Result<ObjectRef, BusError> {
+    use async_nats::jetstream::context::PublishAckFuture;
+    use sha2::Digest;
+    use std::collections::VecDeque;
+    use tokio::io::AsyncReadExt;
+
+    if name.is_empty() {
+        return Err(nats("object put", "an object needs a name"));
+    }
+    // Any name goes on a subject as its base64url (ADR-20).
+    let encoded = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE.encode(name)
+    };
+    let js = bus.jetstream();
+    let nuid = uuid::Uuid::new_v4().simple().to_string();
+    let chunk_subject = format!("$O.{bucket}.C.{nuid}");
+    let send = async {
         let mut file = tokio::fs::File::open(path)
             .await
             .map_err(|e| nats("open file", e))?;
-        if let Err(e) = store.put(name.as_str(), &mut file).await {
-            bus.buckets().forget(bucket_name);
-            return Err(nats("object put", e));
+        let mut acks: VecDeque<PublishAckFuture> = VecDeque::new();
+        let mut sha = sha2::Sha256::new();
+        let (mut size, mut chunks) = (0usize, 0usize);
+        loop {
+            let mut buf = bytes::BytesMut::with_capacity(CHUNK_SIZE);
+            let mut eof = false;
+            while buf.len() < CHUNK_SIZE {
+                if file
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(|e| nats("read file", e))?
+                    == 0
+                {
+                    eof = true;
+                    break;
+                }
+            }
+            if !buf.is_empty() {
+                let payload = buf.freeze();
+                sha.update(&payload);
+                size += payload.len();
+                chunks += 1;
+                if acks.len() >= PUT_WINDOW
+                    && let Some(ack) = acks.pop_front()
+                {
+                    ack.await.map_err(|e| nats("object put chunk", e))?;
+                }
+                acks.push_back(
+                    js.publish(chunk_subject.clone(), payload)
+                        .await
+                        .map_err(|e| nats("object put chunk", e))?,
+                );
+            }
+            if eof {
+                break;
+            }
         }
+        for ack in acks {
+            ack.await.map_err(|e| nats("object put chunk", e))?;
+        }
+        Ok::<_, BusError>((sha.finalize(), size, chunks))
+    };
+    let (sent, previous) = match previous {
+        Previous::LookUp(store) => {
+            let (sent, found) = tokio::join!(send, store.info(name));
+            (sent, found.ok().map(|i| i.nuid))
+        }
+        Previous::Found(nuid) => (send.await, Some(nuid)),
+        Previous::None => (send.await, None),
+    };
+    let (hash, size, chunks) = sent?;
+    let ours = {
+        use base64::Engine as _;
+        format!(
+            "SHA-256={}",
+            base64::engine::general_purpose::URL_SAFE.encode(hash)
+        )
+    };
+    // The fields the object store's clients read (ADR-20); `mtime` in RFC 3339.
+    let info = serde_json::json!({
+        "name": name,
+        "bucket": bucket,
+        "nuid": nuid,
+        "size": size,
+        "chunks": chunks,
+        "mtime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        "digest": ours,
+        "options": { "max_chunk_size": CHUNK_SIZE },
+    });
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_ROLLUP, "sub");
+    js.publish_with_headers(
+        format!("$O.{bucket}.M.{encoded}"),
+        headers,
+        info.to_string().into(),
+    )
+    .await
+    .map_err(|e| nats("object put info", e))?
+    .await
+    .map_err(|e| nats("object put info", e))?;
+    // The replaced version's chunks, unless the look-up already saw this put's info.
+    if let Some(old) = previous.filter(|p| *p != nuid && !p.is_empty()) {
+        let stream = js
+            .get_stream_no_info(format!("OBJ_{bucket}"))
+            .await
+            .map_err(|e| nats("object put purge", e))?;
+        stream
+            .purge()
+            .filter(format!("$O.{bucket}.C.{old}"))
+            .await
+            .map_err(|e| nats("object put purge", e))?;
     }
     Ok(ObjectRef {
-        bucket: bucket_name.to_string(),
-        name,
-        digest,
-        size,
+        bucket: bucket.to_string(),
+        name: name.to_string(),
+        digest: format!("sha256:{hash:x}"),
+        size: size as u64,
     })
 }
 
@@ -136,8 +303,8 @@ pub async fn get_file(bus: &Bus, object: &ObjectRef, path: &Path) -> Result<(), 
     let mut file = tokio::fs::File::create(path)
         .await
         .map_err(|e| nats("create file", e))?;
-    read_into(bus, &object.bucket, &object.name, &mut file).await?;
-    let (digest, _) = sha256_file(path).map_err(|e| nats("read file", e))?;
+    let hash = read_into(bus, &object.bucket, &object.name, &mut file).await?;
+    let digest = format!("sha256:{hash:x}");
     if digest != object.digest {
         return Err(nats(
             "object verify",
@@ -160,13 +327,16 @@ pub async fn read(bus: &Bus, bucket_name: &str, name: &str) -> Result<Vec<u8>, B
     Ok(out)
 }
 
-/// Writes the object's bytes to `sink` (and flushes it).
+/// The SHA-256 of an object's bytes, taken as they are read.
+type Hash = sha2::digest::Output<sha2::Sha256>;
+
+/// Writes the object's bytes to `sink` (and flushes it); their SHA-256.
 async fn read_into(
     bus: &Bus,
     bucket_name: &str,
     name: &str,
     sink: &mut (impl AsyncWrite + Unpin),
-) -> Result<(), BusError> {
+) -> Result<Hash, BusError> {
     let store = bucket(bus, bucket_name).await?;
     let info = match store.info(name).await {
         Ok(i) if !i.deleted => i,
@@ -187,7 +357,7 @@ async fn read_into(
         read_streamed(&store, name, sink).await
     } else {
         match read_direct(bus, bucket_name, &info, sink).await {
-            Ok(()) => Ok(()),
+            Ok(hash) => Ok(hash),
             // Nothing reached the sink yet (a chunk missing, an object replaced under the read,
             // a replica behind, a bucket without direct gets): the client's own read, afresh.
             Err(Direct::BeforeWriting(e)) => {
@@ -200,8 +370,9 @@ async fn read_into(
     if read.is_err() {
         bus.buckets().forget(bucket_name);
     }
-    read?;
-    sink.flush().await.map_err(|e| nats("write file", e))
+    let hash = read?;
+    sink.flush().await.map_err(|e| nats("write file", e))?;
+    Ok(hash)
 }
 
 /// How a direct read failed: before or after bytes reached the sink (after, a second read
@@ -219,7 +390,7 @@ async fn read_direct(
     bucket_name: &str,
     info: &ObjectInfo,
     sink: &mut (impl AsyncWrite + Unpin),
-) -> Result<(), Direct> {
+) -> Result<Hash, Direct> {
     use sha2::Digest;
     let fail = |e: String| Direct::BeforeWriting(nats("object read", e));
     // The object store's layout (NATS ADR-20): stream OBJ_<bucket>, chunks on
@@ -249,12 +420,13 @@ async fn read_direct(
             info.name, info.size
         )));
     }
+    let hash = sha.finalize();
     // The digest the writer recorded: `SHA-256=<base64url of the hash>`.
     if let Some(recorded) = &info.digest {
         use base64::Engine as _;
         let ours = format!(
             "SHA-256={}",
-            base64::engine::general_purpose::URL_SAFE.encode(sha.finalize())
+            base64::engine::general_purpose::URL_SAFE.encode(hash)
         );
         if *recorded != ours {
             return Err(fail(format!(
@@ -268,19 +440,34 @@ async fn read_direct(
             .await
             .map_err(|e| Direct::Written(nats("write file", e)))?;
     }
-    Ok(())
+    Ok(hash)
 }
 
+/// Through the client's ordered consumer (which checks the recorded digest at the end).
 async fn read_streamed(
     store: &ObjectStore,
     name: &str,
     sink: &mut (impl AsyncWrite + Unpin),
-) -> Result<(), BusError> {
+) -> Result<Hash, BusError> {
+    use sha2::Digest;
+    use tokio::io::AsyncReadExt;
     let mut obj = store.get(name).await.map_err(|e| nats("object get", e))?;
-    tokio::io::copy(&mut obj, sink)
-        .await
-        .map_err(|e| nats("object read", e))?;
-    Ok(())
+    let mut sha = sha2::Sha256::new();
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        let n = obj
+            .read(&mut buf)
+            .await
+            .map_err(|e| nats("object read", e))?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+        sink.write_all(&buf[..n])
+            .await
+            .map_err(|e| nats("write file", e))?;
+    }
+    Ok(sha.finalize())
 }
 
 /// Names of the objects in a bucket (for tests and `slipway` tooling).

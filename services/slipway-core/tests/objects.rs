@@ -137,6 +137,118 @@ async fn a_replaced_object_reads_as_its_last_version() {
     );
 }
 
+/// Messages in the bucket's stream: chunks and infos.
+async fn stored_messages(bus: &Bus, bucket: &str) -> u64 {
+    bus.jetstream()
+        .get_stream(format!("OBJ_{bucket}"))
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+#[tokio::test]
+async fn a_put_is_the_object_stores_layout_and_a_replaced_versions_chunks_are_purged() {
+    let nats = TestNats::start();
+    let bus = connected(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let content = bytes(3 * CHUNK + 9, 6);
+    let first = file(dir.path(), "1", &content);
+    let stored = objects::put_file(&bus, "logs", Some("runs/r/test-unit-1.log"), &first)
+        .await
+        .unwrap();
+    // The client's own info and streamed read find what its own put would have written.
+    let store = objects::bucket(&bus, "logs").await.unwrap();
+    let info = store.info("runs/r/test-unit-1.log").await.unwrap();
+    assert_eq!((info.size, info.chunks), (content.len(), 4));
+    assert!(info.modified.is_some(), "{info:?}");
+    let mut read = Vec::new();
+    let mut object = store.get("runs/r/test-unit-1.log").await.unwrap();
+    tokio::io::copy(&mut object, &mut read).await.unwrap();
+    assert!(read == content);
+    assert_eq!(stored.size, content.len() as u64);
+    {
+        use sha2::Digest;
+        assert_eq!(
+            stored.digest,
+            format!("sha256:{:x}", sha2::Sha256::digest(&content))
+        );
+    }
+    assert_eq!(stored_messages(&bus, "logs").await, 4 + 1);
+
+    // Replaced: the new version's chunk and info are all that is left.
+    let second = file(dir.path(), "2", b"shorter");
+    objects::put_file(&bus, "logs", Some("runs/r/test-unit-1.log"), &second)
+        .await
+        .unwrap();
+    assert_eq!(stored_messages(&bus, "logs").await, 1 + 1);
+    assert_eq!(
+        objects::read(&bus, "logs", "runs/r/test-unit-1.log")
+            .await
+            .unwrap(),
+        b"shorter"
+    );
+
+    // An empty object is its info alone.
+    let empty = file(dir.path(), "3", b"");
+    objects::put_file(&bus, "logs", Some("empty.log"), &empty)
+        .await
+        .unwrap();
+    assert_eq!(stored_messages(&bus, "logs").await, 1 + 1 + 1);
+    assert!(
+        objects::read(&bus, "logs", "empty.log")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn an_artifact_deleted_and_built_again_is_stored_again() {
+    let nats = TestNats::start();
+    let bus = connected(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let content = bytes(2 * CHUNK, 7);
+    let src = file(dir.path(), "a", &content);
+    let stored = objects::put_file(&bus, "artifacts", None, &src)
+        .await
+        .unwrap();
+    objects::bucket(&bus, "artifacts")
+        .await
+        .unwrap()
+        .delete(&stored.name)
+        .await
+        .unwrap();
+    let again = objects::put_file(&bus, "artifacts", None, &src)
+        .await
+        .unwrap();
+    assert_eq!(again, stored);
+    let out = dir.path().join("out");
+    objects::get_file(&bus, &again, &out).await.unwrap();
+    assert!(std::fs::read(&out).unwrap() == content);
+}
+
+#[tokio::test]
+async fn an_object_without_a_name_is_refused_and_any_other_name_is_held() {
+    let nats = TestNats::start();
+    let bus = connected(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = file(dir.path(), "a", b"log");
+    let err = objects::put_file(&bus, "logs", Some(""), &src)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("an object needs a name"), "{err}");
+    for name in [".hidden", "trailing.", "runs/r/test:unit 1.log", "ünïcode"] {
+        objects::put_file(&bus, "logs", Some(name), &src)
+            .await
+            .unwrap();
+        assert_eq!(objects::read(&bus, "logs", name).await.unwrap(), b"log");
+    }
+}
+
 #[tokio::test]
 async fn missing_deleted_and_altered_objects_are_errors_that_name_them() {
     let nats = TestNats::start();
