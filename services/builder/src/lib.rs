@@ -113,18 +113,15 @@ impl Builder {
                 );
             }
         };
-        let upload = scope.span("upload");
         let log_name = format!("runs/{}/{}-{}.log", job.run_id, req.stage, req.attempt);
-        let log = slipway_core::objects::put_file(
-            &job.bus,
-            &self.logs_bucket,
-            Some(&log_name),
-            &log_path,
-        )
-        .await
-        .map_err(Transient::from)?;
-        drop(upload);
+        let upload_log = async {
+            let _span = scope.span("upload");
+            slipway_core::objects::put_file(&job.bus, &self.logs_bucket, Some(&log_name), &log_path)
+                .await
+                .map_err(Transient::from)
+        };
         if !outcome.exit.success() {
+            let log = upload_log.await?;
             let tail = exec::log_tail(&log_path, 20);
             let what = match outcome.exit {
                 exec::Exit::TimedOut => {
@@ -139,36 +136,45 @@ impl Builder {
                 Some(log),
             );
         }
-        let pack = scope.span("package");
-        let artifacts = req.build.artifacts.clone();
-        let dest = ws.out().join("artifact.tar.gz");
-        let packed = tokio::task::spawn_blocking(move || workspace::pack(&src, &artifacts, &dest))
+        // The artifact is packed and stored while the log is stored.
+        let store_artifact = async {
+            let pack = scope.span("package");
+            let artifacts = req.build.artifacts.clone();
+            let dest = ws.out().join("artifact.tar.gz");
+            let packed =
+                tokio::task::spawn_blocking(move || workspace::pack(&src, &artifacts, &dest))
+                    .await
+                    .map_err(|e| Transient(e.to_string()))?;
+            let packed = match packed {
+                Ok(p) => p,
+                Err(e) => {
+                    return Ok::<_, Transient>(Err(format!("packing the artifact failed: {e}")));
+                }
+            };
+            drop(pack);
+            let mut upload = scope.span("upload");
+            upload.attr("slipway.artifact.files", packed.files.len() as i64);
+            let artifact = slipway_core::objects::put_file(
+                &job.bus,
+                &self.artifacts_bucket,
+                None,
+                &packed.path,
+            )
             .await
-            .map_err(|e| Transient(e.to_string()))?;
-        let packed = match packed {
-            Ok(p) => p,
-            Err(e) => {
-                return fail(
-                    format!("packing the artifact failed: {e}"),
-                    Some(0),
-                    None,
-                    Some(log),
-                );
-            }
+            .map_err(Transient::from)?;
+            Ok::<_, Transient>(Ok((artifact, packed.files)))
         };
-        drop(pack);
-        let mut upload = scope.span("upload");
-        upload.attr("slipway.artifact.files", packed.files.len() as i64);
-        let artifact =
-            slipway_core::objects::put_file(&job.bus, &self.artifacts_bucket, None, &packed.path)
-                .await
-                .map_err(Transient::from)?;
-        drop(upload);
+        let (log, stored) = tokio::join!(upload_log, store_artifact);
+        let log = log?;
+        let (artifact, files) = match stored? {
+            Ok(a) => a,
+            Err(reason) => return fail(reason, Some(0), None, Some(log)),
+        };
         Ok(EventData::BuildSucceeded(BuildSucceeded {
             stage: req.stage.clone(),
             attempt: req.attempt,
             artifact,
-            files: packed.files,
+            files,
             log,
             duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         }))

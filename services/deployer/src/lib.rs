@@ -300,29 +300,39 @@ impl Deployer {
             Err(e) => return fail(format!("cannot create a workspace: {e}")),
         };
         let scope = job.scope();
-        let checkout = scope.span("checkout");
-        if let Err(e) = ws.checkout(&tooling.source, &self.exec, &job.cancel).await {
-            checkout.fail("checkout_failed", e.to_string());
-            return fail(format!("checkout failed: {e}"));
-        }
-        drop(checkout);
+        // The source is checked out while the artifact is fetched and unpacked.
+        let check_out = async {
+            let span = scope.span("checkout");
+            match ws.checkout(&tooling.source, &self.exec, &job.cancel).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    span.fail("checkout_failed", e.to_string());
+                    Err(format!("checkout failed: {e}"))
+                }
+            }
+        };
         let archive = ws.out().join("artifact.tar.gz");
-        if let Err(e) =
-            retried(|| slipway_core::objects::get_file(&job.bus, &r.artifact, &archive)).await
-        {
-            return fail(format!(
-                "cannot fetch the artifact {}: {e}",
-                r.artifact.name
-            ));
-        }
         let artifact_dir = ws.root().join("artifact");
-        let (a, d) = (archive.clone(), artifact_dir.clone());
-        let unpacked = tokio::task::spawn_blocking(move || workspace::unpack(&a, &d)).await;
-        if let Err(e) = unpacked
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-        {
-            return fail(format!("cannot unpack the artifact: {e}"));
+        let fetch = async {
+            if let Err(e) =
+                retried(|| slipway_core::objects::get_file(&job.bus, &r.artifact, &archive)).await
+            {
+                return Err(format!(
+                    "cannot fetch the artifact {}: {e}",
+                    r.artifact.name
+                ));
+            }
+            let (a, d) = (archive.clone(), artifact_dir.clone());
+            tokio::task::spawn_blocking(move || workspace::unpack(&a, &d))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map_err(|e| format!("cannot unpack the artifact: {e}"))
+        };
+        // Both run to their end: a checkout is never dropped halfway through its command.
+        let (checked_out, fetched) = tokio::join!(check_out, fetch);
+        if let Err(reason) = checked_out.and(fetched) {
+            return fail(reason);
         }
         let version = if rollback {
             r.version.clone()

@@ -80,24 +80,34 @@ impl Tester {
         let ws = Workspace::create(&self.exec, &format!("{}-test-{}", job.run_id, suite.name))
             .map_err(|e| Transient(e.to_string()))?;
         let scope = job.scope();
-        let checkout = scope.span("checkout");
-        if let Err(e) = ws.checkout(&req.source, &self.exec, &job.cancel).await {
-            checkout.fail("checkout_failed", e.to_string());
+        // The source is checked out while the artifact is fetched and unpacked.
+        let check_out = async {
+            let span = scope.span("checkout");
+            let checked_out = ws.checkout(&req.source, &self.exec, &job.cancel).await;
+            if let Err(e) = &checked_out {
+                span.fail("checkout_failed", e.to_string());
+            }
+            checked_out
+        };
+        let archive = ws.out().join("artifact.tar.gz");
+        let artifact_dir = ws.root().join("artifact");
+        let fetch = async {
+            slipway_core::objects::get_file(&job.bus, &req.artifact, &archive)
+                .await
+                .map_err(Transient::from)?;
+            let (a, d) = (archive.clone(), artifact_dir.clone());
+            tokio::task::spawn_blocking(move || workspace::unpack(&a, &d))
+                .await
+                .map_err(|e| Transient(e.to_string()))?
+                .map_err(|e| Transient(format!("cannot unpack the artifact: {e}")))
+        };
+        let (checked_out, fetched) = tokio::join!(check_out, fetch);
+        if let Err(e) = checked_out {
             report.reason = Some(format!("checkout failed: {e}"));
             report.duration_ms = elapsed(started);
             return Ok(EventData::TestFailed(report));
         }
-        drop(checkout);
-        let archive = ws.out().join("artifact.tar.gz");
-        slipway_core::objects::get_file(&job.bus, &req.artifact, &archive)
-            .await
-            .map_err(Transient::from)?;
-        let artifact_dir = ws.root().join("artifact");
-        let (a, d) = (archive.clone(), artifact_dir.clone());
-        tokio::task::spawn_blocking(move || workspace::unpack(&a, &d))
-            .await
-            .map_err(|e| Transient(e.to_string()))?
-            .map_err(|e| Transient(format!("cannot unpack the artifact: {e}")))?;
+        fetched?;
 
         let log_path = ws.out().join("test.log");
         let mut env = self.exec.base_env(&ws.home());
