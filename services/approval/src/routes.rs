@@ -208,11 +208,18 @@ async fn run_state(state: &AppState, id: &str) -> Result<Run, ApiError> {
     if let Some(run) = state.runs.read().expect("lock").get(id) {
         return Ok(run.clone());
     }
-    fold_log(state, id).await.map(|(r, _)| r)
+    fold_log(state, id, false).await.map(|(r, _)| r)
 }
 
-async fn fold_log(state: &AppState, id: &str) -> Result<(Run, u64), ApiError> {
-    let log = state.bus.run_log(id).await?;
+/// The run folded from its log, and the log's last sequence. `direct` reads it by direct gets
+/// (one round trip; any replica may answer, so it may lag) rather than through a consumer
+/// (create, fetch, delete).
+async fn fold_log(state: &AppState, id: &str, direct: bool) -> Result<(Run, u64), ApiError> {
+    let log = if direct {
+        state.bus.run_log_between(id, 1, 0).await?
+    } else {
+        state.bus.run_log(id).await?
+    };
     let last = log.last().map_or(0, |r| r.seq);
     let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
     Run::replay(&events)
@@ -387,9 +394,11 @@ pub async fn post_approval(
     if !ids::is_valid_run_id(&id) {
         return Err(ApiError::NotFound(format!("no run {id:?}")));
     }
-    for _ in 0..APPEND_ATTEMPTS {
-        // Decide on the log itself, never on the projection.
-        let (run, last) = fold_log(&state, &id).await?;
+    for attempt in 0..APPEND_ATTEMPTS {
+        // Decide on the log itself, never on the projection. A log read that lags is safe: the
+        // append expects its last sequence and conflicts. After a conflict, the log is read
+        // through a consumer instead.
+        let (run, last) = fold_log(&state, &id, attempt == 0).await?;
         if run.is_ended() {
             return Err(ApiError::Conflict(format!(
                 "run {id} is not awaiting approval (it ended {}: {})",
