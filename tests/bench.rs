@@ -26,6 +26,8 @@ fn the_benchmark_finishes_and_reports_every_row() {
             "4",
             "--scale-builds",
             "4",
+            "--artifact-mib",
+            "2",
             "--json",
         ])
         .env("RUST_LOG", "warn")
@@ -54,6 +56,7 @@ fn the_benchmark_finishes_and_reports_every_row() {
         "replay",
         "memory_per_100k_runs_mb",
         "scale_out",
+        "artifact_mb_per_s",
     ] {
         assert!(v.get(row).is_some(), "row {row} missing: {v:#}");
     }
@@ -66,6 +69,12 @@ fn the_benchmark_finishes_and_reports_every_row() {
         );
     }
     assert!(v["gateway"]["rps"].as_f64().unwrap() > 0.0);
+    for rate in ["stored", "read", "client_put", "raw"] {
+        assert!(
+            v["artifact_mb_per_s"][rate].as_f64().unwrap() > 0.0,
+            "{rate}"
+        );
+    }
     // Two builder processes share one consumer: each took some of the builds.
     let shares = v["scale_out"]["builds_per_replica"].as_array().unwrap();
     assert_eq!(shares.len(), 2, "{shares:?}");

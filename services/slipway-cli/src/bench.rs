@@ -6,8 +6,9 @@
 //! publishes, ordered reads with and without decoding); no-op runs through every stage (per-stage
 //! overhead from a stage's result to the next stage's start, end-to-end latency with the
 //! approval granted by the API as soon as it is asked for); throughput with many runs in
-//! flight; the gateway under load; resident memory per service; and the same no-op runs with
-//! OTLP export pointed at a collector that is down.
+//! flight; the gateway under load; resident memory per service; an artifact stored and read
+//! back against its chunks published plainly; and the same no-op runs with OTLP export pointed
+//! at a collector that is down.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -44,6 +45,8 @@ pub struct Options {
     pub concurrency: usize,
     /// CPU-bound builds for the scale-out row.
     pub scale_builds: usize,
+    /// MiB of the artifact stored and read back for the artifact row.
+    pub artifact_mib: usize,
     pub json: bool,
     pub data_dir: Option<PathBuf>,
 }
@@ -111,6 +114,7 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
         ("--gateway-requests", opts.gateway_requests),
         ("--concurrency", opts.concurrency),
         ("--scale-builds", opts.scale_builds),
+        ("--artifact-mib", opts.artifact_mib),
     ] {
         anyhow::ensure!(
             n > 0,
@@ -328,6 +332,25 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
         None,
         json!(rep.mb_per_100k_runs),
     );
+    let art = &plain.artifacts;
+    table.row(
+        "artifact_mb_per_s",
+        &format!(
+            "an artifact of {} MiB stored / read back (MB/s)",
+            art.mib
+        ),
+        format!(
+            "{:.0} / {:.0} MB/s (the client's own put: {:.0} MB/s)",
+            art.stored, art.read, art.client_put
+        ),
+        Some(format!(
+            "{} of the raw chunk publishes ({:.0} MB/s); the client's own put {}",
+            ratio(art.stored, art.raw),
+            art.raw,
+            ratio(art.client_put, art.raw)
+        )),
+        json!({"mib": art.mib, "stored": art.stored, "read": art.read, "client_put": art.client_put, "raw": art.raw, "ratio": art.stored / art.raw}),
+    );
     let mut rss = serde_json::Map::new();
     for (name, idle, loaded) in &plain.rss {
         rss.insert(
@@ -378,7 +401,8 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
         j.insert(
             "options".into(),
             json!({"runs": opts.runs, "inflight": opts.inflight, "raw": opts.raw, "stored": opts.stored, "replay": opts.replay,
-                   "gateway_requests": opts.gateway_requests, "concurrency": opts.concurrency, "scale_builds": opts.scale_builds}),
+                   "gateway_requests": opts.gateway_requests, "concurrency": opts.concurrency, "scale_builds": opts.scale_builds,
+                   "artifact_mib": opts.artifact_mib}),
         );
         println!("{}", serde_json::to_string_pretty(&Value::Object(j))?);
     } else {
@@ -454,6 +478,7 @@ struct Measured {
     rss: Vec<(&'static str, f64, f64)>,
     /// CPU ms per run under the throughput load: (process, its own, the commands it ran).
     cpu: Vec<(&'static str, f64, f64)>,
+    artifacts: Artifacts,
 }
 
 /// One stack under measurement: its services, gateway and a client.
@@ -597,6 +622,7 @@ impl Measured {
         .await?;
         let loaded = plain.rss();
         let replay = replay(&plain.bus, opts.replay).await?;
+        let artifacts = artifacts(&plain.bus, project, opts.artifact_mib).await?;
         let rss = idle
             .iter()
             .map(|(n, i)| {
@@ -622,6 +648,7 @@ impl Measured {
                 gateway_rps,
                 rss,
                 cpu,
+                artifacts,
             },
             pct(&mut traced_latencies),
         ))
@@ -1134,6 +1161,95 @@ async fn gateway_load(
 }
 
 /// The floor: plain async-nats on the same server, with messages the size of Slipway's events.
+/// One artifact stored and read back, in MB/s.
+struct Artifacts {
+    mib: usize,
+    /// `objects::put_file` (content-addressed, as the builder stores an artifact).
+    stored: f64,
+    /// `objects::get_file`, as a test or deploy fetches it.
+    read: f64,
+    /// The object store client's own put of the same bytes.
+    client_put: f64,
+    /// The floor: the same chunks published to the bucket's stream, 256 acks in flight.
+    raw: f64,
+}
+
+/// Stores an artifact of `mib` MiB of bytes new to the bucket (a content-addressed put of
+/// bytes already present stores nothing), reads it back, stores it with the client's own put,
+/// and publishes its chunks plainly; then removes what it stored.
+async fn artifacts(bus: &Bus, dir: &Path, mib: usize) -> anyhow::Result<Artifacts> {
+    use slipway_core::objects;
+    let bucket = NatsSettings::default().stream.artifacts_bucket;
+    let len = mib * 1024 * 1024;
+    // xorshift64, seeded from the clock: incompressible and different in every bench run.
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64
+        | 1;
+    let data: Vec<u8> = (0..len / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    let path = dir.join("bench-artifact");
+    std::fs::write(&path, &data)?;
+    let mb = len as f64 / 1e6;
+    let rate = |t: Instant| mb / t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let stored = objects::put_file(bus, &bucket, None, &path).await?;
+    let stored_rate = rate(t);
+    let out = dir.join("bench-artifact-read");
+    let t = Instant::now();
+    objects::get_file(bus, &stored, &out).await?;
+    let read = rate(t);
+
+    let store = objects::bucket(bus, &bucket).await?;
+    let client_name = "bench/client-put";
+    let mut file = tokio::fs::File::open(&path).await?;
+    let t = Instant::now();
+    store.put(client_name, &mut file).await?;
+    let client_put = rate(t);
+
+    let js = bus.jetstream();
+    let subject = format!("$O.{bucket}.C.bench-raw");
+    let t = Instant::now();
+    let mut acks = std::collections::VecDeque::new();
+    for chunk in data.chunks(128 * 1024) {
+        acks.push_back(
+            js.publish(subject.clone(), bytes::Bytes::copy_from_slice(chunk))
+                .await?,
+        );
+        if acks.len() >= 256 {
+            acks.pop_front().expect("non-empty").await?;
+        }
+    }
+    for a in acks {
+        a.await?;
+    }
+    let raw = rate(t);
+
+    store.delete(&stored.name).await?;
+    store.delete(client_name).await?;
+    js.get_stream(format!("OBJ_{bucket}"))
+        .await?
+        .purge()
+        .filter(subject)
+        .await?;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&out);
+    Ok(Artifacts {
+        mib,
+        stored: stored_rate,
+        read,
+        client_put,
+        raw,
+    })
+}
+
 async fn raw_floor(url: &str, n: usize, stored: usize) -> anyhow::Result<RawFloor> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client.clone());

@@ -188,6 +188,9 @@ enum Command {
         /// CPU-bound builds for the scale-out row (one builder process, then two).
         #[arg(long, default_value_t = 8)]
         scale_builds: usize,
+        /// MiB of the artifact stored and read back for the artifact row.
+        #[arg(long, default_value_t = 64)]
+        artifact_mib: usize,
         /// Keep the servers' data here (default: a temporary directory, removed after).
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -281,6 +284,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             gateway_requests,
             concurrency,
             scale_builds,
+            artifact_mib,
             data_dir,
             json,
         } => {
@@ -294,6 +298,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 gateway_requests,
                 concurrency,
                 scale_builds,
+                artifact_mib,
                 json,
                 data_dir,
             });
