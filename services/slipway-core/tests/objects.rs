@@ -30,7 +30,8 @@ fn file(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
     p
 }
 
-async fn consumers(bus: &Bus, bucket: &str) -> usize {
+/// The bucket's stream as the server holds it now.
+async fn bucket_state(bus: &Bus, bucket: &str) -> async_nats::jetstream::stream::State {
     bus.jetstream()
         .get_stream(format!("OBJ_{bucket}"))
         .await
@@ -39,7 +40,11 @@ async fn consumers(bus: &Bus, bucket: &str) -> usize {
         .await
         .unwrap()
         .state
-        .consumer_count
+        .clone()
+}
+
+async fn consumers(bus: &Bus, bucket: &str) -> usize {
+    bucket_state(bus, bucket).await.consumer_count
 }
 
 #[tokio::test]
@@ -139,15 +144,7 @@ async fn a_replaced_object_reads_as_its_last_version() {
 
 /// Messages in the bucket's stream: chunks and infos.
 async fn stored_messages(bus: &Bus, bucket: &str) -> u64 {
-    bus.jetstream()
-        .get_stream(format!("OBJ_{bucket}"))
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages
+    bucket_state(bus, bucket).await.messages
 }
 
 #[tokio::test]
