@@ -354,6 +354,42 @@ pub struct RecordedDecision {
     pub seq: u64,
 }
 
+/// The approval stage `run` awaits, and its current artifact, when that is `digest`.
+fn awaiting<'a>(
+    run: &'a Run,
+    id: &str,
+    digest: &str,
+) -> Result<(&'a slipway_core::fold::StageState, String), ApiError> {
+    if run.is_ended() {
+        return Err(ApiError::Conflict(format!(
+            "run {id} is not awaiting approval (it ended {}: {})",
+            run.phase.as_str(),
+            run.reason.as_deref().unwrap_or("")
+        )));
+    }
+    let Some(stage) = run
+        .stages
+        .iter()
+        .find(|s| s.name.starts_with("approval:") && s.status == StageStatus::Requested)
+    else {
+        return Err(ApiError::Conflict(format!(
+            "run {id} is not awaiting approval (it is {})",
+            run.phase.as_str()
+        )));
+    };
+    let current = run
+        .artifact
+        .as_ref()
+        .map(|a| a.digest.clone())
+        .unwrap_or_default();
+    if digest != current {
+        return Err(ApiError::Conflict(format!(
+            "artifact_digest {digest} is not the run's current artifact {current}"
+        )));
+    }
+    Ok((stage, current))
+}
+
 /// Attempts at appending a decision while other writers move the run on.
 const APPEND_ATTEMPTS: usize = 8;
 
@@ -395,38 +431,21 @@ pub async fn post_approval(
         return Err(ApiError::NotFound(format!("no run {id:?}")));
     }
     for attempt in 0..APPEND_ATTEMPTS {
-        // Decide on the log itself, never on the projection. A log read that lags is safe: the
-        // append expects its last sequence and conflicts. After a conflict, the log is read
-        // through a consumer instead.
-        let (run, last) = fold_log(&state, &id, attempt == 0).await?;
-        if run.is_ended() {
-            return Err(ApiError::Conflict(format!(
-                "run {id} is not awaiting approval (it ended {}: {})",
-                run.phase.as_str(),
-                run.reason.as_deref().unwrap_or("")
-            )));
-        }
-        let Some(stage) = run
-            .stages
-            .iter()
-            .find(|s| s.name.starts_with("approval:") && s.status == StageStatus::Requested)
-        else {
-            return Err(ApiError::Conflict(format!(
-                "run {id} is not awaiting approval (it is {})",
-                run.phase.as_str()
-            )));
+        // Decide on the log itself, never on the projection. The first read is a direct get,
+        // which any replica may answer: one that lags can only make the append conflict or the
+        // run look not (yet) awaiting this approval, and either way the log is read again
+        // through a consumer before anything is answered.
+        let direct = attempt == 0;
+        let (run, last) = match fold_log(&state, &id, direct).await {
+            Ok(read) => read,
+            Err(_) if direct => continue,
+            Err(e) => return Err(e),
         };
-        let current = run
-            .artifact
-            .as_ref()
-            .map(|a| a.digest.clone())
-            .unwrap_or_default();
-        if body.artifact_digest != current {
-            return Err(ApiError::Conflict(format!(
-                "artifact_digest {} is not the run's current artifact {current}",
-                body.artifact_digest
-            )));
-        }
+        let (stage, current) = match awaiting(&run, &id, &body.artifact_digest) {
+            Ok(awaited) => awaited,
+            Err(_) if direct => continue,
+            Err(e) => return Err(e),
+        };
         let policy =
             run.spec.approval.as_ref().ok_or_else(|| {
                 ApiError::Conflict("the run's spec has no approval policy".into())
