@@ -288,6 +288,7 @@ async fn a_confirmed_ack_settles_the_delivery() {
     let bus = nats.bus().await;
     let sim = Sim::new(SPEC);
     bus.publish(&sim.log[0]).await.unwrap();
+    bus.publish(&started(&sim.run_id, "s1")).await.unwrap();
     let stream = bus.jetstream().get_stream(bus.stream_name()).await.unwrap();
     let mut consumer = stream
         .create_consumer(pull::Config {
@@ -298,11 +299,16 @@ async fn a_confirmed_ack_settles_the_delivery() {
         })
         .await
         .unwrap();
-    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let mut batch = consumer.fetch().max_messages(2).messages().await.unwrap();
     let msg = batch.next().await.unwrap().unwrap();
-    assert_eq!(consumer.info().await.unwrap().num_ack_pending, 1);
+    let second = batch.next().await.unwrap().unwrap();
+    assert_eq!(consumer.info().await.unwrap().num_ack_pending, 2);
     bus.ack_confirmed(&msg).await.unwrap();
-    // Confirmed means already applied: nothing pending, nothing to redeliver.
+    // Confirmed means already applied: one left pending, nothing to redeliver.
     let info = consumer.info().await.unwrap();
-    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
+    assert_eq!((info.num_ack_pending, info.num_pending), (1, 0));
+    // With nobody to confirm it (the consumer gone), the ack is an error, not a silent success.
+    stream.delete_consumer("acks").await.unwrap();
+    let err = bus.ack_confirmed(&second).await.unwrap_err();
+    assert!(err.to_string().contains("ack"), "{err}");
 }
