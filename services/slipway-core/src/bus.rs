@@ -649,81 +649,19 @@ impl Bus {
         subject: &str,
         start_seq: u64,
     ) -> Result<Vec<Recorded>, BusError> {
-        let api = format!("$JS.API.DIRECT.GET.{}", self.stream_name());
+        let mut pages = DirectPages::open(&self.client, self.stream_name()).await?;
         let mut out = Vec::new();
         let mut seq = start_seq.max(1);
-        // One reply subject for every page.
-        let inbox = self.client.new_inbox();
-        let mut replies = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| BusError::nats("direct read", e))?;
         loop {
-            let request = serde_json::json!({
-                "seq": seq,
-                "next_by_subj": subject,
-                "batch": DIRECT_BATCH,
-            });
-            self.client
-                .publish_with_reply(api.clone(), inbox.clone(), request.to_string().into())
-                .await
-                .map_err(|e| BusError::nats("direct read", e))?;
-            let before = out.len();
-            let pending = loop {
-                let m = tokio::time::timeout(DIRECT_REPLY_WAIT, replies.next())
-                    .await
-                    .map_err(|_| BusError::nats("direct read", "no reply in time"))?
-                    .ok_or_else(|| BusError::nats("direct read", "reply subscription closed"))?;
-                match m.status.map(|s| s.as_u16()) {
-                    None | Some(200) => {
-                        let headers = m.headers.as_ref();
-                        let stored_seq = headers
-                            .and_then(|h| h.get("Nats-Sequence"))
-                            .and_then(|v| v.as_str().parse::<u64>().ok())
-                            .ok_or_else(|| {
-                                BusError::nats("direct read", "a reply without Nats-Sequence")
-                            })?;
-                        let stored_subject = headers
-                            .and_then(|h| h.get("Nats-Subject"))
-                            .map(|v| v.as_str().to_string())
-                            .unwrap_or_default();
-                        let mut r = recorded(stored_seq, &m);
-                        r.subject = stored_subject;
-                        seq = stored_seq + 1;
-                        out.push(r);
-                    }
-                    // End of batch: how many messages on the subject are left after it.
-                    Some(204) => {
-                        break m
-                            .headers
-                            .as_ref()
-                            .and_then(|h| h.get("Nats-Num-Pending"))
-                            .and_then(|v| v.as_str().parse::<u64>().ok())
-                            .unwrap_or(0);
-                    }
-                    // Nothing (more) on the subject.
-                    Some(404) => break 0,
-                    Some(code) => {
-                        return Err(BusError::nats(
-                            "direct read",
-                            format!(
-                                "status {code}: {}",
-                                m.description.as_deref().unwrap_or("no description")
-                            ),
-                        ));
-                    }
-                }
-            };
-            if pending == 0 {
-                return Ok(out);
+            let page = pages.next(subject, seq, DIRECT_BATCH).await?;
+            for (stored_seq, stored_subject, m) in &page.messages {
+                let mut r = recorded(*stored_seq, m);
+                r.subject.clone_from(stored_subject);
+                out.push(r);
             }
-            // More said to be left, yet none given: asking again would loop.
-            if out.len() == before {
-                return Err(BusError::nats(
-                    "direct read",
-                    format!("{pending} messages said to be left, none returned"),
-                ));
+            match page.next_seq() {
+                Some(next) => seq = next,
+                None => return Ok(out),
             }
         }
     }
@@ -771,6 +709,131 @@ impl Bus {
 }
 
 /// A delivered message as a [`Recorded`].
+/// Reads one stream by batched direct gets (NATS 2.11+, ADR-31): each request is answered by up
+/// to a batch of messages on a subject and an end-of-batch status saying how many are left.
+/// No consumer is made; every page's replies come to one inbox.
+#[derive(Debug)]
+pub struct DirectPages {
+    client: async_nats::Client,
+    api: String,
+    inbox: String,
+    replies: async_nats::Subscriber,
+}
+
+/// One page of a [`DirectPages`] read.
+#[derive(Debug)]
+pub struct DirectPage {
+    /// Each message with its stream sequence and subject.
+    pub messages: Vec<(u64, String, async_nats::Message)>,
+    /// Messages on the subject after this page.
+    pub pending: u64,
+}
+
+impl DirectPage {
+    /// Where the next page starts; `None` when nothing is left.
+    pub fn next_seq(&self) -> Option<u64> {
+        (self.pending > 0)
+            .then(|| self.messages.last().map(|(seq, _, _)| seq + 1))
+            .flatten()
+    }
+}
+
+impl DirectPages {
+    /// Subscribes the inbox every page of `stream` is answered on.
+    ///
+    /// # Errors
+    /// [`BusError`] when the inbox cannot be subscribed.
+    pub async fn open(client: &async_nats::Client, stream: &str) -> Result<Self, BusError> {
+        let inbox = client.new_inbox();
+        let replies = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| BusError::nats("direct read", e))?;
+        Ok(Self {
+            client: client.clone(),
+            api: format!("$JS.API.DIRECT.GET.{stream}"),
+            inbox,
+            replies,
+        })
+    }
+
+    /// Up to `batch` messages on `subject` from stream sequence `seq`.
+    ///
+    /// # Errors
+    /// [`BusError`] on no reply in time, a status other than the end of a batch or nothing
+    /// found, a reply without its sequence, or a page that says more are left yet holds none.
+    pub async fn next(
+        &mut self,
+        subject: &str,
+        seq: u64,
+        batch: usize,
+    ) -> Result<DirectPage, BusError> {
+        let request = serde_json::json!({
+            "seq": seq,
+            "next_by_subj": subject,
+            "batch": batch,
+        });
+        self.client
+            .publish_with_reply(
+                self.api.clone(),
+                self.inbox.clone(),
+                request.to_string().into(),
+            )
+            .await
+            .map_err(|e| BusError::nats("direct read", e))?;
+        let mut messages = Vec::new();
+        let pending = loop {
+            let m = tokio::time::timeout(DIRECT_REPLY_WAIT, self.replies.next())
+                .await
+                .map_err(|_| BusError::nats("direct read", "no reply in time"))?
+                .ok_or_else(|| BusError::nats("direct read", "reply subscription closed"))?;
+            match m.status.map(|s| s.as_u16()) {
+                None | Some(200) => {
+                    let headers = m.headers.as_ref();
+                    let stored_seq = headers
+                        .and_then(|h| h.get("Nats-Sequence"))
+                        .and_then(|v| v.as_str().parse::<u64>().ok())
+                        .ok_or_else(|| {
+                            BusError::nats("direct read", "a reply without Nats-Sequence")
+                        })?;
+                    let stored_subject = headers
+                        .and_then(|h| h.get("Nats-Subject"))
+                        .map(|v| v.as_str().to_string())
+                        .unwrap_or_default();
+                    messages.push((stored_seq, stored_subject, m));
+                }
+                // End of batch: how many messages on the subject are left after it.
+                Some(204) => {
+                    break m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Num-Pending"))
+                        .and_then(|v| v.as_str().parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+                // Nothing (more) on the subject.
+                Some(404) => break 0,
+                Some(code) => {
+                    return Err(BusError::nats(
+                        "direct read",
+                        format!(
+                            "status {code}: {}",
+                            m.description.as_deref().unwrap_or("no description")
+                        ),
+                    ));
+                }
+            }
+        };
+        if pending > 0 && messages.is_empty() {
+            return Err(BusError::nats(
+                "direct read",
+                format!("{pending} messages said to be left, none returned"),
+            ));
+        }
+        Ok(DirectPage { messages, pending })
+    }
+}
+
 pub fn recorded(seq: u64, m: &async_nats::Message) -> Recorded {
     let event = decode(m.headers.as_ref(), &m.payload);
     let raw = event.is_err().then(|| m.payload.clone());

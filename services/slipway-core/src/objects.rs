@@ -3,10 +3,10 @@
 //! Events carry an [`ObjectRef`] (bucket, name, digest, size), never the bytes. Artifacts are
 //! named `sha256/<hex>`, so the same bytes are stored once however often a build repeats.
 //!
-//! Reads of objects up to [`DIRECT_MAX_CHUNKS`] chunks fetch each chunk with a direct get.
-//! The client's own read creates an ordered consumer on the bucket's stream per object, which
-//! the server keeps for 30 s after the read: with hundreds of runs in flight (three reads each)
-//! those piled up to the server's consumer limit and failed deploys.
+//! Objects are read by batched direct gets of their chunks ([`DIRECT_PAGE_CHUNKS`] a request),
+//! without a consumer. The client's own read creates an ordered consumer on the bucket's stream
+//! per object, which the server keeps for 30 s after the read: with hundreds of runs in flight
+//! (three reads each) those piled up to the server's consumer limit and failed deploys.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,7 +16,7 @@ use async_nats::jetstream::object_store::{self, ObjectInfo, ObjectStore};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::warn;
 
-use crate::bus::{Bus, BusError};
+use crate::bus::{Bus, BusError, DirectPages};
 use crate::events::ObjectRef;
 use crate::workspace::sha256_file;
 
@@ -27,10 +27,9 @@ fn nats(operation: &'static str, e: impl std::fmt::Display) -> BusError {
     }
 }
 
-/// Objects of at most this many chunks (8 MiB at the default chunk size) are read with one
-/// direct get per chunk; larger ones stream through the client's ordered consumer, whose set-up
-/// costs less than that many round trips.
-pub const DIRECT_MAX_CHUNKS: usize = 64;
+/// Chunks a direct read asks for at once (4 MiB at the default chunk size). An object of at
+/// most this many chunks is checked against its digest before any of it is written.
+pub const DIRECT_PAGE_CHUNKS: usize = 32;
 
 /// A connection's bucket handles, so that each use is not a stream lookup on the server. A
 /// handle names its stream only; one that failed is dropped and looked up again.
@@ -107,7 +106,11 @@ pub async fn put_file(
     let (name, expected, previous) = match name {
         Some(n) => (n.to_string(), None, Previous::LookUp(&store)),
         None => {
-            let (digest, size) = sha256_file(path).map_err(|e| nats("read file", e))?;
+            let file = path.to_path_buf();
+            let (digest, size) = tokio::task::spawn_blocking(move || sha256_file(&file))
+                .await
+                .map_err(|e| nats("read file", e))?
+                .map_err(|e| nats("read file", e))?;
             let name = format!("sha256/{}", digest.trim_start_matches("sha256:"));
             let object = ObjectRef {
                 bucket: bucket_name.to_string(),
@@ -115,35 +118,44 @@ pub async fn put_file(
                 digest,
                 size,
             };
-            // Already present: these very bytes (a repeated build). Any other version found
-            // is replaced, its chunks purged.
+            // Already present, and recorded with this digest: these very bytes (a repeated
+            // build). Any other version found is replaced, its chunks purged.
             let previous = match store.info(&object.name).await {
-                Ok(i) if i.size == size as usize && !i.deleted => return Ok(object),
+                Ok(i) if !i.deleted && i.digest.as_deref() == Some(&recorded(&object)?) => {
+                    return Ok(object);
+                }
                 Ok(i) => Previous::Found(i.nuid),
                 Err(_) => Previous::None,
             };
             (object.name.clone(), Some(object), previous)
         }
     };
-    let stored = match put(bus, bucket_name, &name, path, previous).await {
-        Ok(s) => s,
+    match put(bus, bucket_name, &name, path, expected.as_ref(), previous).await {
+        Ok(stored) => Ok(stored),
         Err(e) => {
             bus.buckets().forget(bucket_name);
-            return Err(e);
+            Err(e)
         }
-    };
-    if let Some(expected) = expected
-        && (expected.digest != stored.digest || expected.size != stored.size)
-    {
-        return Err(nats(
-            "object put",
-            format!(
-                "{} changed while it was stored ({} bytes now, {} when hashed)",
-                name, stored.size, expected.size
-            ),
-        ));
     }
-    Ok(stored)
+}
+
+/// The digest as the object store records it: `SHA-256=<base64url of the hash>`.
+fn recorded(object: &ObjectRef) -> Result<String, BusError> {
+    use base64::Engine as _;
+    let hex = object.digest.trim_start_matches("sha256:");
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+        .filter(|b| b.len() == 32)
+        .ok_or_else(|| nats("object put", format!("{} is not a SHA-256", object.digest)))?;
+    Ok(format!(
+        "SHA-256={}",
+        base64::engine::general_purpose::URL_SAFE.encode(bytes)
+    ))
 }
 
 /// Chunks of a put in flight at once: 4 MiB at the default chunk size.
@@ -161,18 +173,20 @@ enum Previous<'a> {
     LookUp(&'a ObjectStore),
 }
 
-/// Stores `path` as `object` in the object store's layout (NATS ADR-20): chunks on
+/// Stores `path` as `name` in `bucket`, in the object store's layout (NATS ADR-20): chunks on
 /// `$O.<bucket>.C.<nuid>`; once all are stored, the info on `$O.<bucket>.M.<base64url name>`,
 /// rolling up the version before; then that version's chunks purged.
 ///
 /// The client's own put looks the name up first and waits for each chunk's ack before it sends
 /// the next: 2 + chunks round trips. Here up to [`PUT_WINDOW`] chunks are in flight and the
-/// look-up runs alongside them: two round trips for a small object, one for an empty one.
+/// look-up of a named object's version runs alongside them: two round trips for a small
+/// object (three when it replaces one, with the purge).
 async fn put(
     bus: &Bus,
     bucket: &str,
     name: &str,
     path: &Path,
+    expected: Option<&ObjectRef>,
     previous: Previous<'_>,
 ) -> Result<ObjectRef, BusError> {
     use async_nats::jetstream::context::PublishAckFuture;
@@ -246,6 +260,22 @@ async fn put(
         Previous::None => (send.await, None),
     };
     let (hash, size, chunks) = sent?;
+    let digest = format!("sha256:{hash:x}");
+    // The file hashed for its name has changed since: its chunks go, and no info names them.
+    if let Some(expected) = expected
+        && (expected.digest != digest || expected.size != size as u64)
+    {
+        if let Ok(stream) = js.get_stream_no_info(format!("OBJ_{bucket}")).await {
+            let _ = stream.purge().filter(chunk_subject.as_str()).await;
+        }
+        return Err(nats(
+            "object put",
+            format!(
+                "{name} changed while it was stored ({size} bytes now, {} when hashed)",
+                expected.size
+            ),
+        ));
+    }
     let ours = {
         use base64::Engine as _;
         format!(
@@ -290,7 +320,7 @@ async fn put(
     Ok(ObjectRef {
         bucket: bucket.to_string(),
         name: name.to_string(),
-        digest: format!("sha256:{hash:x}"),
+        digest,
         size: size as u64,
     })
 }
@@ -353,7 +383,7 @@ async fn read_into(
         }
     };
     let linked = info.options.as_ref().is_some_and(|o| o.link.is_some());
-    let read = if linked || info.chunks > DIRECT_MAX_CHUNKS {
+    let read = if linked {
         read_streamed(&store, name, sink).await
     } else {
         match read_direct(bus, bucket_name, &info, sink).await {
@@ -382,9 +412,11 @@ enum Direct {
     Written(BusError),
 }
 
-/// Each chunk by a direct get of the next message on the object's chunk subject (no
-/// consumer), checked against the object's size and digest. The chunks are fetched before any
-/// is written, so a failure leaves the sink untouched.
+/// The chunks by direct gets of the object's chunk subject (no consumer), a page of
+/// [`DIRECT_PAGE_CHUNKS`] at a time (one chunk: a plain direct get, on the connection's shared
+/// reply subscription), checked against the object's size and digest. An object of one page is
+/// checked before any of it is written; a larger one is written page by page and checked at
+/// the end.
 async fn read_direct(
     bus: &Bus,
     bucket_name: &str,
@@ -392,33 +424,85 @@ async fn read_direct(
     sink: &mut (impl AsyncWrite + Unpin),
 ) -> Result<Hash, Direct> {
     use sha2::Digest;
-    let fail = |e: String| Direct::BeforeWriting(nats("object read", e));
+    let mut written = false;
+    let fail = |written: bool, e: String| {
+        let e = nats("object read", e);
+        if written {
+            Direct::Written(e)
+        } else {
+            Direct::BeforeWriting(e)
+        }
+    };
     // The object store's layout (NATS ADR-20): stream OBJ_<bucket>, chunks on
     // $O.<bucket>.C.<nuid> in order.
-    let stream = bus
-        .jetstream()
-        .get_stream_no_info(format!("OBJ_{bucket_name}"))
-        .await
-        .map_err(|e| fail(e.to_string()))?;
+    let stream_name = format!("OBJ_{bucket_name}");
     let subject = format!("$O.{bucket_name}.C.{}", info.nuid);
-    let mut next = 1;
-    let mut chunks = Vec::with_capacity(info.chunks);
+    let mut pages = None;
+    let mut held = Vec::new();
     let mut sha = sha2::Sha256::new();
-    for _ in 0..info.chunks {
-        let chunk = stream
-            .direct_get_next_for_subject(subject.as_str(), Some(next))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        sha.update(&chunk.payload);
-        next = chunk.sequence + 1;
-        chunks.push(chunk.payload);
+    let (mut size, mut chunks, mut next) = (0usize, 0usize, 1u64);
+    while chunks < info.chunks {
+        let want = DIRECT_PAGE_CHUNKS.min(info.chunks - chunks);
+        let page: Vec<(u64, bytes::Bytes)> = if want == 1 && pages.is_none() {
+            let stream = bus
+                .jetstream()
+                .get_stream_no_info(stream_name.as_str())
+                .await
+                .map_err(|e| fail(written, e.to_string()))?;
+            let m = stream
+                .direct_get_next_for_subject(subject.as_str(), Some(next))
+                .await
+                .map_err(|e| fail(written, e.to_string()))?;
+            vec![(m.sequence, m.payload)]
+        } else {
+            let pages = match &mut pages {
+                Some(p) => p,
+                None => pages.insert(
+                    DirectPages::open(bus.client(), &stream_name)
+                        .await
+                        .map_err(|e| fail(written, e.to_string()))?,
+                ),
+            };
+            pages
+                .next(&subject, next, want)
+                .await
+                .map_err(|e| fail(written, e.to_string()))?
+                .messages
+                .into_iter()
+                .map(|(seq, _, m)| (seq, m.payload))
+                .collect()
+        };
+        if page.is_empty() {
+            return Err(fail(
+                written,
+                format!("{} has {chunks} of its {} chunks", info.name, info.chunks),
+            ));
+        }
+        for (seq, chunk) in page {
+            sha.update(&chunk);
+            size += chunk.len();
+            chunks += 1;
+            next = seq + 1;
+            held.push(chunk);
+        }
+        // More pages to come: what is held goes out now, unchecked until the end.
+        if chunks < info.chunks {
+            for chunk in held.drain(..) {
+                sink.write_all(&chunk)
+                    .await
+                    .map_err(|e| Direct::Written(nats("write file", e)))?;
+            }
+            written = true;
+        }
     }
-    let size: usize = chunks.iter().map(bytes::Bytes::len).sum();
-    if size != info.size {
-        return Err(fail(format!(
-            "{} has {size} bytes in its chunks, its info says {}",
-            info.name, info.size
-        )));
+    if size != info.size || chunks != info.chunks {
+        return Err(fail(
+            written,
+            format!(
+                "{} has {size} bytes in {chunks} chunks, its info says {} in {}",
+                info.name, info.size, info.chunks
+            ),
+        ));
     }
     let hash = sha.finalize();
     // The digest the writer recorded: `SHA-256=<base64url of the hash>`.
@@ -429,13 +513,16 @@ async fn read_direct(
             base64::engine::general_purpose::URL_SAFE.encode(hash)
         );
         if *recorded != ours {
-            return Err(fail(format!(
-                "{} has digest {ours} in its chunks, its info says {recorded}",
-                info.name
-            )));
+            return Err(fail(
+                written,
+                format!(
+                    "{} has digest {ours} in its chunks, its info says {recorded}",
+                    info.name
+                ),
+            ));
         }
     }
-    for chunk in chunks {
+    for chunk in held {
         sink.write_all(&chunk)
             .await
             .map_err(|e| Direct::Written(nats("write file", e)))?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use slipway_core::bus::Bus;
 use slipway_core::events::ObjectRef;
-use slipway_core::objects::{self, DIRECT_MAX_CHUNKS};
+use slipway_core::objects::{self, DIRECT_PAGE_CHUNKS};
 use slipway_core::testing::TestNats;
 
 /// The client's default chunk size.
@@ -48,17 +48,20 @@ async fn consumers(bus: &Bus, bucket: &str) -> usize {
 }
 
 #[tokio::test]
-async fn every_size_reads_back_as_stored_small_ones_without_a_consumer() {
+async fn every_size_reads_back_as_stored_without_a_consumer() {
     let nats = TestNats::start();
     let bus = connected(&nats).await;
     let dir = tempfile::tempdir().unwrap();
+    let page = DIRECT_PAGE_CHUNKS * CHUNK;
     let sizes = [
         0,
         1,
         CHUNK,
+        CHUNK + 1,
         3 * CHUNK + 5,
-        DIRECT_MAX_CHUNKS * CHUNK,
-        DIRECT_MAX_CHUNKS * CHUNK + 1,
+        page,
+        page + 1,
+        3 * page + 7,
     ];
     for (i, len) in sizes.into_iter().enumerate() {
         let content = bytes(len, i as u8);
@@ -74,10 +77,37 @@ async fn every_size_reads_back_as_stored_small_ones_without_a_consumer() {
             .await
             .unwrap();
         assert!(read == content, "{len} bytes in memory");
-        if len <= DIRECT_MAX_CHUNKS * CHUNK {
-            assert_eq!(consumers(&bus, "artifacts").await, 0, "{len} bytes");
-        }
+        assert_eq!(consumers(&bus, "artifacts").await, 0, "{len} bytes");
     }
+}
+
+#[tokio::test]
+async fn a_chunk_missing_from_a_later_page_is_an_error_naming_the_object() {
+    let nats = TestNats::start();
+    let bus = connected(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = DIRECT_PAGE_CHUNKS + 8;
+    let src = file(dir.path(), "a", &bytes(chunks * CHUNK, 8));
+    let stored = objects::put_file(&bus, "logs", Some("big.log"), &src)
+        .await
+        .unwrap();
+    // A fresh bucket: the chunks are stream sequences 1 to `chunks`, the info the next one.
+    bus.jetstream()
+        .get_stream("OBJ_logs")
+        .await
+        .unwrap()
+        .delete_message((DIRECT_PAGE_CHUNKS + 3) as u64)
+        .await
+        .unwrap();
+    let out = dir.path().join("out");
+    let err = objects::get_file(&bus, &stored, &out).await.unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "big.log has {} of its {chunks} chunks",
+            chunks - 1
+        )),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -200,6 +230,35 @@ async fn a_put_is_the_object_stores_layout_and_a_replaced_versions_chunks_are_pu
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_put_the_stream_refuses_part_of_names_nothing_and_the_last_version_stays() {
+    use async_nats::jetstream::stream::DiscardPolicy;
+    let nats = TestNats::start();
+    let bus = connected(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    objects::bucket(&bus, "small").await.unwrap();
+    // A bucket that refuses what does not fit, rather than dropping its oldest chunks.
+    let mut stream = bus.jetstream().get_stream("OBJ_small").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_bytes = (4 * CHUNK) as i64;
+    config.discard = DiscardPolicy::New;
+    bus.jetstream().update_stream(config).await.unwrap();
+
+    let first = file(dir.path(), "1", b"first");
+    objects::put_file(&bus, "small", Some("x.log"), &first)
+        .await
+        .unwrap();
+    let big = file(dir.path(), "2", &bytes(6 * CHUNK, 9));
+    let err = objects::put_file(&bus, "small", Some("x.log"), &big)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("object put chunk"), "{err}");
+    assert_eq!(
+        objects::read(&bus, "small", "x.log").await.unwrap(),
+        b"first"
     );
 }
 
