@@ -1160,7 +1160,6 @@ async fn gateway_load(
     Ok((pct(&mut all), rps))
 }
 
-/// The floor: plain async-nats on the same server, with messages the size of Slipway's events.
 /// One artifact stored and read back, in MB/s.
 struct Artifacts {
     mib: usize,
@@ -1250,6 +1249,7 @@ async fn artifacts(bus: &Bus, dir: &Path, mib: usize) -> anyhow::Result<Artifact
     })
 }
 
+/// The floor: plain async-nats on the same server, with messages the size of Slipway's events.
 async fn raw_floor(url: &str, n: usize, stored: usize) -> anyhow::Result<RawFloor> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client.clone());
