@@ -218,14 +218,20 @@ command = ["sh", "-c", "echo \"$SLIPWAY_RUN_ID\" >> {}/staging"]
         let i = nodes.iter().position(|n| n.name == lead).unwrap();
         nodes[i].process.kill();
         stopped.push(lead.clone());
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // An election takes a few seconds, more on a loaded machine (one CI run saw over 30 s);
+        // the bound is for a hang.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(l) = leader(&bus).await
-                && l != lead
+            let seen = leader(&bus).await;
+            if let Some(l) = &seen
+                && *l != lead
             {
                 break;
             }
-            assert!(Instant::now() < deadline, "round {round}: no new leader");
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no new leader after {lead} stopped (the stream reports {seen:?})"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         nodes[i].process.restart().unwrap();
