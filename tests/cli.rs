@@ -44,6 +44,27 @@ fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::process
     }
 }
 
+/// `slipway up`, interrupted if a failed assertion ends the test first: it stops its server
+/// and services itself, where a kill would leave them running.
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Processes whose command line mentions `needle` (to check nothing is left behind).
 fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -72,7 +93,7 @@ fn slipway_up_runs_the_example_and_ctrl_c_stops_everything() {
         format!("[gateway]\nlisten = \"127.0.0.1:{}\"\n", free_port()),
     )
     .unwrap();
-    let mut up = Command::new(bin_dir().join("slipway"))
+    let mut up = Up(Command::new(bin_dir().join("slipway"))
         .args(["up", "--port", &port.to_string(), "--data-dir"])
         .arg(&data)
         .arg("--config")
@@ -83,7 +104,7 @@ fn slipway_up_runs_the_example_and_ctrl_c_stops_everything() {
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()
-        .unwrap();
+        .unwrap());
     let spec = hello_example().join("slipway.toml");
     // `submit --wait` retries the connection while `up` starts its server.
     let out = Command::new(bin_dir().join("slipway"))
@@ -107,8 +128,8 @@ fn slipway_up_runs_the_example_and_ctrl_c_stops_everything() {
     // The server's store is under the data directory.
     assert!(data.join("nats/jetstream").is_dir());
 
-    sigint(up.id());
-    let status = wait_exit(&mut up, Duration::from_secs(60));
+    sigint(up.0.id());
+    let status = wait_exit(&mut up.0, Duration::from_secs(60));
     assert!(status.success(), "{status}\n{}", up_log());
     let left = processes_mentioning(&data.display().to_string());
     assert!(left.is_empty(), "left running: {left:?}");

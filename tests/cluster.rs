@@ -112,6 +112,19 @@ async fn leader(bus: &Bus) -> Option<String> {
     s.info().await.ok()?.cluster.as_ref()?.leader.clone()
 }
 
+/// The services, stopped when the test ends, failing or not: a failed assertion once left
+/// them running after the test, their servers gone.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn spawn(binary: &str, url: &str, config: &Path, work: &Path, log_dir: &Path) -> Child {
     let log = std::fs::File::create(log_dir.join(format!("{binary}.log"))).unwrap();
     Command::new(bin_dir().join(binary))
@@ -182,19 +195,21 @@ command = ["sh", "-c", "echo \"$SLIPWAY_RUN_ID\" >> {}/staging"]
     );
     let project = project(dir.path(), "cluster", &spec, &[]);
     // Each service on its own node first (the others for failover).
-    let mut children: Vec<Child> = SERVICES
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            spawn(
-                s,
-                &urls(&nodes, i),
-                &config,
-                &dir.path().join("work"),
-                dir.path(),
-            )
-        })
-        .collect();
+    let children = Children(
+        SERVICES
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                spawn(
+                    s,
+                    &urls(&nodes, i),
+                    &config,
+                    &dir.path().join("work"),
+                    dir.path(),
+                )
+            })
+            .collect(),
+    );
 
     let url = urls(&nodes, 0);
     let mut runs = Vec::new();
@@ -301,8 +316,5 @@ command = ["sh", "-c", "echo \"$SLIPWAY_RUN_ID\" >> {}/staging"]
         .unwrap()
         .clone();
     assert_eq!(info.config.num_replicas, 3);
-    for c in &mut children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    drop(children);
 }
