@@ -139,9 +139,17 @@ pub async fn put_file(
     }
 }
 
-/// The digest as the object store records it: `SHA-256=<base64url of the hash>`.
-fn recorded(object: &ObjectRef) -> Result<String, BusError> {
+/// A SHA-256 as the object store records it: `SHA-256=<base64url of the hash>`.
+fn recorded_digest(hash: &[u8]) -> String {
     use base64::Engine as _;
+    format!(
+        "SHA-256={}",
+        base64::engine::general_purpose::URL_SAFE.encode(hash)
+    )
+}
+
+/// An event's `sha256:<hex>` digest as the object store records it.
+fn recorded(object: &ObjectRef) -> Result<String, BusError> {
     let hex = object.digest.trim_start_matches("sha256:");
     let bytes = (0..hex.len())
         .step_by(2)
@@ -152,10 +160,7 @@ fn recorded(object: &ObjectRef) -> Result<String, BusError> {
         .collect::<Option<Vec<u8>>>()
         .filter(|b| b.len() == 32)
         .ok_or_else(|| nats("object put", format!("{} is not a SHA-256", object.digest)))?;
-    Ok(format!(
-        "SHA-256={}",
-        base64::engine::general_purpose::URL_SAFE.encode(bytes)
-    ))
+    Ok(recorded_digest(&bytes))
 }
 
 /// Chunks of a put in flight at once: 4 MiB at the default chunk size.
@@ -276,13 +281,7 @@ async fn put(
             ),
         ));
     }
-    let ours = {
-        use base64::Engine as _;
-        format!(
-            "SHA-256={}",
-            base64::engine::general_purpose::URL_SAFE.encode(hash)
-        )
-    };
+    let ours = recorded_digest(&hash);
     // The fields the object store's clients read (ADR-20); `mtime` in RFC 3339.
     let info = serde_json::json!({
         "name": name,
@@ -505,13 +504,8 @@ async fn read_direct(
         ));
     }
     let hash = sha.finalize();
-    // The digest the writer recorded: `SHA-256=<base64url of the hash>`.
     if let Some(recorded) = &info.digest {
-        use base64::Engine as _;
-        let ours = format!(
-            "SHA-256={}",
-            base64::engine::general_purpose::URL_SAFE.encode(hash)
-        );
+        let ours = recorded_digest(&hash);
         if *recorded != ours {
             return Err(fail(
                 written,

@@ -147,9 +147,7 @@ async fn objects_written_at_once_read_back_apart() {
         objects::put_file(&bus, "artifacts", None, &pb),
     );
     for (stored, content) in [(ra.unwrap(), a), (rb.unwrap(), b)] {
-        let out = dir.path().join("out");
-        objects::get_file(&bus, &stored, &out).await.unwrap();
-        assert!(std::fs::read(&out).unwrap() == content);
+        assert_reads_back(&bus, &stored, dir.path(), &content).await;
     }
 }
 
@@ -170,6 +168,13 @@ async fn a_replaced_object_reads_as_its_last_version() {
         objects::read(&bus, "logs", "build.log").await.unwrap(),
         b"shorter"
     );
+}
+
+/// `stored` fetched into a file under `dir` holds exactly `content`.
+async fn assert_reads_back(bus: &Bus, stored: &ObjectRef, dir: &Path, content: &[u8]) {
+    let out = dir.join("out");
+    objects::get_file(bus, stored, &out).await.unwrap();
+    assert!(std::fs::read(&out).unwrap() == content, "{}", stored.name);
 }
 
 /// Messages in the bucket's stream: chunks and infos.
@@ -282,9 +287,7 @@ async fn an_artifact_deleted_and_built_again_is_stored_again() {
         .await
         .unwrap();
     assert_eq!(again, stored);
-    let out = dir.path().join("out");
-    objects::get_file(&bus, &again, &out).await.unwrap();
-    assert!(std::fs::read(&out).unwrap() == content);
+    assert_reads_back(&bus, &again, dir.path(), &content).await;
 }
 
 #[tokio::test]
