@@ -250,7 +250,17 @@ async fn failing_build_reports_exit_code_and_log_tail() {
     assert!(reason.contains("exit code 7"), "{reason}");
     assert!(reason.contains("missing semicolon at main.c:3"), "{reason}");
     assert_eq!(stage(&status, "build")["status"], "failed");
-    assert_eq!(stage(&status, "test:unit")["status"], "pending");
+    // Never requested, and ended with the run.
+    let unit = stage(&status, "test:unit");
+    assert_eq!(unit["status"], "cancelled");
+    assert!(unit["requested_at"].is_null());
+    assert!(
+        unit["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("the run failed before this stage was requested"),
+        "{unit}"
+    );
     stack.assert_replay_matches(&run);
     stack.assert_log_meets_schemas().await;
 }
@@ -321,6 +331,16 @@ timeout_secs = 600
     stack.slipway_ok(&["cancel", &run, "--reason", "test over"]);
     let status = stack.wait_phase(&run, "cancelled", LONG);
     assert_eq!(status["reason"], "test over");
+    // The deploy requested and never started reads as ended, saying why.
+    let deploy = stage(&status, "deploy:staging");
+    assert_eq!(deploy["status"], "cancelled", "{deploy}");
+    assert!(
+        deploy["reason"]
+            .as_str()
+            .unwrap()
+            .contains("before this stage started (test over)"),
+        "{deploy}"
+    );
     stack.assert_replay_matches(&run);
 }
 
@@ -541,7 +561,18 @@ async fn a_cancelled_run_stops_and_stays_cancelled() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let status = stack.slipway_json(&["status", &run]);
     assert_eq!(status["phase"], "cancelled");
-    assert_eq!(stage(&status, "test:unit")["status"], "pending");
+    // The build the cancel cut off, and the suite never requested, ended with the run.
+    let build = stage(&status, "build");
+    assert_eq!(build["status"], "cancelled");
+    assert!(
+        build["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the run was cancelled while this stage ran (wrong branch)"),
+        "{build}"
+    );
+    assert_eq!(stage(&status, "test:unit")["status"], "cancelled");
+    assert!(stage(&status, "test:unit")["requested_at"].is_null());
     let again = stack.slipway(&["cancel", &run]);
     assert_eq!(again.status.code(), Some(1));
     stack.assert_replay_matches(&run);

@@ -278,6 +278,8 @@ fn approval_step(run: &Run, environment: &str) -> Next {
             }
         }
         Some(StageStatus::Succeeded) => Next::Continue,
+        // Only an ended run has cancelled stages, and nothing is decided for it.
+        Some(StageStatus::Cancelled) => Next::Wait,
         Some(StageStatus::Failed) => {
             let reason = run
                 .stage(&key)

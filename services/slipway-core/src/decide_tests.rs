@@ -498,3 +498,71 @@ fn a_newer_approved_run_supersedes_an_older_one_waiting_for_production() {
     let fleet_free = advance(&mut stranger, &[&holder]);
     assert!(fleet_free.contains(&"deploy:production".to_string()));
 }
+
+#[test]
+fn a_runs_end_ends_every_stage_that_had_not_ended() {
+    // Two suites: one running when the run is cancelled, one requested and never started;
+    // nothing after them was ever requested.
+    let spec = format!(
+        "{BUILD_AND_TEST}[[environment]]\nname = \"staging\"\n[environment.deploy]\ncommand = [\"./deploy\"]\n"
+    );
+    let mut sim = Sim::new(&spec);
+    sim.script.insert("test:unit".into(), Answer::Silent);
+    sim.script.insert("test:e2e".into(), Answer::Silent);
+    sim.run_to_end();
+    let started = crate::runtime::started_data(
+        "dev.slipway.test.requested.v1",
+        "test:unit",
+        FIRST_ATTEMPT,
+        "tester-1",
+    )
+    .unwrap();
+    sim.push(crate::runtime::fact("tester", &sim.run_id, started));
+    assert_eq!(
+        sim.run().stage("test:unit").unwrap().status,
+        StageStatus::Running
+    );
+    let end = sim.now + Duration::seconds(4);
+    sim.push(Event::new(
+        "cancel-1",
+        "/slipway/cli",
+        Some(sim.run_id.clone()),
+        end,
+        EventData::RunCancelled(crate::events::RunEnded {
+            reason: "cancelled by alice".into(),
+            stage: None,
+            by: Some("alice".into()),
+        }),
+    ));
+    let run = sim.run().clone();
+    assert_eq!(run.phase, Phase::Cancelled);
+    let stage = |k: &str| run.stage(k).unwrap();
+    assert_eq!(stage("build").status, StageStatus::Succeeded);
+    for (key, cut) in [
+        ("test:unit", "while this stage ran"),
+        ("test:e2e", "before this stage started"),
+        ("deploy:staging", "before this stage was requested"),
+    ] {
+        let s = stage(key);
+        assert_eq!(s.status, StageStatus::Cancelled, "{key}");
+        assert!(s.status.is_terminal());
+        assert_eq!(s.finished_at, Some(end), "{key}");
+        let reason = s.reason.as_deref().unwrap();
+        assert!(
+            reason.contains("the run was cancelled")
+                && reason.contains(cut)
+                && reason.contains("cancelled by alice"),
+            "{key}: {reason}"
+        );
+    }
+    assert_eq!(run.to_json()["stages"][1]["status"], "cancelled");
+    // The worker's late fact changes nothing, and replay agrees with the live fold.
+    let late = crate::runtime::fact(
+        "tester",
+        &sim.run_id,
+        EventData::stage_failure(StageKind::Test, "test:unit", 1, "the run ended".into()),
+    );
+    sim.push(late);
+    assert_eq!(sim.run().stages, run.stages);
+    assert_eq!(&Run::replay(&sim.log).unwrap(), sim.run());
+}

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::envelope::Event;
 use crate::events::{
-    ApprovalDecision, ChangeInfo, EventData, GateReport, ObjectRef, SourceRef, StageKind,
+    ApprovalDecision, ChangeInfo, EventData, GateReport, ObjectRef, RunEnded, SourceRef, StageKind,
     StageVerb, TestReport, stage_kind_of,
 };
 use crate::spec::PipelineSpec;
@@ -77,11 +77,17 @@ pub enum StageStatus {
     Running,
     Succeeded,
     Failed,
+    /// Not ended when the run did: cut off while requested or running, or never requested.
+    /// Set by the fold at the run's end, so replay and live agree; the reason says why.
+    Cancelled,
 }
 
 impl StageStatus {
     pub fn is_terminal(self) -> bool {
-        matches!(self, StageStatus::Succeeded | StageStatus::Failed)
+        matches!(
+            self,
+            StageStatus::Succeeded | StageStatus::Failed | StageStatus::Cancelled
+        )
     }
 }
 
@@ -166,6 +172,9 @@ pub struct Run {
     pub rerun_of: Option<String>,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The stage that decided the run's end, when one did (a timeout's, a failure's).
+    #[serde(skip)]
+    pub end_stage: Option<String>,
     pub stages: Vec<StageState>,
     pub artifact: Option<ArtifactView>,
     pub tests: Vec<TestReport>,
@@ -306,6 +315,7 @@ pub fn fold(state: Option<Run>, event: &Event) -> Option<Run> {
                 rerun_of: created.rerun_of.clone(),
                 created_at: event.time,
                 finished_at: None,
+                end_stage: None,
                 stages,
                 artifact: None,
                 tests: Vec::new(),
@@ -381,17 +391,19 @@ pub fn fold_into(run: &mut Run, event: &Event) {
 
 fn apply(run: &mut Run, event: &Event) {
     let time = event.time;
-    let ended = |run: &mut Run, phase: Phase, reason: &str| {
+    let ended = |run: &mut Run, phase: Phase, d: &RunEnded| {
         run.phase = phase;
-        run.reason = Some(reason.to_string());
+        run.reason = Some(d.reason.clone());
+        run.end_stage = d.stage.clone();
         run.finished_at = Some(time);
+        end_open_stages(run, time);
     };
     match &event.data {
-        EventData::RunSucceeded(d) => ended(run, Phase::Succeeded, &d.reason),
-        EventData::RunFailed(d) => ended(run, Phase::Failed, &d.reason),
-        EventData::RunCancelled(d) => ended(run, Phase::Cancelled, &d.reason),
-        EventData::RunRejected(d) => ended(run, Phase::Rejected, &d.reason),
-        EventData::RunRolledBack(d) => ended(run, Phase::RolledBack, &d.reason),
+        EventData::RunSucceeded(d) => ended(run, Phase::Succeeded, d),
+        EventData::RunFailed(d) => ended(run, Phase::Failed, d),
+        EventData::RunCancelled(d) => ended(run, Phase::Cancelled, d),
+        EventData::RunRejected(d) => ended(run, Phase::Rejected, d),
+        EventData::RunRolledBack(d) => ended(run, Phase::RolledBack, d),
         EventData::ApprovalApproved(d)
         | EventData::ApprovalRejected(d)
         | EventData::ApprovalAutoApproved(d) => {
@@ -403,6 +415,34 @@ fn apply(run: &mut Run, event: &Event) {
                 apply_stage_fact(run, event, key, attempt, verb);
             }
         }
+    }
+}
+
+/// At the run's end, every stage that has not ended reads as `cancelled`, saying why: nothing
+/// can end it any more (the fold ignores whatever comes after the run's end).
+fn end_open_stages(run: &mut Run, time: DateTime<Utc>) {
+    let ended = match run.phase {
+        Phase::Succeeded => "succeeded",
+        Phase::Failed => "failed",
+        Phase::Rejected => "was rejected",
+        Phase::RolledBack => "was rolled back",
+        _ => "was cancelled",
+    };
+    let why = run.reason.as_deref().unwrap_or_default();
+    for stage in &mut run.stages {
+        let cut = match stage.status {
+            StageStatus::Pending => "before this stage was requested",
+            StageStatus::Requested => "before this stage started",
+            StageStatus::Running => "while this stage ran",
+            StageStatus::Succeeded | StageStatus::Failed | StageStatus::Cancelled => continue,
+        };
+        stage.status = StageStatus::Cancelled;
+        stage.finished_at = Some(time);
+        stage.reason = Some(if why.is_empty() {
+            format!("the run {ended} {cut}")
+        } else {
+            format!("the run {ended} {cut} ({why})")
+        });
     }
 }
 
