@@ -242,6 +242,11 @@ async fn approving_on_the_page_deploys_to_production() {
     };
     let mut stack = Stack::start();
     stack.wait_gateway();
+    let b = Browser::start(&driver, &chromium).await;
+    // With nothing waiting when the page loads, it says so (it once said "Loading…" forever).
+    b.goto(&stack.gateway_url()).await;
+    b.wait_text("#waiting", "No run is waiting for approval.")
+        .await;
     let counts = stack.dir.path().join("counts");
     std::fs::create_dir_all(&counts).unwrap();
     let dir = project(
@@ -283,7 +288,6 @@ async fn approving_on_the_page_deploys_to_production() {
         stack.spawn(w);
     }
 
-    let b = Browser::start(&driver, &chromium).await;
     b.goto(&stack.gateway_url()).await;
     b.type_into("#token", "bob-token").await;
     let card = format!("#run-{run}");

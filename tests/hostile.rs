@@ -293,6 +293,69 @@ async fn the_gateway_sends_security_headers_refuses_cross_site_writes_and_limits
         .await
         .unwrap();
     assert_eq!(r.status(), 429);
+    // Only the routes that take a token are refused: health checks, scraping, the page, reads
+    // and intake still answer that address.
+    for path in [
+        "/healthz",
+        "/metrics",
+        "/",
+        "/openapi.json",
+        "/v1/runs",
+        "/v1/ui",
+    ] {
+        let r = http.get(format!("{gw}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path} after failed logins");
+    }
+    let r = http
+        .post(format!("{gw}/v1/changes"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "intake after failed logins");
+
+    // Every error is the documented JSON, including the router's and the body limit's own.
+    let too_big = "x".repeat(1024 * 1024 + 1024);
+    for (method, path, body, status, says) in [
+        (
+            "GET",
+            "/v1/nowhere",
+            None,
+            404,
+            "no such route: GET /v1/nowhere",
+        ),
+        (
+            "DELETE",
+            "/v1/changes",
+            None,
+            405,
+            "method DELETE is not allowed on /v1/changes",
+        ),
+        ("GET", "/v1/changes", None, 405, "allowed: POST"),
+        (
+            "POST",
+            "/v1/changes",
+            Some(too_big),
+            413,
+            "larger than the limit of 1048576 bytes",
+        ),
+    ] {
+        let mut req = http.request(method.parse().unwrap(), format!("{gw}{path}"));
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{method} {path}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/json",
+            "{method} {path}"
+        );
+        let v: Value = r.json().await.unwrap();
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{method} {path}: {v}");
+    }
     // No token, and no signing key, ever reaches the log.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let logs = stack.logs();

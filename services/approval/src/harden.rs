@@ -139,6 +139,52 @@ pub async fn time_limit(State(limit): State<Duration>, req: Request, next: Next)
     }
 }
 
+/// Gives every error the documented `{"error": ...}` body: what the router and the body limit
+/// answer on their own (`404` for no route, `405`, `413`) is plain text or empty, and is
+/// rewritten here to say what was wrong.
+pub async fn json_errors(State(max_body): State<usize>, req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let error = match status {
+        StatusCode::NOT_FOUND => format!("no such route: {method} {path}"),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = resp
+                .headers()
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(|v| format!("; allowed: {v}"))
+                .unwrap_or_default();
+            format!("method {method} is not allowed on {path}{allowed}")
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("the request body is larger than the limit of {max_body} bytes")
+        }
+        other => format!(
+            "{} {}",
+            other.as_u16(),
+            other.canonical_reason().unwrap_or("error")
+        ),
+    };
+    let (mut parts, _) = resp.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::to_vec(&crate::error::ErrorBody { error }).expect("serialises");
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
 /// Failed authentications per client address, in a sliding window.
 #[derive(Debug)]
 pub struct AuthLimiter {
@@ -174,7 +220,8 @@ impl AuthLimiter {
     }
 }
 
-/// Refuses (`429`) an address after too many failed authentications; counts each `401`.
+/// Refuses (`429`) an address after too many failed authentications; counts each `401`. Layered
+/// on the routes that take a token only.
 pub async fn limit_failed_auth(
     State(limiter): State<Arc<AuthLimiter>>,
     req: Request,

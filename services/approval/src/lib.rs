@@ -52,7 +52,15 @@ pub struct AppState {
 pub fn app(state: AppState, max_body_bytes: usize) -> Router {
     let limiter = state.auth_limiter.clone();
     let timeout = state.request_timeout;
-    Router::new()
+    // Only the routes that take a token count and refuse failed authentications: health,
+    // metrics, the page and intake answer whatever an address got wrong before.
+    let with_token = Router::new()
+        .route("/v1/runs/{id}/approvals", post(routes::post_approval))
+        .route_layer(axum::middleware::from_fn_with_state(
+            limiter,
+            harden::limit_failed_auth,
+        ));
+    let routes = Router::new()
         .route("/", get(routes::page))
         .route("/healthz", get(routes::healthz))
         .route("/openapi.json", get(routes::openapi))
@@ -63,21 +71,25 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/runs/{id}", get(routes::get_run))
         .route("/v1/runs/{id}/events", get(routes::run_events))
         .route("/v1/runs/{id}/gates/{stage}", get(routes::gate_details))
-        .route("/v1/runs/{id}/approvals", post(routes::post_approval))
         .route("/v1/metrics/dora", get(routes::dora))
+        .merge(with_token)
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(axum::middleware::from_fn_with_state(
-            limiter,
-            harden::limit_failed_auth,
-        ))
         .layer(axum::middleware::from_fn(harden::same_origin_writes))
         .layer(axum::middleware::from_fn(harden::header_limit))
         .layer(axum::middleware::from_fn_with_state(
             timeout,
             harden::time_limit,
         ))
+        .with_state(state);
+    // Around the whole router rather than each route: a `405` gets its `Allow` header inside
+    // the router, after a per-route layer has seen it.
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::from_fn_with_state(
+            max_body_bytes,
+            harden::json_errors,
+        ))
         .layer(axum::middleware::from_fn(harden::security_headers))
-        .with_state(state)
 }
 
 #[derive(Debug, thiserror::Error)]
