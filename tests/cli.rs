@@ -80,8 +80,68 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     out
 }
 
+/// The environment of a process, as `NAME=value` lines.
+fn environ(pid: &str) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|e| {
+            String::from_utf8_lossy(&e)
+                .split('\0')
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `(binary name, NATS user)` of each service process whose environment names `url`.
+fn service_users(url: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().to_string();
+        let Ok(exe) = std::fs::read_link(entry.path().join("exe")) else {
+            continue;
+        };
+        let name = exe
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        let env = environ(&pid);
+        if !name.starts_with("slipway-") || !env.contains(&format!("SLIPWAY__NATS__URL={url}")) {
+            continue;
+        }
+        let user = env
+            .iter()
+            .find_map(|e| e.strip_prefix("SLIPWAY__NATS__USER="))
+            .unwrap_or("(none)")
+            .to_string();
+        out.push((name, user));
+    }
+    out.sort();
+    out
+}
+
+fn connect(url: &str, user: Option<(&str, &str)>) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut opts = async_nats::ConnectOptions::new();
+        if let Some((u, p)) = user {
+            opts = opts.user_and_password(u.into(), p.into());
+        }
+        let client = opts.connect(url).await.map_err(|e| e.to_string())?;
+        // A request the server answers only to a user allowed the JetStream API.
+        async_nats::jetstream::new(client)
+            .query_account()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+}
+
 #[test]
-fn slipway_up_runs_the_example_and_ctrl_c_stops_everything() {
+fn slipway_up_is_secure_by_default_runs_the_example_and_ctrl_c_stops_everything() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let port = free_port();
@@ -106,13 +166,15 @@ fn slipway_up_runs_the_example_and_ctrl_c_stops_everything() {
         .spawn()
         .unwrap());
     let spec = hello_example().join("slipway.toml");
-    // `submit --wait` retries the connection while `up` starts its server.
+    // `submit --wait` retries the connection while `up` starts its server, as the `cli` user
+    // whose password `up` keeps in the data directory.
     let out = Command::new(bin_dir().join("slipway"))
         .args(["--nats-url", &url, "submit"])
         .arg(&spec)
         .arg("--source")
         .arg(hello_example())
         .args(["--wait", "--json", "--timeout", "60"])
+        .env("SLIPWAY_DATA_DIR", &data)
         .output()
         .unwrap();
     let up_log = || std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
@@ -128,6 +190,55 @@ fn slipway_up_runs_the_example_and_ctrl_c_stops_everything() {
     // The server's store is under the data directory.
     assert!(data.join("nats/jetstream").is_dir());
 
+    // Secure by default: the passwords are the owner's alone; an anonymous client is refused,
+    // the operator's `admin` gets in with the password `up` points at, and every service
+    // connected as its own user (the run above went through every stage under their grants).
+    use std::os::unix::fs::PermissionsExt as _;
+    let creds = data.join("credentials");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&creds), 0o700);
+    let admin_file = creds.join("nats-admin.password");
+    assert_eq!(mode(&admin_file), 0o600);
+    assert_eq!(mode(&creds.join("nats-cli.password")), 0o600);
+    let refused = connect(&url, None).unwrap_err();
+    assert!(
+        refused.to_lowercase().contains("authorization"),
+        "{refused}"
+    );
+    let admin = std::fs::read_to_string(&admin_file).unwrap();
+    connect(&url, Some(("admin", admin.trim()))).unwrap();
+    assert!(connect(&url, Some(("admin", "guess"))).is_err());
+    let log = up_log();
+    assert!(
+        log.contains(&format!(
+            "--user admin --password \"$(cat {})\"",
+            admin_file.display()
+        )),
+        "{log}"
+    );
+    let users = service_users(&url);
+    assert_eq!(users.len(), slipway_e2e::SERVICES.len(), "{users:?}");
+    for (service, user) in &users {
+        assert_eq!(
+            user,
+            slipway_core::credentials::nats_user_of(service),
+            "{service}"
+        );
+    }
+    // A command with no password for the server is refused, saying why.
+    let empty = dir.path().join("elsewhere");
+    let out = Command::new(bin_dir().join("slipway"))
+        .args(["--nats-url", &url, "changes"])
+        .env("SLIPWAY_DATA_DIR", &empty)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        err.contains("authorization") && err.contains("nats-cli.password does not exist"),
+        "{err}"
+    );
+
     sigint(up.0.id());
     let status = wait_exit(&mut up.0, Duration::from_secs(60));
     assert!(status.success(), "{status}\n{}", up_log());
@@ -137,6 +248,60 @@ fn slipway_up_runs_the_example_and_ctrl_c_stops_everything() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "nats-server still listening"
     );
+}
+
+#[test]
+fn slipway_up_insecure_leaves_the_bus_open_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let config = dir.path().join("slipway.toml");
+    std::fs::write(
+        &config,
+        format!("[gateway]\nlisten = \"127.0.0.1:{}\"\n", free_port()),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+    let mut up = Up(Command::new(bin_dir().join("slipway"))
+        .args([
+            "up",
+            "--insecure",
+            "--port",
+            &port.to_string(),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("SLIPWAY_NATS_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap());
+    // Any local process gets in, as nobody in particular.
+    let deadline = Instant::now() + LONG;
+    while let Err(e) = connect(&url, None) {
+        assert!(Instant::now() < deadline, "{e}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = Command::new(bin_dir().join("slipway"))
+        .args(["--nats-url", &url, "changes", "--json"])
+        .env("SLIPWAY_DATA_DIR", dir.path().join("none"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!data.join("credentials").exists());
+    let up_log = std::fs::read_to_string(dir.path().join("up.log")).unwrap();
+    assert!(up_log.contains("--insecure"), "{up_log}");
+    sigint(up.0.id());
+    let status = wait_exit(&mut up.0, Duration::from_secs(60));
+    assert!(status.success(), "{status}");
 }
 
 #[test]
@@ -243,7 +408,7 @@ fn old_server() -> Option<PathBuf> {
 fn services_and_the_cli_refuse_a_server_older_than_2_11() {
     let Some(binary) = old_server() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let nats = NatsProcess::spawn(&binary, 0, &dir.path().join("store"), &[]).unwrap();
+    let nats = NatsProcess::spawn(&binary, 0, &dir.path().join("store"), &[], &[]).unwrap();
     for service in ["slipway-conductor", "slipway-builder", "slipway-tester"] {
         let out = Command::new(bin_dir().join(service))
             .env("SLIPWAY__NATS__URL", nats.url())
@@ -383,4 +548,47 @@ async fn slipway_watch_waits_for_a_run_that_is_about_to_exist() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("is succeeded"), "{stdout}");
+}
+
+#[test]
+fn a_command_whose_reader_went_away_exits_quietly() {
+    let stack = Stack::start_with(&[]);
+    let spec = hello_example().join("slipway.toml");
+    stack.slipway_ok(&[
+        "submit",
+        spec.to_str().unwrap(),
+        "--source",
+        hello_example().to_str().unwrap(),
+    ]);
+    // `slipway changes | head -0`: the reader is gone before the first line is written.
+    for args in [&["changes"][..], &["changes", "--json"]] {
+        let mut child = Command::new(bin_dir().join("slipway"))
+            .args(args)
+            .env("SLIPWAY_NATS_URL", stack.nats.url_as("cli"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {}: {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn the_demos_help_counts_its_three_changes() {
+    let out = Command::new(bin_dir().join("slipway"))
+        .args(["demo", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        help.contains("Three changes of the demo model server"),
+        "{help}"
+    );
+    assert!(!help.to_lowercase().contains("two changes"), "{help}");
 }

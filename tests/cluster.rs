@@ -56,6 +56,7 @@ fn start_cluster(dir: &Path) -> Vec<Node> {
             client[i],
             &dir.join(format!("store-{}", i + 1)),
             &["-c".to_string(), path.display().to_string()],
+            &[],
         )
         .unwrap_or_else(|e| panic!("node {}: {e}", i + 1));
         nodes.push(Node {

@@ -175,15 +175,17 @@ impl Stack {
             .append(true)
             .open(self.dir.path().join(format!("{name}.log")))
             .expect("service log");
-        let (user, password) = self
+        // Each service connects as its own user, its password read from a file, as `up` does.
+        let user = slipway_core::credentials::nats_user_of(binary);
+        let password_file = self
             .nats
-            .credentials(slipway_core::testing::nats_user_of(binary))
+            .password_file(user)
             .expect("a least-privilege user per service");
         let child = Command::new(self.bins.join(binary))
             .env("SLIPWAY_CONFIG", self.dir.path().join("slipway.toml"))
             .env("SLIPWAY__NATS__URL", self.nats.plain_url())
             .env("SLIPWAY__NATS__USER", user)
-            .env("SLIPWAY__NATS__PASSWORD", password)
+            .env("SLIPWAY__NATS__PASSWORD_FILE", password_file)
             .env("SLIPWAY__WORKER__ACK_WAIT_SECS", "3")
             .env("SLIPWAY__WORKER__DRAIN_SECS", "5")
             .env("SLIPWAY__CONDUCTOR__TICK_MILLIS", "100")

@@ -25,7 +25,8 @@ use slipway_core::events::{ChangeSubmitted, EventData, SourceRef};
 use slipway_core::server::free_port;
 use slipway_core::{Event, ids};
 
-use crate::up::Stack;
+use crate::out::outln;
+use crate::up::{Access, Stack};
 
 /// How big a bench run is.
 #[derive(Debug, Clone)]
@@ -404,12 +405,12 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
                    "gateway_requests": opts.gateway_requests, "concurrency": opts.concurrency, "scale_builds": opts.scale_builds,
                    "artifact_mib": opts.artifact_mib}),
         );
-        println!("{}", serde_json::to_string_pretty(&Value::Object(j))?);
+        outln!("{}", serde_json::to_string_pretty(&Value::Object(j))?);
     } else {
-        println!("| measure | value | ratio |");
-        println!("|---|---|---|");
+        outln!("| measure | value | ratio |");
+        outln!("|---|---|---|");
         for (what, value, ratio) in &table.rows {
-            println!("| {what} | {value} | {ratio} |");
+            outln!("| {what} | {value} | {ratio} |");
         }
     }
     if opts.data_dir.is_none() {
@@ -504,18 +505,20 @@ impl Target {
                 Sha256::digest(TOKEN.as_bytes())
             ),
         )?;
-        let stack = Stack::start_env(None, free_port(), data, Some(&config), true, env).await?;
+        let stack = Stack::start_env(
+            None,
+            free_port(),
+            data,
+            Some(&config),
+            true,
+            env,
+            Access::LeastPrivilege,
+        )
+        .await?;
         let gateway = format!("http://127.0.0.1:{gateway_port}");
         let ready = async {
             wait_healthy(&gateway).await?;
-            let bus = Bus::connect(
-                &NatsSettings {
-                    url: stack.url.clone(),
-                    ..Default::default()
-                },
-                "slipway-bench",
-            )
-            .await?;
+            let bus = Bus::connect(&stack.settings("admin"), "slipway-bench").await?;
             bus.ensure_stream().await?;
             anyhow::Ok(bus)
         }
@@ -566,7 +569,7 @@ impl Measured {
         traced: &Target,
         project: &Path,
     ) -> anyhow::Result<(Self, Pct)> {
-        let raw = raw_floor(&plain.stack.url, opts.raw, opts.stored).await?;
+        let raw = raw_floor(&plain.stack.settings("admin"), opts.raw, opts.stored).await?;
         // One run on each first, untimed: every consumer and connection warm.
         one_run(&plain.bus, &plain.gateway, project).await?;
         one_run(&traced.bus, &traced.gateway, project).await?;
@@ -1250,8 +1253,11 @@ async fn artifacts(bus: &Bus, dir: &Path, mib: usize) -> anyhow::Result<Artifact
 }
 
 /// The floor: plain async-nats on the same server, with messages the size of Slipway's events.
-async fn raw_floor(url: &str, n: usize, stored: usize) -> anyhow::Result<RawFloor> {
-    let client = async_nats::connect(url).await?;
+async fn raw_floor(nats: &NatsSettings, n: usize, stored: usize) -> anyhow::Result<RawFloor> {
+    let client = Bus::connect(nats, "slipway-bench-raw")
+        .await?
+        .client()
+        .clone();
     let js = jetstream::new(client.clone());
     let stream = js
         .create_stream(jetstream::stream::Config {

@@ -2,7 +2,7 @@
 //! changes, cancel, rerun.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -12,8 +12,9 @@ use serde_json::{Value, json};
 use slipway_core::bus::{AppendError, Bus, NatsSettings};
 use slipway_core::decide::run_ended;
 use slipway_core::events::{ChangeSubmitted, EventData, RunEnded, SourceRef};
-use slipway_core::{Event, Phase, Run, ids, subjects};
+use slipway_core::{Event, Phase, Run, cdevents, ids, subjects};
 
+use crate::out::outln;
 use crate::show;
 
 /// How long `watch` waits for a run that does not exist yet (just submitted).
@@ -48,14 +49,31 @@ fn exit_for(phase: Phase) -> ExitCode {
     }
 }
 
+/// How people's commands connect to `url`: as the user it names, else as the `cli` user of
+/// the server `slipway up` started, whose password `up` keeps in
+/// `$SLIPWAY_DATA_DIR/credentials` (default `.slipway`). Without that file, as nobody (an open
+/// server); the file is looked for again at each attempt while the server starts.
+pub fn settings(url: &str) -> NatsSettings {
+    let data =
+        std::env::var_os("SLIPWAY_DATA_DIR").map_or_else(|| ".slipway".into(), PathBuf::from);
+    let named = url.split(',').any(|u| u.contains('@'));
+    NatsSettings {
+        url: url.to_string(),
+        connect_timeout_secs: 5,
+        user: (!named).then(|| "cli".to_string()),
+        password_file: (!named).then(|| {
+            slipway_core::credentials::password_file(
+                &slipway_core::credentials::directory(&data),
+                "cli",
+            )
+        }),
+        ..Default::default()
+    }
+}
+
 impl Client {
-    pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        let settings = NatsSettings {
-            url: url.to_string(),
-            connect_timeout_secs: 5,
-            ..Default::default()
-        };
-        let bus = Bus::connect(&settings, "slipway-cli").await?;
+    pub async fn connect(settings: &NatsSettings) -> anyhow::Result<Self> {
+        let bus = Bus::connect(settings, "slipway-cli").await?;
         bus.ensure_stream_exists().await?;
         Ok(Self { bus })
     }
@@ -203,9 +221,9 @@ impl Client {
         let (run_id, change_seq) = self.send_change(change).await?;
         if !wait {
             if json_out {
-                println!("{}", json!({ "run_id": run_id }));
+                outln!("{}", json!({ "run_id": run_id }));
             } else {
-                println!("{run_id}");
+                outln!("{run_id}");
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -216,7 +234,7 @@ impl Client {
         loop {
             if let Some(reason) = self.rejection(change_seq).await? {
                 if json_out {
-                    println!("{}", json!({"run_id": null, "rejected": reason}));
+                    outln!("{}", json!({"run_id": null, "rejected": reason}));
                 } else {
                     eprintln!("Change rejected: {reason}");
                 }
@@ -226,12 +244,12 @@ impl Client {
                 let phase = phase_of(&state);
                 if phase.is_final() || phase == Phase::AwaitingApproval {
                     if json_out {
-                        println!(
+                        outln!(
                             "{}",
                             json!({"run_id": run_id, "phase": phase.as_str(), "reason": state["reason"]})
                         );
                     } else {
-                        println!("{run_id}");
+                        outln!("{run_id}");
                         show::print_status(&state);
                     }
                     return Ok(exit_for(phase));
@@ -266,7 +284,7 @@ impl Client {
             return Ok(ExitCode::from(1));
         };
         if json_out {
-            println!("{}", serde_json::to_string_pretty(&state)?);
+            outln!("{}", serde_json::to_string_pretty(&state)?);
         } else {
             show::print_status(&state);
         }
@@ -282,8 +300,8 @@ impl Client {
         }
         for r in log {
             match r.event {
-                Ok(e) => println!("{}", serde_json::to_string(&e.to_structured_json())?),
-                Err(err) => println!(
+                Ok(e) => outln!("{}", serde_json::to_string(&e.to_structured_json())?),
+                Err(err) => outln!(
                     "{}",
                     json!({"seq": r.seq, "subject": r.subject, "error": err.to_string()})
                 ),
@@ -335,7 +353,7 @@ impl Client {
                 return Ok(ExitCode::from(1));
             };
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&state.to_json())?);
+                outln!("{}", serde_json::to_string_pretty(&state.to_json())?);
             } else {
                 show::print_status(&state.to_json());
             }
@@ -362,7 +380,7 @@ impl Client {
             .filter_map(|id| runs.get(id).and_then(|r| r.as_ref()).map(Run::to_json))
             .collect();
         if json_out {
-            println!("{}", serde_json::to_string_pretty(&states)?);
+            outln!("{}", serde_json::to_string_pretty(&states)?);
         } else {
             let mut by_phase: BTreeMap<String, usize> = BTreeMap::new();
             for s in &states {
@@ -370,13 +388,13 @@ impl Client {
                     .entry(phase_of(s).as_str().to_string())
                     .or_default() += 1;
             }
-            println!(
+            outln!(
                 "Replayed {n} events into {} runs in {:.3}s:",
                 states.len(),
                 started.elapsed().as_secs_f64()
             );
             for (p, c) in by_phase {
-                println!("  {p:<18} {c}");
+                outln!("  {p:<18} {c}");
             }
         }
         Ok(ExitCode::SUCCESS)
@@ -397,7 +415,7 @@ impl Client {
         let now = slipway_core::bus::now();
         let report = slipway_core::dora::report(runs.values().flatten(), now - window, now);
         if json_out {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            outln!("{}", serde_json::to_string_pretty(&report)?);
         } else {
             show::print_dora(&report);
         }
@@ -446,7 +464,11 @@ impl Client {
                     Some(e.source.clone()),
                     Some(e.time.to_rfc3339()),
                 ),
-                Err(_) => (None, None, None),
+                // A CDEvent taken as a change: its context says what it is.
+                Err(_) => match r.raw.as_deref().map(cdevents::parse_incoming) {
+                    Some(Ok(c)) => (Some(c.id), Some(c.source), Some(c.timestamp.to_rfc3339())),
+                    _ => (None, None, None),
+                },
             };
             let outcome = outcomes.get(&r.seq).cloned().unwrap_or_else(|| {
                 // A repeat of an earlier change: it has that change's run.
@@ -472,7 +494,7 @@ impl Client {
             }));
         }
         if json_out {
-            println!("{}", serde_json::to_string_pretty(&rows)?);
+            outln!("{}", serde_json::to_string_pretty(&rows)?);
         } else {
             show::print_changes_table(&rows);
         }
@@ -517,7 +539,7 @@ impl Client {
                     return Ok(ExitCode::from(1));
                 }
                 Ok(_) => {
-                    println!("Run {run} cancelled: {reason}");
+                    outln!("Run {run} cancelled: {reason}");
                     return Ok(ExitCode::SUCCESS);
                 }
                 // The run moved on while we decided: look again.

@@ -1,14 +1,16 @@
-//! `slipway demo`: Slipway delivering two changes of a small model server, end to end, on this
-//! machine.
+//! `slipway demo`: Slipway delivering three changes of a small model server, end to end, on
+//! this machine.
 //!
 //! It starts its own nats-server and every service, then drives:
 //! 1. version 1.0.0: build (rustc), unit and integration suites, staging, an approval through
 //!    the gateway's HTTP API, production, verified by the monitor;
-//! 2. version 2.0.0, whose deliberate defect (it starts answering errors after two seconds)
-//!    only production monitoring sees: it is approved, reaches production, degrades, and is
-//!    rolled back to 1.0.0, which serves again.
+//! 2. version 1.1.0, healthy but less accurate and slower: the quality gates stop it before
+//!    anyone is asked to approve, and nothing reaches production;
+//! 3. version 2.0.0, whose deliberate defect (it starts answering errors after two seconds)
+//!    only production monitoring sees: it passes the gates, is approved, reaches production,
+//!    degrades, and is rolled back to 1.0.0, which serves again.
 //!
-//! It exits 0 only when both runs end as described.
+//! It exits 0 only when all three runs end as described.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -21,6 +23,7 @@ use slipway_core::server::free_port;
 
 use crate::client::{Client, change_from, phase_of};
 use crate::http;
+use crate::out::outln;
 use crate::show;
 use crate::up::Stack;
 
@@ -104,7 +107,7 @@ async fn deliver(
         Some(title.into()),
     )?;
     let (run, seq) = client.send_change(change).await?;
-    println!("\n▶ {title}: run {run}");
+    outln!("\n▶ {title}: run {run}");
     let state = client
         .wait_until(&run, seq, Duration::from_secs(600), |s| {
             s["phase"] == "awaiting_approval"
@@ -114,7 +117,7 @@ async fn deliver(
         show::print_status(&state);
         return Ok(state);
     }
-    println!("  built, tested and deployed to staging; waiting for approval");
+    outln!("  built, tested and deployed to staging; waiting for approval");
     let recorded = http::decide(
         gateway,
         token,
@@ -124,7 +127,7 @@ async fn deliver(
         None,
     )
     .await?;
-    println!(
+    outln!(
         "  ✓ approved through the HTTP API: POST {gateway}/v1/runs/{run}/approvals as {} (artifact {})",
         recorded["approver"].as_str().unwrap_or(APPROVER),
         recorded["artifact_digest"].as_str().unwrap_or("")
@@ -200,14 +203,20 @@ pub async fn demo(
     std::fs::write(&config_path, config)?;
 
     let stack = Stack::start(None, free_port(), &data, Some(&config_path), true).await?;
-    println!("Slipway demo");
-    println!("  NATS         {}", stack.url);
-    println!("  gateway      {gateway}  (approver page; approver token {token})");
-    println!("  staging      http://127.0.0.1:{staging}");
-    println!("  production   http://127.0.0.1:{production}");
+    outln!("Slipway demo");
+    outln!("  NATS         {}", stack.url);
+    if let Some(c) = &stack.credentials {
+        outln!(
+            "  NATS users   least-privilege; passwords in {} (admin for operators)",
+            c.dir().display()
+        );
+    }
+    outln!("  gateway      {gateway}  (approver page; approver token {token})");
+    outln!("  staging      http://127.0.0.1:{staging}");
+    outln!("  production   http://127.0.0.1:{production}");
 
     let flow = async {
-        let client = Client::connect(&stack.url).await?;
+        let client = Client::connect(&stack.settings("cli")).await?;
         // The gateway listens once it has connected.
         let mut ready = false;
         for _ in 0..100 {
@@ -282,7 +291,7 @@ pub async fn demo(
             matches!(s["name"].as_str(), Some("evaluate" | "perf")) && s["status"] == "failed"
         }) && st
             .iter()
-            .any(|s| s["name"] == "approval:production" && s["status"] == "pending")
+            .any(|s| s["name"] == "approval:production" && s["requested_at"].is_null())
     });
     let ok_blocked = phase_of(&blocked) == slipway_core::Phase::Failed && gate_failed;
 
@@ -290,24 +299,24 @@ pub async fn demo(
         phase_of(&first) == slipway_core::Phase::Succeeded && live1.as_deref() == Some("1.0.0");
     let ok2 =
         phase_of(&second) == slipway_core::Phase::RolledBack && live2.as_deref() == Some("1.0.0");
-    println!("\nSummary");
-    println!(
+    outln!("\nSummary");
+    outln!(
         "  {} run {}: {} (production then served {})",
         if ok1 { "✓" } else { "✗" },
         first["run_id"].as_str().unwrap_or(""),
         first["phase"].as_str().unwrap_or(""),
         live1.as_deref().unwrap_or("nothing")
     );
-    println!(
+    outln!(
         "  {} run {}: {} before approval, stopped by the gates",
         if ok_blocked { "✓" } else { "✗" },
         blocked["run_id"].as_str().unwrap_or(""),
         blocked["phase"].as_str().unwrap_or(""),
     );
     if let Some(r) = blocked["reason"].as_str() {
-        println!("    {r}");
+        outln!("    {r}");
     }
-    println!(
+    outln!(
         "  {} run {}: {} (production then served {})",
         if ok2 { "✓" } else { "✗" },
         second["run_id"].as_str().unwrap_or(""),
@@ -315,20 +324,20 @@ pub async fn demo(
         live2.as_deref().unwrap_or("nothing")
     );
     if let Some(r) = second["reason"].as_str() {
-        println!("    {r}");
+        outln!("    {r}");
     }
-    println!(
+    outln!(
         "  gateway was {gateway}; the event log is in {}",
         data.join("nats").display()
     );
     if ok1 && ok_blocked && ok2 {
-        println!(
+        outln!(
             "Demo passed: 1.0.0 verified in production; 1.1.0 stopped by the quality gates; \
              2.0.0 passed them, degraded in production and was rolled back to 1.0.0."
         );
         Ok(ExitCode::SUCCESS)
     } else {
-        println!(
+        outln!(
             "Demo FAILED: expected 1.0.0 succeeded, 1.1.0 failed at the gates, 2.0.0 rolled back \
              to 1.0.0."
         );

@@ -1,8 +1,10 @@
 //! `slipway`: run Slipway locally, submit changes, and follow, replay and cancel runs.
 //!
 //! Every command talks to NATS (`--nats-url`, default `SLIPWAY_NATS_URL`, else
-//! `nats://127.0.0.1:4222`). Exit codes: 0 success, 1 a run that did not succeed or an
-//! operation refused, 2 bad usage or an unreachable server.
+//! `nats://127.0.0.1:4222`), as the user the URL names, else as the `cli` user of the server
+//! `slipway up` started (its password from `$SLIPWAY_DATA_DIR/credentials`, default
+//! `.slipway`). Exit codes: 0 success, 1 a run that did not succeed or an operation refused, 2
+//! bad usage or an unreachable server.
 
 // Replay, status and the benchmark's replay row decode and fold whole logs: the conductor's
 // allocator (see its main.rs).
@@ -13,6 +15,7 @@ mod bench;
 mod client;
 mod demo;
 mod http;
+mod out;
 mod show;
 mod soak;
 mod up;
@@ -21,6 +24,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::out::outln;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,9 +51,15 @@ enum Command {
         /// Port of the local nats-server.
         #[arg(long, default_value_t = 4222)]
         port: u16,
-        /// Directory for the local server's data and the services' workspaces.
-        #[arg(long, default_value = ".slipway")]
+        /// Directory for the local server's data, its users' passwords and the services'
+        /// workspaces.
+        #[arg(long, env = "SLIPWAY_DATA_DIR", default_value = ".slipway")]
         data_dir: PathBuf,
+        /// Let every local process onto the local nats-server, as any service (by default
+        /// each service, the CLI and operators have their own user, passwords generated into
+        /// the data directory).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Publish a change: a pipeline spec and its source.
     Submit {
@@ -197,8 +208,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Two changes of the demo model server end to end (the first verified in production,
-    /// the second rolled back), against a private nats-server; then stop.
+    /// Three changes of the demo model server end to end (the first verified in production,
+    /// the second stopped by the quality gates, the third rolled back from production), against
+    /// a private nats-server; then stop.
     Demo {
         /// The demo project (default: deploy/demo/model-server of this repository).
         #[arg(long)]
@@ -237,12 +249,26 @@ fn nats_url(cli: &Option<String>) -> String {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let explicit_url = cli.nats_url.clone();
     let url = nats_url(&cli.nats_url);
+    if matches!(
+        cli.command,
+        Command::Up { .. } | Command::Demo { .. } | Command::Soak { .. } | Command::Bench { .. }
+    ) {
+        out::keep_running_on_closed_pipe();
+    }
     match cli.command {
         Command::Up {
             config,
             port,
             data_dir,
-        } => up::up(explicit_url, config, port, data_dir).await,
+            insecure,
+        } => {
+            let access = if insecure {
+                up::Access::Open
+            } else {
+                up::Access::LeastPrivilege
+            };
+            up::up(explicit_url, config, port, data_dir, access).await
+        }
         Command::Demo {
             project,
             data_dir,
@@ -328,9 +354,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             match http::decide(&gw, &token, &run, !reject, comment, artifact_digest).await {
                 Ok(v) => {
                     if json {
-                        println!("{v}");
+                        outln!("{v}");
                     } else {
-                        println!(
+                        outln!(
                             "Recorded: {} of run {run} by {} for {}",
                             v["decision"].as_str().unwrap_or(""),
                             v["approver"].as_str().unwrap_or(""),
@@ -354,40 +380,40 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             json,
         } => {
-            let c = client::Client::connect(&url).await?;
+            let c = client::Client::connect(&client::settings(&url)).await?;
             c.submit(&spec, source, revision, title, wait, timeout, json)
                 .await
         }
         Command::Status { run, json } => {
-            let c = client::Client::connect(&url).await?;
+            let c = client::Client::connect(&client::settings(&url)).await?;
             c.status(&run, json).await
         }
         Command::Events { run } => {
-            let c = client::Client::connect(&url).await?;
+            let c = client::Client::connect(&client::settings(&url)).await?;
             c.events(&run).await
         }
         Command::Watch { run, timeout } => {
-            let c = client::Client::connect(&url).await?;
+            let c = client::Client::connect(&client::settings(&url)).await?;
             c.watch(&run, timeout).await
         }
         Command::Replay { run, json } => {
-            let c = client::Client::connect(&url).await?;
+            let c = client::Client::connect(&client::settings(&url)).await?;
             c.replay(run.as_deref(), json).await
         }
         Command::Changes { json, limit } => {
-            let c = client::Client::connect(&url).await?;
+            let c = client::Client::connect(&client::settings(&url)).await?;
             c.changes(json, limit).await
         }
         Command::Cancel { run, reason } => {
-            let c = client::Client::connect(&url).await?;
+            let c = client::Client::connect(&client::settings(&url)).await?;
             c.cancel(&run, reason).await
         }
         Command::Dora { since, json } => {
-            let c = client::Client::connect(&url).await?;
+            let c = client::Client::connect(&client::settings(&url)).await?;
             c.dora(&since, json).await
         }
         Command::Rerun { run, json } => {
-            let c = client::Client::connect(&url).await?;
+            let c = client::Client::connect(&client::settings(&url)).await?;
             c.rerun(&run, json).await
         }
     }

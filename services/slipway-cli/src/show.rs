@@ -1,5 +1,6 @@
 //! Human-readable output of run states and changes.
 
+use crate::out::outln;
 use serde_json::Value;
 
 fn s(v: &Value) -> &str {
@@ -15,27 +16,27 @@ fn time(v: &Value) -> String {
 
 /// A run's status as a few lines.
 pub fn print_status(state: &Value) {
-    println!(
+    outln!(
         "run {} (pipeline {}): {}",
         s(&state["run_id"]),
         s(&state["pipeline"]),
         s(&state["phase"])
     );
     if let Some(r) = state["reason"].as_str() {
-        println!("  {r}");
+        outln!("  {r}");
     }
     if let Some(t) = state["trace_id"].as_str() {
         // A trace UI's URL template ({trace_id}), as the gateway has it.
         match std::env::var("SLIPWAY_TRACE_URL_TEMPLATE") {
             Ok(tpl) if tpl.contains("{trace_id}") => {
-                println!("  trace {t}  {}", tpl.replace("{trace_id}", t));
+                outln!("  trace {t}  {}", tpl.replace("{trace_id}", t));
             }
-            _ => println!("  trace {t}"),
+            _ => outln!("  trace {t}"),
         }
     }
     if let Some(stages) = state["stages"].as_array() {
         for st in stages {
-            println!(
+            outln!(
                 "  {:<22} {:<10} {} → {}",
                 s(&st["name"]),
                 s(&st["status"]),
@@ -44,14 +45,14 @@ pub fn print_status(state: &Value) {
             );
             if let Some(r) = st["reason"].as_str() {
                 for line in r.lines().take(12) {
-                    println!("      {line}");
+                    outln!("      {line}");
                 }
             }
         }
     }
     if let Some(gates) = state["gates"].as_array() {
         for g in gates {
-            println!(
+            outln!(
                 "  gate {}: {}{}",
                 s(&g["stage"]),
                 s(&g["verdict"]),
@@ -61,12 +62,12 @@ pub fn print_status(state: &Value) {
                     .unwrap_or_default()
             );
             for c in g["checks"].as_array().into_iter().flatten() {
-                println!("      {:<5} {}", s(&c["verdict"]), s(&c["note"]));
+                outln!("      {:<5} {}", s(&c["verdict"]), s(&c["note"]));
             }
         }
     }
     if let Some(a) = state["artifact"].as_object() {
-        println!(
+        outln!(
             "  artifact {} ({} bytes)",
             a.get("digest").and_then(Value::as_str).unwrap_or(""),
             a.get("size").and_then(Value::as_u64).unwrap_or(0)
@@ -78,13 +79,13 @@ pub fn print_status(state: &Value) {
 pub fn print_changes(before: Option<&Value>, after: &Value) {
     let now = chrono::Utc::now().format("%H:%M:%S");
     if before.map(|b| &b["phase"]) != Some(&after["phase"]) {
-        println!(
+        outln!(
             "{now} run {} is {}",
             s(&after["run_id"]),
             s(&after["phase"])
         );
         if let Some(r) = after["reason"].as_str() {
-            println!("         {r}");
+            outln!("         {r}");
         }
     }
     let empty = Vec::new();
@@ -94,9 +95,9 @@ pub fn print_changes(before: Option<&Value>, after: &Value) {
     for st in after["stages"].as_array().unwrap_or(&empty) {
         let prev = old.iter().find(|o| o["name"] == st["name"]);
         if prev.map(|p| &p["status"]) != Some(&st["status"]) && s(&st["status"]) != "pending" {
-            println!("{now}   {:<22} {}", s(&st["name"]), s(&st["status"]));
+            outln!("{now}   {:<22} {}", s(&st["name"]), s(&st["status"]));
             if let Some(r) = st["reason"].as_str() {
-                println!("           {}", r.lines().next().unwrap_or(""));
+                outln!("           {}", r.lines().next().unwrap_or(""));
             }
         }
     }
@@ -105,7 +106,7 @@ pub fn print_changes(before: Option<&Value>, after: &Value) {
 /// `slipway changes` as a table.
 pub fn print_changes_table(rows: &[Value]) {
     if rows.is_empty() {
-        println!("No changes received.");
+        outln!("No changes received.");
         return;
     }
     for r in rows {
@@ -121,7 +122,7 @@ pub fn print_changes_table(rows: &[Value]) {
         } else {
             "not answered yet".into()
         };
-        println!(
+        outln!(
             "#{:<6} {:<25} {:<20} {:<38} {what}",
             r["seq"],
             r["time"].as_str().unwrap_or("-"),
@@ -135,17 +136,23 @@ pub fn print_changes_table(rows: &[Value]) {
 pub fn print_dora(r: &slipway_core::dora::Report) {
     let opt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |x| format!("{x:.2}{unit}"));
     let pct = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{:.1}%", x * 100.0));
-    println!(
+    outln!(
         "DORA from {} to {}",
         r.since.format("%Y-%m-%d %H:%M"),
         r.until.format("%Y-%m-%d %H:%M")
     );
-    println!(
+    outln!(
         "{:<24} {:>8} {:>10} {:>14} {:>10} {:>14} {:>8}",
-        "pipeline", "deploys", "per day", "lead time p50", "fail rate", "recovery p50", "rework"
+        "pipeline",
+        "deploys",
+        "per day",
+        "lead time p50",
+        "fail rate",
+        "recovery p50",
+        "rework"
     );
     let row = |name: &str, m: &slipway_core::dora::Measures| {
-        println!(
+        outln!(
             "{:<24} {:>8} {:>10.2} {:>14} {:>10} {:>14} {:>8}",
             name,
             m.deployments,

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
-use slipway_core::bus::{Bus, NatsSettings};
+use slipway_core::bus::Bus;
 use slipway_core::events::{ChangeSubmitted, EventData, SourceRef};
 use slipway_core::server::free_port;
 use slipway_core::{Event, ids};
 
+use crate::out::outln;
 use crate::up::{SERVICES, Stack};
 
 #[derive(Debug, Clone)]
@@ -96,15 +97,7 @@ pub async fn soak(opts: Options) -> anyhow::Result<ExitCode> {
     let mut rng = Lcg(seed);
     let mut stack = Stack::start(None, free_port(), &data, Some(&config), true).await?;
     stack.max_restarts = u32::MAX;
-    let bus = Bus::connect(
-        &NatsSettings {
-            url: stack.url.clone(),
-            connect_timeout_secs: 30,
-            ..Default::default()
-        },
-        "slipway-soak",
-    )
-    .await?;
+    let bus = Bus::connect(&stack.settings("admin"), "slipway-soak").await?;
     bus.ensure_stream().await?;
 
     let started = Instant::now();
@@ -221,26 +214,26 @@ pub async fn soak(opts: Options) -> anyhow::Result<ExitCode> {
         "seconds": elapsed,
     });
     if opts.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("| soak | |");
-        println!("|---|---|");
-        println!("| seed | {seed} |");
-        println!(
+        outln!("| soak | |");
+        outln!("|---|---|");
+        outln!("| seed | {seed} |");
+        outln!(
             "| runs submitted / acknowledged | {} / {} |",
             opts.runs,
             acknowledged.len()
         );
-        println!("| runs created | {} |", created.len());
+        outln!("| runs created | {} |", created.len());
         for (o, n) in &outcomes {
-            println!("| ended {o} | {n} |");
+            outln!("| ended {o} | {n} |");
         }
-        println!("| lost (must be 0) | {lost} |");
-        println!("| duplicated deploys (must be 0) | {duplicate_deploys} |");
-        println!("| duplicated artifacts (must be 0) | {duplicate_artifacts} |");
-        println!("| events in the log | {events} |");
-        println!("| faults injected | {faults:?} |");
-        println!("| duration | {elapsed:.0} s |");
+        outln!("| lost (must be 0) | {lost} |");
+        outln!("| duplicated deploys (must be 0) | {duplicate_deploys} |");
+        outln!("| duplicated artifacts (must be 0) | {duplicate_artifacts} |");
+        outln!("| events in the log | {events} |");
+        outln!("| faults injected | {faults:?} |");
+        outln!("| duration | {elapsed:.0} s |");
     }
     if opts.data_dir.is_none() {
         let _ = std::fs::remove_dir_all(&data);

@@ -6,6 +6,8 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use slipway_core::bus::NatsSettings;
+use slipway_core::credentials::{self, Credentials};
 use slipway_core::server::{NatsProcess, find_nats_server};
 use tokio::process::{Child, Command};
 
@@ -37,7 +39,10 @@ struct Service {
 /// A running set of services (and maybe their nats-server).
 pub struct Stack {
     nats: Option<NatsProcess>,
+    /// The server's URL, without credentials.
     pub url: String,
+    /// Every user's password when this stack's own server runs the least-privilege users.
+    pub credentials: Option<Credentials>,
     services: Vec<Service>,
     env: Vec<(String, String)>,
     bin_dir: PathBuf,
@@ -50,6 +55,15 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     Ok(std::fs::canonicalize(p)?)
 }
 
+/// How a stack's own nats-server lets clients in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The least-privilege users, passwords generated into the data directory (the default).
+    LeastPrivilege,
+    /// Anyone on this host, as any service (`slipway up --insecure`).
+    Open,
+}
+
 impl Stack {
     /// Starts nats-server (unless `url` is given) and every service.
     pub async fn start(
@@ -59,10 +73,20 @@ impl Stack {
         config: Option<&Path>,
         quiet: bool,
     ) -> anyhow::Result<Self> {
-        Self::start_env(url, port, data_dir, config, quiet, Vec::new()).await
+        Self::start_env(
+            url,
+            port,
+            data_dir,
+            config,
+            quiet,
+            Vec::new(),
+            Access::LeastPrivilege,
+        )
+        .await
     }
 
-    /// As [`Stack::start`], with `extra_env` added to every service's environment.
+    /// As [`Stack::start`], with `extra_env` added to every service's environment and the
+    /// server's `access`.
     pub async fn start_env(
         url: Option<String>,
         port: u16,
@@ -70,15 +94,30 @@ impl Stack {
         config: Option<&Path>,
         quiet: bool,
         extra_env: Vec<(String, String)>,
+        access: Access,
     ) -> anyhow::Result<Self> {
         let data_dir = absolute(data_dir)?;
-        let (nats, url) = match url {
-            Some(u) => (None, u),
+        let (nats, url, credentials) = match url {
+            Some(u) => (None, u, None),
             None => {
                 let binary = find_nats_server(&[]).map_err(anyhow::Error::msg)?;
                 let store = data_dir.join("nats");
-                let p =
-                    NatsProcess::spawn(&binary, port, &store, &[]).map_err(anyhow::Error::msg)?;
+                let (args, env, credentials) = match access {
+                    Access::Open => (Vec::new(), Vec::new(), None),
+                    Access::LeastPrivilege => {
+                        let dir = credentials::directory(&data_dir);
+                        let c = Credentials::load_or_create(&dir).with_context(|| {
+                            format!("cannot keep the NATS passwords in {}", dir.display())
+                        })?;
+                        let conf = data_dir.join("nats-server.conf");
+                        Credentials::write_server_config(&conf)
+                            .with_context(|| format!("cannot write {}", conf.display()))?;
+                        let args = vec!["-c".to_string(), conf.display().to_string()];
+                        (args, c.server_env(), Some(c))
+                    }
+                };
+                let p = NatsProcess::spawn(&binary, port, &store, &args, &env)
+                    .map_err(anyhow::Error::msg)?;
                 eprintln!(
                     "nats-server {} listening at {} (data in {})",
                     binary.display(),
@@ -86,7 +125,7 @@ impl Stack {
                     store.display()
                 );
                 let url = p.url();
-                (Some(p), url)
+                (Some(p), url, credentials)
             }
         };
         let bin_dir = std::env::current_exe()?
@@ -122,6 +161,7 @@ impl Stack {
         let mut stack = Self {
             nats,
             url,
+            credentials,
             services: SERVICES
                 .iter()
                 .map(|name| Service {
@@ -158,10 +198,37 @@ impl Stack {
         self.spawn(self.services.len() - 1)
     }
 
+    /// How a client connects to this stack's server as `user` (its password from its file on
+    /// the least-privilege server; no user on an open one or a server given by URL).
+    pub fn settings(&self, user: &str) -> NatsSettings {
+        let mut s = NatsSettings {
+            url: self.url.clone(),
+            connect_timeout_secs: 30,
+            ..Default::default()
+        };
+        if let Some(c) = &self.credentials {
+            s.user = Some(user.to_string());
+            s.password_file = Some(c.password_file(user));
+        }
+        s
+    }
+
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
         let name = self.services[i].name;
+        // Each service as its own user, its password read from its file.
+        let user = self.credentials.as_ref().map(|c| {
+            let user = credentials::nats_user_of(name);
+            [
+                ("SLIPWAY__NATS__USER".to_string(), user.to_string()),
+                (
+                    "SLIPWAY__NATS__PASSWORD_FILE".to_string(),
+                    c.password_file(user).display().to_string(),
+                ),
+            ]
+        });
         let child = Command::new(self.bin_dir.join(name))
             .envs(self.env.iter().cloned())
+            .envs(user.into_iter().flatten())
             .stdin(Stdio::null())
             // Own process group: a terminal's Ctrl-C goes to `up`, which stops each service
             // with one SIGTERM (a second signal would make it exit without draining).
@@ -294,6 +361,27 @@ fn approval_keys(data_dir: &Path, config: Option<&Path>) -> anyhow::Result<Vec<(
     ])
 }
 
+/// How people and tools connect to a least-privilege server `up` started.
+pub fn connect_hint(url: &str, c: &Credentials, data_dir: &Path) -> String {
+    let here = std::fs::canonicalize(".slipway").ok();
+    let data = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let cli = if here.as_deref() == Some(data.as_path()) {
+        "slipway commands run from this directory connect as the `cli` user by themselves; \
+         from elsewhere"
+            .to_string()
+    } else {
+        "slipway commands connect as the `cli` user".to_string()
+    };
+    format!(
+        "NATS lets in only Slipway's least-privilege users; their passwords are in {dir} \
+         (readable by you alone).\n  {cli} with SLIPWAY_DATA_DIR={data}\n  \
+         as an operator (every permission): nats --server {url} --user admin --password \"$(cat {admin})\"",
+        dir = c.dir().display(),
+        data = data.display(),
+        admin = c.password_file("admin").display(),
+    )
+}
+
 pub fn absolute_file(p: &Path) -> anyhow::Result<PathBuf> {
     std::fs::canonicalize(p).with_context(|| format!("{} does not exist", p.display()))
 }
@@ -314,13 +402,31 @@ pub async fn up(
     config: Option<PathBuf>,
     port: u16,
     data_dir: PathBuf,
+    access: Access,
 ) -> anyhow::Result<ExitCode> {
-    let mut stack = Stack::start(url, port, &data_dir, config.as_deref(), false).await?;
+    let mut stack = Stack::start_env(
+        url,
+        port,
+        &data_dir,
+        config.as_deref(),
+        false,
+        Vec::new(),
+        access,
+    )
+    .await?;
     eprintln!(
         "Slipway is up: NATS at {}; services: {}. Ctrl-C stops everything.",
         stack.url,
         SERVICES.join(", ")
     );
+    match &stack.credentials {
+        Some(c) => eprintln!("{}", connect_hint(&stack.url, c, &data_dir)),
+        None if stack.nats.is_some() => eprintln!(
+            "NATS is open to every local process (--insecure): any of them can read the log, \
+             publish any fact or delete it."
+        ),
+        None => {}
+    }
     let stop = signal();
     tokio::pin!(stop);
     let outcome = loop {

@@ -13,6 +13,7 @@ pub mod binding;
 pub mod bus;
 pub mod cdevents;
 pub mod config;
+pub mod credentials;
 pub mod decide;
 pub mod dora;
 pub mod envelope;

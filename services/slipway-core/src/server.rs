@@ -102,8 +102,9 @@ pub struct NatsProcess {
 }
 
 impl NatsProcess {
-    /// Starts the server on `port` (0: a free one) with its JetStream store in `store`, and
-    /// waits until it accepts connections.
+    /// Starts the server on `port` (0: a free one) with its JetStream store in `store`, `env`
+    /// in its environment (values its configuration refers to as `$NAME`), and waits until it
+    /// accepts connections.
     ///
     /// # Errors
     /// When it cannot start or does not listen within 15 s.
@@ -112,6 +113,7 @@ impl NatsProcess {
         port: u16,
         store: &Path,
         extra_args: &[String],
+        env: &[(String, String)],
     ) -> Result<Self, String> {
         // A picked port can be taken by another process before the server binds it: the
         // server then exits at start, and another port is picked.
@@ -124,7 +126,7 @@ impl NatsProcess {
                 port: if port == 0 { free_port() } else { port },
                 store: store.to_path_buf(),
                 extra_args: extra_args.to_vec(),
-                env: Vec::new(),
+                env: env.to_vec(),
             };
             match p.start(port != 0) {
                 Ok(()) => return Ok(p),
@@ -220,38 +222,10 @@ impl NatsProcess {
         }
     }
 
-    /// Starts again on the same port and store.
+    /// SIGKILL, then the same server again on the same port and store.
     ///
     /// # Errors
     /// As [`NatsProcess::spawn`].
-    /// As [`NatsProcess::spawn`], with `env` in the server's environment.
-    ///
-    /// # Errors
-    /// As [`NatsProcess::spawn`].
-    pub fn spawn_with_env(
-        binary: &Path,
-        store: &Path,
-        extra_args: &[String],
-        env: &[(String, String)],
-    ) -> Result<Self, String> {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let mut p = Self {
-                child: None,
-                binary: binary.to_path_buf(),
-                port: free_port(),
-                store: store.to_path_buf(),
-                extra_args: extra_args.to_vec(),
-                env: env.to_vec(),
-            };
-            match p.start(false) {
-                Ok(()) => return Ok(p),
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
-    }
-
     pub fn restart(&mut self) -> Result<(), String> {
         self.kill();
         self.start(false)

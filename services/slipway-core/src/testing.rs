@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::bus::{Bus, NatsSettings};
+use crate::credentials::Credentials;
 use crate::server::{NatsProcess, find_nats_server};
 
 /// The workspace root (where `.venv/` lives).
@@ -27,32 +28,11 @@ pub fn nats_binary() -> PathBuf {
 pub struct TestNats {
     pub process: NatsProcess,
     _dir: tempfile::TempDir,
-    /// Passwords by user, when the server runs `deploy/nats/least-privilege.conf`.
-    passwords: Option<std::collections::BTreeMap<String, String>>,
+    /// Every user's password, when the server runs the shipped least-privilege configuration.
+    credentials: Option<Credentials>,
 }
 
-/// The users of `deploy/nats/least-privilege.conf`.
-pub const NATS_USERS: &[&str] = &[
-    "admin",
-    "conductor",
-    "builder",
-    "tester",
-    "deployer",
-    "monitor",
-    "model-evaluator",
-    "perf-regression",
-    "cost-estimator",
-    "gateway",
-    "cli",
-];
-
-/// The least-privilege user a service binary connects as (`slipway-approval` is `gateway`).
-pub fn nats_user_of(binary: &str) -> &str {
-    match binary.strip_prefix("slipway-").unwrap_or(binary) {
-        "approval" => "gateway",
-        other => other,
-    }
-}
+pub use crate::credentials::{NATS_USERS, nats_user_of};
 
 impl TestNats {
     /// Starts a server with JetStream on a free loopback port and a fresh store.
@@ -61,48 +41,38 @@ impl TestNats {
     /// When the server cannot start.
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let process = NatsProcess::spawn(&nats_binary(), 0, &dir.path().join("store"), &[])
+        let process = NatsProcess::spawn(&nats_binary(), 0, &dir.path().join("store"), &[], &[])
             .unwrap_or_else(|e| panic!("cannot start a test nats-server: {e}"));
         Self {
             process,
             _dir: dir,
-            passwords: None,
+            credentials: None,
         }
     }
 
-    /// A server with `deploy/nats/least-privilege.conf`: a user per service, random passwords.
-    /// [`TestNats::url`] is then the `admin` user's.
+    /// A server with the shipped `deploy/nats/least-privilege.conf`: a user per service, random
+    /// passwords, as `slipway up` starts it. [`TestNats::url`] is then the `admin` user's.
     ///
     /// # Panics
     /// When the server cannot start.
     pub fn start_least_privilege() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let passwords: std::collections::BTreeMap<String, String> = NATS_USERS
-            .iter()
-            // A letter first: the server's configuration reads a bare `12e4…` as a number.
-            .map(|u| (u.to_string(), format!("pw-{}", crate::ids::random())))
-            .collect();
-        let env: Vec<(String, String)> = passwords
-            .iter()
-            .map(|(u, p)| {
-                (
-                    format!("SLIPWAY_NATS_PASS_{}", u.to_uppercase().replace('-', "_")),
-                    p.clone(),
-                )
-            })
-            .collect();
-        let conf = workspace_root().join("deploy/nats/least-privilege.conf");
-        let process = NatsProcess::spawn_with_env(
+        let credentials = Credentials::load_or_create(&crate::credentials::directory(dir.path()))
+            .expect("credentials");
+        let conf = dir.path().join("nats-server.conf");
+        Credentials::write_server_config(&conf).expect("server configuration");
+        let process = NatsProcess::spawn(
             &nats_binary(),
+            0,
             &dir.path().join("store"),
             &["-c".to_string(), conf.display().to_string()],
-            &env,
+            &credentials.server_env(),
         )
         .unwrap_or_else(|e| panic!("cannot start a least-privilege nats-server: {e}"));
         Self {
             process,
             _dir: dir,
-            passwords: Some(passwords),
+            credentials: Some(credentials),
         }
     }
 
@@ -113,8 +83,13 @@ impl TestNats {
 
     /// `(user, password)` of a least-privilege user.
     pub fn credentials(&self, user: &str) -> Option<(String, String)> {
-        let p = self.passwords.as_ref()?.get(user)?;
-        Some((user.to_string(), p.clone()))
+        let p = self.credentials.as_ref()?.password(user)?;
+        Some((user.to_string(), p.to_string()))
+    }
+
+    /// `user`'s password file, on a least-privilege server.
+    pub fn password_file(&self, user: &str) -> Option<PathBuf> {
+        Some(self.credentials.as_ref()?.password_file(user))
     }
 
     /// The URL as `user` (credentials in it), or the plain URL on an open server.
