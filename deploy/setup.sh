@@ -7,6 +7,8 @@
 # .venv/nats-2.9/, for the test that Slipway refuses servers older than 2.11.
 # With --browser it installs Debian's chromium and chromium-driver when missing (needs root),
 # for the approver page's browser test, and openssl and curl when missing, for the TLS test.
+# With --python-tools it installs the pinned Python clients the tests read Slipway with
+# (prometheus_client's strict exposition-format parser) into .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -83,10 +85,21 @@ tls_tools() {
     }
 }
 
+# Independent readers of what Slipway serves, for the tests.
+PROMETHEUS_CLIENT="0.26.0"
+python_tools() {
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    if ! .venv/bin/python -c "import sys, importlib.metadata as m; sys.exit(m.version('prometheus_client') != '$PROMETHEUS_CLIENT')" 2>/dev/null; then
+        echo "setup: installing prometheus_client==$PROMETHEUS_CLIENT from PyPI into .venv" >&2
+        .venv/bin/pip install --quiet --disable-pip-version-check "prometheus_client==$PROMETHEUS_CLIENT"
+    fi
+}
+
 for arg in "$@"; do
     case "$arg" in
         --old-server) old_server ;;
         --browser) browser; tls_tools ;;
+        --python-tools) python_tools ;;
         *) echo "setup: unknown option $arg" >&2; exit 2 ;;
     esac
 done

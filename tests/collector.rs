@@ -55,7 +55,13 @@ struct Received {
     metrics: BTreeMap<String, BTreeSet<String>>,
     /// The last data point attributes seen per metric name (for checks on labels).
     metric_attrs: BTreeMap<String, BTreeSet<String>>,
+    /// The latest value of each data point, by metric name and attributes: a histogram's count
+    /// and sum, a sum's or gauge's value (and 0). Exports are cumulative, so the latest wins.
+    points: BTreeMap<String, BTreeMap<Attributes, (f64, f64)>>,
 }
+
+/// A data point's attributes, as strings.
+pub type Attributes = BTreeMap<String, String>;
 
 /// A running receiver; stops with the test's runtime.
 #[derive(Debug, Clone)]
@@ -141,6 +147,34 @@ impl Received {
                         .entry(m.name.clone())
                         .or_default()
                         .extend(keys);
+                    let points = self.points.entry(m.name.clone()).or_default();
+                    use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as N;
+                    let number = |v: &Option<N>| match v {
+                        Some(N::AsDouble(d)) => *d,
+                        Some(N::AsInt(i)) => *i as f64,
+                        None => 0.0,
+                    };
+                    match &m.data {
+                        Some(Data::Histogram(h)) => {
+                            for p in &h.data_points {
+                                points.insert(
+                                    attrs(&p.attributes),
+                                    (p.count as f64, p.sum.unwrap_or(0.0)),
+                                );
+                            }
+                        }
+                        Some(Data::Sum(x)) => {
+                            for p in &x.data_points {
+                                points.insert(attrs(&p.attributes), (number(&p.value), 0.0));
+                            }
+                        }
+                        Some(Data::Gauge(g)) => {
+                            for p in &g.data_points {
+                                points.insert(attrs(&p.attributes), (number(&p.value), 0.0));
+                            }
+                        }
+                        _ => {}
+                    }
                     self.metrics
                         .entry(service.clone())
                         .or_default()
@@ -253,6 +287,18 @@ impl Collector {
             .metric_attrs
             .get(name)
             .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The latest data points of a metric: attributes, and a histogram's count and sum or a
+    /// sum's value (and 0).
+    pub fn metric_points(&self, name: &str) -> Vec<(Attributes, f64, f64)> {
+        self.received
+            .lock()
+            .unwrap()
+            .points
+            .get(name)
+            .map(|p| p.iter().map(|(a, (v, s))| (a.clone(), *v, *s)).collect())
             .unwrap_or_default()
     }
 

@@ -130,8 +130,8 @@ fn check_run_trace(spans: &[Span], run: &str, stages: &[(String, u32)], trace: &
         assert_eq!(s.attr("cicd.pipeline.task.type"), Some(expected_type));
         if kind == "approval" {
             assert_eq!(
-                s.service, "slipway-conductor",
-                "approvals end in the conductor"
+                s.service, "slipway-approval",
+                "an approver's decision ends the approval in the gateway"
             );
         } else {
             assert!(
@@ -220,15 +220,25 @@ fn check_run_trace(spans: &[Span], run: &str, stages: &[(String, u32)], trace: &
         assert!(p.attr("messaging.consumer.group.name").is_some());
     }
 
-    // Every span of the trace hangs on a span of the trace (or is the run span).
-    let ids: BTreeSet<&str> = in_trace.iter().map(|s| s.span_id.as_str()).collect();
+    // Every span of the trace hangs on a span of the trace (or is the run span), and lies
+    // within it: no child starts before its parent or ends after it.
+    let by_id: BTreeMap<&str, &Span> = in_trace.iter().map(|s| (s.span_id.as_str(), *s)).collect();
     for s in &in_trace {
         if s.span_id != root.span_id {
+            let parent = by_id
+                .get(s.parent.as_str())
+                .unwrap_or_else(|| panic!("{} ({}) has a parent in the trace", s.name, s.service));
             assert!(
-                ids.contains(s.parent.as_str()),
-                "{} ({}) has a parent in the trace",
+                s.start_ns >= parent.start_ns && s.end_ns <= parent.end_ns,
+                "{} ({}) {}..{} lies within its parent {} ({}) {}..{}",
                 s.name,
-                s.service
+                s.service,
+                s.start_ns,
+                s.end_ns,
+                parent.name,
+                parent.service,
+                parent.start_ns,
+                parent.end_ns
             );
         }
     }
@@ -444,4 +454,429 @@ async fn grpc_export_carries_the_trace_and_an_unreachable_collector_fails_nothin
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// `change.merged` as the CDEvents specification's example has it (a timestamp of 2023), in a
+/// structured-mode CloudEvent.
+fn merged_in_a_cloudevent() -> serde_json::Value {
+    let cdevent = json!({
+        "context": {
+            "specversion": "0.5.0",
+            "id": "edge-merged-1",
+            "source": "/event/source/123",
+            "type": "dev.cdevents.change.merged.0.3.0",
+            "timestamp": "2023-03-20T14:27:05.315384Z",
+        },
+        "subject": {
+            "id": "mySubject123",
+            "source": "/event/source/123",
+            "content": {"repository": {"id": "cdevents/edges", "source": "my-git.example"}},
+        },
+    });
+    json!({
+        "specversion": "1.0",
+        "id": "edge-merged-1",
+        "source": "/event/source/123",
+        "type": "dev.cdevents.change.merged.0.3.0",
+        "time": "2023-03-20T14:27:05.315384Z",
+        "datacontenttype": "application/json",
+        "data": cdevent,
+    })
+}
+
+/// `(pipeline, state, result, error type)` of a run-duration series, by one exporter's names.
+type RunSeries = (String, String, String, String);
+
+fn series(labels: &BTreeMap<String, String>, keys: [&str; 4]) -> RunSeries {
+    let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+    (get(keys[0]), get(keys[1]), get(keys[2]), get(keys[3]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ending_reads_the_same_in_status_spans_otlp_and_metrics() {
+    let collector = Collector::http().await;
+    let work = tempfile::tempdir().unwrap();
+    let merged = project(
+        work.path(),
+        "merged",
+        "[pipeline]\nname = \"merged\"\n[build]\ncommand = [\"true\"]\n[[test]]\nname = \"unit\"\ncommand = [\"true\"]\n",
+        &[],
+    );
+    let registry = format!(
+        "[[conductor.cdevents]]\nrepository = \"cdevents/edges\"\nspec = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\" }}\n",
+        merged.join("slipway.toml").display(),
+        merged.display()
+    );
+    let stack = Stack::start_with_config(
+        &[
+            "slipway-conductor",
+            "slipway-builder",
+            "slipway-tester",
+            "slipway-approval",
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.endpoint),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+        ],
+        "",
+        &registry,
+    );
+    stack.wait_gateway();
+    let gw = stack.gateway_url();
+    let http = reqwest::Client::new();
+
+    // 1. A CDEvent whose upstream time is years old, in a structured-mode CloudEvent.
+    let resp = http
+        .post(format!("{gw}/v1/changes"))
+        .header("content-type", "application/cloudevents+json")
+        .body(merged_in_a_cloudevent().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    let merged_run = slipway_core::ids::run_id("/event/source/123", "edge-merged-1");
+    // 2. A run whose test fails.
+    let failing = project(
+        work.path(),
+        "failing",
+        "[pipeline]\nname = \"failing\"\n[build]\ncommand = [\"true\"]\n[[test]]\nname = \"unit\"\ncommand = [\"false\"]\n",
+        &[],
+    );
+    let failed_run = stack.submit_as(&failing, "erin");
+    // 3. A run cancelled while one suite runs and the other waits for the tester.
+    let cut = project(
+        work.path(),
+        "cut",
+        "[pipeline]\nname = \"cut\"\n[build]\ncommand = [\"true\"]\n[[test]]\nname = \"long\"\ncommand = [\"sleep\", \"30\"]\n[[test]]\nname = \"short\"\ncommand = [\"true\"]\n[[environment]]\nname = \"staging\"\n[environment.deploy]\ncommand = [\"true\"]\n",
+        &[],
+    );
+    let cut_run = stack.submit_as(&cut, "erin");
+    stack.wait_for(&cut_run, LONG, |s| {
+        s["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|st| st["name"] == "test:long" && st["status"] == "running")
+    });
+    stack.slipway_ok(&["cancel", &cut_run, "--reason", "wrong branch"]);
+    stack.wait_phase(&merged_run, "succeeded", LONG);
+    stack.wait_phase(&failed_run, "failed", LONG);
+    stack.wait_phase(&cut_run, "cancelled", LONG);
+
+    // The cancelled run's stages all ended, alike in status, replay and the gateway.
+    let from_gateway: serde_json::Value = http
+        .get(format!("{gw}/v1/runs/{cut_run}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for state in [
+        stack.slipway_json(&["status", &cut_run]),
+        stack.slipway_json(&["replay", &cut_run]),
+        from_gateway,
+    ] {
+        let stages = state["stages"].as_array().unwrap();
+        let status = |name: &str| {
+            stages
+                .iter()
+                .find(|s| s["name"] == name)
+                .unwrap_or_else(|| panic!("{name} in {state}"))
+        };
+        assert_eq!(status("build")["status"], "succeeded");
+        for name in ["test:long", "test:short", "deploy:staging"] {
+            let s = status(name);
+            assert_eq!(s["status"], "cancelled", "{name}: {s}");
+            assert!(s["finished_at"].is_string(), "{name}: {s}");
+            let reason = s["reason"].as_str().unwrap();
+            assert!(
+                reason.contains("the run was cancelled") && reason.contains("wrong branch"),
+                "{name}: {reason}"
+            );
+        }
+        let long = status("test:long")["reason"].as_str().unwrap();
+        assert!(long.contains("while this stage ran"), "{long}");
+    }
+    stack.assert_replay_matches(&cut_run);
+
+    // The CDEvent is kept with its envelope, as a CloudEvent in binary mode, and listed.
+    let bus = stack.bus().await;
+    let stored = bus
+        .read(&["slipway.changes.cdevents".to_string()], 1)
+        .await
+        .unwrap();
+    let raw = stored[0]
+        .raw
+        .as_ref()
+        .expect("a CDEvent, not a Slipway event");
+    let cdevent: serde_json::Value = serde_json::from_slice(raw).unwrap();
+    assert_eq!(cdevent, merged_in_a_cloudevent()["data"]);
+    let msg = stack
+        .nats_client()
+        .await
+        .request(
+            "$JS.API.DIRECT.GET.SLIPWAY",
+            json!({"seq": stored[0].seq}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    let headers = msg.headers.expect("headers");
+    assert_eq!(
+        headers.get("ce-type").map(|h| h.as_str()),
+        Some("dev.cdevents.change.merged.0.3.0")
+    );
+    assert_eq!(
+        headers.get("ce-id").map(|h| h.as_str()),
+        Some("edge-merged-1")
+    );
+    assert_eq!(
+        headers.get("ce-specversion").map(|h| h.as_str()),
+        Some("1.0")
+    );
+    let changes = stack.slipway_json(&["changes"]);
+    let row = changes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["subject"] == "slipway.changes.cdevents")
+        .unwrap();
+    assert_eq!(row["id"], "edge-merged-1");
+    assert_eq!(row["source"], "/event/source/123");
+    assert!(
+        row["time"]
+            .as_str()
+            .unwrap()
+            .starts_with("2023-03-20T14:27:05"),
+        "{row}"
+    );
+    assert_eq!(row["outcome"]["run_id"], merged_run.as_str());
+
+    // Spans: the CDEvent's run starts when Slipway took the change, the upstream time kept
+    // beside; the attempts the cancel cut off end as cancellations, each span once.
+    collector
+        .wait("the three runs' spans", LONG, |spans| {
+            [&merged_run, &failed_run, &cut_run]
+                .iter()
+                .all(|r| run_span(spans, r).is_some())
+                && stage_spans(spans, &cut_run).len() >= 3
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spans = collector.spans();
+    let root = run_span(&spans, &merged_run).unwrap();
+    let secs = (root.end_ns - root.start_ns) as f64 / 1e9;
+    assert!(secs < 60.0, "the run span lasts {secs} s");
+    assert_eq!(
+        root.attr("slipway.change.time"),
+        Some("2023-03-20T14:27:05.315384Z")
+    );
+    assert_eq!(
+        root.attr("cicd.pipeline.run.url.full"),
+        Some(format!("{gw}/v1/runs/{merged_run}").as_str())
+    );
+    let cut_root = run_span(&spans, &cut_run).unwrap();
+    assert_eq!(cut_root.attr("cicd.pipeline.result"), Some("cancellation"));
+    assert_eq!(cut_root.attr("error.type"), None);
+    let cut_spans = stage_spans(&spans, &cut_run);
+    for name in ["test:long", "test:short"] {
+        let mine: Vec<_> = cut_spans.iter().filter(|s| s.name == name).collect();
+        assert_eq!(mine.len(), 1, "{name}: {mine:#?}");
+        assert_eq!(
+            mine[0].attr("cicd.pipeline.task.run.result"),
+            Some("cancellation")
+        );
+        assert_eq!(mine[0].service, "slipway-conductor");
+        assert!(mine[0].end_ns <= cut_root.end_ns);
+        assert_eq!(
+            mine[0].attr("cicd.pipeline.task.run.url.full"),
+            Some(format!("{gw}/v1/runs/{cut_run}").as_str())
+        );
+    }
+    let failed_root = run_span(&spans, &failed_run).unwrap();
+    assert_eq!(failed_root.attr("cicd.pipeline.result"), Some("failure"));
+    assert_eq!(failed_root.attr("error.type"), Some("test_failed"));
+
+    // Metrics: OTLP and /metrics give the same series with the same counts, in the
+    // conventions' words, and the CDEvent's run lasted seconds, not years.
+    let until = std::time::Instant::now() + LONG;
+    let otlp = loop {
+        let points = collector.metric_points("cicd.pipeline.run.duration");
+        let runs: f64 = points
+            .iter()
+            .filter(|(a, _, _)| a.contains_key("cicd.pipeline.result"))
+            .map(|(_, n, _)| n)
+            .sum();
+        if runs >= 3.0 {
+            break points;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "OTLP run durations: {points:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let text = http
+        .get(format!("{gw}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let otlp_runs: BTreeMap<RunSeries, f64> = otlp
+        .iter()
+        .map(|(a, n, _)| {
+            let key = series(
+                a,
+                [
+                    "cicd.pipeline.name",
+                    "cicd.pipeline.run.state",
+                    "cicd.pipeline.result",
+                    "error.type",
+                ],
+            );
+            (key, *n)
+        })
+        .collect();
+    for (pipeline, state, _, _) in otlp_runs.keys() {
+        assert!(!pipeline.is_empty() && !state.is_empty(), "{otlp_runs:?}");
+    }
+    let merged_secs: f64 = otlp
+        .iter()
+        .filter(|(a, _, _)| a.get("cicd.pipeline.name").map(String::as_str) == Some("merged"))
+        .map(|(_, _, sum)| sum)
+        .sum();
+    assert!(
+        merged_secs > 0.0 && merged_secs < 60.0,
+        "{merged_secs} s over OTLP"
+    );
+    let Some(families) = slipway_e2e::parse_prometheus(&text) else {
+        return;
+    };
+    let families = families.as_array().unwrap();
+    // Every sample belongs to a declared family: nothing the strict parser calls untyped.
+    for f in families {
+        assert_ne!(f["type"], "unknown", "{}: {text}", f["name"]);
+    }
+    let samples = |family: &str, sample: &str| -> Vec<(BTreeMap<String, String>, f64)> {
+        families
+            .iter()
+            .filter(|f| f["name"] == family)
+            .flat_map(|f| f["samples"].as_array().unwrap().iter())
+            .filter(|s| s["name"] == sample)
+            .map(|s| {
+                let labels = s["labels"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                    .collect();
+                (labels, s["value"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    let prom_runs: BTreeMap<RunSeries, f64> = samples(
+        "cicd_pipeline_run_duration_seconds",
+        "cicd_pipeline_run_duration_seconds_count",
+    )
+    .into_iter()
+    .map(|(l, n)| {
+        (
+            series(
+                &l,
+                [
+                    "cicd_pipeline_name",
+                    "cicd_pipeline_run_state",
+                    "cicd_pipeline_result",
+                    "error_type",
+                ],
+            ),
+            n,
+        )
+    })
+    .collect();
+    assert_eq!(prom_runs, otlp_runs, "{text}");
+    let results: BTreeSet<(&str, &str)> = prom_runs
+        .keys()
+        .filter(|k| !k.2.is_empty())
+        .map(|k| (k.0.as_str(), k.2.as_str()))
+        .collect();
+    assert_eq!(
+        results,
+        BTreeSet::from([
+            ("cut", "cancellation"),
+            ("failing", "failure"),
+            ("merged", "success")
+        ])
+    );
+    let prom_merged: f64 = samples(
+        "cicd_pipeline_run_duration_seconds",
+        "cicd_pipeline_run_duration_seconds_sum",
+    )
+    .iter()
+    .filter(|(l, _)| l.get("cicd_pipeline_name").map(String::as_str) == Some("merged"))
+    .map(|(_, v)| v)
+    .sum();
+    assert!(prom_merged < 60.0, "{prom_merged} s in /metrics");
+    // Errors: the failed run only (a cancellation is not an error), by the same type.
+    let otlp_errors: BTreeSet<(String, String)> = collector
+        .metric_points("cicd.pipeline.run.errors")
+        .iter()
+        .map(|(a, _, _)| (a["cicd.pipeline.name"].clone(), a["error.type"].clone()))
+        .collect();
+    let prom_errors: BTreeSet<(String, String)> =
+        samples("cicd_pipeline_run_errors", "cicd_pipeline_run_errors_total")
+            .iter()
+            .map(|(l, _)| (l["cicd_pipeline_name"].clone(), l["error_type"].clone()))
+            .collect();
+    assert_eq!(otlp_errors, prom_errors, "{text}");
+    assert_eq!(
+        prom_errors,
+        BTreeSet::from([("failing".to_string(), "test_failed".to_string())])
+    );
+    // Stage attempts: the same task names and results on both.
+    let otlp_stages: BTreeSet<(String, String, String)> = collector
+        .metric_points("slipway.stage.duration")
+        .iter()
+        .map(|(a, _, _)| {
+            (
+                a["cicd.pipeline.name"].clone(),
+                a["cicd.pipeline.task.name"].clone(),
+                a["cicd.pipeline.task.run.result"].clone(),
+            )
+        })
+        .collect();
+    let prom_stages: BTreeSet<(String, String, String)> = samples(
+        "slipway_stage_duration_seconds",
+        "slipway_stage_duration_seconds_count",
+    )
+    .iter()
+    .map(|(l, _)| {
+        (
+            l["cicd_pipeline_name"].clone(),
+            l["cicd_pipeline_task_name"].clone(),
+            l["cicd_pipeline_task_run_result"].clone(),
+        )
+    })
+    .collect();
+    assert_eq!(otlp_stages, prom_stages, "{text}");
+    assert!(prom_stages.contains(&("cut".into(), "test:long".into(), "cancellation".into())));
+    // Consumer lag: each family's samples under its own declaration.
+    assert!(
+        !samples(
+            "slipway_consumer_pending_messages",
+            "slipway_consumer_pending_messages"
+        )
+        .is_empty(),
+        "{text}"
+    );
+    assert!(
+        !samples(
+            "slipway_consumer_ack_pending_messages",
+            "slipway_consumer_ack_pending_messages"
+        )
+        .is_empty(),
+        "{text}"
+    );
 }

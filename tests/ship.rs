@@ -181,14 +181,14 @@ async fn production_needs_an_accepted_approval_and_a_rejection_deploys_nothing()
         .await
         .unwrap();
     assert!(
-        metrics.contains("slipway_deployments_total{deployment_environment_name=\"production\"} 1"),
+        metrics.contains("slipway_deployments_total{deployment_environment_name=\"production\",cicd_pipeline_task_run_result=\"success\"} 1"),
         "{metrics}"
     );
     assert!(
         metrics.contains("slipway_consumer_pending_messages{consumer=\"deployer\"}"),
         "{metrics}"
     );
-    assert!(metrics.contains("cicd_pipeline_run_duration_seconds_count{cicd_pipeline_name=\"ship\",cicd_pipeline_result=\"rejected\"} 1"), "{metrics}");
+    assert!(metrics.contains("cicd_pipeline_run_duration_seconds_count{cicd_pipeline_name=\"ship\",cicd_pipeline_run_state=\"executing\",cicd_pipeline_result=\"failure\",error_type=\"rejected\"} 1"), "{metrics}");
     stack.assert_replay_matches(&first);
     stack.assert_replay_matches(&second);
 }

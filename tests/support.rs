@@ -433,3 +433,47 @@ pub fn project(dir: &Path, name: &str, spec: &str, files: &[(&str, &str)]) -> Pa
 pub fn hello_example() -> PathBuf {
     slipway_core::testing::workspace_root().join("deploy/examples/hello")
 }
+
+/// Prometheus text as `prometheus_client`'s parser reads it (strict about the exposition
+/// format's grouping, where promtool is lenient): `[{name, type, samples: [{name, labels,
+/// value}]}]`. `None` (the caller skips) when the parser is not installed, outside CI;
+/// `deploy/setup.sh --python-tools` installs it.
+pub fn parse_prometheus(text: &str) -> Option<Value> {
+    let python = slipway_core::testing::workspace_root().join(".venv/bin/python");
+    const READ: &str = "import sys, json\n\
+        from prometheus_client.parser import text_string_to_metric_families as parse\n\
+        print(json.dumps([{'name': f.name, 'type': f.type, 'samples': [\n\
+            {'name': s.name, 'labels': s.labels, 'value': s.value} for s in f.samples]}\n\
+            for f in parse(sys.stdin.read())]))";
+    let ready = python.is_file()
+        && Command::new(&python)
+            .args(["-c", "import prometheus_client"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ready {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "prometheus_client is missing: `bash deploy/setup.sh --python-tools` installs it"
+        );
+        eprintln!(
+            "skipping the strict parse: no prometheus_client (deploy/setup.sh --python-tools)"
+        );
+        return None;
+    }
+    let mut child = Command::new(&python)
+        .args(["-c", READ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), text.as_bytes())
+        .expect("the text reaches the parser");
+    let out = child.wait_with_output().expect("the parser ends");
+    assert!(
+        out.status.success(),
+        "prometheus_client refused the text: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).expect("the parser's JSON"))
+}

@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use futures_util::StreamExt;
-use slipway_core::Run;
-use slipway_core::fold::StageStatus;
+use slipway_core::{Run, outcome};
 
 /// Histogram bounds, in seconds.
 const BUCKETS: [f64; 10] = [0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
@@ -50,122 +49,121 @@ fn esc(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn secs(a: chrono::DateTime<chrono::Utc>, b: chrono::DateTime<chrono::Utc>) -> f64 {
-    (b - a).num_milliseconds().max(0) as f64 / 1000.0
+/// The labels of `cicd_pipeline_run_duration_seconds`: pipeline, state, result, error type.
+type RunKey = (
+    String,
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
+/// Appends `name="value"` pairs to a label set.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
-/// The delivery metrics of a set of runs.
+/// The delivery metrics of a set of runs: the same names, label values and durations as the
+/// OTLP export ([`slipway_core::outcome`] is the one mapping), dots as underscores.
 pub fn render_runs<'a>(runs: impl IntoIterator<Item = &'a Run>) -> String {
-    let mut run_durations: BTreeMap<(String, String), Histogram> = BTreeMap::new();
+    let mut run_durations: BTreeMap<RunKey, Histogram> = BTreeMap::new();
     let mut active: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
-    let mut errors: BTreeMap<(String, String), u64> = BTreeMap::new();
-    let mut stages: BTreeMap<(String, String, String), Histogram> = BTreeMap::new();
-    let mut deploys: BTreeMap<String, u64> = BTreeMap::new();
-    let mut rollbacks: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+    let mut stages: BTreeMap<(String, String, &'static str), Histogram> = BTreeMap::new();
+    let mut deploys: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+    let mut rollbacks: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
     for run in runs {
         let p = run.pipeline.clone();
-        match run.finished_at {
-            Some(end) => {
-                run_durations
-                    .entry((p.clone(), run.phase.as_str().to_string()))
-                    .or_default()
-                    .observe(secs(run.created_at, end));
-            }
-            None => {
-                let state = if run.phase == slipway_core::Phase::Queued {
-                    "pending"
-                } else {
-                    "executing"
-                };
-                *active.entry((p.clone(), state)).or_default() += 1;
-            }
+        if let Some(state) = outcome::run_state(run) {
+            *active.entry((p.clone(), state)).or_default() += 1;
         }
-        if let Some(failed) = run.stages.iter().find(|s| s.status == StageStatus::Failed) {
-            let kind = failed
-                .name
-                .split(':')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            *errors.entry((p.clone(), kind)).or_default() += 1;
+        for d in outcome::run_durations(run) {
+            let (result, error) = d
+                .outcome
+                .map_or((None, None), |o| (Some(o.result), o.error_type));
+            run_durations
+                .entry((p.clone(), d.state, result, error))
+                .or_default()
+                .observe(d.seconds);
+        }
+        if let Some(e) = outcome::run(run).and_then(|o| o.error_type) {
+            *errors.entry((p.clone(), e)).or_default() += 1;
         }
         for s in &run.stages {
-            let (Some(start), Some(end)) = (s.started_at.or(s.requested_at), s.finished_at) else {
+            let (Some(o), Some(secs)) = (outcome::task(s), outcome::stage_seconds(s)) else {
                 continue;
             };
-            let kind = s.name.split(':').next().unwrap_or_default().to_string();
-            let result = if s.status == StageStatus::Succeeded {
-                "success"
-            } else {
-                "failure"
-            };
             stages
-                .entry((p.clone(), kind.clone(), result.to_string()))
+                .entry((p.clone(), s.name.clone(), o.result))
                 .or_default()
-                .observe(secs(start, end));
-            if s.status == StageStatus::Succeeded {
-                let env = s
-                    .name
-                    .split_once(':')
-                    .map(|(_, e)| e.to_string())
-                    .unwrap_or_default();
-                match kind.as_str() {
-                    "deploy" => *deploys.entry(env).or_default() += 1,
-                    "rollback" => *rollbacks.entry(env).or_default() += 1,
-                    _ => {}
-                }
+                .observe(secs);
+            if let Some(env) = s.name.strip_prefix("deploy:") {
+                *deploys.entry((env.to_string(), o.result)).or_default() += 1;
+            } else if let Some(env) = s.name.strip_prefix("rollback:") {
+                *rollbacks.entry((env.to_string(), o.result)).or_default() += 1;
             }
         }
     }
     let mut out = String::new();
-    out.push_str("# HELP cicd_pipeline_run_duration_seconds Duration of ended pipeline runs.\n# TYPE cicd_pipeline_run_duration_seconds histogram\n");
-    for ((p, result), h) in &run_durations {
-        h.render(
-            &mut out,
-            "cicd_pipeline_run_duration_seconds",
-            &format!(
-                "cicd_pipeline_name=\"{}\",cicd_pipeline_result=\"{}\"",
-                esc(p),
-                esc(result)
-            ),
-        );
+    out.push_str("# HELP cicd_pipeline_run_duration_seconds Time ended pipeline runs spent in each state (pending, executing), from the run's creation to its end.\n# TYPE cicd_pipeline_run_duration_seconds histogram\n");
+    for ((p, state, result, error), h) in &run_durations {
+        let mut l = vec![
+            ("cicd_pipeline_name", p.as_str()),
+            ("cicd_pipeline_run_state", state),
+        ];
+        if let Some(r) = result {
+            l.push(("cicd_pipeline_result", r));
+        }
+        if let Some(e) = error {
+            l.push(("error_type", e));
+        }
+        h.render(&mut out, "cicd_pipeline_run_duration_seconds", &labels(&l));
     }
     out.push_str("# HELP cicd_pipeline_run_active Runs not ended, by state.\n# TYPE cicd_pipeline_run_active gauge\n");
     for ((p, state), n) in &active {
-        let _ = writeln!(
-            out,
-            "cicd_pipeline_run_active{{cicd_pipeline_name=\"{}\",cicd_pipeline_run_state=\"{state}\"}} {n}",
-            esc(p)
-        );
+        let l = labels(&[
+            ("cicd_pipeline_name", p),
+            ("cicd_pipeline_run_state", state),
+        ]);
+        let _ = writeln!(out, "cicd_pipeline_run_active{{{l}}} {n}");
     }
-    out.push_str("# HELP cicd_pipeline_run_errors_total Runs with a failed stage, by the stage's kind.\n# TYPE cicd_pipeline_run_errors_total counter\n");
-    for ((p, kind), n) in &errors {
-        let _ = writeln!(
-            out,
-            "cicd_pipeline_run_errors_total{{cicd_pipeline_name=\"{}\",error_type=\"{}\"}} {n}",
-            esc(p),
-            esc(kind)
-        );
+    out.push_str("# HELP cicd_pipeline_run_errors_total Runs that ended in an error (a failure, an error or a timeout; not a cancellation), by error type.\n# TYPE cicd_pipeline_run_errors_total counter\n");
+    for ((p, e), n) in &errors {
+        let l = labels(&[("cicd_pipeline_name", p), ("error_type", e)]);
+        let _ = writeln!(out, "cicd_pipeline_run_errors_total{{{l}}} {n}");
     }
-    out.push_str("# HELP slipway_stage_duration_seconds Duration of stage attempts, from start (or request) to result.\n# TYPE slipway_stage_duration_seconds histogram\n");
-    for ((p, kind, result), h) in &stages {
-        h.render(&mut out, "slipway_stage_duration_seconds", &format!("cicd_pipeline_name=\"{}\",cicd_pipeline_task_name=\"{}\",cicd_pipeline_task_run_result=\"{result}\"", esc(p), esc(kind)));
+    out.push_str("# HELP slipway_stage_duration_seconds Duration of stage attempts, from request to result.\n# TYPE slipway_stage_duration_seconds histogram\n");
+    for ((p, task, result), h) in &stages {
+        let l = labels(&[
+            ("cicd_pipeline_name", p),
+            ("cicd_pipeline_task_name", task),
+            ("cicd_pipeline_task_run_result", result),
+        ]);
+        h.render(&mut out, "slipway_stage_duration_seconds", &l);
     }
-    out.push_str("# HELP slipway_deployments_total Successful deploys by environment.\n# TYPE slipway_deployments_total counter\n");
-    for (env, n) in &deploys {
-        let _ = writeln!(
-            out,
-            "slipway_deployments_total{{deployment_environment_name=\"{}\"}} {n}",
-            esc(env)
-        );
-    }
-    out.push_str("# HELP slipway_rollbacks_total Successful rollbacks by environment.\n# TYPE slipway_rollbacks_total counter\n");
-    for (env, n) in &rollbacks {
-        let _ = writeln!(
-            out,
-            "slipway_rollbacks_total{{deployment_environment_name=\"{}\"}} {n}",
-            esc(env)
-        );
+    for (name, help, counts) in [
+        (
+            "slipway_deployments_total",
+            "Deploy attempts ended, by environment and result.",
+            &deploys,
+        ),
+        (
+            "slipway_rollbacks_total",
+            "Rollbacks ended, by environment and result.",
+            &rollbacks,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for ((env, result), n) in counts {
+            let l = labels(&[
+                ("deployment_environment_name", env),
+                ("cicd_pipeline_task_run_result", result),
+            ]);
+            let _ = writeln!(out, "{name}{{{l}}} {n}");
+        }
     }
     out
 }
@@ -190,21 +188,31 @@ pub async fn consumer_lag(bus: &slipway_core::bus::Bus) -> Vec<Lag> {
 }
 
 /// Consumer lag per service: messages not yet delivered and delivered but not acknowledged.
+/// Each family's samples follow its own HELP and TYPE lines (the exposition format's grouping).
 pub async fn render_lag(bus: &slipway_core::bus::Bus) -> String {
-    let mut out = String::from(
-        "# HELP slipway_consumer_pending_messages Requests waiting for each service's consumer.\n# TYPE slipway_consumer_pending_messages gauge\n# HELP slipway_consumer_ack_pending_messages Requests delivered and not yet acknowledged.\n# TYPE slipway_consumer_ack_pending_messages gauge\n",
-    );
-    for (name, pending, ack_pending) in consumer_lag(bus).await {
-        let _ = writeln!(
-            out,
-            "slipway_consumer_pending_messages{{consumer=\"{}\"}} {pending}",
-            esc(&name),
-        );
-        let _ = writeln!(
-            out,
-            "slipway_consumer_ack_pending_messages{{consumer=\"{}\"}} {ack_pending}",
-            esc(&name),
-        );
+    let lag = consumer_lag(bus).await;
+    let mut out = String::new();
+    for (name, help, pick) in [
+        (
+            "slipway_consumer_pending_messages",
+            "Requests waiting for each service's consumer.",
+            (|l: &Lag| l.1) as fn(&Lag) -> u64,
+        ),
+        (
+            "slipway_consumer_ack_pending_messages",
+            "Requests delivered and not yet acknowledged.",
+            |l: &Lag| l.2,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for l in &lag {
+            let _ = writeln!(
+                out,
+                "{name}{{{}}} {}",
+                labels(&[("consumer", &l.0)]),
+                pick(l)
+            );
+        }
     }
     let _ = writeln!(
         out,

@@ -69,7 +69,7 @@ pub async fn post_change(
     body: Bytes,
 ) -> Result<(StatusCode, Json<RunIdBody>), ApiError> {
     if is_cdevent(&headers, &body) {
-        return post_cdevent(&state, &body).await;
+        return post_cdevent(&state, &headers, &body).await;
     }
     let mut ce = cloudevents::binding::http::to_event(&headers, body.to_vec())
         .map_err(|e| ApiError::BadRequest(format!("not a CloudEvent: {e}")))?;
@@ -128,15 +128,57 @@ fn is_cdevent(headers: &HeaderMap, body: &[u8]) -> bool {
 }
 
 /// Stores a CDEvent taken as a change as it came (the log keeps the original), on
-/// `slipway.changes.cdevents`; its context id is the message id, so a repeat is one change.
+/// `slipway.changes.cdevents`; its context id is the message id, so a repeat is one change. A
+/// CDEvent that came in a CloudEvent (HTTP binary or structured mode) keeps its envelope: it is
+/// stored in the CloudEvents NATS binding's binary mode (`ce-*` headers, the CDEvent as the
+/// payload), as producers on NATS send it; a bare CDEvent is stored as it is.
 async fn post_cdevent(
     state: &AppState,
+    headers: &HeaderMap,
     body: &[u8],
 ) -> Result<(StatusCode, Json<RunIdBody>), ApiError> {
     let incoming = cdevents::parse_incoming(body).map_err(ApiError::BadRequest)?;
+    let envelope = if headers.contains_key("ce-specversion") {
+        Some(
+            cloudevents::binding::http::to_event(headers, body.to_vec())
+                .map_err(|e| ApiError::BadRequest(format!("not a CloudEvent: {e}")))?,
+        )
+    } else if serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|v| v.get("specversion").is_some() && v.get("context").is_none())
+    {
+        Some(
+            serde_json::from_slice::<cloudevents::Event>(body)
+                .map_err(|e| ApiError::BadRequest(format!("not a CloudEvent: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let (nats_headers, payload) = match envelope {
+        Some(mut ce) => {
+            // The CDEvent is JSON, whatever the envelope said or left out.
+            let (_, schema, data) = ce.take_data();
+            if let Some(data) = data {
+                let json = match data {
+                    cloudevents::Data::Json(v) => v,
+                    cloudevents::Data::Binary(b) => serde_json::from_slice(&b)
+                        .map_err(|e| ApiError::BadRequest(format!("data: not JSON: {e}")))?,
+                    cloudevents::Data::String(t) => serde_json::from_str(&t)
+                        .map_err(|e| ApiError::BadRequest(format!("data: not JSON: {e}")))?,
+                };
+                ce.set_data("application/json", json);
+                ce.set_dataschema(schema);
+            }
+            slipway_core::binding::encode(ce)
+        }
+        None => {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("content-type", "application/json");
+            (h, Bytes::copy_from_slice(body))
+        }
+    };
     let msg = async_nats::jetstream::message::PublishMessage::build()
-        .payload(Bytes::copy_from_slice(body))
-        .header("content-type", "application/json")
+        .payload(payload)
+        .headers(nats_headers)
         .message_id(format!("cdevent:{}:{}", incoming.source, incoming.id));
     let ack = state
         .bus
@@ -488,13 +530,27 @@ pub async fn post_approval(
         ]);
         let mut event = Event::new(event_id, SOURCE, Some(id.clone()), decided_at, data);
         event.traceparent = run.traceparent.clone();
+        let (stage_name, stage_attempt) = (stage.name.clone(), stage.attempt);
         match state.bus.append(&event, &id, last).await {
             Ok(a) => {
+                // A decision that ends the approval stage: the span is for the process that
+                // appended it to emit, once its publishing is over.
+                if !a.duplicate
+                    && let Some(after) = slipway_core::fold(Some(run), &event)
+                    && let Some(span) = slipway_core::otel::stage_span(
+                        &after,
+                        &stage_name,
+                        stage_attempt,
+                        std::time::SystemTime::now(),
+                    )
+                {
+                    slipway_core::otel::emit(span);
+                }
                 return Ok((
                     StatusCode::CREATED,
                     Json(RecordedDecision {
                         run_id: id.clone(),
-                        stage: stage.name.clone(),
+                        stage: stage_name,
                         decision: body.decision,
                         approver: approver.name.clone(),
                         artifact_digest: current,

@@ -8,21 +8,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
-use slipway_core::events::StageKind;
-use slipway_core::fold::{Phase, StageStatus};
-use slipway_core::{Event, Run, otel};
-
-/// `cicd.pipeline.run.state` of a run that has not ended.
-fn run_state(run: &Run) -> Option<&'static str> {
-    match run.phase {
-        _ if run.is_ended() => None,
-        Phase::Queued => Some("pending"),
-        _ => Some("executing"),
-    }
-}
+use slipway_core::fold::{StageState, StageStatus};
+use slipway_core::{Event, Run, otel, outcome};
 
 /// A stage's attempt and status, before an event is folded.
 pub type StageBefore = Option<(String, u32, StageStatus)>;
@@ -39,7 +30,7 @@ impl Brief {
     pub fn of(run: &Run) -> Self {
         Self {
             ended: run.is_ended(),
-            state: run_state(run),
+            state: outcome::run_state(run),
         }
     }
 }
@@ -88,12 +79,12 @@ impl Default for Observer {
             run_duration: meter
                 .f64_histogram("cicd.pipeline.run.duration")
                 .with_unit("s")
-                .with_description("Duration of pipeline runs, from the change to the run's end.")
+                .with_description("Time pipeline runs spent in each state (pending, executing), from the run's creation to its end.")
                 .build(),
             run_errors: meter
                 .u64_counter("cicd.pipeline.run.errors")
                 .with_unit("{error}")
-                .with_description("Pipeline runs that did not succeed, by error type.")
+                .with_description("Pipeline runs that ended in an error (a failure, an error or a timeout; not a cancellation), by error type.")
                 .build(),
             stage_duration: meter
                 .f64_histogram("slipway.stage.duration")
@@ -163,20 +154,29 @@ impl Observer {
         if !ended_now {
             return;
         }
-        // Workers emit the spans of the stages they end; approvals and the conductor's own
-        // decisions (timeouts) have no worker to do it.
-        if (now.kind() == Some(StageKind::Approval) || event.source == own_source)
-            && let Some(span) = otel::stage_span(after, &key, now.attempt)
+        // The process that appended the fact ending an attempt emits its span: workers theirs,
+        // the gateway approvers' decisions, the conductor its own (timeouts, the policy's
+        // automatic approval).
+        if event.source == own_source
+            && let Some(span) = otel::stage_span(after, &key, now.attempt, SystemTime::now())
         {
             otel::emit(span);
         }
-        let (result, _) = otel::task_result(now.status, now.reason.as_deref());
-        if let (Some(start), Some(end)) = (now.requested_at, now.finished_at) {
+        self.stage_ended(after, now);
+    }
+
+    /// The stage metrics of an attempt that ended.
+    fn stage_ended(&self, run: &Run, stage: &StageState) {
+        let Some(outcome) = outcome::task(stage) else {
+            return;
+        };
+        let result = outcome.result;
+        if let Some(secs) = outcome::stage_seconds(stage) {
             self.stage_duration.record(
-                seconds(start, end),
+                secs,
                 &[
-                    KeyValue::new("cicd.pipeline.name", after.pipeline.clone()),
-                    KeyValue::new("cicd.pipeline.task.name", key.clone()),
+                    KeyValue::new("cicd.pipeline.name", run.pipeline.clone()),
+                    KeyValue::new("cicd.pipeline.task.name", stage.name.clone()),
                     KeyValue::new("cicd.pipeline.task.run.result", result),
                 ],
             );
@@ -187,36 +187,52 @@ impl Observer {
                 KeyValue::new("cicd.pipeline.task.run.result", result),
             ]
         };
-        if let Some(env) = key.strip_prefix("deploy:") {
+        if let Some(env) = stage.name.strip_prefix("deploy:") {
             self.deploys.add(1, &env_attrs(env));
-        } else if let Some(env) = key.strip_prefix("rollback:") {
+        } else if let Some(env) = stage.name.strip_prefix("rollback:") {
             self.rollbacks.add(1, &env_attrs(env));
         }
     }
 
     fn run_ended(&self, run: &Run) {
-        if let Some(span) = otel::run_span(run) {
+        // The attempts the run's end cut off: no worker reports them any more (one that was
+        // working stops and leaves its span to this), so their spans and metrics are here.
+        for s in &run.stages {
+            if s.status == StageStatus::Cancelled && s.requested_at.is_some() {
+                if let Some(span) = otel::stage_span(run, &s.name, s.attempt, SystemTime::now()) {
+                    otel::emit(span);
+                }
+                self.stage_ended(run, s);
+            }
+        }
+        if let Some(span) = otel::run_span(run, SystemTime::now()) {
             otel::emit(span);
         }
-        let (result, error) = otel::run_result(run.phase);
+        let Some(ended) = outcome::run(run) else {
+            return;
+        };
         let pipeline = KeyValue::new("cicd.pipeline.name", run.pipeline.clone());
-        if let Some(end) = run.finished_at {
-            self.run_duration.record(
-                seconds(run.change.time.min(run.created_at), end),
-                &[
-                    pipeline.clone(),
-                    KeyValue::new("cicd.pipeline.result", result),
-                ],
-            );
+        for d in outcome::run_durations(run) {
+            let mut attrs = vec![
+                pipeline.clone(),
+                KeyValue::new("cicd.pipeline.run.state", d.state),
+            ];
+            if let Some(o) = d.outcome {
+                attrs.push(KeyValue::new("cicd.pipeline.result", o.result));
+                if let Some(e) = o.error_type {
+                    attrs.push(KeyValue::new("error.type", e));
+                }
+            }
+            self.run_duration.record(d.seconds, &attrs);
         }
-        if let Some(e) = error {
+        if let Some(e) = ended.error_type {
             self.run_errors
                 .add(1, &[pipeline, KeyValue::new("error.type", e)]);
         }
     }
 
     fn track_active(&self, was: Option<&'static str>, after: &Run) {
-        let now = run_state(after);
+        let now = outcome::run_state(after);
         if was == now {
             return;
         }
@@ -230,8 +246,4 @@ impl Observer {
             *map.entry((after.pipeline.clone(), s)).or_default() += 1;
         }
     }
-}
-
-fn seconds(start: chrono::DateTime<chrono::Utc>, end: chrono::DateTime<chrono::Utc>) -> f64 {
-    (end - start).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6
 }

@@ -93,6 +93,17 @@ pub struct GatewaySettings {
     pub cdevents_webhooks: Vec<String>,
 }
 
+impl GatewaySettings {
+    /// Where people reach the gateway: `public_url`, else its listen address.
+    pub fn url(&self) -> String {
+        match &self.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None if self.tls_cert_file.is_some() => format!("https://{}", self.listen),
+            None => format!("http://{}", self.listen),
+        }
+    }
+}
+
 impl Default for GatewaySettings {
     fn default() -> Self {
         Self {

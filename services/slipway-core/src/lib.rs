@@ -24,6 +24,7 @@ pub mod follow;
 pub mod ids;
 pub mod objects;
 pub mod otel;
+pub mod outcome;
 pub mod plan;
 pub mod policy;
 pub mod runtime;

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::envelope::Event;
-use crate::fold::{Phase, Run, StageStatus};
+use crate::fold::Run;
 pub use crate::trace::RunTrace;
 
 /// Spans waiting for export; beyond this they are dropped (and counted), never waited for.
@@ -185,8 +185,10 @@ fn env(name: &str) -> Option<String> {
 }
 
 /// Starts the OTLP exporters when an endpoint is configured; call once, inside the runtime.
-/// A bad setting is logged and leaves export off: telemetry never stops a service.
-pub fn install(service: &str) -> Otel {
+/// A bad setting is logged and leaves export off: telemetry never stops a service. Spans link
+/// runs at `run_url_base` (the gateway's URL, see [`run_url`]).
+pub fn install(service: &str, run_url_base: &str) -> Otel {
+    set_run_url_base(run_url_base);
     let protocol = match Protocol::parse(env("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref()) {
         Ok(p) => p,
         Err(e) => {
@@ -443,36 +445,6 @@ fn time(t: DateTime<Utc>) -> SystemTime {
     SystemTime::from(t)
 }
 
-/// `cicd.pipeline.result` of a run that ended, with its `error.type` when it did not succeed.
-pub fn run_result(phase: Phase) -> (&'static str, Option<&'static str>) {
-    match phase {
-        Phase::Succeeded => ("success", None),
-        Phase::Cancelled => ("cancellation", Some("cancelled")),
-        Phase::Rejected => ("failure", Some("rejected")),
-        Phase::RolledBack => ("failure", Some("rolled_back")),
-        _ => ("failure", Some("stage_failed")),
-    }
-}
-
-/// `cicd.pipeline.task.run.result` of a stage attempt that ended, with its `error.type`.
-pub fn task_result(status: StageStatus, reason: Option<&str>) -> (&'static str, Option<String>) {
-    match status {
-        StageStatus::Succeeded => ("success", None),
-        _ => {
-            let reason = reason.unwrap_or_default();
-            if reason.contains("timed out") || reason.contains("timeout") {
-                ("timeout", Some("timeout".into()))
-            } else if reason.contains("cancelled") || reason.contains("the run ended") {
-                ("cancellation", Some("cancelled".into()))
-            } else if reason.starts_with("gave up") || reason.starts_with("malformed") {
-                ("error", Some("delivery_failed".into()))
-            } else {
-                ("failure", Some("stage_failed".into()))
-            }
-        }
-    }
-}
-
 /// `cicd.pipeline.task.type` of a stage key: the convention's `build`, `test` and `deploy`,
 /// else the stage kind itself.
 pub fn task_type(stage: &str) -> &str {
@@ -489,15 +461,42 @@ fn base_attributes(run: &Run) -> Vec<KeyValue> {
     ]
 }
 
-/// The run's span (kind SERVER), once the run has ended.
-pub fn run_span(run: &Run) -> Option<SpanRecord> {
+static RUN_URL_BASE: OnceLock<String> = OnceLock::new();
+
+/// Where people see a run (`<base>/v1/runs/<id>`, the gateway's `public_url`): the spans'
+/// `cicd.pipeline.run.url.full` and `cicd.pipeline.task.run.url.full`. Set once at start-up.
+pub fn set_run_url_base(base: &str) {
+    let _ = RUN_URL_BASE.set(base.trim_end_matches('/').to_string());
+}
+
+/// The run's URL, when its base is known.
+pub fn run_url(run_id: &str) -> Option<String> {
+    RUN_URL_BASE
+        .get()
+        .map(|base| format!("{base}/v1/runs/{run_id}"))
+}
+
+/// The run's span (kind SERVER), once the run has ended: from the run's creation (when Slipway
+/// received the change; an upstream event's own time is kept as `slipway.change.time`) to its
+/// end, or to `now` when the span is emitted later, so that the publishing of the run's last
+/// event falls inside it.
+pub fn run_span(run: &Run, now: SystemTime) -> Option<SpanRecord> {
     let end = run.finished_at?;
+    let outcome = crate::outcome::run(run)?;
     let t = RunTrace::of(&run.run_id, run.traceparent.as_deref());
-    let (result, error) = run_result(run.phase);
     let mut attributes = base_attributes(run);
     attributes.push(KeyValue::new("cicd.pipeline.action.name", "RUN"));
-    attributes.push(KeyValue::new("cicd.pipeline.result", result));
-    if let Some(e) = error {
+    attributes.push(KeyValue::new("cicd.pipeline.result", outcome.result));
+    attributes.push(KeyValue::new(
+        "slipway.change.time",
+        run.change
+            .time
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    ));
+    if let Some(url) = run_url(&run.run_id) {
+        attributes.push(KeyValue::new("cicd.pipeline.run.url.full", url));
+    }
+    if let Some(e) = outcome.error_type {
         attributes.push(KeyValue::new("error.type", e));
     }
     Some(SpanRecord {
@@ -508,12 +507,11 @@ pub fn run_span(run: &Run) -> Option<SpanRecord> {
         parent: t.caller,
         parent_remote: true,
         sampled: t.sampled,
-        // From the change's arrival: queueing is part of the run.
-        start: time(run.change.time.min(run.created_at)),
-        end: time(end),
+        start: time(run.created_at),
+        end: time(end).max(now),
         attributes,
         links: vec![],
-        error: error.map(|_| {
+        error: outcome.error_type.map(|_| {
             run.reason
                 .clone()
                 .unwrap_or_else(|| run.phase.as_str().into())
@@ -522,16 +520,17 @@ pub fn run_span(run: &Run) -> Option<SpanRecord> {
 }
 
 /// The span of a stage's current attempt (kind INTERNAL), once it has ended: from its request
-/// to its terminal fact.
-pub fn stage_span(run: &Run, stage: &str, attempt: u32) -> Option<SpanRecord> {
+/// to its terminal fact, or to `now` when the process that ended the attempt emits it later
+/// (after storing the fact and acknowledging the request, which are the attempt's own work).
+pub fn stage_span(run: &Run, stage: &str, attempt: u32, now: SystemTime) -> Option<SpanRecord> {
     let s = run.stage(stage)?;
-    if !s.status.is_terminal() || s.attempt != attempt {
+    if s.attempt != attempt {
         return None;
     }
+    let outcome = crate::outcome::task(s)?;
     let end = s.finished_at?;
     let start = s.requested_at.or(s.started_at).unwrap_or(end);
     let t = RunTrace::of(&run.run_id, run.traceparent.as_deref());
-    let (result, error) = task_result(s.status, s.reason.as_deref());
     let mut attributes = base_attributes(run);
     attributes.extend([
         KeyValue::new("cicd.pipeline.task.name", s.name.clone()),
@@ -539,10 +538,13 @@ pub fn stage_span(run: &Run, stage: &str, attempt: u32) -> Option<SpanRecord> {
             "cicd.pipeline.task.run.id",
             format!("{}/{}/{}", run.run_id, s.name, s.attempt),
         ),
-        KeyValue::new("cicd.pipeline.task.run.result", result),
+        KeyValue::new("cicd.pipeline.task.run.result", outcome.result),
         KeyValue::new("cicd.pipeline.task.type", task_type(&s.name).to_string()),
         KeyValue::new("slipway.stage.attempt", i64::from(s.attempt)),
     ]);
+    if let Some(url) = run_url(&run.run_id) {
+        attributes.push(KeyValue::new("cicd.pipeline.task.run.url.full", url));
+    }
     if let Some(w) = &s.worker {
         attributes.push(KeyValue::new("cicd.worker.id", w.clone()));
     }
@@ -556,8 +558,8 @@ pub fn stage_span(run: &Run, stage: &str, attempt: u32) -> Option<SpanRecord> {
             env.to_string(),
         ));
     }
-    if let Some(e) = &error {
-        attributes.push(KeyValue::new("error.type", e.clone()));
+    if let Some(e) = outcome.error_type {
+        attributes.push(KeyValue::new("error.type", e));
     }
     Some(SpanRecord {
         name: s.name.clone(),
@@ -568,10 +570,12 @@ pub fn stage_span(run: &Run, stage: &str, attempt: u32) -> Option<SpanRecord> {
         parent_remote: true,
         sampled: t.sampled,
         start: time(start),
-        end: time(end),
+        end: time(end).max(now),
         attributes,
         links: vec![],
-        error: error.map(|_| s.reason.clone().unwrap_or_default()),
+        error: outcome
+            .error_type
+            .map(|_| s.reason.clone().unwrap_or_default()),
     })
 }
 
@@ -584,7 +588,9 @@ pub async fn emit_stage_span(bus: &crate::bus::Bus, run_id: &str, stage: &str, a
         return;
     };
     let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
-    if let Some(span) = Run::replay(&events).and_then(|run| stage_span(&run, stage, attempt)) {
+    if let Some(span) =
+        Run::replay(&events).and_then(|run| stage_span(&run, stage, attempt, SystemTime::now()))
+    {
         emit(span);
     }
 }
@@ -831,13 +837,7 @@ mod tests {
     }
 
     #[test]
-    fn results_follow_the_conventions() {
-        assert_eq!(run_result(Phase::Succeeded), ("success", None));
-        assert_eq!(run_result(Phase::Cancelled).0, "cancellation");
-        assert_eq!(
-            task_result(StageStatus::Failed, Some("timed out after 5s")),
-            ("timeout", Some("timeout".into()))
-        );
+    fn task_types_and_subject_templates_follow_the_conventions() {
         assert_eq!(task_type("deploy:production"), "deploy");
         assert_eq!(task_type("test:unit"), "test");
         assert_eq!(

@@ -398,7 +398,8 @@ impl<W: Worker> Ctx<W> {
                         crate::decide::FIRST_ATTEMPT,
                         format!("malformed request at stream sequence {seq}: {e}"),
                     );
-                    self.publish_then_ack(&msg, &run_id, data, None).await;
+                    self.publish_then_ack(&msg, &run_id, data, SpanFrom::Log)
+                        .await;
                 } else {
                     let _ = msg.ack_with(AckKind::Term).await;
                 }
@@ -414,13 +415,26 @@ impl<W: Worker> Ctx<W> {
         let span = info_span!("job", service, run_id = %run_id, stage = %stage, attempt, delivered);
         let received = std::time::SystemTime::now();
         let traced = crate::otel::enabled().then(|| request.clone());
-        self.work(msg, run_id.clone(), stage, attempt, request, delivered)
-            .instrument(span)
+        let stage_span = STAGE_SPAN
+            .scope(std::cell::Cell::new(None), async {
+                self.work(msg, run_id.clone(), stage, attempt, request, delivered)
+                    .instrument(span)
+                    .await;
+                STAGE_SPAN.with(std::cell::Cell::take)
+            })
             .await;
         if let Some(request) = traced {
             crate::otel::emit(crate::otel::process_span(
                 &subject, &run_id, &request, service, received, None,
             ));
+        }
+        // The attempt's span last, ending no earlier than now: the handling of its request
+        // (the process span above) and the publishing of its fact fall inside it.
+        if let Some((run, stage, attempt)) = stage_span
+            && let Some(span) =
+                crate::otel::stage_span(&run, &stage, attempt, std::time::SystemTime::now())
+        {
+            crate::otel::emit(span);
         }
     }
 
@@ -527,7 +541,7 @@ impl<W: Worker> Ctx<W> {
         let started = match self.worker.started(&job).await {
             Ok(d) => d,
             Err(e) => {
-                self.retry_or_give_up(&msg, &job, e, None).await;
+                self.retry_or_give_up(&msg, &job, e, SpanFrom::Log).await;
                 return;
             }
         };
@@ -571,9 +585,13 @@ impl<W: Worker> Ctx<W> {
         }
         info!("Stage started.");
         // The run as of the start, for the stage's span at its end (no second read of the log).
-        let traced = crate::otel::enabled()
+        let traced = match crate::otel::enabled()
             .then(|| crate::fold::fold(Some(job.run.clone()), &started))
-            .flatten();
+            .flatten()
+        {
+            Some(run) => SpanFrom::Run(Box::new(run)),
+            None => SpanFrom::Log,
+        };
 
         // Progress acks keep the request ours while the work runs; a run's cancellation
         // (seen live on its subject) stops the work.
@@ -637,7 +655,9 @@ impl<W: Worker> Ctx<W> {
                 attempt,
                 "the run ended (cancelled or failed elsewhere) while the stage ran".into(),
             );
-            self.publish_then_ack(&msg, &run_id, data, traced).await;
+            // The run's end ended the attempt: the conductor, which folds that end, emits it.
+            self.publish_then_ack(&msg, &run_id, data, SpanFrom::Nobody)
+                .await;
             return;
         }
         let succeeded = matches!(
@@ -705,7 +725,7 @@ impl<W: Worker> Ctx<W> {
         msg: &jetstream::Message,
         job: &Job,
         e: Transient,
-        traced: Option<Run>,
+        traced: SpanFrom,
     ) {
         if job.delivered >= self.settings.max_deliver {
             error!(error = %e, "Giving up after the last delivery.");
@@ -722,14 +742,15 @@ impl<W: Worker> Ctx<W> {
         }
     }
 
-    /// Publishes the job's fact, then acknowledges the request. `traced` is the run as of the
-    /// stage's start, when spans are exported: the stage's span is made from it.
+    /// Publishes the job's fact, then acknowledges the request. `traced` says how the stage's
+    /// span is made once the fact is stored: from the run as of the stage's start, from the log,
+    /// or not here.
     async fn publish_then_ack(
         &self,
         msg: &jetstream::Message,
         run_id: &str,
         data: EventData,
-        traced: Option<Run>,
+        traced: SpanFrom,
     ) {
         // In the request's trace (a malformed request has none to give).
         let trace = crate::bus::decode(msg.headers.as_ref(), &msg.payload)
@@ -744,14 +765,14 @@ impl<W: Worker> Ctx<W> {
                         && !a.duplicate
                         && v.is_terminal()
                     {
-                        match traced.and_then(|r| crate::fold::fold(Some(r), &event)) {
-                            Some(run) => {
-                                if let Some(span) = crate::otel::stage_span(&run, stage, attempt) {
-                                    crate::otel::emit(span);
+                        match traced {
+                            SpanFrom::Run(run) => {
+                                if let Some(run) = crate::fold::fold(Some(*run), &event) {
+                                    defer_stage_span(run, stage, attempt);
                                 }
                             }
                             // No run at hand (a malformed request): read it, off the path.
-                            None if crate::otel::enabled() => {
+                            SpanFrom::Log if crate::otel::enabled() => {
                                 let (bus, run_id) = (self.bus.clone(), run_id.to_string());
                                 let stage = stage.to_string();
                                 tokio::spawn(async move {
@@ -759,7 +780,7 @@ impl<W: Worker> Ctx<W> {
                                         .await;
                                 });
                             }
-                            None => {}
+                            SpanFrom::Log | SpanFrom::Nobody => {}
                         }
                     }
                     if let Err(e) = self.bus.ack_confirmed(msg).await {
@@ -785,6 +806,32 @@ impl<W: Worker> Ctx<W> {
         let _ = msg
             .ack_with(AckKind::Nak(Some(Duration::from_secs(secs.min(60)))))
             .await;
+    }
+}
+
+/// How a worker makes the span of a stage attempt it ended.
+enum SpanFrom {
+    /// The run as of the stage's start, with the terminal fact folded in.
+    Run(Box<Run>),
+    /// The run read from the log (no run at hand); nothing when spans are not exported.
+    Log,
+    /// Not by the worker: the run's end cut the attempt off, and the conductor emits it.
+    Nobody,
+}
+
+tokio::task_local! {
+    /// The span of the attempt a job ended, emitted once the job's handling is over.
+    static STAGE_SPAN: std::cell::Cell<Option<(Run, String, u32)>>;
+}
+
+/// Hands the attempt's span to the end of the job's handling, or emits it now outside one.
+fn defer_stage_span(run: Run, stage: &str, attempt: u32) {
+    if STAGE_SPAN.try_with(|_| ()).is_ok() {
+        STAGE_SPAN.with(|slot| slot.set(Some((run, stage.to_string(), attempt))));
+    } else if let Some(span) =
+        crate::otel::stage_span(&run, stage, attempt, std::time::SystemTime::now())
+    {
+        crate::otel::emit(span);
     }
 }
 

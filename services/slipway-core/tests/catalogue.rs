@@ -411,11 +411,27 @@ fn asyncapi() -> String {
                 "name": ty,
                 "title": ty,
                 "summary": if taken {
-                    "A CDEvent taken as a change (bare JSON, or a CloudEvent carrying it); the conductor runs the pipeline registered for it"
+                    "A CDEvent taken as a change, bare or as a CloudEvent in binary mode (the gateway stores one it took in HTTP structured mode so too); the conductor runs the pipeline registered for it"
                 } else {
                     "A CDEvent a run emits (published by the gateway; CloudEvents binary mode)"
                 },
                 "contentType": "application/json",
+                // Binary mode: a CloudEvent's attributes as headers, the CDEvent as the
+                // payload; a change may also come bare, without them.
+                "headers": {
+                    "type": "object",
+                    "required": if taken { json!([]) } else { json!(["ce-specversion", "ce-id", "ce-source", "ce-type"]) },
+                    "properties": {
+                        "ce-specversion": {"type": "string", "const": "1.0"},
+                        "ce-id": {"type": "string"},
+                        "ce-source": {"type": "string"},
+                        "ce-type": {"type": "string", "const": ty},
+                        "ce-time": {"type": "string", "format": "date-time"},
+                        "ce-subject": {"type": "string"},
+                        "content-type": {"type": "string", "const": "application/json"},
+                        "Nats-Msg-Id": {"type": "string"}
+                    }
+                },
                 "payload": {"$ref": format!("./cdevents/{file}")},
             }),
         );
