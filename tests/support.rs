@@ -139,8 +139,8 @@ impl Stack {
         // The gateway signs approvals; the deployer verifies them with the public half.
         let (seed, public) = slipway_core::signing::SigningKey::generate();
         let mut config = format!(
-            "[approvals]\npublic_key = \"{public}\"\n\n[gateway]\nlisten = \"127.0.0.1:{}\"\nsigning_key = \"{seed}\"\ntrace_url_template = \"http://traces.example/trace/{{trace_id}}\"\n{gateway}\n",
-            s.gateway_port
+            "[approvals]\npublic_key = \"{public}\"\n\n[gateway]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"http://127.0.0.1:{port}\"\nsigning_key = \"{seed}\"\ntrace_url_template = \"http://traces.example/trace/{{trace_id}}\"\n{gateway}\n",
+            port = s.gateway_port
         );
         for (name, group) in APPROVERS {
             let hash = {

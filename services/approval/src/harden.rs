@@ -154,8 +154,8 @@ pub async fn json_errors(State(max_body): State<usize>, req: Request, next: Next
     if json || !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }
-    let error = match status {
-        StatusCode::NOT_FOUND => format!("no such route: {method} {path}"),
+    let known = match status {
+        StatusCode::NOT_FOUND => Some(format!("no such route: {method} {path}")),
         StatusCode::METHOD_NOT_ALLOWED => {
             let allowed = resp
                 .headers()
@@ -164,18 +164,28 @@ pub async fn json_errors(State(max_body): State<usize>, req: Request, next: Next
                 .filter(|v| !v.is_empty())
                 .map(|v| format!("; allowed: {v}"))
                 .unwrap_or_default();
-            format!("method {method} is not allowed on {path}{allowed}")
+            Some(format!("method {method} is not allowed on {path}{allowed}"))
         }
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            format!("the request body is larger than the limit of {max_body} bytes")
-        }
-        other => format!(
-            "{} {}",
-            other.as_u16(),
-            other.canonical_reason().unwrap_or("error")
-        ),
+        StatusCode::PAYLOAD_TOO_LARGE => Some(format!(
+            "the request body is larger than the limit of {max_body} bytes"
+        )),
+        _ => None,
     };
-    let (mut parts, _) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
+    let error = match known {
+        Some(e) => e,
+        // Anything else keeps what it said, inside the JSON.
+        None => {
+            let said = axum::body::to_bytes(body, 64 * 1024)
+                .await
+                .unwrap_or_default();
+            let reason = status.canonical_reason().unwrap_or("error");
+            match String::from_utf8_lossy(&said).trim() {
+                "" => format!("{} {reason}", status.as_u16()),
+                text => format!("{} {reason}: {text}", status.as_u16()),
+            }
+        }
+    };
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(
         header::CONTENT_TYPE,

@@ -93,7 +93,7 @@ pub fn render_runs<'a>(runs: impl IntoIterator<Item = &'a Run>) -> String {
             *errors.entry((p.clone(), e)).or_default() += 1;
         }
         for s in &run.stages {
-            let (Some(o), Some(secs)) = (outcome::task(s), outcome::stage_seconds(s)) else {
+            let (Some(o), Some(secs)) = (outcome::task(run, s), outcome::stage_seconds(s)) else {
                 continue;
             };
             stages

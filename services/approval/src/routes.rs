@@ -60,6 +60,7 @@ pub struct RunIdBody {
     responses(
         (status = 202, description = "Accepted: the run it becomes", body = RunIdBody),
         (status = 400, description = "Not a CloudEvent or CDEvent, not a change, or an invalid spec", body = ErrorBody),
+        (status = 413, description = "The body is larger than [gateway] max_body_bytes", body = ErrorBody),
         (status = 503, description = "NATS unavailable", body = ErrorBody),
     )
 )]
@@ -449,6 +450,8 @@ const APPEND_ATTEMPTS: usize = 8;
         (status = 403, description = "The policy says no", body = ErrorBody),
         (status = 404, description = "No such run", body = ErrorBody),
         (status = 409, description = "Not awaiting approval, or not the run's current artifact", body = ErrorBody),
+        (status = 413, description = "The body is larger than [gateway] max_body_bytes", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; Retry-After says when to try again", body = ErrorBody),
         (status = 503, description = "NATS unavailable, or the run kept changing", body = ErrorBody),
     )
 )]

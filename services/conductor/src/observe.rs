@@ -1,6 +1,7 @@
 //! What the conductor tells observability tools as runs move: the run's span when it ends, the
-//! spans of stage attempts no worker ends (approvals, timeouts decided here), and the delivery
-//! metrics (`cicd.pipeline.run.*`, stage durations, deploys and rollbacks by environment).
+//! spans of the stage attempts it ends itself (timeouts, the policy's automatic approval) and of
+//! those the run's end cuts off, and the delivery metrics (`cicd.pipeline.run.*`, stage
+//! durations, deploys and rollbacks by environment), in [`outcome`]'s words.
 //!
 //! Spans and counts are recorded only for transitions seen live (after the conductor caught up
 //! with the log), so a restart does not repeat them; the active-run gauge is kept through the
@@ -167,7 +168,7 @@ impl Observer {
 
     /// The stage metrics of an attempt that ended.
     fn stage_ended(&self, run: &Run, stage: &StageState) {
-        let Some(outcome) = outcome::task(stage) else {
+        let Some(outcome) = outcome::task(run, stage) else {
             return;
         };
         let result = outcome.result;

@@ -8,7 +8,10 @@ async fn main() -> anyhow::Result<()> {
     slipway_core::telemetry::init("perf-regression");
     let config = Config::load(config_path_from_args()?.as_deref())?;
     let shutdown = slipway_core::runtime::shutdown_on_signals();
-    let otel = slipway_core::otel::install("slipway-perf-regression", &config.gateway.url());
+    let otel = slipway_core::otel::install(
+        "slipway-perf-regression",
+        config.gateway.public_url.as_deref(),
+    );
     let result = perf_regression::run(config, shutdown).await;
     otel.shutdown().await;
     result?;

@@ -49,19 +49,26 @@ fn exit_for(phase: Phase) -> ExitCode {
     }
 }
 
-/// How people's commands connect to `url`: as the user it names, else as the `cli` user of
-/// the server `slipway up` started, whose password `up` keeps in
-/// `$SLIPWAY_DATA_DIR/credentials` (default `.slipway`). Without that file, as nobody (an open
-/// server); the file is looked for again at each attempt while the server starts.
+/// How people's commands connect to `url`: as the user it names, else, on this host, as the
+/// `cli` user of the server `slipway up` started, whose password `up` keeps in
+/// `$SLIPWAY_DATA_DIR/credentials` (default `.slipway`). That password never goes to another
+/// host.
 pub fn settings(url: &str) -> NatsSettings {
     let data =
         std::env::var_os("SLIPWAY_DATA_DIR").map_or_else(|| ".slipway".into(), PathBuf::from);
-    let named = url.split(',').any(|u| u.contains('@'));
+    let local = url.split(',').all(|u| {
+        let host = u.trim().split_once("://").map_or(u.trim(), |(_, h)| h);
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if !port.ends_with(']') => name,
+            _ => host,
+        };
+        matches!(name, "127.0.0.1" | "localhost" | "[::1]")
+    });
     NatsSettings {
         url: url.to_string(),
         connect_timeout_secs: 5,
-        user: (!named).then(|| "cli".to_string()),
-        password_file: (!named).then(|| {
+        user: local.then(|| "cli".to_string()),
+        password_file: local.then(|| {
             slipway_core::credentials::password_file(
                 &slipway_core::credentials::directory(&data),
                 "cli",
@@ -72,8 +79,32 @@ pub fn settings(url: &str) -> NatsSettings {
 }
 
 impl Client {
+    /// Connects with `settings`; a password file that does not exist (yet: `up` may be
+    /// writing it as this starts) is looked for again at each attempt, connecting as nobody
+    /// meanwhile, as an open server (`up --insecure`) wants.
     pub async fn connect(settings: &NatsSettings) -> anyhow::Result<Self> {
-        let bus = Bus::connect(settings, "slipway-cli").await?;
+        let deadline = Instant::now() + Duration::from_secs(settings.connect_timeout_secs.max(1));
+        let bus = loop {
+            let missing = settings.password_file.as_ref().filter(|p| !p.exists());
+            let mut attempt = settings.clone();
+            if missing.is_some() {
+                attempt.user = None;
+                attempt.password_file = None;
+                attempt.connect_timeout_secs = 1;
+            }
+            match Bus::connect(&attempt, "slipway-cli").await {
+                Ok(bus) => break bus,
+                Err(_) if missing.is_some() && Instant::now() < deadline => {}
+                Err(e) => match missing {
+                    Some(p) => anyhow::bail!(
+                        "{e} (as nobody: the cli user's password file {} does not exist; \
+                         `slipway up` writes it, SLIPWAY_DATA_DIR says where)",
+                        p.display()
+                    ),
+                    None => return Err(e.into()),
+                },
+            }
+        };
         bus.ensure_stream_exists().await?;
         Ok(Self { bus })
     }

@@ -151,7 +151,9 @@ impl Stack {
             env.push(("RUST_LOG".into(), "error".into()));
         }
         env.extend(extra_env);
-        env.extend(approval_keys(&data_dir, config)?);
+        let loaded = slipway_core::config::Config::load(config)?;
+        env.extend(approval_keys(&data_dir, &loaded)?);
+        env.extend(gateway_url(&loaded.gateway));
         if let Some(c) = config {
             env.push((
                 "SLIPWAY_CONFIG".into(),
@@ -325,8 +327,10 @@ impl Stack {
 
 /// When the configuration names no approval keys, a key pair kept in the data directory (the
 /// seed readable by its owner only): the gateway signs with it, the deployer verifies.
-fn approval_keys(data_dir: &Path, config: Option<&Path>) -> anyhow::Result<Vec<(String, String)>> {
-    let loaded = slipway_core::config::Config::load(config)?;
+fn approval_keys(
+    data_dir: &Path,
+    loaded: &slipway_core::config::Config,
+) -> anyhow::Result<Vec<(String, String)>> {
     if loaded.approvals.public_key.is_some()
         || loaded.gateway.signing_key.is_some()
         || loaded.gateway.signing_key_file.is_some()
@@ -380,6 +384,24 @@ pub fn connect_hint(url: &str, c: &Credentials, data_dir: &Path) -> String {
         data = data.display(),
         admin = c.password_file("admin").display(),
     )
+}
+
+/// When the configuration gives the gateway no `public_url`, its listen address as one, so
+/// that every service's spans link runs to the gateway this stack starts (not for an address
+/// that listens on every interface, whose name for people this cannot know).
+fn gateway_url(g: &slipway_core::config::GatewaySettings) -> Option<(String, String)> {
+    if g.public_url.is_some() || g.listen.starts_with("0.0.0.0") || g.listen.starts_with("[::]") {
+        return None;
+    }
+    let scheme = if g.tls_cert_file.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    Some((
+        "SLIPWAY__GATEWAY__PUBLIC_URL".into(),
+        format!("{scheme}://{}", g.listen),
+    ))
 }
 
 pub fn absolute_file(p: &Path) -> anyhow::Result<PathBuf> {

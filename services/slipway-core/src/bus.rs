@@ -39,8 +39,7 @@ pub struct NatsSettings {
     /// User and password, for a server with `authorization` users (deploy/nats/).
     pub user: Option<String>,
     pub password: Option<String>,
-    /// A file holding the user's password instead (what `slipway up` gives each service); read
-    /// at each connection attempt, so a file written while the server starts is found.
+    /// A file holding the user's password instead (what `slipway up` gives each service).
     pub password_file: Option<std::path::PathBuf>,
     /// A NATS credentials file (JWT and NKey seed), for an operator-mode server.
     pub credentials_file: Option<std::path::PathBuf>,
@@ -207,7 +206,6 @@ impl Bus {
         // Credentials in the URL are taken out of it, so they never reach a log or an error.
         let (url, url_user) = split_userinfo(&settings.url);
         let client = loop {
-            let mut missing_password = None;
             let mut opts = async_nats::ConnectOptions::new()
                 .name(client_name)
                 .connection_timeout(Duration::from_secs(2))
@@ -217,19 +215,11 @@ impl Bus {
             } else if let Some((u, p)) = url_user.clone() {
                 opts = opts.user_and_password(u, p);
             } else if let (Some(u), Some(path)) = (&settings.user, &settings.password_file) {
-                match std::fs::read_to_string(path) {
-                    Ok(p) => opts = opts.user_and_password(u.clone(), p.trim().to_string()),
-                    // Not there (yet): try without, and say so if that is refused.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        missing_password = Some(path.clone());
-                    }
-                    Err(e) => {
-                        return Err(BusError::Connect {
-                            url: url.clone(),
-                            message: format!("password_file {}: {e}", path.display()),
-                        });
-                    }
-                }
+                let password = std::fs::read_to_string(path).map_err(|e| BusError::Connect {
+                    url: url.clone(),
+                    message: format!("password_file {}: {e}", path.display()),
+                })?;
+                opts = opts.user_and_password(u.clone(), password.trim().to_string());
             }
             if let Some(path) = &settings.nkey_seed_file {
                 let seed = std::fs::read_to_string(path).map_err(|e| BusError::Connect {
@@ -261,12 +251,9 @@ impl Bus {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(e) => {
-                    let hint = missing_password
-                        .map(|p| format!(" (password_file {} does not exist)", p.display()))
-                        .unwrap_or_default();
                     return Err(BusError::Connect {
                         url: url.clone(),
-                        message: format!("{e}{hint}"),
+                        message: e.to_string(),
                     });
                 }
             }

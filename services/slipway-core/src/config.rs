@@ -63,7 +63,8 @@ pub struct InstancePrice {
 pub struct GatewaySettings {
     /// Address to bind; loopback by default.
     pub listen: String,
-    /// The URL people reach the gateway at, for links in notifications.
+    /// The URL people reach the gateway at, for links in notifications, CDEvents and spans
+    /// (every service reads it; `slipway up` sets it from `listen` when unset).
     pub public_url: Option<String>,
     pub approvers: Vec<Approver>,
     /// URLs that get a JSON POST when a run starts waiting for approval.
@@ -91,17 +92,6 @@ pub struct GatewaySettings {
     pub cdevents: bool,
     /// URLs that get each CDEvent as a CloudEvent (HTTP binary mode), with retries.
     pub cdevents_webhooks: Vec<String>,
-}
-
-impl GatewaySettings {
-    /// Where people reach the gateway: `public_url`, else its listen address.
-    pub fn url(&self) -> String {
-        match &self.public_url {
-            Some(u) => u.trim_end_matches('/').to_string(),
-            None if self.tls_cert_file.is_some() => format!("https://{}", self.listen),
-            None => format!("http://{}", self.listen),
-        }
-    }
 }
 
 impl Default for GatewaySettings {

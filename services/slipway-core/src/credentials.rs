@@ -57,6 +57,33 @@ pub fn password_file(dir: &Path, user: &str) -> PathBuf {
     dir.join(format!("nats-{user}.password"))
 }
 
+/// Makes a password file whole or not at all (written aside, then renamed into place), so a
+/// crash never leaves an empty one; when another process made it first, its password wins.
+fn create(path: &Path) -> std::io::Result<String> {
+    // A letter first: the server's configuration reads a bare `12e4…` as a number. Two random
+    // UUIDs: 244 bits.
+    let password = format!("pw-{}{}", crate::ids::random(), crate::ids::random()).replace('-', "");
+    let aside = path.with_extension(format!("new-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&aside)?;
+    f.write_all(password.as_bytes())?;
+    f.sync_all()?;
+    // `link` fails when the name exists: the first writer's password stays.
+    let linked = std::fs::hard_link(&aside, path);
+    std::fs::remove_file(&aside)?;
+    match linked {
+        Ok(()) => Ok(password),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok(std::fs::read_to_string(path)?.trim().to_string())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Every user's password, read from a credentials directory or made there.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
@@ -94,19 +121,7 @@ impl Credentials {
                     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
                     p.trim().to_string()
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    // A letter first: the server's configuration reads a bare `12e4…` as a
-                    // number. Two random UUIDs: 244 bits.
-                    let p = format!("pw-{}{}", crate::ids::random(), crate::ids::random())
-                        .replace('-', "");
-                    let mut f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&path)?;
-                    f.write_all(p.as_bytes())?;
-                    p
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(&path)?,
                 Err(e) => return Err(e),
             };
             if password.is_empty() {

@@ -432,6 +432,10 @@ fn end_open_stages(run: &mut Run, time: DateTime<Utc>) {
     for stage in &mut run.stages {
         let cut = match stage.status {
             StageStatus::Pending => "before this stage was requested",
+            // An approval is never started: requested, it awaits people.
+            StageStatus::Requested if stage.kind() == Some(StageKind::Approval) => {
+                "while this stage awaited a decision"
+            }
             StageStatus::Requested => "before this stage started",
             StageStatus::Running => "while this stage ran",
             StageStatus::Succeeded | StageStatus::Failed | StageStatus::Cancelled => continue,

@@ -186,9 +186,11 @@ fn env(name: &str) -> Option<String> {
 
 /// Starts the OTLP exporters when an endpoint is configured; call once, inside the runtime.
 /// A bad setting is logged and leaves export off: telemetry never stops a service. Spans link
-/// runs at `run_url_base` (the gateway's URL, see [`run_url`]).
-pub fn install(service: &str, run_url_base: &str) -> Otel {
-    set_run_url_base(run_url_base);
+/// runs at `run_url_base` (the gateway's `public_url`, see [`run_url`]) when it is known.
+pub fn install(service: &str, run_url_base: Option<&str>) -> Otel {
+    if let Some(base) = run_url_base {
+        set_run_url_base(base);
+    }
     let protocol = match Protocol::parse(env("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref()) {
         Ok(p) => p,
         Err(e) => {
@@ -464,7 +466,8 @@ fn base_attributes(run: &Run) -> Vec<KeyValue> {
 static RUN_URL_BASE: OnceLock<String> = OnceLock::new();
 
 /// Where people see a run (`<base>/v1/runs/<id>`, the gateway's `public_url`): the spans'
-/// `cicd.pipeline.run.url.full` and `cicd.pipeline.task.run.url.full`. Set once at start-up.
+/// `cicd.pipeline.run.url.full` and `cicd.pipeline.task.run.url.full`. Set once at start-up;
+/// without it spans name no URL rather than a guessed one.
 pub fn set_run_url_base(base: &str) {
     let _ = RUN_URL_BASE.set(base.trim_end_matches('/').to_string());
 }
@@ -527,7 +530,7 @@ pub fn stage_span(run: &Run, stage: &str, attempt: u32, now: SystemTime) -> Opti
     if s.attempt != attempt {
         return None;
     }
-    let outcome = crate::outcome::task(s)?;
+    let outcome = crate::outcome::task(run, s)?;
     let end = s.finished_at?;
     let start = s.requested_at.or(s.started_at).unwrap_or(end);
     let t = RunTrace::of(&run.run_id, run.traceparent.as_deref());
@@ -579,19 +582,41 @@ pub fn stage_span(run: &Run, stage: &str, attempt: u32, now: SystemTime) -> Opti
     })
 }
 
-/// Emits the span of a stage attempt that the caller just ended, reading its start from the log.
-pub async fn emit_stage_span(bus: &crate::bus::Bus, run_id: &str, stage: &str, attempt: u32) {
+/// Emits the span of a stage attempt the caller's fact (at stream sequence `fact_seq`) ended,
+/// reading the run from the log: nothing when the attempt had already ended before the fact
+/// (a conductor's timeout, the run's end), whose span its ender emits.
+pub async fn emit_stage_span(
+    bus: &crate::bus::Bus,
+    run_id: &str,
+    stage: &str,
+    attempt: u32,
+    fact_seq: u64,
+) {
     if !enabled() {
         return;
     }
     let Ok(log) = bus.run_log(run_id).await else {
         return;
     };
-    let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
-    if let Some(span) =
-        Run::replay(&events).and_then(|run| stage_span(&run, stage, attempt, SystemTime::now()))
-    {
-        emit(span);
+    let mut run = None;
+    for r in &log {
+        let Ok(e) = &r.event else { continue };
+        if r.seq == fact_seq {
+            let open = run.as_ref().is_some_and(|run: &Run| {
+                !run.is_ended()
+                    && run
+                        .stage(stage)
+                        .is_some_and(|s| s.attempt == attempt && !s.status.is_terminal())
+            });
+            if open
+                && let Some(span) = crate::fold::fold(run, e)
+                    .and_then(|run| stage_span(&run, stage, attempt, SystemTime::now()))
+            {
+                emit(span);
+            }
+            return;
+        }
+        run = crate::fold::fold(run, e);
     }
 }
 
@@ -683,6 +708,7 @@ pub fn process_span(
     event: &Event,
     consumer: &str,
     start: SystemTime,
+    end: SystemTime,
     error: Option<String>,
 ) -> SpanRecord {
     let (t, parent) = event_parent(run_id, event);
@@ -703,7 +729,7 @@ pub fn process_span(
         parent_remote: true,
         sampled: t.sampled,
         start,
-        end: SystemTime::now(),
+        end,
         attributes,
         links: vec![SpanContext::new(
             t.trace_id,

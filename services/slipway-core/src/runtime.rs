@@ -398,8 +398,9 @@ impl<W: Worker> Ctx<W> {
                         crate::decide::FIRST_ATTEMPT,
                         format!("malformed request at stream sequence {seq}: {e}"),
                     );
-                    self.publish_then_ack(&msg, &run_id, data, SpanFrom::Log)
-                        .await;
+                    if let Some(stored) = self.publish_then_ack(&msg, &run_id, data).await {
+                        stored.span_from_log(&self.bus, &run_id);
+                    }
                 } else {
                     let _ = msg.ack_with(AckKind::Term).await;
                 }
@@ -415,24 +416,22 @@ impl<W: Worker> Ctx<W> {
         let span = info_span!("job", service, run_id = %run_id, stage = %stage, attempt, delivered);
         let received = std::time::SystemTime::now();
         let traced = crate::otel::enabled().then(|| request.clone());
-        let stage_span = STAGE_SPAN
-            .scope(std::cell::Cell::new(None), async {
-                self.work(msg, run_id.clone(), stage, attempt, request, delivered)
-                    .instrument(span)
-                    .await;
-                STAGE_SPAN.with(std::cell::Cell::take)
-            })
+        let ended = self
+            .work(msg, run_id.clone(), stage, attempt, request, delivered)
+            .instrument(span)
             .await;
+        // The handling ends when its fact is stored, and so does the attempt's span, which
+        // comes last: the handling and the fact's publishing lie within it.
+        let end = ended
+            .as_ref()
+            .map_or_else(std::time::SystemTime::now, |e| e.stored);
         if let Some(request) = traced {
             crate::otel::emit(crate::otel::process_span(
-                &subject, &run_id, &request, service, received, None,
+                &subject, &run_id, &request, service, received, end, None,
             ));
         }
-        // The attempt's span last, ending no earlier than now: the handling of its request
-        // (the process span above) and the publishing of its fact fall inside it.
-        if let Some((run, stage, attempt)) = stage_span
-            && let Some(span) =
-                crate::otel::stage_span(&run, &stage, attempt, std::time::SystemTime::now())
+        if let Some(e) = ended
+            && let Some(span) = crate::otel::stage_span(&e.run, &e.stage, e.attempt, e.stored)
         {
             crate::otel::emit(span);
         }
@@ -446,7 +445,7 @@ impl<W: Worker> Ctx<W> {
         attempt: u32,
         request: Event,
         delivered: i64,
-    ) {
+    ) -> Option<Ended> {
         let service = self.worker.service();
         // The log read must reach at least the request itself.
         let request_seq = msg.info().map_or(0, |i| i.stream_sequence);
@@ -474,14 +473,14 @@ impl<W: Worker> Ctx<W> {
                 Err(e) => {
                     warn!(error = %e, "Cannot read the run's log; retrying later.");
                     self.nak(&msg, delivered).await;
-                    return;
+                    return None;
                 }
             },
         };
         let Some(run) = run else {
             warn!("Request for a run that does not exist; terminating it.");
             let _ = msg.ack_with(AckKind::Term).await;
-            return;
+            return None;
         };
         if run.is_ended() {
             info!(
@@ -489,7 +488,7 @@ impl<W: Worker> Ctx<W> {
                 "Run already ended; skipping the request."
             );
             let _ = self.bus.ack_confirmed(&msg).await;
-            return;
+            return None;
         }
         let mut resumed = false;
         match run.stage(&stage) {
@@ -512,18 +511,18 @@ impl<W: Worker> Ctx<W> {
                 // run it twice; the conductor's stage timeout ends it, saying so.
                 warn!(worker = ?s.worker, "Stage already started by an earlier delivery; not repeating it.");
                 let _ = self.bus.ack_confirmed(&msg).await;
-                return;
+                return None;
             }
             Some(s) if s.attempt == attempt && !s.status.is_terminal() => {}
             Some(s) => {
                 info!(status = ?s.status, "Stage attempt already settled; skipping the request.");
                 let _ = self.bus.ack_confirmed(&msg).await;
-                return;
+                return None;
             }
             None => {
                 info!("Stage not in the run's log; skipping the request.");
                 let _ = self.bus.ack_confirmed(&msg).await;
-                return;
+                return None;
             }
         }
         let job = Job {
@@ -541,8 +540,8 @@ impl<W: Worker> Ctx<W> {
         let started = match self.worker.started(&job).await {
             Ok(d) => d,
             Err(e) => {
-                self.retry_or_give_up(&msg, &job, e, SpanFrom::Log).await;
-                return;
+                self.retry_or_give_up(&msg, &job, e).await;
+                return None;
             }
         };
         let started = fact_in(
@@ -565,12 +564,12 @@ impl<W: Worker> Ctx<W> {
                     let _ = msg
                         .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
                         .await;
-                    return;
+                    return None;
                 }
                 Err(crate::bus::AppendError::Bus(e)) => {
                     warn!(error = %e, "Cannot publish the started fact; retrying later.");
                     self.nak(&msg, delivered).await;
-                    return;
+                    return None;
                 }
             }
         } else {
@@ -579,19 +578,15 @@ impl<W: Worker> Ctx<W> {
                 Err(e) => {
                     warn!(error = %e, "Cannot publish the started fact; retrying later.");
                     self.nak(&msg, delivered).await;
-                    return;
+                    return None;
                 }
             }
         }
         info!("Stage started.");
         // The run as of the start, for the stage's span at its end (no second read of the log).
-        let traced = match crate::otel::enabled()
+        let traced = crate::otel::enabled()
             .then(|| crate::fold::fold(Some(job.run.clone()), &started))
-            .flatten()
-        {
-            Some(run) => SpanFrom::Run(Box::new(run)),
-            None => SpanFrom::Log,
-        };
+            .flatten();
 
         // Progress acks keep the request ours while the work runs; a run's cancellation
         // (seen live on its subject) stops the work.
@@ -655,10 +650,10 @@ impl<W: Worker> Ctx<W> {
                 attempt,
                 "the run ended (cancelled or failed elsewhere) while the stage ran".into(),
             );
-            // The run's end ended the attempt: the conductor, which folds that end, emits it.
-            self.publish_then_ack(&msg, &run_id, data, SpanFrom::Nobody)
-                .await;
-            return;
+            // The run's end ended the attempt: the conductor, which folds that end, emits its
+            // span.
+            self.publish_then_ack(&msg, &run_id, data).await;
+            return None;
         }
         let succeeded = matches!(
             result.as_ref().map(|d| d.stage_fact().map(|(_, _, v)| v)),
@@ -667,7 +662,7 @@ impl<W: Worker> Ctx<W> {
         if self.jobs_cancel.is_cancelled() && !succeeded {
             // Shutting down cut the work short: leave the request to a replica or our restart.
             let _ = msg.ack_with(AckKind::Nak(None)).await;
-            return;
+            return None;
         }
         match result {
             Ok(data) => {
@@ -675,9 +670,25 @@ impl<W: Worker> Ctx<W> {
                     data.stage_fact()
                         .unwrap_or(("", 0, crate::events::StageVerb::Failed));
                 info!(outcome = ?verb, "Stage finished.");
-                self.publish_then_ack(&msg, &run_id, data, traced).await;
+                let stored = self.publish_then_ack(&msg, &run_id, data).await?;
+                // The attempt's span, when spans are exported: ours to emit unless the run
+                // ended before our fact was stored (the fold then ignores the fact, and the
+                // conductor emits the attempt as cut off).
+                let run = traced?;
+                if self.ended_before(&job.run, last_seq, stored.seq).await {
+                    return None;
+                }
+                Some(Ended {
+                    run: crate::fold::fold(Some(run), &stored.event)?,
+                    stage,
+                    attempt,
+                    stored: stored.at,
+                })
             }
-            Err(e) => self.retry_or_give_up(&msg, &job, e, traced).await,
+            Err(e) => {
+                self.retry_or_give_up(&msg, &job, e).await;
+                None
+            }
         }
     }
 
@@ -720,13 +731,31 @@ impl<W: Worker> Ctx<W> {
         now.is_ended()
     }
 
-    async fn retry_or_give_up(
-        &self,
-        msg: &jetstream::Message,
-        job: &Job,
-        e: Transient,
-        traced: SpanFrom,
-    ) {
+    /// Whether the run ended between `last_seq` and our fact at `fact_seq`, in log order: the
+    /// fold then ignored the fact. Read from the log (the view says whether a run has ended by
+    /// now, not whether before a sequence).
+    async fn ended_before(&self, run: &Run, last_seq: u64, fact_seq: u64) -> bool {
+        let tail = match self
+            .bus
+            .run_log_between(&run.run_id, last_seq + 1, fact_seq)
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "Cannot read the run's log for the stage's span.");
+                return false;
+            }
+        };
+        let mut then = run.clone();
+        for r in tail.iter().take_while(|r| r.seq < fact_seq) {
+            if let Ok(e) = &r.event {
+                crate::fold::fold_into(&mut then, e);
+            }
+        }
+        then.is_ended()
+    }
+
+    async fn retry_or_give_up(&self, msg: &jetstream::Message, job: &Job, e: Transient) {
         if job.delivered >= self.settings.max_deliver {
             error!(error = %e, "Giving up after the last delivery.");
             let data = EventData::stage_failure(
@@ -735,23 +764,23 @@ impl<W: Worker> Ctx<W> {
                 job.attempt,
                 format!("gave up after {} deliveries: {e}", job.delivered),
             );
-            self.publish_then_ack(msg, &job.run_id, data, traced).await;
+            if let Some(stored) = self.publish_then_ack(msg, &job.run_id, data).await {
+                stored.span_from_log(&self.bus, &job.run_id);
+            }
         } else {
             warn!(error = %e, "Transient failure; the request will be retried.");
             self.nak(msg, job.delivered).await;
         }
     }
 
-    /// Publishes the job's fact, then acknowledges the request. `traced` says how the stage's
-    /// span is made once the fact is stored: from the run as of the stage's start, from the log,
-    /// or not here.
+    /// Publishes the job's fact, then acknowledges the request; the fact when this stored it
+    /// (not a repeat), for the attempt's span.
     async fn publish_then_ack(
         &self,
         msg: &jetstream::Message,
         run_id: &str,
         data: EventData,
-        traced: SpanFrom,
-    ) {
+    ) -> Option<Stored> {
         // In the request's trace (a malformed request has none to give).
         let trace = crate::bus::decode(msg.headers.as_ref(), &msg.payload)
             .ok()
@@ -761,32 +790,15 @@ impl<W: Worker> Ctx<W> {
         for _ in 0..8 {
             match self.bus.publish(&event).await {
                 Ok(a) => {
-                    if let Some((stage, attempt, v)) = event.data.stage_fact()
-                        && !a.duplicate
-                        && v.is_terminal()
-                    {
-                        match traced {
-                            SpanFrom::Run(run) => {
-                                if let Some(run) = crate::fold::fold(Some(*run), &event) {
-                                    defer_stage_span(run, stage, attempt);
-                                }
-                            }
-                            // No run at hand (a malformed request): read it, off the path.
-                            SpanFrom::Log if crate::otel::enabled() => {
-                                let (bus, run_id) = (self.bus.clone(), run_id.to_string());
-                                let stage = stage.to_string();
-                                tokio::spawn(async move {
-                                    crate::otel::emit_stage_span(&bus, &run_id, &stage, attempt)
-                                        .await;
-                                });
-                            }
-                            SpanFrom::Log | SpanFrom::Nobody => {}
-                        }
-                    }
+                    let at = std::time::SystemTime::now();
                     if let Err(e) = self.bus.ack_confirmed(msg).await {
                         warn!(error = %e, "Ack failed; a redelivery will find the fact in the log.");
                     }
-                    return;
+                    return (!a.duplicate).then_some(Stored {
+                        seq: a.seq,
+                        at,
+                        event,
+                    });
                 }
                 Err(e) => {
                     warn!(error = %e, "Cannot publish the fact; retrying.");
@@ -799,6 +811,7 @@ impl<W: Worker> Ctx<W> {
         let _ = msg
             .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
             .await;
+        None
     }
 
     async fn nak(&self, msg: &jetstream::Message, delivered: i64) {
@@ -809,30 +822,39 @@ impl<W: Worker> Ctx<W> {
     }
 }
 
-/// How a worker makes the span of a stage attempt it ended.
-enum SpanFrom {
-    /// The run as of the stage's start, with the terminal fact folded in.
-    Run(Box<Run>),
-    /// The run read from the log (no run at hand); nothing when spans are not exported.
-    Log,
-    /// Not by the worker: the run's end cut the attempt off, and the conductor emits it.
-    Nobody,
+/// A fact a job stored.
+struct Stored {
+    seq: u64,
+    /// When the server confirmed it.
+    at: std::time::SystemTime,
+    event: Event,
 }
 
-tokio::task_local! {
-    /// The span of the attempt a job ended, emitted once the job's handling is over.
-    static STAGE_SPAN: std::cell::Cell<Option<(Run, String, u32)>>;
-}
-
-/// Hands the attempt's span to the end of the job's handling, or emits it now outside one.
-fn defer_stage_span(run: Run, stage: &str, attempt: u32) {
-    if STAGE_SPAN.try_with(|_| ()).is_ok() {
-        STAGE_SPAN.with(|slot| slot.set(Some((run, stage.to_string(), attempt))));
-    } else if let Some(span) =
-        crate::otel::stage_span(&run, stage, attempt, std::time::SystemTime::now())
-    {
-        crate::otel::emit(span);
+impl Stored {
+    /// Emits the span of the attempt this fact ended, reading the run from the log (no run at
+    /// hand: a malformed request, a job given up), off the job's path.
+    fn span_from_log(self, bus: &Bus, run_id: &str) {
+        let Some((stage, attempt, verb)) = self.event.data.stage_fact() else {
+            return;
+        };
+        if !crate::otel::enabled() || !verb.is_terminal() {
+            return;
+        }
+        let (bus, run_id, stage) = (bus.clone(), run_id.to_string(), stage.to_string());
+        tokio::spawn(async move {
+            crate::otel::emit_stage_span(&bus, &run_id, &stage, attempt, self.seq).await;
+        });
     }
+}
+
+/// A stage attempt a job ended, for its span once the job's handling is over.
+struct Ended {
+    /// The run with the job's fact folded in.
+    run: Run,
+    stage: String,
+    attempt: u32,
+    /// When the fact was stored: the attempt's end.
+    stored: std::time::SystemTime,
 }
 
 fn kind_of(job: &Job) -> StageKind {
@@ -906,7 +928,7 @@ async fn spawn_max_deliveries_listener(
                 Ok(a) => {
                     warn!(service, run_id, %stage, "Request given up after max deliveries.");
                     if !a.duplicate {
-                        crate::otel::emit_stage_span(&bus, run_id, &stage, attempt).await;
+                        crate::otel::emit_stage_span(&bus, run_id, &stage, attempt, a.seq).await;
                     }
                 }
                 Err(e) => debug!(error = %e, "Cannot publish the give-up fact."),

@@ -90,7 +90,6 @@ pub fn free_port() -> u16 {
 }
 
 /// A nats-server child process with JetStream, on loopback.
-#[derive(Debug)]
 pub struct NatsProcess {
     child: Option<Child>,
     binary: PathBuf,
@@ -99,6 +98,20 @@ pub struct NatsProcess {
     extra_args: Vec<String>,
     /// Environment of the server (values its configuration refers to as `$NAME`).
     env: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for NatsProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The environment holds the users' passwords: only its names are shown.
+        f.debug_struct("NatsProcess")
+            .field("binary", &self.binary)
+            .field("port", &self.port)
+            .field("store", &self.store)
+            .field("extra_args", &self.extra_args)
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .field("pid", &self.pid())
+            .finish()
+    }
 }
 
 impl NatsProcess {
