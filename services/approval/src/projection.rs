@@ -38,7 +38,7 @@ impl Runs {
         self.order.iter().rev().filter_map(|id| self.by_id.get(id))
     }
 
-    fn fold_in(&mut self, run_id: &str, event: &slipway_core::Event) {
+    fn fold_in(&mut self, run_id: &str, seq: u64, event: &slipway_core::Event) {
         match self.by_id.remove(run_id) {
             Some(run) => {
                 if let Some(run) = fold(Some(run), event) {
@@ -49,6 +49,8 @@ impl Runs {
                 if let Some(run) = fold(None, event) {
                     self.order.push(run_id.to_string());
                     self.by_id.insert(run_id.to_string(), run);
+                } else if let Some(why) = slipway_core::fold::unreadable(event) {
+                    tracing::error!(%run_id, seq, %why, "A run's first event cannot be read; the gateway cannot show the run.");
                 }
             }
         }
@@ -139,7 +141,7 @@ pub async fn follow(
         let Ok(event) = rec.event else { continue };
         let (notify, cdevents) = {
             let mut w = runs.write().expect("lock");
-            w.fold_in(run_id, &event);
+            w.fold_in(run_id, seq, &event);
             let notify = match (&event.data, live) {
                 (EventData::ApprovalRequested(r), true) => w
                     .get(run_id)

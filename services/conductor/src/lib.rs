@@ -233,6 +233,8 @@ impl State {
                 if let Some(run) = fold(None, event) {
                     self.runs
                         .insert(run_id.to_string(), Entry { run, last_seq: seq });
+                } else if let Some(why) = slipway_core::fold::unreadable(event) {
+                    tracing::error!(%run_id, seq, %why, "A run's first event cannot be read; nothing is decided for the run.");
                 }
             }
         }

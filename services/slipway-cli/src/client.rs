@@ -110,9 +110,18 @@ impl Client {
     }
 
     /// A run folded from the log alone, with its last sequence.
+    ///
+    /// # Errors
+    /// When the log cannot be read, or the run's first event cannot be (naming where it is).
     async fn fold_log(&self, run: &str) -> anyhow::Result<Option<(Run, u64)>> {
         let log = self.bus.run_log(run).await?;
         let last = log.last().map_or(0, |r| r.seq);
+        if let Some((seq, why)) = log.iter().find_map(|r| {
+            let e = r.event.as_ref().ok()?;
+            Some((r.seq, slipway_core::fold::unreadable(e)?))
+        }) {
+            bail!("run {run} (stream sequence {seq}): {why}");
+        }
         let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
         Ok(Run::replay(&events).map(|r| (r, last)))
     }
@@ -395,6 +404,7 @@ impl Client {
         let n = log.len();
         let mut runs: HashMap<String, Option<Run>> = HashMap::new();
         let mut order = Vec::new();
+        let mut unreadable = 0;
         for r in log {
             let Some((id, _, _)) = subjects::parse_run(&r.subject) else {
                 continue;
@@ -404,6 +414,12 @@ impl Client {
                 order.push(id.to_string());
                 None
             });
+            if slot.is_none()
+                && let Some(why) = slipway_core::fold::unreadable(&e)
+            {
+                eprintln!("slipway: run {id} (stream sequence {}): {why}", r.seq);
+                unreadable += 1;
+            }
             *slot = slipway_core::fold(slot.take(), &e);
         }
         let states: Vec<Value> = order
@@ -428,7 +444,12 @@ impl Client {
                 outln!("  {p:<18} {c}");
             }
         }
-        Ok(ExitCode::SUCCESS)
+        // Every run folded, or each one that did not said why.
+        Ok(if unreadable == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
     }
 
     pub async fn dora(&self, since: &str, json_out: bool) -> anyhow::Result<ExitCode> {

@@ -2,8 +2,13 @@
 //!
 //! Each event is a CloudEvent whose `type` is `dev.slipway.<noun>.<verb>.v<N>` and whose
 //! `data` is one of the structs below (JSON Schemas in `schemas/events/`, generated from these
-//! types). A change to an event's data makes a new version: a new variant beside the old one,
-//! which [`crate::fold`] keeps reading.
+//! types). The log outlives every release, so (docs/events.md, "Evolving events"):
+//!
+//! - readers are tolerant: a field in an event's data that these types do not know is
+//!   ignored (a newer producer added it);
+//! - a change that is not additive makes a new version of the type, and the older version is
+//!   turned into the current one at decode time by its upcaster in [`UPCASTERS`], the one
+//!   place that knows old shapes: the fold only ever sees the current shape.
 //!
 //! Subjects follow the type: a run event `dev.slipway.build.succeeded.v1` for run `R` lives on
 //! `slipway.run.R.build.succeeded`, so a service consumes only its requests with a subject
@@ -22,7 +27,7 @@ use crate::spec::{
 
 /// Where a change's source lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SourceRef {
     /// A local directory, copied into a fresh workspace.
     Directory { path: String },
@@ -32,7 +37,6 @@ pub enum SourceRef {
 
 /// `dev.slipway.change.submitted.v1` on `slipway.changes.<source>`: a change to deliver.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ChangeSubmitted {
     /// The pipeline spec, as TOML text (validated by the conductor).
     pub spec: String,
@@ -48,7 +52,6 @@ pub struct ChangeSubmitted {
 
 /// `dev.slipway.change.rejected.v1` on `slipway.intake.rejected`: a change that made no run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ChangeRejected {
     /// Stream sequence of the rejected message (it stays in the log).
     pub change_seq: u64,
@@ -62,7 +65,6 @@ pub struct ChangeRejected {
 
 /// What a run remembers of the change that made it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ChangeInfo {
     pub id: String,
     pub source: String,
@@ -80,7 +82,6 @@ pub struct ChangeInfo {
 
 /// `dev.slipway.run.created.v1`: the first event of a run, with its spec snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct RunCreated {
     pub run_id: String,
     pub pipeline: String,
@@ -94,7 +95,6 @@ pub struct RunCreated {
 
 /// `dev.slipway.run.{succeeded,failed,cancelled,rejected,rolled_back}.v1`: how a run ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct RunEnded {
     pub reason: String,
     /// The stage that decided the end, when one did.
@@ -107,7 +107,6 @@ pub struct RunEnded {
 
 /// A stored object: a packed artifact or a log, in a JetStream Object Store bucket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ObjectRef {
     pub bucket: String,
     pub name: String,
@@ -118,7 +117,6 @@ pub struct ObjectRef {
 
 /// `dev.slipway.<stage>.started.v1`, shared by every worker stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct StageStarted {
     /// Stage key, e.g. `build`, `test:unit`, `deploy:staging`.
     pub stage: String,
@@ -129,7 +127,6 @@ pub struct StageStarted {
 
 /// `dev.slipway.<stage>.failed.v1` for stages without a richer report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct StageFailed {
     pub stage: String,
     pub attempt: u32,
@@ -145,7 +142,6 @@ pub struct StageFailed {
 
 /// `dev.slipway.build.requested.v1`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct BuildRequested {
     pub stage: String,
     pub attempt: u32,
@@ -156,7 +152,6 @@ pub struct BuildRequested {
 
 /// `dev.slipway.build.succeeded.v1`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct BuildSucceeded {
     pub stage: String,
     pub attempt: u32,
@@ -170,7 +165,6 @@ pub struct BuildSucceeded {
 
 /// `dev.slipway.test.requested.v1`: one suite.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct TestRequested {
     pub stage: String,
     pub attempt: u32,
@@ -190,7 +184,6 @@ pub enum CaseStatus {
 
 /// One test case from a JUnit report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct TestCase {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -203,7 +196,6 @@ pub struct TestCase {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct TestSummary {
     pub tests: u32,
     pub passed: u32,
@@ -214,7 +206,6 @@ pub struct TestSummary {
 
 /// `dev.slipway.test.{succeeded,failed}.v1`: a suite's result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct TestReport {
     pub stage: String,
     pub attempt: u32,
@@ -238,7 +229,6 @@ pub struct TestReport {
 
 /// `dev.slipway.deploy.requested.v1` (and `rollback.requested.v1`, with a reason).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct DeployRequested {
     pub stage: String,
     pub attempt: u32,
@@ -255,7 +245,6 @@ pub struct DeployRequested {
 
 /// `dev.slipway.deploy.started.v1` (and `rollback.started.v1`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct DeployStarted {
     pub stage: String,
     pub attempt: u32,
@@ -271,7 +260,6 @@ pub struct DeployStarted {
 
 /// `dev.slipway.deploy.succeeded.v1` (and `rollback.succeeded.v1`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct DeploySucceeded {
     pub stage: String,
     pub attempt: u32,
@@ -289,7 +277,6 @@ pub struct DeploySucceeded {
 
 /// Where a gate or the monitor looks: a deployed environment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct EnvironmentRef {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -298,7 +285,6 @@ pub struct EnvironmentRef {
 
 /// `dev.slipway.evaluate.requested.v1`: model evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct EvaluateRequested {
     pub stage: String,
     pub attempt: u32,
@@ -312,7 +298,6 @@ pub struct EvaluateRequested {
 
 /// `dev.slipway.perf.requested.v1`: performance regression.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct PerfRequested {
     pub stage: String,
     pub attempt: u32,
@@ -325,7 +310,6 @@ pub struct PerfRequested {
 
 /// `dev.slipway.cost.requested.v1`: cost estimate, after evaluation and performance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct CostRequested {
     pub stage: String,
     pub attempt: u32,
@@ -347,7 +331,6 @@ pub enum Verdict {
 
 /// One checked bound: the verdict names metric, candidate, baseline, delta and significance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Check {
     pub metric: String,
     /// What was measured (e.g. the dataset name).
@@ -368,7 +351,6 @@ pub struct Check {
 
 /// `dev.slipway.{evaluate,perf,cost}.{succeeded,failed}.v1`: a quality gate's result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct GateReport {
     pub stage: String,
     pub attempt: u32,
@@ -392,7 +374,6 @@ pub struct GateReport {
 
 /// `dev.slipway.approval.requested.v1`: the run waits for a human (or the policy).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ApprovalRequested {
     pub stage: String,
     pub attempt: u32,
@@ -405,7 +386,6 @@ pub struct ApprovalRequested {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct GateSummary {
     pub stage: String,
     pub verdict: Verdict,
@@ -413,7 +393,6 @@ pub struct GateSummary {
 
 /// `dev.slipway.approval.{approved,rejected}.v1`: one approver's decision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ApprovalDecision {
     pub stage: String,
     pub attempt: u32,
@@ -432,7 +411,6 @@ pub struct ApprovalDecision {
 
 /// `dev.slipway.monitor.requested.v1`: watch an environment after a deploy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct MonitorRequested {
     pub stage: String,
     pub attempt: u32,
@@ -453,7 +431,6 @@ pub enum MonitorVerdict {
 
 /// `dev.slipway.monitor.{succeeded,failed}.v1`: the window's result, with its evidence.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct MonitorReport {
     pub stage: String,
     pub attempt: u32,
@@ -479,7 +456,6 @@ pub struct MonitorReport {
 
 /// `dev.slipway.incident.opened.v1`: production degraded after a deploy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct IncidentOpened {
     pub incident_id: String,
     pub environment: String,
@@ -542,19 +518,59 @@ macro_rules! catalogue {
                 }
             }
 
-            /// Typed data from a CloudEvents `type` and its JSON `data`.
+            /// Typed data from a CloudEvents `type` and its JSON `data`; an older version of
+            /// a type is upcast to the current one first.
             ///
             /// # Errors
             /// [`DataError::UnknownType`] for a type outside the catalogue, or
             /// [`DataError::Invalid`] naming the field that does not fit.
             pub fn from_json(type_name: &str, data: serde_json::Value) -> Result<Self, DataError> {
-                match type_name {
-                    $( $ty => parse(type_name, data).map(Self::$variant), )*
+                let (type_name, data) = upcast(UPCASTERS, type_name, data)?;
+                match type_name.as_str() {
+                    $( $ty => parse(&type_name, data).map(Self::$variant), )*
                     other => Err(DataError::UnknownType(other.to_string())),
                 }
             }
         }
     };
+}
+
+/// Turns one older version of an event type into the next: the data as stored, to the data
+/// of the next version, or why it cannot be.
+pub type Upcaster = fn(serde_json::Value) -> Result<serde_json::Value, String>;
+
+/// Every older version of an event type Slipway ever wrote, with the next version and the
+/// function between them; chained, so a `v1` becomes a `v3` through `v2`. Every type is at its
+/// first version so far. A new version adds an entry here and never changes an older one.
+pub const UPCASTERS: &[(&str, &str, Upcaster)] = &[];
+
+/// The current type and data of an event stored as `type_name`.
+///
+/// # Errors
+/// [`DataError::Invalid`] when an upcaster cannot read the older data.
+pub fn upcast(
+    upcasters: &[(&str, &str, Upcaster)],
+    type_name: &str,
+    mut data: serde_json::Value,
+) -> Result<(String, serde_json::Value), DataError> {
+    let mut ty = type_name.to_string();
+    // Bounded: a table that loops is a mistake, not a reason to hang.
+    for _ in 0..=upcasters.len() {
+        let Some((_, next, up)) = upcasters.iter().find(|(from, _, _)| *from == ty) else {
+            return Ok((ty, data));
+        };
+        data = up(data).map_err(|message| DataError::Invalid {
+            type_name: ty.clone(),
+            path: ".".into(),
+            message: format!("cannot be read as {next}: {message}"),
+        })?;
+        ty = (*next).to_string();
+    }
+    Err(DataError::Invalid {
+        type_name: type_name.to_string(),
+        path: ".".into(),
+        message: "its upcasters go round in a circle".into(),
+    })
 }
 
 fn parse<T: serde::de::DeserializeOwned>(
@@ -877,5 +893,94 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("attempt"), "{err}");
+    }
+
+    /// A build result as a newer release might write it: fields this one does not know, at the
+    /// top and inside the artifact.
+    fn from_a_newer_producer() -> (serde_json::Value, serde_json::Value) {
+        let known = serde_json::json!({
+            "stage": "build", "attempt": 1,
+            "artifact": {"bucket": "b", "name": "sha256/x", "digest": "sha256:x", "size": 3},
+            "files": ["dist/app"],
+            "log": {"bucket": "l", "name": "run/build/1", "digest": "sha256:y", "size": 4},
+            "duration_ms": 12,
+        });
+        let mut newer = known.clone();
+        newer["sbom"] = serde_json::json!({"format": "spdx", "object": "sbom/x"});
+        newer["artifact"]["signature"] = serde_json::json!("sig");
+        (known, newer)
+    }
+
+    #[test]
+    fn a_reader_ignores_fields_it_does_not_know() {
+        let (known, newer) = from_a_newer_producer();
+        let ty = "dev.slipway.build.succeeded.v1";
+        let expected = EventData::from_json(ty, known).unwrap();
+        // Both decoding paths: the typed fast path and the explaining one.
+        let bytes = serde_json::to_vec(&newer).unwrap();
+        assert_eq!(EventData::from_slice(ty, &bytes), Some(expected.clone()));
+        assert_eq!(EventData::from_json(ty, newer).unwrap(), expected);
+    }
+
+    #[test]
+    fn older_versions_are_upcast_to_the_current_one_in_one_place() {
+        // A made-up history: `incident.opened` once called its id `id` (v0), then `incident`
+        // (v0.5, as a numbered step), before today's v1.
+        fn v0_to_half(mut d: serde_json::Value) -> Result<serde_json::Value, String> {
+            let id = d.get("id").cloned().ok_or("no `id`")?;
+            d["incident"] = id;
+            Ok(d)
+        }
+        fn half_to_v1(mut d: serde_json::Value) -> Result<serde_json::Value, String> {
+            let id = d.get("incident").cloned().ok_or("no `incident`")?;
+            d["incident_id"] = id;
+            Ok(d)
+        }
+        let table: &[(&str, &str, Upcaster)] = &[
+            (
+                "dev.slipway.incident.opened.v0",
+                "dev.slipway.incident.opened.v0h",
+                v0_to_half,
+            ),
+            (
+                "dev.slipway.incident.opened.v0h",
+                "dev.slipway.incident.opened.v1",
+                half_to_v1,
+            ),
+        ];
+        let (ty, data) = upcast(
+            table,
+            "dev.slipway.incident.opened.v0",
+            serde_json::json!({"id": "inc-1", "environment": "production", "version": "1.0",
+                "breaches": [], "opened_at": "2026-01-01T00:00:00Z"}),
+        )
+        .unwrap();
+        assert_eq!(ty, "dev.slipway.incident.opened.v1");
+        assert_eq!(data["incident_id"], "inc-1");
+        // And the fold's decode reads what the chain made (the `id` left behind is ignored).
+        let EventData::IncidentOpened(i) = EventData::from_json(&ty, data).unwrap() else {
+            panic!("an incident")
+        };
+        assert_eq!(i.incident_id, "inc-1");
+        // The current version passes through untouched; an older one that cannot be read says
+        // which version it could not become.
+        let same = serde_json::json!({"a": 1});
+        assert_eq!(
+            upcast(table, "dev.slipway.incident.opened.v1", same.clone()).unwrap(),
+            ("dev.slipway.incident.opened.v1".to_string(), same)
+        );
+        let e = upcast(
+            table,
+            "dev.slipway.incident.opened.v0",
+            serde_json::json!({}),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("cannot be read as dev.slipway.incident.opened.v0h: no `id`"),
+            "{e}"
+        );
+        let circle: &[(&str, &str, Upcaster)] = &[("a.v1", "a.v2", Ok), ("a.v2", "a.v1", Ok)];
+        assert!(upcast(circle, "a.v1", serde_json::json!({})).is_err());
     }
 }

@@ -295,7 +295,9 @@ impl Run {
 pub fn fold(state: Option<Run>, event: &Event) -> Option<Run> {
     let mut run = match (state, &event.data) {
         (None, EventData::RunCreated(created)) => {
-            // A snapshot that does not parse was not written by the conductor: ignore it.
+            // Read as it was accepted, never validated again. One that does not read at all
+            // makes no run; the readers that know where it is in the log say so
+            // ([`unreadable`]).
             let (spec, steps) = spec_of(&created.spec)?;
             let stages = steps
                 .iter()
@@ -362,7 +364,7 @@ fn spec_of(snapshot: &serde_json::Value) -> Option<SharedSpec> {
     {
         return Some((spec, steps));
     }
-    let spec = Arc::new(PipelineSpec::from_json(snapshot).ok()?);
+    let spec = Arc::new(PipelineSpec::from_snapshot(snapshot).ok()?);
     let steps = Arc::new(crate::plan::step_keys(&spec));
     // Dropped entries are swept as the cache doubles, so it stays within twice the live ones.
     if specs.len() >= 64 && specs.len().is_power_of_two() {
@@ -370,6 +372,19 @@ fn spec_of(snapshot: &serde_json::Value) -> Option<SharedSpec> {
     }
     specs.insert(key, (Arc::downgrade(&spec), Arc::downgrade(&steps)));
     Some((spec, steps))
+}
+
+/// Why `event` makes no run although it creates one: its spec snapshot does not read at all
+/// (damaged, or not written by a conductor). `None` for every other event. The fold leaves such
+/// a run out; each reader that knows the event's place in the log reports it with this reason,
+/// so a run never disappears in silence.
+pub fn unreadable(event: &Event) -> Option<String> {
+    let EventData::RunCreated(created) = &event.data else {
+        return None;
+    };
+    PipelineSpec::from_snapshot(&created.spec)
+        .err()
+        .map(|e| format!("its spec snapshot cannot be read: {e}"))
 }
 
 /// Folds one event into a run held in place (what [`fold`] does for an existing run).

@@ -26,7 +26,7 @@ fn is_false(b: &bool) -> bool {
 
 /// A whole pipeline: build, test suites, environments, quality gates, approval, monitor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct PipelineSpec {
     pub pipeline: PipelineMeta,
     pub build: BuildSpec,
@@ -45,7 +45,7 @@ pub struct PipelineSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct PipelineMeta {
     /// Pipeline name: `[A-Za-z0-9_-]`, 1 to 64 characters.
     pub name: String,
@@ -57,7 +57,7 @@ pub struct PipelineMeta {
 pub type Argv = Vec<String>;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct BuildSpec {
     /// Program and arguments, run in the workspace (a fresh copy of the source).
     pub command: Argv,
@@ -81,7 +81,7 @@ pub enum SuiteKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct TestSuiteSpec {
     /// Suite name, unique in the spec: `[A-Za-z0-9_-]`.
     pub name: String,
@@ -98,7 +98,7 @@ pub struct TestSuiteSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct EnvironmentSpec {
     /// Environment name, unique in the spec: `[A-Za-z0-9_-]`.
     pub name: String,
@@ -115,7 +115,7 @@ pub struct EnvironmentSpec {
 /// `SLIPWAY_ARTIFACT_DIR`, `SLIPWAY_ARTIFACT_DIGEST`, `SLIPWAY_PREVIOUS_VERSION` and
 /// `SLIPWAY_DEPLOY_KEY` (the same for every try of one stage attempt).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct DeployTarget {
     pub command: Argv,
     #[serde(default = "default_timeout")]
@@ -132,7 +132,7 @@ pub struct DeployTarget {
 /// Limits on one metric. Every bound set must hold; `max_regression*` compare with the
 /// baseline (the version live in production).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct Threshold {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<f64>,
@@ -158,7 +158,7 @@ pub enum Severity {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct GatesSpec {
     /// Environment the gates measure, after its deploy. Default: the first environment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -186,7 +186,8 @@ impl GatesSpec {
 
 /// The model under test.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[schemars(deny_unknown_fields)]
 pub enum ModelEndpoint {
     /// An OpenAI-compatible chat-completions API. `base_url` defaults to the gated
     /// environment's URL.
@@ -203,7 +204,7 @@ pub enum ModelEndpoint {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct ModelEvaluationSpec {
     pub endpoint: ModelEndpoint,
     #[serde(default = "default_concurrency")]
@@ -227,7 +228,7 @@ pub struct ModelEvaluationSpec {
 /// A judge model, through the same OpenAI-compatible API: asked whether each grounded answer
 /// is supported by its context, it answers `SUPPORTED` or `UNSUPPORTED`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct JudgeSpec {
     /// Default: the model under test's base URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -264,7 +265,7 @@ pub const MODEL_METRICS: &[&str] = &[
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct DatasetSpec {
     pub name: String,
     /// JSONL file, relative to the change's source tree.
@@ -295,7 +296,7 @@ pub const PERF_METRICS: &[&str] = &[
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct PerformanceSpec {
     /// Path appended to the environment's URL.
     #[serde(default = "default_path")]
@@ -349,7 +350,7 @@ pub enum BenchmarkFormat {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct BenchmarkSpec {
     pub command: Argv,
     pub format: BenchmarkFormat,
@@ -362,7 +363,7 @@ fn default_regression_pct() -> f64 {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct CostSpec {
     /// Key of the pricing table (config) for token prices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -399,7 +400,7 @@ pub enum AutoApprove {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct ApprovalPolicy {
     #[serde(default = "default_one")]
     pub required_approvals: u32,
@@ -441,7 +442,7 @@ pub const SLO_METRICS: &[&str] = &[
 
 /// Names of the deployed service's own metrics in its Prometheus text endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct PrometheusNames {
     /// Counter of requests served (for `error_rate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -461,7 +462,7 @@ impl PrometheusNames {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct MonitorSpec {
     /// Environments watched after their deploy. Default: the last environment.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -520,7 +521,7 @@ impl SpecError {
 }
 
 impl PipelineSpec {
-    /// Parses and validates a TOML spec.
+    /// Parses and validates a TOML spec a person wrote.
     ///
     /// # Errors
     /// A [`SpecError`] naming the first field that is unknown, mistyped, missing or invalid.
@@ -528,32 +529,50 @@ impl PipelineSpec {
         let value: toml::Value = toml::from_str(text).map_err(|e| {
             SpecError::new("(document)", format!("not valid TOML: {}", e.message()))
         })?;
-        let spec: PipelineSpec = serde_path_to_error::deserialize(value).map_err(
-            |e: serde_path_to_error::Error<_>| {
-                error_at(&e.path().to_string(), e.inner().to_string())
-            },
-        )?;
+        // The types read tolerantly (a snapshot from an older release may name fields this one
+        // dropped); what a person writes is strict: a field no type takes is an error.
+        let mut unknown: Option<(String, String)> = None;
+        let mut note = |path: serde_ignored::Path<'_>| {
+            if unknown.is_none()
+                && let serde_ignored::Path::Map { parent, key } = path
+            {
+                unknown = Some((field_path(parent), key));
+            }
+        };
+        let spec: PipelineSpec =
+            serde_path_to_error::deserialize(serde_ignored::Deserializer::new(value, &mut note))
+                .map_err(|e: serde_path_to_error::Error<_>| {
+                    error_at(&e.path().to_string(), e.inner().to_string())
+                })?;
+        if let Some((parent, field)) = unknown {
+            let parent = if parent.is_empty() {
+                "(document)".to_string()
+            } else {
+                parent
+            };
+            return Err(SpecError::new(parent, format!("unknown field `{field}`")));
+        }
         spec.validate()?;
         Ok(spec)
     }
 
-    /// Parses a spec snapshot stored as JSON in a run's first event.
+    /// Reads a spec snapshot as a run's first event stored it, as it was accepted: today's
+    /// validation is never applied again (a later release may check more, or drop a field),
+    /// and fields this release does not know are ignored.
     ///
     /// # Errors
-    /// As [`PipelineSpec::parse`].
-    pub fn from_json(value: &serde_json::Value) -> Result<Self, SpecError> {
+    /// A [`SpecError`] naming the field when the snapshot does not fit the types at all.
+    pub fn from_snapshot(value: &serde_json::Value) -> Result<Self, SpecError> {
         // Every run's snapshot is read this way when its log is folded: the path to a bad
         // field is only tracked once there is one to report.
-        let spec = match PipelineSpec::deserialize(value) {
-            Ok(spec) => spec,
+        match PipelineSpec::deserialize(value) {
+            Ok(spec) => Ok(spec),
             Err(_) => serde_path_to_error::deserialize(value).map_err(
                 |e: serde_path_to_error::Error<_>| {
                     error_at(&e.path().to_string(), e.inner().to_string())
                 },
-            )?,
-        };
-        spec.validate()?;
-        Ok(spec)
+            ),
+        }
     }
 
     /// Checks what the types cannot.
@@ -825,6 +844,22 @@ impl PipelineSpec {
 }
 
 /// An error at a serde path; a missing field is named in the path itself.
+/// A path as the other errors name them (`test[1].command`).
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => match field_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
 fn error_at(path: &str, message: String) -> SpecError {
     let missing = message
         .strip_prefix("missing field `")
@@ -1067,6 +1102,33 @@ command = ["sh", "-c", "true"]
         let err = PipelineSpec::parse("[pipeline]\nname='x'\n[build]\ncommand=['a']\nbogus=1\n")
             .unwrap_err();
         assert!(err.message.contains("bogus"), "{err}");
+        assert_eq!(err.path, "build");
+        let err = PipelineSpec::parse(
+            "[pipeline]\nname='x'\n[build]\ncommand=['a']\n[[test]]\nname='u'\ncommand=['t']\n[[test]]\nname='v'\ncommand=['t']\nsuite_typo=1\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.message, "unknown field `suite_typo`");
+        assert_eq!(err.path, "test[1]");
+        let err = PipelineSpec::parse("pipline = 1\n[build]\ncommand=['a']\n").unwrap_err();
+        assert!(
+            err.message.contains("pipline") || err.path == "pipeline",
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_is_read_as_it_was_accepted() {
+        // A field a later release dropped, and a value today's validation refuses (a command
+        // must not be empty): the snapshot still reads.
+        let v = serde_json::json!({
+            "pipeline": {"name": "old pipeline!", "retired_field": true},
+            "build": {"command": [], "artifacts": [], "cache": "gone"},
+        });
+        let spec = PipelineSpec::from_snapshot(&v).unwrap();
+        assert_eq!(spec.pipeline.name, "old pipeline!");
+        assert!(spec.validate().is_err(), "today's rules refuse it");
+        let e = PipelineSpec::from_snapshot(&serde_json::json!({"pipeline": 3})).unwrap_err();
+        assert_eq!(e.path, "pipeline", "{e}");
     }
 
     #[test]
