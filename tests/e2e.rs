@@ -629,3 +629,79 @@ fn rerun_makes_a_new_run_of_the_same_change() {
     assert_eq!(status["rerun_of"], run.as_str());
     stack.assert_replay_matches(&second);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_first_event_cannot_be_read_is_reported_with_its_place_not_dropped() {
+    let stack = Stack::start_with(&["slipway-conductor"]);
+    let bus = stack.bus().await;
+    // A good run beside it, created from a change as usual.
+    let dir = project(
+        stack.dir.path(),
+        "fine",
+        &spec("fine", "true", "true", ""),
+        &[],
+    );
+    let fine = submit(&stack, &dir);
+    stack.wait_for(&fine, LONG, |s| s["phase"] == "running");
+    // A first event whose spec snapshot is not a spec (damaged, or not a conductor's).
+    let run = "6a1f2c9e-5c1d-5f0e-9d7a-0b1c2d3e4f50";
+    let created = Event::new(
+        "broken-created",
+        "/slipway/conductor",
+        Some(run.to_string()),
+        slipway_core::bus::now(),
+        EventData::RunCreated(slipway_core::events::RunCreated {
+            run_id: run.into(),
+            pipeline: "broken".into(),
+            change: slipway_core::events::ChangeInfo {
+                id: "c".into(),
+                source: "s".into(),
+                seq: 1,
+                time: slipway_core::bus::now(),
+                author: None,
+                title: None,
+                subject: None,
+            },
+            source: slipway_core::events::SourceRef::Directory { path: "/x".into() },
+            spec: json!({"pipeline": {"name": "broken"}, "build": "make"}),
+            rerun_of: None,
+        }),
+    );
+    let seq = bus.publish(&created).await.unwrap().seq;
+
+    let out = stack.slipway(&["replay", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("run {run} (stream sequence {seq})"))
+            && err.contains("spec snapshot cannot be read"),
+        "{err}"
+    );
+    let others: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        others
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["run_id"] == fine.as_str()),
+        "the other runs are still replayed: {others}"
+    );
+    let out = stack.slipway(&["replay", run]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("stream sequence {seq}")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And the conductor's log says it too.
+    let deadline = std::time::Instant::now() + LONG;
+    while !stack.logs().contains("A run's first event cannot be read") {
+        assert!(std::time::Instant::now() < deadline, "{}", stack.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = stack.logs();
+    assert!(
+        logs.contains(&format!("seq={seq}")) && logs.contains(run),
+        "{logs}"
+    );
+}

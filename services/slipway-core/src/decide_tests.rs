@@ -566,3 +566,36 @@ fn a_runs_end_ends_every_stage_that_had_not_ended() {
     assert_eq!(sim.run().stages, run.stages);
     assert_eq!(&Run::replay(&sim.log).unwrap(), sim.run());
 }
+
+#[test]
+fn a_snapshot_is_folded_as_it_was_accepted_and_one_that_cannot_be_read_says_so() {
+    let sim = Sim::new(BUILD_AND_TEST);
+    let mut created = sim.log[0].clone();
+    let EventData::RunCreated(c) = &mut created.data else {
+        panic!("the first event creates the run")
+    };
+    // A field a later release removed, and a name today's validation refuses.
+    c.spec["build"]["cache_dir"] = serde_json::json!("/var/cache");
+    c.spec["pipeline"]["name"] = serde_json::json!("Old Name!");
+    let read = crate::spec::PipelineSpec::from_snapshot(&c.spec).unwrap();
+    assert!(read.validate().is_err(), "today's rules refuse it");
+    let run = Run::replay([&created]).expect("the run still shows");
+    assert_eq!(run.spec.pipeline.name, "Old Name!");
+    assert_eq!(crate::fold::unreadable(&created), None);
+
+    // Not a spec at all: no run, and the reason to report.
+    c_spec_mut(&mut created)["build"] = serde_json::json!("make");
+    assert!(Run::replay([&created]).is_none());
+    let why = crate::fold::unreadable(&created).unwrap();
+    assert!(
+        why.contains("spec snapshot cannot be read") && why.contains("build"),
+        "{why}"
+    );
+}
+
+fn c_spec_mut(e: &mut Event) -> &mut serde_json::Value {
+    match &mut e.data {
+        EventData::RunCreated(c) => &mut c.spec,
+        _ => panic!("a creation"),
+    }
+}
