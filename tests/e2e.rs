@@ -705,3 +705,107 @@ async fn a_run_whose_first_event_cannot_be_read_is_reported_with_its_place_not_d
         "{logs}"
     );
 }
+
+/// Publishes `event` as a newer release would write it: its data with `extra` fields this
+/// release's types do not have (binary mode, its id as the message id).
+async fn publish_from_a_newer_release(client: &async_nats::Client, event: &Event, extra: Value) {
+    let (headers, payload) = slipway_core::binding::encode(event.to_cloudevent());
+    let mut data: Value = serde_json::from_slice(&payload).unwrap();
+    for (k, v) in extra.as_object().unwrap() {
+        data[k] = v.clone();
+    }
+    let mut headers = headers;
+    headers.insert("Nats-Msg-Id", event.id.as_str());
+    publish_raw(
+        client,
+        &event.nats_subject(),
+        Some(headers),
+        serde_json::to_vec(&data).unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_upgrade_mixes_releases_on_one_stream_and_every_run_finishes() {
+    // Today's conductor, builder and deployer share the stream with producers of a newer
+    // release, which write fields today's types do not know (an additive change): a run today's
+    // services started finishes on the newer release's tester, and a change from a newer
+    // release's CLI runs on today's services. Nothing fails to decode.
+    let stack = Stack::start_with(&["slipway-conductor", "slipway-builder", "slipway-deployer"]);
+    let client = stack.nats_client().await;
+    let staging =
+        "[[environment]]\nname = \"staging\"\n[environment.deploy]\ncommand = [\"true\"]\n";
+    let dir = project(
+        stack.dir.path(),
+        "mixed",
+        &spec("mixed", "mkdir -p dist && echo x > dist/x", "true", staging),
+        &[],
+    );
+    let started_today = submit(&stack, &dir);
+    stack.wait_for(&started_today, LONG, |s| {
+        stage(s, "test:unit")["status"] == "requested"
+    });
+    let newer = json!({"coverage": {"lines": 0.91}, "runner": {"image": "ci:2027"}});
+    for data in [
+        EventData::TestStarted(slipway_core::events::StageStarted {
+            stage: "test:unit".into(),
+            attempt: 1,
+            worker: "tester-next".into(),
+        }),
+        EventData::TestSucceeded(slipway_core::events::TestReport {
+            stage: "test:unit".into(),
+            attempt: 1,
+            suite: "unit".into(),
+            exit_code: Some(0),
+            summary: None,
+            cases: Vec::new(),
+            reason: None,
+            log_tail: None,
+            log: None,
+            duration_ms: 5,
+        }),
+    ] {
+        let fact = slipway_core::runtime::fact("tester", &started_today, data);
+        publish_from_a_newer_release(&client, &fact, newer.clone()).await;
+    }
+    let status = stack.wait_phase(&started_today, "succeeded", LONG);
+    assert_eq!(stage(&status, "test:unit")["worker"], "tester-next");
+
+    // A change as a newer CLI writes it, with a field today's intake does not know.
+    let no_tests = dir.parent().unwrap().join("mixed-2");
+    std::fs::create_dir_all(&no_tests).unwrap();
+    let spec_text = format!(
+        "[pipeline]\nname = \"mixed\"\n[build]\ncommand = [\"sh\", \"-c\", \"mkdir -p dist && echo y > dist/y\"]\nartifacts = [\"dist\"]\n{staging}"
+    );
+    let change = Event::new(
+        "newer-cli-1",
+        "/slipway/cli-next",
+        None,
+        slipway_core::bus::now(),
+        EventData::ChangeSubmitted(slipway_core::events::ChangeSubmitted {
+            spec: spec_text,
+            source: slipway_core::events::SourceRef::Directory {
+                path: no_tests.display().to_string(),
+            },
+            author: Some("erin".into()),
+            title: Some("from a newer CLI".into()),
+            rerun_of: None,
+        }),
+    );
+    publish_from_a_newer_release(&client, &change, json!({"labels": {"team": "ml"}})).await;
+    let started_newer = slipway_core::ids::run_id("/slipway/cli-next", "newer-cli-1");
+    stack.wait_phase(&started_newer, "succeeded", LONG);
+
+    for run in [&started_today, &started_newer] {
+        stack.assert_replay_matches(run);
+    }
+    let logs = stack.logs();
+    for refusal in [
+        "Malformed",
+        "not a CloudEvent",
+        "invalid data",
+        "Change rejected",
+    ] {
+        assert!(!logs.contains(refusal), "{refusal}: {logs}");
+    }
+}
