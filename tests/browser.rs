@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use slipway_core::sim::{Answer, Sim};
+use slipway_domain::sim::{Answer, Sim};
 use slipway_e2e::{Stack, project};
 
 const LONG: Duration = Duration::from_secs(60);

@@ -144,7 +144,7 @@ source = {{ kind = "directory", path = "{dir}" }}
     assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
     let body: Value = resp.json().await.unwrap();
     let merged_run =
-        slipway_core::ids::run_id("/event/source/123", "271069a8-fc18-44f1-b38f-9d70a1695819");
+        slipway_domain::ids::run_id("/event/source/123", "271069a8-fc18-44f1-b38f-9d70a1695819");
     assert_eq!(body["run_id"], merged_run.as_str());
 
     // 2. An artifact.published put straight on NATS, as a CloudEvent in binary mode.
@@ -175,7 +175,7 @@ source = {{ kind = "directory", path = "{dir}" }}
     .unwrap()
     .await
     .unwrap();
-    let published_run = slipway_core::ids::run_id("/trainer", "published-1");
+    let published_run = slipway_domain::ids::run_id("/trainer", "published-1");
 
     // 3. A change.merged for a repository no pipeline is registered for: refused, saying so.
     let unknown = CHANGE_MERGED
@@ -215,12 +215,12 @@ source = {{ kind = "directory", path = "{dir}" }}
     let until = Instant::now() + LONG;
     let reason = loop {
         let rejected = bus
-            .read(&[slipway_core::subjects::REJECTED.to_string()], 1)
+            .read(&[slipway_domain::subjects::REJECTED.to_string()], 1)
             .await
             .unwrap();
         if let Some(r) = rejected.iter().find_map(|r| match &r.event {
             Ok(e) => match &e.data {
-                slipway_core::events::EventData::ChangeRejected(c) => Some(c.reason.clone()),
+                slipway_domain::events::EventData::ChangeRejected(c) => Some(c.reason.clone()),
                 _ => None,
             },
             Err(_) => None,
@@ -272,7 +272,7 @@ source = {{ kind = "directory", path = "{dir}" }}
             headers.get("ce-type").map(|h| h.as_str()),
             Some(ty.as_str())
         );
-        assert_eq!(m.subject.as_str(), slipway_core::cdevents::subject_of(&v));
+        assert_eq!(m.subject.as_str(), slipway_domain::cdevents::subject_of(&v));
         // The run a CDEvent is about: pipelinerun subjects are runs, stage subjects start with one.
         let run = v["subject"]["id"]
             .as_str()

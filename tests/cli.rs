@@ -7,9 +7,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use slipway_core::Event;
-use slipway_core::events::EventData;
 use slipway_core::server::{NatsProcess, free_port};
+use slipway_domain::Event;
+use slipway_domain::events::EventData;
 use slipway_e2e::{Stack, bin_dir, hello_example, project};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -511,7 +511,7 @@ artifacts = ["dist"]
 async fn slipway_watch_waits_for_a_run_that_is_about_to_exist() {
     let stack = Stack::start();
     let spec = "[pipeline]\nname = \"soon\"\n[build]\ncommand = [\"true\"]\n";
-    let run = slipway_core::ids::run_id("tests/watch", "change-1");
+    let run = slipway_domain::ids::run_id("tests/watch", "change-1");
     // Watch first: the change has not even been sent.
     let watcher = Command::new(bin_dir().join("slipway"))
         .args(["watch", &run, "--timeout", "60"])
@@ -522,14 +522,14 @@ async fn slipway_watch_waits_for_a_run_that_is_about_to_exist() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let bus = stack.bus().await;
-    let change = slipway_core::Event::new(
+    let change = slipway_domain::Event::new(
         "change-1",
         "tests/watch",
         None,
         slipway_core::bus::now(),
-        EventData::ChangeSubmitted(slipway_core::events::ChangeSubmitted {
+        EventData::ChangeSubmitted(slipway_domain::events::ChangeSubmitted {
             spec: spec.into(),
-            source: slipway_core::events::SourceRef::Directory {
+            source: slipway_domain::events::SourceRef::Directory {
                 path: stack.dir.path().display().to_string(),
             },
             author: None,

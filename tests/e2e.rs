@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use serde_json::{Value, json};
-use slipway_core::Event;
-use slipway_core::events::EventData;
+use slipway_domain::Event;
+use slipway_domain::events::EventData;
 use slipway_e2e::{Stack, hello_example, project};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -182,8 +182,8 @@ async fn raw_cloudevents_in_both_modes_become_runs_and_repeats_make_one_run() {
     )
     .await;
 
-    let binary_run = slipway_core::ids::run_id("git-hook/acme", "commit-abc123");
-    let structured_run = slipway_core::ids::run_id("trainer", "model-run-7");
+    let binary_run = slipway_domain::ids::run_id("git-hook/acme", "commit-abc123");
+    let structured_run = slipway_domain::ids::run_id("trainer", "model-run-7");
     for run in [&binary_run, &structured_run] {
         stack.wait_phase(run, "succeeded", LONG);
         stack.assert_replay_matches(run);
@@ -220,7 +220,7 @@ async fn raw_cloudevents_in_both_modes_become_runs_and_repeats_make_one_run() {
     // One run for the repeated change: exactly one run.created in the log for it.
     let bus = stack.bus().await;
     let created = bus
-        .read(&[slipway_core::subjects::RUN_CREATED.to_string()], 1)
+        .read(&[slipway_domain::subjects::RUN_CREATED.to_string()], 1)
         .await
         .unwrap();
     assert_eq!(created.len(), 2, "two distinct changes, two runs");
@@ -650,10 +650,10 @@ async fn a_run_whose_first_event_cannot_be_read_is_reported_with_its_place_not_d
         "/slipway/conductor",
         Some(run.to_string()),
         slipway_core::bus::now(),
-        EventData::RunCreated(slipway_core::events::RunCreated {
+        EventData::RunCreated(slipway_domain::events::RunCreated {
             run_id: run.into(),
             pipeline: "broken".into(),
-            change: slipway_core::events::ChangeInfo {
+            change: slipway_domain::events::ChangeInfo {
                 id: "c".into(),
                 source: "s".into(),
                 seq: 1,
@@ -662,7 +662,7 @@ async fn a_run_whose_first_event_cannot_be_read_is_reported_with_its_place_not_d
                 title: None,
                 subject: None,
             },
-            source: slipway_core::events::SourceRef::Directory { path: "/x".into() },
+            source: slipway_domain::events::SourceRef::Directory { path: "/x".into() },
             spec: json!({"pipeline": {"name": "broken"}, "build": "make"}),
             rerun_of: None,
         }),
@@ -747,12 +747,12 @@ async fn a_rolling_upgrade_mixes_releases_on_one_stream_and_every_run_finishes()
     });
     let newer = json!({"coverage": {"lines": 0.91}, "runner": {"image": "ci:2027"}});
     for data in [
-        EventData::TestStarted(slipway_core::events::StageStarted {
+        EventData::TestStarted(slipway_domain::events::StageStarted {
             stage: "test:unit".into(),
             attempt: 1,
             worker: "tester-next".into(),
         }),
-        EventData::TestSucceeded(slipway_core::events::TestReport {
+        EventData::TestSucceeded(slipway_domain::events::TestReport {
             stage: "test:unit".into(),
             attempt: 1,
             suite: "unit".into(),
@@ -782,9 +782,9 @@ async fn a_rolling_upgrade_mixes_releases_on_one_stream_and_every_run_finishes()
         "/slipway/cli-next",
         None,
         slipway_core::bus::now(),
-        EventData::ChangeSubmitted(slipway_core::events::ChangeSubmitted {
+        EventData::ChangeSubmitted(slipway_domain::events::ChangeSubmitted {
             spec: spec_text,
-            source: slipway_core::events::SourceRef::Directory {
+            source: slipway_domain::events::SourceRef::Directory {
                 path: no_tests.display().to_string(),
             },
             author: Some("erin".into()),
@@ -793,7 +793,7 @@ async fn a_rolling_upgrade_mixes_releases_on_one_stream_and_every_run_finishes()
         }),
     );
     publish_from_a_newer_release(&client, &change, json!({"labels": {"team": "ml"}})).await;
-    let started_newer = slipway_core::ids::run_id("/slipway/cli-next", "newer-cli-1");
+    let started_newer = slipway_domain::ids::run_id("/slipway/cli-next", "newer-cli-1");
     stack.wait_phase(&started_newer, "succeeded", LONG);
 
     for run in [&started_today, &started_newer] {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use slipway_core::events::EventData;
+use slipway_domain::events::EventData;
 use slipway_e2e::{Stack, project};
 
 const SERVICES: &[&str] = &[

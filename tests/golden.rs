@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use slipway_core::{Event, Run};
+use slipway_domain::{Event, Run};
 use slipway_e2e::{Stack, project};
 
 const LONG: Duration = Duration::from_secs(120);
@@ -47,7 +47,7 @@ fn replay(text: &str) -> (Vec<Value>, BTreeSet<String>) {
     let mut types = BTreeSet::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let (seq, subject, event) = decode_line(line);
-        let Some((run_id, _, _)) = slipway_core::subjects::parse_run(&subject) else {
+        let Some((run_id, _, _)) = slipway_domain::subjects::parse_run(&subject) else {
             if let Ok(e) = &event {
                 types.insert(e.type_name().to_string());
             }
@@ -60,10 +60,10 @@ fn replay(text: &str) -> (Vec<Value>, BTreeSet<String>) {
             None
         });
         assert!(
-            slot.is_some() || slipway_core::fold::unreadable(&event).is_none(),
+            slot.is_some() || slipway_domain::fold::unreadable(&event).is_none(),
             "run {run_id} (seq {seq}) cannot be read"
         );
-        *slot = slipway_core::fold(slot.take(), &event);
+        *slot = slipway_domain::fold(slot.take(), &event);
     }
     let states = order
         .iter()
@@ -104,7 +104,7 @@ fn every_golden_log_folds_to_the_state_it_was_recorded_with() {
     }
     // Between them, the golden logs hold every type of the catalogue: each is read by today's
     // release as a recorded one.
-    let missing: Vec<&str> = slipway_core::events::CATALOGUE
+    let missing: Vec<&str> = slipway_domain::events::CATALOGUE
         .iter()
         .map(|e| e.type_name)
         .filter(|t| !types.contains(*t))
@@ -388,9 +388,9 @@ async fn record_the_edges_golden_log() {
         "golden/hook",
         None,
         slipway_core::bus::now(),
-        slipway_core::EventData::ChangeSubmitted(slipway_core::events::ChangeSubmitted {
+        slipway_domain::EventData::ChangeSubmitted(slipway_domain::events::ChangeSubmitted {
             spec: "[pipeline]\nname = \"no build\"\n".into(),
-            source: slipway_core::events::SourceRef::Directory {
+            source: slipway_domain::events::SourceRef::Directory {
                 path: "/srv/x".into(),
             },
             author: Some("erin".into()),
@@ -413,7 +413,7 @@ async fn record_the_edges_golden_log() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 202);
-    let merged_run = slipway_core::ids::run_id("/golden/git", "golden-merged-1");
+    let merged_run = slipway_domain::ids::run_id("/golden/git", "golden-merged-1");
     stack.wait_phase(&merged_run, "succeeded", LONG);
     tokio::time::sleep(Duration::from_secs(2)).await;
 

@@ -13,7 +13,7 @@ const LONG: Duration = Duration::from_secs(60);
 fn change(spec: &str, source: Value) -> Value {
     json!({
         "specversion": "1.0",
-        "id": slipway_core::ids::random(),
+        "id": slipway_domain::ids::random(),
         "source": "hostile-test",
         "type": "dev.slipway.change.submitted.v1",
         "datacontenttype": "application/json",

@@ -298,7 +298,7 @@ async fn a_run_is_one_trace_across_the_service_processes_over_otlp_http() {
         .await
         .unwrap();
     assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
-    let b = slipway_core::ids::run_id("ci/otel", "otel-b");
+    let b = slipway_domain::ids::run_id("ci/otel", "otel-b");
 
     for run in [&a, &b] {
         stack.wait_phase(run, "awaiting_approval", LONG);
@@ -546,7 +546,7 @@ async fn every_ending_reads_the_same_in_status_spans_otlp_and_metrics() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
-    let merged_run = slipway_core::ids::run_id("/event/source/123", "edge-merged-1");
+    let merged_run = slipway_domain::ids::run_id("/event/source/123", "edge-merged-1");
     // 2. A run whose test fails.
     let failing = project(
         work.path(),

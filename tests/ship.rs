@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
-use slipway_core::events::{ApprovalDecision, DeployRequested, EventData};
-use slipway_core::{Event, Run, ids};
+use slipway_domain::events::{ApprovalDecision, DeployRequested, EventData};
+use slipway_domain::{Event, Run, ids};
 use slipway_e2e::{Stack, project};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -278,7 +278,7 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
             // Claims the allowed group: the deployer goes by its own approver registry.
             groups: vec!["release-managers".into()],
             artifact_digest: state.artifact.as_ref().unwrap().digest.clone(),
-            gates_digest: slipway_core::decide::gates_digest(&state),
+            gates_digest: slipway_domain::decide::gates_digest(&state),
             comment: None,
             decided_at: slipway_core::bus::now(),
             signature: None,
@@ -321,7 +321,7 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
         let state = run_of(&stack, &run).await;
         let mut decision = signed.clone();
         decision.artifact_digest = state.artifact.as_ref().unwrap().digest.clone();
-        decision.gates_digest = slipway_core::decide::gates_digest(&state);
+        decision.gates_digest = slipway_domain::decide::gates_digest(&state);
         if case == "forged" {
             decision.signature = None;
             decision.decided_at = slipway_core::bus::now();

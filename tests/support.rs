@@ -137,7 +137,7 @@ impl Stack {
                 .collect(),
         };
         // The gateway signs approvals; the deployer verifies them with the public half.
-        let (seed, public) = slipway_core::signing::SigningKey::generate();
+        let (seed, public) = slipway_domain::signing::SigningKey::generate();
         let mut config = format!(
             "[approvals]\npublic_key = \"{public}\"\n\n[gateway]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"http://127.0.0.1:{port}\"\nsigning_key = \"{seed}\"\ntrace_url_template = \"http://traces.example/trace/{{trace_id}}\"\n{gateway}\n",
             port = s.gateway_port
@@ -376,7 +376,7 @@ impl Stack {
     /// Every event stored so far meets the JSON Schema of its type (`schemas/events/`).
     pub async fn assert_log_meets_schemas(&self) {
         let bus = self.bus().await;
-        let filters: Vec<String> = slipway_core::subjects::STREAM_SUBJECTS
+        let filters: Vec<String> = slipway_domain::subjects::STREAM_SUBJECTS
             .iter()
             .map(|s| s.to_string())
             .collect();

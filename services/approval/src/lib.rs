@@ -41,7 +41,7 @@ pub struct AppState {
     pub trace_url_template: Option<String>,
     /// Signs each recorded decision; without it decisions are unsigned and a deployer with a
     /// public key does not count them.
-    pub signing: Option<Arc<slipway_core::signing::SigningKey>>,
+    pub signing: Option<Arc<slipway_domain::signing::SigningKey>>,
     /// Failed authentications allowed per client address and minute.
     pub auth_limiter: Arc<harden::AuthLimiter>,
     /// Longest a request may take.
@@ -111,7 +111,7 @@ pub enum GatewayError {
 /// What is wrong with the setting (never the key).
 pub fn signing_key(
     settings: &slipway_core::config::GatewaySettings,
-) -> Result<Option<slipway_core::signing::SigningKey>, GatewayError> {
+) -> Result<Option<slipway_domain::signing::SigningKey>, GatewayError> {
     let seed = match (&settings.signing_key, &settings.signing_key_file) {
         (Some(_), Some(_)) => {
             return Err(GatewayError::Config(
@@ -127,7 +127,7 @@ pub fn signing_key(
         })?,
         (None, None) => return Ok(None),
     };
-    slipway_core::signing::SigningKey::from_base64(&seed)
+    slipway_domain::signing::SigningKey::from_base64(&seed)
         .map(Some)
         .map_err(|e| GatewayError::Config(format!("[gateway] signing key: {e}")))
 }

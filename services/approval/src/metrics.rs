@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use futures_util::StreamExt;
-use slipway_core::{Run, outcome};
+use slipway_domain::{Run, outcome};
 
 /// Histogram bounds, in seconds.
 const BUCKETS: [f64; 10] = [0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
@@ -67,7 +67,7 @@ fn labels(pairs: &[(&str, &str)]) -> String {
 }
 
 /// The delivery metrics of a set of runs: the same names, label values and durations as the
-/// OTLP export ([`slipway_core::outcome`] is the one mapping), dots as underscores.
+/// OTLP export ([`slipway_domain::outcome`] is the one mapping), dots as underscores.
 pub fn render_runs<'a>(runs: impl IntoIterator<Item = &'a Run>) -> String {
     let mut run_durations: BTreeMap<RunKey, Histogram> = BTreeMap::new();
     let mut active: BTreeMap<(String, &'static str), u64> = BTreeMap::new();

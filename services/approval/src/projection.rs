@@ -14,9 +14,9 @@ use async_nats::jetstream;
 use futures_util::StreamExt;
 use serde_json::json;
 use slipway_core::bus::{Bus, BusError};
-use slipway_core::events::{ApprovalRequested, EventData};
 use slipway_core::runtime::CancellationToken;
-use slipway_core::{Run, cdevents, fold, subjects};
+use slipway_domain::events::{ApprovalRequested, EventData};
+use slipway_domain::{Run, cdevents, fold, subjects};
 use tracing::{debug, info, warn};
 
 /// Every run, folded from the log.
@@ -38,7 +38,7 @@ impl Runs {
         self.order.iter().rev().filter_map(|id| self.by_id.get(id))
     }
 
-    fn fold_in(&mut self, run_id: &str, seq: u64, event: &slipway_core::Event) {
+    fn fold_in(&mut self, run_id: &str, seq: u64, event: &slipway_domain::Event) {
         match self.by_id.remove(run_id) {
             Some(run) => {
                 if let Some(run) = fold(Some(run), event) {
@@ -49,7 +49,7 @@ impl Runs {
                 if let Some(run) = fold(None, event) {
                     self.order.push(run_id.to_string());
                     self.by_id.insert(run_id.to_string(), run);
-                } else if let Some(why) = slipway_core::fold::unreadable(event) {
+                } else if let Some(why) = slipway_domain::fold::unreadable(event) {
                     tracing::error!(%run_id, seq, %why, "A run's first event cannot be read; the gateway cannot show the run.");
                 }
             }

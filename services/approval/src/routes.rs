@@ -10,10 +10,9 @@ use chrono::Utc;
 use cloudevents::event::AttributesWriter;
 use serde::{Deserialize, Serialize};
 use slipway_core::bus::AppendError;
-use slipway_core::events::{ApprovalDecision, EventData, SourceRef};
-use slipway_core::fold::StageStatus;
-use slipway_core::spec::PipelineSpec;
-use slipway_core::{Event, Phase, Run, cdevents, ids, policy, subjects};
+use slipway_domain::events::{ApprovalDecision, EventData};
+use slipway_domain::fold::StageStatus;
+use slipway_domain::{Event, Phase, Run, cdevents, ids, policy, subjects};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::AppState;
@@ -96,14 +95,7 @@ pub async fn post_change(
             event.type_name()
         )));
     };
-    PipelineSpec::parse(&change.spec).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    if let SourceRef::Directory { path } = &change.source
-        && !std::path::Path::new(path).is_absolute()
-    {
-        return Err(ApiError::BadRequest(format!(
-            "data.source.path: {path:?} must be an absolute path"
-        )));
-    }
+    change.validate().map_err(ApiError::BadRequest)?;
     state.bus.publish(&event).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -402,7 +394,7 @@ fn awaiting<'a>(
     run: &'a Run,
     id: &str,
     digest: &str,
-) -> Result<(&'a slipway_core::fold::StageState, String), ApiError> {
+) -> Result<(&'a slipway_domain::fold::StageState, String), ApiError> {
     if run.is_ended() {
         return Err(ApiError::Conflict(format!(
             "run {id} is not awaiting approval (it ended {}: {})",
@@ -502,7 +494,7 @@ pub async fn post_approval(
             run.change.author.as_deref(),
         )
         .map_err(ApiError::Forbidden)?;
-        let gates_digest = slipway_core::decide::gates_digest(&run);
+        let gates_digest = slipway_domain::decide::gates_digest(&run);
         let decided_at = Utc::now();
         let mut decision = ApprovalDecision {
             stage: stage.name.clone(),
@@ -539,7 +531,7 @@ pub async fn post_approval(
                 // A decision that ends the approval stage: the span is for the process that
                 // appended it to emit, once its publishing is over.
                 if !a.duplicate
-                    && let Some(after) = slipway_core::fold(Some(run), &event)
+                    && let Some(after) = slipway_domain::fold(Some(run), &event)
                     && let Some(span) = slipway_core::otel::stage_span(
                         &after,
                         &stage_name,
@@ -594,11 +586,11 @@ pub async fn dora(
     query: Result<Query<DoraQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let window = slipway_core::dora::parse_window(q.since.as_deref().unwrap_or("30d"))
+    let window = slipway_domain::dora::parse_window(q.since.as_deref().unwrap_or("30d"))
         .map_err(|e| ApiError::BadRequest(format!("since: {e}")))?;
     let now = Utc::now();
     let runs = state.runs.read().expect("lock");
-    let report = slipway_core::dora::report(runs.newest_first(), now - window, now);
+    let report = slipway_domain::dora::report(runs.newest_first(), now - window, now);
     Ok(Json(
         serde_json::to_value(report).expect("report serialises"),
     ))

@@ -13,10 +13,10 @@ use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
 use slipway_core::bus::Bus;
 use slipway_core::config::Approver;
-use slipway_core::events::EventData;
 use slipway_core::runtime::CancellationToken;
-use slipway_core::sim::{Answer, Sim};
 use slipway_core::testing::TestNats;
+use slipway_domain::events::EventData;
+use slipway_domain::sim::{Answer, Sim};
 use tower::ServiceExt;
 
 const SPEC: &str = r#"
@@ -38,7 +38,7 @@ struct Gw {
     _nats: TestNats,
     bus: Bus,
     /// The gateway's approval-signing public key.
-    public: slipway_core::signing::PublicKey,
+    public: slipway_domain::signing::PublicKey,
     router: Router,
     stop: CancellationToken,
 }
@@ -65,7 +65,7 @@ async fn gateway() -> Gw {
         },
         stop.clone(),
     ));
-    let (seed, public) = slipway_core::signing::SigningKey::generate();
+    let (seed, public) = slipway_domain::signing::SigningKey::generate();
     let state = AppState {
         bus: bus.clone(),
         runs,
@@ -77,7 +77,7 @@ async fn gateway() -> Gw {
         ]),
         trace_url_template: Some("http://traces.example/trace/{trace_id}".into()),
         signing: Some(Arc::new(
-            slipway_core::signing::SigningKey::from_base64(&seed).unwrap(),
+            slipway_domain::signing::SigningKey::from_base64(&seed).unwrap(),
         )),
         auth_limiter: Arc::new(approval::harden::AuthLimiter::new(
             1000,
@@ -87,7 +87,7 @@ async fn gateway() -> Gw {
     };
     Gw {
         _nats: nats,
-        public: slipway_core::signing::PublicKey::from_base64(&public).unwrap(),
+        public: slipway_domain::signing::PublicKey::from_base64(&public).unwrap(),
         bus,
         router: app(state, 1 << 20),
         stop,
@@ -226,14 +226,14 @@ async fn approvals_are_authenticated_and_policy_checked() {
     // A run that ended while its approval stage still shows requested (cancelled at its
     // approval timeout, say) cannot be approved.
     let (ended, ended_digest) = gw.waiting_run(7).await;
-    let cancel = slipway_core::Event::new(
-        slipway_core::ids::run_end(&ended),
+    let cancel = slipway_domain::Event::new(
+        slipway_domain::ids::run_end(&ended),
         "/slipway/cli",
         Some(ended.clone()),
         slipway_core::bus::now(),
-        slipway_core::decide::run_ended(
-            slipway_core::Phase::Cancelled,
-            slipway_core::events::RunEnded {
+        slipway_domain::decide::run_ended(
+            slipway_domain::Phase::Cancelled,
+            slipway_domain::events::RunEnded {
                 reason: "waited too long".into(),
                 stage: None,
                 by: None,
@@ -312,7 +312,7 @@ async fn changes_come_in_over_the_cloudevents_http_binding() {
         .unwrap();
     let (s, v) = gw.call(req).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    assert_eq!(v["run_id"], slipway_core::ids::run_id("ci/acme", "c-1"));
+    assert_eq!(v["run_id"], slipway_domain::ids::run_id("ci/acme", "c-1"));
     // An HTTP caller's W3C trace context travels into the stored change.
     let traced = Request::post("/v1/changes")
         .header("ce-specversion", "1.0")

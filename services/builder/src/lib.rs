@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::Config;
-use slipway_core::events::{BuildRequested, BuildSucceeded, EventData, StageFailed, StageKind};
 use slipway_core::exec::{self, Cmd, ExecSettings};
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
 use slipway_core::workspace::{self, Workspace};
+use slipway_domain::events::{BuildRequested, BuildSucceeded, EventData, StageFailed, StageKind};
 
 /// Runs the builder until `shutdown`.
 ///

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use slipway_core::bus::Bus;
 use slipway_core::config::Config;
-use slipway_core::events::{EventData, SourceRef};
 use slipway_core::runtime::CancellationToken;
-use slipway_core::sim::Sim;
 use slipway_core::testing::TestNats;
+use slipway_domain::events::{EventData, SourceRef};
+use slipway_domain::sim::Sim;
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
@@ -86,7 +86,7 @@ async fn start(git_schemes: &[&str]) -> Harness {
 
 impl Harness {
     async fn build(&self, spec: &str, source: SourceRef) -> EventData {
-        let change = slipway_core::ids::random();
+        let change = slipway_domain::ids::random();
         let mut sim = Sim::with_source(spec, source, &change);
         sim.decide();
         for e in &sim.log {

@@ -1,13 +1,10 @@
 //! Intake: a change becomes a run, or a `change.rejected` fact that says why.
 
 use slipway_core::bus::{AppendError, Bus, Recorded};
-use slipway_core::cdevents;
 use slipway_core::config::CdeventsPipeline;
-use slipway_core::events::{
-    ChangeInfo, ChangeRejected, ChangeSubmitted, EventData, RunCreated, SourceRef,
-};
-use slipway_core::spec::PipelineSpec;
-use slipway_core::{Event, ids};
+use slipway_domain::cdevents;
+use slipway_domain::events::{ChangeInfo, ChangeRejected, ChangeSubmitted, EventData, RunCreated};
+use slipway_domain::{Event, ids};
 use tracing::{info, warn};
 
 use crate::{SOURCE, State};
@@ -117,17 +114,10 @@ fn judge_change(rec: &Recorded, event: &Event, subject: Option<String>) -> Verdi
             event.type_name()
         ));
     };
-    let spec = match PipelineSpec::parse(&change.spec) {
+    let spec = match change.validate() {
         Ok(s) => s,
-        Err(e) => return reject(e.to_string()),
+        Err(e) => return reject(e),
     };
-    if let SourceRef::Directory { path } = &change.source
-        && !std::path::Path::new(path).is_absolute()
-    {
-        return reject(format!(
-            "source directory {path:?} must be an absolute path"
-        ));
-    }
     let run_id = ids::run_id(&event.source, &event.id);
     let created = RunCreated {
         run_id: run_id.clone(),

@@ -4,7 +4,7 @@
 //! it replays the log first, deciding nothing until it has caught up). Each change becomes a
 //! run (deterministic run id, validated spec snapshot in `run.created`) or a
 //! `change.rejected` fact naming why. After each event, and on a timer for timeouts, it runs
-//! the pure [`decide`](slipway_core::decide) and appends the resulting decisions with run-wide
+//! the pure [`decide`](slipway_domain::decide) and appends the resulting decisions with run-wide
 //! optimistic concurrency; a decision that loses waits for the newer events and is decided
 //! again. Two conductors can run side by side: the log serialises them.
 //!
@@ -21,9 +21,9 @@ use async_nats::jetstream;
 use futures_util::StreamExt;
 use slipway_core::bus::{AppendError, Bus, BusError, Recorded};
 use slipway_core::config::Config;
-use slipway_core::decide::{Fleet, decide_in};
-use slipway_core::events::EventData;
-use slipway_core::{Event, Run, fold, subjects};
+use slipway_domain::decide::{Fleet, decide_in};
+use slipway_domain::events::EventData;
+use slipway_domain::{Event, Run, fold, subjects};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -226,14 +226,14 @@ impl State {
         };
         match self.runs.get_mut(run_id) {
             Some(entry) => {
-                slipway_core::fold_into(&mut entry.run, event);
+                slipway_domain::fold_into(&mut entry.run, event);
                 entry.last_seq = entry.last_seq.max(seq);
             }
             None => {
                 if let Some(run) = fold(None, event) {
                     self.runs
                         .insert(run_id.to_string(), Entry { run, last_seq: seq });
-                } else if let Some(why) = slipway_core::fold::unreadable(event) {
+                } else if let Some(why) = slipway_domain::fold::unreadable(event) {
                     tracing::error!(%run_id, seq, %why, "A run's first event cannot be read; nothing is decided for the run.");
                 }
             }

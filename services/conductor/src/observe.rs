@@ -13,8 +13,9 @@ use std::time::SystemTime;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
-use slipway_core::fold::{StageState, StageStatus};
-use slipway_core::{Event, Run, otel, outcome};
+use slipway_core::otel;
+use slipway_domain::fold::{StageState, StageStatus};
+use slipway_domain::{Event, Run, outcome};
 
 /// A stage's attempt and status, before an event is folded.
 pub type StageBefore = Option<(String, u32, StageStatus)>;

@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use slipway_core::bus::Bus;
 use slipway_core::config::Config;
-use slipway_core::events::{BuildSucceeded, ChangeSubmitted, EventData, SourceRef};
 use slipway_core::runtime::{CancellationToken, fact};
-use slipway_core::sim::artifact;
 use slipway_core::testing::TestNats;
-use slipway_core::{Event, ids};
+use slipway_domain::events::{BuildSucceeded, ChangeSubmitted, EventData, SourceRef};
+use slipway_domain::sim::artifact;
+use slipway_domain::{Event, ids};
 
 const SPEC: &str = "[pipeline]\nname = \"p\"\n[build]\ncommand = [\"true\"]\ntimeout_secs = 600\n";
 

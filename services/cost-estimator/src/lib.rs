@@ -9,12 +9,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use slipway_core::baseline;
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::{Config, Pricing};
-use slipway_core::events::{Check, CostRequested, EventData, GateReport, StageKind, Verdict};
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
-use slipway_core::spec::{CostSpec, Threshold};
-use slipway_core::{baseline, thresholds};
+use slipway_domain::events::{Check, CostRequested, EventData, GateReport, StageKind, Verdict};
+use slipway_domain::spec::{CostSpec, Threshold};
+use slipway_domain::thresholds;
 
 /// Hours in an average month (365.25 × 24 / 12).
 pub const HOURS_PER_MONTH: f64 = 730.5;

@@ -11,17 +11,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use slipway_core::Event;
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::Config;
-use slipway_core::decide::version_of;
-use slipway_core::events::{
-    DeployRequested, DeployStarted, DeploySucceeded, EventData, ObjectRef, StageFailed, StageKind,
-};
 use slipway_core::exec::{self, Cmd, ExecSettings};
-use slipway_core::fold::Run;
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
 use slipway_core::workspace::{self, Workspace};
+use slipway_domain::Event;
+use slipway_domain::decide::version_of;
+use slipway_domain::events::{
+    DeployRequested, DeployStarted, DeploySucceeded, EventData, ObjectRef, StageFailed, StageKind,
+};
+use slipway_domain::fold::Run;
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +40,7 @@ pub enum DeployerError {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DeployerError> {
     let approval_key = match &config.approvals.public_key {
         Some(k) => Some(
-            slipway_core::signing::PublicKey::from_base64(k)
+            slipway_domain::signing::PublicKey::from_base64(k)
                 .map_err(|e| DeployerError::Config(format!("[approvals] public_key: {e}")))?,
         ),
         None => {
@@ -69,7 +69,7 @@ pub struct Deployer {
     /// the configuration gives them.
     pub approvers: Vec<slipway_core::config::Approver>,
     /// The gateway's public key: an approval counts only with its valid signature.
-    pub approval_key: Option<slipway_core::signing::PublicKey>,
+    pub approval_key: Option<slipway_domain::signing::PublicKey>,
 }
 
 pub use slipway_core::baseline::{Live, live_version, live_version_as_of};
@@ -126,7 +126,7 @@ impl Worker for Deployer {
     /// ...unless the run's spec declares the environment's deploy command idempotent by its
     /// deploy key: then it is run again with the same key (what the spec says, not the
     /// request).
-    fn may_resume(&self, run: &slipway_core::Run, request: &slipway_core::Event) -> bool {
+    fn may_resume(&self, run: &slipway_domain::Run, request: &slipway_domain::Event) -> bool {
         let env = match &request.data {
             EventData::DeployRequested(r) | EventData::RollbackRequested(r) => &r.environment,
             _ => return false,
@@ -240,7 +240,7 @@ impl Deployer {
                     .into(),
             ));
         }
-        Ok(slipway_core::policy::deploy_refusal(
+        Ok(slipway_domain::policy::deploy_refusal(
             run,
             &r.environment,
             slipway_core::bus::now(),

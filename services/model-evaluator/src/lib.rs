@@ -20,13 +20,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::Config;
-use slipway_core::events::{Check, EvaluateRequested, EventData, GateReport, StageKind, Verdict};
 use slipway_core::exec::ExecSettings;
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
-use slipway_core::spec::{ModelEndpoint, Threshold, check_relative_path};
-use slipway_core::stats::{self, Rng};
 use slipway_core::workspace::Workspace;
-use slipway_core::{baseline, objects, thresholds};
+use slipway_core::{baseline, objects};
+use slipway_domain::events::{Check, EvaluateRequested, EventData, GateReport, StageKind, Verdict};
+use slipway_domain::spec::{ModelEndpoint, Threshold, check_relative_path};
+use slipway_domain::stats::{self, Rng};
+use slipway_domain::thresholds;
 use tracing::info;
 
 use crate::dataset::Item;
@@ -604,7 +605,7 @@ impl Evaluator {
     /// cannot answer keeps the lexical verdict (and says so in its error).
     async fn judge_all(
         &self,
-        j: &slipway_core::spec::JudgeSpec,
+        j: &slipway_domain::spec::JudgeSpec,
         req: &EvaluateRequested,
         items: &[Item],
         results: &mut [ItemResult],
@@ -679,7 +680,7 @@ impl Evaluator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use slipway_core::spec::Severity;
+    use slipway_domain::spec::Severity;
 
     fn items(correct: &[bool]) -> Vec<ItemResult> {
         correct

@@ -214,7 +214,7 @@ pub fn score(item: &crate::dataset::Item, output: &str) -> ItemResult {
 
 fn mean_of(values: impl Iterator<Item = f64>) -> Option<f64> {
     let v: Vec<f64> = values.collect();
-    slipway_core::stats::mean(&v)
+    slipway_domain::stats::mean(&v)
 }
 
 /// A dataset's metrics (only those its items allow).
@@ -256,7 +256,10 @@ pub fn summarize(results: &[ItemResult]) -> BTreeMap<String, f64> {
         .filter(|r| r.error.is_none())
         .map(|r| r.latency_ms)
         .collect();
-    put("latency_p95_ms", slipway_core::stats::quantile(&lat, 0.95));
+    put(
+        "latency_p95_ms",
+        slipway_domain::stats::quantile(&lat, 0.95),
+    );
     put(
         "tokens_in_per_item",
         mean_of(results.iter().map(|r| r.tokens_in as f64)),

@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::Config;
-use slipway_core::events::{
+use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
+use slipway_domain::events::{
     Check, EventData, IncidentOpened, MonitorReport, MonitorRequested, MonitorVerdict, StageKind,
     Verdict,
 };
-use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
-use slipway_core::spec::MonitorSpec;
-use slipway_core::{Event, ids, thresholds};
+use slipway_domain::spec::MonitorSpec;
+use slipway_domain::{Event, ids, thresholds};
 use tracing::{info, warn};
 
 use crate::prometheus::{Scrape, quantile_between};

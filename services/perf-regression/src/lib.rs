@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::Config;
-use slipway_core::events::{Check, EventData, GateReport, PerfRequested, StageKind, Verdict};
 use slipway_core::exec::{self, Cmd, ExecSettings};
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
-use slipway_core::spec::{LoadMode, Threshold};
 use slipway_core::workspace::Workspace;
-use slipway_core::{baseline, objects, stats, thresholds};
+use slipway_core::{baseline, objects};
+use slipway_domain::events::{Check, EventData, GateReport, PerfRequested, StageKind, Verdict};
+use slipway_domain::spec::{LoadMode, Threshold};
+use slipway_domain::{stats, thresholds};
 use tracing::info;
 
 use crate::loadgen::{Load, Measured, Mode};

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use slipway_core::stats::Rng;
+use slipway_domain::stats::Rng;
 use tokio::task::JoinSet;
 
 /// Latency samples kept for the statistical comparison (reservoir).

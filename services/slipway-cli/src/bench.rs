@@ -21,9 +21,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use slipway_core::bus::Bus;
 use slipway_core::bus::NatsSettings;
-use slipway_core::events::{ChangeSubmitted, EventData, SourceRef};
 use slipway_core::server::free_port;
-use slipway_core::{Event, ids};
+use slipway_domain::events::{ChangeSubmitted, EventData, SourceRef};
+use slipway_domain::{Event, ids};
 
 use crate::out::outln;
 use crate::up::{Access, Stack};
@@ -95,7 +95,7 @@ fn spec_named(name: &str) -> String {
 }
 
 fn spec() -> &'static str {
-    slipway_core::spec::NOOP_PIPELINE
+    slipway_domain::spec::NOOP_PIPELINE
 }
 
 /// Where the servers keep their data unless `--data-dir` says otherwise (removed after).
@@ -492,7 +492,7 @@ struct Target {
 impl Target {
     async fn start(data: &Path, env: Vec<(String, String)>) -> anyhow::Result<Self> {
         let gateway_port = free_port();
-        let (seed, public) = slipway_core::signing::SigningKey::generate();
+        let (seed, public) = slipway_domain::signing::SigningKey::generate();
         let config = data.join("slipway.toml");
         std::fs::create_dir_all(data)?;
         std::fs::write(
@@ -722,7 +722,7 @@ async fn replay(bus: &Bus, target: usize) -> anyhow::Result<Replay> {
         drop(msgs);
         // Decoded and folded, one run per (copy, run id), as the conductor holds them.
         let before = rss_mb(std::process::id());
-        let mut runs: HashMap<u32, HashMap<String, slipway_core::Run>> = HashMap::new();
+        let mut runs: HashMap<u32, HashMap<String, slipway_domain::Run>> = HashMap::new();
         let mut msgs = reader().await?;
         let t = Instant::now();
         for _ in 0..events {
@@ -745,9 +745,9 @@ async fn replay(bus: &Bus, target: usize) -> anyhow::Result<Replay> {
             };
             let copy = runs.entry(copy).or_default();
             match copy.get_mut(run) {
-                Some(r) => slipway_core::fold_into(r, &e),
+                Some(r) => slipway_domain::fold_into(r, &e),
                 None => {
-                    if let Some(r) = slipway_core::fold(None, &e) {
+                    if let Some(r) = slipway_domain::fold(None, &e) {
                         copy.insert(run.to_string(), r);
                     }
                 }
@@ -915,7 +915,7 @@ async fn one_run(bus: &Bus, gateway: &str, project: &Path) -> anyhow::Result<(St
 /// split at the conductor's request between them: (whole, result -> request, request ->
 /// started).
 fn stage_overheads(events: &[Event]) -> Vec<(Duration, Duration, Duration)> {
-    use slipway_core::events::StageVerb;
+    use slipway_domain::events::StageVerb;
     let span = |a: chrono::DateTime<chrono::Utc>, b: chrono::DateTime<chrono::Utc>| {
         (b - a).to_std().unwrap_or_default()
     };
@@ -947,7 +947,7 @@ fn stage_overheads(events: &[Event]) -> Vec<(Duration, Duration, Duration)> {
 /// Each stage's own time in a run, by kind in the order first seen: `started` to its result;
 /// an approval, from being asked for to the decision.
 fn stage_work(events: &[Event]) -> Vec<(String, Duration)> {
-    use slipway_core::events::StageVerb;
+    use slipway_domain::events::StageVerb;
     let kind = |stage: &str| stage.split(':').next().unwrap_or(stage).to_string();
     let mut began = std::collections::HashMap::new();
     let mut out = Vec::new();
@@ -1115,7 +1115,7 @@ async fn scale_out(data: &Path, project: &Path, builds: usize) -> anyhow::Result
 
 async fn latest_run(bus: &Bus) -> anyhow::Result<String> {
     let created = bus
-        .read(&[slipway_core::subjects::RUN_CREATED.to_string()], 1)
+        .read(&[slipway_domain::subjects::RUN_CREATED.to_string()], 1)
         .await?;
     created
         .last()
@@ -1368,7 +1368,7 @@ async fn raw_floor(nats: &NatsSettings, n: usize, stored: usize) -> anyhow::Resu
 
 /// A typical event: a build's result.
 fn sample_event() -> Event {
-    let artifact = slipway_core::events::ObjectRef {
+    let artifact = slipway_domain::events::ObjectRef {
         bucket: "slipway-artifacts".into(),
         name: "a".repeat(64),
         digest: format!("sha256:{}", "0".repeat(64)),
@@ -1379,7 +1379,7 @@ fn sample_event() -> Event {
         "/slipway/builder",
         Some(ids::random()),
         slipway_core::bus::now(),
-        EventData::BuildSucceeded(slipway_core::events::BuildSucceeded {
+        EventData::BuildSucceeded(slipway_domain::events::BuildSucceeded {
             stage: "build".into(),
             attempt: 1,
             artifact: artifact.clone(),
@@ -1427,7 +1427,7 @@ mod tests {
 
     #[test]
     fn stage_work_by_kind() {
-        let mut sim = slipway_core::sim::Sim::new(slipway_core::spec::NOOP_PIPELINE);
+        let mut sim = slipway_domain::sim::Sim::new(slipway_domain::spec::NOOP_PIPELINE);
         sim.run_to_end();
         let kinds: Vec<String> = stage_work(&sim.log).into_iter().map(|(k, _)| k).collect();
         // The simulation publishes `started` for deploys only (the workers do for every
@@ -1437,7 +1437,7 @@ mod tests {
 
     #[test]
     fn stage_overheads_split_at_the_request() {
-        let mut sim = slipway_core::sim::Sim::new(slipway_core::spec::NOOP_PIPELINE);
+        let mut sim = slipway_domain::sim::Sim::new(slipway_domain::spec::NOOP_PIPELINE);
         sim.run_to_end();
         assert!(sim.run().is_ended());
         let split = stage_overheads(&sim.log);

@@ -10,9 +10,9 @@ use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use slipway_core::bus::{AppendError, Bus, NatsSettings};
-use slipway_core::decide::run_ended;
-use slipway_core::events::{ChangeSubmitted, EventData, RunEnded, SourceRef};
-use slipway_core::{Event, Phase, Run, cdevents, ids, subjects};
+use slipway_domain::decide::run_ended;
+use slipway_domain::events::{ChangeSubmitted, EventData, RunEnded, SourceRef};
+use slipway_domain::{Event, Phase, Run, cdevents, ids, subjects};
 
 use crate::out::outln;
 use crate::show;
@@ -118,7 +118,7 @@ impl Client {
         let last = log.last().map_or(0, |r| r.seq);
         if let Some((seq, why)) = log.iter().find_map(|r| {
             let e = r.event.as_ref().ok()?;
-            Some((r.seq, slipway_core::fold::unreadable(e)?))
+            Some((r.seq, slipway_domain::fold::unreadable(e)?))
         }) {
             bail!("run {run} (stream sequence {seq}): {why}");
         }
@@ -415,12 +415,12 @@ impl Client {
                 None
             });
             if slot.is_none()
-                && let Some(why) = slipway_core::fold::unreadable(&e)
+                && let Some(why) = slipway_domain::fold::unreadable(&e)
             {
                 eprintln!("slipway: run {id} (stream sequence {}): {why}", r.seq);
                 unreadable += 1;
             }
-            *slot = slipway_core::fold(slot.take(), &e);
+            *slot = slipway_domain::fold(slot.take(), &e);
         }
         let states: Vec<Value> = order
             .iter()
@@ -453,7 +453,7 @@ impl Client {
     }
 
     pub async fn dora(&self, since: &str, json_out: bool) -> anyhow::Result<ExitCode> {
-        let window = slipway_core::dora::parse_window(since).map_err(anyhow::Error::msg)?;
+        let window = slipway_domain::dora::parse_window(since).map_err(anyhow::Error::msg)?;
         let log = self.bus.read(&[subjects::RUNS.to_string()], 1).await?;
         let mut runs: HashMap<String, Option<Run>> = HashMap::new();
         for r in log {
@@ -462,10 +462,10 @@ impl Client {
             };
             let Ok(e) = r.event else { continue };
             let slot = runs.entry(id.to_string()).or_default();
-            *slot = slipway_core::fold(slot.take(), &e);
+            *slot = slipway_domain::fold(slot.take(), &e);
         }
         let now = slipway_core::bus::now();
-        let report = slipway_core::dora::report(runs.values().flatten(), now - window, now);
+        let report = slipway_domain::dora::report(runs.values().flatten(), now - window, now);
         if json_out {
             outln!("{}", serde_json::to_string_pretty(&report)?);
         } else {

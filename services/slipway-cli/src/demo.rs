@@ -187,9 +187,9 @@ pub async fn demo(
     let spec_path = data.join("pipeline.toml");
     std::fs::write(&spec_path, spec)?;
 
-    let token = slipway_core::ids::random();
+    let token = slipway_domain::ids::random();
     let gateway = format!("http://127.0.0.1:{gateway_port}");
-    let (seed, public) = slipway_core::signing::SigningKey::generate();
+    let (seed, public) = slipway_domain::signing::SigningKey::generate();
     let config = format!(
         "[approvals]\npublic_key = \"{public}\"\n\n\
          [gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\npublic_url = \"{gateway}\"\nsigning_key = \"{seed}\"\n\n\
@@ -293,12 +293,12 @@ pub async fn demo(
             .iter()
             .any(|s| s["name"] == "approval:production" && s["requested_at"].is_null())
     });
-    let ok_blocked = phase_of(&blocked) == slipway_core::Phase::Failed && gate_failed;
+    let ok_blocked = phase_of(&blocked) == slipway_domain::Phase::Failed && gate_failed;
 
     let ok1 =
-        phase_of(&first) == slipway_core::Phase::Succeeded && live1.as_deref() == Some("1.0.0");
+        phase_of(&first) == slipway_domain::Phase::Succeeded && live1.as_deref() == Some("1.0.0");
     let ok2 =
-        phase_of(&second) == slipway_core::Phase::RolledBack && live2.as_deref() == Some("1.0.0");
+        phase_of(&second) == slipway_domain::Phase::RolledBack && live2.as_deref() == Some("1.0.0");
     outln!("\nSummary");
     outln!(
         "  {} run {}: {} (production then served {})",

@@ -133,7 +133,7 @@ pub fn print_changes_table(rows: &[Value]) {
 }
 
 /// `slipway dora` as a table.
-pub fn print_dora(r: &slipway_core::dora::Report) {
+pub fn print_dora(r: &slipway_domain::dora::Report) {
     let opt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |x| format!("{x:.2}{unit}"));
     let pct = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{:.1}%", x * 100.0));
     outln!(
@@ -151,7 +151,7 @@ pub fn print_dora(r: &slipway_core::dora::Report) {
         "recovery p50",
         "rework"
     );
-    let row = |name: &str, m: &slipway_core::dora::Measures| {
+    let row = |name: &str, m: &slipway_domain::dora::Measures| {
         outln!(
             "{:<24} {:>8} {:>10.2} {:>14} {:>10} {:>14} {:>8}",
             name,

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 use slipway_core::bus::Bus;
-use slipway_core::events::{ChangeSubmitted, EventData, SourceRef};
 use slipway_core::server::free_port;
-use slipway_core::{Event, ids};
+use slipway_domain::events::{ChangeSubmitted, EventData, SourceRef};
+use slipway_domain::{Event, ids};
 
 use crate::out::outln;
 use crate::up::{SERVICES, Stack};
@@ -305,7 +305,7 @@ async fn ended(bus: &Bus) -> anyhow::Result<BTreeMap<String, String>> {
 
 async fn created(bus: &Bus) -> anyhow::Result<BTreeSet<String>> {
     let recs = bus
-        .read(&[slipway_core::subjects::RUN_CREATED.to_string()], 1)
+        .read(&[slipway_domain::subjects::RUN_CREATED.to_string()], 1)
         .await?;
     Ok(recs
         .into_iter()

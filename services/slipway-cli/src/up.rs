@@ -343,7 +343,7 @@ fn approval_keys(
         Err(_) => {
             use std::io::Write as _;
             use std::os::unix::fs::OpenOptionsExt as _;
-            let (seed, _) = slipway_core::signing::SigningKey::generate();
+            let (seed, _) = slipway_domain::signing::SigningKey::generate();
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -354,7 +354,7 @@ fn approval_keys(
             seed
         }
     };
-    let key = slipway_core::signing::SigningKey::from_base64(&seed)
+    let key = slipway_domain::signing::SigningKey::from_base64(&seed)
         .map_err(|e| anyhow::anyhow!("{}: {e}", seed_path.display()))?;
     Ok(vec![
         (

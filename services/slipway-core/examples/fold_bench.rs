@@ -5,9 +5,10 @@
 //! `valgrind --tool=callgrind target/release/examples/fold_bench 2000` it gives instruction
 //! counts that do not depend on the machine's load (docs/performance.md).
 
-use slipway_core::{binding, fold, fold_into, sim::Sim};
+use slipway_core::binding;
+use slipway_domain::{fold, fold_into, sim::Sim};
 fn main() {
-    let spec = slipway_core::spec::NOOP_PIPELINE;
+    let spec = slipway_domain::spec::NOOP_PIPELINE;
     let mut sim = Sim::new(spec);
     sim.run_to_end();
     let enc: Vec<_> = sim

@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 
 use crate::bus::{Bus, BusError};
-use crate::envelope::Event;
-use crate::events::{EventData, GateReport, ObjectRef};
-use crate::fold::Run;
+use slipway_domain::envelope::Event;
+use slipway_domain::events::{EventData, GateReport, ObjectRef};
+use slipway_domain::fold::Run;
 
 /// The version live in one environment of one pipeline.
 #[derive(Debug, Clone, PartialEq)]
@@ -257,7 +257,7 @@ pub async fn details<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::DeploySucceeded;
+    use slipway_domain::events::DeploySucceeded;
 
     fn deployed(version: &str) -> Event {
         Event::new(

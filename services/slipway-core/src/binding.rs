@@ -173,7 +173,7 @@ pub fn decode(
 /// headers and the data straight from the bytes into its type. `None` for any other form and
 /// for anything malformed, which [`decode`] then handles and explains; where both decode a
 /// message they give the same event (tested on every event type).
-pub fn decode_fast(headers: &HeaderMap, payload: &[u8]) -> Option<crate::envelope::Event> {
+pub fn decode_fast(headers: &HeaderMap, payload: &[u8]) -> Option<slipway_domain::envelope::Event> {
     let mut slots: [Option<&str>; 9] = [None; 9];
     const NAMES: [&str; 9] = [
         SPEC_VERSION_HEADER,
@@ -213,8 +213,8 @@ pub fn decode_fast(headers: &HeaderMap, payload: &[u8]) -> Option<crate::envelop
         return None;
     }
     let time = chrono::DateTime::parse_from_rfc3339(time?).ok()?;
-    Some(crate::envelope::Event {
-        data: crate::events::EventData::from_slice(ty?, payload)?,
+    Some(slipway_domain::envelope::Event {
+        data: slipway_domain::events::EventData::from_slice(ty?, payload)?,
         id: id?.to_string(),
         source: source?.to_string(),
         time: time.with_timezone(&chrono::Utc),

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::binding::{self, BindingError};
-use crate::envelope::{EnvelopeError, Event};
-use crate::subjects;
+use slipway_domain::envelope::{EnvelopeError, Event};
+use slipway_domain::subjects;
 
 /// The oldest nats-server that honours everything Slipway relies on: `filter_subjects`, strict
 /// consumer creation and run-wide optimistic concurrency (2.9 silently ignores them).

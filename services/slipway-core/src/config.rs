@@ -116,16 +116,7 @@ impl Default for GatewaySettings {
     }
 }
 
-/// Someone who may approve: only the sha256 of their token is stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Approver {
-    pub name: String,
-    #[serde(default)]
-    pub groups: Vec<String>,
-    /// Lower-case hex sha256 of the bearer token (`printf %s TOKEN | sha256sum`).
-    pub token_sha256: String,
-}
+pub use slipway_domain::policy::Approver;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -159,12 +150,12 @@ pub struct CdeventsPipeline {
     /// The pipeline spec (TOML), read when the CDEvent arrives.
     pub spec: std::path::PathBuf,
     /// What the pipeline builds from.
-    pub source: crate::events::SourceRef,
+    pub source: slipway_domain::events::SourceRef,
 }
 
 impl CdeventsPipeline {
     /// Whether this pipeline delivers the CDEvent.
-    pub fn matches(&self, incoming: &crate::cdevents::Incoming) -> bool {
+    pub fn matches(&self, incoming: &slipway_domain::cdevents::Incoming) -> bool {
         if incoming.ty.starts_with("dev.cdevents.change.merged.") {
             let repo = incoming.repository.as_deref();
             let src = incoming.repository_source.as_deref();

@@ -62,7 +62,12 @@ pub fn password_file(dir: &Path, user: &str) -> PathBuf {
 fn create(path: &Path) -> std::io::Result<String> {
     // A letter first: the server's configuration reads a bare `12e4…` as a number. Two random
     // UUIDs: 244 bits.
-    let password = format!("pw-{}{}", crate::ids::random(), crate::ids::random()).replace('-', "");
+    let password = format!(
+        "pw-{}{}",
+        slipway_domain::ids::random(),
+        slipway_domain::ids::random()
+    )
+    .replace('-', "");
     let aside = path.with_extension(format!("new-{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)

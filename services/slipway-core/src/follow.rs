@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::bus::{Bus, BusError};
-use crate::events::{EventData, StageKind};
-use crate::fold::{Run, fold, fold_into};
-use crate::subjects;
+use slipway_domain::events::{EventData, StageKind};
+use slipway_domain::fold::{Run, fold, fold_into};
+use slipway_domain::subjects;
 
 /// Runs followed at most; past it, new runs are read from the log per job (memory stays
 /// bounded whatever is left waiting).
@@ -257,7 +257,7 @@ impl RunsInFlight {
                     .inner
                     .kinds
                     .as_ref()
-                    .is_none_or(|k| crate::plan::requests_any(&run.spec, k))
+                    .is_none_or(|k| slipway_domain::plan::requests_any(&run.spec, k))
             {
                 runs.insert(
                     run_id.to_string(),

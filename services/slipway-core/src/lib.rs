@@ -1,52 +1,29 @@
-//! Slipway's shared library.
+//! Slipway's I/O: everything that touches NATS, processes, files or telemetry, around the pure
+//! domain in `slipway-domain`.
 //!
-//! - the event catalogue and envelope: [`events`], [`envelope`], [`ids`], [`subjects`];
-//! - the CloudEvents NATS binding and the log: [`binding`], [`bus`], [`objects`];
-//! - the pipeline spec and the pure logic: [`spec`], [`plan`], [`fold`], [`decide`];
-//! - the service runtime: [`runtime`], [`config`], [`telemetry`], [`exec`], [`workspace`],
-//!   [`server`]; test support behind the `test-support` feature.
+//! - the CloudEvents NATS binding and the log: [`binding`], [`bus`], [`objects`], [`follow`],
+//!   [`baseline`] (what is live, from the log);
+//! - the service runtime: [`runtime`] (the worker loop), [`exec`] and [`workspace`] (commands
+//!   in fresh workspaces), [`config`], [`credentials`], [`server`] (a local nats-server);
+//! - telemetry: [`telemetry`] (logs), [`otel`] and [`trace`] (OTLP spans and metrics);
+//! - test support behind the `test-support` feature.
 //!
 //! A service's own domain (how to build, how to parse a JUnit report) lives in its crate.
 
 pub mod baseline;
 pub mod binding;
 pub mod bus;
-pub mod cdevents;
 pub mod config;
 pub mod credentials;
-pub mod decide;
-pub mod dora;
-pub mod envelope;
-pub mod events;
 pub mod exec;
-pub mod fold;
 pub mod follow;
-pub mod ids;
 pub mod objects;
 pub mod otel;
-pub mod outcome;
-pub mod plan;
-pub mod policy;
 pub mod runtime;
 pub mod server;
-pub mod signing;
-pub mod spec;
-pub mod stats;
-pub mod subjects;
 pub mod telemetry;
-pub mod thresholds;
 pub mod trace;
 pub mod workspace;
 
 #[cfg(feature = "test-support")]
 pub mod testing;
-
-pub use decide::{Command, decide};
-pub use envelope::Event;
-pub use events::EventData;
-pub use fold::{Phase, Run, fold, fold_into};
-
-/// A pure simulation of a whole pipeline (deciding, and answering every request), for tests
-/// of the domain logic here and in other crates.
-#[cfg(any(test, feature = "test-support"))]
-pub mod sim;

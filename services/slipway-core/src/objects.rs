@@ -17,8 +17,8 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::warn;
 
 use crate::bus::{Bus, BusError, DirectPages};
-use crate::events::ObjectRef;
 use crate::workspace::sha256_file;
+use slipway_domain::events::ObjectRef;
 
 fn nats(operation: &'static str, e: impl std::fmt::Display) -> BusError {
     BusError::Nats {

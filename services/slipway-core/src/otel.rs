@@ -35,9 +35,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::envelope::Event;
-use crate::fold::Run;
 pub use crate::trace::RunTrace;
+use slipway_domain::envelope::Event;
+use slipway_domain::fold::Run;
 
 /// Spans waiting for export; beyond this they are dropped (and counted), never waited for.
 const QUEUE: usize = 4096;
@@ -485,7 +485,7 @@ pub fn run_url(run_id: &str) -> Option<String> {
 /// event falls inside it.
 pub fn run_span(run: &Run, now: SystemTime) -> Option<SpanRecord> {
     let end = run.finished_at?;
-    let outcome = crate::outcome::run(run)?;
+    let outcome = slipway_domain::outcome::run(run)?;
     let t = RunTrace::of(&run.run_id, run.traceparent.as_deref());
     let mut attributes = base_attributes(run);
     attributes.push(KeyValue::new("cicd.pipeline.action.name", "RUN"));
@@ -530,7 +530,7 @@ pub fn stage_span(run: &Run, stage: &str, attempt: u32, now: SystemTime) -> Opti
     if s.attempt != attempt {
         return None;
     }
-    let outcome = crate::outcome::task(run, s)?;
+    let outcome = slipway_domain::outcome::task(run, s)?;
     let end = s.finished_at?;
     let start = s.requested_at.or(s.started_at).unwrap_or(end);
     let t = RunTrace::of(&run.run_id, run.traceparent.as_deref());
@@ -609,14 +609,14 @@ pub async fn emit_stage_span(
                         .is_some_and(|s| s.attempt == attempt && !s.status.is_terminal())
             });
             if open
-                && let Some(span) = crate::fold::fold(run, e)
+                && let Some(span) = slipway_domain::fold::fold(run, e)
                     .and_then(|run| stage_span(&run, stage, attempt, SystemTime::now()))
             {
                 emit(span);
             }
             return;
         }
-        run = crate::fold::fold(run, e);
+        run = slipway_domain::fold::fold(run, e);
     }
 }
 

@@ -20,10 +20,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::bus::{Bus, BusError};
-use crate::envelope::Event;
-use crate::events::{EventData, StageKind, StageStarted};
-use crate::fold::Run;
-use crate::{ids, subjects};
+use slipway_domain::envelope::Event;
+use slipway_domain::events::{EventData, StageKind};
+use slipway_domain::fold::Run;
+use slipway_domain::subjects;
 
 /// Cancelled on the first SIGINT or SIGTERM; a second signal exits at once.
 pub fn shutdown_on_signals() -> CancellationToken {
@@ -162,29 +162,7 @@ pub trait Worker: Send + Sync + 'static {
     fn handle(&self, job: &Job) -> impl Future<Output = Result<EventData, Transient>> + Send;
 }
 
-/// The plain `started` fact of a request type.
-pub fn started_data(
-    request_type: &str,
-    stage: &str,
-    attempt: u32,
-    worker: &str,
-) -> Option<EventData> {
-    let s = StageStarted {
-        stage: stage.to_string(),
-        attempt,
-        worker: worker.to_string(),
-    };
-    let kind = crate::events::stage_kind_of(request_type)?;
-    Some(match kind {
-        StageKind::Build => EventData::BuildStarted(s),
-        StageKind::Test => EventData::TestStarted(s),
-        StageKind::Evaluate => EventData::EvaluateStarted(s),
-        StageKind::Perf => EventData::PerfStarted(s),
-        StageKind::Cost => EventData::CostStarted(s),
-        StageKind::Monitor => EventData::MonitorStarted(s),
-        StageKind::Deploy | StageKind::Rollback | StageKind::Approval => return None,
-    })
-}
+pub use slipway_domain::facts::started_data;
 
 /// The event a worker publishes about a job, in the request's trace.
 pub fn fact_in(service: &str, run_id: &str, data: EventData, traceparent: Option<&str>) -> Event {
@@ -193,17 +171,9 @@ pub fn fact_in(service: &str, run_id: &str, data: EventData, traceparent: Option
     e
 }
 
-/// The event a worker publishes about a job: deterministic id, so a repeat is a duplicate.
+/// The event a worker publishes about a job now: deterministic id, so a repeat is a duplicate.
 pub fn fact(service: &str, run_id: &str, data: EventData) -> Event {
-    let (stage, attempt) = data.stage_fact().map_or(("", 0), |(s, a, _)| (s, a));
-    let id = ids::derived(&[run_id, data.type_name(), stage, &attempt.to_string()]);
-    Event::new(
-        id,
-        format!("/slipway/{service}"),
-        Some(run_id.to_string()),
-        crate::bus::now(),
-        data,
-    )
+    slipway_domain::facts::fact(service, run_id, data, crate::bus::now())
 }
 
 /// Runs a worker until `shutdown`, then drains.
@@ -395,7 +365,7 @@ impl<W: Worker> Ctx<W> {
                     let data = EventData::stage_failure(
                         kind,
                         kind.as_str(),
-                        crate::decide::FIRST_ATTEMPT,
+                        slipway_domain::decide::FIRST_ATTEMPT,
                         format!("malformed request at stream sequence {seq}: {e}"),
                     );
                     if let Some(stored) = self.publish_then_ack(&msg, &run_id, data).await {
@@ -495,7 +465,7 @@ impl<W: Worker> Ctx<W> {
             Some(s)
                 if self.worker.exclusive()
                     && s.attempt == attempt
-                    && s.status == crate::fold::StageStatus::Running
+                    && s.status == slipway_domain::fold::StageStatus::Running
                     && self.worker.may_resume(&run, &request) =>
             {
                 // Idempotent work whose first try never reported: run it again, same key.
@@ -505,7 +475,7 @@ impl<W: Worker> Ctx<W> {
             Some(s)
                 if self.worker.exclusive()
                     && s.attempt == attempt
-                    && s.status == crate::fold::StageStatus::Running =>
+                    && s.status == slipway_domain::fold::StageStatus::Running =>
             {
                 // An earlier delivery started it and never reported: it may have run. Never
                 // run it twice; the conductor's stage timeout ends it, saying so.
@@ -585,7 +555,7 @@ impl<W: Worker> Ctx<W> {
         info!("Stage started.");
         // The run as of the start, for the stage's span at its end (no second read of the log).
         let traced = crate::otel::enabled()
-            .then(|| crate::fold::fold(Some(job.run.clone()), &started))
+            .then(|| slipway_domain::fold::fold(Some(job.run.clone()), &started))
             .flatten();
 
         // Progress acks keep the request ours while the work runs; a run's cancellation
@@ -657,7 +627,7 @@ impl<W: Worker> Ctx<W> {
         }
         let succeeded = matches!(
             result.as_ref().map(|d| d.stage_fact().map(|(_, _, v)| v)),
-            Ok(Some(crate::events::StageVerb::Succeeded))
+            Ok(Some(slipway_domain::events::StageVerb::Succeeded))
         );
         if self.jobs_cancel.is_cancelled() && !succeeded {
             // Shutting down cut the work short: leave the request to a replica or our restart.
@@ -668,7 +638,7 @@ impl<W: Worker> Ctx<W> {
             Ok(data) => {
                 let (_, _, verb) =
                     data.stage_fact()
-                        .unwrap_or(("", 0, crate::events::StageVerb::Failed));
+                        .unwrap_or(("", 0, slipway_domain::events::StageVerb::Failed));
                 info!(outcome = ?verb, "Stage finished.");
                 let stored = self.publish_then_ack(&msg, &run_id, data).await?;
                 // The attempt's span, when spans are exported: ours to emit unless the run
@@ -679,7 +649,7 @@ impl<W: Worker> Ctx<W> {
                     return None;
                 }
                 Some(Ended {
-                    run: crate::fold::fold(Some(run), &stored.event)?,
+                    run: slipway_domain::fold::fold(Some(run), &stored.event)?,
                     stage,
                     attempt,
                     stored: stored.at,
@@ -725,7 +695,7 @@ impl<W: Worker> Ctx<W> {
         let mut now = run.clone();
         for r in &tail {
             if let Ok(e) = &r.event {
-                crate::fold::fold_into(&mut now, e);
+                slipway_domain::fold::fold_into(&mut now, e);
             }
         }
         now.is_ended()
@@ -749,7 +719,7 @@ impl<W: Worker> Ctx<W> {
         let mut then = run.clone();
         for r in tail.iter().take_while(|r| r.seq < fact_seq) {
             if let Ok(e) = &r.event {
-                crate::fold::fold_into(&mut then, e);
+                slipway_domain::fold::fold_into(&mut then, e);
             }
         }
         then.is_ended()
@@ -858,7 +828,7 @@ struct Ended {
 }
 
 fn kind_of(job: &Job) -> StageKind {
-    crate::events::stage_kind_of(job.request.type_name()).unwrap_or(StageKind::Build)
+    slipway_domain::events::stage_kind_of(job.request.type_name()).unwrap_or(StageKind::Build)
 }
 
 /// After `max_deliver`, the server announces the request it stopped delivering; answer it with
@@ -911,7 +881,10 @@ async fn spawn_max_deliveries_listener(
                     Some((s, a, _)) => (s.to_string(), a),
                     None => continue,
                 },
-                Err(_) => (kind.as_str().to_string(), crate::decide::FIRST_ATTEMPT),
+                Err(_) => (
+                    kind.as_str().to_string(),
+                    slipway_domain::decide::FIRST_ATTEMPT,
+                ),
             };
             let reason = format!(
                 "gave up: the request was delivered {} times without a result \

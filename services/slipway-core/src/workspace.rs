@@ -12,8 +12,8 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::events::SourceRef;
 use crate::exec::{self, Cmd, ExecSettings};
+use slipway_domain::events::SourceRef;
 
 /// A domain failure preparing a workspace: the stage fails with this reason.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +51,7 @@ impl Workspace {
     pub fn create(settings: &ExecSettings, label: &str) -> Result<Self, WorkspaceError> {
         let base = settings.workspace_root();
         std::fs::create_dir_all(&base)?;
-        let root = base.join(format!("{label}-{}", crate::ids::random()));
+        let root = base.join(format!("{label}-{}", slipway_domain::ids::random()));
         for d in ["src", "home", "out"] {
             std::fs::create_dir_all(root.join(d))?;
         }
@@ -299,7 +299,7 @@ pub fn pack(src: &Path, paths: &[String], dest: &Path) -> Result<Packed, Workspa
     let canon_src = src.canonicalize()?;
     let mut files = Vec::new();
     for p in paths {
-        crate::spec::check_relative_path("artifact", p).map_err(|e| {
+        slipway_domain::spec::check_relative_path("artifact", p).map_err(|e| {
             WorkspaceError::BadArtifact {
                 path: p.clone(),
                 why: e.message,

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream;
 use slipway_core::bus::{AppendError, Bus, BusError};
-use slipway_core::events::{EventData, StageStarted};
-use slipway_core::sim::Sim;
 use slipway_core::testing::TestNats;
-use slipway_core::{Event, ids};
+use slipway_domain::events::{EventData, StageStarted};
+use slipway_domain::sim::Sim;
+use slipway_domain::{Event, ids};
 
 const SPEC: &str = "[pipeline]\nname = \"p\"\n[build]\ncommand = [\"true\"]\n";
 
@@ -178,7 +178,7 @@ async fn direct_reads_page_through_a_long_run_and_equal_a_consumer_read() {
     let by_consumer = bus.run_log(&long).await.unwrap();
     assert_eq!(by_consumer.len(), n + 1);
     let direct = bus
-        .read_direct(&slipway_core::subjects::run(&long), 1)
+        .read_direct(&slipway_domain::subjects::run(&long), 1)
         .await
         .unwrap();
     assert_eq!(summary(&direct), summary(&by_consumer));
@@ -196,14 +196,14 @@ async fn direct_reads_page_through_a_long_run_and_equal_a_consumer_read() {
     // From a later sequence, and for a run that has no events.
     let from = by_consumer[1500].seq;
     let tail = bus
-        .read_direct(&slipway_core::subjects::run(&long), from)
+        .read_direct(&slipway_domain::subjects::run(&long), from)
         .await
         .unwrap();
     assert_eq!(summary(&tail), summary(&by_consumer[1500..]));
     let short_log = bus.run_log_through(&short, 0).await.unwrap();
     assert_eq!(short_log.len(), n.div_ceil(500));
     assert!(
-        bus.read_direct(&slipway_core::subjects::run(&ids::random()), 1)
+        bus.read_direct(&slipway_domain::subjects::run(&ids::random()), 1)
             .await
             .unwrap()
             .is_empty()
@@ -213,7 +213,7 @@ async fn direct_reads_page_through_a_long_run_and_equal_a_consumer_read() {
 #[tokio::test]
 async fn what_is_live_follows_deploys_appended_after_the_first_lookup() {
     use slipway_core::baseline::live_version;
-    use slipway_core::events::{DeploySucceeded, ObjectRef};
+    use slipway_domain::events::{DeploySucceeded, ObjectRef};
     let nats = TestNats::start();
     let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
     bus.ensure_stream().await.unwrap();

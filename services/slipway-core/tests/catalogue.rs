@@ -8,13 +8,13 @@ use std::path::PathBuf;
 
 use chrono::{TimeZone, Utc};
 use serde_json::{Value, json};
-use slipway_core::events::{
+use slipway_domain::events::{
     CATALOGUE, ChangeRejected, ChangeSubmitted, Check, EventData, IncidentOpened, RunEnded,
     SourceRef, Verdict,
 };
-use slipway_core::sim::{Answer, Sim};
-use slipway_core::spec::PipelineSpec;
-use slipway_core::{Event, Phase, decide::run_ended, ids};
+use slipway_domain::sim::{Answer, Sim};
+use slipway_domain::spec::PipelineSpec;
+use slipway_domain::{Event, Phase, decide::run_ended, ids};
 
 fn root() -> PathBuf {
     slipway_core::testing::workspace_root()
@@ -74,7 +74,7 @@ fn examples() -> BTreeMap<&'static str, Event> {
             "production".into(),
             (
                 "support-bot-3f2a9c1b7d20".into(),
-                slipway_core::sim::artifact("old"),
+                slipway_domain::sim::artifact("old"),
             ),
         );
     };
@@ -325,7 +325,7 @@ fn asyncapi() -> String {
     let mut operations = serde_json::Map::new();
     let mut messages = serde_json::Map::new();
     for e in CATALOGUE {
-        let (noun, verb) = slipway_core::events::type_parts(e.type_name).unwrap();
+        let (noun, verb) = slipway_domain::events::type_parts(e.type_name).unwrap();
         let (key, address, params) = match (noun, verb) {
             ("change", "submitted") => (
                 "changes".to_string(),
@@ -402,7 +402,7 @@ fn asyncapi() -> String {
             .to_string();
         let file = path.file_name().unwrap().to_string_lossy().to_string();
         let msg = ty.replace(['.', '-'], "_");
-        let taken = slipway_core::cdevents::ACCEPTED
+        let taken = slipway_domain::cdevents::ACCEPTED
             .iter()
             .any(|a| ty.starts_with(a));
         messages.insert(
@@ -440,7 +440,7 @@ fn asyncapi() -> String {
             channels["changes"]["messages"][&msg] = msg_ref;
             continue;
         }
-        let (_, subject, predicate, _) = slipway_core::cdevents::type_parts(&ty).unwrap();
+        let (_, subject, predicate, _) = slipway_domain::cdevents::type_parts(&ty).unwrap();
         let key = format!("cdevents_{}_{predicate}", subject.replace('-', "_"));
         channels.insert(
             key.clone(),
@@ -463,7 +463,7 @@ fn asyncapi() -> String {
         "info": {
             "title": "Slipway event log",
             "version": "1.0.0",
-            "description": "Every event of the JetStream stream SLIPWAY: CloudEvents 1.0 in binary content mode on NATS (attributes as ce-* headers, data as the payload); and the CDEvents (v0.5) runs emit on cdevents.> (core NATS) or that are taken as changes. Generated from services/slipway-core/src/events.rs and schemas/cdevents by the catalogue test; do not edit by hand."
+            "description": "Every event of the JetStream stream SLIPWAY: CloudEvents 1.0 in binary content mode on NATS (attributes as ce-* headers, data as the payload); and the CDEvents (v0.5) runs emit on cdevents.> (core NATS) or that are taken as changes. Generated from services/slipway-domain/src/events.rs and schemas/cdevents by the catalogue test; do not edit by hand."
         },
         "defaultContentType": "application/json",
         "servers": {"local": {"host": "127.0.0.1:4222", "protocol": "nats", "description": "slipway up's nats-server"}},

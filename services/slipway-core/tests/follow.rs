@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use slipway_core::baseline::{live_version, live_version_as_of};
 use slipway_core::bus::Bus;
-use slipway_core::events::{EventData, StageKind};
 use slipway_core::follow::RunsInFlight;
-use slipway_core::sim::Sim;
-use slipway_core::spec::NOOP_PIPELINE;
 use slipway_core::testing::TestNats;
-use slipway_core::{Event, Run};
+use slipway_domain::events::{EventData, StageKind};
+use slipway_domain::sim::Sim;
+use slipway_domain::spec::NOOP_PIPELINE;
+use slipway_domain::{Event, Run};
 use tokio_util::sync::CancellationToken;
 
 async fn reached(view: &RunsInFlight, seq: u64) {

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use slipway_core::bus::Bus;
-use slipway_core::events::ObjectRef;
 use slipway_core::objects::{self, DIRECT_PAGE_CHUNKS};
 use slipway_core::testing::TestNats;
+use slipway_domain::events::ObjectRef;
 
 /// The client's default chunk size.
 const CHUNK: usize = 128 * 1024;

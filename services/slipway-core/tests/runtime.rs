@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use slipway_core::bus::Bus;
-use slipway_core::events::{BuildSucceeded, EventData, StageKind};
 use slipway_core::runtime::{
     CancellationToken, Job, Transient, Worker, WorkerSettings, run_worker,
 };
-use slipway_core::sim::{Sim, artifact};
 use slipway_core::testing::TestNats;
+use slipway_domain::events::{BuildSucceeded, EventData, StageKind};
+use slipway_domain::sim::{Sim, artifact};
 
 const SPEC: &str = "[pipeline]\nname = \"p\"\n[build]\ncommand = [\"true\"]\ntimeout_secs = 60\n";
 
@@ -341,7 +341,7 @@ impl Worker for ExclusiveWorker {
         true
     }
 
-    fn may_resume(&self, _run: &slipway_core::Run, _request: &slipway_core::Event) -> bool {
+    fn may_resume(&self, _run: &slipway_domain::Run, _request: &slipway_domain::Event) -> bool {
         self.idempotent
     }
 
@@ -471,12 +471,12 @@ async fn a_run_cancelled_while_its_job_drains_stops_the_job_with_or_without_its_
         // The worker is told to stop and drains its job; then the run is cancelled.
         shutdown.cancel();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let cancel = slipway_core::Event::new(
+        let cancel = slipway_domain::Event::new(
             "cancel-1",
             "/slipway/cli",
             Some(run.clone()),
             slipway_core::bus::now(),
-            EventData::RunCancelled(slipway_core::events::RunEnded {
+            EventData::RunCancelled(slipway_domain::events::RunEnded {
                 reason: "wrong branch".into(),
                 stage: None,
                 by: Some("test".into()),

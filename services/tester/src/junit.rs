@@ -6,7 +6,7 @@
 
 use quick_xml::Reader;
 use quick_xml::events::{BytesStart, Event};
-use slipway_core::events::{CaseStatus, TestCase, TestSummary};
+use slipway_domain::events::{CaseStatus, TestCase, TestSummary};
 
 /// At most this many cases go into the event (failing ones first), so a suite's fact stays
 /// well below NATS's message size limit; the summary still counts every case.

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::Config;
-use slipway_core::events::{CaseStatus, EventData, StageKind, TestReport, TestRequested};
 use slipway_core::exec::{self, Cmd, ExecSettings};
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
 use slipway_core::workspace::{self, Workspace};
+use slipway_domain::events::{CaseStatus, EventData, StageKind, TestReport, TestRequested};
 
 /// Runs the tester until `shutdown`.
 ///

@@ -24,7 +24,7 @@ use serde_json::{Map, Value, json};
 
 use crate::envelope::Event;
 use crate::events::{CaseStatus, EventData, ObjectRef, Verdict};
-use crate::fold::{Phase, Run};
+use crate::run::{Phase, Run};
 
 /// The CDEvents context `specversion` emitted.
 pub const SPEC_VERSION: &str = "0.5.0";

@@ -277,7 +277,7 @@ impl Sim {
             && kind != StageKind::Approval
         {
             if let Some(started) =
-                crate::runtime::started_data(data.type_name(), &stage, attempt, "sim")
+                crate::facts::started_data(data.type_name(), &stage, attempt, "sim")
             {
                 self.fact(started);
             }

@@ -105,8 +105,8 @@ pub fn requests_any(spec: &PipelineSpec, kinds: &[StageKind]) -> bool {
 /// Whether a request for `key` is in plan order: every step before the stage's own has
 /// succeeded (a rollback: its environment's monitor failed). A request out of order is not
 /// the conductor's and is ignored by `fold`, so it can never become a stage attempt.
-pub fn in_order(run: &crate::fold::Run, key: &str) -> bool {
-    use crate::fold::StageStatus;
+pub fn in_order(run: &crate::run::Run, key: &str) -> bool {
+    use crate::run::StageStatus;
     let status = |k: &str| run.stage(k).map(|s| s.status);
     if let Some(env) = key.strip_prefix("rollback:") {
         return status(&StageKind::Monitor.key(Some(env))) == Some(StageStatus::Failed);

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 
-use crate::fold::{Phase, Run, StageStatus};
+use crate::run::{Phase, Run, StageStatus};
 
 /// The five measures for one scope (a pipeline, or all of them).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

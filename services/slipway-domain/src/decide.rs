@@ -14,16 +14,16 @@ use crate::events::{
     EnvironmentRef, EvaluateRequested, EventData, GateSummary, MonitorRequested, ObjectRef,
     PerfRequested, RunEnded, StageKind, TestRequested, Verdict,
 };
-use crate::fold::{Phase, Run, StageState, StageStatus};
 use crate::ids;
 use crate::plan::{Step, approval_key, plan};
+use crate::run::{Phase, Run, StageState, StageStatus};
 use crate::spec::{AutoApprove, PipelineSpec};
 
 /// Stage attempts start at 1; a retry policy would raise it.
 pub const FIRST_ATTEMPT: u32 = 1;
 
 /// The approver name of an approval the policy granted without a human.
-pub const POLICY_APPROVER: &str = "slipway:policy";
+pub use crate::run::POLICY_APPROVER;
 
 /// A decision about one run.
 #[derive(Debug, Clone, PartialEq)]

@@ -333,10 +333,11 @@ fn nothing_changes_an_ended_run() {
     sim.run_to_end();
     let before = sim.run().clone();
     // A late fact and a second end are ignored.
-    let late = crate::runtime::fact(
+    let late = crate::facts::fact(
         "tester",
         &sim.run_id,
         EventData::stage_failure(StageKind::Test, "test:unit", 1, "late".into()),
+        sim.now,
     );
     sim.push(late);
     let after = sim.run();
@@ -510,14 +511,14 @@ fn a_runs_end_ends_every_stage_that_had_not_ended() {
     sim.script.insert("test:unit".into(), Answer::Silent);
     sim.script.insert("test:e2e".into(), Answer::Silent);
     sim.run_to_end();
-    let started = crate::runtime::started_data(
+    let started = crate::facts::started_data(
         "dev.slipway.test.requested.v1",
         "test:unit",
         FIRST_ATTEMPT,
         "tester-1",
     )
     .unwrap();
-    sim.push(crate::runtime::fact("tester", &sim.run_id, started));
+    sim.push(crate::facts::fact("tester", &sim.run_id, started, sim.now));
     assert_eq!(
         sim.run().stage("test:unit").unwrap().status,
         StageStatus::Running
@@ -557,10 +558,11 @@ fn a_runs_end_ends_every_stage_that_had_not_ended() {
     }
     assert_eq!(run.to_json()["stages"][1]["status"], "cancelled");
     // The worker's late fact changes nothing, and replay agrees with the live fold.
-    let late = crate::runtime::fact(
+    let late = crate::facts::fact(
         "tester",
         &sim.run_id,
         EventData::stage_failure(StageKind::Test, "test:unit", 1, "the run ended".into()),
+        sim.now,
     );
     sim.push(late);
     assert_eq!(sim.run().stages, run.stages);

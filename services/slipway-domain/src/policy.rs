@@ -6,11 +6,23 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Duration, Utc};
 
-use crate::decide::POLICY_APPROVER;
 use crate::events::{StageKind, Verdict};
-use crate::fold::{Run, StageStatus};
 use crate::plan::planned_stages;
+use crate::run::POLICY_APPROVER;
+use crate::run::{Run, StageStatus};
 use crate::spec::{ApprovalPolicy, AutoApprove};
+
+/// Someone who may approve (from the gateway's configuration): only the sha256 of their token
+/// is stored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approver {
+    pub name: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Lower-case hex sha256 of the bearer token (`printf %s TOKEN | sha256sum`).
+    pub token_sha256: String,
+}
 
 /// Why an approver may not decide on a run, if they may not.
 ///
@@ -65,7 +77,7 @@ pub fn deploy_refusal(
     run: &Run,
     environment: &str,
     now: DateTime<Utc>,
-    approvers: Option<&[crate::config::Approver]>,
+    approvers: Option<&[Approver]>,
     key: Option<&crate::signing::PublicKey>,
 ) -> Option<String> {
     let Some(env) = run.spec.environment(environment) else {
@@ -197,7 +209,7 @@ mod tests {
             None
         );
         // Against a registry, only configured approvers count, with their configured groups.
-        let registry = vec![crate::config::Approver {
+        let registry = vec![Approver {
             name: "approver-0".into(),
             groups: vec!["release-managers".into()],
             token_sha256: String::new(),

@@ -50,6 +50,26 @@ pub struct ChangeSubmitted {
     pub rerun_of: Option<String>,
 }
 
+impl ChangeSubmitted {
+    /// What makes a change deliverable, checked alike where it comes in (the gateway answers
+    /// `400`) and where it becomes a run (the conductor records `change.rejected`): its spec,
+    /// and a directory source given as an absolute path.
+    ///
+    /// # Errors
+    /// What is wrong, naming the field.
+    pub fn validate(&self) -> Result<crate::spec::PipelineSpec, String> {
+        let spec = crate::spec::PipelineSpec::parse(&self.spec).map_err(|e| e.to_string())?;
+        if let SourceRef::Directory { path } = &self.source
+            && !std::path::Path::new(path).is_absolute()
+        {
+            return Err(format!(
+                "data.source.path: {path:?} must be an absolute path"
+            ));
+        }
+        Ok(spec)
+    }
+}
+
 /// `dev.slipway.change.rejected.v1` on `slipway.intake.rejected`: a change that made no run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ChangeRejected {
@@ -881,6 +901,23 @@ mod tests {
             assert!(!noun.is_empty() && !verb.is_empty());
             assert!(e.type_name.ends_with(".v1"));
         }
+    }
+
+    #[test]
+    fn a_change_is_validated_once_for_every_door() {
+        let change = |spec: &str, path: &str| ChangeSubmitted {
+            spec: spec.into(),
+            source: SourceRef::Directory { path: path.into() },
+            author: None,
+            title: None,
+            rerun_of: None,
+        };
+        let good = "[pipeline]\nname = \"p\"\n[build]\ncommand = [\"make\"]\n";
+        assert_eq!(change(good, "/srv/p").validate().unwrap().pipeline.name, "p");
+        let e = change(good, "srv/p").validate().unwrap_err();
+        assert_eq!(e, "data.source.path: \"srv/p\" must be an absolute path");
+        let e = change("[pipeline]\nname = \"p\"\n", "/srv/p").validate().unwrap_err();
+        assert!(e.contains("build"), "{e}");
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::events::StageKind;
-use crate::fold::{Phase, Run, StageState, StageStatus};
+use crate::run::{Phase, Run, StageState, StageStatus};
 
 /// A result and, when it was an error, its class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,9 +233,9 @@ mod tests {
         assert_eq!(run(sim.run()), None, "still running");
         assert_eq!(run_state(sim.run()), Some("pending"));
         let started =
-            crate::runtime::started_data("dev.slipway.build.requested.v1", "build", 1, "b-1")
+            crate::facts::started_data("dev.slipway.build.requested.v1", "build", 1, "b-1")
                 .unwrap();
-        sim.push(crate::runtime::fact("builder", &sim.run_id, started));
+        sim.push(crate::facts::fact("builder", &sim.run_id, started, sim.now));
         assert_eq!(run_state(sim.run()), Some("executing"));
         assert_eq!(task(sim.run(), sim.run().stage("build").unwrap()), None);
     }

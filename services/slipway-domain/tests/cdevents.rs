@@ -5,10 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Value, json};
-use slipway_core::cdevents::{self, for_event, parse_incoming};
-use slipway_core::events::{CaseStatus, Check, EventData, IncidentOpened, TestCase};
-use slipway_core::sim::{Answer, Sim, artifact};
-use slipway_core::{Event, fold};
+use slipway_domain::cdevents::{self, for_event, parse_incoming};
+use slipway_domain::events::{CaseStatus, Check, EventData, IncidentOpened, TestCase};
+use slipway_domain::sim::{Answer, Sim, artifact};
+use slipway_domain::{Event, fold};
 
 const FULL: &str = include_str!("../../../schemas/examples/full-pipeline.toml");
 
