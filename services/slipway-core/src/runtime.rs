@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::bus::{Bus, BusError};
+use slipway_domain::admission::{Admission, admit};
 use slipway_domain::envelope::Event;
 use slipway_domain::events::{EventData, StageKind};
 use slipway_domain::fold::Run;
@@ -351,7 +352,7 @@ impl<W: Worker> Ctx<W> {
         let subject = msg.subject.to_string();
         let Some((run_id, noun, _)) = subjects::parse_run(&subject) else {
             warn!(service, %subject, "Request on an unexpected subject; terminating it.");
-            let _ = msg.ack_with(AckKind::Term).await;
+            answer(&self.bus, &msg, delivered, Reply::Refuse).await;
             return;
         };
         let run_id = run_id.to_string();
@@ -372,14 +373,14 @@ impl<W: Worker> Ctx<W> {
                         stored.span_from_log(&self.bus, &run_id);
                     }
                 } else {
-                    let _ = msg.ack_with(AckKind::Term).await;
+                    answer(&self.bus, &msg, delivered, Reply::Refuse).await;
                 }
                 return;
             }
         };
         let Some((stage, attempt, _)) = request.data.stage_fact() else {
             warn!(service, %run_id, "Request event is not a stage request; terminating it.");
-            let _ = msg.ack_with(AckKind::Term).await;
+            answer(&self.bus, &msg, delivered, Reply::Refuse).await;
             return;
         };
         let (stage, attempt) = (stage.to_string(), attempt);
@@ -442,59 +443,36 @@ impl<W: Worker> Ctx<W> {
                 }
                 Err(e) => {
                     warn!(error = %e, "Cannot read the run's log; retrying later.");
-                    self.nak(&msg, delivered).await;
+                    answer(&self.bus, &msg, delivered, Reply::Retry).await;
                     return None;
                 }
             },
         };
-        let Some(run) = run else {
-            warn!("Request for a run that does not exist; terminating it.");
-            let _ = msg.ack_with(AckKind::Term).await;
-            return None;
-        };
-        if run.is_ended() {
-            info!(
-                phase = run.phase.as_str(),
-                "Run already ended; skipping the request."
-            );
-            let _ = self.bus.ack_confirmed(&msg).await;
-            return None;
-        }
-        let mut resumed = false;
-        match run.stage(&stage) {
-            Some(s)
-                if self.worker.exclusive()
-                    && s.attempt == attempt
-                    && s.status == slipway_domain::fold::StageStatus::Running
-                    && self.worker.may_resume(&run, &request) =>
-            {
+        let exclusive = self.worker.exclusive();
+        let admitted = admit(run.as_ref(), &stage, attempt, exclusive, |run| {
+            self.worker.may_resume(run, &request)
+        });
+        let resumed = match admitted {
+            Admission::Work => false,
+            Admission::Resume => {
                 // Idempotent work whose first try never reported: run it again, same key.
-                warn!(worker = ?s.worker, "Stage started by an earlier delivery that never reported; the work is idempotent, so it runs again.");
-                resumed = true;
+                warn!(
+                    "Stage started by an earlier delivery that never reported; the work is idempotent, so it runs again."
+                );
+                true
             }
-            Some(s)
-                if self.worker.exclusive()
-                    && s.attempt == attempt
-                    && s.status == slipway_domain::fold::StageStatus::Running =>
-            {
-                // An earlier delivery started it and never reported: it may have run. Never
-                // run it twice; the conductor's stage timeout ends it, saying so.
-                warn!(worker = ?s.worker, "Stage already started by an earlier delivery; not repeating it.");
-                let _ = self.bus.ack_confirmed(&msg).await;
+            Admission::Skip(why) => {
+                info!(?why, "Nothing to do for the request; skipping it.");
+                answer(&self.bus, &msg, delivered, Reply::Done).await;
                 return None;
             }
-            Some(s) if s.attempt == attempt && !s.status.is_terminal() => {}
-            Some(s) => {
-                info!(status = ?s.status, "Stage attempt already settled; skipping the request.");
-                let _ = self.bus.ack_confirmed(&msg).await;
+            Admission::NoRun => {
+                warn!("Request for a run that does not exist; terminating it.");
+                answer(&self.bus, &msg, delivered, Reply::Refuse).await;
                 return None;
             }
-            None => {
-                info!("Stage not in the run's log; skipping the request.");
-                let _ = self.bus.ack_confirmed(&msg).await;
-                return None;
-            }
-        }
+        };
+        let run = run.expect("admitted requests have a run");
         let job = Job {
             run_id: run_id.clone(),
             stage: stage.clone(),
@@ -524,21 +502,19 @@ impl<W: Worker> Ctx<W> {
         let mut started_seq = None;
         if resumed {
             // The started fact is already in the log.
-        } else if self.worker.exclusive() {
+        } else if exclusive {
             // Exactly one delivery starts: the append expects the log as just read.
             match self.bus.append(&started, &run_id, last_seq).await {
                 Ok(a) if !a.duplicate => started_seq = Some(a.seq),
                 Ok(_) | Err(crate::bus::AppendError::Conflict { .. }) => {
                     // Another delivery started it, or the run moved on: look again later.
                     info!("Start not won; the request is looked at again.");
-                    let _ = msg
-                        .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                        .await;
+                    answer(&self.bus, &msg, delivered, Reply::Later(START_LOST)).await;
                     return None;
                 }
                 Err(crate::bus::AppendError::Bus(e)) => {
                     warn!(error = %e, "Cannot publish the started fact; retrying later.");
-                    self.nak(&msg, delivered).await;
+                    answer(&self.bus, &msg, delivered, Reply::Retry).await;
                     return None;
                 }
             }
@@ -547,7 +523,7 @@ impl<W: Worker> Ctx<W> {
                 Ok(a) => started_seq = Some(a.seq),
                 Err(e) => {
                     warn!(error = %e, "Cannot publish the started fact; retrying later.");
-                    self.nak(&msg, delivered).await;
+                    answer(&self.bus, &msg, delivered, Reply::Retry).await;
                     return None;
                 }
             }
@@ -567,16 +543,14 @@ impl<W: Worker> Ctx<W> {
             // Well inside ack_wait, whatever it is.
             let every =
                 Duration::from_millis((self.settings.ack_wait_secs.max(1) * 1000 / 3).max(100));
-            let reply = msg.reply.clone();
-            let client = self.bus.client().clone();
+            let (bus, msg) = (self.bus.clone(), msg.clone());
             let guard = guard.clone();
             tokio::spawn(async move {
-                let Some(reply) = reply else { return };
                 loop {
                     tokio::select! {
                         _ = guard.cancelled() => return,
                         _ = tokio::time::sleep(every) => {
-                            let _ = client.publish(reply.clone(), "+WPI".into()).await;
+                            answer(&bus, &msg, delivered, Reply::Progress).await;
                         }
                     }
                 }
@@ -631,7 +605,7 @@ impl<W: Worker> Ctx<W> {
         );
         if self.jobs_cancel.is_cancelled() && !succeeded {
             // Shutting down cut the work short: leave the request to a replica or our restart.
-            let _ = msg.ack_with(AckKind::Nak(None)).await;
+            answer(&self.bus, &msg, delivered, Reply::Release).await;
             return None;
         }
         match result {
@@ -739,7 +713,7 @@ impl<W: Worker> Ctx<W> {
             }
         } else {
             warn!(error = %e, "Transient failure; the request will be retried.");
-            self.nak(msg, job.delivered).await;
+            answer(&self.bus, msg, job.delivered, Reply::Retry).await;
         }
     }
 
@@ -761,9 +735,7 @@ impl<W: Worker> Ctx<W> {
             match self.bus.publish(&event).await {
                 Ok(a) => {
                     let at = std::time::SystemTime::now();
-                    if let Err(e) = self.bus.ack_confirmed(msg).await {
-                        warn!(error = %e, "Ack failed; a redelivery will find the fact in the log.");
-                    }
+                    answer(&self.bus, msg, 0, Reply::Done).await;
                     return (!a.duplicate).then_some(Stored {
                         seq: a.seq,
                         at,
@@ -778,17 +750,63 @@ impl<W: Worker> Ctx<W> {
             }
         }
         // Not acknowledged: the request comes back and the work is checked against the log.
-        let _ = msg
-            .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-            .await;
+        answer(&self.bus, msg, 0, Reply::Later(UNPUBLISHED)).await;
         None
     }
+}
 
-    async fn nak(&self, msg: &jetstream::Message, delivered: i64) {
-        let secs = 1u64 << delivered.clamp(0, 6);
-        let _ = msg
-            .ack_with(AckKind::Nak(Some(Duration::from_secs(secs.min(60)))))
-            .await;
+/// How long a delivery whose start another delivery won waits before it is looked at again.
+const START_LOST: Duration = Duration::from_millis(500);
+/// How long a request whose fact could not be stored waits before it comes back.
+const UNPUBLISHED: Duration = Duration::from_secs(5);
+
+/// What a worker answers the server about a delivered request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    /// Done with it (its fact is stored, or there is nothing to do): acknowledged, and the
+    /// server's confirmation awaited, so a redelivery only follows a lost ack.
+    Done,
+    /// A transient failure: delivered again after a backoff that grows with the deliveries.
+    Retry,
+    /// Delivered again after this long.
+    Later(Duration),
+    /// Given back now, for a replica or this worker's restart (shutting down).
+    Release,
+    /// Still being worked on: the server's ack wait starts again.
+    Progress,
+    /// Never deliverable (not a request, or for a run that does not exist): terminated.
+    Refuse,
+}
+
+impl Reply {
+    /// The acknowledgement this reply sends, for a request delivered `delivered` times.
+    fn ack(self, delivered: i64) -> AckKind {
+        match self {
+            Reply::Done => AckKind::Ack,
+            Reply::Retry => {
+                let secs = 1u64 << delivered.clamp(0, 6);
+                AckKind::Nak(Some(Duration::from_secs(secs.min(60))))
+            }
+            Reply::Later(after) => AckKind::Nak(Some(after)),
+            Reply::Release => AckKind::Nak(None),
+            Reply::Progress => AckKind::Progress,
+            Reply::Refuse => AckKind::Term,
+        }
+    }
+}
+
+/// The one place a worker's reply becomes an acknowledgement. A failed ack is only logged: the
+/// request then comes back, and its redelivery is checked against the log.
+async fn answer(bus: &Bus, msg: &jetstream::Message, delivered: i64, reply: Reply) {
+    let sent = match reply {
+        Reply::Done => bus.ack_confirmed(msg).await.map_err(|e| e.to_string()),
+        other => msg
+            .ack_with(other.ack(delivered))
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    if let Err(error) = sent {
+        warn!(%error, ?reply, "The reply to the request did not reach the server.");
     }
 }
 
@@ -909,4 +927,23 @@ async fn spawn_max_deliveries_listener(
         }
     });
     Ok(handle.abort_handle())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_reply_maps_to_one_acknowledgement() {
+        let ack = |r: Reply, d| format!("{:?}", r.ack(d));
+        assert_eq!(ack(Reply::Done, 1), "Ack");
+        assert_eq!(ack(Reply::Refuse, 1), "Term");
+        assert_eq!(ack(Reply::Progress, 3), "Progress");
+        assert_eq!(ack(Reply::Release, 2), "Nak(None)");
+        assert_eq!(ack(Reply::Later(START_LOST), 9), "Nak(Some(500ms))");
+        // A transient failure backs off with the deliveries, up to a minute.
+        assert_eq!(ack(Reply::Retry, 1), "Nak(Some(2s))");
+        assert_eq!(ack(Reply::Retry, 3), "Nak(Some(8s))");
+        assert_eq!(ack(Reply::Retry, 40), "Nak(Some(60s))");
+    }
 }

@@ -75,7 +75,10 @@ mod tests {
         sim.script.insert("test:unit".into(), Answer::Silent);
         sim.run_to_end();
         let run = sim.run().clone();
-        assert_eq!(admit(Some(&run), "test:unit", 1, false, no), Admission::Work);
+        assert_eq!(
+            admit(Some(&run), "test:unit", 1, false, no),
+            Admission::Work
+        );
         assert_eq!(
             admit(Some(&run), "build", 1, false, no),
             Admission::Skip(Skip::Settled(StageStatus::Succeeded))
@@ -95,12 +98,18 @@ mod tests {
                 .unwrap();
         sim.push(crate::facts::fact("tester", &sim.run_id, started, sim.now));
         let run = sim.run().clone();
-        assert_eq!(admit(Some(&run), "test:unit", 1, false, no), Admission::Work);
+        assert_eq!(
+            admit(Some(&run), "test:unit", 1, false, no),
+            Admission::Work
+        );
         assert_eq!(
             admit(Some(&run), "test:unit", 1, true, no),
             Admission::Skip(Skip::StartedElsewhere)
         );
-        assert_eq!(admit(Some(&run), "test:unit", 1, true, |_| true), Admission::Resume);
+        assert_eq!(
+            admit(Some(&run), "test:unit", 1, true, |_| true),
+            Admission::Resume
+        );
         // Ended: nothing more.
         let end = crate::decide::Command::Finish {
             outcome: Phase::Cancelled,

@@ -913,10 +913,15 @@ mod tests {
             rerun_of: None,
         };
         let good = "[pipeline]\nname = \"p\"\n[build]\ncommand = [\"make\"]\n";
-        assert_eq!(change(good, "/srv/p").validate().unwrap().pipeline.name, "p");
+        assert_eq!(
+            change(good, "/srv/p").validate().unwrap().pipeline.name,
+            "p"
+        );
         let e = change(good, "srv/p").validate().unwrap_err();
         assert_eq!(e, "data.source.path: \"srv/p\" must be an absolute path");
-        let e = change("[pipeline]\nname = \"p\"\n", "/srv/p").validate().unwrap_err();
+        let e = change("[pipeline]\nname = \"p\"\n", "/srv/p")
+            .validate()
+            .unwrap_err();
         assert!(e.contains("build"), "{e}");
     }
 
