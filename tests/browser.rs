@@ -41,7 +41,7 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 impl Browser {
     async fn start(driver: &Path, chromium: &Path) -> Self {
-        let port = slipway_core::server::free_port();
+        let port = slipway_core::exec::server::free_port();
         // Its own process group, so a failing test takes chromium down with it (see Drop).
         let child = Command::new(driver)
             .arg(format!("--port={port}"))

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use slipway_core::server::{NatsProcess, free_port};
+use slipway_core::exec::server::{NatsProcess, free_port};
 use slipway_domain::Event;
 use slipway_domain::events::EventData;
 use slipway_e2e::{Stack, bin_dir, hello_example, project};
@@ -221,7 +221,7 @@ fn slipway_up_is_secure_by_default_runs_the_example_and_ctrl_c_stops_everything(
     for (service, user) in &users {
         assert_eq!(
             user,
-            slipway_core::credentials::nats_user_of(service),
+            slipway_core::config::credentials::nats_user_of(service),
             "{service}"
         );
     }

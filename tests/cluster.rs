@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use slipway_core::bus::{Bus, NatsSettings};
-use slipway_core::server::{NatsProcess, free_port};
+use slipway_core::exec::server::{NatsProcess, free_port};
 use slipway_core::testing::nats_binary;
 use slipway_e2e::{bin_dir, project};
 

@@ -209,7 +209,7 @@ async fn raw_cloudevents_in_both_modes_become_runs_and_repeats_make_one_run() {
                 .as_deref()
                 .unwrap_or_else(|| panic!("{} has no traceparent", e.type_name()));
             assert_eq!(
-                slipway_core::trace::parse(tp).unwrap().0,
+                slipway_core::telemetry::trace::parse(tp).unwrap().0,
                 trace,
                 "{}",
                 e.type_name()
@@ -487,9 +487,12 @@ async fn builder_killed_mid_build_is_redelivered_and_makes_one_artifact() {
         1,
         "a repeated start is a duplicate"
     );
-    let artifacts = slipway_core::objects::list(&bus, "slipway-artifacts")
-        .await
-        .unwrap();
+    let artifacts = slipway_core::store::objects::list(
+        &slipway_core::store::objects::Objects::new(&bus),
+        "slipway-artifacts",
+    )
+    .await
+    .unwrap();
     assert_eq!(artifacts.len(), 1, "{artifacts:?}");
     stack.assert_replay_matches(&run);
 }
@@ -709,7 +712,7 @@ async fn a_run_whose_first_event_cannot_be_read_is_reported_with_its_place_not_d
 /// Publishes `event` as a newer release would write it: its data with `extra` fields this
 /// release's types do not have (binary mode, its id as the message id).
 async fn publish_from_a_newer_release(client: &async_nats::Client, event: &Event, extra: Value) {
-    let (headers, payload) = slipway_core::binding::encode(event.to_cloudevent());
+    let (headers, payload) = slipway_core::bus::binding::encode(event.to_cloudevent());
     let mut data: Value = serde_json::from_slice(&payload).unwrap();
     for (k, v) in extra.as_object().unwrap() {
         data[k] = v.clone();

@@ -37,7 +37,7 @@ fn model_server_binary(dir: &Path) -> PathBuf {
 }
 
 fn start_model(bin: &Path, dir: &Path, conf: &str) -> ModelServer {
-    let port = slipway_core::server::free_port();
+    let port = slipway_core::exec::server::free_port();
     let conf_path = dir.join(format!("model-{port}.conf"));
     std::fs::write(&conf_path, conf).unwrap();
     let child = Command::new(bin)
@@ -181,7 +181,7 @@ async fn the_evaluation_gate_scores_blocks_and_fails_fast() {
     );
 
     // An unreachable model: a clear failure, long before the stage's timeout.
-    let closed = slipway_core::server::free_port();
+    let closed = slipway_core::exec::server::free_port();
     let run = run_with(&stack, "unreachable", closed);
     let status = stack.wait_phase(&run, "failed", LONG);
     let reason = status["reason"].as_str().unwrap();

@@ -449,13 +449,13 @@ async fn record_the_demo_golden_log() {
         String::from_utf8_lossy(&out.stdout)
     );
     // The demo's server is stopped; its store is read again with its own users.
-    let creds = slipway_core::credentials::Credentials::load_or_create(
-        &slipway_core::credentials::directory(&data),
+    let creds = slipway_core::config::credentials::Credentials::load_or_create(
+        &slipway_core::config::credentials::directory(&data),
     )
     .unwrap();
     let conf = work.path().join("nats.conf");
-    slipway_core::credentials::Credentials::write_server_config(&conf).unwrap();
-    let server = slipway_core::server::NatsProcess::spawn(
+    slipway_core::config::credentials::Credentials::write_server_config(&conf).unwrap();
+    let server = slipway_core::exec::server::NatsProcess::spawn(
         &slipway_core::testing::nats_binary(),
         0,
         &data.join("nats"),

@@ -446,7 +446,10 @@ async fn grpc_export_carries_the_trace_and_an_unreachable_collector_fails_nothin
 
     // Unreachable: nothing listens on the endpoint. The run completes all the same, and the
     // services say the spans were dropped.
-    let dead = format!("http://127.0.0.1:{}", slipway_core::server::free_port());
+    let dead = format!(
+        "http://127.0.0.1:{}",
+        slipway_core::exec::server::free_port()
+    );
     let stack = Stack::start_with_env(
         BUILD_AND_TEST,
         &[

@@ -129,7 +129,7 @@ impl Stack {
             nats: TestNats::start_least_privilege(),
             services: Vec::new(),
             dir: tempfile::tempdir().expect("temp dir"),
-            gateway_port: slipway_core::server::free_port(),
+            gateway_port: slipway_core::exec::server::free_port(),
             bins: bin_dir(),
             env: env
                 .iter()
@@ -176,7 +176,7 @@ impl Stack {
             .open(self.dir.path().join(format!("{name}.log")))
             .expect("service log");
         // Each service connects as its own user, its password read from a file, as `up` does.
-        let user = slipway_core::credentials::nats_user_of(binary);
+        let user = slipway_core::config::credentials::nats_user_of(binary);
         let password_file = self
             .nats
             .password_file(user)

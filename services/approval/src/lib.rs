@@ -35,6 +35,8 @@ use crate::projection::{Notifier, Runs, SharedRuns};
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub bus: Bus,
+    /// Gate details are read from here.
+    pub objects: slipway_core::store::objects::Objects,
     pub runs: SharedRuns,
     pub approvers: Arc<Vec<Approver>>,
     /// Where a run's trace can be seen (`{trace_id}` replaced), if configured.
@@ -186,6 +188,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
     ));
     metrics::export_lag(bus.clone(), Duration::from_secs(5), shutdown.clone());
     let state = AppState {
+        objects: slipway_core::store::objects::Objects::new(&bus),
         bus,
         runs,
         approvers: Arc::new(settings.approvers.clone()),

@@ -217,7 +217,7 @@ pub async fn render_lag(bus: &slipway_core::bus::Bus) -> String {
     let _ = writeln!(
         out,
         "# HELP slipway_otel_spans_dropped_total Spans this gateway could not export.\n# TYPE slipway_otel_spans_dropped_total counter\nslipway_otel_spans_dropped_total {}",
-        slipway_core::otel::spans_dropped()
+        slipway_core::telemetry::otel::spans_dropped()
     );
     out
 }
@@ -229,7 +229,7 @@ pub fn export_lag(
     every: std::time::Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    if !slipway_core::otel::metrics_enabled() {
+    if !slipway_core::telemetry::otel::metrics_enabled() {
         return;
     }
     let latest: std::sync::Arc<std::sync::Mutex<Vec<Lag>>> = Default::default();

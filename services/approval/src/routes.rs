@@ -81,7 +81,7 @@ pub async fn post_change(
     // The HTTP caller's trace context, when the event itself carries none.
     if event.traceparent.is_none()
         && let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok())
-        && slipway_core::trace::parse(tp).is_some()
+        && slipway_core::telemetry::trace::parse(tp).is_some()
     {
         event.traceparent = Some(tp.to_string());
         event.tracestate = headers
@@ -161,7 +161,7 @@ async fn post_cdevent(
                 ce.set_data("application/json", json);
                 ce.set_dataschema(schema);
             }
-            slipway_core::binding::encode(ce)
+            slipway_core::bus::binding::encode(ce)
         }
         None => {
             let mut h = async_nats::HeaderMap::new();
@@ -349,7 +349,7 @@ pub async fn gate_details(
     let obj = gate.details.clone().ok_or_else(|| {
         ApiError::NotFound(format!("the {stage} gate of run {id} stored no details"))
     })?;
-    let buf = slipway_core::objects::read(&state.bus, &obj.bucket, &obj.name)
+    let buf = slipway_core::store::objects::read(&state.objects, &obj.bucket, &obj.name)
         .await
         .map_err(|e| ApiError::Unavailable(format!("cannot read {}: {e}", obj.name)))?;
     let v: serde_json::Value = serde_json::from_slice(&buf)
@@ -532,14 +532,14 @@ pub async fn post_approval(
                 // appended it to emit, once its publishing is over.
                 if !a.duplicate
                     && let Some(after) = slipway_domain::fold(Some(run), &event)
-                    && let Some(span) = slipway_core::otel::stage_span(
+                    && let Some(span) = slipway_core::telemetry::otel::stage_span(
                         &after,
                         &stage_name,
                         stage_attempt,
                         std::time::SystemTime::now(),
                     )
                 {
-                    slipway_core::otel::emit(span);
+                    slipway_core::telemetry::otel::emit(span);
                 }
                 return Ok((
                     StatusCode::CREATED,

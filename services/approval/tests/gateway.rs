@@ -67,6 +67,7 @@ async fn gateway() -> Gw {
     ));
     let (seed, public) = slipway_domain::signing::SigningKey::generate();
     let state = AppState {
+        objects: slipway_core::store::objects::Objects::new(&bus),
         bus: bus.clone(),
         runs,
         approvers: Arc::new(vec![

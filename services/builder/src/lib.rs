@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::Config;
+use slipway_core::exec::workspace::{self, Workspace};
 use slipway_core::exec::{self, Cmd, ExecSettings};
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
-use slipway_core::workspace::{self, Workspace};
 use slipway_domain::events::{BuildRequested, BuildSucceeded, EventData, StageFailed, StageKind};
 
 /// Runs the builder until `shutdown`.
@@ -116,9 +116,14 @@ impl Builder {
         let log_name = format!("runs/{}/{}-{}.log", job.run_id, req.stage, req.attempt);
         let upload_log = async {
             let _span = scope.span("upload");
-            slipway_core::objects::put_file(&job.bus, &self.logs_bucket, Some(&log_name), &log_path)
-                .await
-                .map_err(Transient::from)
+            slipway_core::store::objects::put_file(
+                &job.objects,
+                &self.logs_bucket,
+                Some(&log_name),
+                &log_path,
+            )
+            .await
+            .map_err(Transient::from)
         };
         if !outcome.exit.success() {
             let log = upload_log.await?;
@@ -154,8 +159,8 @@ impl Builder {
             drop(pack);
             let mut upload = scope.span("upload");
             upload.attr("slipway.artifact.files", packed.files.len() as i64);
-            let artifact = slipway_core::objects::put_file(
-                &job.bus,
+            let artifact = slipway_core::store::objects::put_file(
+                &job.objects,
                 &self.artifacts_bucket,
                 None,
                 &packed.path,

@@ -137,10 +137,14 @@ async fn builds_a_git_revision_and_stores_its_artifact() {
     // The stored artifact is the first revision's file, and its digest checks out.
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("a.tar.gz");
-    slipway_core::objects::get_file(&h.bus, &ok.artifact, &archive)
-        .await
-        .unwrap();
-    slipway_core::workspace::unpack(&archive, &dir.path().join("out")).unwrap();
+    slipway_core::store::objects::get_file(
+        &slipway_core::store::objects::Objects::new(&h.bus),
+        &ok.artifact,
+        &archive,
+    )
+    .await
+    .unwrap();
+    slipway_core::exec::workspace::unpack(&archive, &dir.path().join("out")).unwrap();
     assert_eq!(
         std::fs::read_to_string(dir.path().join("out/dist/version.txt")).unwrap(),
         "v1\n"

@@ -144,7 +144,7 @@ fn judge_change(rec: &Recorded, event: &Event, subject: Option<String>) -> Verdi
     );
     // The run joins the change's trace, if it came with one; otherwise it starts its own.
     let run = ev.subject.clone().unwrap_or_default();
-    ev.traceparent = Some(slipway_core::trace::run_traceparent(
+    ev.traceparent = Some(slipway_core::telemetry::trace::run_traceparent(
         event.traceparent.as_deref(),
         &run,
     ));

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
-use slipway_core::otel;
+use slipway_core::telemetry::otel;
 use slipway_domain::fold::{StageState, StageStatus};
 use slipway_domain::{Event, Run, outcome};
 

@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use slipway_core::baseline;
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::{Config, Pricing};
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
+use slipway_core::store::baseline;
 use slipway_domain::events::{Check, CostRequested, EventData, GateReport, StageKind, Verdict};
 use slipway_domain::spec::{CostSpec, Threshold};
 use slipway_domain::thresholds;
@@ -196,7 +196,7 @@ impl CostGate {
                 return Ok(EventData::CostFailed(r));
             }
         };
-        let base = baseline::gate_baseline(&job.bus, &job.run, &req.stage).await?;
+        let base = baseline::gate_baseline(&job.deploys, &job.run, &req.stage).await?;
         let base_value = base
             .as_ref()
             .and_then(|(_, g)| g.metrics.get("cost_per_month").copied());

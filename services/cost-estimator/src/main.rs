@@ -7,7 +7,7 @@ async fn main() -> anyhow::Result<()> {
     slipway_core::telemetry::init("cost-estimator");
     let config = Config::load(config_path_from_args()?.as_deref())?;
     let shutdown = slipway_core::runtime::shutdown_on_signals();
-    let otel = slipway_core::otel::install(
+    let otel = slipway_core::telemetry::otel::install(
         "slipway-cost-estimator",
         config.gateway.public_url.as_deref(),
     );

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::Config;
+use slipway_core::exec::workspace::{self, Workspace};
 use slipway_core::exec::{self, Cmd, ExecSettings};
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
-use slipway_core::workspace::{self, Workspace};
 use slipway_domain::Event;
 use slipway_domain::decide::version_of;
 use slipway_domain::events::{
@@ -72,7 +72,7 @@ pub struct Deployer {
     pub approval_key: Option<slipway_domain::signing::PublicKey>,
 }
 
-pub use slipway_core::baseline::{Live, live_version, live_version_as_of};
+pub use slipway_core::store::baseline::{Live, live_version, live_version_as_of};
 
 fn request(job: &Job) -> Result<(&DeployRequested, bool), Transient> {
     match &job.request.data {
@@ -138,7 +138,8 @@ impl Worker for Deployer {
 
     async fn started(&self, job: &Job) -> Result<EventData, Transient> {
         let (r, rollback) = request(job)?;
-        let live = live_version_as_of(&job.bus, &job.run.pipeline, &r.environment, job.seq).await?;
+        let live =
+            live_version_as_of(&job.deploys, &job.run.pipeline, &r.environment, job.seq).await?;
         let s = DeployStarted {
             stage: r.stage.clone(),
             attempt: r.attempt,
@@ -254,8 +255,8 @@ impl Deployer {
     /// deploy tooling may be what broke).
     async fn tooling(&self, job: &Job, r: &DeployRequested, rollback: bool) -> Run {
         if rollback
-            && let Ok(Some(live)) = slipway_core::baseline::builder_of(
-                &job.bus,
+            && let Ok(Some(live)) = slipway_core::store::baseline::builder_of(
+                &job.deploys,
                 &job.run.pipeline,
                 &r.environment,
                 &r.artifact.digest,
@@ -288,7 +289,7 @@ impl Deployer {
         else {
             return fail(format!("no environment {:?} in the spec", r.environment));
         };
-        let previous = live_version_as_of(&job.bus, &job.run.pipeline, &r.environment, job.seq)
+        let previous = live_version_as_of(&job.deploys, &job.run.pipeline, &r.environment, job.seq)
             .await
             .ok()
             .flatten();
@@ -314,8 +315,10 @@ impl Deployer {
         let archive = ws.out().join("artifact.tar.gz");
         let artifact_dir = ws.root().join("artifact");
         let fetch = async {
-            if let Err(e) =
-                retried(|| slipway_core::objects::get_file(&job.bus, &r.artifact, &archive)).await
+            if let Err(e) = retried(|| {
+                slipway_core::store::objects::get_file(&job.objects, &r.artifact, &archive)
+            })
+            .await
             {
                 return Err(format!(
                     "cannot fetch the artifact {}: {e}",
@@ -388,7 +391,12 @@ impl Deployer {
         );
         // The deploy happened (or not) whatever becomes of its log: never fail it for that.
         let log = match retried(|| {
-            slipway_core::objects::put_file(&job.bus, &self.logs_bucket, Some(&log_name), &log_path)
+            slipway_core::store::objects::put_file(
+                &job.objects,
+                &self.logs_bucket,
+                Some(&log_name),
+                &log_path,
+            )
         })
         .await
         {

@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::Config;
 use slipway_core::exec::ExecSettings;
+use slipway_core::exec::workspace::Workspace;
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
-use slipway_core::workspace::Workspace;
-use slipway_core::{baseline, objects};
+use slipway_core::store::{baseline, objects};
 use slipway_domain::events::{Check, EvaluateRequested, EventData, GateReport, StageKind, Verdict};
 use slipway_domain::spec::{ModelEndpoint, Threshold, check_relative_path};
 use slipway_domain::stats::{self, Rng};
@@ -457,9 +457,9 @@ impl Evaluator {
         }
 
         // The baseline: the production version's own evaluation, with its per-item results.
-        let base = baseline::gate_baseline(&job.bus, &job.run, &req.stage).await?;
+        let base = baseline::gate_baseline(&job.deploys, &job.run, &req.stage).await?;
         let base_details: Option<Details> = baseline::details(
-            &job.bus,
+            &job.objects,
             base.as_ref().map(|(_, g)| g),
             &ws.out().join("baseline.json"),
         )
@@ -566,7 +566,7 @@ impl Evaluator {
         )
         .map_err(|e| Transient(e.to_string()))?;
         let name = format!("runs/{}/{}-{}.json", job.run_id, req.stage, req.attempt);
-        let stored = objects::put_file(&job.bus, &self.logs_bucket, Some(&name), &path).await?;
+        let stored = objects::put_file(&job.objects, &self.logs_bucket, Some(&name), &path).await?;
 
         let verdict = thresholds::overall(&checks);
         let reason = (verdict == Verdict::Fail).then(|| {
@@ -660,7 +660,7 @@ impl Evaluator {
             let (bucket, name) = rest
                 .split_once('/')
                 .ok_or("object:// paths are object://<bucket>/<name>")?;
-            let buf = objects::read(&job.bus, bucket, name)
+            let buf = objects::read(&job.objects, bucket, name)
                 .await
                 .map_err(|e| format!("object {rest}: {e}"))?;
             return String::from_utf8(buf).map_err(|_| "not UTF-8".to_string());

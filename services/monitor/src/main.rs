@@ -7,7 +7,10 @@ async fn main() -> anyhow::Result<()> {
     slipway_core::telemetry::init("monitor");
     let config = Config::load(config_path_from_args()?.as_deref())?;
     let shutdown = slipway_core::runtime::shutdown_on_signals();
-    let otel = slipway_core::otel::install("slipway-monitor", config.gateway.public_url.as_deref());
+    let otel = slipway_core::telemetry::otel::install(
+        "slipway-monitor",
+        config.gateway.public_url.as_deref(),
+    );
     let result = monitor::run(config, shutdown).await;
     otel.shutdown().await;
     result?;

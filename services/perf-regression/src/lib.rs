@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::Config;
+use slipway_core::exec::workspace::Workspace;
 use slipway_core::exec::{self, Cmd, ExecSettings};
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
-use slipway_core::workspace::Workspace;
-use slipway_core::{baseline, objects};
+use slipway_core::store::{baseline, objects};
 use slipway_domain::events::{Check, EventData, GateReport, PerfRequested, StageKind, Verdict};
 use slipway_domain::spec::{LoadMode, Threshold};
 use slipway_domain::{stats, thresholds};
@@ -274,9 +274,9 @@ impl PerfGate {
         }
 
         // The baseline: the production version's own performance report and latency sample.
-        let base = baseline::gate_baseline(&job.bus, &job.run, &req.stage).await?;
+        let base = baseline::gate_baseline(&job.deploys, &job.run, &req.stage).await?;
         let base_details: Option<Details> = baseline::details(
-            &job.bus,
+            &job.objects,
             base.as_ref().map(|(_, g)| g),
             &ws.out().join("baseline.json"),
         )
@@ -339,7 +339,7 @@ impl PerfGate {
         )
         .map_err(|e| Transient(e.to_string()))?;
         let name = format!("runs/{}/{}-{}.json", job.run_id, req.stage, req.attempt);
-        let stored = objects::put_file(&job.bus, &self.logs_bucket, Some(&name), &path).await?;
+        let stored = objects::put_file(&job.objects, &self.logs_bucket, Some(&name), &path).await?;
         let verdict = thresholds::overall(&checks);
         let reason = (verdict == Verdict::Fail).then(|| {
             checks

@@ -8,7 +8,7 @@ async fn main() -> anyhow::Result<()> {
     slipway_core::telemetry::init("perf-regression");
     let config = Config::load(config_path_from_args()?.as_deref())?;
     let shutdown = slipway_core::runtime::shutdown_on_signals();
-    let otel = slipway_core::otel::install(
+    let otel = slipway_core::telemetry::otel::install(
         "slipway-perf-regression",
         config.gateway.public_url.as_deref(),
     );

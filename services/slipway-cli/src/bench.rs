@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use slipway_core::bus::Bus;
 use slipway_core::bus::NatsSettings;
-use slipway_core::server::free_port;
+use slipway_core::exec::server::free_port;
 use slipway_domain::events::{ChangeSubmitted, EventData, SourceRef};
 use slipway_domain::{Event, ids};
 
@@ -668,7 +668,7 @@ async fn replay(bus: &Bus, target: usize) -> anyhow::Result<Replay> {
         .into_iter()
         .filter_map(|r| {
             let e = r.event.ok()?;
-            let (h, p) = slipway_core::binding::encode(e.to_cloudevent());
+            let (h, p) = slipway_core::bus::binding::encode(e.to_cloudevent());
             Some((r.subject, h, p))
         })
         .collect();
@@ -1180,7 +1180,7 @@ struct Artifacts {
 /// bytes already present stores nothing), reads it back, stores it with the client's own put,
 /// and publishes its chunks plainly; then removes what it stored.
 async fn artifacts(bus: &Bus, dir: &Path, mib: usize) -> anyhow::Result<Artifacts> {
-    use slipway_core::objects;
+    use slipway_core::store::objects;
     let bucket = NatsSettings::default().stream.artifacts_bucket;
     let len = mib * 1024 * 1024;
     // xorshift64, seeded from the clock: incompressible and different in every bench run.
@@ -1201,15 +1201,16 @@ async fn artifacts(bus: &Bus, dir: &Path, mib: usize) -> anyhow::Result<Artifact
     let mb = len as f64 / 1e6;
     let rate = |t: Instant| mb / t.elapsed().as_secs_f64();
 
+    let objects = objects::Objects::new(bus);
     let t = Instant::now();
-    let stored = objects::put_file(bus, &bucket, None, &path).await?;
+    let stored = objects::put_file(&objects, &bucket, None, &path).await?;
     let stored_rate = rate(t);
     let out = dir.join("bench-artifact-read");
     let t = Instant::now();
-    objects::get_file(bus, &stored, &out).await?;
+    objects::get_file(&objects, &stored, &out).await?;
     let read = rate(t);
 
-    let store = objects::bucket(bus, &bucket).await?;
+    let store = objects::bucket(&objects, &bucket).await?;
     let client_name = "bench/client-put";
     let mut file = tokio::fs::File::open(&path).await?;
     let t = Instant::now();
@@ -1267,7 +1268,7 @@ async fn raw_floor(nats: &NatsSettings, n: usize, stored: usize) -> anyhow::Resu
         })
         .await?;
     let sample = sample_event();
-    let (headers, payload) = slipway_core::binding::encode(sample.to_cloudevent());
+    let (headers, payload) = slipway_core::bus::binding::encode(sample.to_cloudevent());
 
     // Acked publish latency.
     let mut publish = Vec::with_capacity(n);

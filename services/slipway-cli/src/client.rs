@@ -69,8 +69,8 @@ pub fn settings(url: &str) -> NatsSettings {
         connect_timeout_secs: 5,
         user: local.then(|| "cli".to_string()),
         password_file: local.then(|| {
-            slipway_core::credentials::password_file(
-                &slipway_core::credentials::directory(&data),
+            slipway_core::config::credentials::password_file(
+                &slipway_core::config::credentials::directory(&data),
                 "cli",
             )
         }),

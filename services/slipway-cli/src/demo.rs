@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use slipway_core::server::free_port;
+use slipway_core::exec::server::free_port;
 
 use crate::client::{Client, change_from, phase_of};
 use crate::http;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 use slipway_core::bus::Bus;
-use slipway_core::server::free_port;
+use slipway_core::exec::server::free_port;
 use slipway_domain::events::{ChangeSubmitted, EventData, SourceRef};
 use slipway_domain::{Event, ids};
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use slipway_core::bus::NatsSettings;
-use slipway_core::credentials::{self, Credentials};
-use slipway_core::server::{NatsProcess, find_nats_server};
+use slipway_core::config::credentials::{self, Credentials};
+use slipway_core::exec::server::{NatsProcess, find_nats_server};
 use tokio::process::{Child, Command};
 
 /// The services `up` starts, by binary name.

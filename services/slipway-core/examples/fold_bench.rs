@@ -5,7 +5,7 @@
 //! `valgrind --tool=callgrind target/release/examples/fold_bench 2000` it gives instruction
 //! counts that do not depend on the machine's load (docs/performance.md).
 
-use slipway_core::binding;
+use slipway_core::bus::binding;
 use slipway_domain::{fold, fold_into, sim::Sim};
 fn main() {
     let spec = slipway_domain::spec::NOOP_PIPELINE;

@@ -212,11 +212,12 @@ async fn direct_reads_page_through_a_long_run_and_equal_a_consumer_read() {
 
 #[tokio::test]
 async fn what_is_live_follows_deploys_appended_after_the_first_lookup() {
-    use slipway_core::baseline::live_version;
+    use slipway_core::store::baseline::live_version;
     use slipway_domain::events::{DeploySucceeded, ObjectRef};
     let nats = TestNats::start();
     let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
     bus.ensure_stream().await.unwrap();
+    let deploys = slipway_core::store::baseline::Deploys::new(&bus);
     let deployed = |run: &str, pipeline: &str, env: &str, version: &str| {
         Event::new(
             ids::random(),
@@ -241,7 +242,7 @@ async fn what_is_live_follows_deploys_appended_after_the_first_lookup() {
             }),
         )
     };
-    assert_eq!(live_version(&bus, "p", "prod").await.unwrap(), None);
+    assert_eq!(live_version(&deploys, "p", "prod").await.unwrap(), None);
     let (r1, r2) = (ids::random(), ids::random());
     bus.publish(&deployed(&r1, "p", "prod", "v1"))
         .await
@@ -249,7 +250,7 @@ async fn what_is_live_follows_deploys_appended_after_the_first_lookup() {
     bus.publish(&deployed(&r1, "q", "prod", "q1"))
         .await
         .unwrap();
-    let live = live_version(&bus, "p", "prod").await.unwrap().unwrap();
+    let live = live_version(&deploys, "p", "prod").await.unwrap().unwrap();
     assert_eq!(
         (live.version.as_str(), live.run_id.as_str()),
         ("v1", r1.as_str())
@@ -262,15 +263,16 @@ async fn what_is_live_follows_deploys_appended_after_the_first_lookup() {
     bus.publish(&deployed(&r2, "p", "staging", "v2"))
         .await
         .unwrap();
-    let live = live_version(&bus, "p", "prod").await.unwrap().unwrap();
+    let live = live_version(&deploys, "p", "prod").await.unwrap().unwrap();
     assert_eq!(
         (live.version.as_str(), live.run_id.as_str()),
         ("v2", r2.as_str())
     );
     let fresh = Bus::connect(&nats.settings(), "test").await.unwrap();
+    let fresh = slipway_core::store::baseline::Deploys::new(&fresh);
     assert_eq!(live_version(&fresh, "p", "prod").await.unwrap(), Some(live));
     assert_eq!(
-        live_version(&bus, "q", "prod")
+        live_version(&deploys, "q", "prod")
             .await
             .unwrap()
             .unwrap()

@@ -512,7 +512,7 @@ fn the_asyncapi_document_describes_the_real_catalogue() {
 
 #[test]
 fn the_fast_decoder_and_the_full_one_agree_on_every_event_type() {
-    use slipway_core::binding;
+    use slipway_core::bus::binding;
     for (ty, ev) in examples() {
         for traced in [false, true] {
             let mut ev = ev.clone();
@@ -534,7 +534,7 @@ fn the_fast_decoder_and_the_full_one_agree_on_every_event_type() {
 
 #[test]
 fn the_fast_decoder_leaves_every_other_form_to_the_full_one() {
-    use slipway_core::binding;
+    use slipway_core::bus::binding;
     let ev = examples().remove("dev.slipway.build.started.v1").unwrap();
     let (headers, payload) = binding::encode(ev.to_cloudevent());
     let with = |name: &str, value: &str| {

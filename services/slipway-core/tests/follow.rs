@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use slipway_core::baseline::{live_version, live_version_as_of};
 use slipway_core::bus::Bus;
-use slipway_core::follow::RunsInFlight;
+use slipway_core::runtime::follow::RunsInFlight;
+use slipway_core::store::baseline::{Deploys, live_version, live_version_as_of};
 use slipway_core::testing::TestNats;
 use slipway_domain::events::{EventData, StageKind};
 use slipway_domain::sim::Sim;
@@ -47,13 +47,14 @@ fn replayed(bus_log: Vec<slipway_core::bus::Recorded>) -> Run {
 async fn the_view_holds_runs_created_after_it_started_as_the_log_does_and_lets_ended_ones_go() {
     let nats = TestNats::start();
     let bus = connected(&nats).await;
+    let deploys = Deploys::new(&bus);
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
 
     // A run created before the view: not vouched for, whatever the view later sees of it.
     let mut before = Sim::nth(NOOP_PIPELINE, 1);
     bus.publish(&before.log[0]).await.unwrap();
-    let view = RunsInFlight::start(&bus, stop.clone()).await.unwrap();
+    let view = RunsInFlight::start(&deploys, stop.clone()).await.unwrap();
 
     let mut sim = Sim::nth(NOOP_PIPELINE, 2);
     sim.run_to_end();
@@ -119,16 +120,19 @@ async fn the_view_holds_runs_created_after_it_started_as_the_log_does_and_lets_e
 async fn a_workers_view_holds_only_the_runs_that_can_ask_for_its_kinds_and_still_follows_deploys() {
     let nats = TestNats::start();
     let bus = connected(&nats).await;
-    // Each view on its own connection: each feeds its connection's deploy index.
+    let deploys = Deploys::new(&bus);
+    // Each view on its own connection, feeding its own index of deploys.
     let evaluator_bus = Bus::connect(&nats.settings(), "test").await.unwrap();
+    let evaluator_deploys = Deploys::new(&evaluator_bus);
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    let builder = RunsInFlight::start_for(&bus, &[StageKind::Build], stop.clone())
+    let builder = RunsInFlight::start_for(&deploys, &[StageKind::Build], stop.clone())
         .await
         .unwrap();
-    let evaluator = RunsInFlight::start_for(&evaluator_bus, &[StageKind::Evaluate], stop.clone())
-        .await
-        .unwrap();
+    let evaluator =
+        RunsInFlight::start_for(&evaluator_deploys, &[StageKind::Evaluate], stop.clone())
+            .await
+            .unwrap();
 
     // A no-op run has no evaluation: the evaluator's view does not hold it.
     let mut sim = Sim::nth(NOOP_PIPELINE, 1);
@@ -143,22 +147,23 @@ async fn a_workers_view_holds_only_the_runs_that_can_ask_for_its_kinds_and_still
     assert!(evaluator.run_through(&run_id, last).await.is_none());
     assert!(evaluator.is_empty(), "{evaluator:?}");
 
-    // Its deploys still reach the evaluator's connection's index: no lookup reads (the view
+    // Its deploys still reach the evaluator's index: no lookup reads (the view
     // started with the log empty, so nothing came before it).
     for env in ["staging", "production"] {
-        let live = live_version_as_of(&evaluator_bus, "noop", env, last)
+        let live = live_version_as_of(&evaluator_deploys, "noop", env, last)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(live.run_id, run_id, "{env}");
     }
-    assert_eq!(evaluator_bus.deploy_index().reads(), 0);
+    assert_eq!(evaluator_deploys.reads(), 0);
 }
 
 #[tokio::test]
 async fn the_view_keeps_the_connections_index_of_deploys_current_without_reads() {
     let nats = TestNats::start();
     let bus = connected(&nats).await;
+    let deploys = Deploys::new(&bus);
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
 
@@ -168,13 +173,13 @@ async fn the_view_keeps_the_connections_index_of_deploys_current_without_reads()
     for e in &first.log {
         bus.publish(e).await.unwrap();
     }
-    let view = RunsInFlight::start(&bus, stop.clone()).await.unwrap();
+    let view = RunsInFlight::start(&deploys, stop.clone()).await.unwrap();
     let now = view.through();
-    let live = live_version_as_of(&bus, "noop", "production", now)
+    let live = live_version_as_of(&deploys, "noop", "production", now)
         .await
         .unwrap();
     assert_eq!(live.unwrap().run_id, first.run_id);
-    assert_eq!(bus.deploy_index().reads(), 1);
+    assert_eq!(deploys.reads(), 1);
 
     // Deploys after it: the view takes them in as it follows the log; no lookup reads.
     let mut second = Sim::nth(NOOP_PIPELINE, 2);
@@ -182,21 +187,23 @@ async fn the_view_keeps_the_connections_index_of_deploys_current_without_reads()
     let last = publish_all(&bus, &second.log).await;
     reached(&view, last).await;
     for env in ["staging", "production"] {
-        let live = live_version_as_of(&bus, "noop", env, last)
+        let live = live_version_as_of(&deploys, "noop", env, last)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(live.run_id, second.run_id, "{env}");
     }
-    assert_eq!(bus.deploy_index().reads(), 1);
+    assert_eq!(deploys.reads(), 1);
     // As of now (no sequence), a lookup reads: a follower may lag.
-    live_version(&bus, "noop", "production").await.unwrap();
-    assert_eq!(bus.deploy_index().reads(), 2);
+    live_version(&deploys, "noop", "production").await.unwrap();
+    assert_eq!(deploys.reads(), 2);
     // A fresh connection, reading the whole log, agrees.
     let fresh = Bus::connect(&nats.settings(), "test").await.unwrap();
     assert_eq!(
-        live_version(&fresh, "noop", "production").await.unwrap(),
-        live_version(&bus, "noop", "production").await.unwrap()
+        live_version(&Deploys::new(&fresh), "noop", "production")
+            .await
+            .unwrap(),
+        live_version(&deploys, "noop", "production").await.unwrap()
     );
     assert!(
         second
@@ -210,17 +217,18 @@ async fn the_view_keeps_the_connections_index_of_deploys_current_without_reads()
 async fn a_lookup_past_where_the_view_stopped_reads_the_log() {
     let nats = TestNats::start();
     let bus = connected(&nats).await;
+    let deploys = Deploys::new(&bus);
     let stop = CancellationToken::new();
-    let view = RunsInFlight::start(&bus, stop.clone()).await.unwrap();
+    let view = RunsInFlight::start(&deploys, stop.clone()).await.unwrap();
     let mut first = Sim::nth(NOOP_PIPELINE, 1);
     first.run_to_end();
     let mut last = publish_all(&bus, &first.log).await;
     reached(&view, last).await;
-    let live = live_version_as_of(&bus, "noop", "production", last)
+    let live = live_version_as_of(&deploys, "noop", "production", last)
         .await
         .unwrap();
     assert_eq!(live.unwrap().run_id, first.run_id);
-    let reads = bus.deploy_index().reads();
+    let reads = deploys.reads();
 
     // The view stops (its worker drains); deploys go on.
     stop.cancel();
@@ -230,20 +238,21 @@ async fn a_lookup_past_where_the_view_stopped_reads_the_log() {
     last = publish_all(&bus, &second.log).await;
     assert!(view.through() < last, "{view:?}");
     assert!(view.run_through(&second.run_id, last).await.is_none());
-    let live = live_version_as_of(&bus, "noop", "production", last)
+    let live = live_version_as_of(&deploys, "noop", "production", last)
         .await
         .unwrap();
     assert_eq!(live.unwrap().run_id, second.run_id, "read past the view");
-    assert_eq!(bus.deploy_index().reads(), reads + 1);
+    assert_eq!(deploys.reads(), reads + 1);
 }
 
 #[tokio::test]
 async fn the_view_follows_on_across_a_server_restart_and_still_says_when_a_run_ends() {
     let mut nats = TestNats::start();
     let bus = connected(&nats).await;
+    let deploys = Deploys::new(&bus);
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    let view = RunsInFlight::start(&bus, stop.clone()).await.unwrap();
+    let view = RunsInFlight::start(&deploys, stop.clone()).await.unwrap();
 
     let mut sim = Sim::nth(NOOP_PIPELINE, 1);
     sim.run_to_end();

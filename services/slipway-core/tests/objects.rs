@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use slipway_core::bus::Bus;
-use slipway_core::objects::{self, DIRECT_PAGE_CHUNKS};
+use slipway_core::store::objects::Objects;
+use slipway_core::store::objects::{self, DIRECT_PAGE_CHUNKS};
 use slipway_core::testing::TestNats;
 use slipway_domain::events::ObjectRef;
 
@@ -66,14 +67,16 @@ async fn every_size_reads_back_as_stored_without_a_consumer() {
     for (i, len) in sizes.into_iter().enumerate() {
         let content = bytes(len, i as u8);
         let src = file(dir.path(), &format!("in-{i}"), &content);
-        let stored = objects::put_file(&bus, "artifacts", None, &src)
+        let stored = objects::put_file(&Objects::new(&bus), "artifacts", None, &src)
             .await
             .unwrap();
         assert_eq!(stored.size, len as u64);
         let out = dir.path().join(format!("out-{i}"));
-        objects::get_file(&bus, &stored, &out).await.unwrap();
+        objects::get_file(&Objects::new(&bus), &stored, &out)
+            .await
+            .unwrap();
         assert!(std::fs::read(&out).unwrap() == content, "{len} bytes");
-        let read = objects::read(&bus, "artifacts", &stored.name)
+        let read = objects::read(&Objects::new(&bus), "artifacts", &stored.name)
             .await
             .unwrap();
         assert!(read == content, "{len} bytes in memory");
@@ -88,7 +91,7 @@ async fn a_chunk_missing_from_a_later_page_is_an_error_naming_the_object() {
     let dir = tempfile::tempdir().unwrap();
     let chunks = DIRECT_PAGE_CHUNKS + 8;
     let src = file(dir.path(), "a", &bytes(chunks * CHUNK, 8));
-    let stored = objects::put_file(&bus, "logs", Some("big.log"), &src)
+    let stored = objects::put_file(&Objects::new(&bus), "logs", Some("big.log"), &src)
         .await
         .unwrap();
     // A fresh bucket: the chunks are stream sequences 1 to `chunks`, the info the next one.
@@ -100,7 +103,9 @@ async fn a_chunk_missing_from_a_later_page_is_an_error_naming_the_object() {
         .await
         .unwrap();
     let out = dir.path().join("out");
-    let err = objects::get_file(&bus, &stored, &out).await.unwrap_err();
+    let err = objects::get_file(&Objects::new(&bus), &stored, &out)
+        .await
+        .unwrap_err();
     assert!(
         err.to_string().contains(&format!(
             "big.log has {} of its {chunks} chunks",
@@ -116,19 +121,25 @@ async fn many_reads_leave_no_consumer_on_the_server() {
     let bus = connected(&nats).await;
     let dir = tempfile::tempdir().unwrap();
     let src = file(dir.path(), "a", &bytes(2 * CHUNK + 3, 1));
-    let stored = objects::put_file(&bus, "artifacts", None, &src)
+    let stored = objects::put_file(&Objects::new(&bus), "artifacts", None, &src)
         .await
         .unwrap();
     let log = file(dir.path(), "log", b"build output\n");
-    let named = objects::put_file(&bus, "logs", Some("run-1/build.log"), &log)
+    let named = objects::put_file(&Objects::new(&bus), "logs", Some("run-1/build.log"), &log)
         .await
         .unwrap();
     // The client's own read would leave one ordered consumer per read for 30 s.
     for i in 0..50 {
-        objects::get_file(&bus, &stored, &dir.path().join(format!("out-{i}")))
+        objects::get_file(
+            &Objects::new(&bus),
+            &stored,
+            &dir.path().join(format!("out-{i}")),
+        )
+        .await
+        .unwrap();
+        objects::read(&Objects::new(&bus), "logs", &named.name)
             .await
             .unwrap();
-        objects::read(&bus, "logs", &named.name).await.unwrap();
     }
     assert_eq!(consumers(&bus, "artifacts").await, 0);
     assert_eq!(consumers(&bus, "logs").await, 0);
@@ -142,9 +153,10 @@ async fn objects_written_at_once_read_back_apart() {
     // Two multi-chunk puts at once: their chunks interleave in the bucket's stream.
     let (a, b) = (bytes(5 * CHUNK + 1, 3), bytes(4 * CHUNK + 2, 4));
     let (pa, pb) = (file(dir.path(), "a", &a), file(dir.path(), "b", &b));
+    let store = Objects::new(&bus);
     let (ra, rb) = tokio::join!(
-        objects::put_file(&bus, "artifacts", None, &pa),
-        objects::put_file(&bus, "artifacts", None, &pb),
+        objects::put_file(&store, "artifacts", None, &pa),
+        objects::put_file(&store, "artifacts", None, &pb),
     );
     for (stored, content) in [(ra.unwrap(), a), (rb.unwrap(), b)] {
         assert_reads_back(&bus, &stored, dir.path(), &content).await;
@@ -158,14 +170,16 @@ async fn a_replaced_object_reads_as_its_last_version() {
     let dir = tempfile::tempdir().unwrap();
     let first = file(dir.path(), "1", &bytes(3 * CHUNK, 5));
     let second = file(dir.path(), "2", b"shorter");
-    objects::put_file(&bus, "logs", Some("build.log"), &first)
+    objects::put_file(&Objects::new(&bus), "logs", Some("build.log"), &first)
         .await
         .unwrap();
-    objects::put_file(&bus, "logs", Some("build.log"), &second)
+    objects::put_file(&Objects::new(&bus), "logs", Some("build.log"), &second)
         .await
         .unwrap();
     assert_eq!(
-        objects::read(&bus, "logs", "build.log").await.unwrap(),
+        objects::read(&Objects::new(&bus), "logs", "build.log")
+            .await
+            .unwrap(),
         b"shorter"
     );
 }
@@ -173,7 +187,9 @@ async fn a_replaced_object_reads_as_its_last_version() {
 /// `stored` fetched into a file under `dir` holds exactly `content`.
 async fn assert_reads_back(bus: &Bus, stored: &ObjectRef, dir: &Path, content: &[u8]) {
     let out = dir.join("out");
-    objects::get_file(bus, stored, &out).await.unwrap();
+    objects::get_file(&Objects::new(bus), stored, &out)
+        .await
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == content, "{}", stored.name);
 }
 
@@ -189,11 +205,16 @@ async fn a_put_is_the_object_stores_layout_and_a_replaced_versions_chunks_are_pu
     let dir = tempfile::tempdir().unwrap();
     let content = bytes(3 * CHUNK + 9, 6);
     let first = file(dir.path(), "1", &content);
-    let stored = objects::put_file(&bus, "logs", Some("runs/r/test-unit-1.log"), &first)
-        .await
-        .unwrap();
+    let stored = objects::put_file(
+        &Objects::new(&bus),
+        "logs",
+        Some("runs/r/test-unit-1.log"),
+        &first,
+    )
+    .await
+    .unwrap();
     // The client's own info and streamed read find what its own put would have written.
-    let store = objects::bucket(&bus, "logs").await.unwrap();
+    let store = objects::bucket(&Objects::new(&bus), "logs").await.unwrap();
     let info = store.info("runs/r/test-unit-1.log").await.unwrap();
     assert_eq!((info.size, info.chunks), (content.len(), 4));
     assert!(info.modified.is_some(), "{info:?}");
@@ -213,12 +234,17 @@ async fn a_put_is_the_object_stores_layout_and_a_replaced_versions_chunks_are_pu
 
     // Replaced: the new version's chunk and info are all that is left.
     let second = file(dir.path(), "2", b"shorter");
-    objects::put_file(&bus, "logs", Some("runs/r/test-unit-1.log"), &second)
-        .await
-        .unwrap();
+    objects::put_file(
+        &Objects::new(&bus),
+        "logs",
+        Some("runs/r/test-unit-1.log"),
+        &second,
+    )
+    .await
+    .unwrap();
     assert_eq!(stored_messages(&bus, "logs").await, 1 + 1);
     assert_eq!(
-        objects::read(&bus, "logs", "runs/r/test-unit-1.log")
+        objects::read(&Objects::new(&bus), "logs", "runs/r/test-unit-1.log")
             .await
             .unwrap(),
         b"shorter"
@@ -226,12 +252,12 @@ async fn a_put_is_the_object_stores_layout_and_a_replaced_versions_chunks_are_pu
 
     // An empty object is its info alone.
     let empty = file(dir.path(), "3", b"");
-    objects::put_file(&bus, "logs", Some("empty.log"), &empty)
+    objects::put_file(&Objects::new(&bus), "logs", Some("empty.log"), &empty)
         .await
         .unwrap();
     assert_eq!(stored_messages(&bus, "logs").await, 1 + 1 + 1);
     assert!(
-        objects::read(&bus, "logs", "empty.log")
+        objects::read(&Objects::new(&bus), "logs", "empty.log")
             .await
             .unwrap()
             .is_empty()
@@ -244,7 +270,7 @@ async fn a_put_the_stream_refuses_part_of_names_nothing_and_the_last_version_sta
     let nats = TestNats::start();
     let bus = connected(&nats).await;
     let dir = tempfile::tempdir().unwrap();
-    objects::bucket(&bus, "small").await.unwrap();
+    objects::bucket(&Objects::new(&bus), "small").await.unwrap();
     // A bucket that refuses what does not fit, rather than dropping its oldest chunks.
     let mut stream = bus.jetstream().get_stream("OBJ_small").await.unwrap();
     let mut config = stream.info().await.unwrap().config.clone();
@@ -253,16 +279,18 @@ async fn a_put_the_stream_refuses_part_of_names_nothing_and_the_last_version_sta
     bus.jetstream().update_stream(config).await.unwrap();
 
     let first = file(dir.path(), "1", b"first");
-    objects::put_file(&bus, "small", Some("x.log"), &first)
+    objects::put_file(&Objects::new(&bus), "small", Some("x.log"), &first)
         .await
         .unwrap();
     let big = file(dir.path(), "2", &bytes(6 * CHUNK, 9));
-    let err = objects::put_file(&bus, "small", Some("x.log"), &big)
+    let err = objects::put_file(&Objects::new(&bus), "small", Some("x.log"), &big)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("object put chunk"), "{err}");
     assert_eq!(
-        objects::read(&bus, "small", "x.log").await.unwrap(),
+        objects::read(&Objects::new(&bus), "small", "x.log")
+            .await
+            .unwrap(),
         b"first"
     );
 }
@@ -274,16 +302,16 @@ async fn an_artifact_deleted_and_built_again_is_stored_again() {
     let dir = tempfile::tempdir().unwrap();
     let content = bytes(2 * CHUNK, 7);
     let src = file(dir.path(), "a", &content);
-    let stored = objects::put_file(&bus, "artifacts", None, &src)
+    let stored = objects::put_file(&Objects::new(&bus), "artifacts", None, &src)
         .await
         .unwrap();
-    objects::bucket(&bus, "artifacts")
+    objects::bucket(&Objects::new(&bus), "artifacts")
         .await
         .unwrap()
         .delete(&stored.name)
         .await
         .unwrap();
-    let again = objects::put_file(&bus, "artifacts", None, &src)
+    let again = objects::put_file(&Objects::new(&bus), "artifacts", None, &src)
         .await
         .unwrap();
     assert_eq!(again, stored);
@@ -296,15 +324,20 @@ async fn an_object_without_a_name_is_refused_and_any_other_name_is_held() {
     let bus = connected(&nats).await;
     let dir = tempfile::tempdir().unwrap();
     let src = file(dir.path(), "a", b"log");
-    let err = objects::put_file(&bus, "logs", Some(""), &src)
+    let err = objects::put_file(&Objects::new(&bus), "logs", Some(""), &src)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("an object needs a name"), "{err}");
     for name in [".hidden", "trailing.", "runs/r/test:unit 1.log", "ünïcode"] {
-        objects::put_file(&bus, "logs", Some(name), &src)
+        objects::put_file(&Objects::new(&bus), "logs", Some(name), &src)
             .await
             .unwrap();
-        assert_eq!(objects::read(&bus, "logs", name).await.unwrap(), b"log");
+        assert_eq!(
+            objects::read(&Objects::new(&bus), "logs", name)
+                .await
+                .unwrap(),
+            b"log"
+        );
     }
 }
 
@@ -315,14 +348,16 @@ async fn missing_deleted_and_altered_objects_are_errors_that_name_them() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
 
-    let missing = objects::read(&bus, "logs", "nope.log").await.unwrap_err();
+    let missing = objects::read(&Objects::new(&bus), "logs", "nope.log")
+        .await
+        .unwrap_err();
     assert!(
         missing.to_string().contains("no object nope.log"),
         "{missing}"
     );
 
     let src = file(dir.path(), "a", b"artifact");
-    let stored = objects::put_file(&bus, "artifacts", None, &src)
+    let stored = objects::put_file(&Objects::new(&bus), "artifacts", None, &src)
         .await
         .unwrap();
     // An event whose digest is not the stored bytes' is refused after the read.
@@ -330,16 +365,20 @@ async fn missing_deleted_and_altered_objects_are_errors_that_name_them() {
         digest: format!("sha256:{}", "0".repeat(64)),
         ..stored.clone()
     };
-    let err = objects::get_file(&bus, &forged, &out).await.unwrap_err();
+    let err = objects::get_file(&Objects::new(&bus), &forged, &out)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("the event says"), "{err}");
 
-    objects::bucket(&bus, "artifacts")
+    objects::bucket(&Objects::new(&bus), "artifacts")
         .await
         .unwrap()
         .delete(&stored.name)
         .await
         .unwrap();
-    let deleted = objects::get_file(&bus, &stored, &out).await.unwrap_err();
+    let deleted = objects::get_file(&Objects::new(&bus), &stored, &out)
+        .await
+        .unwrap_err();
     assert!(deleted.to_string().contains("was deleted"), "{deleted}");
 }
 
@@ -349,7 +388,7 @@ async fn a_bucket_made_again_is_found_again() {
     let bus = connected(&nats).await;
     let dir = tempfile::tempdir().unwrap();
     let src = file(dir.path(), "a", b"artifact");
-    objects::put_file(&bus, "artifacts", None, &src)
+    objects::put_file(&Objects::new(&bus), "artifacts", None, &src)
         .await
         .unwrap();
     bus.jetstream()
@@ -360,7 +399,7 @@ async fn a_bucket_made_again_is_found_again() {
     // next makes the bucket again.
     let mut failures = 0;
     let stored = loop {
-        match objects::put_file(&bus, "artifacts", None, &src).await {
+        match objects::put_file(&Objects::new(&bus), "artifacts", None, &src).await {
             Ok(s) => break s,
             Err(e) => {
                 failures += 1;
@@ -369,7 +408,7 @@ async fn a_bucket_made_again_is_found_again() {
         }
     };
     assert_eq!(
-        objects::read(&bus, "artifacts", &stored.name)
+        objects::read(&Objects::new(&bus), "artifacts", &stored.name)
             .await
             .unwrap(),
         b"artifact"
@@ -383,11 +422,11 @@ async fn an_object_whose_info_names_another_digest_is_refused() {
     let bus = connected(&nats).await;
     let dir = tempfile::tempdir().unwrap();
     let src = file(dir.path(), "a", &bytes(2 * CHUNK + 9, 7));
-    objects::put_file(&bus, "logs", Some("build.log"), &src)
+    objects::put_file(&Objects::new(&bus), "logs", Some("build.log"), &src)
         .await
         .unwrap();
     // The object's info rewritten with a digest its chunks do not have.
-    let store = objects::bucket(&bus, "logs").await.unwrap();
+    let store = objects::bucket(&Objects::new(&bus), "logs").await.unwrap();
     let mut info = serde_json::to_value(store.info("build.log").await.unwrap()).unwrap();
     info["digest"] = format!(
         "SHA-256={}",
@@ -404,7 +443,9 @@ async fn an_object_whose_info_names_another_digest_is_refused() {
         .unwrap()
         .await
         .unwrap();
-    let err = objects::read(&bus, "logs", "build.log").await.unwrap_err();
+    let err = objects::read(&Objects::new(&bus), "logs", "build.log")
+        .await
+        .unwrap_err();
     assert!(err.to_string().to_lowercase().contains("digest"), "{err}");
 }
 
@@ -415,7 +456,7 @@ async fn a_bucket_without_direct_gets_is_read_through_a_consumer() {
     let dir = tempfile::tempdir().unwrap();
     let content = bytes(3 * CHUNK + 1, 8);
     let src = file(dir.path(), "a", &content);
-    let stored = objects::put_file(&bus, "artifacts", None, &src)
+    let stored = objects::put_file(&Objects::new(&bus), "artifacts", None, &src)
         .await
         .unwrap();
     let js = bus.jetstream();
@@ -433,6 +474,8 @@ async fn a_bucket_without_direct_gets_is_read_through_a_consumer() {
     // A fresh connection finds the bucket as it is now; the chunks come through a consumer.
     let fresh = connected(&nats).await;
     let out = dir.path().join("out");
-    objects::get_file(&fresh, &stored, &out).await.unwrap();
+    objects::get_file(&Objects::new(&fresh), &stored, &out)
+        .await
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == content);
 }

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::Config;
+use slipway_core::exec::workspace::{self, Workspace};
 use slipway_core::exec::{self, Cmd, ExecSettings};
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
-use slipway_core::workspace::{self, Workspace};
 use slipway_domain::events::{CaseStatus, EventData, StageKind, TestReport, TestRequested};
 
 /// Runs the tester until `shutdown`.
@@ -92,7 +92,7 @@ impl Tester {
         let archive = ws.out().join("artifact.tar.gz");
         let artifact_dir = ws.root().join("artifact");
         let fetch = async {
-            slipway_core::objects::get_file(&job.bus, &req.artifact, &archive)
+            slipway_core::store::objects::get_file(&job.objects, &req.artifact, &archive)
                 .await
                 .map_err(Transient::from)?;
             let (a, d) = (archive.clone(), artifact_dir.clone());
@@ -150,8 +150,8 @@ impl Tester {
             req.attempt
         );
         report.log = Some(
-            slipway_core::objects::put_file(
-                &job.bus,
+            slipway_core::store::objects::put_file(
+                &job.objects,
                 &self.logs_bucket,
                 Some(&log_name),
                 &log_path,

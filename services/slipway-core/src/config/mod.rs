@@ -4,6 +4,8 @@
 //! The file comes from `--config PATH` or `SLIPWAY_CONFIG`; without one, defaults apply.
 //! Unknown keys are errors, so a typo never silently falls back to a default.
 
+pub mod credentials;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};

@@ -8,6 +8,8 @@
 //! `max_deliver` the request ends as a `failed` fact with the reason, so a run never hangs on
 //! a poison message.
 
+pub mod follow;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,7 +67,7 @@ pub struct WorkerSettings {
     pub drain_secs: u64,
     /// Worker id in `started` facts; default `<service>-<host>-<pid>`.
     pub id: Option<String>,
-    /// Follow the runs in flight ([`crate::follow`]) so a job needs no read of the log; off,
+    /// Follow the runs in flight ([`crate::runtime::follow`]) so a job needs no read of the log; off,
     /// every job reads its run's log (no fan-out of every event to every worker process).
     pub follow_runs: bool,
 }
@@ -100,12 +102,15 @@ pub struct Job {
     /// Cancelled when the run is cancelled or the drain period ends: stop the work.
     pub cancel: CancellationToken,
     pub bus: Bus,
+    /// The worker's object store and deploy index, shared by its jobs.
+    pub objects: crate::store::objects::Objects,
+    pub deploys: crate::store::baseline::Deploys,
 }
 
 impl Job {
     /// Where the job's work hangs its spans (children of the stage attempt's span).
-    pub fn scope(&self) -> crate::otel::StageScope {
-        crate::otel::StageScope::new(
+    pub fn scope(&self) -> crate::telemetry::otel::StageScope {
+        crate::telemetry::otel::StageScope::new(
             &self.run_id,
             &self.run.pipeline,
             self.request.traceparent.as_deref(),
@@ -238,8 +243,13 @@ pub async fn run_worker<W: Worker>(
     // The view outlives the drain: jobs still running learn of their run's end from it.
     let view_stop = CancellationToken::new();
     let _view_stop = view_stop.clone().drop_guard();
+    let objects = crate::store::objects::Objects::new(&bus);
+    let deploys = crate::store::baseline::Deploys::new(&bus);
     let runs = if settings.follow_runs {
-        Some(crate::follow::RunsInFlight::start_for(&bus, worker.kinds(), view_stop).await?)
+        Some(
+            crate::runtime::follow::RunsInFlight::start_for(&deploys, worker.kinds(), view_stop)
+                .await?,
+        )
     } else {
         None
     };
@@ -263,6 +273,8 @@ pub async fn run_worker<W: Worker>(
         };
         let ctx = Ctx {
             bus: bus.clone(),
+            objects: objects.clone(),
+            deploys: deploys.clone(),
             worker: worker.clone(),
             settings: settings.clone(),
             worker_id: worker_id.clone(),
@@ -286,7 +298,7 @@ pub async fn run_worker<W: Worker>(
         tracker.wait().await;
     }
     // Workspaces of the last jobs are removed before the process ends.
-    crate::workspace::removals_done().await;
+    crate::exec::workspace::removals_done().await;
     advisories.abort();
     info!(service, "Worker stopped.");
     Ok(())
@@ -335,11 +347,13 @@ impl RunEnd {
 
 struct Ctx<W> {
     bus: Bus,
+    objects: crate::store::objects::Objects,
+    deploys: crate::store::baseline::Deploys,
     worker: Arc<W>,
     settings: WorkerSettings,
     worker_id: String,
     jobs_cancel: CancellationToken,
-    runs: Option<crate::follow::RunsInFlight>,
+    runs: Option<crate::runtime::follow::RunsInFlight>,
 }
 
 impl<W: Worker> Ctx<W> {
@@ -386,7 +400,7 @@ impl<W: Worker> Ctx<W> {
         let (stage, attempt) = (stage.to_string(), attempt);
         let span = info_span!("job", service, run_id = %run_id, stage = %stage, attempt, delivered);
         let received = std::time::SystemTime::now();
-        let traced = crate::otel::enabled().then(|| request.clone());
+        let traced = crate::telemetry::otel::enabled().then(|| request.clone());
         let ended = self
             .work(msg, run_id.clone(), stage, attempt, request, delivered)
             .instrument(span)
@@ -397,14 +411,15 @@ impl<W: Worker> Ctx<W> {
             .as_ref()
             .map_or_else(std::time::SystemTime::now, |e| e.stored);
         if let Some(request) = traced {
-            crate::otel::emit(crate::otel::process_span(
+            crate::telemetry::otel::emit(crate::telemetry::otel::process_span(
                 &subject, &run_id, &request, service, received, end, None,
             ));
         }
         if let Some(e) = ended
-            && let Some(span) = crate::otel::stage_span(&e.run, &e.stage, e.attempt, e.stored)
+            && let Some(span) =
+                crate::telemetry::otel::stage_span(&e.run, &e.stage, e.attempt, e.stored)
         {
-            crate::otel::emit(span);
+            crate::telemetry::otel::emit(span);
         }
     }
 
@@ -484,6 +499,8 @@ impl<W: Worker> Ctx<W> {
             worker_id: self.worker_id.clone(),
             cancel: self.jobs_cancel.child_token(),
             bus: self.bus.clone(),
+            objects: self.objects.clone(),
+            deploys: self.deploys.clone(),
         };
         let started = match self.worker.started(&job).await {
             Ok(d) => d,
@@ -530,7 +547,7 @@ impl<W: Worker> Ctx<W> {
         }
         info!("Stage started.");
         // The run as of the start, for the stage's span at its end (no second read of the log).
-        let traced = crate::otel::enabled()
+        let traced = crate::telemetry::otel::enabled()
             .then(|| slipway_domain::fold::fold(Some(job.run.clone()), &started))
             .flatten();
 
@@ -825,12 +842,12 @@ impl Stored {
         let Some((stage, attempt, verb)) = self.event.data.stage_fact() else {
             return;
         };
-        if !crate::otel::enabled() || !verb.is_terminal() {
+        if !crate::telemetry::otel::enabled() || !verb.is_terminal() {
             return;
         }
         let (bus, run_id, stage) = (bus.clone(), run_id.to_string(), stage.to_string());
         tokio::spawn(async move {
-            crate::otel::emit_stage_span(&bus, &run_id, &stage, attempt, self.seq).await;
+            crate::telemetry::otel::emit_stage_span(&bus, &run_id, &stage, attempt, self.seq).await;
         });
     }
 }
@@ -919,7 +936,10 @@ async fn spawn_max_deliveries_listener(
                 Ok(a) => {
                     warn!(service, run_id, %stage, "Request given up after max deliveries.");
                     if !a.duplicate {
-                        crate::otel::emit_stage_span(&bus, run_id, &stage, attempt, a.seq).await;
+                        crate::telemetry::otel::emit_stage_span(
+                            &bus, run_id, &stage, attempt, a.seq,
+                        )
+                        .await;
                     }
                 }
                 Err(e) => debug!(error = %e, "Cannot publish the give-up fact."),

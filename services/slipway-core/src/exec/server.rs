@@ -184,7 +184,7 @@ impl NatsProcess {
                 return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                let tail = crate::exec::log_tail(&log, 5);
+                let tail = super::log_tail(&log, 5);
                 return Err(format!(
                     "nats-server exited at start ({status}) on port {}: {tail}",
                     self.port

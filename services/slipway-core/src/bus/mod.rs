@@ -5,6 +5,8 @@
 //! `Nats-Expected-Last-Subject-Sequence` with the subject filter `slipway.run.<id>.>`, so a
 //! writer that decided on a stale view of the run loses with [`AppendError::Conflict`].
 
+pub mod binding;
+
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream};
@@ -13,7 +15,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::binding::{self, BindingError};
+use binding::BindingError;
 use slipway_domain::envelope::{EnvelopeError, Event};
 use slipway_domain::subjects;
 
@@ -183,16 +185,27 @@ pub fn decode(
     Ok(Event::from_cloudevent(&ce)?)
 }
 
-/// A connection to NATS with the log's stream.
+/// Told of each new append to a run's subject (not a duplicate): its subject, run, event, and
+/// when the publish began and was acknowledged.
+pub type AppendObserver = fn(&str, &str, &Event, std::time::SystemTime, std::time::SystemTime);
+
+/// The process's observer of appends, installed by telemetry ([`crate::telemetry::otel::install`]), so
+/// the bus itself knows nothing of it.
+static APPENDS: std::sync::OnceLock<AppendObserver> = std::sync::OnceLock::new();
+
+/// Installs the process's observer of appends; the first one installed stays.
+pub fn observe_appends(observer: AppendObserver) {
+    let _ = APPENDS.set(observer);
+}
+
+/// A connection to NATS with the log's stream: connect, append, read. Nothing else lives
+/// here: the caches of objects ([`crate::store::objects::Objects`]) and deploys
+/// ([`crate::store::baseline::Deploys`]) are composed around a bus, and telemetry observes it.
 #[derive(Debug, Clone)]
 pub struct Bus {
     client: async_nats::Client,
     js: jetstream::Context,
     settings: NatsSettings,
-    /// Deploys read so far, shared by the clones (see [`crate::baseline`]).
-    deploys: std::sync::Arc<crate::baseline::SharedDeployIndex>,
-    /// Object store handles by bucket, shared by the clones (see [`crate::objects`]).
-    buckets: std::sync::Arc<crate::objects::Buckets>,
 }
 
 impl Bus {
@@ -267,19 +280,7 @@ impl Bus {
             client,
             js,
             settings: settings.clone(),
-            deploys: Default::default(),
-            buckets: Default::default(),
         })
-    }
-
-    /// The connection's index of deploys ([`crate::baseline`]).
-    pub fn deploy_index(&self) -> &crate::baseline::SharedDeployIndex {
-        &self.deploys
-    }
-
-    /// The connection's object store handles ([`crate::objects`]).
-    pub fn buckets(&self) -> &crate::objects::Buckets {
-        &self.buckets
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -502,16 +503,16 @@ impl Bus {
             Ok(ack) => {
                 debug!(%subject, seq = ack.sequence, duplicate = ack.duplicate, "Appended.");
                 if !ack.duplicate
-                    && crate::otel::enabled()
+                    && let Some(observe) = APPENDS.get()
                     && let Some((run_id, _, _)) = subjects::parse_run(&subject)
                 {
-                    crate::otel::emit(crate::otel::publish_span(
+                    observe(
                         &subject,
                         run_id,
                         event,
                         started,
                         std::time::SystemTime::now(),
-                    ));
+                    );
                 }
                 Ok(Appended {
                     seq: ack.sequence,

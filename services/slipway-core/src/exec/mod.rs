@@ -3,6 +3,9 @@
 //! a log file. The command runs in its own process group so a timeout kills everything it
 //! started.
 
+pub mod server;
+pub mod workspace;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -250,7 +253,7 @@ fn kill_group(pid: Option<u32>) {
 /// # Errors
 /// As [`run`].
 pub async fn run_in(
-    scope: &crate::otel::StageScope,
+    scope: &crate::telemetry::otel::StageScope,
     cmd: Cmd<'_>,
     cancel: &CancellationToken,
 ) -> Result<Outcome, ExecError> {

@@ -24,34 +24,34 @@ pub struct Live {
 /// # Errors
 /// [`BusError`] when the log cannot be read.
 pub async fn live_version(
-    bus: &Bus,
+    deploys: &Deploys,
     pipeline: &str,
     environment: &str,
 ) -> Result<Option<Live>, BusError> {
-    live_version_in(bus, pipeline, environment, None).await
+    live_version_in(deploys, pipeline, environment, None).await
 }
 
 /// [`live_version`] as of stream sequence `seq` at least (a job's request): when a follower
-/// of the log has folded that far into the connection's index, the answer needs no read.
+/// of the log has folded that far into the index, the answer needs no read.
 ///
 /// # Errors
 /// [`BusError`] when the log cannot be read.
 pub async fn live_version_as_of(
-    bus: &Bus,
+    deploys: &Deploys,
     pipeline: &str,
     environment: &str,
     seq: u64,
 ) -> Result<Option<Live>, BusError> {
-    live_version_in(bus, pipeline, environment, Some(seq)).await
+    live_version_in(deploys, pipeline, environment, Some(seq)).await
 }
 
 async fn live_version_in(
-    bus: &Bus,
+    deploys: &Deploys,
     pipeline: &str,
     environment: &str,
     as_of: Option<u64>,
 ) -> Result<Option<Live>, BusError> {
-    let here = deploys_here(bus, pipeline, environment, as_of).await?;
+    let here = deploys_here(deploys, pipeline, environment, as_of).await?;
     let Some(last) = here.last() else {
         return Ok(None);
     };
@@ -73,13 +73,13 @@ async fn live_version_in(
 /// # Errors
 /// [`BusError`] when the log cannot be read.
 pub async fn builder_of(
-    bus: &Bus,
+    deploys: &Deploys,
     pipeline: &str,
     environment: &str,
     digest: &str,
 ) -> Result<Option<String>, BusError> {
     Ok(first_deployer(
-        &deploys_here(bus, pipeline, environment, None).await?,
+        &deploys_here(deploys, pipeline, environment, None).await?,
         digest,
     ))
 }
@@ -94,8 +94,8 @@ fn first_deployer(here: &[Event], digest: &str) -> Option<String> {
 /// Successful deploys and rollbacks by pipeline and environment, as far as the log has been
 /// read. The log only grows, so each lookup reads just what was appended since the last one
 /// (rather than every deploy ever made, per deploy); in a worker, the runs in flight
-/// ([`crate::follow`]) feed it as they follow the log, and a lookup then reads nothing. One
-/// per connection ([`Bus`] clones share it); a log stream deleted and made again under a
+/// ([`crate::runtime::follow`]) feed it as they follow the log, and a lookup then reads nothing. One
+/// per [`Deploys`] (its clones share it); a log stream deleted and made again under a
 /// running process is not noticed, so the services are restarted after that.
 #[derive(Debug, Default)]
 pub struct DeployIndex {
@@ -144,10 +144,42 @@ impl DeployIndex {
     }
 }
 
+/// The deploys of one connection: the [`Bus`] with the index of deploys read so far. Clones
+/// share the index; make one per connection and pass it on (a worker's runs in flight feed it,
+/// [`crate::runtime::follow`]).
+#[derive(Debug, Clone)]
+pub struct Deploys {
+    bus: Bus,
+    index: std::sync::Arc<SharedDeployIndex>,
+}
+
+impl Deploys {
+    pub fn new(bus: &Bus) -> Self {
+        Self {
+            bus: bus.clone(),
+            index: std::sync::Arc::default(),
+        }
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// The index, for the follower that feeds it.
+    pub(crate) fn index(&self) -> &SharedDeployIndex {
+        &self.index
+    }
+
+    /// Reads of the log the index has made (a follower of the log spares them).
+    pub fn reads(&self) -> u64 {
+        self.index.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// The index and the lock that makes concurrent lookups wait for one read instead of each
 /// making one (the index itself is locked only briefly, as the follower feeds it per message).
 #[derive(Debug, Default)]
-pub struct SharedDeployIndex {
+pub(crate) struct SharedDeployIndex {
     index: std::sync::Mutex<DeployIndex>,
     reading: tokio::sync::Mutex<()>,
     reads: std::sync::atomic::AtomicU64,
@@ -157,22 +189,17 @@ impl SharedDeployIndex {
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, DeployIndex> {
         self.index.lock().expect("deploy index lock")
     }
-
-    /// Reads of the log the index has made (a follower of the log spares them).
-    pub fn reads(&self) -> u64 {
-        self.reads.load(std::sync::atomic::Ordering::Relaxed)
-    }
 }
 
 /// Successful deploys and rollbacks of one environment of one pipeline, in log order, as of
 /// stream sequence `as_of` at least (`None`: as of now).
 async fn deploys_here(
-    bus: &Bus,
+    deploys: &Deploys,
     pipeline: &str,
     environment: &str,
     as_of: Option<u64>,
 ) -> Result<Vec<Event>, BusError> {
-    let shared = bus.deploy_index();
+    let (bus, shared) = (&deploys.bus, deploys.index());
     let key = (pipeline.to_string(), environment.to_string());
     let lookup = |index: &DeployIndex| index.here.get(&key).cloned().unwrap_or_default();
     {
@@ -220,20 +247,20 @@ async fn deploys_here(
 /// # Errors
 /// [`BusError`] when the log cannot be read.
 pub async fn gate_baseline(
-    bus: &Bus,
+    deploys: &Deploys,
     run: &Run,
     stage: &str,
 ) -> Result<Option<(String, GateReport)>, BusError> {
     let Some(production) = run.spec.environment.last() else {
         return Ok(None);
     };
-    let Some(live) = live_version(bus, &run.pipeline, &production.name).await? else {
+    let Some(live) = live_version(deploys, &run.pipeline, &production.name).await? else {
         return Ok(None);
     };
     if live.run_id == run.run_id {
         return Ok(None);
     }
-    let log = bus.run_log(&live.run_id).await?;
+    let log = deploys.bus.run_log(&live.run_id).await?;
     let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
     let Some(base) = Run::replay(&events) else {
         return Ok(None);
@@ -244,12 +271,14 @@ pub async fn gate_baseline(
 /// The stored details of a baseline report (per-item results, a latency sample), read into
 /// `T`; `None` when the report stored none or they cannot be read.
 pub async fn details<T: serde::de::DeserializeOwned>(
-    bus: &Bus,
+    objects: &crate::store::objects::Objects,
     report: Option<&GateReport>,
     scratch: &std::path::Path,
 ) -> Option<T> {
     let obj = report?.details.clone()?;
-    crate::objects::get_file(bus, &obj, scratch).await.ok()?;
+    crate::store::objects::get_file(objects, &obj, scratch)
+        .await
+        .ok()?;
     let bytes = std::fs::read(scratch).ok()?;
     serde_json::from_slice(&bytes).ok()
 }

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use crate::bus::{Bus, NatsSettings};
-use crate::credentials::Credentials;
-use crate::server::{NatsProcess, find_nats_server};
+use crate::config::credentials::Credentials;
+use crate::exec::server::{NatsProcess, find_nats_server};
 
 /// The workspace root (where `.venv/` lives).
 pub fn workspace_root() -> PathBuf {
@@ -32,7 +32,7 @@ pub struct TestNats {
     credentials: Option<Credentials>,
 }
 
-pub use crate::credentials::{NATS_USERS, nats_user_of};
+pub use crate::config::credentials::{NATS_USERS, nats_user_of};
 
 impl TestNats {
     /// Starts a server with JetStream on a free loopback port and a fresh store.
@@ -57,8 +57,9 @@ impl TestNats {
     /// When the server cannot start.
     pub fn start_least_privilege() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let credentials = Credentials::load_or_create(&crate::credentials::directory(dir.path()))
-            .expect("credentials");
+        let credentials =
+            Credentials::load_or_create(&crate::config::credentials::directory(dir.path()))
+                .expect("credentials");
         let conf = dir.path().join("nats-server.conf");
         Credentials::write_server_config(&conf).expect("server configuration");
         let process = NatsProcess::spawn(

@@ -13,7 +13,7 @@ use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt 
 use std::path::{Path, PathBuf};
 
 /// The shipped least-privilege configuration.
-pub const LEAST_PRIVILEGE_CONF: &str = include_str!("../../../deploy/nats/least-privilege.conf");
+pub const LEAST_PRIVILEGE_CONF: &str = include_str!("../../../../deploy/nats/least-privilege.conf");
 
 /// The users of [`LEAST_PRIVILEGE_CONF`]: `admin` for operators, one per service, `cli` for
 /// people's `slipway` commands.

@@ -1,5 +1,8 @@
 //! Structured logs through `tracing`, filtered by `RUST_LOG` (default `info`).
 
+pub mod otel;
+pub mod trace;
+
 /// Installs the log subscriber once; later calls are no-ops.
 pub fn init(service: &str) {
     use tracing_subscriber::EnvFilter;

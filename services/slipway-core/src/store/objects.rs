@@ -10,14 +10,14 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::object_store::{self, ObjectInfo, ObjectStore};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::warn;
 
 use crate::bus::{Bus, BusError, DirectPages};
-use crate::workspace::sha256_file;
+use crate::exec::workspace::sha256_file;
 use slipway_domain::events::ObjectRef;
 
 fn nats(operation: &'static str, e: impl std::fmt::Display) -> BusError {
@@ -31,10 +31,32 @@ fn nats(operation: &'static str, e: impl std::fmt::Display) -> BusError {
 /// most this many chunks is checked against its digest before any of it is written.
 pub const DIRECT_PAGE_CHUNKS: usize = 32;
 
-/// A connection's bucket handles, so that each use is not a stream lookup on the server. A
-/// handle names its stream only; one that failed is dropped and looked up again.
+/// The object store of one connection: the [`Bus`] with the bucket handles found so far, so
+/// that each use is not a stream lookup on the server. Clones share the handles; make one per
+/// connection and pass it on.
+#[derive(Debug, Clone)]
+pub struct Objects {
+    bus: Bus,
+    buckets: Arc<Buckets>,
+}
+
+impl Objects {
+    pub fn new(bus: &Bus) -> Self {
+        Self {
+            bus: bus.clone(),
+            buckets: Arc::default(),
+        }
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+}
+
+/// Bucket handles by name. A handle names its stream only; one that failed is dropped and
+/// looked up again.
 #[derive(Default)]
-pub struct Buckets(Mutex<HashMap<String, ObjectStore>>);
+struct Buckets(Mutex<HashMap<String, ObjectStore>>);
 
 impl std::fmt::Debug for Buckets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -59,12 +81,12 @@ impl Buckets {
 ///
 /// # Errors
 /// [`BusError`] when the bucket cannot be found or created.
-pub async fn bucket(bus: &Bus, name: &str) -> Result<ObjectStore, BusError> {
-    if let Some(b) = bus.buckets().lock().get(name) {
+pub async fn bucket(objects: &Objects, name: &str) -> Result<ObjectStore, BusError> {
+    if let Some(b) = objects.buckets.lock().get(name) {
         return Ok(b.clone());
     }
-    let b = find_or_create(bus, name).await?;
-    bus.buckets().lock().insert(name.to_string(), b.clone());
+    let b = find_or_create(&objects.bus, name).await?;
+    objects.buckets.lock().insert(name.to_string(), b.clone());
     Ok(b)
 }
 
@@ -95,12 +117,12 @@ async fn find_or_create(bus: &Bus, name: &str) -> Result<ObjectStore, BusError> 
 /// # Errors
 /// [`BusError`] on I/O or NATS failure.
 pub async fn put_file(
-    bus: &Bus,
+    objects: &Objects,
     bucket_name: &str,
     name: Option<&str>,
     path: &Path,
 ) -> Result<ObjectRef, BusError> {
-    let store = bucket(bus, bucket_name).await?;
+    let store = bucket(objects, bucket_name).await?;
     // A content-addressed name needs the digest before the put; any other name takes it from
     // the put's own pass over the file.
     let (name, expected, previous) = match name {
@@ -130,10 +152,19 @@ pub async fn put_file(
             (object.name.clone(), Some(object), previous)
         }
     };
-    match put(bus, bucket_name, &name, path, expected.as_ref(), previous).await {
+    match put(
+        &objects.bus,
+        bucket_name,
+        &name,
+        path,
+        expected.as_ref(),
+        previous,
+    )
+    .await
+    {
         Ok(stored) => Ok(stored),
         Err(e) => {
-            bus.buckets().forget(bucket_name);
+            objects.buckets.forget(bucket_name);
             Err(e)
         }
     }
@@ -328,11 +359,11 @@ async fn put(
 ///
 /// # Errors
 /// [`BusError`] on NATS or I/O failure, or a digest mismatch.
-pub async fn get_file(bus: &Bus, object: &ObjectRef, path: &Path) -> Result<(), BusError> {
+pub async fn get_file(objects: &Objects, object: &ObjectRef, path: &Path) -> Result<(), BusError> {
     let mut file = tokio::fs::File::create(path)
         .await
         .map_err(|e| nats("create file", e))?;
-    let hash = read_into(bus, &object.bucket, &object.name, &mut file).await?;
+    let hash = read_into(objects, &object.bucket, &object.name, &mut file).await?;
     let digest = format!("sha256:{hash:x}");
     if digest != object.digest {
         return Err(nats(
@@ -350,9 +381,9 @@ pub async fn get_file(bus: &Bus, object: &ObjectRef, path: &Path) -> Result<(), 
 ///
 /// # Errors
 /// [`BusError`] on NATS failure, or when there is no such object.
-pub async fn read(bus: &Bus, bucket_name: &str, name: &str) -> Result<Vec<u8>, BusError> {
+pub async fn read(objects: &Objects, bucket_name: &str, name: &str) -> Result<Vec<u8>, BusError> {
     let mut out = Vec::new();
-    read_into(bus, bucket_name, name, &mut out).await?;
+    read_into(objects, bucket_name, name, &mut out).await?;
     Ok(out)
 }
 
@@ -361,12 +392,12 @@ type Hash = sha2::digest::Output<sha2::Sha256>;
 
 /// Writes the object's bytes to `sink` (and flushes it); their SHA-256.
 async fn read_into(
-    bus: &Bus,
+    objects: &Objects,
     bucket_name: &str,
     name: &str,
     sink: &mut (impl AsyncWrite + Unpin),
 ) -> Result<Hash, BusError> {
-    let store = bucket(bus, bucket_name).await?;
+    let store = bucket(objects, bucket_name).await?;
     let info = match store.info(name).await {
         Ok(i) if !i.deleted => i,
         Ok(_) => return Err(nats("object get", format!("{name} was deleted"))),
@@ -377,7 +408,7 @@ async fn read_into(
             ));
         }
         Err(e) => {
-            bus.buckets().forget(bucket_name);
+            objects.buckets.forget(bucket_name);
             return Err(nats("object get", e));
         }
     };
@@ -385,7 +416,7 @@ async fn read_into(
     let read = if linked {
         read_streamed(&store, name, sink).await
     } else {
-        match read_direct(bus, bucket_name, &info, sink).await {
+        match read_direct(&objects.bus, bucket_name, &info, sink).await {
             Ok(hash) => Ok(hash),
             // Nothing reached the sink yet (a chunk missing, an object replaced under the read,
             // a replica behind, a bucket without direct gets): the client's own read, afresh.
@@ -397,7 +428,7 @@ async fn read_into(
         }
     };
     if read.is_err() {
-        bus.buckets().forget(bucket_name);
+        objects.buckets.forget(bucket_name);
     }
     let hash = read?;
     sink.flush().await.map_err(|e| nats("write file", e))?;
@@ -555,9 +586,9 @@ async fn read_streamed(
 ///
 /// # Errors
 /// [`BusError`] on NATS failure.
-pub async fn list(bus: &Bus, bucket_name: &str) -> Result<Vec<String>, BusError> {
+pub async fn list(objects: &Objects, bucket_name: &str) -> Result<Vec<String>, BusError> {
     use futures_util::StreamExt;
-    let store = bucket(bus, bucket_name).await?;
+    let store = bucket(objects, bucket_name).await?;
     let mut list = store.list().await.map_err(|e| nats("object list", e))?;
     let mut out = Vec::new();
     while let Some(i) = list.next().await {

@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use crate::trace::RunTrace;
+pub use crate::telemetry::trace::RunTrace;
 use slipway_domain::envelope::Event;
 use slipway_domain::fold::Run;
 
@@ -224,6 +224,10 @@ pub fn install(service: &str, run_url_base: Option<&str>) -> Otel {
                 };
                 if SINK.set(sink).is_ok() {
                     ENABLED.store(true, Ordering::Relaxed);
+                    // Every append to a run's subject becomes a publish span.
+                    crate::bus::observe_appends(|subject, run_id, event, started, ended| {
+                        emit(publish_span(subject, run_id, event, started, ended));
+                    });
                     otel.stop = Some(stop);
                     otel.exporter_task = Some(task);
                     info!(?protocol, "Exporting spans over OTLP.");
@@ -688,7 +692,7 @@ pub fn publish_span(
         name: format!("publish {}", subject_template(subject, run_id)),
         kind: SpanKind::Producer,
         trace_id: t.trace_id,
-        span_id: crate::trace::publish_span(&event.id),
+        span_id: crate::telemetry::trace::publish_span(&event.id),
         parent: Some(parent),
         parent_remote: true,
         sampled: t.sampled,
@@ -733,7 +737,7 @@ pub fn process_span(
         attributes,
         links: vec![SpanContext::new(
             t.trace_id,
-            crate::trace::publish_span(&event.id),
+            crate::telemetry::trace::publish_span(&event.id),
             TraceFlags::SAMPLED,
             true,
             TraceState::default(),

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::bus::{Bus, BusError};
+use crate::store::baseline::Deploys;
 use slipway_domain::events::{EventData, StageKind};
 use slipway_domain::fold::{Run, fold, fold_into};
 use slipway_domain::subjects;
@@ -60,6 +61,8 @@ struct Inner {
     kinds: Option<Vec<StageKind>>,
     /// Every message on the runs' subjects up to this stream sequence is folded in.
     through: watch::Sender<u64>,
+    /// The index of deploys the view feeds as it follows the log.
+    deploys: Deploys,
 }
 
 struct Followed {
@@ -76,8 +79,8 @@ impl RunsInFlight {
     ///
     /// # Errors
     /// [`BusError`] when the stream cannot be read.
-    pub async fn start(bus: &Bus, shutdown: CancellationToken) -> Result<Self, BusError> {
-        Self::start_with(bus, None, shutdown).await
+    pub async fn start(deploys: &Deploys, shutdown: CancellationToken) -> Result<Self, BusError> {
+        Self::start_with(deploys, None, shutdown).await
     }
 
     /// As [`RunsInFlight::start`], holding only the runs that can request a stage of `kinds`
@@ -86,29 +89,31 @@ impl RunsInFlight {
     /// # Errors
     /// [`BusError`] when the stream cannot be read.
     pub async fn start_for(
-        bus: &Bus,
+        deploys: &Deploys,
         kinds: &[StageKind],
         shutdown: CancellationToken,
     ) -> Result<Self, BusError> {
-        Self::start_with(bus, Some(kinds.to_vec()), shutdown).await
+        Self::start_with(deploys, Some(kinds.to_vec()), shutdown).await
     }
 
     async fn start_with(
-        bus: &Bus,
+        deploys: &Deploys,
         kinds: Option<Vec<StageKind>>,
         shutdown: CancellationToken,
     ) -> Result<Self, BusError> {
+        let bus = deploys.bus();
         let through = bus.last_seq().await?;
         let view = Self {
             inner: Arc::new(Inner {
                 runs: Mutex::new(HashMap::new()),
                 kinds,
                 through: watch::Sender::new(through),
+                deploys: deploys.clone(),
             }),
         };
-        // The view also keeps the connection's index of deploys current (a deployer's lookup
-        // of what is live then reads nothing).
-        bus.deploy_index().lock().follow_from(through);
+        // The view also keeps the index of deploys current (a deployer's lookup of what is
+        // live then reads nothing).
+        deploys.index().lock().follow_from(through);
         tokio::spawn(view.clone().follow(bus.clone(), shutdown));
         Ok(view)
     }
@@ -208,7 +213,7 @@ impl RunsInFlight {
                             debug!(seq, "Log follower went back; reopening it.");
                             break;
                         }
-                        self.apply(&bus, seq, &m.message);
+                        self.apply(seq, &m.message);
                     }
                     // The ordered consumer makes itself again after a gap or a lost server.
                     Some(Err(e)) => debug!(error = %e, "Log follower error; it resumes by itself."),
@@ -223,7 +228,7 @@ impl RunsInFlight {
     }
 
     /// Folds the message at stream sequence `seq` in.
-    fn apply(&self, bus: &Bus, seq: u64, msg: &async_nats::Message) {
+    fn apply(&self, seq: u64, msg: &async_nats::Message) {
         let subject = msg.subject.as_str();
         if let Some((run_id, _, _)) = subjects::parse_run(subject) {
             // The index takes deploys by subject, as its reads of the log do.
@@ -236,7 +241,9 @@ impl RunsInFlight {
             let event = (held || created || deploy)
                 .then(|| crate::bus::decode(msg.headers.as_ref(), &msg.payload).ok())
                 .flatten();
-            bus.deploy_index()
+            self.inner
+                .deploys
+                .index()
                 .lock()
                 .followed(seq, event.as_ref().filter(|_| deploy));
             let mut runs = self.inner.runs.lock().expect("lock");
