@@ -768,7 +768,11 @@ async fn a_rolling_upgrade_mixes_releases_on_one_stream_and_every_run_finishes()
             duration_ms: 5,
         }),
     ] {
-        let fact = slipway_core::runtime::fact("tester", &started_today, data);
+        let fact = slipway_core::runtime::fact(
+            slipway_domain::service::Service::Tester,
+            &started_today,
+            data,
+        );
         publish_from_a_newer_release(&client, &fact, newer.clone()).await;
     }
     let status = stack.wait_phase(&started_today, "succeeded", LONG);

@@ -144,7 +144,7 @@ fn runs_survive_sigkill_of_every_service_and_the_server() {
     let bus = rt.block_on(stack.bus());
     for run in &runs {
         let log = rt.block_on(bus.run_log(run)).unwrap();
-        let artifacts: std::collections::BTreeSet<String> = log
+        let artifacts: std::collections::BTreeSet<slipway_domain::digest::Digest> = log
             .iter()
             .filter_map(|r| match &r.event.as_ref().ok()?.data {
                 EventData::BuildSucceeded(b) => Some(b.artifact.digest.clone()),

@@ -15,17 +15,7 @@ use slipway_core::testing::TestNats;
 pub mod collector;
 
 /// Services a full stack runs.
-pub const SERVICES: &[&str] = &[
-    "slipway-conductor",
-    "slipway-builder",
-    "slipway-tester",
-    "slipway-deployer",
-    "slipway-monitor",
-    "slipway-approval",
-    "slipway-model-evaluator",
-    "slipway-perf-regression",
-    "slipway-cost-estimator",
-];
+pub const SERVICES: &[&str] = &slipway_domain::service::Service::BINARIES;
 
 /// The worker services of issue 2's slice: no deploys, no gateway.
 pub const BUILD_AND_TEST: &[&str] = &["slipway-conductor", "slipway-builder", "slipway-tester"];

@@ -2,6 +2,7 @@
 //! OpenTelemetry CI/CD conventions, dots as underscores) and consumer lag per service from
 //! JetStream.
 
+use slipway_domain::stage::StageKind;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -100,10 +101,14 @@ pub fn render_runs<'a>(runs: impl IntoIterator<Item = &'a Run>) -> String {
                 .entry((p.clone(), s.name.clone(), o.result))
                 .or_default()
                 .observe(secs);
-            if let Some(env) = s.name.strip_prefix("deploy:") {
-                *deploys.entry((env.to_string(), o.result)).or_default() += 1;
-            } else if let Some(env) = s.name.strip_prefix("rollback:") {
-                *rollbacks.entry((env.to_string(), o.result)).or_default() += 1;
+            let key = s.key();
+            let counted = match key.as_ref().map(|k| (k.kind(), k.environment())) {
+                Some((StageKind::Deploy, Some(env))) => Some((&mut deploys, env)),
+                Some((StageKind::Rollback, Some(env))) => Some((&mut rollbacks, env)),
+                _ => None,
+            };
+            if let Some((count, env)) = counted {
+                *count.entry((env.to_string(), o.result)).or_default() += 1;
             }
         }
     }

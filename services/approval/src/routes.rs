@@ -10,6 +10,7 @@ use chrono::Utc;
 use cloudevents::event::AttributesWriter;
 use serde::{Deserialize, Serialize};
 use slipway_core::bus::AppendError;
+use slipway_domain::digest::Digest;
 use slipway_domain::events::{ApprovalDecision, EventData};
 use slipway_domain::fold::StageStatus;
 use slipway_domain::{Event, Phase, Run, cdevents, ids, policy, subjects};
@@ -20,7 +21,7 @@ use crate::auth;
 use crate::error::{ApiError, ErrorBody};
 
 /// CloudEvents `source` of the gateway's own events.
-pub const SOURCE: &str = "/slipway/approval";
+pub const SOURCE: &str = slipway_domain::service::Service::Approval.source();
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -394,7 +395,7 @@ fn awaiting<'a>(
     run: &'a Run,
     id: &str,
     digest: &str,
-) -> Result<(&'a slipway_domain::fold::StageState, String), ApiError> {
+) -> Result<(&'a slipway_domain::fold::StageState, Digest), ApiError> {
     if run.is_ended() {
         return Err(ApiError::Conflict(format!(
             "run {id} is not awaiting approval (it ended {}: {})",
@@ -417,7 +418,7 @@ fn awaiting<'a>(
         .as_ref()
         .map(|a| a.digest.clone())
         .unwrap_or_default();
-    if digest != current {
+    if current != *digest {
         return Err(ApiError::Conflict(format!(
             "artifact_digest {digest} is not the run's current artifact {current}"
         )));
@@ -548,7 +549,7 @@ pub async fn post_approval(
                         stage: stage_name,
                         decision: body.decision,
                         approver: approver.name.clone(),
-                        artifact_digest: current,
+                        artifact_digest: current.to_string(),
                         comment: body.comment.clone(),
                         decided_at: event.time.to_rfc3339(),
                         seq: a.seq,

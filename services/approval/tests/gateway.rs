@@ -132,7 +132,7 @@ impl Gw {
             self.bus.publish(e).await.unwrap();
         }
         let digest = sim.run().artifact.as_ref().unwrap().digest.clone();
-        (sim.run_id.clone(), digest)
+        (sim.run_id.clone(), digest.to_string())
     }
 }
 

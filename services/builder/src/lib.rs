@@ -39,8 +39,8 @@ pub struct Builder {
 }
 
 impl Worker for Builder {
-    fn service(&self) -> &'static str {
-        "builder"
+    fn service(&self) -> slipway_core::runtime::Service {
+        slipway_core::runtime::Service::Builder
     }
 
     fn kinds(&self) -> &'static [StageKind] {
@@ -113,7 +113,7 @@ impl Builder {
                 );
             }
         };
-        let log_name = format!("runs/{}/{}-{}.log", job.run_id, req.stage, req.attempt);
+        let log_name = job.object_name("log");
         let upload_log = async {
             let _span = scope.span("upload");
             slipway_core::store::objects::put_file(

@@ -151,7 +151,7 @@ async fn builds_a_git_revision_and_stores_its_artifact() {
     );
     assert_eq!(
         ok.artifact.name,
-        format!("sha256/{}", &ok.artifact.digest[7..])
+        format!("sha256/{}", ok.artifact.digest.hex())
     );
     h.stop().await;
 }

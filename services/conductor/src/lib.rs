@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// CloudEvents `source` of the conductor's events.
-pub const SOURCE: &str = "/slipway/conductor";
+pub const SOURCE: &str = slipway_domain::service::Service::Conductor.source();
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConductorError {

@@ -7,6 +7,7 @@
 //! with the log), so a restart does not repeat them; the active-run gauge is kept through the
 //! replay too, so it is right from the start.
 
+use slipway_domain::stage::StageKind;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -189,10 +190,14 @@ impl Observer {
                 KeyValue::new("cicd.pipeline.task.run.result", result),
             ]
         };
-        if let Some(env) = stage.name.strip_prefix("deploy:") {
-            self.deploys.add(1, &env_attrs(env));
-        } else if let Some(env) = stage.name.strip_prefix("rollback:") {
-            self.rollbacks.add(1, &env_attrs(env));
+        if let Some(key) = stage.key()
+            && let Some(env) = key.environment()
+        {
+            match key.kind() {
+                StageKind::Deploy => self.deploys.add(1, &env_attrs(env)),
+                StageKind::Rollback => self.rollbacks.add(1, &env_attrs(env)),
+                _ => {}
+            }
         }
     }
 

@@ -78,7 +78,9 @@ async fn answer_builds_until_done(bus: &Bus, runs: &[String]) -> BTreeMap<String
                     log: artifact("log"),
                     duration_ms: 1,
                 });
-                bus.publish(&fact("builder", run, ok)).await.unwrap();
+                bus.publish(&fact(slipway_domain::service::Service::Builder, run, ok))
+                    .await
+                    .unwrap();
             }
             if t.iter().any(|x| x == "dev.slipway.run.succeeded.v1") {
                 done += 1;

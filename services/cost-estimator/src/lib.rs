@@ -134,8 +134,8 @@ pub fn checks(spec: &CostSpec, m: &BTreeMap<String, f64>, baseline: Option<f64>)
 }
 
 impl Worker for CostGate {
-    fn service(&self) -> &'static str {
-        "cost-estimator"
+    fn service(&self) -> slipway_core::runtime::Service {
+        slipway_core::runtime::Service::CostEstimator
     }
 
     fn kinds(&self) -> &'static [StageKind] {

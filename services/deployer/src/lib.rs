@@ -109,8 +109,8 @@ fn failed(
 }
 
 impl Worker for Deployer {
-    fn service(&self) -> &'static str {
-        "deployer"
+    fn service(&self) -> slipway_core::runtime::Service {
+        slipway_core::runtime::Service::Deployer
     }
 
     fn kinds(&self) -> &'static [StageKind] {
@@ -353,7 +353,10 @@ impl Deployer {
             "SLIPWAY_ARTIFACT_DIR".into(),
             artifact_dir.display().to_string(),
         );
-        env.insert("SLIPWAY_ARTIFACT_DIGEST".into(), r.artifact.digest.clone());
+        env.insert(
+            "SLIPWAY_ARTIFACT_DIGEST".into(),
+            r.artifact.digest.to_string(),
+        );
         env.insert(
             "SLIPWAY_DEPLOY_KEY".into(),
             format!("{}/{}/{}", job.run_id, r.stage, r.attempt),
@@ -383,12 +386,7 @@ impl Deployer {
             Ok(o) => o,
             Err(e) => return fail(format!("deploy command could not start: {e}")),
         };
-        let log_name = format!(
-            "runs/{}/{}-{}.log",
-            job.run_id,
-            r.stage.replace(':', "-"),
-            r.attempt
-        );
+        let log_name = job.object_name("log");
         // The deploy happened (or not) whatever becomes of its log: never fail it for that.
         let log = match retried(|| {
             slipway_core::store::objects::put_file(

@@ -164,8 +164,8 @@ impl Evidence {
 }
 
 impl Worker for Monitor {
-    fn service(&self) -> &'static str {
-        "monitor"
+    fn service(&self) -> slipway_core::runtime::Service {
+        slipway_core::runtime::Service::Monitor
     }
 
     fn kinds(&self) -> &'static [StageKind] {

@@ -58,8 +58,8 @@ pub struct Details {
 }
 
 impl Worker for PerfGate {
-    fn service(&self) -> &'static str {
-        "perf-regression"
+    fn service(&self) -> slipway_core::runtime::Service {
+        slipway_core::runtime::Service::PerfRegression
     }
 
     fn kinds(&self) -> &'static [StageKind] {
@@ -338,7 +338,7 @@ impl PerfGate {
             serde_json::to_vec(&details).expect("details serialise"),
         )
         .map_err(|e| Transient(e.to_string()))?;
-        let name = format!("runs/{}/{}-{}.json", job.run_id, req.stage, req.attempt);
+        let name = job.object_name("json");
         let stored = objects::put_file(&job.objects, &self.logs_bucket, Some(&name), &path).await?;
         let verdict = thresholds::overall(&checks);
         let reason = (verdict == Verdict::Fail).then(|| {

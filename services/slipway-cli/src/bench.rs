@@ -948,7 +948,10 @@ fn stage_overheads(events: &[Event]) -> Vec<(Duration, Duration, Duration)> {
 /// an approval, from being asked for to the decision.
 fn stage_work(events: &[Event]) -> Vec<(String, Duration)> {
     use slipway_domain::events::StageVerb;
-    let kind = |stage: &str| stage.split(':').next().unwrap_or(stage).to_string();
+    let kind = |stage: &str| {
+        slipway_domain::stage::StageKey::parse(stage)
+            .map_or_else(|_| stage.to_string(), |k| k.kind().as_str().to_string())
+    };
     let mut began = std::collections::HashMap::new();
     let mut out = Vec::new();
     for e in events {
@@ -1372,7 +1375,7 @@ fn sample_event() -> Event {
     let artifact = slipway_domain::events::ObjectRef {
         bucket: "slipway-artifacts".into(),
         name: "a".repeat(64),
-        digest: format!("sha256:{}", "0".repeat(64)),
+        digest: format!("sha256:{}", "0".repeat(64)).into(),
         size: 1234,
     };
     Event::new(

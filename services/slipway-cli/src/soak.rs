@@ -325,7 +325,7 @@ async fn artifacts_per_run(bus: &Bus) -> anyhow::Result<BTreeMap<String, usize>>
             digests
                 .entry(run)
                 .or_default()
-                .insert(b.artifact.digest.clone());
+                .insert(b.artifact.digest.to_string());
         }
     }
     Ok(digests.into_iter().map(|(k, v)| (k, v.len())).collect())

@@ -12,17 +12,7 @@ use slipway_core::exec::server::{NatsProcess, find_nats_server};
 use tokio::process::{Child, Command};
 
 /// The services `up` starts, by binary name.
-pub const SERVICES: &[&str] = &[
-    "slipway-conductor",
-    "slipway-builder",
-    "slipway-tester",
-    "slipway-deployer",
-    "slipway-monitor",
-    "slipway-approval",
-    "slipway-model-evaluator",
-    "slipway-perf-regression",
-    "slipway-cost-estimator",
-];
+pub const SERVICES: &[&str] = &slipway_domain::service::Service::BINARIES;
 
 /// A service that exits this many times is not restarted again: something is wrong.
 const MAX_RESTARTS: u32 = 5;

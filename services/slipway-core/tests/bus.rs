@@ -233,7 +233,7 @@ async fn what_is_live_follows_deploys_appended_after_the_first_lookup() {
                 artifact: ObjectRef {
                     bucket: "b".into(),
                     name: version.into(),
-                    digest: format!("sha256:{version}"),
+                    digest: format!("sha256:{version}").into(),
                     size: 1,
                 },
                 previous_version: None,

@@ -362,7 +362,7 @@ async fn missing_deleted_and_altered_objects_are_errors_that_name_them() {
         .unwrap();
     // An event whose digest is not the stored bytes' is refused after the read.
     let forged = ObjectRef {
-        digest: format!("sha256:{}", "0".repeat(64)),
+        digest: format!("sha256:{}", "0".repeat(64)).into(),
         ..stored.clone()
     };
     let err = objects::get_file(&Objects::new(&bus), &forged, &out)

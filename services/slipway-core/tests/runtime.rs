@@ -34,8 +34,8 @@ struct TestWorker {
 }
 
 impl Worker for TestWorker {
-    fn service(&self) -> &'static str {
-        "builder"
+    fn service(&self) -> slipway_core::runtime::Service {
+        slipway_core::runtime::Service::Builder
     }
 
     fn kinds(&self) -> &'static [StageKind] {
@@ -329,8 +329,8 @@ struct ExclusiveWorker {
 }
 
 impl Worker for ExclusiveWorker {
-    fn service(&self) -> &'static str {
-        "builder"
+    fn service(&self) -> slipway_core::runtime::Service {
+        slipway_core::runtime::Service::Builder
     }
 
     fn kinds(&self) -> &'static [StageKind] {
@@ -372,9 +372,13 @@ async fn an_exclusive_attempt_started_by_a_dead_delivery_is_repeated_only_when_i
             "builder-gone",
         )
         .unwrap();
-        bus.publish(&slipway_core::runtime::fact("builder", &run, started))
-            .await
-            .unwrap();
+        bus.publish(&slipway_core::runtime::fact(
+            slipway_domain::service::Service::Builder,
+            &run,
+            started,
+        ))
+        .await
+        .unwrap();
         let worker = Arc::new(ExclusiveWorker {
             idempotent,
             calls: AtomicU32::new(0),

@@ -96,7 +96,12 @@ mod tests {
         let started =
             crate::facts::started_data("dev.slipway.test.requested.v1", "test:unit", 1, "t-1")
                 .unwrap();
-        sim.push(crate::facts::fact("tester", &sim.run_id, started, sim.now));
+        sim.push(crate::facts::fact(
+            crate::service::Service::Tester,
+            &sim.run_id,
+            started,
+            sim.now,
+        ));
         let run = sim.run().clone();
         assert_eq!(
             admit(Some(&run), "test:unit", 1, false, no),

@@ -486,7 +486,7 @@ mod tests {
         let a = ObjectRef {
             bucket: "b".into(),
             name: "n".into(),
-            digest: format!("sha256:{}", "ab".repeat(32)),
+            digest: format!("sha256:{}", "ab".repeat(32)).into(),
             size: 1,
         };
         let p = purl("model server", &a);

@@ -5,8 +5,8 @@
 //! the commands a decision yields are already in the log, so `decide` on the replayed state
 //! asks for nothing new.
 
+use crate::digest::Digest;
 use chrono::{DateTime, Duration, Utc};
-use sha2::{Digest, Sha256};
 
 use crate::envelope::Event;
 use crate::events::{
@@ -18,6 +18,7 @@ use crate::ids;
 use crate::plan::{Step, approval_key, plan};
 use crate::run::{Phase, Run, StageState, StageStatus};
 use crate::spec::{AutoApprove, PipelineSpec};
+use crate::stage::{StageKey, environment_of};
 
 /// Stage attempts start at 1; a retry policy would raise it.
 pub const FIRST_ATTEMPT: u32 = 1;
@@ -149,8 +150,8 @@ fn stages_step(run: &Run, fleet: &Fleet, keys: &[String]) -> Next {
     for (key, state) in keys.iter().zip(&states) {
         let pending = state.is_none_or(|s| s.status == StageStatus::Pending);
         if pending
-            && let Some(env) = key.strip_prefix("deploy:")
-            && !fleet.may_deploy(run, env)
+            && let Some(env) = environment_of(key, StageKind::Deploy)
+            && !fleet.may_deploy(run, &env)
         {
             return Next::Wait;
         }
@@ -189,7 +190,11 @@ fn on_failure(run: &Run, failed: &StageState) -> Vec<Command> {
         return finish(Phase::Failed, format!("{key} failed: {reason}"), key);
     }
     // The monitor saw production degrade: roll back to the last good version, if any.
-    let environment = key.split_once(':').map_or("", |(_, e)| e);
+    let parsed = StageKey::parse(key).ok();
+    let environment = parsed
+        .as_ref()
+        .and_then(StageKey::environment)
+        .unwrap_or_default();
     let rollback_wanted = run.spec.monitor.as_ref().is_some_and(|m| m.rollback);
     let previous = run
         .deployment(environment)
@@ -293,10 +298,8 @@ fn approval_step(run: &Run, environment: &str) -> Next {
 /// The `requested` event for a stage, built from the spec snapshot and the facts so far.
 fn request_for(run: &Run, key: &str) -> Option<EventData> {
     let spec = &run.spec;
-    let (kind, instance) = match key.split_once(':') {
-        Some((k, i)) => (StageKind::parse(k)?, Some(i)),
-        None => (StageKind::parse(key)?, None),
-    };
+    let parsed = StageKey::parse(key).ok()?;
+    let (kind, instance) = (parsed.kind(), parsed.instance());
     let stage = key.to_string();
     let attempt = FIRST_ATTEMPT;
     let pipeline = run.pipeline.clone();
@@ -411,27 +414,18 @@ fn gated_environment(spec: &PipelineSpec) -> Option<EnvironmentRef> {
 
 /// The version name a deploy gets: pipeline and the artifact digest's first 12 hex digits.
 pub fn version_of(pipeline: &str, artifact: &ObjectRef) -> String {
-    let hex = artifact
-        .digest
-        .strip_prefix("sha256:")
-        .unwrap_or(&artifact.digest);
-    // By characters: a digest from an event is not trusted to be ASCII.
-    let short: String = hex.chars().take(12).collect();
-    format!("{pipeline}-{short}")
+    format!("{pipeline}-{}", artifact.digest.short(12))
 }
 
 /// `sha256:` over the gate reports in log order: what an approval is about.
-pub fn gates_digest(run: &Run) -> String {
-    let reports = serde_json::to_vec(&run.gates).expect("reports serialise");
-    format!("sha256:{:x}", Sha256::digest(&reports))
+pub fn gates_digest(run: &Run) -> Digest {
+    Digest::of(&serde_json::to_vec(&run.gates).expect("reports serialise"))
 }
 
 /// How long after its request a stage may go without a terminal fact.
 pub fn stage_timeout(spec: &PipelineSpec, key: &str) -> Option<Duration> {
-    let (kind, instance) = match key.split_once(':') {
-        Some((k, i)) => (StageKind::parse(k)?, Some(i)),
-        None => (StageKind::parse(key)?, None),
-    };
+    let parsed = StageKey::parse(key).ok()?;
+    let (kind, instance) = (parsed.kind(), parsed.instance());
     let secs = match kind {
         StageKind::Build => spec.build.timeout_secs,
         StageKind::Test => {
@@ -495,7 +489,7 @@ fn timeouts(run: &Run, now: DateTime<Utc>) -> Vec<Command> {
             ),
             _ => format!(
                 "timed out: no worker answered within {waited}s of the request (is the {} service running?)",
-                worker_service(kind)
+                crate::service::Service::works(kind)
             ),
         };
         out.push(Command::FailStage(EventData::stage_failure(
@@ -587,17 +581,17 @@ fn next_environment(run: &Run) -> Option<(String, bool)> {
             }
             Step::Stages(keys) => {
                 if let [key] = keys.as_slice()
-                    && let Some(env) = key.strip_prefix("deploy:")
+                    && let Some(env) = environment_of(key, StageKind::Deploy)
                     && run
                         .stage(key)
                         .is_none_or(|s| s.status == StageStatus::Pending)
                 {
                     let needs = run
                         .spec
-                        .environment(env)
+                        .environment(&env)
                         .is_some_and(|e| e.requires_approval);
-                    let approved = !needs || done(&approval_key(env));
-                    return Some((env.to_string(), approved));
+                    let approved = !needs || done(&approval_key(&env));
+                    return Some((env, approved));
                 }
                 if !keys.iter().all(|k| done(k)) {
                     return None;
@@ -679,20 +673,6 @@ impl Fleet {
             ),
             stage: Some(approval_key(&env)),
         }])
-    }
-}
-
-/// The service that works a stage kind.
-pub fn worker_service(kind: StageKind) -> &'static str {
-    match kind {
-        StageKind::Build => "builder",
-        StageKind::Test => "tester",
-        StageKind::Deploy | StageKind::Rollback => "deployer",
-        StageKind::Evaluate => "model-evaluator",
-        StageKind::Perf => "perf-regression",
-        StageKind::Cost => "cost-estimator",
-        StageKind::Approval => "approval",
-        StageKind::Monitor => "monitor",
     }
 }
 

@@ -290,7 +290,7 @@ fn an_approval_for_another_artifact_does_not_count() {
             approver: approver.into(),
             groups: vec![],
             artifact_digest: digest.into(),
-            gates_digest: String::new(),
+            gates_digest: Default::default(),
             comment: None,
             decided_at: now,
             signature: None,
@@ -305,8 +305,8 @@ fn an_approval_for_another_artifact_does_not_count() {
     };
     let digest = sim.run().artifact.as_ref().unwrap().digest.clone();
     let stale = approval("bob", "sha256:0000");
-    let bob = approval("bob", &digest);
-    let bob_again = approval("bob", &digest);
+    let bob = approval("bob", digest.as_str());
+    let bob_again = approval("bob", digest.as_str());
     sim.push(stale);
     sim.push(bob);
     // The same approver twice (a new event id) still counts once.
@@ -319,7 +319,7 @@ fn an_approval_for_another_artifact_does_not_count() {
         StageStatus::Requested,
         "one valid approver of two"
     );
-    let carol = approval("carol", &digest);
+    let carol = approval("carol", digest.as_str());
     sim.push(carol);
     assert_eq!(
         sim.run().stage("approval:production").unwrap().status,
@@ -334,7 +334,7 @@ fn nothing_changes_an_ended_run() {
     let before = sim.run().clone();
     // A late fact and a second end are ignored.
     let late = crate::facts::fact(
-        "tester",
+        crate::service::Service::Tester,
         &sim.run_id,
         EventData::stage_failure(StageKind::Test, "test:unit", 1, "late".into()),
         sim.now,
@@ -518,7 +518,12 @@ fn a_runs_end_ends_every_stage_that_had_not_ended() {
         "tester-1",
     )
     .unwrap();
-    sim.push(crate::facts::fact("tester", &sim.run_id, started, sim.now));
+    sim.push(crate::facts::fact(
+        crate::service::Service::Tester,
+        &sim.run_id,
+        started,
+        sim.now,
+    ));
     assert_eq!(
         sim.run().stage("test:unit").unwrap().status,
         StageStatus::Running
@@ -559,7 +564,7 @@ fn a_runs_end_ends_every_stage_that_had_not_ended() {
     assert_eq!(run.to_json()["stages"][1]["status"], "cancelled");
     // The worker's late fact changes nothing, and replay agrees with the live fold.
     let late = crate::facts::fact(
-        "tester",
+        crate::service::Service::Tester,
         &sim.run_id,
         EventData::stage_failure(StageKind::Test, "test:unit", 1, "the run ended".into()),
         sim.now,

@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::digest::Digest;
 use crate::spec::{
     ApprovalPolicy, BuildSpec, CostSpec, DeployTarget, ModelEvaluationSpec, MonitorSpec,
     PerformanceSpec, TestSuiteSpec,
@@ -131,7 +132,7 @@ pub struct ObjectRef {
     pub bucket: String,
     pub name: String,
     /// `sha256:<hex>` of the stored bytes.
-    pub digest: String,
+    pub digest: Digest,
     pub size: u64,
 }
 
@@ -398,9 +399,9 @@ pub struct ApprovalRequested {
     pub stage: String,
     pub attempt: u32,
     pub environment: String,
-    pub artifact_digest: String,
+    pub artifact_digest: Digest,
     /// `sha256:` over the gate reports this approval is about.
-    pub gates_digest: String,
+    pub gates_digest: Digest,
     pub gates: Vec<GateSummary>,
     pub policy: ApprovalPolicy,
 }
@@ -419,8 +420,8 @@ pub struct ApprovalDecision {
     pub approver: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
-    pub artifact_digest: String,
-    pub gates_digest: String,
+    pub artifact_digest: Digest,
+    pub gates_digest: Digest,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
     pub decided_at: DateTime<Utc>,
@@ -670,61 +671,7 @@ catalogue! {
     RollbackFailed => "dev.slipway.rollback.failed.v1", StageFailed, "deployer, conductor (timeout)", ["conductor"];
 }
 
-/// The kinds of stage, as they appear in types and subjects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StageKind {
-    Build,
-    Test,
-    Deploy,
-    Evaluate,
-    Perf,
-    Cost,
-    Approval,
-    Monitor,
-    Rollback,
-}
-
-impl StageKind {
-    pub const ALL: [StageKind; 9] = [
-        StageKind::Build,
-        StageKind::Test,
-        StageKind::Deploy,
-        StageKind::Evaluate,
-        StageKind::Perf,
-        StageKind::Cost,
-        StageKind::Approval,
-        StageKind::Monitor,
-        StageKind::Rollback,
-    ];
-
-    /// The subject and type token.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StageKind::Build => "build",
-            StageKind::Test => "test",
-            StageKind::Deploy => "deploy",
-            StageKind::Evaluate => "evaluate",
-            StageKind::Perf => "perf",
-            StageKind::Cost => "cost",
-            StageKind::Approval => "approval",
-            StageKind::Monitor => "monitor",
-            StageKind::Rollback => "rollback",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<StageKind> {
-        StageKind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-
-    /// The stage key: the kind alone, or `kind:instance` (a suite, an environment).
-    pub fn key(self, instance: Option<&str>) -> String {
-        match instance {
-            Some(i) => format!("{}:{i}", self.as_str()),
-            None => self.as_str().to_string(),
-        }
-    }
-}
+pub use crate::stage::StageKind;
 
 /// What a stage event says, whatever its stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -809,6 +756,8 @@ impl EventData {
     /// The failed fact a stage gets when it cannot finish: a timeout, a poison request, a
     /// worker that gave up. Gates keep their report shape so their readers need no special case.
     pub fn stage_failure(kind: StageKind, stage: &str, attempt: u32, reason: String) -> Self {
+        use crate::stage::StageKey;
+        let key = StageKey::parse(stage).ok();
         let plain = StageFailed {
             stage: stage.to_string(),
             attempt,
@@ -835,7 +784,11 @@ impl EventData {
             StageKind::Test => EventData::TestFailed(TestReport {
                 stage: stage.to_string(),
                 attempt,
-                suite: stage.split_once(':').map_or(stage, |(_, s)| s).to_string(),
+                suite: key
+                    .as_ref()
+                    .and_then(StageKey::suite)
+                    .unwrap_or(stage)
+                    .to_string(),
                 exit_code: None,
                 summary: None,
                 cases: Vec::new(),
@@ -850,7 +803,11 @@ impl EventData {
             StageKind::Monitor => EventData::MonitorFailed(MonitorReport {
                 stage: stage.to_string(),
                 attempt,
-                environment: stage.split_once(':').map_or("", |(_, s)| s).to_string(),
+                environment: key
+                    .as_ref()
+                    .and_then(StageKey::environment)
+                    .unwrap_or_default()
+                    .to_string(),
                 verdict: MonitorVerdict::Degraded,
                 version: None,
                 probes: 0,
@@ -866,8 +823,8 @@ impl EventData {
                 attempt,
                 approver: "slipway".into(),
                 groups: Vec::new(),
-                artifact_digest: String::new(),
-                gates_digest: String::new(),
+                artifact_digest: Digest::default(),
+                gates_digest: Digest::default(),
                 comment: Some(reason),
                 decided_at: DateTime::<Utc>::UNIX_EPOCH,
                 signature: None,

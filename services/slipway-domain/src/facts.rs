@@ -34,14 +34,13 @@ pub fn started_data(
 
 /// The event `service` states about a job of `run_id` at `time`: deterministic id, so a repeat
 /// is a duplicate.
-pub fn fact(service: &str, run_id: &str, data: EventData, time: DateTime<Utc>) -> Event {
+pub fn fact(
+    service: crate::service::Service,
+    run_id: &str,
+    data: EventData,
+    time: DateTime<Utc>,
+) -> Event {
     let (stage, attempt) = data.stage_fact().map_or(("", 0), |(s, a, _)| (s, a));
     let id = ids::derived(&[run_id, data.type_name(), stage, &attempt.to_string()]);
-    Event::new(
-        id,
-        format!("/slipway/{service}"),
-        Some(run_id.to_string()),
-        time,
-        data,
-    )
+    Event::new(id, service.source(), Some(run_id.to_string()), time, data)
 }

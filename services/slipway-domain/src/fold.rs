@@ -17,6 +17,7 @@ pub use crate::run::{
     Approval, ArtifactView, Deployment, POLICY_APPROVER, Phase, Run, StageState, StageStatus,
 };
 use crate::spec::PipelineSpec;
+use crate::stage::StageKey;
 
 impl Run {
     /// Folds a run from its events in log order.
@@ -240,9 +241,7 @@ fn end_open_stages(run: &mut Run, time: DateTime<Utc>) {
 
 fn apply_stage_fact(run: &mut Run, event: &Event, key: &str, attempt: u32, verb: StageVerb) {
     // The stage key must agree with the event type, or the event is not what it claims.
-    if stage_kind_of(event.type_name()).map(StageKind::as_str)
-        != Some(key.split(':').next().unwrap_or_default())
-    {
+    if stage_kind_of(event.type_name()) != StageKey::parse(key).ok().map(|k| k.kind()) {
         return;
     }
     // Only planned stages, and rollbacks (which are never planned), have state.
@@ -388,7 +387,10 @@ fn apply_approval(run: &mut Run, event: &Event, d: &ApprovalDecision) {
     if current != Some(d.artifact_digest.as_str()) {
         return;
     }
-    let environment = d.stage.split_once(':').map_or("", |(_, e)| e).to_string();
+    let environment = StageKey::parse(&d.stage)
+        .ok()
+        .and_then(|k| k.environment().map(str::to_string))
+        .unwrap_or_default();
     run.approvals.push(Approval {
         approver: d.approver.clone(),
         groups: d.groups.clone(),

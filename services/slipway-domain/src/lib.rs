@@ -16,6 +16,7 @@
 pub mod admission;
 pub mod cdevents;
 pub mod decide;
+pub mod digest;
 pub mod dora;
 pub mod envelope;
 pub mod events;
@@ -26,8 +27,10 @@ pub mod outcome;
 pub mod plan;
 pub mod policy;
 pub mod run;
+pub mod service;
 pub mod signing;
 pub mod spec;
+pub mod stage;
 pub mod stats;
 pub mod subjects;
 pub mod thresholds;

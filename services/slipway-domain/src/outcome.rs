@@ -235,7 +235,12 @@ mod tests {
         let started =
             crate::facts::started_data("dev.slipway.build.requested.v1", "build", 1, "b-1")
                 .unwrap();
-        sim.push(crate::facts::fact("builder", &sim.run_id, started, sim.now));
+        sim.push(crate::facts::fact(
+            crate::service::Service::Builder,
+            &sim.run_id,
+            started,
+            sim.now,
+        ));
         assert_eq!(run_state(sim.run()), Some("executing"));
         assert_eq!(task(sim.run(), sim.run().stage("build").unwrap()), None);
     }

@@ -7,6 +7,7 @@
 
 use crate::events::StageKind;
 use crate::spec::PipelineSpec;
+use crate::stage::StageKey;
 
 /// One step: its stages run together and must all succeed before the next step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +96,7 @@ pub fn step_keys(spec: &PipelineSpec) -> Vec<Vec<String>> {
 /// monitor, so it can when the plan monitors an environment).
 pub fn requests_any(spec: &PipelineSpec, kinds: &[StageKind]) -> bool {
     planned_stages(spec).iter().any(|key| {
-        let kind = StageKind::parse(key.split(':').next().unwrap_or(key));
+        let kind = StageKey::parse(key).ok().map(|k| k.kind());
         kind.is_some_and(|k| {
             kinds.contains(&k) || (k == StageKind::Monitor && kinds.contains(&StageKind::Rollback))
         })
@@ -108,8 +109,8 @@ pub fn requests_any(spec: &PipelineSpec, kinds: &[StageKind]) -> bool {
 pub fn in_order(run: &crate::run::Run, key: &str) -> bool {
     use crate::run::StageStatus;
     let status = |k: &str| run.stage(k).map(|s| s.status);
-    if let Some(env) = key.strip_prefix("rollback:") {
-        return status(&StageKind::Monitor.key(Some(env))) == Some(StageStatus::Failed);
+    if let Some(env) = crate::stage::environment_of(key, StageKind::Rollback) {
+        return status(&StageKind::Monitor.key(Some(&env))) == Some(StageStatus::Failed);
     }
     for keys in run.step_keys() {
         if keys.iter().any(|k| k == key) {

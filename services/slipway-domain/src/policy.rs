@@ -11,6 +11,7 @@ use crate::plan::planned_stages;
 use crate::run::POLICY_APPROVER;
 use crate::run::{Run, StageStatus};
 use crate::spec::{ApprovalPolicy, AutoApprove};
+use crate::stage::StageKey;
 
 /// Someone who may approve (from the gateway's configuration): only the sha256 of their token
 /// is stored.
@@ -56,7 +57,7 @@ fn gates(run: &Run) -> Vec<(String, Option<StageStatus>)> {
         .into_iter()
         .filter(|k| {
             matches!(
-                StageKind::parse(k.split(':').next().unwrap_or_default()),
+                StageKey::parse(k).ok().map(|k| k.kind()),
                 Some(StageKind::Evaluate | StageKind::Perf | StageKind::Cost)
             )
         })

@@ -116,14 +116,19 @@ impl StageState {
     }
 
     pub fn kind(&self) -> Option<StageKind> {
-        StageKind::parse(self.name.split(':').next().unwrap_or_default())
+        self.key().map(|k| k.kind())
+    }
+
+    /// The stage's key, parsed.
+    pub fn key(&self) -> Option<crate::stage::StageKey> {
+        crate::stage::StageKey::parse(&self.name).ok()
     }
 }
 
 /// The built artifact, as `status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ArtifactView {
-    pub digest: String,
+    pub digest: crate::digest::Digest,
     pub size: u64,
     pub bucket: String,
     pub object: String,
@@ -148,7 +153,7 @@ pub struct Approval {
     pub groups: Vec<String>,
     pub decision: &'static str,
     pub environment: String,
-    pub artifact_digest: String,
+    pub artifact_digest: crate::digest::Digest,
     pub comment: Option<String>,
     pub decided_at: DateTime<Utc>,
     /// The decision as recorded, with the gateway's signature, for the deployer to verify.

@@ -133,8 +133,8 @@ mod tests {
             attempt: 1,
             approver: "bob".into(),
             groups: vec!["release-managers".into()],
-            artifact_digest: format!("sha256:{}", "a".repeat(64)),
-            gates_digest: format!("sha256:{}", "b".repeat(64)),
+            artifact_digest: format!("sha256:{}", "a".repeat(64)).into(),
+            gates_digest: format!("sha256:{}", "b".repeat(64)).into(),
             comment: None,
             decided_at: chrono::Utc::now(),
             signature: None,
@@ -159,7 +159,7 @@ mod tests {
         assert!(public.verify("r2", true, &d).is_err());
         assert!(public.verify("r1", false, &d).is_err());
         let mut other = d.clone();
-        other.artifact_digest = format!("sha256:{}", "c".repeat(64));
+        other.artifact_digest = format!("sha256:{}", "c".repeat(64)).into();
         assert!(public.verify("r1", true, &other).is_err());
         let mut other = d.clone();
         other.approver = "dave".into();

@@ -60,12 +60,11 @@ window_secs = 60
 
 /// An artifact reference with a digest made from `seed`.
 pub fn artifact(seed: &str) -> ObjectRef {
-    use sha2::Digest;
-    let hex = format!("{:x}", sha2::Sha256::digest(seed.as_bytes()));
+    let digest = crate::digest::Digest::of(seed.as_bytes());
     ObjectRef {
         bucket: "slipway-artifacts".into(),
-        name: format!("sha256/{hex}"),
-        digest: format!("sha256:{hex}"),
+        name: format!("sha256/{}", digest.hex()),
+        digest,
         size: 1234,
     }
 }
@@ -200,15 +199,11 @@ impl Sim {
             }
             _ => id,
         };
-        let service = crate::events::stage_kind_of(data.type_name())
-            .map_or("worker", crate::decide::worker_service);
-        let e = Event::new(
-            id,
-            format!("/slipway/{service}"),
-            Some(self.run_id.clone()),
-            self.now,
-            data,
-        );
+        let source = crate::events::stage_kind_of(data.type_name())
+            .map_or("/slipway/worker", |k| {
+                crate::service::Service::works(k).source()
+            });
+        let e = Event::new(id, source, Some(self.run_id.clone()), self.now, data);
         self.push(e);
     }
 

@@ -38,8 +38,8 @@ pub struct Tester {
 }
 
 impl Worker for Tester {
-    fn service(&self) -> &'static str {
-        "tester"
+    fn service(&self) -> slipway_core::runtime::Service {
+        slipway_core::runtime::Service::Tester
     }
 
     fn kinds(&self) -> &'static [StageKind] {
@@ -120,7 +120,7 @@ impl Tester {
         );
         env.insert(
             "SLIPWAY_ARTIFACT_DIGEST".into(),
-            req.artifact.digest.clone(),
+            req.artifact.digest.to_string(),
         );
         let src = ws.src();
         let outcome = exec::run_in(
@@ -143,12 +143,7 @@ impl Tester {
                 return Ok(EventData::TestFailed(report));
             }
         };
-        let log_name = format!(
-            "runs/{}/{}-{}.log",
-            job.run_id,
-            req.stage.replace(':', "-"),
-            req.attempt
-        );
+        let log_name = job.object_name("log");
         report.log = Some(
             slipway_core::store::objects::put_file(
                 &job.objects,

@@ -7,6 +7,7 @@
 //! (`SLIPWAY_NATS_PASS_<USER>`, which the configuration refers to), and each service is given
 //! its own user and the path of its password file (`[nats] user`, `password_file`).
 
+use slipway_domain::service::Service;
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
@@ -17,25 +18,14 @@ pub const LEAST_PRIVILEGE_CONF: &str = include_str!("../../../../deploy/nats/lea
 
 /// The users of [`LEAST_PRIVILEGE_CONF`]: `admin` for operators, one per service, `cli` for
 /// people's `slipway` commands.
-pub const NATS_USERS: &[&str] = &[
-    "admin",
-    "conductor",
-    "builder",
-    "tester",
-    "deployer",
-    "monitor",
-    "model-evaluator",
-    "perf-regression",
-    "cost-estimator",
-    "gateway",
-    "cli",
-];
+pub const NATS_USERS: &[&str] = &Service::NATS_USERS;
 
-/// The user a service binary connects as (`slipway-approval` is `gateway`).
+/// The user a service binary connects as (`slipway-approval` is `gateway`); a binary that is no
+/// service connects as itself, without the `slipway-` prefix.
 pub fn nats_user_of(binary: &str) -> &str {
-    match binary.strip_prefix("slipway-").unwrap_or(binary) {
-        "approval" => "gateway",
-        other => other,
+    match Service::of_binary(binary) {
+        Some(service) => service.nats_user(),
+        None => binary.strip_prefix("slipway-").unwrap_or(binary),
     }
 }
 

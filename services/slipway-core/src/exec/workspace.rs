@@ -5,11 +5,12 @@
 //! after checks that refuse option-looking values and schemes outside the allow-list, and every
 //! packed path must stay inside the workspace.
 
+use slipway_domain::digest::Digest;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::exec::{self, Cmd, ExecSettings};
@@ -284,8 +285,7 @@ fn copy_tree(from: &Path, to: &Path, avoid: &Path) -> std::io::Result<()> {
 #[derive(Debug, Clone)]
 pub struct Packed {
     pub path: PathBuf,
-    /// `sha256:<hex>`.
-    pub digest: String,
+    pub digest: Digest,
     pub size: u64,
     pub files: Vec<String>,
 }
@@ -408,7 +408,7 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<(), WorkspaceError> {
 ///
 /// # Errors
 /// I/O errors reading it.
-pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
+pub fn sha256_file(path: &Path) -> std::io::Result<(Digest, u64)> {
     let mut f = std::fs::File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -421,7 +421,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
         size += n as u64;
         hasher.update(&buf[..n]);
     }
-    Ok((format!("sha256:{:x}", hasher.finalize()), size))
+    Ok((Digest::from_sha256(&hasher.finalize()), size))
 }
 
 #[cfg(test)]

@@ -24,8 +24,9 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::bus::{Bus, BusError};
 use slipway_domain::admission::{Admission, admit};
 use slipway_domain::envelope::Event;
-use slipway_domain::events::{EventData, StageKind};
+use slipway_domain::events::{EventData, StageKind, StageVerb};
 use slipway_domain::fold::Run;
+pub use slipway_domain::service::Service;
 use slipway_domain::subjects;
 
 /// Cancelled on the first SIGINT or SIGTERM; a second signal exits at once.
@@ -108,6 +109,17 @@ pub struct Job {
 }
 
 impl Job {
+    /// The name under which the job stores an object of its attempt (its log, its details):
+    /// `runs/<run>/<stage>-<attempt>.<extension>`, the stage's `:` as `-`.
+    pub fn object_name(&self, extension: &str) -> String {
+        format!(
+            "runs/{}/{}-{}.{extension}",
+            self.run_id,
+            self.stage.replace(':', "-"),
+            self.attempt
+        )
+    }
+
     /// Where the job's work hangs its spans (children of the stage attempt's span).
     pub fn scope(&self) -> crate::telemetry::otel::StageScope {
         crate::telemetry::otel::StageScope::new(
@@ -133,8 +145,8 @@ impl From<BusError> for Transient {
 
 /// A stage service.
 pub trait Worker: Send + Sync + 'static {
-    /// Service name; also the durable consumer's name.
-    fn service(&self) -> &'static str;
+    /// The service; its name is also the durable consumer's.
+    fn service(&self) -> Service;
 
     fn kinds(&self) -> &'static [StageKind];
 
@@ -171,14 +183,19 @@ pub trait Worker: Send + Sync + 'static {
 pub use slipway_domain::facts::started_data;
 
 /// The event a worker publishes about a job, in the request's trace.
-pub fn fact_in(service: &str, run_id: &str, data: EventData, traceparent: Option<&str>) -> Event {
+pub fn fact_in(
+    service: Service,
+    run_id: &str,
+    data: EventData,
+    traceparent: Option<&str>,
+) -> Event {
     let mut e = fact(service, run_id, data);
     e.traceparent = traceparent.map(str::to_string);
     e
 }
 
 /// The event a worker publishes about a job now: deterministic id, so a repeat is a duplicate.
-pub fn fact(service: &str, run_id: &str, data: EventData) -> Event {
+pub fn fact(service: Service, run_id: &str, data: EventData) -> Event {
     slipway_domain::facts::fact(service, run_id, data, crate::bus::now())
 }
 
@@ -192,7 +209,7 @@ pub async fn run_worker<W: Worker>(
     settings: WorkerSettings,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
-    let service = worker.service();
+    let service = worker.service().name();
     let stream = bus.ensure_stream().await?;
     let filters: Vec<String> = worker
         .kinds()
@@ -227,7 +244,7 @@ pub async fn run_worker<W: Worker>(
     // Stopped when the loop ends for any reason, so the tracker can drain.
     let helpers = shutdown.child_token();
     let advisories =
-        spawn_max_deliveries_listener(&bus, service, &tracker, helpers.clone()).await?;
+        spawn_max_deliveries_listener(&bus, worker.service(), &tracker, helpers.clone()).await?;
     let permits = Arc::new(tokio::sync::Semaphore::new(settings.concurrency.max(1)));
     let mut messages = consumer
         .stream()
@@ -304,6 +321,16 @@ pub async fn run_worker<W: Worker>(
     Ok(())
 }
 
+/// The run a request is for, as looked up before the work.
+struct Looked {
+    run: Option<Run>,
+    /// The stream sequence of the run's last message seen.
+    last_seq: u64,
+    /// Whether it came from the runs in flight (else from a read of the log).
+    from_view: bool,
+    ends: RunEnd,
+}
+
 /// How a job learns that its run ended while it works.
 enum RunEnd {
     /// From the runs in flight, which hold the run: no subscription per job.
@@ -358,7 +385,7 @@ struct Ctx<W> {
 
 impl<W: Worker> Ctx<W> {
     async fn process(&self, msg: jetstream::Message) {
-        let service = self.worker.service();
+        let service = self.worker.service().name();
         let (delivered, seq) = match msg.info() {
             Ok(i) => (i.delivered, i.stream_sequence),
             Err(_) => (1, 0),
@@ -423,6 +450,9 @@ impl<W: Worker> Ctx<W> {
         }
     }
 
+    /// One delivery of a request: look the run up, ask whether to work, state `started`, do
+    /// the work while its run is watched, and store its fact. Every reply to the server goes
+    /// through [`answer`].
     async fn work(
         &self,
         msg: jetstream::Message,
@@ -432,42 +462,16 @@ impl<W: Worker> Ctx<W> {
         request: Event,
         delivered: i64,
     ) -> Option<Ended> {
-        let service = self.worker.service();
         // The log read must reach at least the request itself.
-        let request_seq = msg.info().map_or(0, |i| i.stream_sequence);
-        // Check the log before any side effect: a redelivered request may already be done.
-        // The runs in flight hold it as far as the request at least, and say when it ends.
-        let followed = match &self.runs {
-            Some(runs) => runs.run_and_end_through(&run_id, request_seq).await,
-            None => None,
-        };
-        let from_view = followed.is_some();
-        // Otherwise watch the run's end before reading the log, so an end landing in between
-        // is seen: the subscription is in place before the server answers the read.
-        let ends = match &followed {
-            Some((_, _, ended)) => RunEnd::Followed(ended.clone()),
-            None => RunEnd::subscribe(&self.bus, &run_id).await,
-        };
-        let (run, last_seq) = match followed {
-            Some((run, last_seq, _)) => (Some(run), last_seq),
-            None => match self.bus.run_log_through(&run_id, request_seq).await {
-                Ok(log) => {
-                    let last_seq = log.last().map_or(0, |r| r.seq);
-                    let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
-                    (Run::replay(&events), last_seq)
-                }
-                Err(e) => {
-                    warn!(error = %e, "Cannot read the run's log; retrying later.");
-                    answer(&self.bus, &msg, delivered, Reply::Retry).await;
-                    return None;
-                }
-            },
+        let seq = msg.info().map_or(0, |i| i.stream_sequence);
+        let Some(mut looked) = self.look_up(&run_id, seq).await else {
+            answer(&self.bus, &msg, delivered, Reply::Retry).await;
+            return None;
         };
         let exclusive = self.worker.exclusive();
-        let admitted = admit(run.as_ref(), &stage, attempt, exclusive, |run| {
+        let resumed = match admit(looked.run.as_ref(), &stage, attempt, exclusive, |run| {
             self.worker.may_resume(run, &request)
-        });
-        let resumed = match admitted {
+        }) {
             Admission::Work => false,
             Admission::Resume => {
                 // Idempotent work whose first try never reported: run it again, same key.
@@ -487,14 +491,13 @@ impl<W: Worker> Ctx<W> {
                 return None;
             }
         };
-        let run = run.expect("admitted requests have a run");
         let job = Job {
-            run_id: run_id.clone(),
-            stage: stage.clone(),
+            run_id,
+            stage,
             attempt,
             request,
-            seq: request_seq,
-            run,
+            seq,
+            run: looked.run.take().expect("admitted requests have a run"),
             delivered,
             worker_id: self.worker_id.clone(),
             cancel: self.jobs_cancel.child_token(),
@@ -502,57 +505,113 @@ impl<W: Worker> Ctx<W> {
             objects: self.objects.clone(),
             deploys: self.deploys.clone(),
         };
-        let started = match self.worker.started(&job).await {
-            Ok(d) => d,
-            Err(e) => {
-                self.retry_or_give_up(&msg, &job, e).await;
-                return None;
-            }
-        };
-        let started = fact_in(
-            service,
-            &run_id,
-            started,
-            job.request.traceparent.as_deref(),
-        );
-        // Where our `started` landed, when this delivery appended it.
-        let mut started_seq = None;
-        if resumed {
-            // The started fact is already in the log.
-        } else if exclusive {
-            // Exactly one delivery starts: the append expects the log as just read.
-            match self.bus.append(&started, &run_id, last_seq).await {
-                Ok(a) if !a.duplicate => started_seq = Some(a.seq),
-                Ok(_) | Err(crate::bus::AppendError::Conflict { .. }) => {
-                    // Another delivery started it, or the run moved on: look again later.
-                    info!("Start not won; the request is looked at again.");
-                    answer(&self.bus, &msg, delivered, Reply::Later(START_LOST)).await;
-                    return None;
-                }
-                Err(crate::bus::AppendError::Bus(e)) => {
-                    warn!(error = %e, "Cannot publish the started fact; retrying later.");
-                    answer(&self.bus, &msg, delivered, Reply::Retry).await;
-                    return None;
-                }
-            }
-        } else {
-            match self.bus.publish(&started).await {
-                Ok(a) => started_seq = Some(a.seq),
-                Err(e) => {
-                    warn!(error = %e, "Cannot publish the started fact; retrying later.");
-                    answer(&self.bus, &msg, delivered, Reply::Retry).await;
-                    return None;
-                }
-            }
-        }
+        let (started, started_seq) = self
+            .start(&msg, &job, resumed, exclusive, looked.last_seq)
+            .await?;
         info!("Stage started.");
         // The run as of the start, for the stage's span at its end (no second read of the log).
         let traced = crate::telemetry::otel::enabled()
             .then(|| slipway_domain::fold::fold(Some(job.run.clone()), &started))
             .flatten();
+        let last_seq = looked.last_seq;
+        let (result, run_ended) = self.watched(&msg, &job, looked, started_seq).await;
+        let traced = traced.map(|run| (run, last_seq));
+        self.finish(&msg, &job, result, run_ended, traced).await
+    }
 
-        // Progress acks keep the request ours while the work runs; a run's cancellation
-        // (seen live on its subject) stops the work.
+    /// The run as the log holds it through the request's sequence `seq`, and how its end will
+    /// be seen; `None` when the log cannot be read.
+    async fn look_up(&self, run_id: &str, seq: u64) -> Option<Looked> {
+        // Check the log before any side effect: a redelivered request may already be done.
+        // The runs in flight hold it as far as the request at least, and say when it ends.
+        if let Some(runs) = &self.runs
+            && let Some((run, last_seq, ended)) = runs.run_and_end_through(run_id, seq).await
+        {
+            return Some(Looked {
+                run: Some(run),
+                last_seq,
+                from_view: true,
+                ends: RunEnd::Followed(ended),
+            });
+        }
+        // Otherwise watch the run's end before reading the log, so an end landing in between
+        // is seen: the subscription is in place before the server answers the read.
+        let ends = RunEnd::subscribe(&self.bus, run_id).await;
+        match self.bus.run_log_through(run_id, seq).await {
+            Ok(log) => {
+                let last_seq = log.last().map_or(0, |r| r.seq);
+                let events: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
+                Some(Looked {
+                    run: Run::replay(&events),
+                    last_seq,
+                    from_view: false,
+                    ends,
+                })
+            }
+            Err(e) => {
+                warn!(error = %e, "Cannot read the run's log; retrying later.");
+                None
+            }
+        }
+    }
+
+    /// States that the job started: its `started` fact, and where this delivery appended it
+    /// (none when resumed: the fact is already in the log). `None` when the delivery does not
+    /// start (it has been answered).
+    async fn start(
+        &self,
+        msg: &jetstream::Message,
+        job: &Job,
+        resumed: bool,
+        exclusive: bool,
+        last_seq: u64,
+    ) -> Option<(Event, Option<u64>)> {
+        let data = match self.worker.started(job).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.retry_or_give_up(msg, job, e).await;
+                return None;
+            }
+        };
+        let started = fact_in(
+            self.worker.service(),
+            &job.run_id,
+            data,
+            job.request.traceparent.as_deref(),
+        );
+        let appended = if resumed {
+            return Some((started, None));
+        } else if exclusive {
+            // Exactly one delivery starts: the append expects the log as just read.
+            self.bus.append(&started, &job.run_id, last_seq).await
+        } else {
+            self.bus.publish(&started).await.map_err(Into::into)
+        };
+        let reply = match appended {
+            Ok(a) if !(exclusive && a.duplicate) => return Some((started, Some(a.seq))),
+            Ok(_) | Err(crate::bus::AppendError::Conflict { .. }) => {
+                // Another delivery started it, or the run moved on: look again later.
+                info!("Start not won; the request is looked at again.");
+                Reply::Later(START_LOST)
+            }
+            Err(crate::bus::AppendError::Bus(e)) => {
+                warn!(error = %e, "Cannot publish the started fact; retrying later.");
+                Reply::Retry
+            }
+        };
+        answer(&self.bus, msg, job.delivered, reply).await;
+        None
+    }
+
+    /// Does the job's work while progress acks keep the request ours and the run's end (seen
+    /// as it happens) stops it; the result, and whether the run ended meanwhile.
+    async fn watched(
+        &self,
+        msg: &jetstream::Message,
+        job: &Job,
+        looked: Looked,
+        started_seq: Option<u64>,
+    ) -> (Result<EventData, Transient>, bool) {
         let guard = CancellationToken::new();
         // Stops the helpers below even if the handler panics (the request is then redelivered).
         let _helpers = guard.clone().drop_guard();
@@ -560,7 +619,7 @@ impl<W: Worker> Ctx<W> {
             // Well inside ack_wait, whatever it is.
             let every =
                 Duration::from_millis((self.settings.ack_wait_secs.max(1) * 1000 / 3).max(100));
-            let (bus, msg) = (self.bus.clone(), msg.clone());
+            let (bus, msg, delivered) = (self.bus.clone(), msg.clone(), job.delivered);
             let guard = guard.clone();
             tokio::spawn(async move {
                 loop {
@@ -573,17 +632,17 @@ impl<W: Worker> Ctx<W> {
                 }
             })
         };
-        let cancelled_run = CancellationToken::new();
+        let run_ended = CancellationToken::new();
         let watcher = {
-            let job_cancel = job.cancel.clone();
-            let cancelled_run = cancelled_run.clone();
-            let guard = guard.clone();
+            let (job_cancel, run_ended, guard) =
+                (job.cancel.clone(), run_ended.clone(), guard.clone());
+            let ends = looked.ends;
             tokio::spawn(async move {
                 tokio::select! {
                     _ = guard.cancelled() => {}
                     // Any end of the run (cancelled, failed elsewhere, ...) stops the work.
                     () = ends.wait() => {
-                        cancelled_run.cancel();
+                        run_ended.cancel();
                         job_cancel.cancel();
                     }
                 }
@@ -592,65 +651,74 @@ impl<W: Worker> Ctx<W> {
         // An end published just before the subscription took may not have been stored when
         // the log was read: it is stored before our `started`, so look between the two.
         if self
-            .ended_since(&job.run, from_view, last_seq, started_seq)
+            .ended_since(&job.run, looked.from_view, looked.last_seq, started_seq)
             .await
         {
-            cancelled_run.cancel();
+            run_ended.cancel();
             job.cancel.cancel();
         }
-        let result = self.worker.handle(&job).await;
+        let result = self.worker.handle(job).await;
         guard.cancel();
         progress.abort();
         watcher.abort();
+        (result, run_ended.is_cancelled())
+    }
 
-        if cancelled_run.is_cancelled() {
+    /// Stores the job's fact and answers the request; the attempt as it ended, for its span
+    /// (`traced`: the run as of the start and the sequence it was read to, when spans are
+    /// exported).
+    async fn finish(
+        &self,
+        msg: &jetstream::Message,
+        job: &Job,
+        result: Result<EventData, Transient>,
+        run_ended: bool,
+        traced: Option<(Run, u64)>,
+    ) -> Option<Ended> {
+        if run_ended {
             info!("Run ended while the stage ran; work stopped.");
             let data = EventData::stage_failure(
-                kind_of(&job),
-                &stage,
-                attempt,
+                kind_of(job),
+                &job.stage,
+                job.attempt,
                 "the run ended (cancelled or failed elsewhere) while the stage ran".into(),
             );
             // The run's end ended the attempt: the conductor, which folds that end, emits its
             // span.
-            self.publish_then_ack(&msg, &run_id, data).await;
+            self.publish_then_ack(msg, &job.run_id, data).await;
             return None;
         }
-        let succeeded = matches!(
-            result.as_ref().map(|d| d.stage_fact().map(|(_, _, v)| v)),
-            Ok(Some(slipway_domain::events::StageVerb::Succeeded))
-        );
-        if self.jobs_cancel.is_cancelled() && !succeeded {
+        let verb = result
+            .as_ref()
+            .ok()
+            .and_then(|d| d.stage_fact().map(|(_, _, v)| v));
+        if self.jobs_cancel.is_cancelled() && verb != Some(StageVerb::Succeeded) {
             // Shutting down cut the work short: leave the request to a replica or our restart.
-            answer(&self.bus, &msg, delivered, Reply::Release).await;
+            answer(&self.bus, msg, job.delivered, Reply::Release).await;
             return None;
         }
-        match result {
-            Ok(data) => {
-                let (_, _, verb) =
-                    data.stage_fact()
-                        .unwrap_or(("", 0, slipway_domain::events::StageVerb::Failed));
-                info!(outcome = ?verb, "Stage finished.");
-                let stored = self.publish_then_ack(&msg, &run_id, data).await?;
-                // The attempt's span, when spans are exported: ours to emit unless the run
-                // ended before our fact was stored (the fold then ignores the fact, and the
-                // conductor emits the attempt as cut off).
-                let run = traced?;
-                if self.ended_before(&job.run, last_seq, stored.seq).await {
-                    return None;
-                }
-                Some(Ended {
-                    run: slipway_domain::fold::fold(Some(run), &stored.event)?,
-                    stage,
-                    attempt,
-                    stored: stored.at,
-                })
-            }
+        let data = match result {
+            Ok(data) => data,
             Err(e) => {
-                self.retry_or_give_up(&msg, &job, e).await;
-                None
+                self.retry_or_give_up(msg, job, e).await;
+                return None;
             }
+        };
+        info!(outcome = ?verb.unwrap_or(StageVerb::Failed), "Stage finished.");
+        let stored = self.publish_then_ack(msg, &job.run_id, data).await?;
+        // The attempt's span, when spans are exported: ours to emit unless the run ended before
+        // our fact was stored (the fold then ignores the fact, and the conductor emits the
+        // attempt as cut off).
+        let (run, last_seq) = traced?;
+        if self.ended_before(&job.run, last_seq, stored.seq).await {
+            return None;
         }
+        Some(Ended {
+            run: slipway_domain::fold::fold(Some(run), &stored.event)?,
+            stage: job.stage.clone(),
+            attempt: job.attempt,
+            stored: stored.at,
+        })
     }
 
     /// Whether the run ended after `last_seq`, as far as `started_seq` (our `started`) at
@@ -870,10 +938,11 @@ fn kind_of(job: &Job) -> StageKind {
 /// a `failed` fact (a worker that crashed on every delivery never could).
 async fn spawn_max_deliveries_listener(
     bus: &Bus,
-    service: &'static str,
+    worker: Service,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::AbortHandle, BusError> {
+    let service = worker.name();
     let subject = format!(
         "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{service}",
         bus.stream_name()
@@ -932,7 +1001,7 @@ async fn spawn_max_deliveries_listener(
                 .as_ref()
                 .ok()
                 .and_then(|e| e.traceparent.as_deref());
-            match bus.publish(&fact_in(service, run_id, data, trace)).await {
+            match bus.publish(&fact_in(worker, run_id, data, trace)).await {
                 Ok(a) => {
                     warn!(service, run_id, %stage, "Request given up after max deliveries.");
                     if !a.duplicate {

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use crate::bus::{Bus, BusError};
+use slipway_domain::digest::Digest;
 use slipway_domain::envelope::Event;
 use slipway_domain::events::{EventData, GateReport, ObjectRef};
 use slipway_domain::fold::Run;
@@ -76,7 +77,7 @@ pub async fn builder_of(
     deploys: &Deploys,
     pipeline: &str,
     environment: &str,
-    digest: &str,
+    digest: &Digest,
 ) -> Result<Option<String>, BusError> {
     Ok(first_deployer(
         &deploys_here(deploys, pipeline, environment, None).await?,
@@ -84,9 +85,9 @@ pub async fn builder_of(
     ))
 }
 
-fn first_deployer(here: &[Event], digest: &str) -> Option<String> {
+fn first_deployer(here: &[Event], digest: &Digest) -> Option<String> {
     here.iter().find_map(|e| match &e.data {
-        EventData::DeploySucceeded(x) if x.artifact.digest == digest => e.subject.clone(),
+        EventData::DeploySucceeded(x) if x.artifact.digest == *digest => e.subject.clone(),
         _ => None,
     })
 }
@@ -303,7 +304,7 @@ mod tests {
                 artifact: ObjectRef {
                     bucket: "b".into(),
                     name: version.into(),
-                    digest: format!("sha256:{version}"),
+                    digest: format!("sha256:{version}").into(),
                     size: 1,
                 },
                 previous_version: None,

@@ -18,6 +18,7 @@ use tracing::warn;
 
 use crate::bus::{Bus, BusError, DirectPages};
 use crate::exec::workspace::sha256_file;
+use slipway_domain::digest::Digest;
 use slipway_domain::events::ObjectRef;
 
 fn nats(operation: &'static str, e: impl std::fmt::Display) -> BusError {
@@ -133,7 +134,7 @@ pub async fn put_file(
                 .await
                 .map_err(|e| nats("read file", e))?
                 .map_err(|e| nats("read file", e))?;
-            let name = format!("sha256/{}", digest.trim_start_matches("sha256:"));
+            let name = format!("sha256/{}", digest.hex());
             let object = ObjectRef {
                 bucket: bucket_name.to_string(),
                 name,
@@ -181,15 +182,9 @@ fn recorded_digest(hash: &[u8]) -> String {
 
 /// An event's `sha256:<hex>` digest as the object store records it.
 fn recorded(object: &ObjectRef) -> Result<String, BusError> {
-    let hex = object.digest.trim_start_matches("sha256:");
-    let bytes = (0..hex.len())
-        .step_by(2)
-        .map(|i| {
-            hex.get(i..i + 2)
-                .and_then(|b| u8::from_str_radix(b, 16).ok())
-        })
-        .collect::<Option<Vec<u8>>>()
-        .filter(|b| b.len() == 32)
+    let bytes = object
+        .digest
+        .sha256_bytes()
         .ok_or_else(|| nats("object put", format!("{} is not a SHA-256", object.digest)))?;
     Ok(recorded_digest(&bytes))
 }
@@ -226,7 +221,7 @@ async fn put(
     previous: Previous<'_>,
 ) -> Result<ObjectRef, BusError> {
     use async_nats::jetstream::context::PublishAckFuture;
-    use sha2::Digest;
+    use sha2::Digest as _;
     use std::collections::VecDeque;
     use tokio::io::AsyncReadExt;
 
@@ -296,7 +291,7 @@ async fn put(
         Previous::None => (send.await, None),
     };
     let (hash, size, chunks) = sent?;
-    let digest = format!("sha256:{hash:x}");
+    let digest = Digest::from_sha256(&hash);
     // The file hashed for its name has changed since: its chunks go, and no info names them.
     if let Some(expected) = expected
         && (expected.digest != digest || expected.size != size as u64)
@@ -364,7 +359,7 @@ pub async fn get_file(objects: &Objects, object: &ObjectRef, path: &Path) -> Res
         .await
         .map_err(|e| nats("create file", e))?;
     let hash = read_into(objects, &object.bucket, &object.name, &mut file).await?;
-    let digest = format!("sha256:{hash:x}");
+    let digest = Digest::from_sha256(&hash);
     if digest != object.digest {
         return Err(nats(
             "object verify",
@@ -453,7 +448,7 @@ async fn read_direct(
     info: &ObjectInfo,
     sink: &mut (impl AsyncWrite + Unpin),
 ) -> Result<Hash, Direct> {
-    use sha2::Digest;
+    use sha2::Digest as _;
     let mut written = false;
     let fail = |written: bool, e: String| {
         let e = nats("object read", e);
@@ -561,7 +556,7 @@ async fn read_streamed(
     name: &str,
     sink: &mut (impl AsyncWrite + Unpin),
 ) -> Result<Hash, BusError> {
-    use sha2::Digest;
+    use sha2::Digest as _;
     use tokio::io::AsyncReadExt;
     let mut obj = store.get(name).await.map_err(|e| nats("object get", e))?;
     let mut sha = sha2::Sha256::new();

@@ -454,9 +454,11 @@ fn time(t: DateTime<Utc>) -> SystemTime {
 /// `cicd.pipeline.task.type` of a stage key: the convention's `build`, `test` and `deploy`,
 /// else the stage kind itself.
 pub fn task_type(stage: &str) -> &str {
-    match stage.split(':').next().unwrap_or(stage) {
-        "rollback" | "deploy" => "deploy",
-        other => other,
+    use slipway_domain::stage::{StageKey, StageKind};
+    match StageKey::parse(stage).map(|k| k.kind()) {
+        Ok(StageKind::Rollback | StageKind::Deploy) => "deploy",
+        Ok(kind) => kind.as_str(),
+        Err(_) => stage,
     }
 }
 
@@ -555,10 +557,12 @@ pub fn stage_span(run: &Run, stage: &str, attempt: u32, now: SystemTime) -> Opti
     if let Some(w) = &s.worker {
         attributes.push(KeyValue::new("cicd.worker.id", w.clone()));
     }
-    if let Some(env) = s
-        .name
-        .strip_prefix("deploy:")
-        .or_else(|| s.name.strip_prefix("rollback:"))
+    if let Some(key) = s.key()
+        && matches!(
+            key.kind(),
+            slipway_domain::stage::StageKind::Deploy | slipway_domain::stage::StageKind::Rollback
+        )
+        && let Some(env) = key.environment()
     {
         attributes.push(KeyValue::new(
             "deployment.environment.name",
