@@ -80,8 +80,8 @@ pub struct Sample {
 }
 
 impl Worker for Evaluator {
-    fn service(&self) -> &'static str {
-        "model-evaluator"
+    fn service(&self) -> slipway_core::runtime::Service {
+        slipway_core::runtime::Service::ModelEvaluator
     }
 
     fn kinds(&self) -> &'static [StageKind] {
@@ -307,9 +307,48 @@ pub fn check_metric(
     full
 }
 
+/// Why an evaluation stopped short: the gate fails with a reason, or the request is retried.
+enum Stop {
+    Fail(String),
+    Retry(Transient),
+}
+
+impl From<Transient> for Stop {
+    fn from(t: Transient) -> Self {
+        Stop::Retry(t)
+    }
+}
+
+impl From<BusError> for Stop {
+    fn from(e: BusError) -> Self {
+        Stop::Retry(e.into())
+    }
+}
+
+/// Every dataset's items and per-item results, and the metrics they sum up to.
+struct Scored {
+    items: BTreeMap<String, Vec<Item>>,
+    details: Details,
+    metrics: BTreeMap<String, f64>,
+    n_items: u64,
+}
+
 impl Evaluator {
     async fn evaluate(&self, job: &Job, req: &EvaluateRequested) -> Result<EventData, Transient> {
         let started = Instant::now();
+        match self.evaluated(job, req, started).await {
+            Ok(data) => Ok(data),
+            Err(Stop::Fail(reason)) => Ok(failed(req, reason, started)),
+            Err(Stop::Retry(t)) => Err(t),
+        }
+    }
+
+    async fn evaluated(
+        &self,
+        job: &Job,
+        req: &EvaluateRequested,
+        started: Instant,
+    ) -> Result<EventData, Stop> {
         let spec = &req.spec;
         let ws = Workspace::create(&self.exec, &format!("{}-evaluate", job.run_id))
             .map_err(|e| Transient(e.to_string()))?;
@@ -317,144 +356,16 @@ impl Evaluator {
         let checkout = scope.span("checkout");
         if let Err(e) = ws.checkout(&req.source, &self.exec, &job.cancel).await {
             checkout.fail("checkout_failed", e.to_string());
-            return Ok(failed(req, format!("checkout failed: {e}"), started));
+            return Err(Stop::Fail(format!("checkout failed: {e}")));
         }
         drop(checkout);
-        let model = match &spec.endpoint {
-            ModelEndpoint::Openai {
-                base_url,
-                model,
-                api_key_env,
-            } => {
-                let Some(base) = base_url
-                    .clone()
-                    .or_else(|| req.environment.as_ref().and_then(|e| e.url.clone()))
-                else {
-                    return Ok(failed(
-                        req,
-                        "no model endpoint: neither base_url nor a gated environment url".into(),
-                        started,
-                    ));
-                };
-                let api_key = match api_key_env {
-                    Some(var) => match std::env::var(var) {
-                        Ok(k) => Some(k),
-                        Err(_) => {
-                            return Ok(failed(
-                                req,
-                                format!(
-                                    "the API key variable {var} is not set for the model-evaluator"
-                                ),
-                                started,
-                            ));
-                        }
-                    },
-                    None => None,
-                };
-                Model::Openai {
-                    client: reqwest::Client::builder()
-                        .timeout(Duration::from_secs(spec.request_timeout_secs))
-                        .build()
-                        .map_err(|e| Transient(e.to_string()))?,
-                    url: format!("{}/v1/chat/completions", base.trim_end_matches('/')),
-                    model: model.clone(),
-                    api_key,
-                }
-            }
-            ModelEndpoint::Command { command } => Model::Command {
-                argv: command.clone(),
-                env: self.exec.base_env(&ws.home()),
-            },
-        };
-
-        let mut items_by_ds: BTreeMap<String, Vec<Item>> = BTreeMap::new();
-        let mut details = Details::default();
-        let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
-        let (mut tin, mut tout, mut n_items) = (0u64, 0u64, 0u64);
-        for ds in &spec.dataset {
-            let text = match self.load(job, &ws, &ds.path).await {
-                Ok(t) => t,
-                Err(e) => return Ok(failed(req, format!("dataset {}: {e}", ds.name), started)),
-            };
-            {
-                use sha2::Digest;
-                details.dataset_digests.insert(
-                    ds.name.clone(),
-                    format!("sha256:{:x}", sha2::Sha256::digest(text.as_bytes())),
-                );
-            }
-            let items = match dataset::parse(&ds.name, &text) {
-                Ok(i) => i,
-                Err(e) => return Ok(failed(req, e.to_string(), started)),
-            };
-            let mut batch = scope.span("model requests");
-            batch.attr("slipway.dataset", ds.name.clone());
-            batch.attr("slipway.dataset.items", items.len() as i64);
-            let answers = match model
-                .answer_all(
-                    &items,
-                    spec.concurrency as usize,
-                    &ws.src(),
-                    Duration::from_secs(spec.timeout_secs),
-                )
-                .await
-            {
-                Ok(a) => a,
-                Err(e) => {
-                    batch.fail("model_unavailable", e.to_string());
-                    return Ok(failed(req, format!("dataset {}: {e}", ds.name), started));
-                }
-            };
-            batch.attr(
-                "slipway.dataset.errors",
-                answers.iter().filter(|a| a.is_err()).count() as i64,
-            );
-            drop(batch);
-            let results: Vec<ItemResult> = items
-                .iter()
-                .zip(answers)
-                .map(|(item, a)| match a {
-                    Ok(a) => ItemResult {
-                        latency_ms: a.latency_ms,
-                        tokens_in: a.tokens_in,
-                        tokens_out: a.tokens_out,
-                        ..metrics::score(item, &a.output)
-                    },
-                    // A request that failed answered nothing right: it counts against the
-                    // model in every metric the item carries.
-                    Err(e) => ItemResult {
-                        id: item.id.clone(),
-                        error: Some(e),
-                        exact: item.expected.as_ref().map(|_| false),
-                        label_ok: item.label.as_ref().map(|_| false),
-                        f1: item.expected.as_ref().map(|_| 0.0),
-                        format_ok: item.schema.as_ref().map(|_| false),
-                        ..Default::default()
-                    },
-                })
-                .collect();
-            let mut results = results;
-            if let Some(j) = &spec.judge {
-                let mut judging = scope.span("judge requests");
-                judging.attr("slipway.dataset", ds.name.clone());
-                self.judge_all(j, req, &items, &mut results).await;
-                drop(judging);
-            }
-            for r in &results {
-                tin += r.tokens_in;
-                tout += r.tokens_out;
-                n_items += 1;
-            }
-            for (k, v) in metrics::summarize(&results) {
-                metrics.insert(format!("{}.{k}", ds.name), v);
-            }
-            details.datasets.insert(ds.name.clone(), results);
-            items_by_ds.insert(ds.name.clone(), items);
-        }
-        if n_items > 0 {
-            metrics.insert("tokens_in_per_item".into(), tin as f64 / n_items as f64);
-            metrics.insert("tokens_out_per_item".into(), tout as f64 / n_items as f64);
-        }
+        let model = self.model(req, &ws)?;
+        let Scored {
+            items,
+            mut details,
+            metrics,
+            n_items,
+        } = self.score(job, req, &ws, &model).await?;
 
         // The baseline: the production version's own evaluation, with its per-item results.
         let base = baseline::gate_baseline(&job.deploys, &job.run, &req.stage).await?;
@@ -464,7 +375,6 @@ impl Evaluator {
             &ws.out().join("baseline.json"),
         )
         .await;
-        let mut rng = Rng::from_text(&job.run_id);
         let mut checks = Vec::new();
         if base.is_none() {
             checks.push(thresholds::no_baseline(None, "thresholds"));
@@ -473,99 +383,29 @@ impl Evaluator {
             Some(j) => format!("judge:{}", j.model),
             None => "lexical".into(),
         };
-        // A judge that did not answer most items must not pass silently on the lexical measure.
         if spec.judge.is_some() {
-            let eligible: Vec<&ItemResult> = details
-                .datasets
-                .iter()
-                .flat_map(|(d, rs)| {
-                    let items = &items_by_ds[d];
-                    rs.iter().filter(move |r| {
-                        r.error.is_none()
-                            && !r.refusal
-                            && items
-                                .iter()
-                                .any(|i| i.id == r.id && i.grounding().is_some())
-                    })
-                })
-                .collect();
-            let judged = eligible.iter().filter(|r| r.judged).count();
-            if judged * 2 < eligible.len() {
-                let first = eligible
-                    .iter()
-                    .find_map(|r| r.judge_error.clone())
-                    .unwrap_or_default();
-                checks.push(Check {
-                    metric: "judge".into(),
-                    scope: None,
-                    candidate: judged as f64,
-                    baseline: None,
-                    delta: None,
-                    p_value: None,
-                    interval: None,
-                    verdict: Verdict::Fail,
-                    note: format!(
-                        "the judge model answered {judged} of {} grounded items (first error: {first})",
-                        eligible.len()
-                    ),
-                });
-            }
+            checks.extend(judge_coverage(&details, &items));
         }
+        let mut rng = Rng::from_text(&job.run_id);
         for ds in &spec.dataset {
-            // Only a baseline scored on the same dataset file (and the same hallucination
-            // measure) is comparable.
-            let comparable = base_details.as_ref().is_none_or(|d| {
-                d.dataset_digests.get(&ds.name) == details.dataset_digests.get(&ds.name)
-            });
-            let same_measure = base_details
-                .as_ref()
-                .is_none_or(|d| d.hallucination_measure == details.hallucination_measure);
-            if base.is_some() && !comparable {
-                checks.push(Check {
-                    metric: "baseline".into(),
-                    scope: Some(ds.name.clone()),
-                    candidate: 0.0,
-                    baseline: None,
-                    delta: None,
-                    p_value: None,
-                    interval: None,
-                    verdict: Verdict::Pass,
-                    note: format!(
-                        "{}: the baseline scored another version of this dataset: absolute thresholds only",
-                        ds.name
-                    ),
-                });
-            }
-            for (metric, t) in &ds.thresholds {
-                let key = format!("{}.{metric}", ds.name);
-                let usable = comparable && (metric != "hallucination_rate" || same_measure);
-
-                checks.push(check_metric(
-                    &ds.name,
-                    metric,
-                    metrics.get(&key).copied(),
-                    base.as_ref()
-                        .filter(|_| usable)
-                        .and_then(|(_, g)| g.metrics.get(&key).copied()),
-                    t,
-                    &details.datasets[&ds.name],
-                    base_details
-                        .as_ref()
-                        .filter(|_| usable)
-                        .and_then(|d| d.datasets.get(&ds.name)),
-                    spec.significance,
-                    &mut rng,
-                ));
-            }
+            checks.extend(dataset_checks(
+                ds,
+                spec.significance,
+                &metrics,
+                &details,
+                base.as_ref().map(|(_, g)| g),
+                base_details.as_ref(),
+                &mut rng,
+            ));
         }
-        details.samples = pick_samples(&details, &items_by_ds, spec.samples as usize, &job.run_id);
+        details.samples = pick_samples(&details, &items, spec.samples as usize, &job.run_id);
         let path = ws.out().join("evaluation.json");
         std::fs::write(
             &path,
             serde_json::to_vec_pretty(&details).expect("details serialise"),
         )
         .map_err(|e| Transient(e.to_string()))?;
-        let name = format!("runs/{}/{}-{}.json", job.run_id, req.stage, req.attempt);
+        let name = job.object_name("json");
         let stored = objects::put_file(&job.objects, &self.logs_bucket, Some(&name), &path).await?;
 
         let verdict = thresholds::overall(&checks);
@@ -599,6 +439,150 @@ impl Evaluator {
         } else {
             EventData::EvaluateSucceeded(report)
         })
+    }
+
+    /// The model under test, as the spec names it.
+    fn model(&self, req: &EvaluateRequested, ws: &Workspace) -> Result<Model, Stop> {
+        let spec = &req.spec;
+        Ok(match &spec.endpoint {
+            ModelEndpoint::Openai {
+                base_url,
+                model,
+                api_key_env,
+            } => {
+                let Some(base) = base_url
+                    .clone()
+                    .or_else(|| req.environment.as_ref().and_then(|e| e.url.clone()))
+                else {
+                    return Err(Stop::Fail(
+                        "no model endpoint: neither base_url nor a gated environment url".into(),
+                    ));
+                };
+                let api_key = match api_key_env {
+                    Some(var) => Some(std::env::var(var).map_err(|_| {
+                        Stop::Fail(format!(
+                            "the API key variable {var} is not set for the model-evaluator"
+                        ))
+                    })?),
+                    None => None,
+                };
+                Model::Openai {
+                    client: reqwest::Client::builder()
+                        .timeout(Duration::from_secs(spec.request_timeout_secs))
+                        .build()
+                        .map_err(|e| Transient(e.to_string()))?,
+                    url: format!("{}/v1/chat/completions", base.trim_end_matches('/')),
+                    model: model.clone(),
+                    api_key,
+                }
+            }
+            ModelEndpoint::Command { command } => Model::Command {
+                argv: command.clone(),
+                env: self.exec.base_env(&ws.home()),
+            },
+        })
+    }
+
+    /// Asks the model every item of every dataset, and scores the answers.
+    async fn score(
+        &self,
+        job: &Job,
+        req: &EvaluateRequested,
+        ws: &Workspace,
+        model: &Model,
+    ) -> Result<Scored, Stop> {
+        let spec = &req.spec;
+        let scope = job.scope();
+        let mut scored = Scored {
+            items: BTreeMap::new(),
+            details: Details::default(),
+            metrics: BTreeMap::new(),
+            n_items: 0,
+        };
+        let (mut tin, mut tout) = (0u64, 0u64);
+        for ds in &spec.dataset {
+            let text = self
+                .load(job, ws, &ds.path)
+                .await
+                .map_err(|e| Stop::Fail(format!("dataset {}: {e}", ds.name)))?;
+            scored.details.dataset_digests.insert(
+                ds.name.clone(),
+                slipway_domain::digest::Digest::of(text.as_bytes()).to_string(),
+            );
+            let items = dataset::parse(&ds.name, &text).map_err(|e| Stop::Fail(e.to_string()))?;
+            let mut batch = scope.span("model requests");
+            batch.attr("slipway.dataset", ds.name.clone());
+            batch.attr("slipway.dataset.items", items.len() as i64);
+            let answers = match model
+                .answer_all(
+                    &items,
+                    spec.concurrency as usize,
+                    &ws.src(),
+                    Duration::from_secs(spec.timeout_secs),
+                )
+                .await
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    batch.fail("model_unavailable", e.to_string());
+                    return Err(Stop::Fail(format!("dataset {}: {e}", ds.name)));
+                }
+            };
+            batch.attr(
+                "slipway.dataset.errors",
+                answers.iter().filter(|a| a.is_err()).count() as i64,
+            );
+            drop(batch);
+            let mut results: Vec<ItemResult> = items
+                .iter()
+                .zip(answers)
+                .map(|(item, a)| match a {
+                    Ok(a) => ItemResult {
+                        latency_ms: a.latency_ms,
+                        tokens_in: a.tokens_in,
+                        tokens_out: a.tokens_out,
+                        ..metrics::score(item, &a.output)
+                    },
+                    // A request that failed answered nothing right: it counts against the
+                    // model in every metric the item carries.
+                    Err(e) => ItemResult {
+                        id: item.id.clone(),
+                        error: Some(e),
+                        exact: item.expected.as_ref().map(|_| false),
+                        label_ok: item.label.as_ref().map(|_| false),
+                        f1: item.expected.as_ref().map(|_| 0.0),
+                        format_ok: item.schema.as_ref().map(|_| false),
+                        ..Default::default()
+                    },
+                })
+                .collect();
+            if let Some(j) = &spec.judge {
+                let mut judging = scope.span("judge requests");
+                judging.attr("slipway.dataset", ds.name.clone());
+                self.judge_all(j, req, &items, &mut results).await;
+                drop(judging);
+            }
+            for r in &results {
+                tin += r.tokens_in;
+                tout += r.tokens_out;
+                scored.n_items += 1;
+            }
+            for (k, v) in metrics::summarize(&results) {
+                scored.metrics.insert(format!("{}.{k}", ds.name), v);
+            }
+            scored.details.datasets.insert(ds.name.clone(), results);
+            scored.items.insert(ds.name.clone(), items);
+        }
+        if scored.n_items > 0 {
+            let n = scored.n_items as f64;
+            scored
+                .metrics
+                .insert("tokens_in_per_item".into(), tin as f64 / n);
+            scored
+                .metrics
+                .insert("tokens_out_per_item".into(), tout as f64 / n);
+        }
+        Ok(scored)
     }
 
     /// Replaces the lexical hallucination measure with the judge's verdicts; an item the judge
@@ -675,6 +659,100 @@ impl Evaluator {
         }
         std::fs::read_to_string(&canon).map_err(|e| format!("{path}: {e}"))
     }
+}
+
+/// A judge that did not answer most grounded items must not pass silently on the lexical
+/// measure: a failed check saying so.
+fn judge_coverage(details: &Details, items: &BTreeMap<String, Vec<Item>>) -> Option<Check> {
+    let eligible: Vec<&ItemResult> = details
+        .datasets
+        .iter()
+        .flat_map(|(d, rs)| {
+            let items = &items[d];
+            rs.iter().filter(move |r| {
+                r.error.is_none()
+                    && !r.refusal
+                    && items
+                        .iter()
+                        .any(|i| i.id == r.id && i.grounding().is_some())
+            })
+        })
+        .collect();
+    let judged = eligible.iter().filter(|r| r.judged).count();
+    if judged * 2 >= eligible.len() {
+        return None;
+    }
+    let first = eligible
+        .iter()
+        .find_map(|r| r.judge_error.clone())
+        .unwrap_or_default();
+    Some(Check {
+        metric: "judge".into(),
+        scope: None,
+        candidate: judged as f64,
+        baseline: None,
+        delta: None,
+        p_value: None,
+        interval: None,
+        verdict: Verdict::Fail,
+        note: format!(
+            "the judge model answered {judged} of {} grounded items (first error: {first})",
+            eligible.len()
+        ),
+    })
+}
+
+/// One dataset's checks: each threshold against the candidate and, when the baseline scored
+/// the same dataset file (and the same hallucination measure), against the baseline.
+fn dataset_checks(
+    ds: &slipway_domain::spec::DatasetSpec,
+    significance: f64,
+    metrics: &BTreeMap<String, f64>,
+    details: &Details,
+    base: Option<&GateReport>,
+    base_details: Option<&Details>,
+    rng: &mut Rng,
+) -> Vec<Check> {
+    let comparable = base_details
+        .is_none_or(|d| d.dataset_digests.get(&ds.name) == details.dataset_digests.get(&ds.name));
+    let same_measure =
+        base_details.is_none_or(|d| d.hallucination_measure == details.hallucination_measure);
+    let mut checks = Vec::new();
+    if base.is_some() && !comparable {
+        checks.push(Check {
+            metric: "baseline".into(),
+            scope: Some(ds.name.clone()),
+            candidate: 0.0,
+            baseline: None,
+            delta: None,
+            p_value: None,
+            interval: None,
+            verdict: Verdict::Pass,
+            note: format!(
+                "{}: the baseline scored another version of this dataset: absolute thresholds only",
+                ds.name
+            ),
+        });
+    }
+    for (metric, t) in &ds.thresholds {
+        let key = format!("{}.{metric}", ds.name);
+        let usable = comparable && (metric != "hallucination_rate" || same_measure);
+        checks.push(check_metric(
+            &ds.name,
+            metric,
+            metrics.get(&key).copied(),
+            base.filter(|_| usable)
+                .and_then(|g| g.metrics.get(&key).copied()),
+            t,
+            &details.datasets[&ds.name],
+            base_details
+                .filter(|_| usable)
+                .and_then(|d| d.datasets.get(&ds.name)),
+            significance,
+            rng,
+        ));
+    }
+    checks
 }
 
 #[cfg(test)]
