@@ -816,3 +816,55 @@ async fn a_rolling_upgrade_mixes_releases_on_one_stream_and_every_run_finishes()
         assert!(!logs.contains(refusal), "{refusal}: {logs}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_that_wait_do_not_queue_behind_each_other() {
+    // Two pipelines whose staging deploys each wait for the other's to have begun: they
+    // finish only if the deployer runs both at once (a deploy waits on something outside, so
+    // it never holds the one slot another pipeline needs). Bounded: a deploy that waits in vain
+    // gives up after 60 s and its run fails.
+    let stack = Stack::start_with(&[
+        "slipway-conductor",
+        "slipway-builder",
+        "slipway-tester",
+        "slipway-deployer",
+    ]);
+    let meet = stack.dir.path().join("meet");
+    std::fs::create_dir_all(&meet).unwrap();
+    let deploy = |me: &str, other: &str| {
+        let (me, other) = (meet.join(me), meet.join(other));
+        format!(
+            "[[environment]]\nname = \"staging\"\n[environment.deploy]\ncommand = [\"sh\", \"-c\", {:?}]\ntimeout_secs = 90\n",
+            format!(
+                "touch {me}; i=0; while [ ! -e {other} ]; do sleep 0.1; i=$((i+1)); [ $i -gt 600 ] && exit 1; done; true",
+                me = me.display(),
+                other = other.display()
+            )
+        )
+    };
+    let runs: Vec<String> = [("left", "a", "b"), ("right", "b", "a")]
+        .into_iter()
+        .map(|(name, me, other)| {
+            let dir = project(
+                stack.dir.path(),
+                name,
+                &spec(
+                    name,
+                    "mkdir -p dist && echo x > dist/x",
+                    PASSING_JUNIT,
+                    &deploy(me, other),
+                ),
+                &[],
+            );
+            submit(&stack, &dir)
+        })
+        .collect();
+    for run in &runs {
+        let status = stack.wait_phase(run, "succeeded", Duration::from_secs(120));
+        assert_eq!(
+            stage(&status, "deploy:staging")["status"],
+            "succeeded",
+            "{status}"
+        );
+    }
+}

@@ -532,6 +532,9 @@ async fn every_ending_reads_the_same_in_status_spans_otlp_and_metrics() {
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.endpoint),
             ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+            // One tester job at a time: the cancelled run's second suite is still waiting
+            // for the tester (requested, never started) when the run ends.
+            ("SLIPWAY__WORKER__CONCURRENCY", "1"),
         ],
         "",
         &registry,

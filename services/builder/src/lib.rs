@@ -14,7 +14,7 @@ use slipway_core::config::Config;
 use slipway_core::exec::workspace::{self, Workspace};
 use slipway_core::exec::{self, Cmd, ExecSettings};
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
-use slipway_domain::events::{BuildRequested, BuildSucceeded, EventData, StageFailed, StageKind};
+use slipway_domain::events::{BuildRequested, BuildSucceeded, EventData, StageFailed};
 
 /// Runs the builder until `shutdown`.
 ///
@@ -43,16 +43,9 @@ impl Worker for Builder {
         slipway_core::runtime::Service::Builder
     }
 
-    fn kinds(&self) -> &'static [StageKind] {
-        &[StageKind::Build]
-    }
-
     async fn handle(&self, job: &Job) -> Result<EventData, Transient> {
         let EventData::BuildRequested(req) = &job.request.data else {
-            return Err(Transient(format!(
-                "{} is not a build request",
-                job.request.type_name()
-            )));
+            return Err(Transient::not_a(&job.request, "a build request"));
         };
         self.build(job, req).await
     }

@@ -13,7 +13,7 @@ use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::{Config, Pricing};
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
 use slipway_core::store::baseline;
-use slipway_domain::events::{Check, CostRequested, EventData, GateReport, StageKind, Verdict};
+use slipway_domain::events::{Check, CostRequested, EventData, GateReport, Verdict};
 use slipway_domain::spec::{CostSpec, Threshold};
 use slipway_domain::thresholds;
 
@@ -138,16 +138,9 @@ impl Worker for CostGate {
         slipway_core::runtime::Service::CostEstimator
     }
 
-    fn kinds(&self) -> &'static [StageKind] {
-        &[StageKind::Cost]
-    }
-
     async fn handle(&self, job: &Job) -> Result<EventData, Transient> {
         let EventData::CostRequested(req) = &job.request.data else {
-            return Err(Transient(format!(
-                "{} is not a cost request",
-                job.request.type_name()
-            )));
+            return Err(Transient::not_a(&job.request, "a cost request"));
         };
         self.estimate(job, req).await
     }

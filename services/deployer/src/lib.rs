@@ -19,7 +19,7 @@ use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worke
 use slipway_domain::Event;
 use slipway_domain::decide::version_of;
 use slipway_domain::events::{
-    DeployRequested, DeployStarted, DeploySucceeded, EventData, ObjectRef, StageFailed, StageKind,
+    DeployRequested, DeployStarted, DeploySucceeded, EventData, ObjectRef, StageFailed,
 };
 use slipway_domain::fold::Run;
 use tracing::{info, warn};
@@ -78,10 +78,7 @@ fn request(job: &Job) -> Result<(&DeployRequested, bool), Transient> {
     match &job.request.data {
         EventData::DeployRequested(r) => Ok((r, false)),
         EventData::RollbackRequested(r) => Ok((r, true)),
-        other => Err(Transient(format!(
-            "{} is not a deploy request",
-            other.type_name()
-        ))),
+        _ => Err(Transient::not_a(&job.request, "a deploy request")),
     }
 }
 
@@ -111,10 +108,6 @@ fn failed(
 impl Worker for Deployer {
     fn service(&self) -> slipway_core::runtime::Service {
         slipway_core::runtime::Service::Deployer
-    }
-
-    fn kinds(&self) -> &'static [StageKind] {
-        &[StageKind::Deploy, StageKind::Rollback]
     }
 
     /// A deploy is never run twice: one delivery wins the start, and a start without a result

@@ -24,7 +24,7 @@ use slipway_core::exec::ExecSettings;
 use slipway_core::exec::workspace::Workspace;
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
 use slipway_core::store::{baseline, objects};
-use slipway_domain::events::{Check, EvaluateRequested, EventData, GateReport, StageKind, Verdict};
+use slipway_domain::events::{Check, EvaluateRequested, EventData, GateReport, Verdict};
 use slipway_domain::spec::{ModelEndpoint, Threshold, check_relative_path};
 use slipway_domain::stats::{self, Rng};
 use slipway_domain::thresholds;
@@ -84,16 +84,9 @@ impl Worker for Evaluator {
         slipway_core::runtime::Service::ModelEvaluator
     }
 
-    fn kinds(&self) -> &'static [StageKind] {
-        &[StageKind::Evaluate]
-    }
-
     async fn handle(&self, job: &Job) -> Result<EventData, Transient> {
         let EventData::EvaluateRequested(req) = &job.request.data else {
-            return Err(Transient(format!(
-                "{} is not an evaluation request",
-                job.request.type_name()
-            )));
+            return Err(Transient::not_a(&job.request, "an evaluation request"));
         };
         self.evaluate(job, req).await
     }

@@ -17,8 +17,7 @@ use slipway_core::bus::{Bus, BusError};
 use slipway_core::config::Config;
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
 use slipway_domain::events::{
-    Check, EventData, IncidentOpened, MonitorReport, MonitorRequested, MonitorVerdict, StageKind,
-    Verdict,
+    Check, EventData, IncidentOpened, MonitorReport, MonitorRequested, MonitorVerdict, Verdict,
 };
 use slipway_domain::spec::MonitorSpec;
 use slipway_domain::{Event, ids, thresholds};
@@ -35,10 +34,9 @@ const MIN_PROBES: usize = 3;
 /// [`BusError`] when NATS cannot be reached or the consumer cannot be set up.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BusError> {
     let bus = Bus::connect(&config.nats, "slipway-monitor").await?;
-    // Each monitored deploy holds a job for its whole window: let several run at once.
-    let mut settings = config.worker;
-    settings.concurrency = settings.concurrency.max(8);
-    run_worker(bus, Arc::new(Monitor), settings, shutdown).await
+    // Each monitored deploy holds a job for its whole window: the monitor's stages wait, so
+    // by default hundreds run at once (runtime::default_concurrency).
+    run_worker(bus, Arc::new(Monitor), config.worker, shutdown).await
 }
 
 /// The monitor worker.
@@ -168,16 +166,9 @@ impl Worker for Monitor {
         slipway_core::runtime::Service::Monitor
     }
 
-    fn kinds(&self) -> &'static [StageKind] {
-        &[StageKind::Monitor]
-    }
-
     async fn handle(&self, job: &Job) -> Result<EventData, Transient> {
         let EventData::MonitorRequested(req) = &job.request.data else {
-            return Err(Transient(format!(
-                "{} is not a monitor request",
-                job.request.type_name()
-            )));
+            return Err(Transient::not_a(&job.request, "a monitor request"));
         };
         watch(job, req).await
     }

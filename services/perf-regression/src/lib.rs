@@ -22,7 +22,7 @@ use slipway_core::exec::workspace::Workspace;
 use slipway_core::exec::{self, Cmd, ExecSettings};
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
 use slipway_core::store::{baseline, objects};
-use slipway_domain::events::{Check, EventData, GateReport, PerfRequested, StageKind, Verdict};
+use slipway_domain::events::{Check, EventData, GateReport, PerfRequested, Verdict};
 use slipway_domain::spec::{LoadMode, Threshold};
 use slipway_domain::{stats, thresholds};
 use tracing::info;
@@ -62,16 +62,9 @@ impl Worker for PerfGate {
         slipway_core::runtime::Service::PerfRegression
     }
 
-    fn kinds(&self) -> &'static [StageKind] {
-        &[StageKind::Perf]
-    }
-
     async fn handle(&self, job: &Job) -> Result<EventData, Transient> {
         let EventData::PerfRequested(req) = &job.request.data else {
-            return Err(Transient(format!(
-                "{} is not a performance request",
-                job.request.type_name()
-            )));
+            return Err(Transient::not_a(&job.request, "a performance request"));
         };
         self.measure(job, req).await
     }

@@ -116,6 +116,34 @@ impl Service {
         Self::ALL.into_iter().find(|s| s.binary() == binary)
     }
 
+    /// The stages it works (none for the conductor; approvals for the gateway).
+    pub const fn kinds(self) -> &'static [StageKind] {
+        match self {
+            Service::Conductor => &[],
+            Service::Builder => &[StageKind::Build],
+            Service::Tester => &[StageKind::Test],
+            Service::Deployer => &[StageKind::Deploy, StageKind::Rollback],
+            Service::Monitor => &[StageKind::Monitor],
+            Service::Approval => &[StageKind::Approval],
+            Service::ModelEvaluator => &[StageKind::Evaluate],
+            Service::PerfRegression => &[StageKind::Perf],
+            Service::CostEstimator => &[StageKind::Cost],
+        }
+    }
+
+    /// Whether its stages mostly wait on something outside Slipway (a deploy command, a monitor
+    /// window, a remote model, a load test's target) rather than use this machine's cores.
+    pub const fn waits(self) -> bool {
+        matches!(
+            self,
+            Service::Deployer
+                | Service::Monitor
+                | Service::ModelEvaluator
+                | Service::PerfRegression
+                | Service::CostEstimator
+        )
+    }
+
     /// The service that works stages of `kind` (an approval is the gateway's).
     pub fn works(kind: StageKind) -> Service {
         match kind {
@@ -168,7 +196,9 @@ mod tests {
         );
         assert_eq!(Service::of_binary("slipway"), None);
         for kind in StageKind::ALL {
-            assert_ne!(Service::works(kind), Service::Conductor, "{kind:?}");
+            assert!(Service::works(kind).kinds().contains(&kind), "{kind:?}");
         }
+        let worked: usize = Service::ALL.iter().map(|s| s.kinds().len()).sum();
+        assert_eq!(worked, StageKind::ALL.len(), "each kind has one service");
     }
 }

@@ -15,7 +15,7 @@ use slipway_core::config::Config;
 use slipway_core::exec::workspace::{self, Workspace};
 use slipway_core::exec::{self, Cmd, ExecSettings};
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
-use slipway_domain::events::{CaseStatus, EventData, StageKind, TestReport, TestRequested};
+use slipway_domain::events::{CaseStatus, EventData, TestReport, TestRequested};
 
 /// Runs the tester until `shutdown`.
 ///
@@ -42,16 +42,9 @@ impl Worker for Tester {
         slipway_core::runtime::Service::Tester
     }
 
-    fn kinds(&self) -> &'static [StageKind] {
-        &[StageKind::Test]
-    }
-
     async fn handle(&self, job: &Job) -> Result<EventData, Transient> {
         let EventData::TestRequested(req) = &job.request.data else {
-            return Err(Transient(format!(
-                "{} is not a test request",
-                job.request.type_name()
-            )));
+            return Err(Transient::not_a(&job.request, "a test request"));
         };
         self.test(job, req).await
     }

@@ -62,8 +62,8 @@ pub struct WorkerSettings {
     pub ack_wait_secs: u64,
     /// Deliveries before a request is given up as a `failed` fact.
     pub max_deliver: i64,
-    /// Jobs one process works at once.
-    pub concurrency: usize,
+    /// Jobs one process works at once; unset, [`default_concurrency`] of the service.
+    pub concurrency: Option<usize>,
     /// On shutdown, wait this long for jobs in flight before abandoning them to a replica.
     pub drain_secs: u64,
     /// Worker id in `started` facts; default `<service>-<host>-<pid>`.
@@ -78,7 +78,7 @@ impl Default for WorkerSettings {
         Self {
             ack_wait_secs: 30,
             max_deliver: 5,
-            concurrency: 1,
+            concurrency: None,
             drain_secs: 30,
             id: None,
             follow_runs: true,
@@ -137,6 +137,13 @@ impl Job {
 #[error("{0}")]
 pub struct Transient(pub String);
 
+impl Transient {
+    /// A request the worker was not made for (its consumer's filter and its `kinds` disagree).
+    pub fn not_a(request: &Event, what: &str) -> Self {
+        Transient(format!("{} is not {what}", request.type_name()))
+    }
+}
+
 impl From<BusError> for Transient {
     fn from(e: BusError) -> Self {
         Transient(e.to_string())
@@ -148,7 +155,10 @@ pub trait Worker: Send + Sync + 'static {
     /// The service; its name is also the durable consumer's.
     fn service(&self) -> Service;
 
-    fn kinds(&self) -> &'static [StageKind];
+    /// The stages it works: its service's, unless it says otherwise.
+    fn kinds(&self) -> &'static [StageKind] {
+        self.service().kinds()
+    }
 
     /// Whether a job may run at most once per stage attempt (a deploy). Its `started` fact is
     /// then appended with run-wide optimistic concurrency, so of two deliveries one starts; a
@@ -199,6 +209,22 @@ pub fn fact(service: Service, run_id: &str, data: EventData) -> Event {
     slipway_domain::facts::fact(service, run_id, data, crate::bus::now())
 }
 
+/// Jobs at once of a service whose stages wait: enough that runs waiting on deploys, monitor
+/// windows, remote models or load tests do not queue behind each other. A waiting job holds a
+/// task, a subscription or a slot in the runs in flight, some kilobytes; the per-environment
+/// deploy lanes of the conductor still order deploys where the spec says so.
+pub const WAITING_JOBS: usize = 256;
+
+/// Jobs at once by default: [`WAITING_JOBS`] for a service whose stages wait, the machine's
+/// cores for one whose stages compute (builds, test suites).
+pub fn default_concurrency(service: Service) -> usize {
+    if service.waits() {
+        WAITING_JOBS
+    } else {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    }
+}
+
 /// Runs a worker until `shutdown`, then drains.
 ///
 /// # Errors
@@ -237,7 +263,11 @@ pub async fn run_worker<W: Worker>(
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!("{service}-{}-{}", host.trim(), std::process::id())
     });
-    info!(service, worker = %worker_id, ?filters, "Worker ready.");
+    let concurrency = settings
+        .concurrency
+        .unwrap_or_else(|| default_concurrency(worker.service()))
+        .max(1);
+    info!(service, worker = %worker_id, ?filters, concurrency, "Worker ready.");
 
     let tracker = TaskTracker::new();
     let jobs_cancel = CancellationToken::new();
@@ -245,7 +275,7 @@ pub async fn run_worker<W: Worker>(
     let helpers = shutdown.child_token();
     let advisories =
         spawn_max_deliveries_listener(&bus, worker.service(), &tracker, helpers.clone()).await?;
-    let permits = Arc::new(tokio::sync::Semaphore::new(settings.concurrency.max(1)));
+    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(1)
