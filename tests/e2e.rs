@@ -868,3 +868,73 @@ async fn deploys_that_wait_do_not_queue_behind_each_other() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_run_is_indexed_and_verify_names_an_entry_that_differs_from_the_log() {
+    let stack = Stack::start_with(&["slipway-conductor", "slipway-builder", "slipway-tester"]);
+    let dir = project(
+        stack.dir.path(),
+        "indexed",
+        &spec(
+            "indexed",
+            "mkdir -p dist && echo x > dist/x",
+            PASSING_JUNIT,
+            "",
+        ),
+        &[],
+    );
+    let run = submit(&stack, &dir);
+    let status = stack.wait_phase(&run, "succeeded", LONG);
+
+    // The conductor writes the ended run's entry, off its decision path.
+    let js = async_nats::jetstream::new(stack.nats_client().await);
+    let deadline = std::time::Instant::now() + LONG;
+    let (kv, entry) = loop {
+        if let Ok(kv) = js.get_key_value("slipway-runs").await
+            && let Ok(Some(bytes)) = kv.get(&run).await
+        {
+            break (kv, serde_json::from_slice::<Value>(&bytes).unwrap());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no index entry: {}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(entry["fold"], slipway_domain::index::FOLD_VERSION);
+    assert_eq!(entry["run"], status, "the entry is the run's status");
+    let verified = stack.slipway_json(&["replay", "--verify"]);
+    assert_eq!(
+        (&verified["checked"], &verified["matching"]),
+        (&json!(1), &json!(1)),
+        "{verified}"
+    );
+
+    // An entry that differs from the log is named, path and values, and the command fails.
+    let mut forged = entry.clone();
+    forged["run"]["phase"] = "failed".into();
+    kv.put(&run, serde_json::to_vec(&forged).unwrap().into())
+        .await
+        .unwrap();
+    let out = stack.slipway(&["replay", "--verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "{run}: run.phase: index has \"failed\", the log folds to \"succeeded\""
+        )),
+        "{stdout}"
+    );
+    // People's `cli` user may read the index, not write it; an operator repairs it from the log.
+    assert!(
+        !stack
+            .slipway(&["replay", "--verify", "--repair"])
+            .status
+            .success()
+    );
+    let repaired = stack.slipway_as("admin", &["replay", "--verify", "--repair", "--json"]);
+    assert!(repaired.status.success(), "{repaired:?}");
+    let again = stack.slipway_json(&["replay", "--verify"]);
+    assert_eq!(again["matching"], 1, "{again}");
+}

@@ -285,10 +285,15 @@ impl Stack {
 
     /// Runs `slipway <args>` against this stack's server.
     pub fn slipway(&self, args: &[&str]) -> Output {
+        // People's commands connect as the least-privilege `cli` user.
+        self.slipway_as("cli", args)
+    }
+
+    /// `slipway <args>` connected as NATS user `user` (`admin` for operators' commands).
+    pub fn slipway_as(&self, user: &str, args: &[&str]) -> Output {
         Command::new(self.bins.join("slipway"))
             .args(args)
-            // People's commands connect as the least-privilege `cli` user.
-            .env("SLIPWAY_NATS_URL", self.nats.url_as("cli"))
+            .env("SLIPWAY_NATS_URL", self.nats.url_as(user))
             .env("SLIPWAY_GATEWAY_URL", self.gateway_url())
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")

@@ -60,6 +60,9 @@ struct State {
     observer: observe::Observer,
     /// Pipelines CDEvents start (from the configuration).
     cdevents: Vec<slipway_core::config::CdeventsPipeline>,
+    /// Where each run that ends goes (`None`: the bucket could not be opened; runs are still
+    /// decided, and `slipway replay --verify --repair` fills the index from the log).
+    index: Option<slipway_core::store::runs::RunIndex>,
 }
 
 /// Runs the conductor until `shutdown`.
@@ -98,9 +101,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cond
         tokio::time::interval(Duration::from_millis(config.conductor.tick_millis.max(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let index = match slipway_core::store::runs::RunIndex::open(&bus).await {
+        Ok(i) => Some(i),
+        Err(e) => {
+            warn!(error = %e, "Cannot open the run index: ended runs are not indexed.");
+            None
+        }
+    };
     let mut state = State {
         caught_up: target == 0,
         cdevents: config.conductor.cdevents.clone(),
+        index,
         ..Default::default()
     };
     if state.caught_up {
@@ -188,6 +199,25 @@ impl State {
         }
     }
 
+    /// Writes the run's entry in the run index when it has just ended (at stream sequence
+    /// `seq`), off the decision path: the index is derived, and a failed write only leaves an
+    /// entry for `slipway replay --verify --repair` to make.
+    fn index_if_ended(&self, run_id: &str, seq: u64) {
+        let (Some(index), Some(entry)) = (&self.index, self.runs.get(run_id)) else {
+            return;
+        };
+        if !entry.run.is_ended() {
+            return;
+        }
+        let (index, run_id) = (index.clone(), run_id.to_string());
+        let indexed = slipway_domain::index::IndexEntry::of(&entry.run, seq);
+        tokio::spawn(async move {
+            if let Err(e) = index.put(&run_id, &indexed).await {
+                warn!(%run_id, error = %e, "Cannot write the run's index entry.");
+            }
+        });
+    }
+
     /// Decides the other active runs of `run_id`'s pipeline.
     async fn decide_pipeline(&mut self, bus: &Bus, run_id: &str) {
         let Some(pipeline) = self.runs.get(run_id).map(|e| e.run.pipeline.clone()) else {
@@ -217,6 +247,7 @@ impl State {
         let last = self.last_seqs.entry(run_id.to_string()).or_default();
         *last = (*last).max(seq);
         let prior = self.runs.get(run_id).map(|e| &e.run);
+        let was_ended = prior.is_some_and(Run::is_ended);
         let before = prior.map(observe::Brief::of);
         // Only live observation looks at stage transitions: nothing to compute during replay.
         let stage = if self.caught_up {
@@ -253,6 +284,9 @@ impl State {
             }
             self.observer
                 .observe(before, stage, run, event, SOURCE, self.caught_up);
+        }
+        if self.caught_up && !was_ended {
+            self.index_if_ended(run_id, seq);
         }
     }
 

@@ -452,6 +452,112 @@ impl Client {
         })
     }
 
+    /// Folds every run (or `run`) from the log alone and compares each ended one with its entry
+    /// in the run index; with `repair`, writes the fold over each entry missing or different.
+    pub async fn verify(
+        &self,
+        run: Option<&str>,
+        repair: bool,
+        json_out: bool,
+    ) -> anyhow::Result<ExitCode> {
+        use slipway_domain::index::{IndexEntry, differences};
+        if let Some(run) = run {
+            check_run_id(run)?;
+        }
+        let index = slipway_core::store::runs::RunIndex::open(&self.bus).await?;
+        let filter = run.map_or_else(|| subjects::RUNS.to_string(), subjects::run);
+        let log = self.bus.read(&[filter], 1).await?;
+        // Each run folded from the log, with the stream sequence of its last event.
+        let mut runs: HashMap<String, (Option<Run>, u64)> = HashMap::new();
+        let mut order = Vec::new();
+        for r in log {
+            let Some((id, _, _)) = subjects::parse_run(&r.subject) else {
+                continue;
+            };
+            let Ok(e) = r.event else { continue };
+            let slot = runs.entry(id.to_string()).or_insert_with(|| {
+                order.push(id.to_string());
+                (None, 0)
+            });
+            slot.0 = slipway_domain::fold(slot.0.take(), &e);
+            slot.1 = r.seq;
+        }
+        let (mut matching, mut missing, mut differing, mut repaired) =
+            (0, Vec::new(), Vec::new(), 0);
+        for id in &order {
+            let Some((Some(folded), through)) = runs.get(id) else {
+                continue;
+            };
+            if !folded.is_ended() {
+                continue;
+            }
+            let fresh = folded.to_json();
+            let wrong = match index.get(id).await? {
+                None => {
+                    missing.push(id.clone());
+                    true
+                }
+                Some(entry) => {
+                    let found = differences(&entry.run, &fresh, 5);
+                    if !found.is_empty() {
+                        differing.push(json!({"run_id": id, "differences": found}));
+                    }
+                    !found.is_empty()
+                }
+            };
+            if !wrong {
+                matching += 1;
+                continue;
+            }
+            if repair {
+                index.put(id, &IndexEntry::of(folded, *through)).await?;
+                repaired += 1;
+            }
+        }
+        let checked = matching + missing.len() + differing.len();
+        if json_out {
+            outln!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "checked": checked,
+                    "matching": matching,
+                    "missing": missing,
+                    "differing": differing,
+                    "repaired": repaired,
+                }))?
+            );
+        } else {
+            outln!(
+                "Verified {checked} ended runs against the run index: {matching} match, {} missing, {} differ{}.",
+                missing.len(),
+                differing.len(),
+                if repair {
+                    format!(", {repaired} repaired")
+                } else {
+                    String::new()
+                }
+            );
+            for id in &missing {
+                outln!("  {id}: not in the index");
+            }
+            for d in &differing {
+                for line in d["differences"].as_array().into_iter().flatten() {
+                    outln!(
+                        "  {}: {}",
+                        d["run_id"].as_str().unwrap_or_default(),
+                        line.as_str().unwrap_or_default()
+                    );
+                }
+            }
+        }
+        let clean = missing.is_empty() && differing.is_empty();
+        Ok(if clean || repair {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    }
+
     pub async fn dora(&self, since: &str, json_out: bool) -> anyhow::Result<ExitCode> {
         let window = slipway_domain::dora::parse_window(since).map_err(anyhow::Error::msg)?;
         let log = self.bus.read(&[subjects::RUNS.to_string()], 1).await?;

@@ -102,6 +102,13 @@ enum Command {
         run: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Compare every ended run (or RUN) folded from the log with its entry in the run
+        /// index, and report each entry that is missing or differs (exit 1 if any).
+        #[arg(long)]
+        verify: bool,
+        /// With --verify: write the log's fold over each missing or differing entry.
+        #[arg(long, requires = "verify")]
+        repair: bool,
     },
     /// The changes received, newest first, with their outcome.
     Changes {
@@ -396,9 +403,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let c = client::Client::connect(&client::settings(&url)).await?;
             c.watch(&run, timeout).await
         }
-        Command::Replay { run, json } => {
+        Command::Replay {
+            run,
+            json,
+            verify,
+            repair,
+        } => {
             let c = client::Client::connect(&client::settings(&url)).await?;
-            c.replay(run.as_deref(), json).await
+            if verify {
+                c.verify(run.as_deref(), repair, json).await
+            } else {
+                c.replay(run.as_deref(), json).await
+            }
         }
         Command::Changes { json, limit } => {
             let c = client::Client::connect(&client::settings(&url)).await?;

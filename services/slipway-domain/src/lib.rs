@@ -23,6 +23,7 @@ pub mod events;
 pub mod facts;
 pub mod fold;
 pub mod ids;
+pub mod index;
 pub mod outcome;
 pub mod plan;
 pub mod policy;

@@ -90,6 +90,8 @@ pub struct StreamSettings {
     pub duplicate_window_secs: u64,
     pub artifacts_bucket: String,
     pub logs_bucket: String,
+    /// The run index: each ended run's state (`slipway_domain::index`).
+    pub runs_bucket: String,
 }
 
 impl Default for StreamSettings {
@@ -100,6 +102,7 @@ impl Default for StreamSettings {
             duplicate_window_secs: 120,
             artifacts_bucket: "slipway-artifacts".into(),
             logs_bucket: "slipway-logs".into(),
+            runs_bucket: "slipway-runs".into(),
         }
     }
 }
@@ -125,7 +128,7 @@ pub enum BusError {
 }
 
 impl BusError {
-    fn nats(operation: &'static str, e: impl std::fmt::Display) -> Self {
+    pub fn nats(operation: &'static str, e: impl std::fmt::Display) -> Self {
         BusError::Nats {
             operation,
             message: e.to_string(),

@@ -1,5 +1,7 @@
 //! What is composed around a [`crate::bus::Bus`], each shared by its clones: the object store of
-//! artifacts, logs and gate details, and the index of deploys the gates' baselines come from.
+//! artifacts, logs and gate details, the index of deploys the gates' baselines come from, and
+//! the run index of ended runs.
 
 pub mod baseline;
 pub mod objects;
+pub mod runs;
