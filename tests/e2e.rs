@@ -938,3 +938,169 @@ async fn an_ended_run_is_indexed_and_verify_names_an_entry_that_differs_from_the
     let again = stack.slipway_json(&["replay", "--verify"]);
     assert_eq!(again["matching"], 1, "{again}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_runs_leave_the_conductors_memory_and_are_answered_from_the_index() {
+    let mut stack = Stack::start_with(&["slipway-conductor", "slipway-builder", "slipway-tester"]);
+    let dir = project(
+        stack.dir.path(),
+        "evicted",
+        &spec(
+            "evicted",
+            "mkdir -p dist && echo x > dist/x",
+            PASSING_JUNIT,
+            "",
+        ),
+        &[],
+    );
+    let ended: Vec<String> = (0..2)
+        .map(|_| {
+            let run = submit(&stack, &dir);
+            stack.wait_phase(&run, "succeeded", LONG);
+            run
+        })
+        .collect();
+    let client = stack.nats_client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    // Both are indexed (written off the conductor's decision path: wait for it).
+    let deadline = std::time::Instant::now() + LONG;
+    for run in &ended {
+        loop {
+            if let Ok(kv) = js.get_key_value("slipway-runs").await
+                && let Ok(Some(_)) = kv.get(run).await
+            {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{run} not indexed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // Restarted, the conductor replays the log and holds none of the ended runs.
+    let ready = restart_conductor(&mut stack);
+    assert!(ready.contains("runs=0"), "{ready}");
+
+    // Their status comes from the index, through the conductor, and equals the log's fold.
+    for run in &ended {
+        let reply = client
+            .request(format!("slipway-api.runs.{run}"), "".into())
+            .await
+            .unwrap();
+        let answered: Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert_eq!(answered["run_id"], run.as_str(), "{answered}");
+        assert_eq!(answered, stack.slipway_json(&["replay", run]));
+        stack.assert_replay_matches(run);
+    }
+    // And the next change still runs.
+    let next = submit(&stack, &dir);
+    stack.wait_phase(&next, "succeeded", LONG);
+}
+
+/// The `conductor ready` lines of the conductor's log so far.
+fn conductor_ready_lines(stack: &Stack) -> Vec<String> {
+    std::fs::read_to_string(stack.dir.path().join("slipway-conductor.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("conductor ready"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Restarts the conductor and waits for it to be ready; its `conductor ready` line.
+fn restart_conductor(stack: &mut Stack) -> String {
+    let before = conductor_ready_lines(stack).len();
+    stack.service("slipway-conductor").kill();
+    stack.spawn("slipway-conductor");
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let lines = conductor_ready_lines(stack);
+        if lines.len() > before {
+            return lines.last().unwrap().clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", stack.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The number after `field=` in a log line.
+fn log_number(line: &str, field: &str) -> u64 {
+    let at = line
+        .find(&format!("{field}="))
+        .unwrap_or_else(|| panic!("{field} in {line}"));
+    line[at + field.len() + 1..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conductor_starts_from_its_checkpoint_and_from_the_whole_log_when_it_cannot() {
+    let mut stack = Stack::start_with(&["slipway-conductor", "slipway-builder", "slipway-tester"]);
+    let dir = project(
+        stack.dir.path(),
+        "checkpointed",
+        &spec(
+            "checkpointed",
+            "mkdir -p dist && echo x > dist/x",
+            PASSING_JUNIT,
+            "",
+        ),
+        &[],
+    );
+    for _ in 0..2 {
+        let run = submit(&stack, &dir);
+        stack.wait_phase(&run, "succeeded", LONG);
+    }
+    let js = async_nats::jetstream::new(stack.nats_client().await);
+    let logged = js
+        .get_stream("SLIPWAY")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    assert!(logged >= 10, "{logged}");
+    // The conductor checkpoints what it has read (every few seconds): wait for the runs' ends.
+    let deadline = std::time::Instant::now() + LONG;
+    let kv = loop {
+        if let Ok(kv) = js.get_key_value("slipway-checkpoints").await
+            && let Ok(Some(bytes)) = kv.get("conductor").await
+        {
+            let c: Value = serde_json::from_slice(&bytes).unwrap();
+            if c["through"].as_u64().unwrap() >= logged {
+                assert_eq!(c["in_flight"], json!([]), "{c}");
+                break kv;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", stack.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Restarted, it reads only what came after its checkpoint.
+    let ready = restart_conductor(&mut stack);
+    assert!(
+        log_number(&ready, "read") < logged / 2,
+        "{ready} ({logged} in the log)"
+    );
+
+    // A checkpoint it cannot use: the whole log, and it still decides.
+    kv.put("conductor", "{not a checkpoint".into())
+        .await
+        .unwrap();
+    let ready = restart_conductor(&mut stack);
+    assert!(
+        log_number(&ready, "read") >= logged,
+        "{ready} ({logged} in the log)"
+    );
+    assert!(
+        stack.logs().contains("Checkpoint not used"),
+        "{}",
+        stack.logs()
+    );
+    let run = submit(&stack, &dir);
+    stack.wait_phase(&run, "succeeded", LONG);
+}

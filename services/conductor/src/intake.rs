@@ -172,7 +172,7 @@ pub(crate) async fn answer_change(state: &mut State, bus: &Bus, rec: &Recorded) 
                     state.decide_run(bus, &run_id).await;
                 }
                 Ok(_) | Err(AppendError::Conflict { .. }) => {
-                    info!(%run_id, "Run already created by another writer.");
+                    info!(%run_id, "The run already exists (another writer made it, or it ended earlier).");
                 }
                 Err(AppendError::Bus(e)) => {
                     // Kept unanswered: the next tick tries again.

@@ -1,15 +1,18 @@
 //! The conductor: the only service with pipeline logic, and it holds none of its own state.
 //!
-//! It follows the whole log with an ordered consumer and folds every run in memory (on start
-//! it replays the log first, deciding nothing until it has caught up). Each change becomes a
+//! It follows the whole log with an ordered consumer and folds the runs in flight in memory (on
+//! start it replays the log first, deciding nothing until it has caught up). Each change becomes a
 //! run (deterministic run id, validated spec snapshot in `run.created`) or a
 //! `change.rejected` fact naming why. After each event, and on a timer for timeouts, it runs
 //! the pure [`decide`](slipway_domain::decide) and appends the resulting decisions with run-wide
 //! optimistic concurrency; a decision that loses waits for the newer events and is decided
 //! again. Two conductors can run side by side: the log serialises them.
 //!
-//! It also answers live status queries (`slipway-api.runs.<id>`, core NATS) from its folded
-//! state, which `slipway replay` checks against a fresh fold of the log.
+//! It also answers live status queries (`slipway-api.runs.<id>`, core NATS): a run in flight
+//! from its folded state, an ended one from the run index ([`slipway_domain::index`]), which
+//! `slipway replay --verify` checks against a fresh fold of the log. A run leaves the
+//! conductor's memory when it ends, so what it holds grows with the runs in flight, not with
+//! the log.
 
 mod intake;
 mod observe;
@@ -21,6 +24,8 @@ use async_nats::jetstream;
 use futures_util::StreamExt;
 use slipway_core::bus::{AppendError, Bus, BusError, Recorded};
 use slipway_core::config::Config;
+use slipway_core::store::checkpoints::Checkpoints;
+use slipway_domain::checkpoint::Checkpoint;
 use slipway_domain::decide::{Fleet, decide_in};
 use slipway_domain::events::EventData;
 use slipway_domain::{Event, Run, fold, subjects};
@@ -44,14 +49,18 @@ struct Entry {
     last_seq: u64,
 }
 
-/// The conductor's state: every run, and the changes not yet answered.
+/// The conductor's state: the runs in flight, and the changes not yet answered. A run leaves
+/// memory when it ends: the log holds it, and the run index its final state.
 #[derive(Debug, Default)]
 struct State {
     runs: HashMap<String, Entry>,
+    /// Runs that ended since the last look, by pipeline: the other runs of the pipeline are
+    /// decided again (an ended run may have freed an environment they wait for).
+    freed: Vec<(String, String)>,
     /// The runs not ended, by pipeline: what each decision looks at, however many runs
     /// have ended before.
     active: HashMap<String, BTreeSet<String>>,
-    /// The last stream sequence stored on each run's subjects, whether or not it decoded:
+    /// The last stream sequence stored on each held run's subjects, whether or not it decoded:
     /// a stray or unreadable message must not leave the run's expectation behind forever.
     last_seqs: HashMap<String, u64>,
     /// Changes seen before catching up, by stream sequence, answered once caught up.
@@ -63,7 +72,24 @@ struct State {
     /// Where each run that ends goes (`None`: the bucket could not be opened; runs are still
     /// decided, and `slipway replay --verify --repair` fills the index from the log).
     index: Option<slipway_core::store::runs::RunIndex>,
+    /// Where the conductor's checkpoint goes (`None`: it could not be opened; every start
+    /// then folds the whole log).
+    checkpoints: Option<Checkpoints>,
+    /// The log's stream, as a checkpoint names it.
+    stream_created: String,
+    /// The stream sequence of the last message read from the log.
+    consumed: u64,
+    /// Messages read since the start (from the checkpoint's runs and the log).
+    read: u64,
+    /// The sequence the last checkpoint was written through, and when.
+    checkpointed: (u64, Option<std::time::Instant>),
 }
+
+/// The conductor's key in the checkpoints bucket.
+const CHECKPOINT: &str = "conductor";
+
+/// How often, at most, the conductor writes its checkpoint (when it has read something new).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 
 /// Runs the conductor until `shutdown`.
 ///
@@ -72,12 +98,48 @@ struct State {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ConductorError> {
     let bus = Bus::connect(&config.nats, "slipway-conductor").await?;
     let stream = bus.ensure_stream().await?;
-    let target = bus.last_seq().await?;
-    info!(replay_to = target, "Conductor starting: replaying the log.");
+    let (stream_created, target) = bus.stream_state().await?;
+    let index = match slipway_core::store::runs::RunIndex::open(&bus).await {
+        Ok(i) => Some(i),
+        Err(e) => {
+            warn!(error = %e, "Cannot open the run index: ended runs are not indexed.");
+            None
+        }
+    };
+    let checkpoints = match Checkpoints::open(&bus).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(error = %e, "Cannot open the checkpoints: every start folds the whole log.");
+            None
+        }
+    };
+    let mut state = State {
+        cdevents: config.conductor.cdevents.clone(),
+        index,
+        checkpoints,
+        stream_created,
+        ..Default::default()
+    };
+    // From the checkpoint, when there is one to use: the runs in flight then, and the log after.
+    let start = state
+        .restore(&bus, target)
+        .await?
+        .map_or(1, |through| through + 1);
+    info!(
+        from = start,
+        replay_to = target,
+        "Conductor starting: replaying the log."
+    );
 
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            deliver_policy: if start <= 1 {
+                jetstream::consumer::DeliverPolicy::All
+            } else {
+                jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                }
+            },
             ..Default::default()
         })
         .await
@@ -101,21 +163,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cond
         tokio::time::interval(Duration::from_millis(config.conductor.tick_millis.max(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let index = match slipway_core::store::runs::RunIndex::open(&bus).await {
-        Ok(i) => Some(i),
-        Err(e) => {
-            warn!(error = %e, "Cannot open the run index: ended runs are not indexed.");
-            None
-        }
-    };
-    let mut state = State {
-        caught_up: target == 0,
-        cdevents: config.conductor.cdevents.clone(),
-        index,
-        ..Default::default()
-    };
-    if state.caught_up {
-        info!("Log is empty: conductor ready.");
+    if target < start {
+        // Nothing to read (an empty log, or a checkpoint at its end).
+        state.catch_up(&bus).await;
     }
     loop {
         tokio::select! {
@@ -127,7 +177,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cond
                         Err(_) => continue,
                     };
                     let rec = slipway_core::bus::recorded(seq, &msg.message);
+                    state.consumed = seq;
+                    state.read += 1;
                     state.on_message(&bus, rec).await;
+                    state.decide_freed(&bus).await;
                     if !state.caught_up && seq >= target {
                         state.catch_up(&bus).await;
                     }
@@ -145,6 +198,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cond
                 if state.caught_up {
                     state.retry_unanswered(&bus).await;
                     state.decide_all(&bus).await;
+                    state.decide_freed(&bus).await;
+                    state.checkpoint().await;
                 }
             },
             // A closed subscription disables this branch instead of spinning on it.
@@ -179,8 +234,11 @@ impl State {
         let Some((run_id, _, _)) = subjects::parse_run(&subject) else {
             return;
         };
-        let seq = self.last_seqs.entry(run_id.to_string()).or_default();
-        *seq = (*seq).max(rec.seq);
+        let held = self.runs.contains_key(run_id);
+        if held {
+            let seq = self.last_seqs.entry(run_id.to_string()).or_default();
+            *seq = (*seq).max(rec.seq);
+        }
         let event = match rec.event {
             Ok(e) => e,
             Err(e) => {
@@ -190,6 +248,10 @@ impl State {
         };
         if let EventData::RunCreated(c) = &event.data {
             self.unanswered.remove(&c.change.seq);
+        } else if !held {
+            // An ended run's late event (or one about no run): the log keeps it; nothing to
+            // fold or decide.
+            return;
         }
         self.fold_in(run_id, &event, rec.seq);
         if self.caught_up {
@@ -285,8 +347,36 @@ impl State {
             self.observer
                 .observe(before, stage, run, event, SOURCE, self.caught_up);
         }
-        if self.caught_up && !was_ended {
-            self.index_if_ended(run_id, seq);
+        if !was_ended
+            && let Some(entry) = self.runs.get(run_id)
+            && entry.run.is_ended()
+        {
+            if self.caught_up {
+                self.index_if_ended(run_id, seq);
+                self.freed
+                    .push((entry.run.pipeline.clone(), run_id.to_string()));
+            }
+            // The run leaves memory. Without its last sequence, a change repeating its run's
+            // creation expects an empty run and loses to the log.
+            self.runs.remove(run_id);
+            self.last_seqs.remove(run_id);
+        }
+    }
+
+    /// Decides again the runs of each pipeline in which a run ended.
+    async fn decide_freed(&mut self, bus: &Bus) {
+        while let Some((pipeline, ended)) = self.freed.pop() {
+            let others: Vec<String> = self
+                .active
+                .get(&pipeline)
+                .into_iter()
+                .flatten()
+                .filter(|id| **id != ended)
+                .cloned()
+                .collect();
+            for id in others {
+                self.decide_run(bus, &id).await;
+            }
         }
     }
 
@@ -295,6 +385,7 @@ impl State {
         let pending = std::mem::take(&mut self.unanswered);
         info!(
             runs = self.runs.len(),
+            read = self.read,
             unanswered_changes = pending.len(),
             "Caught up with the log: conductor ready."
         );
@@ -302,6 +393,72 @@ impl State {
             intake::answer_change(self, bus, rec).await;
         }
         self.decide_all(bus).await;
+    }
+
+    /// Folds in the checkpoint's runs in flight (each read again from its own subjects) and its
+    /// unanswered changes; the sequence it was folded through, or `None` when there is no
+    /// checkpoint to use (the whole log is read then).
+    async fn restore(&mut self, bus: &Bus, last_seq: u64) -> Result<Option<u64>, BusError> {
+        let Some(checkpoints) = self.checkpoints.clone() else {
+            return Ok(None);
+        };
+        let bytes = match checkpoints.get(CHECKPOINT).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                warn!(error = %e, "Cannot read the checkpoint: folding the whole log.");
+                return Ok(None);
+            }
+        };
+        let checkpoint = match Checkpoint::usable(&bytes, &self.stream_created, last_seq) {
+            Ok(c) => c,
+            Err(why) => {
+                warn!(%why, "Checkpoint not used: folding the whole log.");
+                return Ok(None);
+            }
+        };
+        for run_id in &checkpoint.in_flight {
+            for rec in bus.run_log(run_id).await? {
+                self.read += 1;
+                self.on_message(bus, rec).await;
+            }
+        }
+        for seq in &checkpoint.unanswered {
+            self.read += 1;
+            let rec = bus.get(*seq).await?;
+            self.on_message(bus, rec).await;
+        }
+        info!(
+            through = checkpoint.through,
+            runs = self.runs.len(),
+            "Starting from the checkpoint."
+        );
+        self.consumed = checkpoint.through;
+        self.checkpointed = (checkpoint.through, None);
+        Ok(Some(checkpoint.through))
+    }
+
+    /// Writes where the fold stands, at most every [`CHECKPOINT_EVERY`] and only when
+    /// something new was read. A failed write only means a longer start.
+    async fn checkpoint(&mut self) {
+        let Some(checkpoints) = &self.checkpoints else {
+            return;
+        };
+        let (through, at) = self.checkpointed;
+        if self.consumed == through || at.is_some_and(|t| t.elapsed() < CHECKPOINT_EVERY) {
+            return;
+        }
+        let checkpoint = Checkpoint {
+            fold: slipway_domain::index::FOLD_VERSION,
+            stream_created: self.stream_created.clone(),
+            through: self.consumed,
+            in_flight: self.runs.keys().cloned().collect(),
+            unanswered: self.unanswered.keys().copied().collect(),
+        };
+        match checkpoints.put(CHECKPOINT, &checkpoint).await {
+            Ok(()) => self.checkpointed = (self.consumed, Some(std::time::Instant::now())),
+            Err(e) => warn!(error = %e, "Cannot write the checkpoint."),
+        }
     }
 
     /// Changes whose answer could not be appended (NATS trouble) are tried again.
@@ -369,12 +526,18 @@ impl State {
     async fn answer(&self, bus: &Bus, q: async_nats::Message) {
         let Some(reply) = q.reply else { return };
         let run_id = q.subject.as_str().rsplit('.').next().unwrap_or_default();
-        let body = match self.runs.get(run_id) {
-            Some(e) => e.run.to_json(),
-            None if !self.caught_up => {
+        let indexed = match (&self.index, self.runs.contains_key(run_id)) {
+            (Some(index), false) => index.get(run_id).await.ok().flatten(),
+            _ => None,
+        };
+        let body = match (self.runs.get(run_id), indexed) {
+            (Some(e), _) => e.run.to_json(),
+            // An ended run, from the run index.
+            (None, Some(entry)) => entry.run,
+            (None, None) if !self.caught_up => {
                 serde_json::json!({"error": "conductor is still replaying the log"})
             }
-            None => serde_json::json!({"error": format!("no run {run_id}")}),
+            (None, None) => serde_json::json!({"error": format!("no run {run_id}")}),
         };
         let bytes = serde_json::to_vec(&body).expect("JSON serialises");
         if let Err(e) = bus.client().publish(reply, bytes.into()).await {

@@ -140,7 +140,13 @@ impl Client {
             }
             // The conductor does not know the run (yet): the log may.
         } else {
-            tracing::debug!("Conductor not answering; folding the log.");
+            tracing::debug!("Conductor not answering; reading the run index, then the log.");
+            // An ended run's state, as the conductor would answer it.
+            if let Ok(index) = slipway_core::store::runs::RunIndex::open(&self.bus).await
+                && let Ok(Some(entry)) = index.get(run).await
+            {
+                return Ok(Some(entry.run));
+            }
         }
         Ok(self.fold_log(run).await?.map(|(r, _)| r.to_json()))
     }

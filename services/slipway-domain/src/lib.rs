@@ -15,6 +15,7 @@
 
 pub mod admission;
 pub mod cdevents;
+pub mod checkpoint;
 pub mod decide;
 pub mod digest;
 pub mod dora;

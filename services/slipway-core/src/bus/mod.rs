@@ -92,6 +92,8 @@ pub struct StreamSettings {
     pub logs_bucket: String,
     /// The run index: each ended run's state (`slipway_domain::index`).
     pub runs_bucket: String,
+    /// Where each service's fold of the log stands (`slipway_domain::checkpoint`).
+    pub checkpoints_bucket: String,
 }
 
 impl Default for StreamSettings {
@@ -103,6 +105,7 @@ impl Default for StreamSettings {
             artifacts_bucket: "slipway-artifacts".into(),
             logs_bucket: "slipway-logs".into(),
             runs_bucket: "slipway-runs".into(),
+            checkpoints_bucket: "slipway-checkpoints".into(),
         }
     }
 }
@@ -695,6 +698,25 @@ impl Bus {
             .await
             .map_err(|e| BusError::nats("stream info", e))?;
         Ok(info.state.last_sequence)
+    }
+
+    /// When the log's stream was created (Unix nanoseconds, as text) and its last sequence:
+    /// what a checkpoint is checked against.
+    ///
+    /// # Errors
+    /// [`BusError`] when the stream cannot be read.
+    pub async fn stream_state(&self) -> Result<(String, u64), BusError> {
+        let mut stream = self
+            .js
+            .get_stream(self.stream_name())
+            .await
+            .map_err(|e| BusError::nats("get stream", e))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| BusError::nats("stream info", e))?;
+        let created = info.created.unix_timestamp_nanos().to_string();
+        Ok((created, info.state.last_sequence))
     }
 
     /// One stored message by sequence.

@@ -3,5 +3,6 @@
 //! the run index of ended runs.
 
 pub mod baseline;
+pub mod checkpoints;
 pub mod objects;
 pub mod runs;

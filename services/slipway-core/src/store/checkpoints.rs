@@ -1,0 +1,69 @@
+//! Services' checkpoints in their JetStream KV bucket (`[nats.stream] checkpoints_bucket`,
+//! default `slipway-checkpoints`), a key per service ([`slipway_domain::checkpoint`]).
+
+use async_nats::jetstream::kv;
+use slipway_domain::checkpoint::Checkpoint;
+
+use crate::bus::{Bus, BusError};
+
+/// The checkpoints' bucket.
+#[derive(Clone)]
+pub struct Checkpoints {
+    kv: kv::Store,
+}
+
+impl std::fmt::Debug for Checkpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoints")
+            .field("bucket", &self.kv.name)
+            .finish()
+    }
+}
+
+impl Checkpoints {
+    /// The bucket, created on first use.
+    ///
+    /// # Errors
+    /// [`BusError`] when the bucket cannot be found or created.
+    pub async fn open(bus: &Bus) -> Result<Self, BusError> {
+        let name = &bus.settings().stream.checkpoints_bucket;
+        let js = bus.jetstream();
+        if let Ok(kv) = js.get_key_value(name.as_str()).await {
+            return Ok(Self { kv });
+        }
+        let kv = js
+            .create_key_value(kv::Config {
+                bucket: name.clone(),
+                description: "Slipway: where each service's fold of the log stands".into(),
+                history: 1,
+                num_replicas: bus.settings().stream.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::nats("create checkpoints", e))?;
+        Ok(Self { kv })
+    }
+
+    /// The service's checkpoint as stored, if any.
+    ///
+    /// # Errors
+    /// [`BusError`] when the bucket cannot be read.
+    pub async fn get(&self, service: &str) -> Result<Option<bytes::Bytes>, BusError> {
+        self.kv
+            .get(service)
+            .await
+            .map_err(|e| BusError::nats("read checkpoint", e))
+    }
+
+    /// Stores the service's checkpoint.
+    ///
+    /// # Errors
+    /// [`BusError`] when the server does not store it.
+    pub async fn put(&self, service: &str, checkpoint: &Checkpoint) -> Result<(), BusError> {
+        self.kv
+            .put(service, checkpoint.to_bytes().into())
+            .await
+            .map_err(|e| BusError::nats("write checkpoint", e))?;
+        Ok(())
+    }
+}
