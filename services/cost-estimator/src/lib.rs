@@ -194,15 +194,7 @@ impl CostGate {
             .as_ref()
             .and_then(|(_, g)| g.metrics.get("cost_per_month").copied());
         let checks = checks(&req.spec, &metrics, base_value);
-        let verdict = thresholds::overall(&checks);
-        let reason = (verdict == Verdict::Fail).then(|| {
-            checks
-                .iter()
-                .filter(|c| c.verdict == Verdict::Fail)
-                .map(|c| c.note.clone())
-                .collect::<Vec<_>>()
-                .join("; ")
-        });
+        let (verdict, reason) = thresholds::verdict_and_reason(&checks);
         let r = report(verdict, metrics, checks, base.map(|(r, _)| r), reason);
         Ok(if verdict == Verdict::Fail {
             EventData::CostFailed(r)

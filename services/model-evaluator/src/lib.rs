@@ -401,15 +401,7 @@ impl Evaluator {
         let name = job.object_name("json");
         let stored = objects::put_file(&job.objects, &self.logs_bucket, Some(&name), &path).await?;
 
-        let verdict = thresholds::overall(&checks);
-        let reason = (verdict == Verdict::Fail).then(|| {
-            checks
-                .iter()
-                .filter(|c| c.verdict == Verdict::Fail)
-                .map(|c| c.note.clone())
-                .collect::<Vec<_>>()
-                .join("; ")
-        });
+        let (verdict, reason) = thresholds::verdict_and_reason(&checks);
         info!(
             ?verdict,
             datasets = spec.dataset.len(),

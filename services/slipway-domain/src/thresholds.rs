@@ -107,6 +107,20 @@ pub fn overall(checks: &[Check]) -> Verdict {
     }
 }
 
+/// The gate's verdict, and when it fails, why: every failed check's note.
+pub fn verdict_and_reason(checks: &[Check]) -> (Verdict, Option<String>) {
+    let verdict = overall(checks);
+    let reason = (verdict == Verdict::Fail).then(|| {
+        checks
+            .iter()
+            .filter(|c| c.verdict == Verdict::Fail)
+            .map(|c| c.note.clone())
+            .collect::<Vec<_>>()
+            .join("; ")
+    });
+    (verdict, reason)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +198,22 @@ mod tests {
         );
         assert_eq!(c.verdict, Verdict::Pass);
         assert_eq!(overall(&[]), Verdict::Pass);
+        assert_eq!(verdict_and_reason(&[]), (Verdict::Pass, None));
+        // A failed gate says why: each failed check's note, a warning's not.
+        let warned = Check {
+            verdict: Verdict::Warn,
+            note: "close".into(),
+            ..c.clone()
+        };
+        let failed = |note: &str| Check {
+            verdict: Verdict::Fail,
+            note: note.into(),
+            ..c.clone()
+        };
+        assert_eq!(
+            verdict_and_reason(&[failed("a"), warned.clone(), failed("b")]),
+            (Verdict::Fail, Some("a; b".into()))
+        );
+        assert_eq!(verdict_and_reason(&[warned]), (Verdict::Warn, None));
     }
 }

@@ -688,16 +688,7 @@ impl Bus {
     /// # Errors
     /// [`BusError`] when the stream cannot be read.
     pub async fn last_seq(&self) -> Result<u64, BusError> {
-        let mut stream = self
-            .js
-            .get_stream(self.stream_name())
-            .await
-            .map_err(|e| BusError::nats("get stream", e))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| BusError::nats("stream info", e))?;
-        Ok(info.state.last_sequence)
+        Ok(self.stream_state().await?.1)
     }
 
     /// When the log's stream was created (Unix nanoseconds, as text) and its last sequence:

@@ -26,21 +26,12 @@ impl Checkpoints {
     /// # Errors
     /// [`BusError`] when the bucket cannot be found or created.
     pub async fn open(bus: &Bus) -> Result<Self, BusError> {
-        let name = &bus.settings().stream.checkpoints_bucket;
-        let js = bus.jetstream();
-        if let Ok(kv) = js.get_key_value(name.as_str()).await {
-            return Ok(Self { kv });
-        }
-        let kv = js
-            .create_key_value(kv::Config {
-                bucket: name.clone(),
-                description: "Slipway: where each service's fold of the log stands".into(),
-                history: 1,
-                num_replicas: bus.settings().stream.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| BusError::nats("create checkpoints", e))?;
+        let kv = super::kv_bucket(
+            bus,
+            &bus.settings().stream.checkpoints_bucket,
+            "Slipway: where each service's fold of the log stands",
+        )
+        .await?;
         Ok(Self { kv })
     }
 

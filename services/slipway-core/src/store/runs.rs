@@ -27,21 +27,12 @@ impl RunIndex {
     /// # Errors
     /// [`BusError`] when the bucket cannot be found or created.
     pub async fn open(bus: &Bus) -> Result<Self, BusError> {
-        let name = &bus.settings().stream.runs_bucket;
-        let js = bus.jetstream();
-        if let Ok(kv) = js.get_key_value(name.as_str()).await {
-            return Ok(Self { kv });
-        }
-        let kv = js
-            .create_key_value(kv::Config {
-                bucket: name.clone(),
-                description: "Slipway: each ended run's state, derived from the log".into(),
-                history: 1,
-                num_replicas: bus.settings().stream.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| BusError::nats("create run index", e))?;
+        let kv = super::kv_bucket(
+            bus,
+            &bus.settings().stream.runs_bucket,
+            "Slipway: each ended run's state, derived from the log",
+        )
+        .await?;
         Ok(Self { kv })
     }
 
