@@ -96,6 +96,71 @@ fn the_benchmark_finishes_and_reports_every_row() {
 }
 
 #[test]
+fn the_organisation_scale_benchmark_finishes_and_reports_every_row() {
+    let out = Command::new(slipway_e2e::bin_dir().join("slipway"))
+        .args([
+            "bench",
+            "--org",
+            "--pipelines",
+            "4",
+            "--history",
+            "600",
+            "--time-scale",
+            "0.05",
+            "--json",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lead = &v["lead_time"];
+    assert_eq!(lead["phases"]["succeeded"], 4, "{lead:#}");
+    for row in ["lead_over_critical_path", "overhead_s", "critical_path_s"] {
+        for q in ["p50", "p99", "max"] {
+            assert!(lead[row][q].is_number(), "{row}.{q}: {lead:#}");
+        }
+    }
+    // A run takes at least its own stages' work.
+    assert!(
+        lead["lead_over_critical_path"]["p50"].as_f64().unwrap() >= 1.0,
+        "{lead:#}"
+    );
+    assert!(lead["largest_queue_wait_s"].is_number());
+    let h = &v["history"];
+    assert_eq!(h["runs"], 600);
+    let started = &h["from_checkpoint"];
+    for row in [
+        "conductor_first_decision_s",
+        "gateway_ready_s",
+        "first_run_ended_s",
+    ] {
+        assert!(started[row].as_f64().unwrap() > 0.0, "{row}: {h:#}");
+    }
+    assert_eq!(started["rss_mb"].as_object().unwrap().len(), 9, "{h:#}");
+    for row in [
+        "status_gateway_ms",
+        "status_cli_path_ms",
+        "first_page_ms",
+        "later_pages_ms",
+        "dora_365d_gateway_ms",
+        "dora_365d_cli_ms",
+    ] {
+        assert!(h[row]["p99"].as_f64().unwrap() > 0.0, "{row}: {h:#}");
+    }
+    assert!(
+        h["without_checkpoint"]["conductor_first_decision_s"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+}
+
+#[test]
 fn an_interrupted_benchmark_leaves_nothing_running() {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(slipway_e2e::bin_dir().join("slipway"))

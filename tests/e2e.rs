@@ -1104,3 +1104,202 @@ async fn the_conductor_starts_from_its_checkpoint_and_from_the_whole_log_when_it
     let run = submit(&stack, &dir);
     stack.wait_phase(&run, "succeeded", LONG);
 }
+
+/// Every page of `GET /v1/runs?{query}` from the first, following each page's `Link`;
+/// `between(n)` runs before page `n` (from 1) is read.
+async fn list_pages(stack: &Stack, query: &str, mut between: impl FnMut(usize)) -> Vec<Vec<Value>> {
+    let http = reqwest::Client::new();
+    let mut url = format!("{}/v1/runs?{query}", stack.gateway_url());
+    let mut pages = Vec::new();
+    loop {
+        let resp = http.get(&url).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{url}");
+        let next = resp
+            .headers()
+            .get("link")
+            .map(|l| l.to_str().unwrap().to_string());
+        pages.push(resp.json::<Vec<Value>>().await.unwrap());
+        let Some(link) = next else { return pages };
+        let path = link
+            .strip_prefix('<')
+            .and_then(|l| l.split_once('>'))
+            .map(|(p, _)| p.to_string())
+            .unwrap();
+        assert!(link.ends_with("rel=\"next\""), "{link}");
+        url = format!("{}{path}", stack.gateway_url());
+        between(pages.len());
+        assert!(pages.len() < 100, "{pages:?}");
+    }
+}
+
+fn ids_of(pages: &[Vec<Value>]) -> Vec<String> {
+    pages
+        .iter()
+        .flatten()
+        .map(|r| r["run_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits until the run index holds `run`.
+async fn wait_indexed(stack: &Stack, run: &str) {
+    let js = async_nats::jetstream::new(stack.nats_client().await);
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        if let Ok(kv) = js.get_key_value("slipway-runs").await
+            && let Ok(Some(_)) = kv.get(run).await
+        {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{run} not indexed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_pages_runs_without_skipping_or_repeating_and_starts_from_its_checkpoint() {
+    let mut stack = Stack::start_with(&[
+        "slipway-conductor",
+        "slipway-builder",
+        "slipway-tester",
+        "slipway-approval",
+    ]);
+    stack.wait_gateway();
+    let quick = |name: &str| {
+        project(
+            stack.dir.path(),
+            name,
+            &spec(name, "mkdir -p dist && echo x > dist/x", PASSING_JUNIT, ""),
+            &[],
+        )
+    };
+    let (alpha, beta) = (quick("alpha"), quick("beta"));
+    let ended: Vec<String> = [&alpha, &alpha, &beta, &alpha]
+        .iter()
+        .map(|dir| submit(&stack, dir))
+        .collect();
+    for run in &ended {
+        stack.wait_phase(run, "succeeded", LONG);
+        wait_indexed(&stack, run).await;
+    }
+    // Two more, in flight or just ended while the listing is read.
+    let mut before: Vec<String> = ended.clone();
+    before.extend((0..2).map(|_| submit(&stack, &alpha)));
+
+    // Pages of two while runs start (and end): each run there when the listing began is listed
+    // once; runs started after its first page wait for the next listing.
+    let mut added = Vec::new();
+    let pages = list_pages(&stack, "limit=2", |n| {
+        if n <= 2 {
+            added.push(submit(&stack, &alpha));
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+    })
+    .await;
+    let listed = ids_of(&pages);
+    let mut unique = listed.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), listed.len(), "a run repeated: {listed:?}");
+    for run in &before {
+        assert!(listed.contains(run), "{run} skipped: {listed:?}");
+    }
+    for run in &added {
+        assert!(
+            !listed.contains(run),
+            "{run} started after the first page: {listed:?}"
+        );
+    }
+    assert!(pages.iter().all(|p| p.len() <= 2), "{pages:?}");
+
+    // Once all have ended: every run, once, newest ended first, and filters.
+    let all: Vec<String> = before.iter().chain(&added).cloned().collect();
+    for run in &all {
+        stack.wait_phase(run, "succeeded", LONG);
+        wait_indexed(&stack, run).await;
+    }
+    let listed = ids_of(&list_pages(&stack, "limit=3", |_| {}).await);
+    assert_eq!(listed.len(), all.len(), "{listed:?}");
+    for run in &all {
+        assert!(listed.contains(run), "{run} not listed: {listed:?}");
+    }
+    let betas = ids_of(&list_pages(&stack, "pipeline=beta&phase=succeeded", |_| {}).await);
+    assert_eq!(betas, [ended[2].clone()]);
+    let alphas = ids_of(&list_pages(&stack, "pipeline=alpha&limit=2", |_| {}).await);
+    assert_eq!(alphas.len(), all.len() - 1, "{alphas:?}");
+    let none = ids_of(&list_pages(&stack, "since=2999-01-01T00:00:00Z", |_| {}).await);
+    assert!(none.is_empty(), "{none:?}");
+    let recent = ids_of(&list_pages(&stack, "since=1h&phase=failed", |_| {}).await);
+    assert!(recent.is_empty(), "{recent:?}");
+    let http = reqwest::Client::new();
+    for (query, says) in [
+        ("cursor=not-a-cursor", "cursor"),
+        ("since=yesterday", "since"),
+        ("phase=done", "phase"),
+    ] {
+        let resp = http
+            .get(format!("{}/v1/runs?{query}", stack.gateway_url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400, "{query}");
+        let body: Value = resp.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains(says), "{body}");
+    }
+
+    // An ended run, as the index holds it, equals its fold of the log.
+    let old: Value = http
+        .get(format!("{}/v1/runs/{}", stack.gateway_url(), ended[0]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(old, stack.slipway_json(&["replay", &ended[0]]));
+
+    // The gateway checkpoints what it has read; restarted, it starts there, holding no ended
+    // run, and lists the same runs.
+    let js = async_nats::jetstream::new(stack.nats_client().await);
+    let logged = js
+        .get_stream("SLIPWAY")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        if let Ok(kv) = js.get_key_value("slipway-checkpoints").await
+            && let Ok(Some(bytes)) = kv.get("gateway").await
+        {
+            let c: Value = serde_json::from_slice(&bytes).unwrap();
+            if c["through"].as_u64().unwrap() >= logged && c["in_flight"] == json!([]) {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", stack.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stack.service("slipway-approval").kill();
+    stack.spawn("slipway-approval");
+    stack.wait_gateway();
+    let log = stack.dir.path().join("slipway-approval.log");
+    let deadline = std::time::Instant::now() + LONG;
+    let caught_up = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some((_, after)) = text.split_once("Gateway starting from its checkpoint")
+            && let Some(line) = after
+                .lines()
+                .find(|l| l.contains("Gateway caught up with the log"))
+        {
+            break line.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(caught_up.contains("runs=0"), "{caught_up}");
+    let again = ids_of(&list_pages(&stack, "limit=100", |_| {}).await);
+    assert_eq!(again, listed);
+}

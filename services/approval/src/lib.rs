@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod error;
 pub mod harden;
+pub mod listing;
 pub mod metrics;
 pub mod projection;
 pub mod routes;
@@ -38,6 +39,8 @@ pub struct AppState {
     /// Gate details are read from here.
     pub objects: slipway_core::store::objects::Objects,
     pub runs: SharedRuns,
+    /// Ended runs (`None`: the bucket could not be opened; ended runs are folded from the log).
+    pub index: Option<slipway_core::store::runs::RunIndex>,
     pub approvers: Arc<Vec<Approver>>,
     /// Where a run's trace can be seen (`{trace_id}` replaced), if configured.
     pub trace_url_template: Option<String>,
@@ -180,9 +183,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         cdevents: settings.cdevents,
         cdevents_webhooks: settings.cdevents_webhooks.clone(),
     };
+    let index = match slipway_core::store::runs::RunIndex::open(&bus).await {
+        Ok(i) => Some(i),
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot open the run index: ended runs are folded from the log.");
+            None
+        }
+    };
     let follower = tokio::spawn(projection::follow(
         bus.clone(),
         runs.clone(),
+        index.clone(),
         notifier,
         shutdown.clone(),
     ));
@@ -191,6 +202,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         objects: slipway_core::store::objects::Objects::new(&bus),
         bus,
         runs,
+        index,
         approvers: Arc::new(settings.approvers.clone()),
         trace_url_template: settings.trace_url_template.clone(),
         signing,

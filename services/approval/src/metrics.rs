@@ -12,7 +12,7 @@ use slipway_domain::{Run, outcome};
 /// Histogram bounds, in seconds.
 const BUCKETS: [f64; 10] = [0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
 
-#[derive(Default)]
+#[derive(Debug, Default, Clone)]
 struct Histogram {
     counts: [u64; BUCKETS.len()],
     count: u64,
@@ -67,44 +67,57 @@ fn labels(pairs: &[(&str, &str)]) -> String {
         .join(",")
 }
 
+/// Delivery metrics, added up run by run: the gateway adds each run as it ends (it then leaves
+/// the gateway's memory) and renders these with the runs in flight. Counts start with the
+/// process, as Prometheus counters do (`rate` and `increase` read across restarts); DORA
+/// (`/v1/metrics/dora`) is the view over history.
+#[derive(Debug, Default, Clone)]
+pub struct Delivery {
+    run_durations: BTreeMap<RunKey, Histogram>,
+    active: BTreeMap<(String, &'static str), u64>,
+    errors: BTreeMap<(String, &'static str), u64>,
+    stages: BTreeMap<(String, String, &'static str), Histogram>,
+    deploys: BTreeMap<(String, &'static str), u64>,
+    rollbacks: BTreeMap<(String, &'static str), u64>,
+}
+
 /// The delivery metrics of a set of runs: the same names, label values and durations as the
 /// OTLP export ([`slipway_domain::outcome`] is the one mapping), dots as underscores.
 pub fn render_runs<'a>(runs: impl IntoIterator<Item = &'a Run>) -> String {
-    let mut run_durations: BTreeMap<RunKey, Histogram> = BTreeMap::new();
-    let mut active: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
-    let mut errors: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
-    let mut stages: BTreeMap<(String, String, &'static str), Histogram> = BTreeMap::new();
-    let mut deploys: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
-    let mut rollbacks: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
-    for run in runs {
+    Delivery::default().render(runs)
+}
+
+impl Delivery {
+    /// Adds what a run contributes (an ended run's for good).
+    pub fn add(&mut self, run: &Run) {
         let p = run.pipeline.clone();
         if let Some(state) = outcome::run_state(run) {
-            *active.entry((p.clone(), state)).or_default() += 1;
+            *self.active.entry((p.clone(), state)).or_default() += 1;
         }
         for d in outcome::run_durations(run) {
             let (result, error) = d
                 .outcome
                 .map_or((None, None), |o| (Some(o.result), o.error_type));
-            run_durations
+            self.run_durations
                 .entry((p.clone(), d.state, result, error))
                 .or_default()
                 .observe(d.seconds);
         }
         if let Some(e) = outcome::run(run).and_then(|o| o.error_type) {
-            *errors.entry((p.clone(), e)).or_default() += 1;
+            *self.errors.entry((p.clone(), e)).or_default() += 1;
         }
         for s in &run.stages {
             let (Some(o), Some(secs)) = (outcome::task(run, s), outcome::stage_seconds(s)) else {
                 continue;
             };
-            stages
+            self.stages
                 .entry((p.clone(), s.name.clone(), o.result))
                 .or_default()
                 .observe(secs);
             let key = s.key();
             let counted = match key.as_ref().map(|k| (k.kind(), k.environment())) {
-                Some((StageKind::Deploy, Some(env))) => Some((&mut deploys, env)),
-                Some((StageKind::Rollback, Some(env))) => Some((&mut rollbacks, env)),
+                Some((StageKind::Deploy, Some(env))) => Some((&mut self.deploys, env)),
+                Some((StageKind::Rollback, Some(env))) => Some((&mut self.rollbacks, env)),
                 _ => None,
             };
             if let Some((count, env)) = counted {
@@ -112,65 +125,86 @@ pub fn render_runs<'a>(runs: impl IntoIterator<Item = &'a Run>) -> String {
             }
         }
     }
-    let mut out = String::new();
-    out.push_str("# HELP cicd_pipeline_run_duration_seconds Time ended pipeline runs spent in each state (pending, executing), from the run's creation to its end.\n# TYPE cicd_pipeline_run_duration_seconds histogram\n");
-    for ((p, state, result, error), h) in &run_durations {
-        let mut l = vec![
-            ("cicd_pipeline_name", p.as_str()),
-            ("cicd_pipeline_run_state", state),
-        ];
-        if let Some(r) = result {
-            l.push(("cicd_pipeline_result", r));
+
+    /// These metrics with `runs` (the runs in flight) added.
+    pub fn render<'a>(&self, runs: impl IntoIterator<Item = &'a Run>) -> String {
+        let mut all = self.clone();
+        for run in runs {
+            all.add(run);
         }
-        if let Some(e) = error {
-            l.push(("error_type", e));
+        all.text()
+    }
+
+    fn text(&self) -> String {
+        let Self {
+            run_durations,
+            active,
+            errors,
+            stages,
+            deploys,
+            rollbacks,
+        } = self;
+        let mut out = String::new();
+        out.push_str("# HELP cicd_pipeline_run_duration_seconds Time ended pipeline runs spent in each state (pending, executing), from the run's creation to its end.\n# TYPE cicd_pipeline_run_duration_seconds histogram\n");
+        for ((p, state, result, error), h) in run_durations {
+            let mut l = vec![
+                ("cicd_pipeline_name", p.as_str()),
+                ("cicd_pipeline_run_state", state),
+            ];
+            if let Some(r) = result {
+                l.push(("cicd_pipeline_result", r));
+            }
+            if let Some(e) = error {
+                l.push(("error_type", e));
+            }
+            h.render(&mut out, "cicd_pipeline_run_duration_seconds", &labels(&l));
         }
-        h.render(&mut out, "cicd_pipeline_run_duration_seconds", &labels(&l));
-    }
-    out.push_str("# HELP cicd_pipeline_run_active Runs not ended, by state.\n# TYPE cicd_pipeline_run_active gauge\n");
-    for ((p, state), n) in &active {
-        let l = labels(&[
-            ("cicd_pipeline_name", p),
-            ("cicd_pipeline_run_state", state),
-        ]);
-        let _ = writeln!(out, "cicd_pipeline_run_active{{{l}}} {n}");
-    }
-    out.push_str("# HELP cicd_pipeline_run_errors_total Runs that ended in an error (a failure, an error or a timeout; not a cancellation), by error type.\n# TYPE cicd_pipeline_run_errors_total counter\n");
-    for ((p, e), n) in &errors {
-        let l = labels(&[("cicd_pipeline_name", p), ("error_type", e)]);
-        let _ = writeln!(out, "cicd_pipeline_run_errors_total{{{l}}} {n}");
-    }
-    out.push_str("# HELP slipway_stage_duration_seconds Duration of stage attempts, from request to result.\n# TYPE slipway_stage_duration_seconds histogram\n");
-    for ((p, task, result), h) in &stages {
-        let l = labels(&[
-            ("cicd_pipeline_name", p),
-            ("cicd_pipeline_task_name", task),
-            ("cicd_pipeline_task_run_result", result),
-        ]);
-        h.render(&mut out, "slipway_stage_duration_seconds", &l);
-    }
-    for (name, help, counts) in [
-        (
-            "slipway_deployments_total",
-            "Deploy attempts ended, by environment and result.",
-            &deploys,
-        ),
-        (
-            "slipway_rollbacks_total",
-            "Rollbacks ended, by environment and result.",
-            &rollbacks,
-        ),
-    ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for ((env, result), n) in counts {
+        out.push_str("# HELP cicd_pipeline_run_active Runs not ended, by state.\n# TYPE cicd_pipeline_run_active gauge\n");
+        for ((p, state), n) in active {
             let l = labels(&[
-                ("deployment_environment_name", env),
+                ("cicd_pipeline_name", p),
+                ("cicd_pipeline_run_state", state),
+            ]);
+            let _ = writeln!(out, "cicd_pipeline_run_active{{{l}}} {n}");
+        }
+        out.push_str("# HELP cicd_pipeline_run_errors_total Runs that ended in an error (a failure, an error or a timeout; not a cancellation), by error type.\n# TYPE cicd_pipeline_run_errors_total counter\n");
+        for ((p, e), n) in errors {
+            let l = labels(&[("cicd_pipeline_name", p), ("error_type", e)]);
+            let _ = writeln!(out, "cicd_pipeline_run_errors_total{{{l}}} {n}");
+        }
+        out.push_str("# HELP slipway_stage_duration_seconds Duration of stage attempts, from request to result.\n# TYPE slipway_stage_duration_seconds histogram\n");
+        for ((p, task, result), h) in stages {
+            let l = labels(&[
+                ("cicd_pipeline_name", p),
+                ("cicd_pipeline_task_name", task),
                 ("cicd_pipeline_task_run_result", result),
             ]);
-            let _ = writeln!(out, "{name}{{{l}}} {n}");
+            h.render(&mut out, "slipway_stage_duration_seconds", &l);
         }
+        for (name, help, counts) in [
+            (
+                "slipway_deployments_total",
+                "Deploy attempts ended, by environment and result.",
+                deploys,
+            ),
+            (
+                "slipway_rollbacks_total",
+                "Rollbacks ended, by environment and result.",
+                rollbacks,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for ((env, result), n) in counts {
+                let l = labels(&[
+                    ("deployment_environment_name", env),
+                    ("cicd_pipeline_task_run_result", result),
+                ]);
+                let _ = writeln!(out, "{name}{{{l}}} {n}");
+            }
+        }
+
+        out
     }
-    out
 }
 
 /// One durable consumer's lag: `(name, not yet delivered, delivered and not acknowledged)`.

@@ -1,31 +1,48 @@
-//! The gateway's view of the runs: the log folded in memory by an ordered consumer, so reads
-//! are answered without touching NATS. Decisions never trust it: an approval folds the run's
-//! log afresh and appends with optimistic concurrency.
+//! The gateway's view of the runs: the runs in flight, folded in memory by an ordered consumer
+//! so reads are answered without touching NATS. A run that ends stays until the run index holds
+//! it (the conductor writes its entry), then leaves: ended runs are read from the index, so the
+//! gateway's memory and start follow the work in flight, not the history. It starts from its
+//! checkpoint (the runs it held and the sequence read through) and the log after it.
+//! Decisions never trust it: an approval folds the run's log afresh and appends with optimistic
+//! concurrency.
 //!
 //! When a run starts waiting for approval (seen live, after catching up, so a restart does not
 //! notify again), every configured webhook gets a JSON POST, retried with backoff in the
 //! background: a slow or dead webhook never holds a run.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde_json::json;
 use slipway_core::bus::{Bus, BusError};
 use slipway_core::runtime::CancellationToken;
+use slipway_core::store::checkpoints::Checkpoints;
+use slipway_core::store::runs::RunIndex;
+use slipway_domain::checkpoint::Checkpoint;
 use slipway_domain::events::{ApprovalRequested, EventData};
 use slipway_domain::{Run, cdevents, fold, subjects};
 use tracing::{debug, info, warn};
 
-/// Every run, folded from the log.
+use crate::metrics::Delivery;
+
+/// Where a run stands in a listing: its creation, then its id.
+pub type ListKey = (DateTime<Utc>, String);
+
+/// The runs the gateway holds: those in flight, and those ended but not yet in the run index.
 #[derive(Debug, Default)]
 pub struct Runs {
     by_id: HashMap<String, Run>,
-    /// Run ids in creation order.
-    order: Vec<String>,
+    /// The same runs by creation: the order of a listing.
+    order: BTreeSet<ListKey>,
     pub caught_up: bool,
+    /// The delivery metrics of the runs that ended since the gateway started.
+    pub delivery: Delivery,
+    /// Every message up to this stream sequence is folded in.
+    pub through: u64,
 }
 
 impl Runs {
@@ -35,19 +52,76 @@ impl Runs {
 
     /// Runs newest first.
     pub fn newest_first(&self) -> impl Iterator<Item = &Run> {
-        self.order.iter().rev().filter_map(|id| self.by_id.get(id))
+        self.order
+            .iter()
+            .rev()
+            .filter_map(|(_, id)| self.by_id.get(id))
+    }
+
+    /// Runs created before `key` (all when `None`), newest first.
+    pub fn before(&self, key: Option<&ListKey>) -> impl Iterator<Item = &Run> {
+        let upper = match key {
+            Some(k) => std::ops::Bound::Excluded(k.clone()),
+            None => std::ops::Bound::Unbounded,
+        };
+        self.order
+            .range((std::ops::Bound::Unbounded, upper))
+            .rev()
+            .filter_map(|(_, id)| self.by_id.get(id))
+    }
+
+    /// Held runs that have ended (each leaves once the index holds it).
+    pub fn ended(&self) -> Vec<String> {
+        self.by_id
+            .values()
+            .filter(|r| r.is_ended())
+            .map(|r| r.run_id.clone())
+            .collect()
+    }
+
+    /// How many runs are held.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// An ended run the index now holds leaves memory.
+    pub fn indexed(&mut self, run_id: &str) {
+        if self.by_id.get(run_id).is_some_and(Run::is_ended)
+            && let Some(run) = self.by_id.remove(run_id)
+        {
+            self.order.remove(&(run.created_at, run.run_id));
+        }
     }
 
     fn fold_in(&mut self, run_id: &str, seq: u64, event: &slipway_domain::Event) {
         match self.by_id.remove(run_id) {
             Some(run) => {
+                let was_ended = run.is_ended();
                 if let Some(run) = fold(Some(run), event) {
+                    if !was_ended && run.is_ended() {
+                        self.delivery.add(&run);
+                        if !self.caught_up {
+                            // Ended before the gateway caught up: the run index holds it (the
+                            // conductor indexes what ends; `slipway replay --verify --repair`
+                            // fills what it missed), and a start that reads a long log must
+                            // not hold or look up every run it ever had.
+                            self.order.remove(&(run.created_at, run.run_id));
+                            return;
+                        }
+                    }
                     self.by_id.insert(run_id.to_string(), run);
                 }
             }
             None => {
                 if let Some(run) = fold(None, event) {
-                    self.order.push(run_id.to_string());
+                    if run.is_ended() && !self.caught_up {
+                        return;
+                    }
+                    self.order.insert((run.created_at, run_id.to_string()));
                     self.by_id.insert(run_id.to_string(), run);
                 } else if let Some(why) = slipway_domain::fold::unreadable(event) {
                     tracing::error!(%run_id, seq, %why, "A run's first event cannot be read; the gateway cannot show the run.");
@@ -55,9 +129,26 @@ impl Runs {
             }
         }
     }
+
+    /// A message of the log: folded in when it is about a run the gateway holds, or about a
+    /// run it has not seen (its creation). An ended run's late event is the log's alone.
+    fn take(&mut self, run_id: &str, seq: u64, event: &slipway_domain::Event) -> bool {
+        let known = self.by_id.contains_key(run_id);
+        if known || matches!(event.data, EventData::RunCreated(_)) {
+            self.fold_in(run_id, seq, event);
+            return true;
+        }
+        false
+    }
 }
 
 pub type SharedRuns = Arc<RwLock<Runs>>;
+
+/// The gateway's key in the checkpoints bucket.
+const CHECKPOINT: &str = "gateway";
+
+/// How often, at most, the gateway writes its checkpoint and lets indexed runs go.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
 /// Where notifications go.
 #[derive(Debug, Clone)]
@@ -70,22 +161,121 @@ pub struct Notifier {
     pub cdevents_webhooks: Vec<String>,
 }
 
-/// Follows the log into `runs` until `shutdown`.
+/// Folds in the checkpoint's runs (each read again from its own subjects); the sequence it was
+/// folded through, or `None` when there is no checkpoint to use (the whole log is read then).
+async fn restore(
+    bus: &Bus,
+    runs: &SharedRuns,
+    checkpoints: Option<&Checkpoints>,
+) -> Result<Option<u64>, BusError> {
+    let Some(checkpoints) = checkpoints else {
+        return Ok(None);
+    };
+    let (stream_created, last_seq) = bus.stream_state().await?;
+    let bytes = match checkpoints.get(CHECKPOINT).await {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            warn!(error = %e, "Cannot read the gateway's checkpoint: folding the whole log.");
+            return Ok(None);
+        }
+    };
+    let checkpoint = match Checkpoint::usable(&bytes, &stream_created, last_seq) {
+        Ok(c) => c,
+        Err(why) => {
+            warn!(%why, "Gateway checkpoint not used: folding the whole log.");
+            return Ok(None);
+        }
+    };
+    for run_id in &checkpoint.in_flight {
+        for rec in bus.run_log(run_id).await? {
+            if let Ok(event) = rec.event {
+                runs.write().expect("lock").fold_in(run_id, rec.seq, &event);
+            }
+        }
+    }
+    let mut w = runs.write().expect("lock");
+    w.through = checkpoint.through;
+    info!(
+        through = checkpoint.through,
+        runs = w.len(),
+        "Gateway starting from its checkpoint."
+    );
+    Ok(Some(checkpoint.through))
+}
+
+/// Lets the held runs the index now holds go, and writes where the fold stands.
+async fn sweep(
+    runs: &SharedRuns,
+    index: Option<&RunIndex>,
+    checkpoints: Option<&Checkpoints>,
+    stream_created: &str,
+    written: &mut u64,
+) {
+    if let Some(index) = index {
+        let ended = runs.read().expect("lock").ended();
+        for run_id in ended {
+            if let Ok(Some(_)) = index.revision(&run_id).await {
+                runs.write().expect("lock").indexed(&run_id);
+            }
+        }
+    }
+    let Some(checkpoints) = checkpoints else {
+        return;
+    };
+    let checkpoint = {
+        let r = runs.read().expect("lock");
+        if !r.caught_up || r.through == *written {
+            return;
+        }
+        Checkpoint {
+            fold: slipway_domain::index::FOLD_VERSION,
+            stream_created: stream_created.to_string(),
+            through: r.through,
+            in_flight: r.by_id.keys().cloned().collect(),
+            unanswered: Vec::new(),
+        }
+    };
+    match checkpoints.put(CHECKPOINT, &checkpoint).await {
+        Ok(()) => *written = checkpoint.through,
+        Err(e) => warn!(error = %e, "Cannot write the gateway's checkpoint."),
+    }
+}
+
+/// Follows the log into `runs` until `shutdown`, from the gateway's checkpoint when it has one.
 ///
 /// # Errors
 /// [`BusError`] when the log cannot be read at start.
 pub async fn follow(
     bus: Bus,
     runs: SharedRuns,
+    index: Option<RunIndex>,
     notifier: Notifier,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
     let stream = bus.ensure_stream().await?;
-    let target = bus.last_seq().await?;
+    let checkpoints = match Checkpoints::open(&bus).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(error = %e, "Cannot open the checkpoints: every start folds the whole log.");
+            None
+        }
+    };
+    let (stream_created, _) = bus.stream_state().await?;
+    let start = restore(&bus, &runs, checkpoints.as_ref())
+        .await?
+        .map_or(1, |through| through + 1);
+    let mut written = start.saturating_sub(1);
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             filter_subject: subjects::RUNS.to_string(),
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            deliver_policy: if start <= 1 {
+                jetstream::consumer::DeliverPolicy::All
+            } else {
+                jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                }
+            },
             ..Default::default()
         })
         .await
@@ -93,17 +283,16 @@ pub async fn follow(
             operation: "create gateway reader",
             message: e.to_string(),
         })?;
-    let consumer_empty = {
-        let mut c = consumer.clone();
-        c.info().await.map(|i| i.num_pending == 0).unwrap_or(false)
-    };
+    // The creation's answer says what is left to read.
+    if consumer.cached_info().num_pending == 0 {
+        let mut w = runs.write().expect("lock");
+        w.caught_up = true;
+        info!(runs = w.len(), "Gateway caught up with the log.");
+    }
     let mut messages = consumer.messages().await.map_err(|e| BusError::Nats {
         operation: "read log",
         message: e.to_string(),
     })?;
-    if target == 0 || consumer_empty {
-        runs.write().expect("lock").caught_up = true;
-    }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -111,9 +300,15 @@ pub async fn follow(
             operation: "webhook client",
             message: e.to_string(),
         })?;
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                sweep(&runs, index.as_ref(), checkpoints.as_ref(), &stream_created, &mut written).await;
+                continue;
+            }
             m = messages.next() => m,
         };
         let msg = match msg {
@@ -132,16 +327,19 @@ pub async fn follow(
         if !live && pending == 0 {
             let mut w = runs.write().expect("lock");
             w.caught_up = true;
-            info!(runs = w.order.len(), "Gateway caught up with the log.");
+            info!(runs = w.len(), "Gateway caught up with the log.");
         }
         let rec = slipway_core::bus::recorded(seq, &msg.message);
+        runs.write().expect("lock").through = seq;
         let Some((run_id, _, _)) = subjects::parse_run(&rec.subject) else {
             continue;
         };
         let Ok(event) = rec.event else { continue };
         let (notify, cdevents) = {
             let mut w = runs.write().expect("lock");
-            w.fold_in(run_id, seq, &event);
+            if !w.take(run_id, seq, &event) {
+                continue;
+            }
             let notify = match (&event.data, live) {
                 (EventData::ApprovalRequested(r), true) => w
                     .get(run_id)

@@ -195,44 +195,95 @@ async fn post_cdevent(
 pub struct RunsQuery {
     phase: Option<String>,
     pipeline: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
     limit: Option<usize>,
+    cursor: Option<String>,
 }
 
-/// Runs, newest first; the same JSON per run as `slipway status --json`.
+impl RunsQuery {
+    fn filter(&self) -> Result<crate::listing::Filter, ApiError> {
+        let now = Utc::now();
+        let time = |name: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(|t| crate::listing::parse_time(t, now))
+                .transpose()
+                .map_err(|e| ApiError::BadRequest(format!("{name}: {e}")))
+        };
+        Ok(crate::listing::Filter {
+            phase: match &self.phase {
+                Some(p) => {
+                    Some(Phase::parse(p).ok_or_else(|| {
+                        ApiError::BadRequest(format!("phase: unknown phase {p:?}"))
+                    })?)
+                }
+                None => None,
+            },
+            pipeline: self.pipeline.clone(),
+            since: time("since", &self.since)?,
+            until: time("until", &self.until)?,
+        })
+    }
+}
+
+/// Runs: those in flight first, newest created first, then ended runs from the run index,
+/// most recently ended first; the same JSON per run as `slipway status --json`. A page that
+/// may be followed by more says so with `Link: <...>; rel="next"` (and the cursor alone in
+/// `Slipway-Next-Cursor`); the cursor keeps the filters, and paging neither skips nor repeats
+/// a run while runs start and end (runs created after the first page wait for the next
+/// listing).
 #[utoipa::path(
     get,
     path = "/v1/runs",
     params(
         ("phase" = Option<String>, Query, description = "queued, running, awaiting_approval, deploying, monitoring, succeeded, failed, rejected, rolled_back or cancelled"),
         ("pipeline" = Option<String>, Query, description = "only this pipeline"),
-        ("limit" = Option<usize>, Query, description = "at most this many (default 100)"),
+        ("since" = Option<String>, Query, description = "runs created at or after this time: RFC 3339, or a window back from now such as 7d, 12h, 90m"),
+        ("until" = Option<String>, Query, description = "runs created before this time (same forms as since)"),
+        ("limit" = Option<usize>, Query, description = "at most this many (default 100, at most 1000); a filter that matches few runs may give a shorter page with a next cursor"),
+        ("cursor" = Option<String>, Query, description = "the next page of a listing, from the previous page's Link or Slipway-Next-Cursor header (its filters come with it)"),
     ),
     responses(
-        (status = 200, description = "Runs", body = Vec<Object>),
-        (status = 400, description = "Unknown phase or query field", body = ErrorBody),
+        (status = 200, description = "Runs", body = Vec<Object>,
+            headers(("Link" = String, description = "<...>; rel=\"next\" when there may be more"),
+                    ("Slipway-Next-Cursor" = String, description = "the next page's cursor"))),
+        (status = 400, description = "Unknown phase, bad time, bad cursor or unknown query field", body = ErrorBody),
     )
 )]
 pub async fn list_runs(
     State(state): State<AppState>,
     query: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let phase = match &q.phase {
-        Some(p) => Some(
-            Phase::parse(p)
-                .ok_or_else(|| ApiError::BadRequest(format!("phase: unknown phase {p:?}")))?,
-        ),
+    let filter = q.filter()?;
+    let cursor = match &q.cursor {
+        Some(c) => {
+            let c = crate::listing::Cursor::decode(c).map_err(ApiError::BadRequest)?;
+            // A cursor comes with its own filters; others given beside it must be the same.
+            if filter != crate::listing::Filter::default() && filter != c.filter {
+                return Err(ApiError::BadRequest(
+                    "cursor: it continues a listing with other filters (give the cursor alone)"
+                        .into(),
+                ));
+            }
+            Some(c)
+        }
         None => None,
     };
-    let runs = state.runs.read().expect("lock");
-    let out = runs
-        .newest_first()
-        .filter(|r| phase.is_none_or(|p| r.phase == p))
-        .filter(|r| q.pipeline.as_ref().is_none_or(|p| &r.pipeline == p))
-        .take(q.limit.unwrap_or(100).min(10_000))
-        .map(Run::to_json)
-        .collect();
-    Ok(Json(out))
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let page = crate::listing::page(&state, filter, cursor, limit).await?;
+    let mut response = Json(page.runs).into_response();
+    if let Some(next) = page.next {
+        let cursor = next.encode();
+        let headers = response.headers_mut();
+        let link = format!("</v1/runs?cursor={cursor}&limit={limit}>; rel=\"next\"");
+        for (name, value) in [("link", link), ("slipway-next-cursor", cursor)] {
+            if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+                headers.insert(name, v);
+            }
+        }
+    }
+    Ok(response)
 }
 
 /// A run's state from the log: the projection, or the log itself for a run the projection has
@@ -244,6 +295,23 @@ async fn run_state(state: &AppState, id: &str) -> Result<Run, ApiError> {
     if let Some(run) = state.runs.read().expect("lock").get(id) {
         return Ok(run.clone());
     }
+    run_from_log(state, id).await
+}
+
+/// An ended run's JSON from the run index, when it holds the run.
+async fn indexed_json(state: &AppState, id: &str) -> Option<serde_json::Value> {
+    let index = state.index.as_ref()?;
+    match index.get(id).await {
+        Ok(entry) => entry.map(|e| e.run),
+        Err(e) => {
+            tracing::warn!(run_id = %id, error = %e, "Cannot read the run index: folding the log.");
+            None
+        }
+    }
+}
+
+/// A run folded from its log alone.
+pub(crate) async fn run_from_log(state: &AppState, id: &str) -> Result<Run, ApiError> {
     fold_log(state, id, false).await.map(|(r, _)| r)
 }
 
@@ -288,7 +356,13 @@ pub async fn get_run(
         .flatten();
     let body = match projected {
         Some(body) => body,
-        None => serde_json::to_vec(&run_state(&state, &id).await?).expect("run state serialises"),
+        None => match indexed_json(&state, &id).await {
+            // An ended run, as the index holds it.
+            Some(json) => serde_json::to_vec(&json).expect("JSON serialises"),
+            None => {
+                serde_json::to_vec(&run_state(&state, &id).await?).expect("run state serialises")
+            }
+        },
     };
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -590,8 +664,20 @@ pub async fn dora(
     let window = slipway_domain::dora::parse_window(q.since.as_deref().unwrap_or("30d"))
         .map_err(|e| ApiError::BadRequest(format!("since: {e}")))?;
     let now = Utc::now();
-    let runs = state.runs.read().expect("lock");
-    let report = slipway_domain::dora::report(runs.newest_first(), now - window, now);
+    let since = now - window;
+    // The runs held now (in flight, or ended and not yet indexed) and the production
+    // deployments of the runs indexed in the window: what the window holds, not the history.
+    let mut deployed: std::collections::HashMap<String, slipway_domain::dora::Deployed> =
+        match &state.index {
+            Some(index) => index.deployed_since(since).await?.into_iter().collect(),
+            None => std::collections::HashMap::new(),
+        };
+    for run in state.runs.read().expect("lock").newest_first() {
+        if let Some(d) = slipway_domain::dora::deployed(run) {
+            deployed.insert(run.run_id.clone(), d);
+        }
+    }
+    let report = slipway_domain::dora::report_of(deployed.into_values(), since, now);
     Ok(Json(
         serde_json::to_value(report).expect("report serialises"),
     ))
@@ -648,7 +734,8 @@ pub async fn openapi() -> impl IntoResponse {
 pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
     let mut body = {
         let runs = state.runs.read().expect("lock");
-        crate::metrics::render_runs(runs.newest_first())
+        runs.delivery
+            .render(runs.newest_first().filter(|r| !r.is_ended()))
     };
     body.push_str(&crate::metrics::render_lag(&state.bus).await);
     (

@@ -53,9 +53,11 @@ async fn gateway() -> Gw {
     };
     let runs = Arc::new(RwLock::new(Runs::default()));
     let stop = CancellationToken::new();
+    let index = slipway_core::store::runs::RunIndex::open(&bus).await.ok();
     tokio::spawn(approval::projection::follow(
         bus.clone(),
         runs.clone(),
+        index.clone(),
         Notifier {
             webhooks: vec![],
             attempts: 1,
@@ -70,6 +72,7 @@ async fn gateway() -> Gw {
         objects: slipway_core::store::objects::Objects::new(&bus),
         bus: bus.clone(),
         runs,
+        index,
         approvers: Arc::new(vec![
             approver("bob", "release-managers"),
             approver("dave", "release-managers"),
@@ -555,9 +558,11 @@ async fn a_run_starting_to_wait_notifies_the_webhooks_with_retries() {
     let (url, mut rx) = webhook_receiver().await;
     let runs = Arc::new(RwLock::new(Runs::default()));
     let stop = CancellationToken::new();
+    let index = slipway_core::store::runs::RunIndex::open(&bus).await.ok();
     tokio::spawn(approval::projection::follow(
         bus.clone(),
         runs.clone(),
+        index.clone(),
         Notifier {
             webhooks: vec![url],
             attempts: 3,

@@ -83,6 +83,29 @@ struct State {
     read: u64,
     /// The sequence the last checkpoint was written through, and when.
     checkpointed: (u64, Option<std::time::Instant>),
+    /// Started from a checkpoint: every run that ends while catching up was in flight at the
+    /// checkpoint (or began after it) and is indexed too; a start that folds the whole log
+    /// leaves the index to `slipway replay --verify --repair`, not to a million writes.
+    from_checkpoint: bool,
+    /// Entries of runs that just ended, to write to the index.
+    to_index: Vec<(String, slipway_domain::index::IndexEntry)>,
+    /// Index writes in flight at most.
+    index_slots: IndexSlots,
+}
+
+/// Index entries written at once, at most.
+const INDEX_WRITES: usize = 64;
+
+/// Slots for index writes in flight.
+#[derive(Debug)]
+struct IndexSlots(std::sync::Arc<tokio::sync::Semaphore>);
+
+impl Default for IndexSlots {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(tokio::sync::Semaphore::new(
+            INDEX_WRITES,
+        )))
+    }
 }
 
 /// The conductor's key in the checkpoints bucket.
@@ -181,6 +204,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cond
                     state.read += 1;
                     state.on_message(&bus, rec).await;
                     state.decide_freed(&bus).await;
+                    // Runs end by what is read and by the conductor's own appends.
+                    state.write_index().await;
                     if !state.caught_up && seq >= target {
                         state.catch_up(&bus).await;
                     }
@@ -199,6 +224,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cond
                     state.retry_unanswered(&bus).await;
                     state.decide_all(&bus).await;
                     state.decide_freed(&bus).await;
+                    state.write_index().await;
                     state.checkpoint().await;
                 }
             },
@@ -261,23 +287,40 @@ impl State {
         }
     }
 
-    /// Writes the run's entry in the run index when it has just ended (at stream sequence
-    /// `seq`), off the decision path: the index is derived, and a failed write only leaves an
-    /// entry for `slipway replay --verify --repair` to make.
-    fn index_if_ended(&self, run_id: &str, seq: u64) {
-        let (Some(index), Some(entry)) = (&self.index, self.runs.get(run_id)) else {
+    /// Queues the run's entry for the run index when it has just ended (at stream sequence
+    /// `seq`); [`State::write_index`] writes it off the decision path: the index is derived,
+    /// and a failed write only leaves an entry for `slipway replay --verify --repair` to make.
+    fn index_if_ended(&mut self, run_id: &str, seq: u64) {
+        let (Some(_), Some(entry)) = (&self.index, self.runs.get(run_id)) else {
             return;
         };
         if !entry.run.is_ended() {
             return;
         }
-        let (index, run_id) = (index.clone(), run_id.to_string());
         let indexed = slipway_domain::index::IndexEntry::of(&entry.run, seq);
-        tokio::spawn(async move {
-            if let Err(e) = index.put(&run_id, &indexed).await {
-                warn!(%run_id, error = %e, "Cannot write the run's index entry.");
-            }
-        });
+        self.to_index.push((run_id.to_string(), indexed));
+    }
+
+    /// Writes the queued index entries, at most [`INDEX_WRITES`] at a time: a start that
+    /// reads many ended runs waits for slots rather than holding every entry in memory.
+    async fn write_index(&mut self) {
+        let Some(index) = &self.index else {
+            self.to_index.clear();
+            return;
+        };
+        for (run_id, indexed) in self.to_index.drain(..) {
+            let Ok(slot) = self.index_slots.0.clone().acquire_owned().await else {
+                return;
+            };
+            let index = index.clone();
+            tokio::spawn(async move {
+                // Once: an entry already there keeps its place in the index's order.
+                if let Err(e) = index.put_once(&run_id, &indexed).await {
+                    warn!(%run_id, error = %e, "Cannot write the run's index entry.");
+                }
+                drop(slot);
+            });
+        }
     }
 
     /// Decides the other active runs of `run_id`'s pipeline.
@@ -348,13 +391,17 @@ impl State {
                 .observe(before, stage, run, event, SOURCE, self.caught_up);
         }
         if !was_ended
-            && let Some(entry) = self.runs.get(run_id)
-            && entry.run.is_ended()
+            && let Some(pipeline) = self
+                .runs
+                .get(run_id)
+                .filter(|e| e.run.is_ended())
+                .map(|e| e.run.pipeline.clone())
         {
-            if self.caught_up {
+            if self.caught_up || self.from_checkpoint {
                 self.index_if_ended(run_id, seq);
-                self.freed
-                    .push((entry.run.pipeline.clone(), run_id.to_string()));
+            }
+            if self.caught_up {
+                self.freed.push((pipeline, run_id.to_string()));
             }
             // The run leaves memory. Without its last sequence, a change repeating its run's
             // creation expects an empty run and loses to the log.
@@ -417,6 +464,7 @@ impl State {
                 return Ok(None);
             }
         };
+        self.from_checkpoint = true;
         for run_id in &checkpoint.in_flight {
             for rec in bus.run_log(run_id).await? {
                 self.read += 1;

@@ -566,6 +566,72 @@ impl Client {
 
     pub async fn dora(&self, since: &str, json_out: bool) -> anyhow::Result<ExitCode> {
         let window = slipway_domain::dora::parse_window(since).map_err(anyhow::Error::msg)?;
+        let now = slipway_core::bus::now();
+        let deployed = match self.deployed_from_index(now - window).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "DORA from the whole log (no run index or checkpoint to read).");
+                self.deployed_from_log().await?
+            }
+        };
+        let report = slipway_domain::dora::report_of(deployed, now - window, now);
+        if json_out {
+            outln!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            show::print_dora(&report);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Production deployments from the run index (runs indexed since `since`) and from the
+    /// runs the conductor's checkpoint holds in flight with the log after it: the window, not
+    /// the history.
+    async fn deployed_from_index(
+        &self,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<Vec<slipway_domain::dora::Deployed>> {
+        let index = slipway_core::store::runs::RunIndex::open(&self.bus).await?;
+        let checkpoints = slipway_core::store::checkpoints::Checkpoints::open(&self.bus).await?;
+        let (created, last) = self.bus.stream_state().await?;
+        let bytes = checkpoints
+            .get("conductor")
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no conductor checkpoint"))?;
+        let checkpoint = slipway_domain::checkpoint::Checkpoint::usable(&bytes, &created, last)
+            .map_err(anyhow::Error::msg)?;
+        let mut by_run: HashMap<String, slipway_domain::dora::Deployed> =
+            index.deployed_since(since).await?.into_iter().collect();
+        let mut runs: HashMap<String, Option<Run>> = HashMap::new();
+        let mut fold_in = |r: slipway_core::bus::Recorded| {
+            let Some((id, _, _)) = subjects::parse_run(&r.subject) else {
+                return;
+            };
+            let Ok(e) = r.event else { return };
+            let slot = runs.entry(id.to_string()).or_default();
+            *slot = slipway_domain::fold(slot.take(), &e);
+        };
+        for run_id in &checkpoint.in_flight {
+            self.bus
+                .run_log(run_id)
+                .await?
+                .into_iter()
+                .for_each(&mut fold_in);
+        }
+        self.bus
+            .read(&[subjects::RUNS.to_string()], checkpoint.through + 1)
+            .await?
+            .into_iter()
+            .for_each(&mut fold_in);
+        for run in runs.values().flatten() {
+            if let Some(d) = slipway_domain::dora::deployed(run) {
+                by_run.insert(run.run_id.clone(), d);
+            }
+        }
+        Ok(by_run.into_values().collect())
+    }
+
+    /// Production deployments of every run, folded from the whole log.
+    async fn deployed_from_log(&self) -> anyhow::Result<Vec<slipway_domain::dora::Deployed>> {
         let log = self.bus.read(&[subjects::RUNS.to_string()], 1).await?;
         let mut runs: HashMap<String, Option<Run>> = HashMap::new();
         for r in log {
@@ -576,14 +642,11 @@ impl Client {
             let slot = runs.entry(id.to_string()).or_default();
             *slot = slipway_domain::fold(slot.take(), &e);
         }
-        let now = slipway_core::bus::now();
-        let report = slipway_domain::dora::report(runs.values().flatten(), now - window, now);
-        if json_out {
-            outln!("{}", serde_json::to_string_pretty(&report)?);
-        } else {
-            show::print_dora(&report);
-        }
-        Ok(ExitCode::SUCCESS)
+        Ok(runs
+            .values()
+            .flatten()
+            .filter_map(slipway_domain::dora::deployed)
+            .collect())
     }
 
     pub async fn changes(&self, json_out: bool, limit: usize) -> anyhow::Result<ExitCode> {

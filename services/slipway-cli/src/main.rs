@@ -15,6 +15,7 @@ mod bench;
 mod client;
 mod demo;
 mod http;
+mod org;
 mod out;
 mod show;
 mod soak;
@@ -214,6 +215,23 @@ enum Command {
         data_dir: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// The organisation-scale benchmark instead: lead time of many pipelines whose stages
+        /// sleep, against their critical paths, and start-up, memory and reads on a long
+        /// history (docs/performance.md).
+        #[arg(long)]
+        org: bool,
+        /// With --org: pipelines submitted together.
+        #[arg(long, default_value_t = 200)]
+        pipelines: usize,
+        /// With --org: ended runs written to the log for the history rows.
+        #[arg(long, default_value_t = 1_000_000)]
+        history: usize,
+        /// With --org: every stage's planned duration is multiplied by this.
+        #[arg(long, default_value_t = 1.0)]
+        time_scale: f64,
+        /// With --org: the seed the stage durations are drawn from.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Three changes of the demo model server end to end (the first verified in production,
     /// the second stopped by the quality gates, the third rolled back from production), against
@@ -309,6 +327,36 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Bench {
+            data_dir,
+            json,
+            org,
+            pipelines,
+            history,
+            time_scale,
+            seed,
+            ..
+        } if org => {
+            let keep = data_dir.is_some();
+            let run = org::bench(org::Options {
+                pipelines,
+                history,
+                time_scale,
+                seed,
+                json,
+                data_dir,
+            });
+            tokio::select! {
+                r = run => r,
+                () = up::signal() => {
+                    eprintln!("Interrupted: the benchmark's servers and services are stopped.");
+                    if !keep {
+                        let _ = std::fs::remove_dir_all(org::default_data_dir());
+                    }
+                    Ok(ExitCode::from(130))
+                }
+            }
+        }
+        Command::Bench {
             runs,
             inflight,
             raw,
@@ -320,6 +368,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             artifact_mib,
             data_dir,
             json,
+            ..
         } => {
             let keep = data_dir.is_some();
             let run = bench::bench(bench::Options {

@@ -277,6 +277,50 @@ impl Stack {
         }
     }
 
+    /// Stops every process of service `name` as [`Stack::stop`] does (SIGTERM, then SIGKILL
+    /// after a grace period) and waits for each to end.
+    ///
+    /// # Errors
+    /// When `name` is not a service of this stack.
+    pub async fn stop_service(&mut self, name: &str) -> anyhow::Result<()> {
+        let mut found = false;
+        for s in self.services.iter_mut().filter(|s| s.name == name) {
+            found = true;
+            let Some(mut c) = s.child.take() else {
+                continue;
+            };
+            if let Some(pid) = c.id().and_then(|p| i32::try_from(p).ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            if tokio::time::timeout(STOP_GRACE, c.wait()).await.is_err() {
+                let _ = c.kill().await;
+            }
+        }
+        anyhow::ensure!(found, "no service {name} in this stack");
+        Ok(())
+    }
+
+    /// Starts again every process of service `name` that is not running.
+    ///
+    /// # Errors
+    /// When its binary cannot start.
+    pub fn spawn_service(&mut self, name: &str) -> anyhow::Result<()> {
+        for i in 0..self.services.len() {
+            if self.services[i].name == name && self.services[i].child.is_none() {
+                self.spawn(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The names of this stack's services.
+    pub fn service_names(&self) -> Vec<&'static str> {
+        self.services.iter().map(|s| s.name).collect()
+    }
+
     /// `(service, pid)` of every running service.
     pub fn pids(&self) -> Vec<(&'static str, u32)> {
         self.services

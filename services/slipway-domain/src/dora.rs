@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::run::{Phase, Run, StageStatus};
 
@@ -40,26 +40,30 @@ pub struct Report {
     pub pipelines: BTreeMap<String, Measures>,
 }
 
-/// What one run contributes: its production deploy, whether it failed, its recovery.
-#[derive(Debug, Clone)]
-struct Contribution {
-    deployed_at: DateTime<Utc>,
-    lead: Duration,
-    failed: bool,
-    recovery: Option<Duration>,
-    rolled_back: bool,
+/// What one run contributes: its production deploy, whether it failed, its recovery. Small
+/// and final once the run has ended, so the run index keeps it beside the run
+/// ([`crate::index::IndexEntry::deployed`]) and DORA over a window reads these, not whole runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployed {
+    pub pipeline: String,
+    pub deployed_at: DateTime<Utc>,
+    /// From the change's creation to the production deploy.
+    pub lead_ms: i64,
+    /// Its monitor failed, or the run rolled back.
+    pub failed: bool,
+    /// From the deploy to the rollback that restored service.
+    pub recovery_ms: Option<i64>,
+    pub rolled_back: bool,
 }
 
-fn contribution(run: &Run, since: DateTime<Utc>, until: DateTime<Utc>) -> Option<Contribution> {
+/// The run's production deployment, if it deployed to production.
+pub fn deployed(run: &Run) -> Option<Deployed> {
     let production = run.spec.environment.last()?.name.clone();
     let deploy = run.stage(&format!("deploy:{production}"))?;
     if deploy.status != StageStatus::Succeeded {
         return None;
     }
     let deployed_at = deploy.finished_at?;
-    if deployed_at < since || deployed_at > until {
-        return None;
-    }
     let monitor_failed = run
         .stage(&format!("monitor:{production}"))
         .is_some_and(|s| s.status == StageStatus::Failed);
@@ -67,26 +71,30 @@ fn contribution(run: &Run, since: DateTime<Utc>, until: DateTime<Utc>) -> Option
     let rollback = run
         .stage(&format!("rollback:{production}"))
         .filter(|s| s.status == StageStatus::Succeeded);
-    Some(Contribution {
+    Some(Deployed {
+        pipeline: run.pipeline.clone(),
         deployed_at,
-        lead: deployed_at - run.change.time,
+        lead_ms: (deployed_at - run.change.time).num_milliseconds(),
         failed,
-        recovery: rollback
+        recovery_ms: rollback
             .and_then(|r| r.finished_at)
-            .map(|t| t - deployed_at),
+            .map(|t| (t - deployed_at).num_milliseconds()),
         rolled_back: rollback.is_some(),
     })
 }
 
-fn hours(d: Duration) -> f64 {
-    d.num_milliseconds() as f64 / 3_600_000.0
+fn hours(ms: i64) -> f64 {
+    ms as f64 / 3_600_000.0
 }
 
-fn measures(items: &[Contribution], window: Duration) -> Measures {
+fn measures(items: &[Deployed], window: Duration) -> Measures {
     let n = items.len() as u64;
     let days = (window.num_seconds() as f64 / 86_400.0).max(1e-9);
-    let leads: Vec<f64> = items.iter().map(|c| hours(c.lead)).collect();
-    let recoveries: Vec<f64> = items.iter().filter_map(|c| c.recovery.map(hours)).collect();
+    let leads: Vec<f64> = items.iter().map(|c| hours(c.lead_ms)).collect();
+    let recoveries: Vec<f64> = items
+        .iter()
+        .filter_map(|c| c.recovery_ms.map(hours))
+        .collect();
     let failed = items.iter().filter(|c| c.failed).count() as u64;
     let rollbacks = items.iter().filter(|c| c.rolled_back).count() as u64;
     let share = |k: u64, of: u64| (of > 0).then(|| k as f64 / of as f64);
@@ -109,18 +117,28 @@ pub fn report<'a>(
     since: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> Report {
-    let mut all = Vec::new();
-    let mut by_pipeline: BTreeMap<String, Vec<Contribution>> = BTreeMap::new();
-    for run in runs {
-        if let Some(c) = contribution(run, since, until) {
-            by_pipeline
-                .entry(run.pipeline.clone())
-                .or_default()
-                .push(c.clone());
-            all.push(c);
-        }
+    report_of(runs.into_iter().filter_map(deployed), since, until)
+}
+
+/// DORA over production deployments (each counted once), for those that finished in
+/// `[since, until]`.
+pub fn report_of(
+    deployments: impl IntoIterator<Item = Deployed>,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Report {
+    let mut all: Vec<Deployed> = deployments
+        .into_iter()
+        .filter(|d| d.deployed_at >= since && d.deployed_at <= until)
+        .collect();
+    all.sort_by_key(|d| d.deployed_at);
+    let mut by_pipeline: BTreeMap<String, Vec<Deployed>> = BTreeMap::new();
+    for d in &all {
+        by_pipeline
+            .entry(d.pipeline.clone())
+            .or_default()
+            .push(d.clone());
     }
-    all.sort_by_key(|c| c.deployed_at);
     let window = until - since;
     Report {
         since,
@@ -199,6 +217,13 @@ mod tests {
         let rec = m.failed_deployment_recovery_hours_p50.unwrap() * 3600.0;
         assert!(rec > 0.0 && rec < 60.0, "{rec}");
         assert_eq!(r.pipelines["svc"], *m);
+        // The same from the deployments alone, as the run index keeps them (through JSON).
+        let stored: Vec<Deployed> = runs
+            .iter()
+            .filter_map(|s| deployed(s.run()))
+            .map(|d| serde_json::from_value(serde_json::to_value(d).unwrap()).unwrap())
+            .collect();
+        assert_eq!(report_of(stored, since, until), r);
         // Outside the window, nothing counts.
         let r = report(
             runs.iter().map(Sim::run),

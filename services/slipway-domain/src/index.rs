@@ -14,8 +14,9 @@ use crate::run::Run;
 
 /// The version of the fold whose results the index holds. Raise it when a release changes what
 /// a log folds to (a new field in a run's state is such a change): entries of the old version
-/// are then ignored, and rewritten from the log.
-pub const FOLD_VERSION: u32 = 1;
+/// are then ignored, and rewritten from the log. (2: entries carry the run's production
+/// deployment.)
+pub const FOLD_VERSION: u32 = 2;
 
 /// One run in the index.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +27,9 @@ pub struct IndexEntry {
     pub through: u64,
     /// The run's state, as `slipway status --json` shows it.
     pub run: Value,
+    /// Its production deployment, for DORA (which then reads these, not whole runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed: Option<crate::dora::Deployed>,
 }
 
 impl IndexEntry {
@@ -35,6 +39,7 @@ impl IndexEntry {
             fold: FOLD_VERSION,
             through,
             run: run.to_json(),
+            deployed: crate::dora::deployed(run),
         }
     }
 
@@ -51,6 +56,23 @@ impl IndexEntry {
             serde_json::from_slice(bytes).map_err(|e| format!("not an index entry: {e}"))?;
         Ok((entry.fold == FOLD_VERSION).then_some(entry))
     }
+}
+
+/// Only an entry's production deployment (DORA reads nothing else of a run): `Ok(None)` for an
+/// entry of another fold version or a run that did not deploy to production.
+///
+/// # Errors
+/// What is wrong with bytes that are no index entry.
+pub fn read_deployed(bytes: &[u8]) -> Result<Option<crate::dora::Deployed>, String> {
+    #[derive(Deserialize)]
+    struct Light {
+        fold: u32,
+        #[serde(default)]
+        deployed: Option<crate::dora::Deployed>,
+    }
+    let light: Light =
+        serde_json::from_slice(bytes).map_err(|e| format!("not an index entry: {e}"))?;
+    Ok(light.deployed.filter(|_| light.fold == FOLD_VERSION))
 }
 
 /// Where `indexed` differs from `fresh` (a fold of the log), as JSON paths with both values,
@@ -87,9 +109,7 @@ pub fn differences(indexed: &Value, fresh: &Value, limit: usize) -> Vec<String> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::Sim;
-
-    const PIPE: &str = "[pipeline]\nname = \"p\"\n[build]\ncommand = [\"make\"]\n[[test]]\nname = \"unit\"\ncommand = [\"t\"]\n";
+    use crate::sim::{MONITORED_PIPELINE as PIPE, Sim};
 
     #[test]
     fn an_entry_reads_back_names_its_fold_and_shows_where_it_differs() {
@@ -102,6 +122,12 @@ mod tests {
             Some(entry.clone())
         );
         assert!(differences(&entry.run, &run.to_json(), 10).is_empty());
+        // What DORA reads of it: the run's production deployment, the same as from the run.
+        assert!(entry.deployed.is_some());
+        assert_eq!(
+            read_deployed(&entry.to_bytes()).unwrap(),
+            crate::dora::deployed(&run)
+        );
 
         // Another fold's entry is not read; bytes that are no entry say so.
         let mut older = entry.clone();

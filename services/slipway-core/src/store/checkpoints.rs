@@ -57,4 +57,15 @@ impl Checkpoints {
             .map_err(|e| BusError::nats("write checkpoint", e))?;
         Ok(())
     }
+
+    /// Removes the service's checkpoint (its next start folds the whole log).
+    ///
+    /// # Errors
+    /// [`BusError`] when the server does not remove it.
+    pub async fn delete(&self, service: &str) -> Result<(), BusError> {
+        self.kv
+            .delete(service)
+            .await
+            .map_err(|e| BusError::nats("delete checkpoint", e))
+    }
 }

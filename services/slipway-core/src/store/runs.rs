@@ -1,16 +1,34 @@
 //! The run index in its JetStream KV bucket (`[nats.stream] runs_bucket`, default
 //! `slipway-runs`): an entry per ended run, by run id ([`slipway_domain::index`]).
 
-use async_nats::jetstream::kv;
-use futures_util::TryStreamExt;
-use slipway_domain::index::IndexEntry;
+use std::collections::HashMap;
+use std::time::Duration;
 
-use crate::bus::{Bus, BusError};
+use async_nats::jetstream::{self, kv};
+use chrono::{DateTime, Utc};
+use futures_util::{StreamExt, TryStreamExt};
+use slipway_domain::dora::Deployed;
+use slipway_domain::index::{self, IndexEntry};
+
+use crate::bus::{Bus, BusError, DirectPages};
+
+/// An ended run as the index holds it, at its place in the index.
+#[derive(Debug, Clone)]
+pub struct Indexed {
+    /// The entry's revision: its sequence in the bucket's stream, so entries are in the order
+    /// they were written (about the order runs ended).
+    pub revision: u64,
+    pub run_id: String,
+    /// `None` for an entry another fold version made (the run is read from the log then).
+    pub entry: Option<IndexEntry>,
+}
 
 /// The index's bucket.
 #[derive(Clone)]
 pub struct RunIndex {
     kv: kv::Store,
+    /// For batched direct reads of the bucket's stream.
+    client: async_nats::Client,
 }
 
 impl std::fmt::Debug for RunIndex {
@@ -33,7 +51,10 @@ impl RunIndex {
             "Slipway: each ended run's state, derived from the log",
         )
         .await?;
-        Ok(Self { kv })
+        Ok(Self {
+            kv,
+            client: bus.client().clone(),
+        })
     }
 
     /// Writes a run's entry (a later write of the same run replaces it).
@@ -63,6 +84,154 @@ impl RunIndex {
         };
         IndexEntry::read(&bytes)
             .map_err(|e| BusError::nats("read run index", format!("{run_id}: {e}")))
+    }
+
+    /// Writes a run's entry unless one of this fold version is there: an entry keeps its place
+    /// (its revision) when the run is indexed again, as on a start that folds the whole log.
+    /// `true` when it wrote.
+    ///
+    /// # Errors
+    /// [`BusError`] when the bucket cannot be read or written.
+    pub async fn put_once(&self, run_id: &str, entry: &IndexEntry) -> Result<bool, BusError> {
+        match self.kv.create(run_id, entry.to_bytes().into()).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                if self.get(run_id).await.ok().flatten().is_some() {
+                    return Ok(false);
+                }
+                // Another fold's entry, or bytes that are none: replaced.
+                self.put(run_id, entry).await.map(|()| true)
+            }
+            Err(e) => Err(BusError::nats("write run index", e)),
+        }
+    }
+
+    /// The revision of a run's entry, if it has one.
+    ///
+    /// # Errors
+    /// [`BusError`] when the bucket cannot be read.
+    pub async fn revision(&self, run_id: &str) -> Result<Option<u64>, BusError> {
+        Ok(self
+            .kv
+            .entry(run_id)
+            .await
+            .map_err(|e| BusError::nats("read run index", e))?
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| e.revision))
+    }
+
+    /// The index's last revision (0 when it is empty).
+    ///
+    /// # Errors
+    /// [`BusError`] when the bucket cannot be read.
+    pub async fn last_revision(&self) -> Result<u64, BusError> {
+        let mut stream = self.kv.stream.clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| BusError::nats("read run index", e))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Entries written before revision `below`, newest first, looking at no more than `scan`
+    /// revisions: what one page of a listing reads. Revisions of entries replaced or deleted
+    /// are gaps, and count toward `scan`.
+    ///
+    /// # Errors
+    /// [`BusError`] when the bucket cannot be read.
+    pub async fn before(&self, below: u64, scan: u64) -> Result<Vec<Indexed>, BusError> {
+        let from = below.saturating_sub(scan).max(1);
+        if below <= from {
+            return Ok(Vec::new());
+        }
+        let prefix = format!("$KV.{}.", self.kv.name);
+        let subject = format!("{prefix}>");
+        let mut pages = DirectPages::open(&self.client, &self.kv.stream_name).await?;
+        let mut out = Vec::new();
+        let mut seq = from;
+        'pages: loop {
+            let want = usize::try_from(below - seq)
+                .unwrap_or(usize::MAX)
+                .min(crate::bus::DIRECT_BATCH);
+            let page = pages.next(&subject, seq, want).await?;
+            for (revision, subject, m) in &page.messages {
+                if *revision >= below {
+                    break 'pages;
+                }
+                let deleted = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("KV-Operation"))
+                    .is_some_and(|op| op.as_str() != "PUT");
+                let Some(run_id) = subject.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if deleted {
+                    continue;
+                }
+                out.push(Indexed {
+                    revision: *revision,
+                    run_id: run_id.to_string(),
+                    entry: IndexEntry::read(&m.payload).ok().flatten(),
+                });
+            }
+            match page.next_seq() {
+                Some(next) if next < below => seq = next,
+                _ => break,
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// The production deployments of the runs indexed since `since` (a run is indexed when it
+    /// ends, after its deploy): what DORA over a window reads. Read through an ordered
+    /// consumer that starts at that time, so a window costs what is in it, not the index.
+    ///
+    /// # Errors
+    /// [`BusError`] when the bucket cannot be read.
+    pub async fn deployed_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(String, Deployed)>, BusError> {
+        let start_time =
+            async_nats::datetime::from_nanos(i128::from(since.timestamp_nanos_opt().unwrap_or(0)))
+                .map_err(|e| BusError::nats("read run index", e))?;
+        let consumer = self
+            .kv
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartTime { start_time },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::nats("read run index", e))?;
+        let pending = consumer.cached_info().num_pending;
+        let mut by_run: HashMap<String, Deployed> = HashMap::new();
+        if pending > 0 {
+            let prefix = format!("$KV.{}.", self.kv.name);
+            let mut messages = consumer
+                .messages()
+                .await
+                .map_err(|e| BusError::nats("read run index", e))?;
+            while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
+                .await
+                .map_err(|_| BusError::nats("read run index", "no message within 10s"))?
+            {
+                let msg = msg.map_err(|e| BusError::nats("read run index", e))?;
+                let left = msg.info().map(|i| i.pending).unwrap_or(0);
+                if let (Some(run_id), Ok(Some(d))) = (
+                    msg.subject.as_str().strip_prefix(&prefix),
+                    index::read_deployed(&msg.payload),
+                ) {
+                    by_run.insert(run_id.to_string(), d);
+                }
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(by_run.into_iter().collect())
     }
 
     /// Every run id with an entry.
