@@ -142,6 +142,7 @@ fn the_organisation_scale_benchmark_finishes_and_reports_every_row() {
         assert!(started[row].as_f64().unwrap() > 0.0, "{row}: {h:#}");
     }
     assert_eq!(started["rss_mb"].as_object().unwrap().len(), 9, "{h:#}");
+    assert_eq!(started["first_run_outcome"], "succeeded", "{h:#}");
     for row in [
         "status_gateway_ms",
         "status_cli_path_ms",

@@ -1303,3 +1303,66 @@ async fn the_gateway_pages_runs_without_skipping_or_repeating_and_starts_from_it
     let again = ids_of(&list_pages(&stack, "limit=100", |_| {}).await);
     assert_eq!(again, listed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_removes_old_runs_events_the_index_keeps_them_and_an_unverified_run_stays() {
+    let stack = Stack::start_with(&["slipway-conductor", "slipway-builder", "slipway-tester"]);
+    let dir = project(
+        stack.dir.path(),
+        "pruned",
+        &spec(
+            "pruned",
+            "mkdir -p dist && echo x > dist/x",
+            PASSING_JUNIT,
+            "",
+        ),
+        &[],
+    );
+    let (old, forged) = (submit(&stack, &dir), submit(&stack, &dir));
+    let mut states = Vec::new();
+    for run in [&old, &forged] {
+        stack.wait_phase(run, "succeeded", LONG);
+        wait_indexed(&stack, run).await;
+        states.push(stack.slipway_json(&["replay", run]));
+    }
+    // One entry no longer matches its events: that run is not pruned.
+    let js = async_nats::jetstream::new(stack.nats_client().await);
+    let kv = js.get_key_value("slipway-runs").await.unwrap();
+    let mut entry: Value =
+        serde_json::from_slice(&kv.get(&forged).await.unwrap().unwrap()).unwrap();
+    entry["run"]["reason"] = "forged".into();
+    kv.put(&forged, serde_json::to_vec(&entry).unwrap().into())
+        .await
+        .unwrap();
+    // Both ended more than a second ago by now; nothing is pruned by default or by `cli`.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let refused = stack.slipway(&["prune", "--older-than", "1s"]);
+    assert!(!refused.status.success(), "{refused:?}");
+    let zero = stack.slipway_as("admin", &["prune", "--older-than", "0d"]);
+    assert!(!zero.status.success());
+    let dry = stack.slipway_as(
+        "admin",
+        &["prune", "--older-than", "1s", "--dry-run", "--json"],
+    );
+    let dry: Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(dry["pruned_runs"], 1, "{dry}");
+    assert!(!stack.bus().await.run_log(&old).await.unwrap().is_empty());
+
+    let out = stack.slipway_as("admin", &["prune", "--older-than", "1s", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["pruned_runs"], 1, "{report}");
+    assert!(report["pruned_events"].as_u64().unwrap() > 5, "{report}");
+    assert_eq!(report["kept"][0]["run_id"], forged.as_str(), "{report}");
+    // The old run's events are gone but its audit trail (approvals, deploys, rollbacks: none in
+    // this pipeline); its state stays, from the index.
+    assert!(stack.bus().await.run_log(&old).await.unwrap().is_empty());
+    assert!(!stack.bus().await.run_log(&forged).await.unwrap().is_empty());
+    assert_eq!(stack.slipway_json(&["replay", &old]), states[0]);
+    assert_eq!(stack.slipway_json(&["status", &old]), states[0]);
+    // Verifying the index checks the runs whose events remain (and names the forged entry).
+    let verify = stack.slipway(&["replay", "--verify", "--json"]);
+    assert_eq!(verify.status.code(), Some(1));
+    let verified: Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(verified["checked"], 1, "{verified}");
+}

@@ -394,14 +394,25 @@ impl Client {
     pub async fn replay(&self, run: Option<&str>, json_out: bool) -> anyhow::Result<ExitCode> {
         if let Some(run) = run {
             check_run_id(run)?;
-            let Some((state, _)) = self.fold_log(run).await? else {
-                eprintln!("slipway: no run {run}");
-                return Ok(ExitCode::from(1));
+            let state = match self.fold_log(run).await? {
+                Some((state, _)) => state.to_json(),
+                None => {
+                    // A run whose events the retention policy pruned: the index keeps it.
+                    let index = slipway_core::store::runs::RunIndex::open(&self.bus).await?;
+                    let Some(entry) = index.get(run).await? else {
+                        eprintln!("slipway: no run {run}");
+                        return Ok(ExitCode::from(1));
+                    };
+                    eprintln!(
+                        "slipway: run {run}'s events were pruned (slipway prune); its state is the run index's"
+                    );
+                    entry.run
+                }
             };
             if json_out {
-                outln!("{}", serde_json::to_string_pretty(&state.to_json())?);
+                outln!("{}", serde_json::to_string_pretty(&state)?);
             } else {
-                show::print_status(&state.to_json());
+                show::print_status(&state);
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -562,6 +573,115 @@ impl Client {
         } else {
             ExitCode::from(1)
         })
+    }
+
+    /// `slipway prune --older-than AGE`: removes from the log the events of every run that
+    /// ended before now - AGE and whose index entry equals the fold of its events, except its
+    /// approvals, deploys and rollbacks (the audit trail, kept in the log with the approvals'
+    /// signed records); the run index keeps its final state. A run whose entry differs is kept
+    /// and named. `--dry-run` only counts.
+    pub async fn prune(
+        &self,
+        older_than: &str,
+        dry_run: bool,
+        json_out: bool,
+    ) -> anyhow::Result<ExitCode> {
+        use slipway_domain::index::differences;
+        let age = slipway_domain::dora::parse_window(older_than).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            age > chrono::Duration::zero(),
+            "--older-than must be longer than 0 (the default policy keeps everything)"
+        );
+        let cutoff = slipway_core::bus::now() - age;
+        let index = slipway_core::store::runs::RunIndex::open(&self.bus).await?;
+        let stream = self
+            .bus
+            .jetstream()
+            .get_stream(self.bus.stream_name())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (mut pruned, mut events, mut kept, mut young) = (0u64, 0u64, Vec::new(), 0u64);
+        let mut below = index.last_revision().await? + 1;
+        while below > 1 {
+            let chunk = 4096.min(below - 1);
+            for e in index.before(below, chunk).await? {
+                let Some(entry) = e.entry else {
+                    kept.push(json!({"run_id": e.run_id, "why": "an entry of another fold version (slipway replay --verify --repair)"}));
+                    continue;
+                };
+                let finished = entry.run["finished_at"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+                if finished.is_none_or(|f| f >= cutoff) {
+                    young += 1;
+                    continue;
+                }
+                let log = self.bus.run_log(&e.run_id).await?;
+                // The audit trail stays in the log: approvals (with their signed records),
+                // deploys and rollbacks.
+                let audit = |s: &str| {
+                    matches!(
+                        s.split('.').nth(3),
+                        Some("approval" | "deploy" | "rollback")
+                    )
+                };
+                let prunable: std::collections::BTreeSet<String> = log
+                    .iter()
+                    .map(|r| r.subject.clone())
+                    .filter(|s| !audit(s))
+                    .collect();
+                if prunable.is_empty() {
+                    continue; // pruned before
+                }
+                let n = log.iter().filter(|r| !audit(&r.subject)).count() as u64;
+                let folded: Vec<Event> = log.into_iter().filter_map(|r| r.event.ok()).collect();
+                let same = Run::replay(&folded)
+                    .filter(Run::is_ended)
+                    .map(|r| differences(&entry.run, &r.to_json(), 1).is_empty());
+                if same != Some(true) {
+                    kept.push(json!({"run_id": e.run_id, "why": "its index entry differs from its events (slipway replay --verify)"}));
+                    continue;
+                }
+                if !dry_run {
+                    for subject in &prunable {
+                        stream
+                            .purge()
+                            .filter(subject)
+                            .await
+                            .map_err(|err| anyhow::anyhow!("cannot prune {}: {err}", e.run_id))?;
+                    }
+                }
+                pruned += 1;
+                events += n;
+            }
+            below -= chunk;
+        }
+        let report = json!({
+            "older_than": older_than,
+            "cutoff": cutoff,
+            "dry_run": dry_run,
+            "pruned_runs": pruned,
+            "pruned_events": events,
+            "kept": kept,
+            "younger_runs": young,
+        });
+        if json_out {
+            outln!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            outln!(
+                "{} {pruned} ended runs ({events} events) that ended before {cutoff}; {young} younger kept; {} kept as not verified",
+                if dry_run { "Would prune" } else { "Pruned" },
+                kept.len()
+            );
+            for k in &kept {
+                outln!(
+                    "  kept {}: {}",
+                    k["run_id"].as_str().unwrap_or_default(),
+                    k["why"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        Ok(ExitCode::SUCCESS)
     }
 
     pub async fn dora(&self, since: &str, json_out: bool) -> anyhow::Result<ExitCode> {

@@ -111,6 +111,20 @@ enum Command {
         #[arg(long, requires = "verify")]
         repair: bool,
     },
+    /// Remove from the log the events of runs that ended more than --older-than ago, once
+    /// their run index entry equals the fold of their events (the retention policy; by default
+    /// nothing is pruned: the log keeps everything). The run index keeps every run's final
+    /// state, approvals and deployments. Needs the `admin` user.
+    Prune {
+        /// Age of the runs to prune, from their end: e.g. 365d, 90d.
+        #[arg(long)]
+        older_than: String,
+        /// Count what would be pruned, and prune nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// The changes received, newest first, with their outcome.
     Changes {
         #[arg(long)]
@@ -464,6 +478,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 c.replay(run.as_deref(), json).await
             }
+        }
+        Command::Prune {
+            older_than,
+            dry_run,
+            json,
+        } => {
+            let c = client::Client::connect(&client::settings(&url)).await?;
+            c.prune(&older_than, dry_run, json).await
         }
         Command::Changes { json, limit } => {
             let c = client::Client::connect(&client::settings(&url)).await?;

@@ -689,7 +689,12 @@ async fn start_all(
     };
     let (decided, gateway_ready) = tokio::join!(decision, ready);
     let (decided, gateway_ready) = (decided?, gateway_ready?);
-    wait_succeeded(gateway, &run, Duration::from_secs(600)).await?;
+    // How the first run after the start ended is a row of its own: a service whose start
+    // depends on the history shows here.
+    let first_outcome = match wait_succeeded(gateway, &run, Duration::from_secs(600)).await {
+        Ok(()) => "succeeded".to_string(),
+        Err(e) => e.to_string(),
+    };
     let through = t.elapsed();
     let first_run = json_of(reqwest::get(format!("{gateway}/v1/runs/{run}")).await?).await?;
     let rss: serde_json::Map<String, Value> = stack
@@ -701,6 +706,7 @@ async fn start_all(
         "conductor_first_decision_s": decided.as_secs_f64(),
         "gateway_ready_s": gateway_ready.as_secs_f64(),
         "first_run_ended_s": through.as_secs_f64(),
+        "first_run_outcome": first_outcome,
         "first_run_stages": timeline(&first_run),
         "rss_mb": rss,
     }))
@@ -897,10 +903,11 @@ fn print_markdown(r: &Value) {
         h["events"]
     );
     outln!(
-        "| start from checkpoint: conductor's first decision / gateway ready / first run ended | {:.3} s / {:.3} s / {:.3} s |",
+        "| start from checkpoint: conductor's first decision / gateway ready / first run ended | {:.3} s / {:.3} s / {:.3} s ({}) |",
         f(&s["conductor_first_decision_s"]),
         f(&s["gateway_ready_s"]),
-        f(&s["first_run_ended_s"])
+        f(&s["first_run_ended_s"]),
+        s["first_run_outcome"].as_str().unwrap_or_default()
     );
     let rss = s["rss_mb"]
         .as_object()

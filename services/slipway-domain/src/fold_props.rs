@@ -1,5 +1,6 @@
 //! Property tests of `fold`: any order-preserving delivery with duplicates folds to the same
-//! state, and replaying the whole log equals the incrementally folded state.
+//! state, replaying the whole log equals the incrementally folded state, and the run index
+//! entry made of that state reads back as a fresh fold of the log.
 
 use chrono::Duration;
 use proptest::prelude::*;
@@ -63,6 +64,21 @@ proptest! {
         let replayed = Run::replay(&sim.log);
         prop_assert_eq!(replayed.as_ref(), sim.run.as_ref());
         prop_assert!(sim.run().is_ended(), "every simulated run ends: {:?}", sim.run().phase);
+    }
+
+    #[test]
+    fn the_index_entry_written_at_a_runs_end_equals_a_fresh_fold_of_its_log(sim in simulated_log()) {
+        // What the conductor writes (its incremental state, through its bytes) against what
+        // `slipway replay --verify` folds from the log alone.
+        let written = crate::index::IndexEntry::of(sim.run(), sim.log.len() as u64);
+        let read = crate::index::IndexEntry::read(&written.to_bytes()).unwrap().unwrap();
+        let fresh = Run::replay(&sim.log).unwrap();
+        prop_assert!(crate::index::differences(&read.run, &fresh.to_json(), 5).is_empty());
+        prop_assert_eq!(&read.deployed, &crate::dora::deployed(&fresh));
+        prop_assert_eq!(
+            crate::index::read_deployed(&written.to_bytes()).unwrap(),
+            crate::dora::deployed(&fresh)
+        );
     }
 
     #[test]
