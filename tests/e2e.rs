@@ -1366,3 +1366,48 @@ async fn prune_removes_old_runs_events_the_index_keeps_them_and_an_unverified_ru
     let verified: Value = serde_json::from_slice(&verify.stdout).unwrap();
     assert_eq!(verified["checked"], 1, "{verified}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_monitor_window_does_not_delay_another_pipelines_monitor() {
+    // One pipeline's staging is watched for two minutes; another's, submitted once the first
+    // is being watched, is watched for a second and succeeds while the first is still watched
+    // (a monitor window waits; it never holds the slot another pipeline needs).
+    let stack = Stack::start_with(&[
+        "slipway-conductor",
+        "slipway-builder",
+        "slipway-tester",
+        "slipway-deployer",
+        "slipway-monitor",
+        "slipway-approval",
+    ]);
+    stack.wait_gateway();
+    let watched = |name: &str, window: u64| {
+        let env = format!(
+            "[[environment]]\nname = \"staging\"\nurl = \"{}\"\n[environment.deploy]\ncommand = [\"true\"]\n\
+             [monitor]\nenvironments = [\"staging\"]\nwindow_secs = {window}\nprobe_interval_ms = 250\n\
+             health_path = \"/healthz\"\nrollback = false\n[monitor.slos]\navailability = {{ min = 0.5 }}\n",
+            stack.gateway_url()
+        );
+        project(
+            stack.dir.path(),
+            name,
+            &spec(
+                name,
+                "mkdir -p dist && echo x > dist/x",
+                PASSING_JUNIT,
+                &env,
+            ),
+            &[],
+        )
+    };
+    let long = submit(&stack, &watched("long", 120));
+    stack.wait_for(&long, LONG, |s| {
+        stage(s, "monitor:staging")["status"] == "running"
+    });
+    let short = submit(&stack, &watched("short", 1));
+    let done = stack.wait_phase(&short, "succeeded", Duration::from_secs(60));
+    assert_eq!(stage(&done, "monitor:staging")["status"], "succeeded");
+    let still = stack.status(&long).unwrap();
+    assert_eq!(still["phase"], "monitoring", "{still}");
+    assert_eq!(stage(&still, "monitor:staging")["status"], "running");
+}
