@@ -1246,15 +1246,14 @@ async fn the_gateway_pages_runs_without_skipping_or_repeating_and_starts_from_it
         assert!(body["error"].as_str().unwrap().contains(says), "{body}");
     }
 
-    // An ended run, as the index holds it, equals its fold of the log.
-    let old: Value = http
+    // An ended run is read from the index, and equals its fold of the log.
+    let resp = http
         .get(format!("{}/v1/runs/{}", stack.gateway_url(), ended[0]))
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
+    assert_eq!(resp.headers()["slipway-read-from"], "index");
+    let old: Value = resp.json().await.unwrap();
     assert_eq!(old, stack.slipway_json(&["replay", &ended[0]]));
 
     // The gateway checkpoints what it has read; restarted, it starts there, holding no ended

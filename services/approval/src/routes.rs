@@ -337,7 +337,8 @@ async fn fold_log(state: &AppState, id: &str, direct: bool) -> Result<(Run, u64)
     path = "/v1/runs/{id}",
     params(("id" = String, Path, description = "run id")),
     responses(
-        (status = 200, description = "The run", body = Object),
+        (status = 200, description = "The run", body = Object,
+            headers(("Slipway-Read-From" = String, description = "memory (in flight), index (ended) or log"))),
         (status = 404, description = "No such run", body = ErrorBody),
     )
 )]
@@ -354,18 +355,29 @@ pub async fn get_run(
                 .map(|run| serde_json::to_vec(run).expect("run state serialises"))
         })
         .flatten();
-    let body = match projected {
-        Some(body) => body,
-        None => match indexed_json(&state, &id).await {
-            // An ended run, as the index holds it.
-            Some(json) => serde_json::to_vec(&json).expect("JSON serialises"),
-            None => {
-                serde_json::to_vec(&run_state(&state, &id).await?).expect("run state serialises")
-            }
-        },
+    // Where the answer came from, for operators (and tests): the gateway's memory (a run in
+    // flight), the run index (an ended run) or the run's log.
+    let indexed = match projected {
+        Some(_) => None,
+        None if ids::is_valid_run_id(&id) => indexed_json(&state, &id).await,
+        None => None,
+    };
+    let (body, from) = match (projected, indexed) {
+        (Some(body), _) => (body, "memory"),
+        (None, Some(json)) => (serde_json::to_vec(&json).expect("JSON serialises"), "index"),
+        (None, None) => (
+            serde_json::to_vec(&run_state(&state, &id).await?).expect("run state serialises"),
+            "log",
+        ),
     };
     Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        [
+            (axum::http::header::CONTENT_TYPE, "application/json"),
+            (
+                axum::http::HeaderName::from_static("slipway-read-from"),
+                from,
+            ),
+        ],
         body,
     )
         .into_response())
