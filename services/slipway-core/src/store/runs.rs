@@ -145,7 +145,10 @@ impl RunIndex {
             return Ok(Vec::new());
         }
         let prefix = format!("$KV.{}.", self.kv.name);
-        let subject = format!("{prefix}>");
+        // Every message of the bucket's stream is one of its keys: read by sequence with the
+        // full wildcard, which the server serves without matching a subject filter against
+        // every key (with `$KV.<bucket>.>` a page's cost grew with the number of keys).
+        let subject = ">";
         let mut pages = DirectPages::open(&self.client, &self.kv.stream_name).await?;
         let mut out = Vec::new();
         let mut seq = from;
@@ -153,7 +156,7 @@ impl RunIndex {
             let want = usize::try_from(below - seq)
                 .unwrap_or(usize::MAX)
                 .min(crate::bus::DIRECT_BATCH);
-            let page = pages.next(&subject, seq, want).await?;
+            let page = pages.next(subject, seq, want).await?;
             for (revision, subject, m) in &page.messages {
                 if *revision >= below {
                     break 'pages;
