@@ -288,12 +288,7 @@ async fn held(state: &AppState, cursor: Cursor, limit: usize) -> Result<Page, Ap
             next: (next.top > 0).then_some(next),
         });
     }
-    let below = cursor_below(&next);
-    ended(state, next, below, left, runs).await
-}
-
-fn cursor_below(c: &Cursor) -> u64 {
-    c.below.unwrap_or(c.top + 1)
+    ended(state, next, cursor.top + 1, left, runs).await
 }
 
 /// The ended section below revision `below`: up to `limit` runs after those already in `runs`.

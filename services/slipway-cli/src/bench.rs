@@ -798,7 +798,8 @@ fn cpu_ms(pid: u32) -> (f64, f64) {
     )
 }
 
-fn rss_mb(pid: u32) -> f64 {
+/// A process's resident memory (VmRSS) in MB.
+pub(crate) fn rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

@@ -33,6 +33,7 @@ use slipway_core::exec::server::free_port;
 use slipway_domain::events::{ChangeSubmitted, EventData, SourceRef};
 use slipway_domain::{Event, ids};
 
+use crate::bench::rss_mb;
 use crate::out::outln;
 use crate::up::{Access, Stack};
 
@@ -631,18 +632,6 @@ async fn checkpoint_at_end(bus: &Bus) -> anyhow::Result<()> {
         checkpoints.put(service, &c).await?;
     }
     Ok(())
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn ms(d: Duration) -> f64 {
