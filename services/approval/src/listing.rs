@@ -214,7 +214,7 @@ async fn held(state: &AppState, cursor: Cursor, limit: usize) -> Result<Page, Ap
     let mine: Vec<(i64, String, bool, Value)> = {
         let runs = state.runs.read().expect("lock");
         let mut open = 0;
-        runs.before(None)
+        runs.newest_first()
             .filter(|r| cursor.filter.matches_run(r) && below_key(r.created_at, &r.run_id))
             .take_while(|r| {
                 open += usize::from(!r.is_ended());

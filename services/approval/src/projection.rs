@@ -58,18 +58,6 @@ impl Runs {
             .filter_map(|(_, id)| self.by_id.get(id))
     }
 
-    /// Runs created before `key` (all when `None`), newest first.
-    pub fn before(&self, key: Option<&ListKey>) -> impl Iterator<Item = &Run> {
-        let upper = match key {
-            Some(k) => std::ops::Bound::Excluded(k.clone()),
-            None => std::ops::Bound::Unbounded,
-        };
-        self.order
-            .range((std::ops::Bound::Unbounded, upper))
-            .rev()
-            .filter_map(|(_, id)| self.by_id.get(id))
-    }
-
     /// Held runs that have ended (each leaves once the index holds it).
     pub fn ended(&self) -> Vec<String> {
         self.by_id

@@ -508,7 +508,8 @@ async fn wait_succeeded(gateway: &str, run: &str, within: Duration) -> anyhow::R
 /// run index; the number of events written.
 async fn seed(bus: &Bus, templates: &[String], n: usize) -> anyhow::Result<usize> {
     let js = bus.jetstream();
-    let index = slipway_core::store::runs::RunIndex::open(bus).await?;
+    // The index's bucket must exist before its entries are published to it directly.
+    slipway_core::store::runs::RunIndex::open(bus).await?;
     let mut encoded = Vec::new();
     for run in templates {
         let log = bus.run_log(run).await?;
@@ -575,7 +576,6 @@ async fn seed(bus: &Bus, templates: &[String], n: usize) -> anyhow::Result<usize
     for a in acks {
         a.await?;
     }
-    drop(index);
     Ok(events)
 }
 
