@@ -281,6 +281,119 @@ async fn what_is_live_follows_deploys_appended_after_the_first_lookup() {
     );
 }
 
+fn deploy_event(run: &str, env: &str, version: &str, rollback: bool) -> Event {
+    use slipway_domain::events::{DeploySucceeded, ObjectRef};
+    let d = DeploySucceeded {
+        stage: format!("deploy:{env}"),
+        attempt: 1,
+        pipeline: "p".into(),
+        environment: env.into(),
+        version: version.into(),
+        artifact: ObjectRef {
+            bucket: "b".into(),
+            name: version.into(),
+            digest: format!("sha256:{version}").into(),
+            size: 1,
+        },
+        previous_version: None,
+        log: None,
+        duration_ms: 1,
+    };
+    Event::new(
+        ids::random(),
+        "/slipway/deployer",
+        Some(run.to_string()),
+        slipway_core::bus::now(),
+        if rollback {
+            EventData::RollbackSucceeded(d)
+        } else {
+            EventData::DeploySucceeded(d)
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_process_starts_from_the_deploy_checkpoint_and_reads_only_the_deploys_after_it() {
+    use slipway_core::store::baseline::{CHECKPOINT, Deploys, builder_of, live_version};
+    use slipway_core::store::checkpoints::Checkpoints;
+    let nats = TestNats::start();
+    let bus = nats.bus().await;
+    for i in 0..50 {
+        bus.publish(&deploy_event(
+            &format!("r{i}"),
+            "prod",
+            &format!("v{i}"),
+            false,
+        ))
+        .await
+        .unwrap();
+    }
+    let first = Deploys::new(&bus);
+    let through = first.checkpoint().await.unwrap();
+    assert_eq!(first.deploys_read(), 50);
+    // After the checkpoint: a deploy, and a rollback to the version before it.
+    bus.publish(&deploy_event("r50", "prod", "v50", false))
+        .await
+        .unwrap();
+    bus.publish(&deploy_event("r51", "prod", "v49", true))
+        .await
+        .unwrap();
+    bus.publish(&deploy_event("r50", "staging", "v50", false))
+        .await
+        .unwrap();
+
+    // A process started now reads the checkpoint and the three deploys after it.
+    let started = Deploys::new(&nats.bus().await);
+    let live = live_version(&started, "p", "prod").await.unwrap().unwrap();
+    assert_eq!(
+        (live.version.as_str(), live.run_id.as_str()),
+        ("v49", "r49"),
+        "live after the rollback, built by the run that first deployed it"
+    );
+    assert_eq!(started.deploys_read(), 3, "only the tail after {through}");
+    assert_eq!(
+        builder_of(&started, "p", "prod", &"sha256:v50".into())
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("r50")
+    );
+
+    // Retention keeps the runs that built what was deployed lately (the last BUILDERS
+    // artifacts of each environment): every deploying run here, not the one that rolled back.
+    let builders = started.builders().await.unwrap();
+    assert_eq!(builders.len(), 51, "{builders:?}");
+    assert!(
+        builders.contains("r0") && builders.contains("r50"),
+        "{builders:?}"
+    );
+    assert!(!builders.contains("r51"), "a rollback builds nothing");
+
+    // A checkpoint that cannot be read, or is of another log, is not used: every deploy is
+    // read again and the answer is the same.
+    let checkpoints = Checkpoints::open(&bus).await.unwrap();
+    for bad in [
+        b"{not json".to_vec(),
+        serde_json::to_vec(&serde_json::json!({
+            "stream_created": "another", "through": 2, "here": []
+        }))
+        .unwrap(),
+        serde_json::to_vec(&serde_json::json!({
+            "stream_created": bus.stream_state().await.unwrap().0,
+            "through": 1_000_000, "here": []
+        }))
+        .unwrap(),
+    ] {
+        checkpoints.put_bytes(CHECKPOINT, bad.into()).await.unwrap();
+        let rebuilt = Deploys::new(&nats.bus().await);
+        assert_eq!(
+            live_version(&rebuilt, "p", "prod").await.unwrap(),
+            Some(live.clone())
+        );
+        assert_eq!(rebuilt.deploys_read(), 53);
+    }
+}
+
 #[tokio::test]
 async fn a_confirmed_ack_settles_the_delivery() {
     use async_nats::jetstream::consumer::{AckPolicy, pull};

@@ -94,6 +94,8 @@ pub struct StreamSettings {
     pub runs_bucket: String,
     /// Where each service's fold of the log stands (`slipway_domain::checkpoint`).
     pub checkpoints_bucket: String,
+    /// The run index's production deployments compacted for DORA (`slipway_domain::dora::Chunk`).
+    pub dora_bucket: String,
 }
 
 impl Default for StreamSettings {
@@ -106,6 +108,7 @@ impl Default for StreamSettings {
             logs_bucket: "slipway-logs".into(),
             runs_bucket: "slipway-runs".into(),
             checkpoints_bucket: "slipway-checkpoints".into(),
+            dora_bucket: "slipway-dora".into(),
         }
     }
 }
@@ -545,6 +548,38 @@ impl Bus {
         filters: &[String],
         start_seq: u64,
     ) -> Result<Vec<Recorded>, BusError> {
+        let mut out = Vec::new();
+        self.read_each(filters, start_seq, |r| out.push(r)).await?;
+        Ok(out)
+    }
+
+    /// [`Bus::read`], handing each message to `each` as it comes rather than holding them
+    /// all (a read of every deploy ever made, say).
+    ///
+    /// # Errors
+    /// [`BusError`] when the stream cannot be read.
+    pub async fn read_each(
+        &self,
+        filters: &[String],
+        start_seq: u64,
+        mut each: impl FnMut(Recorded),
+    ) -> Result<(), BusError> {
+        self.read_raw(filters, start_seq, |seq, m| each(recorded(seq, m)))
+            .await
+    }
+
+    /// [`Bus::read_each`] with each message as stored, undecoded: a reader that wants a few
+    /// kinds out of the whole log reads it unfiltered and decodes only those (a consumer
+    /// filtered by wildcards over every run's subjects is served many times slower).
+    ///
+    /// # Errors
+    /// [`BusError`] when the stream cannot be read.
+    pub async fn read_raw(
+        &self,
+        filters: &[String],
+        start_seq: u64,
+        each: impl FnMut(u64, &async_nats::Message),
+    ) -> Result<(), BusError> {
         let stream = self
             .js
             .get_stream_no_info(self.stream_name())
@@ -568,7 +603,7 @@ impl Bus {
         // The creation's answer says how many messages there are: no separate info request.
         let info = consumer.cached_info();
         let (pending, name) = (info.num_pending, info.name.clone());
-        let out = Self::read_all(consumer, pending).await;
+        let out = Self::read_all(consumer, pending, each).await;
         // Readers are deleted when done rather than left to expire: under load (a read per
         // job and per decision) expiring ones pile up against the server's limits. The
         // caller does not wait for it.
@@ -581,10 +616,10 @@ impl Bus {
     async fn read_all(
         consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::OrderedConfig>,
         pending: u64,
-    ) -> Result<Vec<Recorded>, BusError> {
-        let mut out = Vec::with_capacity(pending as usize);
+        mut each: impl FnMut(u64, &async_nats::Message),
+    ) -> Result<(), BusError> {
         if pending == 0 {
-            return Ok(out);
+            return Ok(());
         }
         let mut messages = consumer
             .messages()
@@ -597,12 +632,12 @@ impl Bus {
             let msg = msg.map_err(|e| BusError::nats("read", e))?;
             let info = msg.info().map_err(|e| BusError::nats("read info", e))?;
             let (seq, left) = (info.stream_sequence, info.pending);
-            out.push(recorded(seq, &msg.message));
+            each(seq, &msg.message);
             if left == 0 {
                 break;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Every event of one run, in log order.

@@ -2,16 +2,22 @@
 //! gate reports. Every comparison of the quality gates is against the version live in
 //! production, as the log records it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
 
 use crate::bus::{Bus, BusError};
+use crate::store::checkpoints::Checkpoints;
 use slipway_domain::digest::Digest;
 use slipway_domain::envelope::Event;
 use slipway_domain::events::{EventData, GateReport, ObjectRef};
 use slipway_domain::fold::Run;
 
 /// The version live in one environment of one pipeline.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Live {
     pub version: String,
     pub artifact: ObjectRef,
@@ -29,7 +35,7 @@ pub async fn live_version(
     pipeline: &str,
     environment: &str,
 ) -> Result<Option<Live>, BusError> {
-    live_version_in(deploys, pipeline, environment, None).await
+    Ok(here(deploys, pipeline, environment, None).await?.live)
 }
 
 /// [`live_version`] as of stream sequence `seq` at least (a job's request): when a follower
@@ -43,33 +49,11 @@ pub async fn live_version_as_of(
     environment: &str,
     seq: u64,
 ) -> Result<Option<Live>, BusError> {
-    live_version_in(deploys, pipeline, environment, Some(seq)).await
+    Ok(here(deploys, pipeline, environment, Some(seq)).await?.live)
 }
 
-async fn live_version_in(
-    deploys: &Deploys,
-    pipeline: &str,
-    environment: &str,
-    as_of: Option<u64>,
-) -> Result<Option<Live>, BusError> {
-    let here = deploys_here(deploys, pipeline, environment, as_of).await?;
-    let Some(last) = here.last() else {
-        return Ok(None);
-    };
-    let (EventData::DeploySucceeded(d) | EventData::RollbackSucceeded(d)) = &last.data else {
-        return Ok(None);
-    };
-    let builder = first_deployer(&here, &d.artifact.digest)
-        .or_else(|| last.subject.clone())
-        .unwrap_or_default();
-    Ok(Some(Live {
-        version: d.version.clone(),
-        artifact: d.artifact.clone(),
-        run_id: builder,
-    }))
-}
-
-/// The run that built the artifact `digest`: the first to deploy it to the environment.
+/// The run that built the artifact `digest`: the first to deploy it to the environment, if
+/// it is one of the last [`BUILDERS`] artifacts deployed there.
 ///
 /// # Errors
 /// [`BusError`] when the log cannot be read.
@@ -79,32 +63,112 @@ pub async fn builder_of(
     environment: &str,
     digest: &Digest,
 ) -> Result<Option<String>, BusError> {
-    Ok(first_deployer(
-        &deploys_here(deploys, pipeline, environment, None).await?,
-        digest,
-    ))
+    Ok(here(deploys, pipeline, environment, None)
+        .await?
+        .builder(digest)
+        .map(str::to_string))
 }
 
-fn first_deployer(here: &[Event], digest: &Digest) -> Option<String> {
-    here.iter().find_map(|e| match &e.data {
-        EventData::DeploySucceeded(x) if x.artifact.digest == *digest => e.subject.clone(),
-        _ => None,
-    })
+/// Distinct artifacts per environment whose builder is remembered: a rollback goes back to
+/// the version live before, never dozens of deploys back, and memory stays bounded however
+/// many deploys the log holds.
+pub const BUILDERS: usize = 64;
+
+/// What is live in one environment of one pipeline, and which runs built the artifacts
+/// deployed there lately.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Here {
+    pub live: Option<Live>,
+    /// The first run to deploy each of the last [`BUILDERS`] distinct artifacts, the most
+    /// recently deployed last.
+    builders: VecDeque<(Digest, String)>,
 }
 
-/// Successful deploys and rollbacks by pipeline and environment, as far as the log has been
-/// read. The log only grows, so each lookup reads just what was appended since the last one
-/// (rather than every deploy ever made, per deploy); in a worker, the runs in flight
-/// ([`crate::runtime::follow`]) feed it as they follow the log, and a lookup then reads nothing. One
-/// per [`Deploys`] (its clones share it); a log stream deleted and made again under a
+impl Here {
+    /// The run that first deployed `digest` here.
+    pub fn builder(&self, digest: &Digest) -> Option<&str> {
+        self.builders
+            .iter()
+            .find(|(d, _)| d == digest)
+            .map(|(_, run)| run.as_str())
+    }
+
+    fn take(&mut self, e: &Event) {
+        let (EventData::DeploySucceeded(d) | EventData::RollbackSucceeded(d)) = &e.data else {
+            return;
+        };
+        let digest = &d.artifact.digest;
+        if let (EventData::DeploySucceeded(_), Some(run)) = (&e.data, &e.subject) {
+            // A deploy again of an artifact keeps its builder and counts as recent.
+            let first = match self.builders.iter().position(|(x, _)| x == digest) {
+                Some(i) => self.builders.remove(i).map(|(_, r)| r),
+                None => None,
+            };
+            self.builders
+                .push_back((digest.clone(), first.unwrap_or_else(|| run.clone())));
+            while self.builders.len() > BUILDERS {
+                self.builders.pop_front();
+            }
+        }
+        let run_id = self
+            .builder(digest)
+            .map(str::to_string)
+            .or_else(|| e.subject.clone())
+            .unwrap_or_default();
+        self.live = Some(Live {
+            version: d.version.clone(),
+            artifact: d.artifact.clone(),
+            run_id,
+        });
+    }
+}
+
+/// The key of the deploy index's checkpoint in the checkpoints' bucket, one for every
+/// service that looks up what is live (each writes what it has read; any of them is a
+/// correct start, the newest only a shorter tail).
+pub const CHECKPOINT: &str = "deploys";
+
+/// The deploy index's checkpoint: what is live where, as of a stream sequence.
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    /// When the log's stream was created: a checkpoint of another stream is not used.
+    stream_created: String,
+    /// Every deploy and rollback up to this stream sequence is in `here`.
+    through: u64,
+    here: Vec<SavedHere>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedHere {
+    pipeline: String,
+    environment: String,
+    #[serde(flatten)]
+    here: Here,
+}
+
+/// How often the index's checkpoint is written, at most, while it moves.
+const SAVE_EVERY: Duration = Duration::from_secs(10);
+
+/// What is live by pipeline and environment, as far as the log has been read. The log only
+/// grows, so each lookup reads just what was appended since the last one; in a worker, the
+/// runs in flight ([`crate::runtime::follow`]) feed it as they follow the log, and a lookup
+/// then reads nothing. A process starts from the shared checkpoint ([`CHECKPOINT`]) and the
+/// deploys after it, so neither its start nor its memory grows with the deploys ever made.
+/// One per [`Deploys`] (its clones share it); a log stream deleted and made again under a
 /// running process is not noticed, so the services are restarted after that.
 #[derive(Debug, Default)]
 pub struct DeployIndex {
     /// Every deploy and rollback up to this stream sequence is in `here`.
     through: u64,
-    here: HashMap<(String, String), Vec<Event>>,
+    here: HashMap<(String, String), Here>,
     /// The last stream sequence a follower of the log folded (0: none follows).
     followed: u64,
+    /// The checkpoint has been read (or found missing or unusable).
+    loaded: bool,
+    /// When the log's stream was created, once known.
+    stream_created: Option<String>,
+    /// `through` when the checkpoint was last written, and when.
+    saved: (u64, Option<Instant>),
 }
 
 impl DeployIndex {
@@ -115,7 +179,7 @@ impl DeployIndex {
         self.through = seq;
         if let EventData::DeploySucceeded(d) | EventData::RollbackSucceeded(d) = &e.data {
             let key = (d.pipeline.clone(), d.environment.clone());
-            self.here.entry(key).or_default().push(e.clone());
+            self.here.entry(key).or_default().take(e);
         }
     }
 
@@ -142,6 +206,45 @@ impl DeployIndex {
     /// lookup always reads: a follower may lag, or have stopped.
     fn current(&self, as_of: Option<u64>) -> bool {
         as_of.is_some_and(|s| s > 0 && self.followed >= s) && self.through >= self.followed
+    }
+
+    /// Starts from `saved`, unless the index already holds more.
+    fn restore(&mut self, saved: Saved) {
+        if saved.through > self.through {
+            self.through = saved.through;
+            self.here = saved
+                .here
+                .into_iter()
+                .map(|h| ((h.pipeline, h.environment), h.here))
+                .collect();
+            self.saved = (saved.through, Some(Instant::now()));
+        }
+    }
+
+    /// The checkpoint to write now, if the index moved since the last one and that was a
+    /// while ago (or `now` is asked for).
+    fn checkpoint_due(&mut self, now: bool) -> Option<Saved> {
+        let due = self.saved.1.is_none_or(|at| at.elapsed() >= SAVE_EVERY);
+        if self.through <= self.saved.0 || !(due || now) {
+            return None;
+        }
+        let stream_created = self.stream_created.clone()?;
+        self.saved = (self.through, Some(Instant::now()));
+        let mut here: Vec<SavedHere> = self
+            .here
+            .iter()
+            .map(|((pipeline, environment), here)| SavedHere {
+                pipeline: pipeline.clone(),
+                environment: environment.clone(),
+                here: here.clone(),
+            })
+            .collect();
+        here.sort_by(|a, b| (&a.pipeline, &a.environment).cmp(&(&b.pipeline, &b.environment)));
+        Some(Saved {
+            stream_created,
+            through: self.through,
+            here,
+        })
     }
 }
 
@@ -173,7 +276,46 @@ impl Deploys {
 
     /// Reads of the log the index has made (a follower of the log spares them).
     pub fn reads(&self) -> u64 {
-        self.index.reads.load(std::sync::atomic::Ordering::Relaxed)
+        self.index.reads.load(Ordering::Relaxed)
+    }
+
+    /// Deploys and rollbacks the index has read from the log (not from its checkpoint).
+    pub fn deploys_read(&self) -> u64 {
+        self.index.deploys_read.load(Ordering::Relaxed)
+    }
+
+    /// The runs that built what is live, or was deployed lately, in any environment (the last
+    /// [`BUILDERS`] artifacts of each), as of now: the gates' baselines and a rollback's
+    /// deploy tooling are read from their events, so retention keeps them.
+    ///
+    /// # Errors
+    /// [`BusError`] when the log cannot be read.
+    pub async fn builders(&self) -> Result<std::collections::BTreeSet<String>, BusError> {
+        here(self, "", "", None).await?;
+        let index = self.index.lock();
+        Ok(index
+            .here
+            .values()
+            .flat_map(|h| {
+                h.builders
+                    .iter()
+                    .map(|(_, run)| run.clone())
+                    .chain(h.live.iter().map(|l| l.run_id.clone()))
+            })
+            .collect())
+    }
+
+    /// Reads the log up to now and writes the checkpoint; the stream sequence it holds.
+    ///
+    /// # Errors
+    /// [`BusError`] when the log cannot be read or the checkpoint not written.
+    pub async fn checkpoint(&self) -> Result<u64, BusError> {
+        here(self, "", "", None).await?;
+        let saved = self.index.lock().checkpoint_due(true);
+        if let Some(saved) = &saved {
+            save(&self.bus, saved).await?;
+        }
+        Ok(self.index.lock().through)
     }
 }
 
@@ -183,7 +325,8 @@ impl Deploys {
 pub(crate) struct SharedDeployIndex {
     index: std::sync::Mutex<DeployIndex>,
     reading: tokio::sync::Mutex<()>,
-    reads: std::sync::atomic::AtomicU64,
+    reads: AtomicU64,
+    deploys_read: AtomicU64,
 }
 
 impl SharedDeployIndex {
@@ -192,24 +335,66 @@ impl SharedDeployIndex {
     }
 }
 
-/// Successful deploys and rollbacks of one environment of one pipeline, in log order, as of
-/// stream sequence `as_of` at least (`None`: as of now).
-async fn deploys_here(
+/// The checkpoint, if there is one this log can use.
+async fn load(bus: &Bus) -> Result<(String, Option<Saved>), BusError> {
+    let (stream_created, last_seq) = bus.stream_state().await?;
+    let bytes = Checkpoints::open(bus).await?.get(CHECKPOINT).await?;
+    let saved = bytes.and_then(|b| match serde_json::from_slice::<Saved>(&b) {
+        Ok(s) if s.stream_created == stream_created && s.through <= last_seq => Some(s),
+        Ok(s) => {
+            warn!(
+                through = s.through,
+                last_seq, "The deploy index's checkpoint is of another log; reading every deploy."
+            );
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "The deploy index's checkpoint cannot be read; reading every deploy.");
+            None
+        }
+    });
+    Ok((stream_created, saved))
+}
+
+async fn save(bus: &Bus, saved: &Saved) -> Result<(), BusError> {
+    let bytes = serde_json::to_vec(saved).expect("a deploy checkpoint serialises");
+    Checkpoints::open(bus)
+        .await?
+        .put_bytes(CHECKPOINT, bytes.into())
+        .await
+}
+
+/// What is live in one environment of one pipeline, as of stream sequence `as_of` at least
+/// (`None`: as of now).
+async fn here(
     deploys: &Deploys,
     pipeline: &str,
     environment: &str,
     as_of: Option<u64>,
-) -> Result<Vec<Event>, BusError> {
+) -> Result<Here, BusError> {
     let (bus, shared) = (&deploys.bus, deploys.index());
     let key = (pipeline.to_string(), environment.to_string());
     let lookup = |index: &DeployIndex| index.here.get(&key).cloned().unwrap_or_default();
-    {
-        let index = shared.lock();
-        if index.current(as_of) {
-            return Ok(lookup(&index));
-        }
+    let current = {
+        let mut index = shared.lock();
+        index
+            .current(as_of)
+            .then(|| (lookup(&index), index.checkpoint_due(false)))
+    };
+    if let Some((found, saved)) = current {
+        save_now(bus, saved).await;
+        return Ok(found);
     }
     let _reading = shared.reading.lock().await;
+    if !shared.lock().loaded {
+        let (created, saved) = load(bus).await?;
+        let mut index = shared.lock();
+        index.stream_created = Some(created);
+        if let Some(saved) = saved {
+            index.restore(saved);
+        }
+        index.loaded = true;
+    }
     let (start, followed) = {
         let index = shared.lock();
         if index.current(as_of) {
@@ -217,29 +402,43 @@ async fn deploys_here(
         }
         (index.through + 1, index.followed)
     };
-    shared
-        .reads
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let recs = bus
-        .read(
-            &[
-                "slipway.run.*.deploy.succeeded".to_string(),
-                "slipway.run.*.rollback.succeeded".to_string(),
-            ],
-            start,
-        )
-        .await?;
-    let mut index = shared.lock();
-    for r in recs {
-        match r.event {
-            Ok(e) => index.add(r.seq, &e),
-            Err(_) => index.through = index.through.max(r.seq),
+    shared.reads.fetch_add(1, Ordering::Relaxed);
+    // The whole log, each message's subject looked at and only deploys decoded: served many
+    // times faster than a consumer filtered on the deploy subjects of every run.
+    bus.read_raw(&[], start, |seq, m| {
+        let mut index = shared.lock();
+        let deploy = [".deploy.succeeded", ".rollback.succeeded"]
+            .iter()
+            .any(|kind| m.subject.ends_with(kind));
+        match deploy.then(|| crate::bus::recorded(seq, m).event) {
+            Some(Ok(e)) => {
+                shared.deploys_read.fetch_add(1, Ordering::Relaxed);
+                index.add(seq, &e);
+            }
+            _ => index.through = index.through.max(seq),
         }
+    })
+    .await?;
+    let (found, saved) = {
+        let mut index = shared.lock();
+        // The read began after the follower had folded `followed`: it holds every deploy up
+        // to there, so the follower's next message can be taken in.
+        index.through = index.through.max(followed);
+        (lookup(&index), index.checkpoint_due(false))
+    };
+    save_now(bus, saved).await;
+    Ok(found)
+}
+
+/// Writes the checkpoint when one is due (one write in [`SAVE_EVERY`], a millisecond). A
+/// write that fails is tried again with the next one due: it only makes the next start read
+/// a longer tail.
+async fn save_now(bus: &Bus, saved: Option<Saved>) {
+    if let Some(saved) = saved
+        && let Err(e) = save(bus, &saved).await
+    {
+        debug!(error = %e, "The deploy index's checkpoint was not written.");
     }
-    // The read began after the follower had folded `followed`: it holds every deploy up to
-    // there, so the follower's next message can be taken in.
-    index.through = index.through.max(followed);
-    Ok(lookup(&index))
 }
 
 /// The baseline of a gate: the latest report of `stage` by the run live in the pipeline's last
@@ -314,17 +513,92 @@ mod tests {
         )
     }
 
+    /// The versions deployed to `p`/`prod` the index remembers, oldest first.
     fn versions(index: &DeployIndex) -> Vec<String> {
         index
             .here
             .get(&("p".to_string(), "prod".to_string()))
             .into_iter()
-            .flatten()
-            .map(|e| match &e.data {
-                EventData::DeploySucceeded(d) => d.version.clone(),
-                _ => unreachable!(),
-            })
+            .flat_map(|h| h.builders.iter())
+            .map(|(d, _)| d.hex().to_string())
             .collect()
+    }
+
+    fn rolled_back(version: &str, run: &str) -> Event {
+        let mut e = deployed(version);
+        e.subject = Some(run.into());
+        let EventData::DeploySucceeded(d) = e.data else {
+            unreachable!()
+        };
+        e.data = EventData::RollbackSucceeded(d);
+        e
+    }
+
+    fn by(mut e: Event, run: &str) -> Event {
+        e.subject = Some(run.into());
+        e
+    }
+
+    #[test]
+    fn live_is_the_last_deploy_or_rollback_and_its_builder_the_first_to_deploy_it() {
+        let mut here = Here::default();
+        here.take(&by(deployed("v1"), "r1"));
+        here.take(&by(deployed("v2"), "r2"));
+        assert_eq!(here.live.as_ref().unwrap().run_id, "r2");
+        // A rollback to v1 by r3: live is v1, built by r1.
+        here.take(&rolled_back("v1", "r3"));
+        let live = here.live.clone().unwrap();
+        assert_eq!((live.version.as_str(), live.run_id.as_str()), ("v1", "r1"));
+        // v1 deployed again by r4 keeps r1 as its builder.
+        here.take(&by(deployed("v1"), "r4"));
+        assert_eq!(here.builder(&"sha256:v1".into()), Some("r1"));
+        assert_eq!(here.live.unwrap().run_id, "r1");
+        // A rollback to an artifact never deployed here names the rollback's run.
+        let mut here = Here::default();
+        here.take(&rolled_back("v9", "r9"));
+        assert_eq!(here.live.unwrap().run_id, "r9");
+    }
+
+    #[test]
+    fn builders_are_remembered_for_the_last_artifacts_only() {
+        let mut here = Here::default();
+        for i in 0..BUILDERS + 10 {
+            here.take(&by(deployed(&format!("v{i}")), &format!("r{i}")));
+        }
+        assert_eq!(here.builders.len(), BUILDERS);
+        assert_eq!(here.builder(&"sha256:v9".into()), None, "forgotten");
+        assert_eq!(here.builder(&"sha256:v10".into()), Some("r10"));
+        // Deployed again, an artifact becomes recent and is kept.
+        here.take(&by(deployed("v10"), "r99"));
+        for i in 0..BUILDERS - 1 {
+            here.take(&by(deployed(&format!("w{i}")), &format!("s{i}")));
+        }
+        assert_eq!(here.builder(&"sha256:v10".into()), Some("r10"));
+    }
+
+    #[test]
+    fn a_checkpoint_restores_the_index_it_was_taken_of() {
+        let mut index = DeployIndex {
+            stream_created: Some("1".into()),
+            ..Default::default()
+        };
+        index.add(3, &by(deployed("v1"), "r1"));
+        index.add(8, &rolled_back("v1", "r2"));
+        let saved = index.checkpoint_due(true).expect("moved since the last");
+        assert!(index.checkpoint_due(true).is_none(), "nothing new since");
+        let bytes = serde_json::to_vec(&saved).unwrap();
+        let mut fresh = DeployIndex::default();
+        fresh.restore(serde_json::from_slice(&bytes).unwrap());
+        assert_eq!(fresh.through, 8);
+        assert_eq!(fresh.here, index.here);
+        // An older checkpoint does not take back what the index already holds.
+        let mut ahead = DeployIndex::default();
+        ahead.add(9, &by(deployed("v2"), "r3"));
+        ahead.restore(serde_json::from_slice(&bytes).unwrap());
+        assert_eq!(
+            (ahead.through, versions(&ahead)),
+            (9, vec!["v2".to_string()])
+        );
     }
 
     #[test]

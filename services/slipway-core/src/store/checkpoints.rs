@@ -58,6 +58,19 @@ impl Checkpoints {
         Ok(())
     }
 
+    /// Stores a checkpoint of another shape under `key` (the deploy index's,
+    /// [`crate::store::baseline::CHECKPOINT`]).
+    ///
+    /// # Errors
+    /// [`BusError`] when the server does not store it.
+    pub async fn put_bytes(&self, key: &str, bytes: bytes::Bytes) -> Result<(), BusError> {
+        self.kv
+            .put(key, bytes)
+            .await
+            .map_err(|e| BusError::nats("write checkpoint", e))?;
+        Ok(())
+    }
+
     /// Removes the service's checkpoint (its next start folds the whole log).
     ///
     /// # Errors
