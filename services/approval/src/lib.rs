@@ -41,6 +41,8 @@ pub struct AppState {
     pub runs: SharedRuns,
     /// Ended runs (`None`: the bucket could not be opened; ended runs are folded from the log).
     pub index: Option<slipway_core::store::runs::RunIndex>,
+    /// The index's deployments compacted for DORA (`None`: DORA reads the index alone).
+    pub dora: Option<slipway_core::store::dora::DoraChunks>,
     pub approvers: Arc<Vec<Approver>>,
     /// Where a run's trace can be seen (`{trace_id}` replaced), if configured.
     pub trace_url_template: Option<String>,
@@ -137,6 +139,44 @@ pub fn signing_key(
         .map_err(|e| GatewayError::Config(format!("[gateway] signing key: {e}")))
 }
 
+/// How often the gateway compacts the run index's new deployments into DORA chunks.
+const COMPACT_EVERY: Duration = Duration::from_secs(60);
+
+/// Opens the DORA chunks and keeps compacting the index's new deployments into them, until
+/// `shutdown` (the first pass at once: after an upgrade it reads the whole index once).
+async fn compact_dora(
+    bus: &Bus,
+    index: &slipway_core::store::runs::RunIndex,
+    shutdown: CancellationToken,
+) -> Option<slipway_core::store::dora::DoraChunks> {
+    let chunks = match slipway_core::store::dora::DoraChunks::open(bus).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot open the DORA chunks: DORA reads the run index alone.");
+            return None;
+        }
+    };
+    let (c, index) = (chunks.clone(), index.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(COMPACT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match c.compact(&index).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(chunks = n, "DORA chunks written."),
+                Err(e) => {
+                    tracing::warn!(error = %e, "DORA chunks not written; trying again later.")
+                }
+            }
+        }
+    });
+    Some(chunks)
+}
+
 /// Connects, follows the log, and serves until `shutdown`.
 ///
 /// # Errors
@@ -198,11 +238,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         shutdown.clone(),
     ));
     metrics::export_lag(bus.clone(), Duration::from_secs(5), shutdown.clone());
+    let dora = match &index {
+        Some(index) => compact_dora(&bus, index, shutdown.clone()).await,
+        None => None,
+    };
     let state = AppState {
         objects: slipway_core::store::objects::Objects::new(&bus),
         bus,
         runs,
         index,
+        dora,
         approvers: Arc::new(settings.approvers.clone()),
         trace_url_template: settings.trace_url_template.clone(),
         signing,

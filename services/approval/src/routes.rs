@@ -679,17 +679,19 @@ pub async fn dora(
     let since = now - window;
     // The runs held now (in flight, or ended and not yet indexed) and the production
     // deployments of the runs indexed in the window: what the window holds, not the history.
-    let mut deployed: std::collections::HashMap<String, slipway_domain::dora::Deployed> =
-        match &state.index {
-            Some(index) => index.deployed_since(since).await?.into_iter().collect(),
-            None => std::collections::HashMap::new(),
-        };
-    for run in state.runs.read().expect("lock").newest_first() {
-        if let Some(d) = slipway_domain::dora::deployed(run) {
-            deployed.insert(run.run_id.clone(), d);
+    let held: std::collections::HashMap<String, slipway_domain::dora::Deployed> = state
+        .runs
+        .read()
+        .expect("lock")
+        .newest_first()
+        .filter_map(|run| slipway_domain::dora::deployed(run).map(|d| (run.run_id.clone(), d)))
+        .collect();
+    let report = match &state.index {
+        Some(index) => {
+            slipway_core::store::dora::report(index, state.dora.as_ref(), since, now, held).await?
         }
-    }
-    let report = slipway_domain::dora::report_of(deployed.into_values(), since, now);
+        None => slipway_domain::dora::report_of(held.into_values(), since, now),
+    };
     Ok(Json(
         serde_json::to_value(report).expect("report serialises"),
     ))

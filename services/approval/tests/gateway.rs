@@ -73,6 +73,7 @@ async fn gateway() -> Gw {
         bus: bus.clone(),
         runs,
         index,
+        dora: None,
         approvers: Arc::new(vec![
             approver("bob", "release-managers"),
             approver("dave", "release-managers"),

@@ -531,6 +531,13 @@ impl Client {
                 repaired += 1;
             }
         }
+        if repaired > 0 && !differing.is_empty() {
+            // A DORA chunk may hold a replaced entry's deployment: they are made again.
+            slipway_core::store::dora::DoraChunks::open(&self.bus)
+                .await?
+                .clear()
+                .await?;
+        }
         let checked = matching + missing.len() + differing.len();
         if json_out {
             outln!(
@@ -601,6 +608,11 @@ impl Client {
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let (mut pruned, mut events, mut kept, mut young) = (0u64, 0u64, Vec::new(), 0u64);
+        // The gates compare with the reports of the run that built what is live, and a
+        // rollback deploys with its builder's spec: those runs keep their events.
+        let builders = slipway_core::store::baseline::Deploys::new(&self.bus)
+            .builders()
+            .await?;
         let mut below = index.last_revision().await? + 1;
         while below > 1 {
             let chunk = 4096.min(below - 1);
@@ -614,6 +626,10 @@ impl Client {
                     .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
                 if finished.is_none_or(|f| f >= cutoff) {
                     young += 1;
+                    continue;
+                }
+                if builders.contains(&e.run_id) {
+                    kept.push(json!({"run_id": e.run_id, "why": "it built a version live or lately deployed (a gate's baseline, a rollback's deploy tooling)"}));
                     continue;
                 }
                 let log = self.bus.run_log(&e.run_id).await?;
@@ -687,14 +703,13 @@ impl Client {
     pub async fn dora(&self, since: &str, json_out: bool) -> anyhow::Result<ExitCode> {
         let window = slipway_domain::dora::parse_window(since).map_err(anyhow::Error::msg)?;
         let now = slipway_core::bus::now();
-        let deployed = match self.deployed_from_index(now - window).await {
-            Ok(d) => d,
+        let report = match self.dora_from_index(now - window, now).await {
+            Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "DORA from the whole log (no run index or checkpoint to read).");
-                self.deployed_from_log().await?
+                slipway_domain::dora::report_of(self.deployed_from_log().await?, now - window, now)
             }
         };
-        let report = slipway_domain::dora::report_of(deployed, now - window, now);
         if json_out {
             outln!("{}", serde_json::to_string_pretty(&report)?);
         } else {
@@ -703,13 +718,14 @@ impl Client {
         Ok(ExitCode::SUCCESS)
     }
 
-    /// Production deployments from the run index (runs indexed since `since`) and from the
+    /// DORA from the run index (its DORA chunks and the entries after them) and from the
     /// runs the conductor's checkpoint holds in flight with the log after it: the window, not
     /// the history.
-    async fn deployed_from_index(
+    async fn dora_from_index(
         &self,
         since: chrono::DateTime<chrono::Utc>,
-    ) -> anyhow::Result<Vec<slipway_domain::dora::Deployed>> {
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<slipway_domain::dora::Report> {
         let index = slipway_core::store::runs::RunIndex::open(&self.bus).await?;
         let checkpoints = slipway_core::store::checkpoints::Checkpoints::open(&self.bus).await?;
         let (created, last) = self.bus.stream_state().await?;
@@ -719,8 +735,10 @@ impl Client {
             .ok_or_else(|| anyhow::anyhow!("no conductor checkpoint"))?;
         let checkpoint = slipway_domain::checkpoint::Checkpoint::usable(&bytes, &created, last)
             .map_err(anyhow::Error::msg)?;
-        let mut by_run: HashMap<String, slipway_domain::dora::Deployed> =
-            index.deployed_since(since).await?.into_iter().collect();
+        // The chunks when this user may read them; the index alone otherwise.
+        let chunks = slipway_core::store::dora::DoraChunks::open(&self.bus)
+            .await
+            .ok();
         let mut runs: HashMap<String, Option<Run>> = HashMap::new();
         let mut fold_in = |r: slipway_core::bus::Recorded| {
             let Some((id, _, _)) = subjects::parse_run(&r.subject) else {
@@ -742,12 +760,12 @@ impl Client {
             .await?
             .into_iter()
             .for_each(&mut fold_in);
-        for run in runs.values().flatten() {
-            if let Some(d) = slipway_domain::dora::deployed(run) {
-                by_run.insert(run.run_id.clone(), d);
-            }
-        }
-        Ok(by_run.into_values().collect())
+        let held: HashMap<String, slipway_domain::dora::Deployed> = runs
+            .values()
+            .flatten()
+            .filter_map(|run| slipway_domain::dora::deployed(run).map(|d| (run.run_id.clone(), d)))
+            .collect();
+        Ok(slipway_core::store::dora::report(&index, chunks.as_ref(), since, until, held).await?)
     }
 
     /// Production deployments of every run, folded from the whole log.

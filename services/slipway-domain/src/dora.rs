@@ -87,7 +87,31 @@ fn hours(ms: i64) -> f64 {
     ms as f64 / 3_600_000.0
 }
 
-fn measures(items: &[Deployed], window: Duration) -> Measures {
+/// One deployment as the measures need it: no names, no ids, so a year of them is cheap to
+/// hold and sort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Sample {
+    /// Deployed at, Unix nanoseconds (first: samples are measured in the order deployed).
+    at: i64,
+    lead_ms: i64,
+    failed: bool,
+    rolled_back: bool,
+    recovery_ms: Option<i64>,
+}
+
+impl Sample {
+    fn of(d: &Deployed) -> Self {
+        Self {
+            at: d.deployed_at.timestamp_nanos_opt().unwrap_or(i64::MAX),
+            lead_ms: d.lead_ms,
+            failed: d.failed,
+            rolled_back: d.rolled_back,
+            recovery_ms: d.recovery_ms,
+        }
+    }
+}
+
+fn measures(items: &[Sample], window: Duration) -> Measures {
     let n = items.len() as u64;
     let days = (window.num_seconds() as f64 / 86_400.0).max(1e-9);
     let leads: Vec<f64> = items.iter().map(|c| hours(c.lead_ms)).collect();
@@ -127,27 +151,199 @@ pub fn report_of(
     since: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> Report {
-    let mut all: Vec<Deployed> = deployments
-        .into_iter()
-        .filter(|d| d.deployed_at >= since && d.deployed_at <= until)
-        .collect();
-    all.sort_by_key(|d| d.deployed_at);
-    let mut by_pipeline: BTreeMap<String, Vec<Deployed>> = BTreeMap::new();
-    for d in &all {
-        by_pipeline
+    let mut tally = Tally::new(since, until);
+    for d in deployments {
+        tally.add(&d);
+    }
+    tally.report()
+}
+
+/// DORA over compacted deployments ([`Chunk`]s, as stored) and the deployments of runs
+/// indexed or held after them, `recent`, by run id: a run in both counts once, as `recent`
+/// has it.
+///
+/// # Errors
+/// A chunk that cannot be read, named by its place.
+pub fn report_from(
+    chunks: &[impl AsRef<[u8]>],
+    recent: &std::collections::HashMap<String, Deployed>,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<Report, String> {
+    let mut tally = Tally::new(since, until);
+    for (i, bytes) in chunks.iter().enumerate() {
+        let chunk: ChunkRef<'_> =
+            serde_json::from_slice(bytes.as_ref()).map_err(|e| format!("DORA chunk {i}: {e}"))?;
+        for (pipeline, rows) in chunk.pipelines {
+            let pipeline = tally.pipeline(&pipeline);
+            for RowRef(run, at, lead_ms, flags, recovery_ms) in rows {
+                if !recent.contains_key(run.as_ref()) {
+                    let sample = Sample {
+                        at,
+                        lead_ms,
+                        failed: flags & 1 != 0,
+                        rolled_back: flags & 2 != 0,
+                        recovery_ms,
+                    };
+                    tally.push(pipeline, sample);
+                }
+            }
+        }
+    }
+    for d in recent.values() {
+        tally.add(d);
+    }
+    Ok(tally.report())
+}
+
+/// A [`Chunk`] read without copying its run ids and names.
+#[derive(Deserialize)]
+struct ChunkRef<'a> {
+    #[serde(borrow)]
+    pipelines: BTreeMap<std::borrow::Cow<'a, str>, Vec<RowRef<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct RowRef<'a>(
+    #[serde(borrow)] std::borrow::Cow<'a, str>,
+    i64,
+    i64,
+    u8,
+    Option<i64>,
+);
+
+/// Deployments in a window, by pipeline.
+struct Tally {
+    since: i64,
+    until: i64,
+    window: Duration,
+    names: Vec<String>,
+    samples: Vec<Vec<Sample>>,
+}
+
+impl Tally {
+    fn new(since: DateTime<Utc>, until: DateTime<Utc>) -> Self {
+        let nanos = |t: DateTime<Utc>| t.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        Self {
+            since: nanos(since),
+            until: nanos(until),
+            window: until - since,
+            names: Vec::new(),
+            samples: Vec::new(),
+        }
+    }
+
+    /// The pipeline's place (pipelines are few: a scan is enough).
+    fn pipeline(&mut self, name: &str) -> usize {
+        if let Some(i) = self.names.iter().position(|n| n == name) {
+            return i;
+        }
+        self.names.push(name.to_string());
+        self.samples.push(Vec::new());
+        self.names.len() - 1
+    }
+
+    fn push(&mut self, pipeline: usize, sample: Sample) {
+        if (self.since..=self.until).contains(&sample.at) {
+            self.samples[pipeline].push(sample);
+        }
+    }
+
+    fn add(&mut self, d: &Deployed) {
+        let i = self.pipeline(&d.pipeline);
+        self.push(i, Sample::of(d));
+    }
+
+    fn report(mut self) -> Report {
+        let since = DateTime::from_timestamp_nanos(self.since);
+        let until = DateTime::from_timestamp_nanos(self.until);
+        let mut all: Vec<Sample> = Vec::with_capacity(self.samples.iter().map(Vec::len).sum());
+        let mut pipelines = BTreeMap::new();
+        for (name, samples) in self.names.into_iter().zip(&mut self.samples) {
+            if samples.is_empty() {
+                continue;
+            }
+            samples.sort_unstable();
+            all.extend_from_slice(samples);
+            pipelines.insert(name, measures(samples, self.window));
+        }
+        all.sort_unstable();
+        Report {
+            since,
+            until,
+            overall: measures(&all, self.window),
+            pipelines,
+        }
+    }
+}
+
+/// The production deployments of a range of the run index, compacted: what DORA over a year
+/// reads instead of a year of whole index entries. Derived from the index (which is derived
+/// from the log) and made again from it whenever it is dropped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// The range of the run index's revisions it covers, both included.
+    pub from: u64,
+    pub through: u64,
+    /// By pipeline: each deployment as a [`Row`].
+    pub pipelines: BTreeMap<String, Vec<Row>>,
+}
+
+/// One deployment in a [`Chunk`]: run id, deployed at (Unix nanoseconds), lead time (ms),
+/// flags (1: failed, 2: rolled back), recovery (ms).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row(pub String, pub i64, pub i64, pub u8, pub Option<i64>);
+
+impl Chunk {
+    /// An empty chunk starting at revision `from`.
+    pub fn starting(from: u64) -> Self {
+        Self {
+            from,
+            through: from.saturating_sub(1),
+            pipelines: BTreeMap::new(),
+        }
+    }
+
+    pub fn push(&mut self, run_id: &str, d: &Deployed) {
+        let Sample {
+            at,
+            lead_ms,
+            failed,
+            rolled_back,
+            recovery_ms,
+        } = Sample::of(d);
+        let flags = u8::from(failed) | (u8::from(rolled_back) << 1);
+        self.pipelines
             .entry(d.pipeline.clone())
             .or_default()
-            .push(d.clone());
+            .push(Row(run_id.to_string(), at, lead_ms, flags, recovery_ms));
     }
-    let window = until - since;
-    Report {
-        since,
-        until,
-        overall: measures(&all, window),
-        pipelines: by_pipeline
-            .into_iter()
-            .map(|(p, cs)| (p, measures(&cs, window)))
-            .collect(),
+
+    /// Deployments in it.
+    pub fn len(&self) -> usize {
+        self.pipelines.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its deployments, by run id.
+    pub fn deployments(self) -> impl Iterator<Item = (String, Deployed)> {
+        self.pipelines.into_iter().flat_map(|(pipeline, rows)| {
+            rows.into_iter()
+                .map(move |Row(run, at, lead_ms, flags, recovery_ms)| {
+                    let deployed = Deployed {
+                        pipeline: pipeline.clone(),
+                        deployed_at: DateTime::from_timestamp_nanos(at),
+                        lead_ms,
+                        failed: flags & 1 != 0,
+                        recovery_ms,
+                        rolled_back: flags & 2 != 0,
+                    };
+                    (run, deployed)
+                })
+        })
     }
 }
 
@@ -174,6 +370,94 @@ pub fn parse_window(s: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
     use crate::sim::{Answer, MONITORED_PIPELINE as SPEC, Sim, artifact};
+
+    #[test]
+    fn a_chunk_gives_back_the_deployments_put_in() {
+        let at = DateTime::parse_from_rfc3339("2026-12-04T10:00:00.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let deployed = [
+            Deployed {
+                pipeline: "p".into(),
+                deployed_at: at,
+                lead_ms: 61_000,
+                failed: true,
+                recovery_ms: Some(9_000),
+                rolled_back: true,
+            },
+            Deployed {
+                pipeline: "q".into(),
+                deployed_at: at + Duration::days(1),
+                lead_ms: 5,
+                failed: false,
+                recovery_ms: None,
+                rolled_back: false,
+            },
+        ];
+        let mut chunk = Chunk::starting(7);
+        assert!(chunk.is_empty());
+        chunk.push("r1", &deployed[0]);
+        chunk.push("r2", &deployed[1]);
+        chunk.through = 9;
+        let bytes = serde_json::to_vec(&chunk).unwrap();
+        let back: Chunk = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!((back.from, back.through, back.len()), (7, 9, 2));
+        let got: Vec<(String, Deployed)> = back.deployments().collect();
+        assert_eq!(
+            got,
+            vec![
+                ("r1".to_string(), deployed[0].clone()),
+                ("r2".to_string(), deployed[1].clone())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_report_from_chunks_and_recent_runs_equals_one_from_every_deployment() {
+        let now = Utc::now();
+        let d = |n: i64, pipeline: &str| Deployed {
+            pipeline: pipeline.into(),
+            deployed_at: now - Duration::hours(n),
+            lead_ms: 1_000 * n,
+            failed: n % 3 == 0,
+            recovery_ms: (n % 3 == 0).then_some(60_000 * n),
+            rolled_back: n % 6 == 0,
+        };
+        let all: Vec<(String, Deployed)> = (1..=40)
+            .map(|n| (format!("r{n}"), d(n, if n % 4 == 0 { "a" } else { "b" })))
+            .collect();
+        let since = now - Duration::hours(30);
+        let expected = report_of(all.iter().map(|(_, d)| d.clone()), since, now);
+        // Chunks of the first 30; r25..r40 held or indexed after them, r25..r30 in both
+        // (a chunk's copy of those must not count again).
+        let mut chunks = Vec::new();
+        for part in all[..30].chunks(7) {
+            let mut c = Chunk::starting(1);
+            for (run, d) in part {
+                c.push(run, d);
+            }
+            chunks.push(serde_json::to_vec(&c).unwrap());
+        }
+        let mut recent: std::collections::HashMap<String, Deployed> =
+            all[24..].iter().cloned().collect();
+        assert_eq!(
+            report_from(&chunks, &recent, since, now),
+            Ok(expected.clone())
+        );
+        assert_eq!(expected.overall.deployments, 30);
+        // A run `recent` holds differently (its newer state) counts as `recent` has it.
+        recent.get_mut("r26").unwrap().failed = true;
+        let got = report_from(&chunks, &recent, since, now).unwrap();
+        assert_eq!(
+            got.overall.failed_deployments,
+            expected.overall.failed_deployments + 1
+        );
+        assert!(
+            report_from(&[b"{".to_vec()], &recent, since, now)
+                .unwrap_err()
+                .contains("DORA chunk 0")
+        );
+    }
 
     #[test]
     fn windows() {

@@ -23,6 +23,15 @@ pub struct Indexed {
     pub entry: Option<IndexEntry>,
 }
 
+/// An entry as stored ([`RunIndex::raw_from`]).
+#[derive(Debug, Clone)]
+pub struct RawEntry {
+    pub revision: u64,
+    pub run_id: String,
+    pub written: DateTime<Utc>,
+    pub bytes: bytes::Bytes,
+}
+
 /// The index's bucket.
 #[derive(Clone)]
 pub struct RunIndex {
@@ -235,6 +244,66 @@ impl RunIndex {
             }
         }
         Ok(by_run.into_iter().collect())
+    }
+
+    /// Up to `limit` entries as stored, from revision `start` on, in revision order: each
+    /// with its revision, run id, when it was written and its bytes (what the DORA chunks
+    /// are made of, [`crate::store::dora`]).
+    ///
+    /// # Errors
+    /// [`BusError`] when the bucket cannot be read.
+    pub async fn raw_from(&self, start: u64, limit: usize) -> Result<Vec<RawEntry>, BusError> {
+        let consumer = self
+            .kv
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start.max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::nats("read run index", e))?;
+        let mut out = Vec::new();
+        if consumer.cached_info().num_pending == 0 || limit == 0 {
+            return Ok(out);
+        }
+        let prefix = format!("$KV.{}.", self.kv.name);
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| BusError::nats("read run index", e))?;
+        while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .map_err(|_| BusError::nats("read run index", "no message within 10s"))?
+        {
+            let msg = msg.map_err(|e| BusError::nats("read run index", e))?;
+            let info = msg
+                .info()
+                .map_err(|e| BusError::nats("read run index", e))?;
+            let (revision, left, written) = (
+                info.stream_sequence,
+                info.pending,
+                DateTime::from_timestamp_nanos(
+                    i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+                ),
+            );
+            // Deletions and purges leave markers without a payload.
+            if let Some(run_id) = msg.subject.as_str().strip_prefix(&prefix)
+                && !msg.payload.is_empty()
+            {
+                out.push(RawEntry {
+                    revision,
+                    run_id: run_id.to_string(),
+                    written,
+                    bytes: msg.payload.clone(),
+                });
+            }
+            if left == 0 || out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Every run id with an entry.
