@@ -159,6 +159,14 @@ fn the_organisation_scale_benchmark_finishes_and_reports_every_row() {
             .unwrap()
             > 0.0
     );
+    // The deploy index's checkpoint is made by reading every seeded deploy.
+    let index = &h["without_checkpoint"]["deploy_index"];
+    assert!(index["deploys_read"].as_u64().unwrap() > 0, "{h:#}");
+    assert!(index["read_s"].as_f64().unwrap() > 0.0, "{h:#}");
+    // 600 runs make no full DORA chunk (the index is read as it is), yet the row is there.
+    let chunks = &h["without_checkpoint"]["dora_chunks"];
+    assert_eq!(chunks["chunks"], 0, "{h:#}");
+    assert!(chunks["made_s"].as_f64().unwrap() > 0.0, "{h:#}");
 }
 
 #[test]

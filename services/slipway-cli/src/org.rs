@@ -617,8 +617,9 @@ async fn acknowledge_seeded(bus: &Bus) -> anyhow::Result<u64> {
 }
 
 /// Writes the checkpoints the conductor and gateway would have written at the log's end with
-/// nothing in flight.
-async fn checkpoint_at_end(bus: &Bus) -> anyhow::Result<()> {
+/// nothing in flight, the deploy index's (by reading every deploy, as a service does when
+/// there is none) and the DORA chunks: how long those take is reported.
+async fn checkpoint_at_end(bus: &Bus) -> anyhow::Result<(Value, Value)> {
     let checkpoints = slipway_core::store::checkpoints::Checkpoints::open(bus).await?;
     let (stream_created, through) = bus.stream_state().await?;
     let c = slipway_domain::checkpoint::Checkpoint {
@@ -631,7 +632,23 @@ async fn checkpoint_at_end(bus: &Bus) -> anyhow::Result<()> {
     for service in ["conductor", "gateway"] {
         checkpoints.put(service, &c).await?;
     }
-    Ok(())
+    let deploys = slipway_core::store::baseline::Deploys::new(bus);
+    let t = Instant::now();
+    deploys.checkpoint().await?;
+    let deploy_index = json!({
+        "deploys_read": deploys.deploys_read(),
+        "read_s": t.elapsed().as_secs_f64(),
+    });
+    // The DORA chunks the gateway makes as the index grows, made here at once.
+    let t = Instant::now();
+    let chunks = slipway_core::store::dora::DoraChunks::open(bus)
+        .await?
+        .compact(&slipway_core::store::runs::RunIndex::open(bus).await?)
+        .await?;
+    Ok((
+        deploy_index,
+        json!({ "chunks": chunks, "made_s": t.elapsed().as_secs_f64() }),
+    ))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -718,7 +735,7 @@ async fn history(
     let events = seed(bus, &templates, opts.history).await?;
     let acked = acknowledge_seeded(bus).await?;
     let seeded_in = t.elapsed();
-    checkpoint_at_end(bus).await?;
+    let (deploy_index, dora_chunks) = checkpoint_at_end(bus).await?;
     eprintln!(
         "  {} runs ({events} events, {acked} requests acknowledged) seeded in {:.1} s",
         opts.history,
@@ -730,7 +747,9 @@ async fn history(
     let n = opts.history as u64;
     let mut rng = Rng(opts.seed ^ 0xA5A5);
     let (mut gw, mut cli_path) = (Vec::new(), Vec::new());
-    for _ in 0..200 {
+    // Each path asks for runs of its own (one path's read would warm the other's): the first
+    // read of an old run since start, as a person looking up an old run makes it.
+    for _ in 0..500 {
         let run = format!("h{:09}", rng.next() % n);
         let t = Instant::now();
         let r = http.get(format!("{gateway}/v1/runs/{run}")).send().await?;
@@ -738,6 +757,7 @@ async fn history(
         r.bytes().await?;
         gw.push(ms(t.elapsed()));
         // What `slipway status RUN` asks: the conductor, which answers ended runs from the index.
+        let run = format!("h{:09}", rng.next() % n);
         let t = Instant::now();
         let reply = bus
             .client()
@@ -844,6 +864,8 @@ async fn history(
         "without_checkpoint": {
             "conductor_first_decision_s": whole_log.as_secs_f64(),
             "conductor_rss_mb": conductor_rss,
+            "deploy_index": deploy_index,
+            "dora_chunks": dora_chunks,
         },
     }))
 }
@@ -937,5 +959,17 @@ fn print_markdown(r: &Value) {
         "| without a checkpoint: conductor's first decision / its memory | {:.3} s / {:.0} MB |",
         f(&h["without_checkpoint"]["conductor_first_decision_s"]),
         f(&h["without_checkpoint"]["conductor_rss_mb"])
+    );
+    let d = &h["without_checkpoint"]["deploy_index"];
+    outln!(
+        "| without a checkpoint: what is live where, from every deploy ({}) | {:.3} s |",
+        d["deploys_read"],
+        f(&d["read_s"])
+    );
+    let d = &h["without_checkpoint"]["dora_chunks"];
+    outln!(
+        "| DORA chunks made from the whole index ({} chunks) | {:.3} s |",
+        d["chunks"],
+        f(&d["made_s"])
     );
 }
