@@ -6,7 +6,8 @@
 //! - the pure core: [`fold`] (a run's state from its events) and [`decide`] (what it needs
 //!   next), with [`policy`] (approvals) and [`outcome`] (how runs and stages ended);
 //! - what the gates and reports compute: [`thresholds`], [`stats`], [`dora`], [`signing`],
-//!   [`cdevents`] (the CDEvents a run's events stand for);
+//!   [`cdevents`] (the CDEvents a run's events stand for); [`judge`] (a rollout's statistics
+//!   and decisions on the figures of two variants);
 //! - [`sim`]: whole runs simulated, for tests (feature `test-support`).
 //!
 //! No clock, no network, no files: time is a value, effects are data the I/O side executes.
@@ -25,6 +26,7 @@ pub mod facts;
 pub mod fold;
 pub mod ids;
 pub mod index;
+pub mod judge;
 pub mod outcome;
 pub mod plan;
 pub mod policy;
