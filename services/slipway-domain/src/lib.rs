@@ -7,7 +7,8 @@
 //!   next), with [`policy`] (approvals) and [`outcome`] (how runs and stages ended);
 //! - what the gates and reports compute: [`thresholds`], [`stats`], [`dora`], [`signing`],
 //!   [`cdevents`] (the CDEvents a run's events stand for); [`judge`] (a rollout's statistics
-//!   and decisions on the figures of two variants);
+//!   and decisions on the figures of two variants), [`traffic`] (the flag definition a
+//!   rollout's weight is published as);
 //! - [`sim`]: whole runs simulated, for tests (feature `test-support`).
 //!
 //! No clock, no network, no files: time is a value, effects are data the I/O side executes.
@@ -39,6 +40,7 @@ pub mod stats;
 pub mod subjects;
 pub mod thresholds;
 pub mod trace;
+pub mod traffic;
 
 pub use decide::{Command, decide};
 pub use envelope::Event;
