@@ -12,9 +12,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
 use slipway_domain::dora::{self, Chunk, Deployed, Report};
 use slipway_domain::index;
 
@@ -98,42 +97,18 @@ impl DoraChunks {
     /// [`BusError`] when the bucket cannot be read or a chunk decoded.
     pub async fn since(&self, since: DateTime<Utc>) -> Result<(Vec<bytes::Bytes>, u64), BusError> {
         let through = self.last().await?.map_or(0, |c| c.through);
-        let start_time =
-            async_nats::datetime::from_nanos(i128::from(since.timestamp_nanos_opt().unwrap_or(0)))
-                .map_err(|e| BusError::nats("read DORA chunks", e))?;
-        let consumer = self
-            .kv
-            .stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartTime { start_time },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| BusError::nats("read DORA chunks", e))?;
         let mut chunks = Vec::new();
-        if consumer.cached_info().num_pending == 0 {
-            return Ok((chunks, through));
-        }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| BusError::nats("read DORA chunks", e))?;
-        while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .map_err(|_| BusError::nats("read DORA chunks", "no message within 10s"))?
-        {
-            let msg = msg.map_err(|e| BusError::nats("read DORA chunks", e))?;
-            let left = msg.info().map(|i| i.pending).unwrap_or(0);
+        let policy = super::by_start_time(since, "read DORA chunks")?;
+        super::read_ordered(&self.kv.stream, policy, "read DORA chunks", |msg| {
             // Chunks past the last one read above were written meanwhile: the tail after
             // `through` holds their deployments.
             let key = msg.subject.rsplit('.').next().unwrap_or_default();
             if !msg.payload.is_empty() && key.parse::<u64>().is_ok_and(|from| from <= through) {
                 chunks.push(msg.payload.clone());
             }
-            if left == 0 {
-                break;
-            }
-        }
+            true
+        })
+        .await?;
         Ok((chunks, through))
     }
 

@@ -2,11 +2,10 @@
 //! `slipway-runs`): an entry per ended run, by run id ([`slipway_domain::index`]).
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use chrono::{DateTime, Utc};
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::TryStreamExt;
 use slipway_domain::dora::Deployed;
 use slipway_domain::index::{self, IndexEntry};
 
@@ -206,43 +205,19 @@ impl RunIndex {
         &self,
         since: DateTime<Utc>,
     ) -> Result<Vec<(String, Deployed)>, BusError> {
-        let start_time =
-            async_nats::datetime::from_nanos(i128::from(since.timestamp_nanos_opt().unwrap_or(0)))
-                .map_err(|e| BusError::nats("read run index", e))?;
-        let consumer = self
-            .kv
-            .stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartTime { start_time },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| BusError::nats("read run index", e))?;
-        let pending = consumer.cached_info().num_pending;
+        let prefix = format!("$KV.{}.", self.kv.name);
         let mut by_run: HashMap<String, Deployed> = HashMap::new();
-        if pending > 0 {
-            let prefix = format!("$KV.{}.", self.kv.name);
-            let mut messages = consumer
-                .messages()
-                .await
-                .map_err(|e| BusError::nats("read run index", e))?;
-            while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
-                .await
-                .map_err(|_| BusError::nats("read run index", "no message within 10s"))?
-            {
-                let msg = msg.map_err(|e| BusError::nats("read run index", e))?;
-                let left = msg.info().map(|i| i.pending).unwrap_or(0);
-                if let (Some(run_id), Ok(Some(d))) = (
-                    msg.subject.as_str().strip_prefix(&prefix),
-                    index::read_deployed(&msg.payload),
-                ) {
-                    by_run.insert(run_id.to_string(), d);
-                }
-                if left == 0 {
-                    break;
-                }
+        let policy = super::by_start_time(since, "read run index")?;
+        super::read_ordered(&self.kv.stream, policy, "read run index", |msg| {
+            if let (Some(run_id), Ok(Some(d))) = (
+                msg.subject.as_str().strip_prefix(&prefix),
+                index::read_deployed(&msg.payload),
+            ) {
+                by_run.insert(run_id.to_string(), d);
             }
-        }
+            true
+        })
+        .await?;
         Ok(by_run.into_iter().collect())
     }
 
@@ -253,57 +228,40 @@ impl RunIndex {
     /// # Errors
     /// [`BusError`] when the bucket cannot be read.
     pub async fn raw_from(&self, start: u64, limit: usize) -> Result<Vec<RawEntry>, BusError> {
-        let consumer = self
-            .kv
-            .stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: start.max(1),
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| BusError::nats("read run index", e))?;
         let mut out = Vec::new();
-        if consumer.cached_info().num_pending == 0 || limit == 0 {
+        if limit == 0 {
             return Ok(out);
         }
         let prefix = format!("$KV.{}.", self.kv.name);
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| BusError::nats("read run index", e))?;
-        while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .map_err(|_| BusError::nats("read run index", "no message within 10s"))?
-        {
-            let msg = msg.map_err(|e| BusError::nats("read run index", e))?;
-            let info = msg
-                .info()
-                .map_err(|e| BusError::nats("read run index", e))?;
-            let (revision, left, written) = (
-                info.stream_sequence,
-                info.pending,
-                DateTime::from_timestamp_nanos(
-                    i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
-                ),
-            );
+        let policy = jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start.max(1),
+        };
+        let mut failed = None;
+        super::read_ordered(&self.kv.stream, policy, "read run index", |msg| {
+            let info = match msg.info() {
+                Ok(i) => i,
+                Err(e) => {
+                    failed = Some(BusError::nats("read run index", e));
+                    return false;
+                }
+            };
             // Deletions and purges leave markers without a payload.
             if let Some(run_id) = msg.subject.as_str().strip_prefix(&prefix)
                 && !msg.payload.is_empty()
             {
                 out.push(RawEntry {
-                    revision,
+                    revision: info.stream_sequence,
                     run_id: run_id.to_string(),
-                    written,
+                    written: DateTime::from_timestamp_nanos(
+                        i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+                    ),
                     bytes: msg.payload.clone(),
                 });
             }
-            if left == 0 || out.len() >= limit {
-                break;
-            }
-        }
-        Ok(out)
+            out.len() < limit
+        })
+        .await?;
+        failed.map_or(Ok(out), Err)
     }
 
     /// Every run id with an entry.
