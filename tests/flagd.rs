@@ -21,20 +21,7 @@ print(json.dumps([client.get_string_value('model-version', 'unset', EvaluationCo
 /// Each user's variant as the provider evaluates the flag file, once it has read it; `None`
 /// (the caller skips) when the provider is not installed, outside CI.
 fn evaluate(flags: &Value, users: usize) -> Option<Vec<String>> {
-    let python = slipway_core::testing::workspace_root().join(".venv/bin/python");
-    let ready = python.is_file()
-        && Command::new(&python)
-            .args(["-c", "import openfeature.contrib.provider.flagd"])
-            .status()
-            .is_ok_and(|s| s.success());
-    if !ready {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the flagd provider is missing: `bash deploy/setup.sh --python-tools` installs it"
-        );
-        eprintln!("skipping: no OpenFeature flagd provider (deploy/setup.sh --python-tools)");
-        return None;
-    }
+    let python = slipway_e2e::venv_python_with("openfeature.contrib.provider.flagd")?;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("flags.json");
     std::fs::write(&file, serde_json::to_vec_pretty(flags).unwrap()).unwrap();

@@ -429,32 +429,38 @@ pub fn hello_example() -> PathBuf {
     slipway_core::testing::workspace_root().join("deploy/examples/hello")
 }
 
-/// Prometheus text as `prometheus_client`'s parser reads it (strict about the exposition
-/// format's grouping, where promtool is lenient): `[{name, type, samples: [{name, labels,
-/// value}]}]`. `None` (the caller skips) when the parser is not installed, outside CI;
-/// `deploy/setup.sh --python-tools` installs it.
-pub fn parse_prometheus(text: &str) -> Option<Value> {
+/// The `.venv` Python when it can import `module` (one of the independent readers
+/// `deploy/setup.sh --python-tools` installs); `None` (the caller skips) when it cannot,
+/// outside CI. Under CI a missing reader fails the test.
+pub fn venv_python_with(module: &str) -> Option<PathBuf> {
     let python = slipway_core::testing::workspace_root().join(".venv/bin/python");
-    const READ: &str = "import sys, json\n\
-        from prometheus_client.parser import text_string_to_metric_families as parse\n\
-        print(json.dumps([{'name': f.name, 'type': f.type, 'samples': [\n\
-            {'name': s.name, 'labels': s.labels, 'value': s.value} for s in f.samples]}\n\
-            for f in parse(sys.stdin.read())]))";
     let ready = python.is_file()
         && Command::new(&python)
-            .args(["-c", "import prometheus_client"])
+            .args(["-c", &format!("import {module}")])
             .status()
             .is_ok_and(|s| s.success());
     if !ready {
         assert!(
             std::env::var_os("CI").is_none(),
-            "prometheus_client is missing: `bash deploy/setup.sh --python-tools` installs it"
+            "{module} is missing: `bash deploy/setup.sh --python-tools` installs it"
         );
-        eprintln!(
-            "skipping the strict parse: no prometheus_client (deploy/setup.sh --python-tools)"
-        );
+        eprintln!("skipping: no {module} (deploy/setup.sh --python-tools)");
         return None;
     }
+    Some(python)
+}
+
+/// Prometheus text as `prometheus_client`'s parser reads it (strict about the exposition
+/// format's grouping, where promtool is lenient): `[{name, type, samples: [{name, labels,
+/// value}]}]`. `None` (the caller skips) when the parser is not installed, outside CI;
+/// `deploy/setup.sh --python-tools` installs it.
+pub fn parse_prometheus(text: &str) -> Option<Value> {
+    let python = venv_python_with("prometheus_client")?;
+    const READ: &str = "import sys, json\n\
+        from prometheus_client.parser import text_string_to_metric_families as parse\n\
+        print(json.dumps([{'name': f.name, 'type': f.type, 'samples': [\n\
+            {'name': s.name, 'labels': s.labels, 'value': s.value} for s in f.samples]}\n\
+            for f in parse(sys.stdin.read())]))";
     let mut child = Command::new(&python)
         .args(["-c", READ])
         .stdin(Stdio::piped())

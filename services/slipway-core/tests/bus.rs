@@ -213,41 +213,16 @@ async fn direct_reads_page_through_a_long_run_and_equal_a_consumer_read() {
 #[tokio::test]
 async fn what_is_live_follows_deploys_appended_after_the_first_lookup() {
     use slipway_core::store::baseline::live_version;
-    use slipway_domain::events::{DeploySucceeded, ObjectRef};
     let nats = TestNats::start();
     let bus = Bus::connect(&nats.settings(), "test").await.unwrap();
     bus.ensure_stream().await.unwrap();
     let deploys = slipway_core::store::baseline::Deploys::new(&bus);
-    let deployed = |run: &str, pipeline: &str, env: &str, version: &str| {
-        Event::new(
-            ids::random(),
-            "/slipway/deployer",
-            Some(run.to_string()),
-            slipway_core::bus::now(),
-            EventData::DeploySucceeded(DeploySucceeded {
-                stage: format!("deploy:{env}"),
-                attempt: 1,
-                pipeline: pipeline.into(),
-                environment: env.into(),
-                version: version.into(),
-                artifact: ObjectRef {
-                    bucket: "b".into(),
-                    name: version.into(),
-                    digest: format!("sha256:{version}").into(),
-                    size: 1,
-                },
-                previous_version: None,
-                log: None,
-                duration_ms: 1,
-            }),
-        )
-    };
     assert_eq!(live_version(&deploys, "p", "prod").await.unwrap(), None);
     let (r1, r2) = (ids::random(), ids::random());
-    bus.publish(&deployed(&r1, "p", "prod", "v1"))
+    bus.publish(&deploy_event("p", &r1, "prod", "v1", false))
         .await
         .unwrap();
-    bus.publish(&deployed(&r1, "q", "prod", "q1"))
+    bus.publish(&deploy_event("q", &r1, "prod", "q1", false))
         .await
         .unwrap();
     let live = live_version(&deploys, "p", "prod").await.unwrap().unwrap();
@@ -257,10 +232,10 @@ async fn what_is_live_follows_deploys_appended_after_the_first_lookup() {
     );
     // Appended after the first lookups: seen by the same connection's next lookup, and a
     // fresh connection (reading the whole log) agrees.
-    bus.publish(&deployed(&r2, "p", "prod", "v2"))
+    bus.publish(&deploy_event("p", &r2, "prod", "v2", false))
         .await
         .unwrap();
-    bus.publish(&deployed(&r2, "p", "staging", "v2"))
+    bus.publish(&deploy_event("p", &r2, "staging", "v2", false))
         .await
         .unwrap();
     let live = live_version(&deploys, "p", "prod").await.unwrap().unwrap();
@@ -281,12 +256,12 @@ async fn what_is_live_follows_deploys_appended_after_the_first_lookup() {
     );
 }
 
-fn deploy_event(run: &str, env: &str, version: &str, rollback: bool) -> Event {
+fn deploy_event(pipeline: &str, run: &str, env: &str, version: &str, rollback: bool) -> Event {
     use slipway_domain::events::{DeploySucceeded, ObjectRef};
     let d = DeploySucceeded {
         stage: format!("deploy:{env}"),
         attempt: 1,
-        pipeline: "p".into(),
+        pipeline: pipeline.into(),
         environment: env.into(),
         version: version.into(),
         artifact: ObjectRef {
@@ -320,6 +295,7 @@ async fn a_process_starts_from_the_deploy_checkpoint_and_reads_only_the_deploys_
     let bus = nats.bus().await;
     for i in 0..50 {
         bus.publish(&deploy_event(
+            "p",
             &format!("r{i}"),
             "prod",
             &format!("v{i}"),
@@ -332,13 +308,13 @@ async fn a_process_starts_from_the_deploy_checkpoint_and_reads_only_the_deploys_
     let through = first.checkpoint().await.unwrap();
     assert_eq!(first.deploys_read(), 50);
     // After the checkpoint: a deploy, and a rollback to the version before it.
-    bus.publish(&deploy_event("r50", "prod", "v50", false))
+    bus.publish(&deploy_event("p", "r50", "prod", "v50", false))
         .await
         .unwrap();
-    bus.publish(&deploy_event("r51", "prod", "v49", true))
+    bus.publish(&deploy_event("p", "r51", "prod", "v49", true))
         .await
         .unwrap();
-    bus.publish(&deploy_event("r50", "staging", "v50", false))
+    bus.publish(&deploy_event("p", "r50", "staging", "v50", false))
         .await
         .unwrap();
 
