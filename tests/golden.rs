@@ -479,6 +479,71 @@ async fn record_the_demo_golden_log() {
     assert_eq!(phases, ["succeeded", "failed", "rolled_back"]);
 }
 
+/// Records `tests/golden/<name>-rollouts`: progressive delivery from real services (a first
+/// deploy promoted at once, a canary aborted at its first step and rolled back, a canary
+/// promoted through every step, a failed promotion, a rollout paused and aborted by a person).
+/// `cargo test -p slipway-e2e --test golden -- --ignored rollouts`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "records a golden log; run by hand for a release"]
+async fn record_the_rollouts_golden_log() {
+    use slipway_e2e::rollout_app::{ERRORS, pipeline, start_app};
+    let name =
+        std::env::var("SLIPWAY_GOLDEN_NAME").unwrap_or_else(|_| chrono_today()) + "-rollouts";
+    let stack = Stack::start_with(&[
+        "slipway-conductor",
+        "slipway-builder",
+        "slipway-deployer",
+        "slipway-monitor",
+        "slipway-approval",
+    ]);
+    stack.wait_gateway();
+    let dir = stack.dir.path().join("rollouts");
+    let (state, flags) = (dir.join("slots"), dir.join("flags/flags.json"));
+    std::fs::create_dir_all(&state).unwrap();
+    let app = start_app(&state, &flags);
+    let spec = pipeline(
+        "canary",
+        &app.url,
+        &state,
+        &flags,
+        &format!(
+            "strategy = \"canary\"\nrequests = \"app_requests_total\"\ninterval_secs = 1\nmin_requests = 40\n\
+             steps = [{{ weight = 5, duration_secs = 2 }}, {{ weight = 50, duration_secs = 3 }}]\n{ERRORS}"
+        ),
+    );
+    let project = slipway_e2e::project(&dir, "project", &spec, &[]);
+    let submit = |quality: &str| {
+        std::fs::write(project.join("quality"), quality).unwrap();
+        let v = stack.slipway_json(&["submit", project.join("slipway.toml").to_str().unwrap()]);
+        v["run_id"].as_str().unwrap().to_string()
+    };
+    let long = Duration::from_secs(120);
+    let mut runs = Vec::new();
+    for (quality, phase) in [
+        ("good 1", "succeeded"),
+        ("bad 2", "rolled_back"),
+        ("good 3", "succeeded"),
+        ("good 4 nopromote", "failed"),
+    ] {
+        let run = submit(quality);
+        stack.wait_phase(&run, phase, long);
+        runs.push(run);
+    }
+    let held = submit("good 5");
+    stack.wait_phase(&held, "rolling_out", long);
+    stack.slipway_ok(&["rollout", &held, "pause", "--token", "bob-token"]);
+    stack.wait_for(&held, long, |s| s["rollouts"][0]["paused"] == true);
+    stack.slipway_ok(&["rollout", &held, "abort", "--token", "bob-token"]);
+    stack.wait_phase(&held, "rolled_back", long);
+    runs.push(held);
+    let log = export(&stack).await;
+    let states = keep(&name, &log);
+    for run in &runs {
+        let s = states.iter().find(|s| s["run_id"] == run.as_str()).unwrap();
+        assert_eq!(s, &stack.slipway_json(&["status", run]), "run {run}");
+    }
+}
+
 fn chrono_today() -> String {
     slipway_core::bus::now().format("%Y-%m-%d").to_string()
 }

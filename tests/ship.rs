@@ -232,6 +232,7 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
             artifact,
             target: state.spec.environment("production").unwrap().deploy.clone(),
             reason: None,
+            slot: None,
         }),
     );
     bus.publish(&forged).await.unwrap();

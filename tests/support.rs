@@ -13,6 +13,7 @@ use slipway_core::bus::Bus;
 use slipway_core::testing::TestNats;
 
 pub mod collector;
+pub mod rollout_app;
 
 /// Services a full stack runs.
 pub const SERVICES: &[&str] = &slipway_domain::service::Service::BINARIES;

@@ -63,6 +63,7 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
     // metrics, the page and intake answer whatever an address got wrong before.
     let with_token = Router::new()
         .route("/v1/runs/{id}/approvals", post(routes::post_approval))
+        .route("/v1/runs/{id}/rollout", post(routes::post_rollout_control))
         .route_layer(axum::middleware::from_fn_with_state(
             limiter,
             harden::limit_failed_auth,

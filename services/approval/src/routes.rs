@@ -36,9 +36,19 @@ pub const SOURCE: &str = slipway_domain::service::Service::Approval.source();
         run_events,
         gate_details,
         post_approval,
+        post_rollout_control,
         healthz
     ),
-    components(schemas(RunIdBody, ErrorBody, ApprovalBody, Decision, RecordedDecision, Health))
+    components(schemas(
+        RunIdBody,
+        ErrorBody,
+        ApprovalBody,
+        Decision,
+        RecordedDecision,
+        Health,
+        RolloutControlBody,
+        RecordedControl
+    ))
 )]
 pub struct ApiDoc;
 
@@ -650,6 +660,135 @@ pub async fn post_approval(
     Err(ApiError::Unavailable(format!(
         "run {id} kept changing; the decision was not recorded, try again"
     )))
+}
+
+/// A person's control of a rollout in progress.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutControlBody {
+    /// `pause`, `resume`, `promote` or `abort`.
+    pub action: String,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// `201` body: the control as recorded in the log.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RecordedControl {
+    pub run_id: String,
+    pub stage: String,
+    pub action: String,
+    pub by: String,
+    pub at: String,
+    pub seq: u64,
+}
+
+/// Pauses, resumes, promotes or aborts a run's rollout in progress. Authorised like an
+/// approval: an approver of the run's policy groups; promoting obeys its self-approval rule.
+/// The rollouts' judge acts on it at its next look.
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/rollout",
+    params(("id" = String, Path, description = "run id")),
+    request_body = RolloutControlBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Recorded", body = RecordedControl),
+        (status = 400, description = "Malformed body or unknown action", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "The policy says no", body = ErrorBody),
+        (status = 404, description = "No such run", body = ErrorBody),
+        (status = 409, description = "No rollout in progress", body = ErrorBody),
+        (status = 503, description = "NATS unavailable, or no signing key to sign the control with", body = ErrorBody),
+    )
+)]
+pub async fn post_rollout_control(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<RecordedControl>), ApiError> {
+    let approver = auth::approver(&headers, &state.approvers)?.clone();
+    // The judge counts only signed controls: one recorded unsigned would be ignored in silence.
+    let Some(signing) = state.signing.as_ref() else {
+        return Err(ApiError::Unavailable(
+            "the gateway has no signing key ([gateway] signing_key): rollout controls cannot be signed".into(),
+        ));
+    };
+    let body: RolloutControlBody =
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))
+            .map_err(|e| ApiError::BadRequest(format!("{}: {}", e.path(), e.inner())))?;
+    let action = slipway_domain::rollout::ControlAction::parse(&body.action).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "action: {:?} is not one of pause, resume, promote, abort",
+            body.action
+        ))
+    })?;
+    if !ids::is_valid_run_id(&id) {
+        return Err(ApiError::NotFound(format!("no run {id:?}")));
+    }
+    let (run, _) = fold_log(&state, &id, false).await?;
+    let Some(stage) = run.stages.iter().find(|s| {
+        s.name.starts_with("rollout:")
+            && matches!(s.status, StageStatus::Requested | StageStatus::Running)
+    }) else {
+        return Err(ApiError::Conflict(format!(
+            "run {id} has no rollout in progress (it is {})",
+            run.phase.as_str()
+        )));
+    };
+    let policy = run
+        .spec
+        .approval
+        .as_ref()
+        .ok_or_else(|| ApiError::Conflict("the run's spec has no approval policy".into()))?;
+    // Stopping a rollout is always allowed to an approver; only promoting is an approval.
+    let author = (action == slipway_domain::rollout::ControlAction::Promote)
+        .then_some(run.change.author.as_deref())
+        .flatten();
+    policy::check_approver(policy, &approver.name, &approver.groups, author)
+        .map_err(ApiError::Forbidden)?;
+    let at = Utc::now();
+    let mut control = slipway_domain::rollout::RolloutControl {
+        stage: stage.name.clone(),
+        attempt: stage.attempt,
+        action,
+        by: approver.name.clone(),
+        groups: approver.groups.clone(),
+        comment: body.comment.clone(),
+        at,
+        signature: None,
+    };
+    control.signature = Some(signing.sign_control(&id, &control));
+    let event_id = ids::derived(&[
+        &id,
+        "rollout.controlled",
+        &stage.name,
+        &stage.attempt.to_string(),
+        action.as_str(),
+        &approver.name,
+        &at.to_rfc3339(),
+    ]);
+    let mut event = Event::new(
+        event_id,
+        SOURCE,
+        Some(id.clone()),
+        at,
+        EventData::RolloutControlled(control),
+    );
+    event.traceparent = run.traceparent.clone();
+    let a = state.bus.publish(&event).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(RecordedControl {
+            run_id: id,
+            stage: stage.name.clone(),
+            action: action.as_str().into(),
+            by: approver.name,
+            at: event.time.to_rfc3339(),
+            seq: a.seq,
+        }),
+    ))
 }
 
 #[derive(Debug, Deserialize)]

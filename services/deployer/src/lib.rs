@@ -1,5 +1,7 @@
-//! The deployer: `deploy.requested` and `rollback.requested` in; `started` (with what was live
-//! before) and `succeeded` / `failed` out.
+//! The deployer: `deploy.requested`, `rollback.requested` and `promote.requested` in; `started`
+//! (with what was live before) and `succeeded` / `failed` out. In an environment with a rollout
+//! the deploy command gets `SLIPWAY_SLOT` (`candidate` for the deploy, `stable` for the
+//! promotion); after a promotion all traffic goes back to the stable slot.
 //!
 //! It trusts the log, not the request: the deploy command comes from the run's spec snapshot,
 //! the artifact must be the run's own build (or, for a rollback, the version the log says was
@@ -22,6 +24,9 @@ use slipway_domain::events::{
     DeployRequested, DeployStarted, DeploySucceeded, EventData, ObjectRef, StageFailed,
 };
 use slipway_domain::fold::Run;
+use slipway_domain::rollout::{WeightCause, WeightSet};
+use slipway_domain::stage::StageKind;
+use slipway_domain::traffic::Weight;
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,16 +79,17 @@ pub struct Deployer {
 
 pub use slipway_core::store::baseline::{Live, live_version, live_version_as_of};
 
-fn request(job: &Job) -> Result<(&DeployRequested, bool), Transient> {
+fn request(job: &Job) -> Result<(&DeployRequested, StageKind), Transient> {
     match &job.request.data {
-        EventData::DeployRequested(r) => Ok((r, false)),
-        EventData::RollbackRequested(r) => Ok((r, true)),
+        EventData::DeployRequested(r) => Ok((r, StageKind::Deploy)),
+        EventData::RollbackRequested(r) => Ok((r, StageKind::Rollback)),
+        EventData::PromoteRequested(r) => Ok((r, StageKind::Promote)),
         _ => Err(Transient::not_a(&job.request, "a deploy request")),
     }
 }
 
 fn failed(
-    rollback: bool,
+    kind: StageKind,
     r: &DeployRequested,
     reason: String,
     exit_code: Option<i32>,
@@ -98,10 +104,10 @@ fn failed(
         log_tail,
         log,
     };
-    if rollback {
-        EventData::RollbackFailed(f)
-    } else {
-        EventData::DeployFailed(f)
+    match kind {
+        StageKind::Rollback => EventData::RollbackFailed(f),
+        StageKind::Promote => EventData::PromoteFailed(f),
+        _ => EventData::DeployFailed(f),
     }
 }
 
@@ -121,7 +127,9 @@ impl Worker for Deployer {
     /// request).
     fn may_resume(&self, run: &slipway_domain::Run, request: &slipway_domain::Event) -> bool {
         let env = match &request.data {
-            EventData::DeployRequested(r) | EventData::RollbackRequested(r) => &r.environment,
+            EventData::DeployRequested(r)
+            | EventData::RollbackRequested(r)
+            | EventData::PromoteRequested(r) => &r.environment,
             _ => return false,
         };
         run.spec
@@ -130,7 +138,7 @@ impl Worker for Deployer {
     }
 
     async fn started(&self, job: &Job) -> Result<EventData, Transient> {
-        let (r, rollback) = request(job)?;
+        let (r, kind) = request(job)?;
         let live =
             live_version_as_of(&job.deploys, &job.run.pipeline, &r.environment, job.seq).await?;
         let s = DeployStarted {
@@ -142,27 +150,21 @@ impl Worker for Deployer {
             previous_version: live.as_ref().map(|l| l.version.clone()),
             previous_artifact: live.map(|l| l.artifact),
         };
-        Ok(if rollback {
-            EventData::RollbackStarted(s)
-        } else {
-            EventData::DeployStarted(s)
+        Ok(match kind {
+            StageKind::Rollback => EventData::RollbackStarted(s),
+            StageKind::Promote => EventData::PromoteStarted(s),
+            _ => EventData::DeployStarted(s),
         })
     }
 
     async fn handle(&self, job: &Job) -> Result<EventData, Transient> {
-        let (r, rollback) = request(job)?;
+        let (r, kind) = request(job)?;
+        let rollback = kind == StageKind::Rollback;
         if let Some(why) = self.refusal(job, r, rollback).await? {
             warn!(environment = %r.environment, %why, "Deploy refused.");
-            return Ok(failed(
-                rollback,
-                r,
-                format!("refused: {why}"),
-                None,
-                None,
-                None,
-            ));
+            return Ok(failed(kind, r, format!("refused: {why}"), None, None, None));
         }
-        self.deploy(job, r, rollback).await
+        self.deploy(job, r, kind).await
     }
 }
 
@@ -269,10 +271,11 @@ impl Deployer {
         &self,
         job: &Job,
         r: &DeployRequested,
-        rollback: bool,
+        kind: StageKind,
     ) -> Result<EventData, Transient> {
+        let rollback = kind == StageKind::Rollback;
         let started = Instant::now();
-        let fail = |reason: String| Ok(failed(rollback, r, reason, None, None, None));
+        let fail = |reason: String| Ok(failed(kind, r, reason, None, None, None));
         let tooling = self.tooling(job, r, rollback).await;
         // The command comes from a spec snapshot in the log, never from the request.
         let Some(target) = tooling
@@ -354,6 +357,9 @@ impl Deployer {
             "SLIPWAY_DEPLOY_KEY".into(),
             format!("{}/{}/{}", job.run_id, r.stage, r.attempt),
         );
+        if let Some(slot) = r.slot {
+            env.insert("SLIPWAY_SLOT".into(), slot.as_str().into());
+        }
         env.insert(
             "SLIPWAY_PREVIOUS_VERSION".into(),
             previous
@@ -404,7 +410,7 @@ impl Deployer {
                 other => format!("deploy command failed with {other}"),
             };
             return Ok(failed(
-                rollback,
+                kind,
                 r,
                 format!("{what}; last lines of the log:\n{tail}"),
                 outcome.exit.code(),
@@ -423,10 +429,67 @@ impl Deployer {
             log,
             duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         };
-        Ok(if rollback {
-            EventData::RollbackSucceeded(done)
-        } else {
-            EventData::DeploySucceeded(done)
+        if kind == StageKind::Promote
+            && let Err(e) = self.traffic_back_to_stable(job, r).await
+        {
+            // The change is in both slots: whichever serves, users get it. Say so, and let
+            // the promotion stand.
+            warn!(environment = %r.environment, error = %e, "Promoted, but the traffic could not be set back to the stable slot.");
+        }
+        Ok(match kind {
+            StageKind::Rollback => EventData::RollbackSucceeded(done),
+            StageKind::Promote => EventData::PromoteSucceeded(done),
+            _ => EventData::DeploySucceeded(done),
         })
+    }
+
+    /// After a promotion the stable slot runs the change: all traffic goes back to it, so the
+    /// next candidate starts with none. Recorded under the rollout stage it ends.
+    async fn traffic_back_to_stable(&self, job: &Job, r: &DeployRequested) -> Result<(), String> {
+        let Some(traffic) = job
+            .run
+            .spec
+            .environment(&r.environment)
+            .and_then(|e| e.traffic.clone())
+        else {
+            return Ok(());
+        };
+        let stage = StageKind::Rollout.key(Some(&r.environment));
+        let attempt = job.run.stage(&stage).map_or(1, |s| s.attempt);
+        let target = slipway_core::traffic::Target {
+            traffic: &traffic,
+            pipeline: &job.run.pipeline,
+            environment: &r.environment,
+        };
+        let published =
+            retried(|| slipway_core::traffic::publish(&job.bus, &self.exec, &target, Weight::NONE))
+                .await?;
+        let w = WeightSet {
+            stage,
+            attempt,
+            environment: r.environment.clone(),
+            step: u32::try_from(
+                job.run
+                    .spec
+                    .environment(&r.environment)
+                    .and_then(|e| e.rollout.as_ref())
+                    .map_or(0, |x| x.plan().len()),
+            )
+            .unwrap_or(u32::MAX),
+            weight: 0.0,
+            cause: WeightCause::Promoted,
+            published,
+            at: slipway_core::bus::now(),
+        };
+        let mut e = Event::new(
+            slipway_domain::rollout::weight_event_id(&job.run_id, &w),
+            "/slipway/deployer",
+            Some(job.run_id.clone()),
+            w.at,
+            EventData::RolloutWeightSet(w),
+        );
+        e.traceparent = job.request.traceparent.clone();
+        job.bus.publish(&e).await.map_err(|e| e.to_string())?;
+        Ok(())
     }
 }

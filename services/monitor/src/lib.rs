@@ -7,6 +7,7 @@
 //! seen; a clear breach (from the third probe on) ends the window early, since production
 //! should not wait out a window it is failing. The evidence goes into the fact.
 
+pub mod judge;
 pub mod prometheus;
 
 use std::collections::BTreeMap;
@@ -33,15 +34,33 @@ const MIN_PROBES: usize = 3;
 /// # Errors
 /// [`BusError`] when NATS cannot be reached or the consumer cannot be set up.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BusError> {
+    let approval_key = match &config.approvals.public_key {
+        Some(k) => match slipway_domain::signing::PublicKey::from_base64(k) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                warn!(error = %e, "[approvals] public_key: rollout controls are ignored.");
+                None
+            }
+        },
+        None => None,
+    };
     let bus = Bus::connect(&config.nats, "slipway-monitor").await?;
-    // Each monitored deploy holds a job for its whole window: the monitor's stages wait, so
-    // by default hundreds run at once (runtime::default_concurrency).
-    run_worker(bus, Arc::new(Monitor), config.worker, shutdown).await
+    let monitor = Monitor {
+        judge: judge::Judge {
+            exec: config.exec.clone(),
+            approval_key,
+        },
+    };
+    // Each monitored deploy or rollout holds a job for its whole window: the monitor's stages
+    // wait, so by default hundreds run at once (runtime::default_concurrency).
+    run_worker(bus, Arc::new(monitor), config.worker, shutdown).await
 }
 
-/// The monitor worker.
+/// The monitor worker, and the rollouts' judge.
 #[derive(Debug)]
-pub struct Monitor;
+pub struct Monitor {
+    pub judge: judge::Judge,
+}
 
 /// What the window has seen so far.
 #[derive(Debug, Default)]
@@ -167,10 +186,14 @@ impl Worker for Monitor {
     }
 
     async fn handle(&self, job: &Job) -> Result<EventData, Transient> {
-        let EventData::MonitorRequested(req) = &job.request.data else {
-            return Err(Transient::not_a(&job.request, "a monitor request"));
-        };
-        watch(job, req).await
+        match &job.request.data {
+            EventData::MonitorRequested(req) => watch(job, req).await,
+            EventData::RolloutRequested(req) => self.judge.roll_out(job, req).await,
+            _ => Err(Transient::not_a(
+                &job.request,
+                "a monitor or rollout request",
+            )),
+        }
     }
 }
 

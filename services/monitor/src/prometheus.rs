@@ -37,14 +37,34 @@ impl Scrape {
             .map(|v| v.iter().map(|(_, x)| x).sum())
     }
 
+    /// The sum of a sample name over the label sets where `label` is `value`.
+    pub fn sum_where(&self, name: &str, label: &str, value: &str) -> Option<f64> {
+        self.samples.get(name).map(|v| {
+            v.iter()
+                .filter(|(l, _)| l.get(label).is_some_and(|x| x == value))
+                .map(|(_, x)| x)
+                .sum()
+        })
+    }
+
     /// A histogram's cumulative buckets (`le` → count), summed over other labels.
     pub fn buckets(&self, histogram: &str) -> Vec<(f64, f64)> {
+        self.buckets_of(histogram, None)
+    }
+
+    /// A histogram's cumulative buckets over the label sets where `label` is `value`.
+    pub fn buckets_where(&self, histogram: &str, label: &str, value: &str) -> Vec<(f64, f64)> {
+        self.buckets_of(histogram, Some((label, value)))
+    }
+
+    fn buckets_of(&self, histogram: &str, only: Option<(&str, &str)>) -> Vec<(f64, f64)> {
         let mut by_le: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
         for (labels, value) in self
             .samples
             .get(&format!("{histogram}_bucket"))
             .into_iter()
             .flatten()
+            .filter(|(l, _)| only.is_none_or(|(k, v)| l.get(k).is_some_and(|x| x == v)))
         {
             let Some(le) = labels.get("le") else { continue };
             let le = if le == "+Inf" {

@@ -337,6 +337,24 @@ impl Client {
         Ok(ExitCode::SUCCESS)
     }
 
+    /// A run's rollouts: weights, looks, controls.
+    pub async fn rollout(&self, run: &str, json_out: bool) -> anyhow::Result<ExitCode> {
+        check_run_id(run)?;
+        let Some(state) = self.state(run).await? else {
+            eprintln!("slipway: no run {run}");
+            return Ok(ExitCode::from(1));
+        };
+        let rollouts = state.get("rollouts").cloned().unwrap_or(json!([]));
+        if json_out {
+            outln!("{}", serde_json::to_string_pretty(&rollouts)?);
+        } else if rollouts.as_array().is_none_or(Vec::is_empty) {
+            outln!("run {run} has no rollout (yet)");
+        } else {
+            show::print_rollouts(&state);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
     pub async fn events(&self, run: &str) -> anyhow::Result<ExitCode> {
         check_run_id(run)?;
         let log = self.bus.run_log(run).await?;

@@ -42,6 +42,34 @@ pub async fn get_run(gateway: &str, run: &str) -> anyhow::Result<Value> {
 ///
 /// # Errors
 /// The gateway's status and error message when it refuses.
+/// Controls a run's rollout through the gateway.
+pub async fn control_rollout(
+    gateway: &str,
+    token: &str,
+    run: &str,
+    action: &str,
+    comment: Option<String>,
+) -> anyhow::Result<Value> {
+    let body = json!({ "action": action, "comment": comment });
+    let resp = client()?
+        .post(format!("{gateway}/v1/runs/{run}/rollout"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the gateway at {gateway}"))?;
+    let status = resp.status();
+    let body: Value = serde_json::from_str(&resp.text().await?).unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!(
+            "{status}: {}",
+            body["error"].as_str().unwrap_or("no detail")
+        );
+    }
+    Ok(body)
+}
+
 pub async fn decide(
     gateway: &str,
     token: &str,

@@ -158,6 +158,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A run's rollout: its weights, looks and controls; or control it through the gateway's
+    /// HTTP API (`pause`, `resume`, `promote`, `abort`), authorised like an approval.
+    Rollout {
+        run: String,
+        /// `status` (the default), `pause`, `resume`, `promote` or `abort`.
+        #[arg(default_value = "status")]
+        action: String,
+        #[arg(long)]
+        comment: Option<String>,
+        /// Bearer token for a control (default: SLIPWAY_TOKEN).
+        #[arg(long, env = "SLIPWAY_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Gateway URL (default: SLIPWAY_GATEWAY_URL, else http://127.0.0.1:8080).
+        #[arg(long)]
+        gateway: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// DORA delivery metrics from the log: per pipeline and overall.
     Dora {
         /// The window, ending now: e.g. 30d, 12h, 90m.
@@ -457,6 +475,43 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { run, json } => {
             let c = client::Client::connect(&client::settings(&url)).await?;
             c.status(&run, json).await
+        }
+        Command::Rollout {
+            run,
+            action,
+            comment,
+            token,
+            gateway,
+            json,
+        } => {
+            if action == "status" {
+                let c = client::Client::connect(&client::settings(&url)).await?;
+                return c.rollout(&run, json).await;
+            }
+            let Some(token) = token else {
+                eprintln!("slipway: a rollout control needs --token (or SLIPWAY_TOKEN)");
+                return Ok(ExitCode::from(2));
+            };
+            let gw = http::gateway_url(gateway);
+            match http::control_rollout(&gw, &token, &run, &action, comment).await {
+                Ok(v) => {
+                    if json {
+                        outln!("{v}");
+                    } else {
+                        outln!(
+                            "Recorded: {} of the rollout of run {run} ({}) by {}",
+                            v["action"].as_str().unwrap_or(""),
+                            v["stage"].as_str().unwrap_or(""),
+                            v["by"].as_str().unwrap_or("")
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("slipway: {e:#}");
+                    Ok(ExitCode::from(1))
+                }
+            }
         }
         Command::Events { run } => {
             let c = client::Client::connect(&client::settings(&url)).await?;

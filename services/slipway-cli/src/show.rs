@@ -73,6 +73,83 @@ pub fn print_status(state: &Value) {
             a.get("size").and_then(Value::as_u64).unwrap_or(0)
         );
     }
+    print_rollouts(state);
+}
+
+/// Each rollout of a run: the weight now, then every look (both variants side by side).
+pub fn print_rollouts(state: &Value) {
+    for r in state["rollouts"].as_array().into_iter().flatten() {
+        outln!(
+            "  rollout {}: candidate at {}%, step {}{}",
+            s(&r["environment"]),
+            r["weight"].as_f64().unwrap_or(0.0),
+            r["step"].as_u64().unwrap_or(0) + 1,
+            if r["paused"].as_bool() == Some(true) {
+                " (paused)"
+            } else {
+                ""
+            }
+        );
+        for w in r["weights"].as_array().into_iter().flatten() {
+            outln!(
+                "      {} weight {}% ({}) → {}",
+                time(&w["at"]),
+                w["weight"].as_f64().unwrap_or(0.0),
+                s(&w["cause"]),
+                w["published"]
+                    .as_array()
+                    .map(|p| p.iter().map(s).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default()
+            );
+        }
+        for l in r["looks"].as_array().into_iter().flatten() {
+            let req = &l["requests"];
+            outln!(
+                "      step {} +{}s  requests stable {} / candidate {}  {}: {}",
+                l["step"].as_u64().unwrap_or(0) + 1,
+                l["elapsed_secs"].as_u64().unwrap_or(0),
+                req[0].as_f64().unwrap_or(0.0),
+                req[1].as_f64().unwrap_or(0.0),
+                s(&l["decision"]),
+                s(&l["reason"])
+            );
+            for c in l["comparisons"].as_array().into_iter().flatten() {
+                outln!(
+                    "          {:<8} {:<14} stable {:.4}  candidate {:.4}  p {}",
+                    s(&c["verdict"]),
+                    s(&c["metric"]),
+                    c["stable"].as_f64().unwrap_or(0.0),
+                    c["candidate"].as_f64().unwrap_or(0.0),
+                    c["p_value"]
+                        .as_f64()
+                        .map_or("-".into(), |p| format!("{p:.4}"))
+                );
+            }
+            if let Some(ab) = l["ab"].as_object() {
+                let iv = &ab["interval"];
+                outln!(
+                    "          A/B {}: effect {:+.4} [{:+.4}, {:+.4}]  always-valid p {:.4}",
+                    ab.get("metric").map(s).unwrap_or_default(),
+                    ab.get("effect").and_then(Value::as_f64).unwrap_or(0.0),
+                    iv[0].as_f64().unwrap_or(0.0),
+                    iv[1].as_f64().unwrap_or(0.0),
+                    ab.get("p_value").and_then(Value::as_f64).unwrap_or(1.0)
+                );
+            }
+        }
+        for c in r["controls"].as_array().into_iter().flatten() {
+            outln!(
+                "      {} {} by {}{}",
+                time(&c["at"]),
+                s(&c["action"]),
+                s(&c["by"]),
+                c["comment"]
+                    .as_str()
+                    .map(|x| format!(": {x}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
 }
 
 /// What changed between two states of a run, one line per change.

@@ -22,6 +22,7 @@ pub mod exec;
 pub mod runtime;
 pub mod store;
 pub mod telemetry;
+pub mod traffic;
 
 #[cfg(feature = "test-support")]
 pub mod testing;

@@ -126,8 +126,113 @@ fn examples() -> BTreeMap<&'static str, Event> {
             take(&sim.log);
         }
     }
+    // Rollouts: promoted, aborted (the candidate slot rolled back), and a failed promotion.
+    let canary = |script: &[(&str, &str)]| {
+        let mut sim = Sim::new(slipway_domain::sim::CANARY_PIPELINE);
+        sim.live.insert(
+            "production".into(),
+            (
+                "svc-3f2a9c1b7d20".into(),
+                slipway_domain::sim::artifact("old"),
+            ),
+        );
+        for (stage, reason) in script {
+            sim.script
+                .insert(stage.to_string(), Answer::Fail(reason.to_string()));
+        }
+        sim.run_to_end();
+        sim
+    };
+    take(&canary(&[]).log);
+    take(
+        &canary(&[(
+            "rollout:production",
+            "step 1 at 5%: score 0 is below the marginal score 75",
+        )])
+        .log,
+    );
+    take(
+        &canary(&[(
+            "promote:production",
+            "deploy command failed with exit code 1",
+        )])
+        .log,
+    );
     let t = Utc.with_ymd_and_hms(2026, 1, 1, 11, 59, 0).unwrap();
     let run_id = ok.run_id.clone();
+    let rollout_stage = "rollout:production".to_string();
+    let spec = PipelineSpec::parse(slipway_domain::sim::CANARY_PIPELINE).unwrap();
+    let rollout_spec = spec.environment[0].rollout.clone().unwrap();
+    let window = |requests: f64, errors: f64| slipway_domain::rollout::Window {
+        counters: [
+            ("http_requests_total".to_string(), requests),
+            ("http_errors_total".to_string(), errors),
+        ]
+        .into(),
+        histograms: BTreeMap::new(),
+    };
+    let mut look = slipway_domain::rollout::look(
+        &rollout_spec,
+        slipway_domain::rollout::StepAt {
+            step: 0,
+            weight: 5.0,
+            elapsed_secs: 30,
+            duration_secs: 60,
+            max_hold_secs: 60,
+            ab_p: 1.0,
+        },
+        &window(9_500.0, 95.0),
+        &window(500.0, 61.0),
+        t,
+    )
+    .analysis;
+    look.stage = rollout_stage.clone();
+    look.attempt = 1;
+    let weight = slipway_domain::rollout::WeightSet {
+        stage: rollout_stage.clone(),
+        attempt: 1,
+        environment: "production".into(),
+        step: 0,
+        weight: 5.0,
+        cause: slipway_domain::rollout::WeightCause::Step,
+        published: vec![
+            "/srv/flags/flags.json".into(),
+            "kv:slipway-flags/svc-production".into(),
+        ],
+        at: t,
+    };
+    take(&[
+        Event::new(
+            slipway_domain::rollout::weight_event_id(&run_id, &weight),
+            "/slipway/monitor",
+            Some(run_id.clone()),
+            t,
+            EventData::RolloutWeightSet(weight),
+        ),
+        Event::new(
+            slipway_domain::rollout::analysis_event_id(&run_id, &look),
+            "/slipway/monitor",
+            Some(run_id.clone()),
+            t,
+            EventData::RolloutAnalysed(look),
+        ),
+        Event::new(
+            ids::derived(&[&run_id, "rollout.controlled", "1"]),
+            "/slipway/approval",
+            Some(run_id.clone()),
+            t,
+            EventData::RolloutControlled(slipway_domain::rollout::RolloutControl {
+                stage: rollout_stage,
+                attempt: 1,
+                action: slipway_domain::rollout::ControlAction::Pause,
+                by: "bob".into(),
+                groups: vec!["release-managers".into()],
+                comment: Some("checking the dashboards".into()),
+                at: t,
+                signature: Some("base64-ed25519-signature".into()),
+            }),
+        ),
+    ]);
     let mut extra = vec![
         Event::new(
             "change-1",

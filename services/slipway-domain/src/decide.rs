@@ -12,7 +12,7 @@ use crate::envelope::Event;
 use crate::events::{
     ApprovalDecision, ApprovalRequested, BuildRequested, CostRequested, DeployRequested,
     EnvironmentRef, EvaluateRequested, EventData, GateSummary, MonitorRequested, ObjectRef,
-    PerfRequested, RunEnded, StageKind, TestRequested, Verdict,
+    PerfRequested, RolloutRequested, RunEnded, Slot, StageKind, TestRequested, Verdict,
 };
 use crate::ids;
 use crate::plan::{Step, approval_key, plan};
@@ -186,16 +186,30 @@ fn on_failure(run: &Run, failed: &StageState) -> Vec<Command> {
         .clone()
         .unwrap_or_else(|| "no reason given".into());
     let key = failed.name.as_str();
-    if failed.kind() != Some(StageKind::Monitor) {
+    let kind = failed.kind();
+    if !matches!(kind, Some(StageKind::Monitor | StageKind::Rollout)) {
         return finish(Phase::Failed, format!("{key} failed: {reason}"), key);
     }
-    // The monitor saw production degrade: roll back to the last good version, if any.
+    // The monitor saw production degrade, or a rollout was aborted: roll back to the last good
+    // version, if any (an aborted rollout always rolls its candidate slot back).
     let parsed = StageKey::parse(key).ok();
     let environment = parsed
         .as_ref()
         .and_then(StageKey::environment)
         .unwrap_or_default();
-    let rollback_wanted = run.spec.monitor.as_ref().is_some_and(|m| m.rollback);
+    let rollout = kind == Some(StageKind::Rollout);
+    let rollback_wanted = rollout || run.spec.monitor.as_ref().is_some_and(|m| m.rollback);
+    let slot = run
+        .spec
+        .environment(environment)
+        .and_then(|e| e.rollout.as_ref())
+        .map(|_| {
+            if rollout {
+                Slot::Candidate
+            } else {
+                Slot::Stable
+            }
+        });
     let previous = run
         .deployment(environment)
         .and_then(|d| Some((d.previous_version.clone()?, d.previous_artifact.clone()?)));
@@ -223,6 +237,7 @@ fn on_failure(run: &Run, failed: &StageState) -> Vec<Command> {
                     version,
                     target: env.deploy.clone(),
                     reason: Some(format!("{key} failed: {reason}")),
+                    slot,
                 },
             ))]
         }
@@ -325,10 +340,19 @@ fn request_for(run: &Run, key: &str) -> Option<EventData> {
                 suite: suite.clone(),
             })
         }
-        StageKind::Deploy => {
+        StageKind::Deploy | StageKind::Promote => {
             let env = spec.environment(instance?)?;
             let artifact = artifact()?;
-            EventData::DeployRequested(DeployRequested {
+            // With a rollout, the change goes to the candidate slot first and to the stable
+            // slot once promoted.
+            let slot = env.rollout.as_ref().map(|_| {
+                if kind == StageKind::Promote {
+                    Slot::Stable
+                } else {
+                    Slot::Candidate
+                }
+            });
+            let d = DeployRequested {
                 stage,
                 attempt,
                 version: version_of(&run.pipeline, &artifact),
@@ -337,6 +361,30 @@ fn request_for(run: &Run, key: &str) -> Option<EventData> {
                 artifact,
                 target: env.deploy.clone(),
                 reason: None,
+                slot,
+            };
+            if kind == StageKind::Promote {
+                EventData::PromoteRequested(d)
+            } else {
+                EventData::DeployRequested(d)
+            }
+        }
+        StageKind::Rollout => {
+            let env = spec.environment(instance?)?;
+            EventData::RolloutRequested(RolloutRequested {
+                stage,
+                attempt,
+                environment: EnvironmentRef {
+                    name: env.name.clone(),
+                    url: env.url.clone(),
+                },
+                version: version_of(&run.pipeline, &artifact()?),
+                stable_version: run
+                    .deployment(&env.name)
+                    .and_then(|d| d.previous_version.clone()),
+                pipeline,
+                spec: env.rollout.clone()?,
+                traffic: env.traffic.clone()?,
             })
         }
         StageKind::Evaluate => EventData::EvaluateRequested(EvaluateRequested {
@@ -434,7 +482,16 @@ pub fn stage_timeout(spec: &PipelineSpec, key: &str) -> Option<Duration> {
                 .find(|t| Some(t.name.as_str()) == instance)?
                 .timeout_secs
         }
-        StageKind::Deploy | StageKind::Rollback => spec.environment(instance?)?.deploy.timeout_secs,
+        StageKind::Deploy | StageKind::Rollback | StageKind::Promote => {
+            spec.environment(instance?)?.deploy.timeout_secs
+        }
+        StageKind::Rollout => {
+            spec.environment(instance?)?
+                .rollout
+                .as_ref()?
+                .longest_secs()
+                + 60
+        }
         StageKind::Evaluate => spec.gates.model_evaluation.as_ref()?.timeout_secs,
         StageKind::Perf => {
             let p = spec.gates.performance.as_ref()?;
@@ -543,8 +600,15 @@ impl Position {
                     planned_has(run, g)
                         && !status((*g).to_string()).is_some_and(StageStatus::is_terminal)
                 });
+            // A rollout holds its environment from the candidate's deploy to its promotion
+            // (or its rollback).
+            let rolling_out = env.rollout.is_some()
+                && status(StageKind::Deploy.key(Some(e))) == Some(StageStatus::Succeeded)
+                && !status(StageKind::Promote.key(Some(e))).is_some_and(StageStatus::is_terminal)
+                && !status(StageKind::Rollback.key(Some(e))).is_some_and(StageStatus::is_terminal);
             if active(StageKind::Deploy.key(Some(e)))
                 || active(StageKind::Rollback.key(Some(e)))
+                || rolling_out
                 || deployed_pending_monitor
                 || monitor_failed_rollback_due
                 || gated_here

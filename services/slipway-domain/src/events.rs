@@ -21,6 +21,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crate::digest::Digest;
+pub use crate::rollout::{RolloutAnalysis, RolloutControl, RolloutReport, Slot, WeightSet};
+use crate::rollout::{RolloutSpec, TrafficSpec};
 use crate::spec::{
     ApprovalPolicy, BuildSpec, CostSpec, DeployTarget, ModelEvaluationSpec, MonitorSpec,
     PerformanceSpec, TestSuiteSpec,
@@ -262,6 +264,9 @@ pub struct DeployRequested {
     /// For a rollback: why (the incident).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// In an environment with a rollout: the slot deployed (`SLIPWAY_SLOT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<Slot>,
 }
 
 /// `dev.slipway.deploy.started.v1` (and `rollback.started.v1`).
@@ -438,6 +443,23 @@ pub struct MonitorRequested {
     pub environment: EnvironmentRef,
     pub version: String,
     pub spec: MonitorSpec,
+}
+
+/// `dev.slipway.rollout.requested.v1`: roll the candidate out in an environment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RolloutRequested {
+    pub stage: String,
+    pub attempt: u32,
+    pub pipeline: String,
+    pub environment: EnvironmentRef,
+    /// The candidate's version.
+    pub version: String,
+    /// The version in service it is compared with; none for the environment's first deploy,
+    /// which is promoted without a comparison.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_version: Option<String>,
+    pub spec: RolloutSpec,
+    pub traffic: TrafficSpec,
 }
 
 /// The monitor's verdict on a deploy.
@@ -669,6 +691,20 @@ catalogue! {
     RollbackStarted => "dev.slipway.rollback.started.v1", DeployStarted, "deployer", ["conductor"];
     RollbackSucceeded => "dev.slipway.rollback.succeeded.v1", DeploySucceeded, "deployer", ["conductor"];
     RollbackFailed => "dev.slipway.rollback.failed.v1", StageFailed, "deployer, conductor (timeout)", ["conductor"];
+    RolloutRequested => "dev.slipway.rollout.requested.v1", RolloutRequested, "conductor", ["monitor (the judge)"];
+    RolloutStarted => "dev.slipway.rollout.started.v1", StageStarted, "monitor (the judge)", ["conductor"];
+    /// The candidate's share of traffic changed (a step, an abort, a promotion).
+    RolloutWeightSet => "dev.slipway.rollout.weight_set.v1", WeightSet, "monitor (the judge), deployer (after a promotion)", ["gateway", "slipway CLI", "monitor (the judge)"];
+    /// One look at both variants during a step, with its decision.
+    RolloutAnalysed => "dev.slipway.rollout.analysed.v1", RolloutAnalysis, "monitor (the judge)", ["gateway", "slipway CLI", "monitor (the judge)"];
+    /// A person paused, resumed, promoted or aborted the rollout (signed by the gateway).
+    RolloutControlled => "dev.slipway.rollout.controlled.v1", RolloutControl, "gateway", ["monitor (the judge)", "gateway", "slipway CLI"];
+    RolloutSucceeded => "dev.slipway.rollout.succeeded.v1", RolloutReport, "monitor (the judge)", ["conductor", "gateway"];
+    RolloutFailed => "dev.slipway.rollout.failed.v1", RolloutReport, "monitor (the judge), conductor (timeout)", ["conductor", "gateway"];
+    PromoteRequested => "dev.slipway.promote.requested.v1", DeployRequested, "conductor", ["deployer"];
+    PromoteStarted => "dev.slipway.promote.started.v1", DeployStarted, "deployer", ["conductor"];
+    PromoteSucceeded => "dev.slipway.promote.succeeded.v1", DeploySucceeded, "deployer", ["conductor"];
+    PromoteFailed => "dev.slipway.promote.failed.v1", StageFailed, "deployer, conductor (timeout)", ["conductor"];
 }
 
 pub use crate::stage::StageKind;
@@ -714,9 +750,10 @@ impl EventData {
         let r = match self {
             E::BuildRequested(d) => (d.stage.as_str(), d.attempt, V::Requested),
             E::TestRequested(d) => (d.stage.as_str(), d.attempt, V::Requested),
-            E::DeployRequested(d) | E::RollbackRequested(d) => {
+            E::DeployRequested(d) | E::RollbackRequested(d) | E::PromoteRequested(d) => {
                 (d.stage.as_str(), d.attempt, V::Requested)
             }
+            E::RolloutRequested(d) => (d.stage.as_str(), d.attempt, V::Requested),
             E::EvaluateRequested(d) => (d.stage.as_str(), d.attempt, V::Requested),
             E::PerfRequested(d) => (d.stage.as_str(), d.attempt, V::Requested),
             E::CostRequested(d) => (d.stage.as_str(), d.attempt, V::Requested),
@@ -727,20 +764,23 @@ impl EventData {
             | E::EvaluateStarted(d)
             | E::PerfStarted(d)
             | E::CostStarted(d)
-            | E::MonitorStarted(d) => (d.stage.as_str(), d.attempt, V::Started),
-            E::DeployStarted(d) | E::RollbackStarted(d) => {
+            | E::MonitorStarted(d)
+            | E::RolloutStarted(d) => (d.stage.as_str(), d.attempt, V::Started),
+            E::DeployStarted(d) | E::RollbackStarted(d) | E::PromoteStarted(d) => {
                 (d.stage.as_str(), d.attempt, V::Started)
             }
             E::BuildSucceeded(d) => (d.stage.as_str(), d.attempt, V::Succeeded),
             E::TestSucceeded(d) => (d.stage.as_str(), d.attempt, V::Succeeded),
-            E::DeploySucceeded(d) | E::RollbackSucceeded(d) => {
+            E::DeploySucceeded(d) | E::RollbackSucceeded(d) | E::PromoteSucceeded(d) => {
                 (d.stage.as_str(), d.attempt, V::Succeeded)
             }
+            E::RolloutSucceeded(d) => (d.stage.as_str(), d.attempt, V::Succeeded),
+            E::RolloutFailed(d) => (d.stage.as_str(), d.attempt, V::Failed),
             E::EvaluateSucceeded(d) | E::PerfSucceeded(d) | E::CostSucceeded(d) => {
                 (d.stage.as_str(), d.attempt, V::Succeeded)
             }
             E::MonitorSucceeded(d) => (d.stage.as_str(), d.attempt, V::Succeeded),
-            E::BuildFailed(d) | E::DeployFailed(d) | E::RollbackFailed(d) => {
+            E::BuildFailed(d) | E::DeployFailed(d) | E::RollbackFailed(d) | E::PromoteFailed(d) => {
                 (d.stage.as_str(), d.attempt, V::Failed)
             }
             E::TestFailed(d) => (d.stage.as_str(), d.attempt, V::Failed),
@@ -781,6 +821,22 @@ impl EventData {
             StageKind::Build => EventData::BuildFailed(plain),
             StageKind::Deploy => EventData::DeployFailed(plain),
             StageKind::Rollback => EventData::RollbackFailed(plain),
+            StageKind::Promote => EventData::PromoteFailed(plain),
+            StageKind::Rollout => EventData::RolloutFailed(RolloutReport {
+                stage: stage.to_string(),
+                attempt,
+                environment: key
+                    .as_ref()
+                    .and_then(StageKey::environment)
+                    .unwrap_or_default()
+                    .to_string(),
+                version: String::new(),
+                steps_passed: 0,
+                last: None,
+                decided_by: "conductor".into(),
+                reason: reason.clone(),
+                duration_ms: 0,
+            }),
             StageKind::Test => EventData::TestFailed(TestReport {
                 stage: stage.to_string(),
                 attempt,

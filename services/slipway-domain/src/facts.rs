@@ -7,7 +7,7 @@ use crate::envelope::Event;
 use crate::events::{EventData, StageKind, StageStarted};
 use crate::ids;
 
-/// The plain `started` fact of a request type (deploys and rollbacks state their own, with
+/// The plain `started` fact of a request type (deploys, rollbacks and promotions state their own, with
 /// what was live before; an approval is never started).
 pub fn started_data(
     request_type: &str,
@@ -28,7 +28,10 @@ pub fn started_data(
         StageKind::Perf => EventData::PerfStarted(s),
         StageKind::Cost => EventData::CostStarted(s),
         StageKind::Monitor => EventData::MonitorStarted(s),
-        StageKind::Deploy | StageKind::Rollback | StageKind::Approval => return None,
+        StageKind::Rollout => EventData::RolloutStarted(s),
+        StageKind::Deploy | StageKind::Rollback | StageKind::Promote | StageKind::Approval => {
+            return None;
+        }
     })
 }
 

@@ -40,12 +40,16 @@ impl Run {
             return;
         }
         // Only the few active stages need their kind parsed from the key.
-        let (mut approval, mut deploying, mut monitoring) = (false, false, false);
+        let (mut approval, mut deploying, mut rolling, mut monitoring) =
+            (false, false, false, false);
         for s in &self.stages {
             if matches!(s.status, StageStatus::Requested | StageStatus::Running) {
                 match s.kind() {
                     Some(StageKind::Approval) => approval = true,
-                    Some(StageKind::Deploy | StageKind::Rollback) => deploying = true,
+                    Some(StageKind::Deploy | StageKind::Rollback | StageKind::Promote) => {
+                        deploying = true;
+                    }
+                    Some(StageKind::Rollout) => rolling = true,
                     Some(StageKind::Monitor) => monitoring = true,
                     _ => {}
                 }
@@ -55,6 +59,8 @@ impl Run {
             Phase::AwaitingApproval
         } else if deploying {
             Phase::Deploying
+        } else if rolling {
+            Phase::RollingOut
         } else if monitoring {
             Phase::Monitoring
         } else if self.stages.iter().all(|s| s.status == StageStatus::Pending) {
@@ -99,6 +105,7 @@ pub fn fold(state: Option<Run>, event: &Event) -> Option<Run> {
                 approvals: Vec::new(),
                 deployments: Vec::new(),
                 incidents: Vec::new(),
+                rollouts: Vec::new(),
                 events: 1,
                 trace_id: event
                     .traceparent
@@ -199,12 +206,35 @@ fn apply(run: &mut Run, event: &Event) {
             apply_approval(run, event, d);
         }
         EventData::IncidentOpened(d) => run.incidents.push(d.incident_id.clone()),
+        EventData::RolloutWeightSet(d) if is_rollout(&d.stage) => {
+            if let Some(v) = crate::rollout::view_mut(&mut run.rollouts, &d.stage, d.attempt) {
+                v.weight_set(d);
+            }
+        }
+        EventData::RolloutAnalysed(d) if is_rollout(&d.stage) => {
+            if let Some(v) = crate::rollout::view_mut(&mut run.rollouts, &d.stage, d.attempt) {
+                let mut look = d.clone();
+                look.at = time;
+                v.looks.push(look);
+            }
+        }
+        EventData::RolloutControlled(d) if is_rollout(&d.stage) => {
+            if let Some(v) = crate::rollout::view_mut(&mut run.rollouts, &d.stage, d.attempt) {
+                v.control(d);
+            }
+        }
         data => {
             if let Some((key, attempt, verb)) = data.stage_fact() {
                 apply_stage_fact(run, event, key, attempt, verb);
             }
         }
     }
+}
+
+/// Whether `stage` is one of the run's rollout stages: rollout events about anything else
+/// are not the judge's and change nothing.
+fn is_rollout(stage: &str) -> bool {
+    StageKey::parse(stage).is_ok_and(|k| k.kind() == StageKind::Rollout)
 }
 
 /// At the run's end, every stage that has not ended reads as `cancelled`, saying why: nothing
@@ -276,7 +306,10 @@ fn apply_stage_fact(run: &mut Run, event: &Event, key: &str, attempt: u32, verb:
             }
             stage.status = StageStatus::Running;
             stage.started_at = Some(time);
-            if let EventData::DeployStarted(d) | EventData::RollbackStarted(d) = &event.data {
+            if let EventData::DeployStarted(d)
+            | EventData::RollbackStarted(d)
+            | EventData::PromoteStarted(d) = &event.data
+            {
                 stage.worker = Some(d.worker.clone());
             } else if let Some(w) = started_worker(&event.data) {
                 stage.worker = Some(w);
@@ -305,16 +338,19 @@ fn started_worker(data: &EventData) -> Option<String> {
         | EventData::EvaluateStarted(d)
         | EventData::PerfStarted(d)
         | EventData::CostStarted(d)
-        | EventData::MonitorStarted(d) => Some(d.worker.clone()),
+        | EventData::MonitorStarted(d)
+        | EventData::RolloutStarted(d) => Some(d.worker.clone()),
         _ => None,
     }
 }
 
 fn failure_reason(data: &EventData) -> String {
     let r = match data {
-        EventData::BuildFailed(d) | EventData::DeployFailed(d) | EventData::RollbackFailed(d) => {
-            Some(d.reason.clone())
-        }
+        EventData::BuildFailed(d)
+        | EventData::DeployFailed(d)
+        | EventData::RollbackFailed(d)
+        | EventData::PromoteFailed(d) => Some(d.reason.clone()),
+        EventData::RolloutFailed(d) => Some(d.reason.clone()),
         EventData::TestFailed(d) => d.reason.clone(),
         EventData::EvaluateFailed(d) | EventData::PerfFailed(d) | EventData::CostFailed(d) => {
             d.reason.clone()

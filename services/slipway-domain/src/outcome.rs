@@ -52,6 +52,8 @@ fn failed_kind(kind: Option<StageKind>) -> &'static str {
         Some(StageKind::Approval) => "rejected",
         Some(StageKind::Monitor) => "monitor_failed",
         Some(StageKind::Rollback) => "rollback_failed",
+        Some(StageKind::Rollout) => "rollout_aborted",
+        Some(StageKind::Promote) => "promote_failed",
         None => "_OTHER",
     }
 }

@@ -1,7 +1,7 @@
 //! The plan: the order of a run's stages, derived from its spec.
 //!
 //! build → test suites (in parallel) → for each environment in order: [approval] → deploy →
-//! [monitor] → [quality gates, after the environment they measure]. Gates without any
+//! [rollout → promote] → [monitor] → [quality gates, after the environment they measure]. Gates without any
 //! environment run right after the tests. Cost runs after evaluation and performance, which
 //! run in parallel unless the spec says otherwise.
 
@@ -45,6 +45,10 @@ pub fn plan(spec: &PipelineSpec) -> Vec<Step> {
             });
         }
         steps.push(Step::Stages(vec![StageKind::Deploy.key(Some(&env.name))]));
+        if env.rollout.is_some() {
+            steps.push(Step::Stages(vec![StageKind::Rollout.key(Some(&env.name))]));
+            steps.push(Step::Stages(vec![StageKind::Promote.key(Some(&env.name))]));
+        }
         if spec.monitors(&env.name) {
             steps.push(Step::Stages(vec![StageKind::Monitor.key(Some(&env.name))]));
         }
@@ -93,12 +97,14 @@ pub fn step_keys(spec: &PipelineSpec) -> Vec<Vec<String>> {
 }
 
 /// Whether a run of `spec` can request a stage of one of `kinds` (a rollback follows a failed
-/// monitor, so it can when the plan monitors an environment).
+/// monitor or rollout, so it can when the plan monitors or rolls out an environment).
 pub fn requests_any(spec: &PipelineSpec, kinds: &[StageKind]) -> bool {
     planned_stages(spec).iter().any(|key| {
         let kind = StageKey::parse(key).ok().map(|k| k.kind());
         kind.is_some_and(|k| {
-            kinds.contains(&k) || (k == StageKind::Monitor && kinds.contains(&StageKind::Rollback))
+            kinds.contains(&k)
+                || (matches!(k, StageKind::Monitor | StageKind::Rollout)
+                    && kinds.contains(&StageKind::Rollback))
         })
     })
 }
@@ -110,7 +116,8 @@ pub fn in_order(run: &crate::run::Run, key: &str) -> bool {
     use crate::run::StageStatus;
     let status = |k: &str| run.stage(k).map(|s| s.status);
     if let Some(env) = crate::stage::environment_of(key, StageKind::Rollback) {
-        return status(&StageKind::Monitor.key(Some(&env))) == Some(StageStatus::Failed);
+        return status(&StageKind::Monitor.key(Some(&env))) == Some(StageStatus::Failed)
+            || status(&StageKind::Rollout.key(Some(&env))) == Some(StageStatus::Failed);
     }
     for keys in run.step_keys() {
         if keys.iter().any(|k| k == key) {

@@ -24,6 +24,8 @@ pub enum Phase {
     Running,
     AwaitingApproval,
     Deploying,
+    /// A rollout is moving traffic to the candidate.
+    RollingOut,
     Monitoring,
     Succeeded,
     Failed,
@@ -50,6 +52,7 @@ impl Phase {
             Phase::Running => "running",
             Phase::AwaitingApproval => "awaiting_approval",
             Phase::Deploying => "deploying",
+            Phase::RollingOut => "rolling_out",
             Phase::Monitoring => "monitoring",
             Phase::Succeeded => "succeeded",
             Phase::Failed => "failed",
@@ -184,6 +187,9 @@ pub struct Run {
     pub approvals: Vec<Approval>,
     pub deployments: Vec<Deployment>,
     pub incidents: Vec<String>,
+    /// Progressive deliveries, one per rollout environment reached.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<crate::rollout::RolloutView>,
     /// Number of events folded (duplicates excluded).
     pub events: u64,
     /// The run's trace (W3C trace id), from its first event.

@@ -122,8 +122,9 @@ impl Service {
             Service::Conductor => &[],
             Service::Builder => &[StageKind::Build],
             Service::Tester => &[StageKind::Test],
-            Service::Deployer => &[StageKind::Deploy, StageKind::Rollback],
-            Service::Monitor => &[StageKind::Monitor],
+            Service::Deployer => &[StageKind::Deploy, StageKind::Rollback, StageKind::Promote],
+            // The monitor is also the rollouts' judge: both watch a live environment's metrics.
+            Service::Monitor => &[StageKind::Monitor, StageKind::Rollout],
             Service::Approval => &[StageKind::Approval],
             Service::ModelEvaluator => &[StageKind::Evaluate],
             Service::PerfRegression => &[StageKind::Perf],
@@ -149,7 +150,8 @@ impl Service {
         match kind {
             StageKind::Build => Service::Builder,
             StageKind::Test => Service::Tester,
-            StageKind::Deploy | StageKind::Rollback => Service::Deployer,
+            StageKind::Deploy | StageKind::Rollback | StageKind::Promote => Service::Deployer,
+            StageKind::Rollout => Service::Monitor,
             StageKind::Evaluate => Service::ModelEvaluator,
             StageKind::Perf => Service::PerfRegression,
             StageKind::Cost => Service::CostEstimator,

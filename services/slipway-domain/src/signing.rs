@@ -73,6 +73,11 @@ impl SigningKey {
     pub fn sign(&self, run_id: &str, approved: bool, d: &ApprovalDecision) -> String {
         STANDARD.encode(self.0.sign(&message(run_id, approved, d)).as_ref())
     }
+
+    /// The signature (base64) of a person's control of a rollout.
+    pub fn sign_control(&self, run_id: &str, c: &crate::rollout::RolloutControl) -> String {
+        STANDARD.encode(self.0.sign(&c.message(run_id)).as_ref())
+    }
 }
 
 /// The public key the deployer verifies approvals with.
@@ -120,6 +125,32 @@ impl PublicKey {
                     d.approver
                 )
             })
+    }
+}
+
+impl PublicKey {
+    /// Whether a rollout control carries the gateway's valid signature for `run_id`.
+    ///
+    /// # Errors
+    /// Why it does not verify.
+    pub fn verify_control(
+        &self,
+        run_id: &str,
+        c: &crate::rollout::RolloutControl,
+    ) -> Result<(), String> {
+        let sig = c.signature.as_deref().ok_or_else(|| {
+            format!(
+                "{}'s {} is not signed by the gateway",
+                c.by,
+                c.action.as_str()
+            )
+        })?;
+        let sig = STANDARD
+            .decode(sig)
+            .map_err(|_| format!("{}'s signature is not base64", c.by))?;
+        UnparsedPublicKey::new(&ED25519, &self.0)
+            .verify(&c.message(run_id), &sig)
+            .map_err(|_| format!("{}'s signature does not match this run and control", c.by))
     }
 }
 

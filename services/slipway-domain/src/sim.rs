@@ -44,6 +44,33 @@ pub struct Sim {
 }
 
 /// One production environment, deployed and then monitored: no tests, no approval.
+/// A production environment rolled out as a canary.
+pub const CANARY_PIPELINE: &str = r#"
+[pipeline]
+name = "svc"
+[build]
+command = ["make"]
+[[environment]]
+name = "production"
+url = "http://127.0.0.1:1"
+[environment.deploy]
+command = ["./deploy"]
+[environment.traffic]
+flag_file = "/tmp/flags.json"
+[environment.rollout]
+strategy = "canary"
+requests = "http_requests_total"
+steps = [{ weight = 5, duration_secs = 60 }, { weight = 50, duration_secs = 60 }]
+[[environment.rollout.analysis]]
+name = "errors"
+kind = "ratio"
+numerator = "http_errors_total"
+denominator = "http_requests_total"
+tolerance = 0.01
+[monitor]
+window_secs = 60
+"#;
+
 pub const MONITORED_PIPELINE: &str = r#"
 [pipeline]
 name = "svc"
@@ -184,7 +211,8 @@ impl Sim {
         self.log.push(e);
     }
 
-    fn fact(&mut self, data: EventData) {
+    /// Appends a worker's fact about the run.
+    pub fn fact(&mut self, data: EventData) {
         self.now += Duration::seconds(1);
         let (stage, attempt, _) =
             data.stage_fact()
@@ -396,6 +424,47 @@ impl Sim {
                         EventData::ApprovalApproved(d)
                     });
                 }
+            }
+            EventData::PromoteRequested(r) => {
+                let live = self.live.get(&r.environment).cloned();
+                self.fact(EventData::PromoteStarted(DeployStarted {
+                    stage: stage.clone(),
+                    attempt,
+                    worker: "sim".into(),
+                    environment: r.environment.clone(),
+                    version: r.version.clone(),
+                    previous_version: live.as_ref().map(|p| p.0.clone()),
+                    previous_artifact: live.map(|p| p.1),
+                }));
+                self.fact(EventData::PromoteSucceeded(DeploySucceeded {
+                    stage,
+                    attempt,
+                    pipeline: r.pipeline.clone(),
+                    environment: r.environment.clone(),
+                    version: r.version.clone(),
+                    artifact: r.artifact.clone(),
+                    previous_version: None,
+                    log: None,
+                    duration_ms: 3,
+                }));
+            }
+            EventData::RolloutRequested(r) => {
+                if let Some(s) =
+                    crate::facts::started_data(data.type_name(), &stage, attempt, "sim")
+                {
+                    self.fact(s);
+                }
+                self.fact(EventData::RolloutSucceeded(crate::rollout::RolloutReport {
+                    stage,
+                    attempt,
+                    environment: r.environment.name.clone(),
+                    version: r.version.clone(),
+                    steps_passed: u32::try_from(r.spec.plan().len()).unwrap_or(u32::MAX),
+                    last: None,
+                    decided_by: "judge".into(),
+                    reason: "every step passed".into(),
+                    duration_ms: 11,
+                }));
             }
             EventData::MonitorRequested(r) => {
                 self.fact(EventData::MonitorSucceeded(MonitorReport {

@@ -109,6 +109,13 @@ pub struct EnvironmentSpec {
     #[serde(default, skip_serializing_if = "is_false")]
     pub requires_approval: bool,
     pub deploy: DeployTarget,
+    /// Roll changes out progressively: the candidate beside the version in service, judged
+    /// on live traffic (see `docs/pipeline-spec.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::rollout::RolloutSpec>,
+    /// Where a rollout's traffic weights are published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<crate::rollout::TrafficSpec>,
 }
 
 /// The deploy command receives `SLIPWAY_ENVIRONMENT`, `SLIPWAY_RUN_ID`, `SLIPWAY_VERSION`,
@@ -502,23 +509,7 @@ fn default_health_path() -> String {
     "/healthz".into()
 }
 
-/// A spec that cannot be used, naming the field at fault.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid pipeline spec: {path}: {message}")]
-pub struct SpecError {
-    /// Dotted path of the offending field, e.g. `test[1].command`.
-    pub path: String,
-    pub message: String,
-}
-
-impl SpecError {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-        }
-    }
-}
+pub use crate::spec_error::SpecError;
 
 impl PipelineSpec {
     /// Parses and validates a TOML spec a person wrote.
@@ -624,6 +615,30 @@ impl PipelineSpec {
                 return Err(SpecError::new(
                     format!("{p}.requires_approval"),
                     "needs an [approval] policy",
+                ));
+            }
+            if let Some(r) = &e.rollout {
+                r.validate(&format!("{p}.rollout"))?;
+                let Some(t) = &e.traffic else {
+                    return Err(SpecError::new(
+                        format!("{p}.traffic"),
+                        "a rollout needs [environment.traffic]: where its weights are published",
+                    ));
+                };
+                crate::rollout::validate_traffic(&format!("{p}.traffic"), t)?;
+                if e.url.is_none() && r.metrics.starts_with('/') {
+                    return Err(SpecError::new(
+                        format!("{p}.url"),
+                        "a rollout reads its metrics on the environment's url: give one, or a whole URL in rollout.metrics",
+                    ));
+                }
+                if let Some(c) = t.command.as_ref() {
+                    check_argv(&format!("{p}.traffic.command"), c)?;
+                }
+            } else if e.traffic.is_some() {
+                return Err(SpecError::new(
+                    format!("{p}.traffic"),
+                    "only for an environment with a [environment.rollout]",
                 ));
             }
         }

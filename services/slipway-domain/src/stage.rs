@@ -19,10 +19,14 @@ pub enum StageKind {
     Approval,
     Monitor,
     Rollback,
+    /// Progressive delivery of the candidate slot (see [`crate::rollout`]).
+    Rollout,
+    /// The rolled-out change deployed to the stable slot.
+    Promote,
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 9] = [
+    pub const ALL: [StageKind; 11] = [
         StageKind::Build,
         StageKind::Test,
         StageKind::Deploy,
@@ -32,6 +36,8 @@ impl StageKind {
         StageKind::Approval,
         StageKind::Monitor,
         StageKind::Rollback,
+        StageKind::Rollout,
+        StageKind::Promote,
     ];
 
     /// The subject and type token.
@@ -46,6 +52,8 @@ impl StageKind {
             StageKind::Approval => "approval",
             StageKind::Monitor => "monitor",
             StageKind::Rollback => "rollback",
+            StageKind::Rollout => "rollout",
+            StageKind::Promote => "promote",
         }
     }
 
@@ -103,9 +111,12 @@ impl StageKey {
     /// The environment of a stage that has one (deploy, approval, monitor, rollback).
     pub fn environment(&self) -> Option<&str> {
         match self.kind {
-            StageKind::Deploy | StageKind::Approval | StageKind::Monitor | StageKind::Rollback => {
-                self.instance()
-            }
+            StageKind::Deploy
+            | StageKind::Approval
+            | StageKind::Monitor
+            | StageKind::Rollback
+            | StageKind::Rollout
+            | StageKind::Promote => self.instance(),
             _ => None,
         }
     }
@@ -166,6 +177,8 @@ mod tests {
                 Some("production"),
             ),
             ("evaluate", StageKind::Evaluate, None),
+            ("rollout:production", StageKind::Rollout, Some("production")),
+            ("promote:production", StageKind::Promote, Some("production")),
         ] {
             let k = StageKey::parse(key).unwrap();
             assert_eq!((k.kind(), k.instance()), (kind, instance), "{key}");

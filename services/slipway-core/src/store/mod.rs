@@ -17,7 +17,11 @@ use crate::bus::{Bus, BusError};
 
 /// A KV bucket of derived state (one value per key: history 1), created on first use with the
 /// log's replica count.
-async fn kv_bucket(bus: &Bus, name: &str, description: &str) -> Result<kv::Store, BusError> {
+pub(crate) async fn kv_bucket(
+    bus: &Bus,
+    name: &str,
+    description: &str,
+) -> Result<kv::Store, BusError> {
     let js = bus.jetstream();
     if let Ok(kv) = js.get_key_value(name).await {
         return Ok(kv);

@@ -827,6 +827,23 @@ impl StageScope {
     }
 }
 
+impl StageScope {
+    /// Emits a moment of the stage's work (a rollout's look) as a span of no length under the
+    /// stage's span, with its figures as attributes.
+    pub fn mark(&self, name: &str, attributes: &[(&'static str, String)]) {
+        let at = SystemTime::now();
+        self.record(
+            name,
+            at,
+            at,
+            attributes
+                .iter()
+                .map(|(k, v)| KeyValue::new(*k, v.clone()))
+                .collect(),
+        );
+    }
+}
+
 /// A span around a piece of work; emitted when dropped.
 #[derive(Debug)]
 pub struct WorkSpan {

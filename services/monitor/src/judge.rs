@@ -1,0 +1,482 @@
+//! The rollouts' judge: `rollout.requested` in; weights published step by step, each look at
+//! both variants a `rollout.analysed` event; `rollout.succeeded` (promote) or `rollout.failed`
+//! (aborted: the weight is back at 0 first) out.
+//!
+//! Everything the judge needs to go on is in the log: the step in progress and when it began
+//! (its `rollout.weight_set`), the A/B test's p-value so far (the last look), and people's
+//! controls. A judge restarted in the middle of a step (a crash, a redelivery) carries on with
+//! that step, neither repeating nor skipping one; only the metrics window restarts at the first
+//! scrape after the restart, since scrapes are not kept.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use slipway_core::bus::now;
+use slipway_core::exec::ExecSettings;
+use slipway_core::runtime::{Job, Transient};
+use slipway_core::traffic::{Target, publish};
+use slipway_domain::events::{EventData, RolloutRequested};
+use slipway_domain::judge::{AbWinner, StepDecision};
+use slipway_domain::rollout::{
+    self, ControlAction, MetricKind, OnWin, Plan, RolloutAnalysis, RolloutControl, RolloutReport,
+    RolloutSpec, RolloutView, StepAt, WeightCause, WeightSet, Window,
+};
+use slipway_domain::signing::PublicKey;
+use slipway_domain::traffic::{CANDIDATE, STABLE, Weight};
+use slipway_domain::{Event, Run};
+use tracing::{info, warn};
+
+use crate::prometheus::Scrape;
+
+/// What the judge is given besides the job.
+#[derive(Debug, Clone)]
+pub struct Judge {
+    pub exec: ExecSettings,
+    /// The gateway's key: a person's control counts only with its valid signature.
+    pub approval_key: Option<PublicKey>,
+}
+
+/// How a rollout ends.
+enum End {
+    Promote { by: String, reason: String },
+    Abort { by: String, reason: String },
+}
+
+/// The rollout as the log has it now, with only the controls the gateway signed.
+struct Log {
+    view: Option<RolloutView>,
+    controls: Vec<RolloutControl>,
+}
+
+impl Judge {
+    /// Runs a rollout to its end.
+    pub async fn roll_out(
+        &self,
+        job: &Job,
+        req: &RolloutRequested,
+    ) -> Result<EventData, Transient> {
+        let started = Instant::now();
+        let plan = req.spec.plan();
+        let mut last: Option<RolloutAnalysis> = None;
+        let env = &req.environment.name;
+        let report = |end: &End, steps_passed: u32, last: Option<RolloutAnalysis>| {
+            let (by, reason) = match end {
+                End::Promote { by, reason } | End::Abort { by, reason } => (by, reason),
+            };
+            RolloutReport {
+                stage: req.stage.clone(),
+                attempt: req.attempt,
+                environment: env.clone(),
+                version: req.version.clone(),
+                steps_passed,
+                last,
+                decided_by: by.clone(),
+                reason: reason.clone(),
+                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            }
+        };
+        // The environment's first deploy has nothing in service to compare with: all traffic
+        // goes to the candidate, and promotion puts it in the stable slot.
+        if req.stable_version.is_none() {
+            self.set_weight(
+                job,
+                req,
+                plan.len() as u32,
+                Weight::ALL,
+                WeightCause::Promote,
+            )
+            .await?;
+            let end = End::Promote {
+                by: "judge".into(),
+                reason: format!("the first deploy to {env}: nothing in service to compare with"),
+            };
+            return Ok(EventData::RolloutSucceeded(report(&end, 0, None)));
+        }
+        let metrics_url = metrics_url(req);
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(req.spec.interval_secs.clamp(1, 10)))
+            .build()
+            .map_err(|e| Transient(e.to_string()))?;
+        let interval = Duration::from_secs(req.spec.interval_secs);
+
+        let log = self.read(job, req).await?;
+        // Resume where the log says, or begin the first step.
+        let (mut step, mut step_started) = match log.view.as_ref().and_then(|v| {
+            v.step_started_at
+                .filter(|_| v.weights.iter().any(|w| w.cause == WeightCause::Step))
+                .map(|at| (v.step, at))
+        }) {
+            Some((s, at)) => {
+                info!(environment = %env, step = s, "Resuming the rollout from the log.");
+                (s, at)
+            }
+            None => (0, self.begin(job, req, &plan, 0).await?),
+        };
+        let mut ab_p = log
+            .view
+            .as_ref()
+            .and_then(|v| {
+                v.looks
+                    .iter()
+                    .rev()
+                    .filter(|l| l.step == step)
+                    .find_map(|l| l.ab.as_ref().map(|a| a.p_value))
+            })
+            .unwrap_or(1.0);
+        let mut before = scrape(&client, &metrics_url).await.ok();
+        let mut awaiting_approval = false;
+        let end = loop {
+            tokio::select! {
+                _ = job.cancel.cancelled() => return Err(Transient("the rollout was interrupted".into())),
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let log = self.read(job, req).await?;
+            if let Some(c) = log
+                .controls
+                .iter()
+                .find(|c| matches!(c.action, ControlAction::Promote | ControlAction::Abort))
+            {
+                let why = c
+                    .comment
+                    .clone()
+                    .map(|x| format!(": {x}"))
+                    .unwrap_or_default();
+                break if c.action == ControlAction::Promote {
+                    End::Promote {
+                        by: c.by.clone(),
+                        reason: format!("promoted by {}{why}", c.by),
+                    }
+                } else {
+                    End::Abort {
+                        by: c.by.clone(),
+                        reason: format!("aborted by {}{why}", c.by),
+                    }
+                };
+            }
+            let paused = log
+                .controls
+                .iter()
+                .rev()
+                .find(|c| matches!(c.action, ControlAction::Pause | ControlAction::Resume))
+                .is_some_and(|c| c.action == ControlAction::Pause);
+            if paused || awaiting_approval {
+                continue;
+            }
+            let Some(p) = plan.get(step as usize).copied() else {
+                break End::Promote {
+                    by: "judge".into(),
+                    reason: "every step passed".into(),
+                };
+            };
+            let at_now = now();
+            let elapsed = u64::try_from((at_now - step_started).num_seconds()).unwrap_or(0);
+            let at = StepAt {
+                step,
+                weight: p.weight,
+                elapsed_secs: elapsed,
+                duration_secs: p.duration_secs,
+                max_hold_secs: req.spec.max_hold_secs(&p),
+                ab_p,
+            };
+            let mut look = match (scrape(&client, &metrics_url).await, &before) {
+                (Ok(now_scrape), Some(b)) => {
+                    let (s, c) = windows(&req.spec, b, &now_scrape);
+                    rollout::look(&req.spec, at, &s, &c, at_now)
+                }
+                (Ok(now_scrape), None) => {
+                    before = Some(now_scrape);
+                    continue;
+                }
+                (Err(e), _) => unavailable(at, &e, at_now),
+            };
+            look.analysis.stage = req.stage.clone();
+            look.analysis.attempt = req.attempt;
+            ab_p = look.ab_p;
+            if req
+                .spec
+                .ab
+                .as_ref()
+                .is_some_and(|ab| ab.winner == OnWin::Approve)
+                && look.winner == Some(AbWinner::Candidate)
+            {
+                look.analysis.decision = "await_approval".into();
+                look.analysis.reason = format!(
+                    "{}; an approver promotes it (slipway rollout promote) or aborts it",
+                    look.analysis.reason
+                );
+                awaiting_approval = true;
+            }
+            self.record(job, &look.analysis).await?;
+            let decision = look.decision.clone();
+            last = Some(look.analysis);
+            if awaiting_approval {
+                continue;
+            }
+            match decision {
+                StepDecision::Hold(_) => {}
+                StepDecision::Abort(reason) => {
+                    break End::Abort {
+                        by: "judge".into(),
+                        reason: format!("step {} at {}%: {reason}", step + 1, p.weight),
+                    };
+                }
+                StepDecision::Promote if (step as usize) + 1 < plan.len() => {
+                    step += 1;
+                    step_started = self.begin(job, req, &plan, step).await?;
+                    ab_p = 1.0;
+                    before = scrape(&client, &metrics_url).await.ok();
+                }
+                StepDecision::Promote => {
+                    let reason = last.as_ref().map(|l| l.reason.clone()).unwrap_or_default();
+                    break End::Promote {
+                        by: "judge".into(),
+                        reason: format!("every step passed ({reason})"),
+                    };
+                }
+            }
+        };
+        let n = plan.len() as u32;
+        match &end {
+            End::Promote { .. } => {
+                self.set_weight(job, req, n, Weight::ALL, WeightCause::Promote)
+                    .await?;
+                info!(environment = %env, "Rollout promoted.");
+                let passed = if matches!(&end, End::Promote { by, .. } if by == "judge") {
+                    n
+                } else {
+                    step
+                };
+                Ok(EventData::RolloutSucceeded(report(&end, passed, last)))
+            }
+            End::Abort { reason, .. } => {
+                // Traffic first: every moment counts for the users on a bad candidate.
+                self.set_weight(job, req, step, Weight::NONE, WeightCause::Abort)
+                    .await?;
+                warn!(environment = %env, %reason, "Rollout aborted: all traffic back on the stable version.");
+                Ok(EventData::RolloutFailed(report(&end, step, last)))
+            }
+        }
+    }
+
+    /// Reads the run's rollout from the log.
+    async fn read(&self, job: &Job, req: &RolloutRequested) -> Result<Log, Transient> {
+        let records = job
+            .bus
+            .run_log(&job.run_id)
+            .await
+            .map_err(Transient::from)?;
+        let events: Vec<Event> = records.into_iter().filter_map(|r| r.event.ok()).collect();
+        let run = Run::replay(&events);
+        let view = run
+            .as_ref()
+            .and_then(|r| {
+                r.rollouts
+                    .iter()
+                    .find(|v| v.stage == req.stage && v.attempt == req.attempt)
+            })
+            .cloned();
+        let controls = view
+            .as_ref()
+            .map(|v| {
+                v.controls
+                    .iter()
+                    .filter(|c| match &self.approval_key {
+                        Some(k) => match k.verify_control(&job.run_id, c) {
+                            Ok(()) => true,
+                            Err(e) => {
+                                warn!(error = %e, "A rollout control is ignored.");
+                                false
+                            }
+                        },
+                        None => {
+                            warn!("No [approvals] public_key: rollout controls cannot be verified and are ignored.");
+                            false
+                        }
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Log { view, controls })
+    }
+
+    /// Begins step `step`: its weight published and recorded; when it began.
+    async fn begin(
+        &self,
+        job: &Job,
+        req: &RolloutRequested,
+        plan: &[Plan],
+        step: u32,
+    ) -> Result<DateTime<Utc>, Transient> {
+        let p = plan[step as usize];
+        let weight = Weight::percent(p.weight).map_err(Transient)?;
+        info!(environment = %req.environment.name, step = step + 1, weight = p.weight, "Rollout step.");
+        self.set_weight(job, req, step, weight, WeightCause::Step)
+            .await
+    }
+
+    async fn set_weight(
+        &self,
+        job: &Job,
+        req: &RolloutRequested,
+        step: u32,
+        weight: Weight,
+        cause: WeightCause,
+    ) -> Result<DateTime<Utc>, Transient> {
+        let target = Target {
+            traffic: &req.traffic,
+            pipeline: &req.pipeline,
+            environment: &req.environment.name,
+        };
+        let published = publish(&job.bus, &self.exec, &target, weight)
+            .await
+            .map_err(Transient)?;
+        let at = now();
+        let w = WeightSet {
+            stage: req.stage.clone(),
+            attempt: req.attempt,
+            environment: req.environment.name.clone(),
+            step,
+            weight: weight.as_percent(),
+            cause,
+            published,
+            at,
+        };
+        let id = rollout::weight_event_id(&job.run_id, &w);
+        self.append(job, id, EventData::RolloutWeightSet(w)).await?;
+        Ok(at)
+    }
+
+    async fn record(&self, job: &Job, a: &RolloutAnalysis) -> Result<(), Transient> {
+        let id = rollout::analysis_event_id(&job.run_id, a);
+        let scope = job.scope();
+        scope.mark(
+            "rollout.analysed",
+            &[
+                ("slipway.rollout.step", (a.step + 1).to_string()),
+                ("slipway.rollout.weight", a.weight.to_string()),
+                ("slipway.rollout.decision", a.decision.clone()),
+                ("slipway.rollout.reason", a.reason.clone()),
+            ],
+        );
+        self.append(job, id, EventData::RolloutAnalysed(a.clone()))
+            .await
+    }
+
+    async fn append(&self, job: &Job, id: String, data: EventData) -> Result<(), Transient> {
+        let mut e = Event::new(
+            id,
+            "/slipway/monitor",
+            Some(job.run_id.clone()),
+            now(),
+            data,
+        );
+        e.traceparent = job.request.traceparent.clone();
+        job.bus.publish(&e).await.map_err(Transient::from)?;
+        Ok(())
+    }
+}
+
+fn metrics_url(req: &RolloutRequested) -> String {
+    let m = &req.spec.metrics;
+    if m.starts_with("http://") || m.starts_with("https://") {
+        return m.clone();
+    }
+    let base = req.environment.url.as_deref().unwrap_or_default();
+    format!("{}{m}", base.trim_end_matches('/'))
+}
+
+async fn scrape(client: &reqwest::Client, url: &str) -> Result<Scrape, String> {
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url} answered {}", resp.status()));
+    }
+    let text = resp.text().await.map_err(|e| format!("{url}: {e}"))?;
+    Ok(Scrape::parse(&text))
+}
+
+/// Each variant's counters and histograms between two scrapes.
+fn windows(spec: &RolloutSpec, before: &Scrape, now: &Scrape) -> (Window, Window) {
+    let mut counters = vec![spec.requests.clone()];
+    let mut histograms = Vec::new();
+    for m in &spec.analysis {
+        match m.kind {
+            MetricKind::Ratio => counters.extend(m.numerator.iter().chain(&m.denominator).cloned()),
+            MetricKind::Latency => histograms.extend(m.histogram.iter().cloned()),
+        }
+    }
+    let label = &spec.variant_label;
+    let window = |variant: &str| {
+        let mut w = Window::default();
+        for c in &counters {
+            let (b, a) = (
+                before.sum_where(c, label, variant).unwrap_or(0.0),
+                now.sum_where(c, label, variant).unwrap_or(0.0),
+            );
+            // A restarted service starts its counters again: what it counted since then.
+            w.counters.insert(c.clone(), if a >= b { a - b } else { a });
+        }
+        for h in &histograms {
+            let (b, a) = (
+                before.buckets_where(h, label, variant),
+                now.buckets_where(h, label, variant),
+            );
+            let reset = a.last().map_or(0.0, |x| x.1) < b.last().map_or(0.0, |x| x.1);
+            let delta = a
+                .iter()
+                .map(|(le, n)| {
+                    let old = if reset {
+                        0.0
+                    } else {
+                        b.iter().find(|(l, _)| l == le).map_or(0.0, |x| x.1)
+                    };
+                    (*le, (n - old).max(0.0))
+                })
+                .collect();
+            w.histograms.insert(h.clone(), delta);
+        }
+        w
+    };
+    (window(STABLE), window(CANDIDATE))
+}
+
+/// A look when the metrics cannot be read: nothing is judged; held past the step's limit, the
+/// rollout aborts (a candidate nobody can see is not promoted).
+fn unavailable(at: StepAt, error: &str, now: DateTime<Utc>) -> rollout::Look {
+    let limit = at.duration_secs + at.max_hold_secs;
+    let decision = if at.elapsed_secs >= limit {
+        StepDecision::Abort(format!(
+            "metrics unavailable for the step's {limit}s: {error}"
+        ))
+    } else {
+        StepDecision::Hold(format!("metrics unavailable: {error}"))
+    };
+    let (name, reason) = match &decision {
+        StepDecision::Abort(r) => ("abort", r.clone()),
+        StepDecision::Hold(r) => ("hold", r.clone()),
+        StepDecision::Promote => unreachable!("never promoted without metrics"),
+    };
+    rollout::Look {
+        analysis: RolloutAnalysis {
+            stage: String::new(),
+            attempt: 0,
+            step: at.step,
+            weight: at.weight,
+            elapsed_secs: at.elapsed_secs,
+            requests: [0.0, 0.0],
+            comparisons: Vec::new(),
+            score: None,
+            ab: None,
+            decision: name.into(),
+            reason,
+            at: now,
+        },
+        decision,
+        winner: None,
+        ab_p: at.ab_p,
+    }
+}

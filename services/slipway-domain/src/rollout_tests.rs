@@ -1,0 +1,456 @@
+use chrono::{TimeZone, Utc};
+
+use super::*;
+use crate::decide::Command;
+use crate::events::EventData;
+use crate::run::Phase;
+use crate::sim::{Answer, CANARY_PIPELINE, Sim, artifact};
+use crate::spec::PipelineSpec;
+
+fn spec() -> RolloutSpec {
+    let p = PipelineSpec::parse(CANARY_PIPELINE).unwrap();
+    p.environment[0].rollout.clone().unwrap()
+}
+
+fn ab_spec() -> RolloutSpec {
+    let mut s = spec();
+    s.strategy = Strategy::Ab;
+    s.steps.clear();
+    s.analysis.push(AnalysisMetric {
+        name: "liked".into(),
+        kind: MetricKind::Ratio,
+        numerator: Some("feedback_positive_total".into()),
+        denominator: Some("feedback_total".into()),
+        higher_is_better: true,
+        tolerance: None,
+        histogram: None,
+        quantile: None,
+        max_increase_pct: None,
+    });
+    s.ab = Some(AbSpec {
+        metric: "liked".into(),
+        min_effect: 0.05,
+        significance: 0.05,
+        weight: 50.0,
+        max_duration_secs: 600,
+        winner: OnWin::Promote,
+    });
+    s
+}
+
+fn window(requests: f64, errors: f64) -> Window {
+    Window {
+        counters: [
+            ("http_requests_total".to_string(), requests),
+            ("http_errors_total".to_string(), errors),
+        ]
+        .into(),
+        histograms: BTreeMap::new(),
+    }
+}
+
+fn at(elapsed: u64) -> StepAt {
+    StepAt {
+        step: 0,
+        weight: 5.0,
+        elapsed_secs: elapsed,
+        duration_secs: 60,
+        max_hold_secs: 60,
+        ab_p: 1.0,
+    }
+}
+
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 12, 4, 12, 0, 0).unwrap()
+}
+
+#[test]
+fn a_rollout_spec_is_checked_with_the_field_named() {
+    assert!(PipelineSpec::parse(CANARY_PIPELINE).is_ok());
+    let bad_steps = CANARY_PIPELINE.replace(
+        "{ weight = 50, duration_secs = 60 }",
+        "{ weight = 3, duration_secs = 60 }",
+    );
+    let e = PipelineSpec::parse(&bad_steps).unwrap_err().to_string();
+    assert!(e.contains("environment[0].rollout.steps[1].weight"), "{e}");
+    let no_traffic = CANARY_PIPELINE.replace(
+        "[environment.traffic]\nflag_file = \"/tmp/flags.json\"\n",
+        "",
+    );
+    let e = PipelineSpec::parse(&no_traffic).unwrap_err().to_string();
+    assert!(e.contains("environment[0].traffic"), "{e}");
+    let relative = CANARY_PIPELINE.replace("/tmp/flags.json", "flags.json");
+    let e = PipelineSpec::parse(&relative).unwrap_err().to_string();
+    assert!(
+        e.contains("environment[0].traffic.flag_file: must be an absolute path"),
+        "{e}"
+    );
+    let ab_without_table = CANARY_PIPELINE.replace("strategy = \"canary\"", "strategy = \"ab\"");
+    let e = PipelineSpec::parse(&ab_without_table)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("environment[0].rollout.ab"), "{e}");
+    let latency_without_histogram = CANARY_PIPELINE.replace(
+        "kind = \"ratio\"\nnumerator",
+        "kind = \"latency\"\nnumerator",
+    );
+    let e = PipelineSpec::parse(&latency_without_histogram)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("analysis[0]: a latency metric needs `histogram`"),
+        "{e}"
+    );
+    let unknown =
+        CANARY_PIPELINE.replace("strategy = \"canary\"", "strategy = \"canary\"\nstepz = 1");
+    let e = PipelineSpec::parse(&unknown).unwrap_err().to_string();
+    assert!(e.contains("stepz"), "{e}");
+}
+
+#[test]
+fn a_clearly_worse_candidate_is_aborted_at_once_and_a_good_one_promoted_when_the_step_is_done() {
+    let s = spec();
+    // 20% errors against 1%, on 400 requests each: abort before the step's time is up.
+    let bad = look(&s, at(10), &window(400.0, 4.0), &window(400.0, 80.0), now());
+    assert!(matches!(bad.decision, StepDecision::Abort(_)), "{bad:?}");
+    assert_eq!(bad.analysis.decision, "abort");
+    assert!(
+        bad.analysis
+            .reason
+            .contains("errors: candidate 0.2000 vs stable 0.0100"),
+        "{}",
+        bad.analysis.reason
+    );
+    let c = &bad.analysis.comparisons[0];
+    assert_eq!(
+        (c.verdict.as_str(), c.test.as_str()),
+        ("fail", "proportions")
+    );
+    assert_eq!(bad.analysis.score, Some(0.0));
+
+    let good_early = look(&s, at(10), &window(400.0, 4.0), &window(400.0, 5.0), now());
+    assert!(
+        matches!(good_early.decision, StepDecision::Hold(_)),
+        "{good_early:?}"
+    );
+    let good = look(&s, at(60), &window(400.0, 4.0), &window(400.0, 5.0), now());
+    assert_eq!(good.decision, StepDecision::Promote);
+    assert_eq!(good.analysis.score, Some(100.0));
+}
+
+#[test]
+fn too_few_requests_hold_and_a_step_held_too_long_aborts() {
+    let s = spec();
+    let few = look(&s, at(60), &window(400.0, 0.0), &window(20.0, 0.0), now());
+    assert!(
+        matches!(&few.decision, StepDecision::Hold(r) if r.contains("100 each")),
+        "{few:?}"
+    );
+    let long = look(&s, at(121), &window(400.0, 0.0), &window(20.0, 0.0), now());
+    assert!(
+        matches!(&long.decision, StepDecision::Abort(r) if r.contains("held 61s")),
+        "{long:?}"
+    );
+}
+
+#[test]
+fn latency_is_compared_on_the_histograms_buckets() {
+    let mut s = spec();
+    s.analysis = vec![AnalysisMetric {
+        name: "p95".into(),
+        kind: MetricKind::Latency,
+        numerator: None,
+        denominator: None,
+        higher_is_better: false,
+        tolerance: None,
+        histogram: Some("latency_seconds".into()),
+        quantile: Some(0.95),
+        max_increase_pct: Some(20.0),
+    }];
+    let hist = |fast: f64, slow: f64| {
+        let mut w = window(fast + slow, 0.0);
+        w.histograms.insert(
+            "latency_seconds".into(),
+            vec![
+                (0.1, fast),
+                (0.5, fast + slow),
+                (f64::INFINITY, fast + slow),
+            ],
+        );
+        w
+    };
+    // The candidate's requests mostly land in the slow bucket.
+    let slow = look(&s, at(60), &hist(380.0, 20.0), &hist(100.0, 300.0), now());
+    assert!(matches!(slow.decision, StepDecision::Abort(_)), "{slow:?}");
+    assert_eq!(slow.analysis.comparisons[0].test, "mann_whitney");
+    let same = look(&s, at(60), &hist(380.0, 20.0), &hist(379.0, 21.0), now());
+    assert_eq!(same.decision, StepDecision::Promote, "{same:?}");
+}
+
+fn feedback(requests: f64, given: f64, liked: f64) -> Window {
+    let mut w = window(requests, 0.0);
+    w.counters.insert("feedback_total".into(), given);
+    w.counters.insert("feedback_positive_total".into(), liked);
+    w
+}
+
+#[test]
+fn an_ab_experiment_decides_for_the_better_variant_and_keeps_the_stable_one_otherwise() {
+    let s = ab_spec();
+    let mut step = at(30);
+    step.duration_secs = 600;
+    // 60% against 40% liked on 2,000 answers each: the candidate wins.
+    let win = look(
+        &s,
+        step,
+        &feedback(2000.0, 2000.0, 800.0),
+        &feedback(2000.0, 2000.0, 1200.0),
+        now(),
+    );
+    assert_eq!(win.decision, StepDecision::Promote, "{win:?}");
+    assert_eq!(win.winner, Some(AbWinner::Candidate));
+    let f = win.analysis.ab.as_ref().unwrap();
+    assert!((f.effect - 0.2).abs() < 1e-9);
+    assert!(
+        f.interval[0] > 0.0 && f.interval[1] > f.interval[0],
+        "{f:?}"
+    );
+    assert_eq!(f.winner.as_deref(), Some("candidate"));
+    // The other way round: the stable one wins and the candidate is rolled back.
+    let lose = look(
+        &s,
+        step,
+        &feedback(2000.0, 2000.0, 1200.0),
+        &feedback(2000.0, 2000.0, 800.0),
+        now(),
+    );
+    assert!(
+        matches!(&lose.decision, StepDecision::Abort(r) if r.contains("version in service is better"))
+    );
+    // No difference: hold, then keep the stable one at the maximum duration.
+    let same = look(
+        &s,
+        step,
+        &feedback(2000.0, 2000.0, 1000.0),
+        &feedback(2000.0, 2000.0, 1000.0),
+        now(),
+    );
+    assert!(matches!(same.decision, StepDecision::Hold(_)), "{same:?}");
+    step.elapsed_secs = 600;
+    let out = look(
+        &s,
+        step,
+        &feedback(2000.0, 2000.0, 1000.0),
+        &feedback(2000.0, 2000.0, 1000.0),
+        now(),
+    );
+    assert!(matches!(&out.decision, StepDecision::Abort(r) if r.contains("no difference found")));
+    // A guardrail (errors) failing aborts whatever the decided metric says.
+    let mut bad = feedback(2000.0, 2000.0, 1200.0);
+    bad.counters.insert("http_errors_total".into(), 400.0);
+    let guard = look(&s, step, &feedback(2000.0, 2000.0, 800.0), &bad, now());
+    assert!(matches!(&guard.decision, StepDecision::Abort(r) if r.contains("guardrail")));
+}
+
+#[test]
+fn the_always_valid_p_value_never_rises_from_look_to_look() {
+    let s = ab_spec();
+    let mut step = at(10);
+    step.duration_secs = 600;
+    let first = look(
+        &s,
+        step,
+        &feedback(400.0, 400.0, 160.0),
+        &feedback(400.0, 400.0, 200.0),
+        now(),
+    );
+    step.ab_p = first.ab_p;
+    let second = look(
+        &s,
+        step,
+        &feedback(800.0, 800.0, 400.0),
+        &feedback(800.0, 800.0, 400.0),
+        now(),
+    );
+    assert!(
+        second.ab_p <= first.ab_p,
+        "{} > {}",
+        second.ab_p,
+        first.ab_p
+    );
+}
+
+fn canary_sim() -> Sim {
+    let mut sim = Sim::new(CANARY_PIPELINE);
+    sim.live.insert(
+        "production".into(),
+        ("svc-000000000000".into(), artifact("old")),
+    );
+    sim
+}
+
+fn requests_of(rounds: &[Vec<Command>]) -> Vec<EventData> {
+    rounds
+        .iter()
+        .flatten()
+        .filter_map(|c| match c {
+            Command::Request(d) => Some(d.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_rollout_deploys_the_candidate_slot_then_judges_then_promotes_to_the_stable_slot() {
+    let mut sim = canary_sim();
+    let rounds = sim.run_to_end();
+    let reqs = requests_of(&rounds);
+    let keys: Vec<&str> = reqs
+        .iter()
+        .filter_map(|d| d.stage_fact().map(|f| f.0))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "build",
+            "deploy:production",
+            "rollout:production",
+            "promote:production",
+            "monitor:production"
+        ]
+    );
+    let EventData::DeployRequested(d) = &reqs[1] else {
+        panic!()
+    };
+    assert_eq!(d.slot, Some(Slot::Candidate));
+    let EventData::RolloutRequested(r) = &reqs[2] else {
+        panic!()
+    };
+    assert_eq!(r.stable_version.as_deref(), Some("svc-000000000000"));
+    assert_eq!(
+        r.traffic.flag_key_for("svc", "production"),
+        "svc-production"
+    );
+    let EventData::PromoteRequested(p) = &reqs[3] else {
+        panic!()
+    };
+    assert_eq!(p.slot, Some(Slot::Stable));
+    assert_eq!(sim.run().phase, Phase::Succeeded);
+}
+
+#[test]
+fn an_aborted_rollout_rolls_the_candidate_slot_back_and_ends_rolled_back() {
+    let mut sim = canary_sim();
+    sim.script.insert(
+        "rollout:production".into(),
+        Answer::Fail("errors: candidate 0.2 vs stable 0.01".into()),
+    );
+    let rounds = sim.run_to_end();
+    let reqs = requests_of(&rounds);
+    let EventData::RollbackRequested(rb) = reqs.last().unwrap() else {
+        panic!("{reqs:?}")
+    };
+    assert_eq!(rb.slot, Some(Slot::Candidate));
+    assert_eq!(rb.version, "svc-000000000000");
+    let run = sim.run();
+    assert_eq!(run.phase, Phase::RolledBack);
+    assert!(
+        run.reason
+            .as_deref()
+            .unwrap()
+            .contains("rollout:production failed"),
+        "{:?}",
+        run.reason
+    );
+    assert_eq!(
+        run.stage("promote:production").unwrap().status,
+        crate::run::StageStatus::Cancelled
+    );
+}
+
+#[test]
+fn rollout_events_fold_into_the_runs_view() {
+    let mut sim = canary_sim();
+    sim.script
+        .insert("rollout:production".into(), Answer::Silent);
+    sim.run_to_end();
+    assert_eq!(sim.run().phase, Phase::RollingOut);
+    let t = now();
+    let run_id = sim.run_id.clone();
+    let weight = |step, weight, cause| WeightSet {
+        stage: "rollout:production".into(),
+        attempt: 1,
+        environment: "production".into(),
+        step,
+        weight,
+        cause,
+        published: vec!["/tmp/flags.json".into()],
+        at: t,
+    };
+    for w in [
+        weight(0, 5.0, WeightCause::Step),
+        weight(1, 50.0, WeightCause::Step),
+    ] {
+        let id = weight_event_id(&run_id, &w);
+        // Twice: a repeat after a restart is the same event.
+        for _ in 0..2 {
+            sim.push(crate::Event::new(
+                id.clone(),
+                "/slipway/monitor",
+                Some(run_id.clone()),
+                t,
+                EventData::RolloutWeightSet(w.clone()),
+            ));
+        }
+    }
+    sim.fact(EventData::RolloutControlled(RolloutControl {
+        stage: "rollout:production".into(),
+        attempt: 1,
+        action: ControlAction::Pause,
+        by: "ana".into(),
+        groups: vec![],
+        comment: None,
+        at: t,
+        signature: None,
+    }));
+    // Rollout events about another stage are not a rollout's.
+    let mut stray = WeightSet {
+        stage: "deploy:production".into(),
+        attempt: 1,
+        environment: "production".into(),
+        step: 3,
+        weight: 100.0,
+        cause: WeightCause::Step,
+        published: vec![],
+        at: t,
+    };
+    sim.push(crate::Event::new(
+        "stray",
+        "/x",
+        Some(run_id.clone()),
+        t,
+        EventData::RolloutWeightSet(stray.clone()),
+    ));
+    stray.stage = "rollout:production".into();
+    let v = &sim.run().rollouts[0];
+    assert_eq!((v.weight, v.step, v.paused), (50.0, 1, true));
+    assert_eq!(v.weights.len(), 2);
+    assert_eq!(v.environment, "production");
+    let json = sim.run().to_json();
+    assert_eq!(json["phase"], "rolling_out");
+    assert_eq!(json["rollouts"][0]["weight"], 50.0);
+}
+
+#[test]
+fn the_first_deploy_to_a_rollout_environment_has_no_stable_version() {
+    let mut sim = Sim::new(CANARY_PIPELINE);
+    let reqs = requests_of(&sim.run_to_end());
+    let r = reqs
+        .iter()
+        .find_map(|d| match d {
+            EventData::RolloutRequested(r) => Some(r),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(r.stable_version, None);
+}

@@ -1,0 +1,299 @@
+//! Progressive delivery end to end: real services, a real nats-server, a deploy command that
+//! puts each version in its slot, and a service (in this test process) whose traffic follows
+//! the flagd flag file the judge writes, its Prometheus counters labelled by variant.
+//!
+//! - a canary of a defective version is aborted at its first step: the weight is back at 0, the
+//!   candidate slot rolled back, the run `rolled_back`;
+//! - a canary of a good version goes through every step and is promoted, with the judge killed
+//!   in the middle of a step (it resumes from the log, no step repeated or skipped);
+//! - an A/B experiment decides for the better variant and promotes it;
+//! - a person pauses and aborts a rollout through `slipway rollout` and the gateway.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use slipway_e2e::rollout_app::{App, ERRORS, pipeline, start_app, weight_of};
+use slipway_e2e::{Stack, project};
+
+const SERVICES: &[&str] = &[
+    "slipway-conductor",
+    "slipway-builder",
+    "slipway-deployer",
+    "slipway-monitor",
+    "slipway-approval",
+];
+
+const LONG: Duration = Duration::from_secs(120);
+
+struct Env {
+    dir: PathBuf,
+    state: PathBuf,
+    flags: PathBuf,
+    app: App,
+}
+
+fn env(stack: &Stack, name: &str) -> Env {
+    let dir = stack.dir.path().join(name);
+    let state = dir.join("slots");
+    let flags = dir.join("flags/flags.json");
+    std::fs::create_dir_all(&state).unwrap();
+    let app = start_app(&state, &flags);
+    Env {
+        dir,
+        state,
+        flags,
+        app,
+    }
+}
+
+/// Submits the project with `quality` in its source; the run id.
+fn submit(stack: &Stack, project_dir: &Path, quality: &str) -> String {
+    std::fs::write(project_dir.join("quality"), quality).unwrap();
+    let v = stack.slipway_json(&["submit", project_dir.join("slipway.toml").to_str().unwrap()]);
+    v["run_id"].as_str().expect("run id").to_string()
+}
+
+fn stage<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["stages"]
+        .as_array()
+        .and_then(|s| s.iter().find(|x| x["name"] == name))
+        .unwrap_or_else(|| panic!("no stage {name} in {status}"))
+}
+
+fn rollout(status: &Value) -> &Value {
+    &status["rollouts"][0]
+}
+
+/// `(step, weight, cause)` of each weight change.
+fn weights(status: &Value) -> Vec<(u64, f64, String)> {
+    rollout(status)["weights"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            (
+                w["step"].as_u64().unwrap(),
+                w["weight"].as_f64().unwrap(),
+                w["cause"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn slot(e: &Env, slot: &str) -> String {
+    std::fs::read_to_string(e.state.join(slot)).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_canary_is_aborted_at_its_first_step_and_a_good_one_promoted_through_a_judge_restart()
+{
+    let mut stack = Stack::start_with(SERVICES);
+    stack.wait_gateway();
+    let e = env(&stack, "canary");
+    let spec = pipeline(
+        "canary",
+        &e.app.url,
+        &e.state,
+        &e.flags,
+        &format!(
+            "strategy = \"canary\"\nrequests = \"app_requests_total\"\ninterval_secs = 1\nmin_requests = 40\n\
+             steps = [{{ weight = 5, duration_secs = 2 }}, {{ weight = 25, duration_secs = 4 }}, {{ weight = 50, duration_secs = 2 }}]\n{ERRORS}"
+        ),
+    );
+    let dir = project(&e.dir, "project", &spec, &[]);
+
+    // The first deploy has nothing in service to compare with: promoted at once.
+    let first = submit(&stack, &dir, "good 1");
+    let done = stack.wait_phase(&first, "succeeded", LONG);
+    assert_eq!(
+        weights(&done),
+        [(3, 100.0, "promote".into()), (3, 0.0, "promoted".into())],
+        "{done}"
+    );
+    assert!(slot(&e, "stable").starts_with("good 1"));
+    assert_eq!(weight_of(&e.flags), 0);
+
+    // A defective version: 30% errors against 1%, seen at the 5% step and aborted there.
+    let bad = submit(&stack, &dir, "bad 2");
+    let rb = stack.wait_phase(&bad, "rolled_back", LONG);
+    let ws = weights(&rb);
+    assert_eq!(ws.first(), Some(&(0, 5.0, "step".to_string())), "{rb}");
+    assert_eq!(ws.last(), Some(&(0, 0.0, "abort".to_string())), "{rb}");
+    assert!(
+        ws.iter().all(|(_, w, _)| *w <= 5.0),
+        "the other 95% never saw it: {ws:?}"
+    );
+    let looks = rollout(&rb)["looks"].as_array().unwrap();
+    let last = looks.last().unwrap();
+    assert_eq!(last["decision"], "abort", "{last}");
+    assert_eq!(last["comparisons"][0]["verdict"], "fail", "{last}");
+    assert!(
+        rb["reason"].as_str().unwrap().contains("rolled back to"),
+        "{rb}"
+    );
+    assert_eq!(stage(&rb, "rollout:production")["status"], "failed");
+    assert_eq!(stage(&rb, "rollback:production")["status"], "succeeded");
+    assert_eq!(stage(&rb, "promote:production")["status"], "cancelled");
+    assert_eq!(weight_of(&e.flags), 0);
+    assert!(
+        slot(&e, "candidate").starts_with("good 1"),
+        "the candidate slot is rolled back to the version in service"
+    );
+    assert!(slot(&e, "stable").starts_with("good 1"));
+
+    // A good version through every step, with the judge killed in the middle of the second.
+    let good = submit(&stack, &dir, "good 3");
+    stack.wait_for(&good, LONG, |s| {
+        weights(s)
+            .iter()
+            .any(|(step, _, c)| *step == 1 && c == "step")
+    });
+    stack.service("slipway-monitor").kill();
+    std::thread::sleep(Duration::from_millis(500));
+    stack.spawn("slipway-monitor");
+    let ok = stack.wait_phase(&good, "succeeded", LONG);
+    let steps: Vec<(u64, f64, String)> = weights(&ok);
+    assert_eq!(
+        steps,
+        [
+            (0, 5.0, "step".into()),
+            (1, 25.0, "step".into()),
+            (2, 50.0, "step".into()),
+            (3, 100.0, "promote".into()),
+            (3, 0.0, "promoted".into()),
+        ],
+        "each step once, in order, through the restart"
+    );
+    let looks = rollout(&ok)["looks"].as_array().unwrap();
+    // Looked at in step order: the restarted judge went on with the second step (a repeated
+    // first step would have looked at it again after the second's looks).
+    let order: Vec<u64> = looks.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+    assert!(
+        stack.logs().contains("Resuming the rollout from the log"),
+        "the judge was restarted mid-rollout"
+    );
+    for step in 0..3 {
+        assert!(
+            looks
+                .iter()
+                .any(|l| l["step"] == step && l["decision"] == "promote"),
+            "step {step} was judged and passed: {looks:?}"
+        );
+    }
+    assert_eq!(stage(&ok, "promote:production")["status"], "succeeded");
+    assert!(slot(&e, "stable").starts_with("good 3"));
+    assert_eq!(weight_of(&e.flags), 0, "traffic is back on the stable slot");
+    for run in [&first, &bad, &good] {
+        stack.assert_replay_matches(run);
+    }
+    stack.assert_log_meets_schemas().await;
+    assert!(stack.refusals().is_empty(), "{:?}", stack.refusals());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ab_experiment_promotes_the_better_variant_and_people_pause_and_abort_a_rollout() {
+    let stack = Stack::start_with(SERVICES);
+    stack.wait_gateway();
+    let e = env(&stack, "ab");
+    let spec = pipeline(
+        "ab",
+        &e.app.url,
+        &e.state,
+        &e.flags,
+        &format!(
+            "strategy = \"ab\"\nrequests = \"app_requests_total\"\ninterval_secs = 1\nmin_requests = 200\n{ERRORS}\n\
+             [[environment.rollout.analysis]]\nname = \"liked\"\nkind = \"ratio\"\nnumerator = \"app_feedback_positive_total\"\n\
+             denominator = \"app_feedback_total\"\nhigher_is_better = true\n\
+             [environment.rollout.ab]\nmetric = \"liked\"\nmin_effect = 0.1\nweight = 50\nmax_duration_secs = 60\n"
+        ),
+    );
+    let dir = project(&e.dir, "project", &spec, &[]);
+    let first = submit(&stack, &dir, "good 1");
+    stack.wait_phase(&first, "succeeded", LONG);
+    // 70% liked against 40%: the experiment finds the candidate better and promotes it.
+    let better = submit(&stack, &dir, "better 2");
+    let won = stack.wait_phase(&better, "succeeded", LONG);
+    let last = rollout(&won)["looks"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["decision"], "promote", "{last}");
+    assert_eq!(last["ab"]["winner"], "candidate", "{last}");
+    let effect = last["ab"]["effect"].as_f64().unwrap();
+    let iv = &last["ab"]["interval"];
+    assert!(
+        effect > 0.2 && iv[0].as_f64().unwrap() > 0.0 && iv[1].as_f64().unwrap() > effect,
+        "{last}"
+    );
+    assert!(last["ab"]["p_value"].as_f64().unwrap() <= 0.05);
+    assert!(slot(&e, "stable").starts_with("better 2"));
+
+    // A canary of another pipeline, held by a person, then aborted.
+    let c = env(&stack, "held");
+    let spec = pipeline(
+        "held",
+        &c.app.url,
+        &c.state,
+        &c.flags,
+        &format!(
+            "strategy = \"canary\"\nrequests = \"app_requests_total\"\ninterval_secs = 1\nmin_requests = 40\n\
+             steps = [{{ weight = 10, duration_secs = 600 }}]\n{ERRORS}"
+        ),
+    );
+    let dir = project(&c.dir, "project", &spec, &[]);
+    let base = submit(&stack, &dir, "good 1");
+    stack.wait_phase(&base, "succeeded", LONG);
+    let held = submit(&stack, &dir, "good 2");
+    stack.wait_phase(&held, "rolling_out", LONG);
+    // An intern may not; a release manager may.
+    let denied = stack.slipway(&["rollout", &held, "pause", "--token", "carol-token"]);
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let bad_action = stack.slipway(&["rollout", &held, "explode", "--token", "bob-token"]);
+    assert!(
+        String::from_utf8_lossy(&bad_action.stderr).contains("not one of pause"),
+        "{}",
+        String::from_utf8_lossy(&bad_action.stderr)
+    );
+    stack.slipway_ok(&[
+        "rollout",
+        &held,
+        "pause",
+        "--token",
+        "bob-token",
+        "--comment",
+        "checking dashboards",
+    ]);
+    let paused = stack.wait_for(&held, LONG, |s| rollout(s)["paused"] == true);
+    assert_eq!(rollout(&paused)["controls"][0]["by"], "bob");
+    let shown = stack.slipway_ok(&["rollout", &held]);
+    assert!(
+        shown.contains("(paused)") && shown.contains("pause by bob"),
+        "{shown}"
+    );
+    stack.slipway_ok(&["rollout", &held, "abort", "--token", "bob-token"]);
+    let aborted = stack.wait_phase(&held, "rolled_back", LONG);
+    assert!(
+        aborted["reason"]
+            .as_str()
+            .unwrap()
+            .contains("aborted by bob"),
+        "{aborted}"
+    );
+    assert_eq!(weight_of(&c.flags), 0);
+    // Nothing is left to control.
+    let after = stack.slipway(&["rollout", &held, "resume", "--token", "bob-token"]);
+    assert!(String::from_utf8_lossy(&after.stderr).contains("no rollout in progress"));
+    for run in [&first, &better, &held] {
+        stack.assert_replay_matches(run);
+    }
+    stack.assert_log_meets_schemas().await;
+}
