@@ -170,6 +170,13 @@ async fn a_bad_canary_is_aborted_at_its_first_step_and_a_good_one_promoted_throu
     // first step would have looked at it again after the second's looks).
     let order: Vec<u64> = looks.iter().map(|l| l["step"].as_u64().unwrap()).collect();
     assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+    // The second step's clock ran on through the restart (it began when its weight was set).
+    let second: Vec<u64> = looks
+        .iter()
+        .filter(|l| l["step"] == 1)
+        .map(|l| l["elapsed_secs"].as_u64().unwrap())
+        .collect();
+    assert!(second.windows(2).all(|w| w[0] <= w[1]), "{second:?}");
     assert!(
         stack.logs().contains("Resuming the rollout from the log"),
         "the judge was restarted mid-rollout"
@@ -193,7 +200,7 @@ async fn a_bad_canary_is_aborted_at_its_first_step_and_a_good_one_promoted_throu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_ab_experiment_promotes_the_better_variant_and_people_pause_and_abort_a_rollout() {
+async fn an_ab_experiment_promotes_the_better_variant_and_people_and_cancellations_stop_rollouts() {
     let stack = Stack::start_with(SERVICES);
     stack.wait_gateway();
     let e = env(&stack, "ab");
@@ -274,6 +281,16 @@ async fn an_ab_experiment_promotes_the_better_variant_and_people_pause_and_abort
     ]);
     let paused = stack.wait_for(&held, LONG, |s| rollout(s)["paused"] == true);
     assert_eq!(rollout(&paused)["controls"][0]["by"], "bob");
+    // Paused, the judge looks no more (it looks every second otherwise).
+    std::thread::sleep(Duration::from_millis(1500));
+    let looks = |s: &Value| rollout(s)["looks"].as_array().map_or(0, Vec::len);
+    let before = looks(&stack.status(&held).unwrap());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        looks(&stack.status(&held).unwrap()),
+        before,
+        "no look while paused"
+    );
     let shown = stack.slipway_ok(&["rollout", &held]);
     assert!(
         shown.contains("(paused)") && shown.contains("pause by bob"),
@@ -292,7 +309,24 @@ async fn an_ab_experiment_promotes_the_better_variant_and_people_pause_and_abort
     // Nothing is left to control.
     let after = stack.slipway(&["rollout", &held, "resume", "--token", "bob-token"]);
     assert!(String::from_utf8_lossy(&after.stderr).contains("no rollout in progress"));
-    for run in [&first, &better, &held] {
+    // A run cancelled mid-rollout takes the candidate's traffic with it.
+    let cancelled = submit(&stack, &dir, "good 3");
+    stack.wait_for(&cancelled, LONG, |s| {
+        s["phase"] == "rolling_out" && rollout(s)["weight"] == 10.0
+    });
+    assert_eq!(weight_of(&c.flags), 1000);
+    stack.slipway_ok(&["cancel", &cancelled, "--reason", "wrong model"]);
+    stack.wait_phase(&cancelled, "cancelled", LONG);
+    let deadline = std::time::Instant::now() + LONG;
+    while weight_of(&c.flags) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the weight stayed up after the run ended\n{}",
+            stack.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for run in [&first, &better, &held, &cancelled] {
         stack.assert_replay_matches(run);
     }
     stack.assert_log_meets_schemas().await;

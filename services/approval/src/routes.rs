@@ -684,7 +684,8 @@ pub struct RecordedControl {
 }
 
 /// Pauses, resumes, promotes or aborts a run's rollout in progress. Authorised like an
-/// approval: an approver of the run's policy groups; promoting obeys its self-approval rule.
+/// approval: an approver of the run's policy groups (any configured approver when the run has
+/// no policy); promoting obeys its self-approval rule.
 /// The rollouts' judge acts on it at its next look.
 #[utoipa::path(
     post,
@@ -737,17 +738,15 @@ pub async fn post_rollout_control(
             run.phase.as_str()
         )));
     };
-    let policy = run
-        .spec
-        .approval
-        .as_ref()
-        .ok_or_else(|| ApiError::Conflict("the run's spec has no approval policy".into()))?;
-    // Stopping a rollout is always allowed to an approver; only promoting is an approval.
-    let author = (action == slipway_domain::rollout::ControlAction::Promote)
-        .then_some(run.change.author.as_deref())
-        .flatten();
-    policy::check_approver(policy, &approver.name, &approver.groups, author)
-        .map_err(ApiError::Forbidden)?;
+    // Under the run's approval policy: its groups, and for promoting (the only control that is
+    // an approval) its self-approval rule. Without a policy, any configured approver.
+    if let Some(policy) = run.spec.approval.as_ref() {
+        let author = (action == slipway_domain::rollout::ControlAction::Promote)
+            .then_some(run.change.author.as_deref())
+            .flatten();
+        policy::check_approver(policy, &approver.name, &approver.groups, author)
+            .map_err(ApiError::Forbidden)?;
+    }
     let at = Utc::now();
     let mut control = slipway_domain::rollout::RolloutControl {
         stage: stage.name.clone(),

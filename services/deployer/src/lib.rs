@@ -432,9 +432,21 @@ impl Deployer {
         if kind == StageKind::Promote
             && let Err(e) = self.traffic_back_to_stable(job, r).await
         {
-            // The change is in both slots: whichever serves, users get it. Say so, and let
-            // the promotion stand.
+            // The change is in both slots, so users are served it either way; but the next
+            // candidate would be deployed into the slot holding the traffic. A promotion is
+            // only done once the traffic is back.
             warn!(environment = %r.environment, error = %e, "Promoted, but the traffic could not be set back to the stable slot.");
+            return Ok(failed(
+                kind,
+                r,
+                format!(
+                    "the stable slot runs {}, but the traffic could not be set back to it: {e}",
+                    done.version
+                ),
+                None,
+                None,
+                done.log,
+            ));
         }
         Ok(match kind {
             StageKind::Rollback => EventData::RollbackSucceeded(done),

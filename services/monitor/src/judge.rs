@@ -37,15 +37,63 @@ pub struct Judge {
 }
 
 /// How a rollout ends.
+#[derive(Debug, Clone)]
 enum End {
     Promote { by: String, reason: String },
     Abort { by: String, reason: String },
 }
 
+/// The look of a decision for the candidate held for a person (A/B, `winner = "approve"`).
+const AWAIT_APPROVAL: &str = "await_approval";
+
 /// The rollout as the log has it now, with only the controls the gateway signed.
 struct Log {
     view: Option<RolloutView>,
     controls: Vec<RolloutControl>,
+    /// Why the stage attempt is over although the judge has not ended it (the run ended, or
+    /// the conductor failed the stage at its timeout).
+    stage_over: Option<String>,
+}
+
+/// What the log says was decided before a restart.
+enum Resumed {
+    /// The step passed: on to the next one.
+    Next,
+    End(End),
+}
+
+/// The decision already in the log for the step in progress, if any: the rollout's last
+/// weight (promoted or aborted), or the step's last look.
+fn decided_before(view: &RolloutView, plan: &[Plan], step: u32) -> Option<Resumed> {
+    let by = "judge".to_string();
+    match view.weights.last().map(|w| w.cause) {
+        Some(WeightCause::Promote) => {
+            return Some(Resumed::End(End::Promote {
+                by,
+                reason: "promoted before the judge restarted".into(),
+            }));
+        }
+        Some(WeightCause::Abort) => {
+            return Some(Resumed::End(End::Abort {
+                by,
+                reason: "aborted before the judge restarted".into(),
+            }));
+        }
+        _ => {}
+    }
+    let look = view.looks.iter().rev().find(|l| l.step == step)?;
+    match look.decision.as_str() {
+        "abort" => Some(Resumed::End(End::Abort {
+            by,
+            reason: format!("step {} at {}%: {}", step + 1, look.weight, look.reason),
+        })),
+        "promote" if (step as usize) + 1 < plan.len() => Some(Resumed::Next),
+        "promote" => Some(Resumed::End(End::Promote {
+            by,
+            reason: format!("every step passed ({})", look.reason),
+        })),
+        _ => None,
+    }
 }
 
 impl Judge {
@@ -57,7 +105,6 @@ impl Judge {
     ) -> Result<EventData, Transient> {
         let started = Instant::now();
         let plan = req.spec.plan();
-        let mut last: Option<RolloutAnalysis> = None;
         let env = &req.environment.name;
         let report = |end: &End, steps_passed: u32, last: Option<RolloutAnalysis>| {
             let (by, reason) = match end {
@@ -100,37 +147,73 @@ impl Judge {
         let interval = Duration::from_secs(req.spec.interval_secs);
 
         let log = self.read(job, req).await?;
+        if let Some(end) = log.stage_over.clone() {
+            return self.stage_over(job, req, &log, end).await;
+        }
         // Resume where the log says, or begin the first step.
-        let (mut step, mut step_started) = match log.view.as_ref().and_then(|v| {
+        let resumed = log.view.as_ref().and_then(|v| {
             v.step_started_at
                 .filter(|_| v.weights.iter().any(|w| w.cause == WeightCause::Step))
                 .map(|at| (v.step, at))
-        }) {
+        });
+        let (mut step, mut step_started) = match resumed {
             Some((s, at)) => {
                 info!(environment = %env, step = s, "Resuming the rollout from the log.");
                 (s, at)
             }
             None => (0, self.begin(job, req, &plan, 0).await?),
         };
-        let mut ab_p = log
-            .view
-            .as_ref()
-            .and_then(|v| {
-                v.looks
-                    .iter()
-                    .rev()
-                    .filter(|l| l.step == step)
-                    .find_map(|l| l.ab.as_ref().map(|a| a.p_value))
-            })
+        let view = log.view.clone().unwrap_or_default();
+        let mut last = view.looks.iter().rev().find(|l| l.step == step).cloned();
+        // What the log already decided is carried out, never judged again.
+        let mut decided = resumed.and_then(|_| decided_before(&view, &plan, step));
+        if decided.is_none() && resumed.is_some() {
+            // The step's weight again, in case the restart came between publishing and
+            // recording it (the record is a duplicate; the step keeps its start).
+            self.set_weight(
+                job,
+                req,
+                step,
+                Weight::percent(plan[step as usize].weight).map_err(Transient)?,
+                WeightCause::Step,
+            )
+            .await?;
+        }
+        if let Some(Resumed::Next) = decided {
+            step += 1;
+            step_started = self.begin(job, req, &plan, step).await?;
+            decided = None;
+        }
+        let mut ab_p = view
+            .looks
+            .iter()
+            .rev()
+            .filter(|l| l.step == step)
+            .find_map(|l| l.ab.as_ref().map(|a| a.p_value))
             .unwrap_or(1.0);
+        let mut awaiting_approval = last.as_ref().is_some_and(|l| l.decision == AWAIT_APPROVAL);
         let mut before = scrape(&client, &metrics_url).await.ok();
-        let mut awaiting_approval = false;
         let end = loop {
+            match decided.take() {
+                Some(Resumed::End(end)) => break end,
+                Some(Resumed::Next) | None => {}
+            }
             tokio::select! {
-                _ = job.cancel.cancelled() => return Err(Transient("the rollout was interrupted".into())),
+                _ = job.cancel.cancelled() => {
+                    // A run that ended takes the candidate's traffic with it; a shutdown leaves
+                    // the rollout to the next delivery.
+                    let log = self.read(job, req).await?;
+                    if let Some(end) = log.stage_over.clone() {
+                        return self.stage_over(job, req, &log, end).await;
+                    }
+                    return Err(Transient("the rollout was interrupted".into()));
+                }
                 _ = tokio::time::sleep(interval) => {}
             }
             let log = self.read(job, req).await?;
+            if let Some(end) = log.stage_over.clone() {
+                return self.stage_over(job, req, &log, end).await;
+            }
             if let Some(c) = log
                 .controls
                 .iter()
@@ -159,7 +242,7 @@ impl Judge {
                 .rev()
                 .find(|c| matches!(c.action, ControlAction::Pause | ControlAction::Resume))
                 .is_some_and(|c| c.action == ControlAction::Pause);
-            if paused || awaiting_approval {
+            if paused {
                 continue;
             }
             let Some(p) = plan.get(step as usize).copied() else {
@@ -169,7 +252,9 @@ impl Judge {
                 };
             };
             let at_now = now();
-            let elapsed = u64::try_from((at_now - step_started).num_seconds()).unwrap_or(0);
+            // A paused step's clock stops: its time is what it was observed for.
+            let held = rollout::paused_secs(&log.controls, step_started, at_now);
+            let elapsed = u64::try_from((at_now - step_started).num_seconds() - held).unwrap_or(0);
             let at = StepAt {
                 step,
                 weight: p.weight,
@@ -191,6 +276,20 @@ impl Judge {
             };
             look.analysis.stage = req.stage.clone();
             look.analysis.attempt = req.attempt;
+            if awaiting_approval {
+                // Decided for the candidate, waiting for a person: only a guardrail that fails
+                // (or the other variant turning out better) still ends it.
+                if let StepDecision::Abort(reason) = &look.decision {
+                    let reason = reason.clone();
+                    self.record(job, &look.analysis).await?;
+                    last = Some(look.analysis);
+                    break End::Abort {
+                        by: "judge".into(),
+                        reason: format!("while waiting for an approver: {reason}"),
+                    };
+                }
+                continue;
+            }
             ab_p = look.ab_p;
             if req
                 .spec
@@ -199,7 +298,7 @@ impl Judge {
                 .is_some_and(|ab| ab.winner == OnWin::Approve)
                 && look.winner == Some(AbWinner::Candidate)
             {
-                look.analysis.decision = "await_approval".into();
+                look.analysis.decision = AWAIT_APPROVAL.into();
                 look.analysis.reason = format!(
                     "{}; an approver promotes it (slipway rollout promote) or aborts it",
                     look.analysis.reason
@@ -267,6 +366,24 @@ impl Judge {
             .map_err(Transient::from)?;
         let events: Vec<Event> = records.into_iter().filter_map(|r| r.event.ok()).collect();
         let run = Run::replay(&events);
+        let stage_over = match &run {
+            None => Some("the run is not in the log".to_string()),
+            Some(r) if r.is_ended() => Some(format!(
+                "the run ended {}: {}",
+                r.phase.as_str(),
+                r.reason.as_deref().unwrap_or_default()
+            )),
+            Some(r) => r
+                .stage(&req.stage)
+                .filter(|s| s.attempt != req.attempt || s.status.is_terminal())
+                .map(|s| {
+                    format!(
+                        "the stage is {:?}: {}",
+                        s.status,
+                        s.reason.as_deref().unwrap_or_default()
+                    )
+                }),
+        };
         let view = run
             .as_ref()
             .and_then(|r| {
@@ -297,7 +414,39 @@ impl Judge {
                     .collect()
             })
             .unwrap_or_default();
-        Ok(Log { view, controls })
+        Ok(Log {
+            view,
+            controls,
+            stage_over,
+        })
+    }
+
+    /// The stage attempt ended without the judge (the run's end, the conductor's timeout): the
+    /// candidate gets no more traffic. The fact returned is stale by then and changes nothing.
+    async fn stage_over(
+        &self,
+        job: &Job,
+        req: &RolloutRequested,
+        log: &Log,
+        why: String,
+    ) -> Result<EventData, Transient> {
+        let view = log.view.clone().unwrap_or_default();
+        if view.weight > 0.0 {
+            warn!(environment = %req.environment.name, %why, "The rollout ended without the judge: all traffic back on the stable version.");
+            self.set_weight(job, req, view.step, Weight::NONE, WeightCause::Abort)
+                .await?;
+        }
+        Ok(EventData::RolloutFailed(RolloutReport {
+            stage: req.stage.clone(),
+            attempt: req.attempt,
+            environment: req.environment.name.clone(),
+            version: req.version.clone(),
+            steps_passed: view.step,
+            last: view.looks.last().cloned(),
+            decided_by: "conductor".into(),
+            reason: why,
+            duration_ms: 0,
+        }))
     }
 
     /// Begins step `step`: its weight published and recorded; when it began.

@@ -514,6 +514,24 @@ fn secs(s: u64) -> Duration {
     Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000))
 }
 
+/// How long a rollout stage waited on people, which its timeout does not count: paused, or an
+/// A/B winner held for an approver (as long as the approval policy lets a decision wait).
+fn rollout_waits(run: &Run, key: &str, from: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
+    let Some(view) = run.rollouts.iter().find(|v| v.stage == key) else {
+        return Duration::zero();
+    };
+    let paused = crate::rollout::paused_secs(&view.controls, from, now);
+    let approval = if view.looks.iter().any(|l| l.decision == "await_approval") {
+        run.spec
+            .approval
+            .as_ref()
+            .map_or(7 * 24 * 3600, |a| a.timeout_secs)
+    } else {
+        0
+    };
+    secs(u64::try_from(paused).unwrap_or(0) + approval)
+}
+
 fn timeouts(run: &Run, now: DateTime<Utc>) -> Vec<Command> {
     let mut out = Vec::new();
     for s in &run.stages {
@@ -527,6 +545,7 @@ fn timeouts(run: &Run, now: DateTime<Utc>) -> Vec<Command> {
         // A started stage is timed from its start: waiting in a busy worker's queue is not
         // the stage's own time.
         let from = s.started_at.unwrap_or(requested);
+        let limit = limit + rollout_waits(run, &s.name, from, now);
         if now < from + limit {
             continue;
         }

@@ -734,6 +734,31 @@ impl RolloutView {
     }
 }
 
+/// Seconds of `[from, now]` during which the rollout was paused, by the controls given in log
+/// order (a pause without a resume lasts until `now`).
+pub fn paused_secs<'a>(
+    controls: impl IntoIterator<Item = &'a RolloutControl>,
+    from: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> i64 {
+    let (mut total, mut since) = (0, None::<DateTime<Utc>>);
+    for c in controls {
+        match c.action {
+            ControlAction::Pause if since.is_none() => since = Some(c.at.max(from)),
+            ControlAction::Resume => {
+                if let Some(s) = since.take() {
+                    total += (c.at.max(from) - s).num_seconds().max(0);
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = since {
+        total += (now - s).num_seconds().max(0);
+    }
+    total
+}
+
 /// The view of a rollout stage's attempt, begun afresh by a newer attempt; `None` for an event
 /// of an older attempt than the one in view (it changes nothing).
 pub fn view_mut<'a>(
