@@ -331,3 +331,77 @@ async fn an_ab_experiment_promotes_the_better_variant_and_people_and_cancellatio
     }
     stack.assert_log_meets_schemas().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_compares_mirrored_answers_by_agreement_and_similarity() {
+    let stack = Stack::start_with(SERVICES);
+    stack.wait_gateway();
+    let e = env(&stack, "shadow");
+    let spec = pipeline(
+        "shadow",
+        &e.app.url,
+        &e.state,
+        &e.flags,
+        &format!(
+            "strategy = \"shadow\"\nrequests = \"app_requests_total\"\ninterval_secs = 1\nmin_requests = 40\n{ERRORS}\n\
+             [environment.rollout.shadow]\nshare = 20\nduration_secs = 3\nmin_pairs = 100\nmin_agreement = 0.8\nmin_similarity = 0.9\n\
+             embeddings = {{ base_url = \"{}/v1\", model = \"bag-of-words\" }}\n",
+            e.app.url
+        ),
+    );
+    let dir = project(&e.dir, "project", &spec, &[]);
+    let first = submit(&stack, &dir, "good 1");
+    stack.wait_phase(&first, "succeeded", LONG);
+
+    // The same answers in the candidate: mirrored, compared, promoted. Nobody was served by it.
+    let same = submit(&stack, &dir, "good 2");
+    let s = stack.wait_for(&same, LONG, |s| {
+        s["phase"] == "rolling_out" && rollout(s)["weight"] == 20.0
+    });
+    assert_eq!(weights(&s)[0], (0, 20.0, "step".into()));
+    let flag: Value = serde_json::from_str(&std::fs::read_to_string(&e.flags).unwrap()).unwrap();
+    assert_eq!(
+        flag["flags"]["shadow-production"]["metadata"]["mode"],
+        "shadow"
+    );
+    let ok = stack.wait_phase(&same, "succeeded", LONG);
+    let last = rollout(&ok)["looks"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["decision"], "promote", "{last}");
+    let f = &last["shadow"];
+    assert!(f["pairs"].as_u64().unwrap() >= 100, "{f}");
+    assert_eq!(f["agreement"], 1.0, "{f}");
+    assert!(
+        (f["similarity"].as_f64().unwrap() - 1.0).abs() < 1e-9,
+        "{f}"
+    );
+    assert!(slot(&e, "stable").starts_with("good 2"));
+
+    // Other words for the same answers: similar, but they do not agree: aborted.
+    let reworded = submit(&stack, &dir, "paraphrase 3");
+    let rb = stack.wait_phase(&reworded, "rolled_back", LONG);
+    let last = rollout(&rb)["looks"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["decision"], "abort", "{last}");
+    assert_eq!(last["shadow"]["agreement"], 0.0, "{last}");
+    let similarity = last["shadow"]["similarity"].as_f64().unwrap();
+    assert!(similarity > 0.5 && similarity < 0.9, "{last}");
+    assert!(
+        rb["reason"].as_str().unwrap().contains("agreement 0.000"),
+        "{rb}"
+    );
+    assert_eq!(weight_of(&e.flags), 0);
+    assert!(slot(&e, "candidate").starts_with("good 2"), "rolled back");
+    for run in [&first, &same, &reworded] {
+        stack.assert_replay_matches(run);
+    }
+    stack.assert_log_meets_schemas().await;
+}

@@ -22,13 +22,43 @@ fn behaviour(quality: &str) -> (f64, f64) {
     }
 }
 
-/// Counters by variant.
+/// What a version answers to question `k`: the good ones the same, a `paraphrase` in other
+/// words, a `bad` one something else.
+fn answer(quality: &str, k: u64) -> String {
+    match quality {
+        "paraphrase" => format!("For question {k}, the answer is {}.", k * 7),
+        "bad" => format!("Sorry, I cannot help with that ({k})."),
+        _ => format!("The answer to question {k} is {}.", k * 7),
+    }
+}
+
+/// Counters by variant, and the mirrored pairs of a shadow rollout.
 #[derive(Default)]
 struct Counters {
     requests: BTreeMap<&'static str, u64>,
     errors: BTreeMap<&'static str, u64>,
     feedback: BTreeMap<&'static str, u64>,
     liked: BTreeMap<&'static str, u64>,
+    /// `(seq, stable's answer, candidate's answer)`.
+    pairs: Vec<(u64, String, String)>,
+}
+
+/// An embedding by the hashing trick: each word adds one to one of 256 dimensions. Words in
+/// common make two texts' vectors closer: a real, if lexical, similarity.
+pub fn bag_of_words(text: &str) -> Vec<f64> {
+    let mut v = vec![0.0; 256];
+    for word in text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in word.to_lowercase().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        v[(h % 256) as usize] += 1.0;
+    }
+    v
 }
 
 /// The service under rollout: simulated users whose requests follow the flag file's split,
@@ -47,17 +77,24 @@ impl Drop for App {
 
 /// The candidate's share in basis points, from the flagd flag file (0 while there is none).
 pub fn weight_of(flags: &Path) -> u64 {
+    flag_of(flags).0
+}
+
+/// The candidate's share and whether the flag is a shadow's (its metadata's `mode`).
+pub fn flag_of(flags: &Path) -> (u64, bool) {
     let Ok(text) = std::fs::read_to_string(flags) else {
-        return 0;
+        return (0, false);
     };
     let Ok(v) = serde_json::from_str::<Value>(&text) else {
-        return 0;
+        return (0, false);
     };
-    v["flags"]
-        .as_object()
-        .and_then(|f| f.values().next())
-        .and_then(|f| f["targeting"]["fractional"][1][1].as_u64())
-        .unwrap_or(0)
+    let Some(flag) = v["flags"].as_object().and_then(|f| f.values().next()) else {
+        return (0, false);
+    };
+    (
+        flag["targeting"]["fractional"][1][1].as_u64().unwrap_or(0),
+        flag["metadata"]["mode"] == "shadow",
+    )
 }
 
 pub fn start_app(state: &Path, flags: &Path) -> App {
@@ -81,8 +118,10 @@ pub fn start_app(state: &Path, flags: &Path) -> App {
                 x ^= x << 17;
                 (x >> 11) as f64 / (1u64 << 53) as f64
             };
+            let mut seq = 0;
             while !stop.load(Ordering::Relaxed) {
-                let w = weight_of(&flags) as f64 / 10_000.0;
+                let (w, shadow) = flag_of(&flags);
+                let w = w as f64 / 10_000.0;
                 let quality = |slot: &str| {
                     std::fs::read_to_string(state.join(slot))
                         .ok()
@@ -91,6 +130,21 @@ pub fn start_app(state: &Path, flags: &Path) -> App {
                 let (stable, candidate) = (quality("stable"), quality("candidate"));
                 let mut c = counters.lock().unwrap();
                 for _ in 0..20 {
+                    if shadow {
+                        // Every request is served by the stable version; a share is copied to
+                        // the candidate, whose answer is kept beside the stable one's.
+                        let (Some(sq), Some(cq)) = (stable.as_deref(), candidate.as_deref()) else {
+                            continue;
+                        };
+                        *c.requests.entry("stable").or_default() += 1;
+                        if unit() < w {
+                            *c.requests.entry("candidate").or_default() += 1;
+                            let k = (unit() * 50.0) as u64;
+                            seq += 1;
+                            c.pairs.push((seq, answer(sq, k), answer(cq, k)));
+                        }
+                        continue;
+                    }
                     let to_candidate = unit() < w;
                     let (variant, q) = if to_candidate {
                         ("candidate", candidate.as_deref())
@@ -130,12 +184,54 @@ pub fn start_app(state: &Path, flags: &Path) -> App {
                 if r.read_line(&mut line).is_err() {
                     continue;
                 }
-                // The rest of the request head.
-                let mut h = String::new();
+                // The rest of the request head, and its body.
+                let (mut h, mut length) = (String::new(), 0usize);
                 while r.read_line(&mut h).is_ok_and(|n| n > 2) {
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
                     h.clear();
                 }
-                let body = if line.starts_with("GET /metrics") {
+                let mut request = vec![0; length];
+                if std::io::Read::read_exact(&mut r, &mut request).is_err() {
+                    continue;
+                }
+                let body = if line.starts_with("POST /v1/embeddings") {
+                    // OpenAI's embeddings API, as much of it as a client reads.
+                    let req: Value = serde_json::from_slice(&request).unwrap_or_default();
+                    let data: Vec<Value> = req["input"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .enumerate()
+                        .map(|(i, t)| {
+                            serde_json::json!({
+                                "object": "embedding",
+                                "index": i,
+                                "embedding": bag_of_words(t.as_str().unwrap_or_default()),
+                            })
+                        })
+                        .collect();
+                    serde_json::json!({"object": "list", "data": data, "model": req["model"]})
+                        .to_string()
+                } else if let Some(rest) = line.strip_prefix("GET /shadow/pairs") {
+                    let after: u64 = rest
+                        .split_whitespace()
+                        .next()
+                        .and_then(|q| q.strip_prefix("?after="))
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                    let c = counters.lock().unwrap();
+                    let pairs: Vec<Value> = c
+                        .pairs
+                        .iter()
+                        .filter(|p| p.0 > after)
+                        .take(500)
+                        .map(|p| serde_json::json!({"seq": p.0, "stable": p.1, "candidate": p.2}))
+                        .collect();
+                    let last = c.pairs.last().map_or(0, |p| p.0);
+                    serde_json::json!({ "pairs": pairs, "last": last }).to_string()
+                } else if line.starts_with("GET /metrics") {
                     let c = counters.lock().unwrap();
                     let mut out = String::new();
                     for (name, m) in [

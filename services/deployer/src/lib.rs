@@ -472,6 +472,7 @@ impl Deployer {
             traffic: &traffic,
             pipeline: &job.run.pipeline,
             environment: &r.environment,
+            shadow: false,
         };
         let published =
             retried(|| slipway_core::traffic::publish(&job.bus, &self.exec, &target, Weight::NONE))

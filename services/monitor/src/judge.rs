@@ -19,7 +19,7 @@ use slipway_domain::events::{EventData, RolloutRequested};
 use slipway_domain::judge::{AbWinner, StepDecision};
 use slipway_domain::rollout::{
     self, ControlAction, MetricKind, OnWin, Plan, RolloutAnalysis, RolloutControl, RolloutReport,
-    RolloutSpec, RolloutView, StepAt, WeightCause, WeightSet, Window,
+    RolloutSpec, RolloutView, ShadowFigures, ShadowSpec, StepAt, WeightCause, WeightSet, Window,
 };
 use slipway_domain::signing::PublicKey;
 use slipway_domain::traffic::{CANDIDATE, STABLE, Weight};
@@ -191,6 +191,18 @@ impl Judge {
             .filter(|l| l.step == step)
             .find_map(|l| l.ab.as_ref().map(|a| a.p_value))
             .unwrap_or(1.0);
+        // A shadow rollout's totals go on from the last look that had them.
+        let shadow = view.looks.iter().rev().find_map(|l| l.shadow.clone());
+        // A fresh shadow counts only what is mirrored from now on: the router may still hold
+        // pairs of an earlier candidate.
+        let mut shadow = match (shadow, &req.spec.shadow) {
+            (Some(f), _) => f,
+            (None, Some(sh)) => ShadowFigures {
+                cursor: last_pair(&client, req, sh).await.unwrap_or(0),
+                ..ShadowFigures::default()
+            },
+            (None, None) => ShadowFigures::default(),
+        };
         let mut awaiting_approval = last.as_ref().is_some_and(|l| l.decision == AWAIT_APPROVAL);
         let mut before = scrape(&client, &metrics_url).await.ok();
         let end = loop {
@@ -266,7 +278,13 @@ impl Judge {
             let mut look = match (scrape(&client, &metrics_url).await, &before) {
                 (Ok(now_scrape), Some(b)) => {
                     let (s, c) = windows(&req.spec, b, &now_scrape);
-                    rollout::look(&req.spec, at, &s, &c, at_now)
+                    match &req.spec.shadow {
+                        Some(sh) => match read_pairs(&client, req, sh, &mut shadow).await {
+                            Ok(()) => rollout::look_shadow(&req.spec, at, &s, &c, &shadow, at_now),
+                            Err(e) => unavailable(at, &e, at_now),
+                        },
+                        None => rollout::look(&req.spec, at, &s, &c, at_now),
+                    }
                 }
                 (Ok(now_scrape), None) => {
                     before = Some(now_scrape);
@@ -476,6 +494,7 @@ impl Judge {
             traffic: &req.traffic,
             pipeline: &req.pipeline,
             environment: &req.environment.name,
+            shadow: req.spec.strategy == rollout::Strategy::Shadow,
         };
         let published = publish(&job.bus, &self.exec, &target, weight)
             .await
@@ -527,12 +546,98 @@ impl Judge {
 }
 
 fn metrics_url(req: &RolloutRequested) -> String {
-    let m = &req.spec.metrics;
+    on_environment(req, &req.spec.metrics)
+}
+
+/// A path on the environment's url, or a whole URL as it is.
+fn on_environment(req: &RolloutRequested, m: &str) -> String {
     if m.starts_with("http://") || m.starts_with("https://") {
-        return m.clone();
+        return m.to_string();
     }
     let base = req.environment.url.as_deref().unwrap_or_default();
     format!("{}{m}", base.trim_end_matches('/'))
+}
+
+/// The router's last pair so far (its answers' `last`), where a fresh shadow starts reading.
+async fn last_pair(
+    client: &reqwest::Client,
+    req: &RolloutRequested,
+    sh: &ShadowSpec,
+) -> Result<u64, String> {
+    let url = format!("{}?after={}", on_environment(req, &sh.pairs), u64::MAX);
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let body = resp.bytes().await.map_err(|e| format!("{url}: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))?;
+    Ok(v["last"].as_u64().unwrap_or(0))
+}
+
+/// Pairs read per look at most: a look must not take longer than its interval.
+const PAIRS_PER_LOOK: usize = 2_000;
+
+/// Reads the mirrored pairs after `figures.cursor` from the router, and adds each: whether
+/// the answers agree and, with an embeddings endpoint, their cosine similarity.
+async fn read_pairs(
+    client: &reqwest::Client,
+    req: &RolloutRequested,
+    sh: &ShadowSpec,
+    figures: &mut ShadowFigures,
+) -> Result<(), String> {
+    let base = on_environment(req, &sh.pairs);
+    let mut read = 0;
+    while read < PAIRS_PER_LOOK {
+        let url = format!("{base}?after={}", figures.cursor);
+        let resp = client
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("{url} answered {}", resp.status()));
+        }
+        let body = resp.bytes().await.map_err(|e| format!("{url}: {e}"))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))?;
+        let pairs: Vec<(u64, String, String)> = v["pairs"]
+            .as_array()
+            .ok_or_else(|| format!("{url}: no `pairs` in the answer"))?
+            .iter()
+            .filter_map(|p| {
+                Some((
+                    p["seq"].as_u64()?,
+                    p["stable"].as_str()?.to_string(),
+                    p["candidate"].as_str()?.to_string(),
+                ))
+            })
+            .filter(|p| p.0 > figures.cursor)
+            .collect();
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let similarities: Vec<Option<f64>> = match &sh.embeddings {
+            Some(e) => {
+                let inputs: Vec<String> = pairs
+                    .iter()
+                    .flat_map(|p| [p.1.clone(), p.2.clone()])
+                    .collect();
+                let vectors = slipway_core::embeddings::embed(client, e, &inputs).await?;
+                vectors
+                    .chunks(2)
+                    .map(|v| slipway_domain::embeddings::cosine(&v[0], &v[1]))
+                    .collect()
+            }
+            None => vec![None; pairs.len()],
+        };
+        read += pairs.len();
+        for ((seq, stable, candidate), sim) in pairs.iter().zip(similarities) {
+            figures.add(*seq, rollout::agree(stable, candidate), sim);
+        }
+    }
+    Ok(())
 }
 
 async fn scrape(client: &reqwest::Client, url: &str) -> Result<Scrape, String> {
@@ -620,6 +725,7 @@ fn unavailable(at: StepAt, error: &str, now: DateTime<Utc>) -> rollout::Look {
             comparisons: Vec::new(),
             score: None,
             ab: None,
+            shadow: None,
             decision: name.into(),
             reason,
             at: now,

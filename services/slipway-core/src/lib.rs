@@ -18,6 +18,7 @@
 
 pub mod bus;
 pub mod config;
+pub mod embeddings;
 pub mod exec;
 pub mod runtime;
 pub mod store;

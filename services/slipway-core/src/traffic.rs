@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use slipway_domain::rollout::TrafficSpec;
-use slipway_domain::traffic::{Weight, flagd_definition};
+use slipway_domain::traffic::{Weight, flagd_definition_for};
 
 use crate::bus::{Bus, BusError};
 use crate::exec::ExecSettings;
@@ -21,6 +21,8 @@ pub struct Target<'a> {
     pub traffic: &'a TrafficSpec,
     pub pipeline: &'a str,
     pub environment: &'a str,
+    /// A shadow rollout: the weight is the share of requests mirrored, not served.
+    pub shadow: bool,
 }
 
 /// Publishes `weight` to every target of the environment, in order (file, KV, command), and
@@ -36,7 +38,7 @@ pub async fn publish(
     weight: Weight,
 ) -> Result<Vec<String>, String> {
     let key = to.traffic.flag_key_for(to.pipeline, to.environment);
-    let definition = flagd_definition(&key, weight);
+    let definition = flagd_definition_for(&key, weight, to.shadow);
     let bytes = serde_json::to_vec_pretty(&definition).expect("a flag definition serialises");
     let mut published = Vec::new();
     if let Some(file) = &to.traffic.flag_file {
@@ -141,8 +143,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("flags/flags.json");
         for w in [5.0, 50.0] {
-            let bytes =
-                serde_json::to_vec(&flagd_definition("k", Weight::percent(w).unwrap())).unwrap();
+            let bytes = serde_json::to_vec(&flagd_definition_for(
+                "k",
+                Weight::percent(w).unwrap(),
+                false,
+            ))
+            .unwrap();
             write_atomically(&path, &bytes).await.unwrap();
         }
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();

@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod decide;
 pub mod digest;
 pub mod dora;
+pub mod embeddings;
 pub mod envelope;
 pub mod events;
 pub mod facts;

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::embeddings::{EmbeddingsSpec, mean_interval, wilson};
 use crate::judge::{self, AbLook, AbWinner, Count, Scoring, StepDecision, Worse};
 use crate::spec_error::SpecError;
 
@@ -86,6 +87,9 @@ pub enum Strategy {
     Canary,
     /// One split held until a sequential test decides which variant is better.
     Ab,
+    /// Copies of a share of live requests sent to the candidate, whose answers are compared
+    /// with the stable's and never served.
+    Shadow,
 }
 
 /// One canary step: the candidate's share of traffic and how long it is observed.
@@ -188,6 +192,41 @@ fn default_ab_weight() -> f64 {
     50.0
 }
 
+/// A shadow rollout: the router mirrors `share` percent of requests to the candidate and
+/// keeps both answers of each mirrored request, which the judge reads from `pairs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct ShadowSpec {
+    /// Percent of requests mirrored (0 < share ≤ 100).
+    pub share: f64,
+    /// How long the candidate is shadowed before it may be promoted.
+    pub duration_secs: u64,
+    /// Where the router serves the mirrored pairs: a path on the environment's url or a whole
+    /// URL (`GET <pairs>?after=<seq>` → `{"pairs": [{"seq", "stable", "candidate"}], "last":
+    /// <the last seq it holds>}`; a fresh shadow starts after `last`).
+    #[serde(default = "default_pairs")]
+    pub pairs: String,
+    /// Pairs needed before anything is judged.
+    #[serde(default = "default_min_pairs")]
+    pub min_pairs: u64,
+    /// The smallest share of pairs whose answers are the same (trimmed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_agreement: Option<f64>,
+    /// The smallest mean cosine similarity of the two answers' embeddings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_similarity: Option<f64>,
+    /// The embeddings endpoint, for `min_similarity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embeddings: Option<EmbeddingsSpec>,
+}
+
+fn default_pairs() -> String {
+    "/shadow/pairs".into()
+}
+fn default_min_pairs() -> u64 {
+    50
+}
+
 /// `[environment.rollout]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
@@ -228,6 +267,8 @@ pub struct RolloutSpec {
     pub analysis: Vec<AnalysisMetric>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ab: Option<AbSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSpec>,
 }
 
 fn default_metrics_path() -> String {
@@ -264,6 +305,14 @@ impl RolloutSpec {
                 weight: ab.weight,
                 duration_secs: ab.max_duration_secs,
             }],
+            (Strategy::Shadow, _) => self
+                .shadow
+                .iter()
+                .map(|sh| Plan {
+                    weight: sh.share,
+                    duration_secs: sh.duration_secs,
+                })
+                .collect(),
             _ => self
                 .steps
                 .iter()
@@ -397,8 +446,60 @@ impl RolloutSpec {
                 if self.ab.is_some() {
                     return err("ab", "only for strategy = \"ab\"".into());
                 }
+                if self.shadow.is_some() {
+                    return err("shadow", "only for strategy = \"shadow\"".into());
+                }
+            }
+            Strategy::Shadow => {
+                let Some(sh) = &self.shadow else {
+                    return err(
+                        "shadow",
+                        "strategy = \"shadow\" needs [environment.rollout.shadow]".into(),
+                    );
+                };
+                if !self.steps.is_empty() || self.ab.is_some() {
+                    return err("shadow", "a shadow rollout has no steps and no ab".into());
+                }
+                if !(sh.share > 0.0 && sh.share <= 100.0) {
+                    return err("shadow.share", "must be above 0 and at most 100".into());
+                }
+                if sh.duration_secs == 0 {
+                    return err("shadow.duration_secs", "must be at least 1".into());
+                }
+                if sh.min_agreement.is_none() && sh.min_similarity.is_none() {
+                    return err(
+                        "shadow",
+                        "needs a bound: min_agreement and/or min_similarity".into(),
+                    );
+                }
+                for (field, v) in [
+                    ("min_agreement", sh.min_agreement),
+                    ("min_similarity", sh.min_similarity),
+                ] {
+                    if v.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
+                        return err(&format!("shadow.{field}"), "must be from 0 to 1".into());
+                    }
+                }
+                if sh.min_similarity.is_some() && sh.embeddings.is_none() {
+                    return err(
+                        "shadow.embeddings",
+                        "min_similarity needs an embeddings endpoint (base_url, model)".into(),
+                    );
+                }
+                if !sh.pairs.starts_with('/')
+                    && !sh.pairs.starts_with("http://")
+                    && !sh.pairs.starts_with("https://")
+                {
+                    return err(
+                        "shadow.pairs",
+                        format!("{:?} is neither a path nor an http(s) URL", sh.pairs),
+                    );
+                }
             }
             Strategy::Ab => {
+                if self.shadow.is_some() {
+                    return err("shadow", "only for strategy = \"shadow\"".into());
+                }
                 let Some(ab) = &self.ab else {
                     return err(
                         "ab",
@@ -547,6 +648,70 @@ pub struct AbFigures {
     pub winner: Option<String>,
 }
 
+/// A shadow rollout's figures since it began: the running totals (a restarted judge goes on
+/// from them and from `cursor`) and what they say.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+pub struct ShadowFigures {
+    /// Mirrored requests compared.
+    pub pairs: u64,
+    /// Pairs whose answers are the same.
+    pub agreed: u64,
+    /// Pairs whose similarity was measured, the sum and the sum of squares of their cosines.
+    #[serde(default)]
+    pub measured: u64,
+    #[serde(default)]
+    pub similarity_sum: f64,
+    #[serde(default)]
+    pub similarity_sum_sq: f64,
+    /// The last pair read (the router's sequence).
+    pub cursor: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
+    /// 95% Wilson interval of the agreement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement_interval: Option<[f64; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f64>,
+    /// 95% interval of the mean similarity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub similarity_interval: Option<[f64; 2]>,
+}
+
+impl ShadowFigures {
+    /// Adds one pair: whether its answers agree, and their cosine if measured.
+    pub fn add(&mut self, seq: u64, agreed: bool, similarity: Option<f64>) {
+        self.pairs += 1;
+        self.agreed += u64::from(agreed);
+        if let Some(c) = similarity {
+            self.measured += 1;
+            self.similarity_sum += c;
+            self.similarity_sum_sq += c * c;
+        }
+        self.cursor = self.cursor.max(seq);
+        self.summarise();
+    }
+
+    fn summarise(&mut self) {
+        let n = self.pairs as f64;
+        self.agreement = (self.pairs > 0).then(|| self.agreed as f64 / n);
+        self.agreement_interval = wilson(self.agreed as f64, n, 1.96);
+        let m = mean_interval(
+            self.measured as f64,
+            self.similarity_sum,
+            self.similarity_sum_sq,
+            1.96,
+        );
+        self.similarity = m.map(|x| x.0);
+        self.similarity_interval = m.map(|x| x.1);
+    }
+}
+
+/// Whether two answers are the same: equal once trimmed (whitespace at either end is not a
+/// difference in what was answered).
+pub fn agree(stable: &str, candidate: &str) -> bool {
+    stable.trim() == candidate.trim()
+}
+
 /// `dev.slipway.rollout.analysed.v1`: one look at both variants during a step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RolloutAnalysis {
@@ -564,6 +729,8 @@ pub struct RolloutAnalysis {
     pub score: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ab: Option<AbFigures>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowFigures>,
     /// `promote`, `hold` or `abort`.
     pub decision: String,
     pub reason: String,
@@ -1050,6 +1217,7 @@ pub fn look(
             comparisons,
             score,
             ab: ab_figures,
+            shadow: None,
             decision: name.into(),
             reason,
             at: now,
@@ -1057,6 +1225,122 @@ pub fn look(
         decision,
         winner,
         ab_p,
+    }
+}
+
+/// One look at a shadow rollout: its guardrail metrics compared, then its bounds on the
+/// figures so far. Below `min_pairs` it holds; a bound whose whole interval is below it aborts
+/// at once; once the time is up it promotes when every figure meets its bound.
+pub fn look_shadow(
+    spec: &RolloutSpec,
+    at: StepAt,
+    stable: &Window,
+    candidate: &Window,
+    figures: &ShadowFigures,
+    now: DateTime<Utc>,
+) -> Look {
+    let sh = spec
+        .shadow
+        .as_ref()
+        .expect("validated: a shadow rollout has [shadow]");
+    let requests = [
+        stable.counter(&spec.requests).unwrap_or(0.0),
+        candidate.counter(&spec.requests).unwrap_or(0.0),
+    ];
+    let comparisons: Vec<Comparison> = spec
+        .analysis
+        .iter()
+        .map(|m| compare(m, stable, candidate, spec.significance))
+        .collect();
+    let elapsed = at.elapsed_secs >= at.duration_secs;
+    let bounds = [
+        (
+            "agreement",
+            sh.min_agreement,
+            figures.agreement,
+            figures.agreement_interval,
+        ),
+        (
+            "similarity",
+            sh.min_similarity,
+            figures.similarity,
+            figures.similarity_interval,
+        ),
+    ];
+    let mut below_for_sure = Vec::new();
+    let mut below = Vec::new();
+    for (name, bound, value, interval) in bounds {
+        let Some(bound) = bound else { continue };
+        match (value, interval) {
+            (Some(v), Some(iv)) => {
+                if iv[1] < bound {
+                    below_for_sure.push(format!(
+                        "{name} {v:.3} [{:.3}, {:.3}] is below {bound}",
+                        iv[0], iv[1]
+                    ));
+                } else if v < bound {
+                    below.push(format!("{name} {v:.3} is below {bound}"));
+                }
+            }
+            _ => below.push(format!("{name}: not measured yet")),
+        }
+    }
+    let decision = if comparisons.iter().any(|c| c.verdict == "fail")
+        && requests[1] >= spec.min_requests as f64
+    {
+        StepDecision::Abort("a guardrail metric failed".into())
+    } else if figures.pairs < sh.min_pairs {
+        let why = format!(
+            "{} mirrored pairs; {} are needed before the candidate is judged",
+            figures.pairs, sh.min_pairs
+        );
+        if at.elapsed_secs >= at.duration_secs + at.max_hold_secs {
+            StepDecision::Abort(format!("held past the shadow's time: {why}"))
+        } else {
+            StepDecision::Hold(why)
+        }
+    } else if !below_for_sure.is_empty() {
+        StepDecision::Abort(below_for_sure.join("; "))
+    } else if !elapsed {
+        StepDecision::Hold("the candidate is still shadowed".into())
+    } else if below.is_empty() {
+        StepDecision::Promote
+    } else {
+        StepDecision::Abort(below.join("; "))
+    };
+    let (name, reason) = match &decision {
+        StepDecision::Promote => (
+            "promote",
+            format!(
+                "{} mirrored pairs: agreement {}, similarity {}",
+                figures.pairs,
+                figures.agreement.map_or("-".into(), |a| format!("{a:.3}")),
+                figures.similarity.map_or("-".into(), |a| format!("{a:.3}"))
+            ),
+        ),
+        StepDecision::Hold(r) => ("hold", r.clone()),
+        StepDecision::Abort(r) => ("abort", abort_reason(r, &comparisons)),
+    };
+    let verdicts: Vec<judge::Verdict> = comparisons.iter().map(verdict_of).collect();
+    Look {
+        analysis: RolloutAnalysis {
+            stage: String::new(),
+            attempt: 0,
+            step: at.step,
+            weight: at.weight,
+            elapsed_secs: at.elapsed_secs,
+            requests,
+            score: judge::score(&verdicts),
+            comparisons,
+            ab: None,
+            shadow: Some(figures.clone()),
+            decision: name.into(),
+            reason,
+            at: now,
+        },
+        decision,
+        winner: None,
+        ab_p: at.ab_p,
     }
 }
 

@@ -2,6 +2,7 @@ use chrono::{TimeZone, Utc};
 
 use super::*;
 use crate::decide::Command;
+use crate::embeddings::EmbeddingsSpec;
 use crate::events::EventData;
 use crate::run::Phase;
 use crate::sim::{Answer, CANARY_PIPELINE, Sim, artifact};
@@ -522,4 +523,96 @@ fn the_first_deploy_to_a_rollout_environment_has_no_stable_version() {
         })
         .unwrap();
     assert_eq!(r.stable_version, None);
+}
+
+fn shadow_spec() -> RolloutSpec {
+    let mut s = spec();
+    s.strategy = Strategy::Shadow;
+    s.steps.clear();
+    s.shadow = Some(ShadowSpec {
+        share: 10.0,
+        duration_secs: 60,
+        pairs: "/shadow/pairs".into(),
+        min_pairs: 50,
+        min_agreement: Some(0.8),
+        min_similarity: Some(0.9),
+        embeddings: Some(EmbeddingsSpec {
+            base_url: "http://127.0.0.1:1/v1".into(),
+            model: "m".into(),
+            api_key_env: None,
+        }),
+    });
+    s
+}
+
+fn figures(n: u64, agreeing: u64, similarity: f64) -> ShadowFigures {
+    let mut f = ShadowFigures::default();
+    for i in 0..n {
+        f.add(i + 1, i < agreeing, Some(similarity));
+    }
+    f
+}
+
+#[test]
+fn a_shadow_is_judged_on_agreement_and_similarity_with_their_intervals() {
+    let s = shadow_spec();
+    assert!(s.validate("r").is_ok());
+    assert_eq!(
+        s.plan(),
+        vec![Plan {
+            weight: 10.0,
+            duration_secs: 60
+        }]
+    );
+    let w = window(1000.0, 10.0);
+    let shadow = |f: &ShadowFigures, elapsed| look_shadow(&s, at(elapsed), &w, &w, f, now());
+    // Too few pairs: nothing judged.
+    let few = shadow(&figures(10, 0, 0.0), 60);
+    assert!(matches!(&few.decision, StepDecision::Hold(r) if r.contains("10 mirrored pairs")));
+    // Clearly below a bound (its whole interval): aborted before the time is up.
+    let bad = shadow(&figures(100, 20, 0.95), 5);
+    assert!(
+        matches!(&bad.decision, StepDecision::Abort(r) if r.contains("agreement 0.200")),
+        "{bad:?}"
+    );
+    // Meeting both once the time is up: promoted, with the figures in the look.
+    let good = shadow(&figures(200, 190, 0.97), 60);
+    assert_eq!(good.decision, StepDecision::Promote);
+    let f = good.analysis.shadow.as_ref().unwrap();
+    assert_eq!((f.pairs, f.agreed, f.cursor), (200, 190, 200));
+    assert!((f.similarity.unwrap() - 0.97).abs() < 1e-9);
+    let iv = f.agreement_interval.unwrap();
+    assert!(iv[0] < 0.95 && iv[1] > 0.95);
+    // Still shadowed: hold; and a point below its bound at the end aborts.
+    assert!(matches!(
+        shadow(&figures(200, 190, 0.97), 30).decision,
+        StepDecision::Hold(_)
+    ));
+    let marginal = shadow(&figures(200, 155, 0.97), 60);
+    assert!(
+        matches!(&marginal.decision, StepDecision::Abort(r) if r.contains("agreement 0.775 is below 0.8")),
+        "{marginal:?}"
+    );
+    // A shadow without a bound, or a similarity bound without embeddings, is refused.
+    let mut no_bound = shadow_spec();
+    let sh = no_bound.shadow.as_mut().unwrap();
+    sh.min_agreement = None;
+    sh.min_similarity = None;
+    assert!(
+        no_bound
+            .validate("r")
+            .unwrap_err()
+            .to_string()
+            .contains("r.shadow: needs a bound")
+    );
+    let mut no_emb = shadow_spec();
+    no_emb.shadow.as_mut().unwrap().embeddings = None;
+    assert!(
+        no_emb
+            .validate("r")
+            .unwrap_err()
+            .to_string()
+            .contains("r.shadow.embeddings")
+    );
+    assert!(agree(" 42\n", "42") && !agree("42", "43"));
 }

@@ -44,6 +44,19 @@ impl Weight {
 /// application maps them to its endpoints), the stable one the default when targeting cannot
 /// be evaluated, and a `fractional` split in basis points.
 pub fn flagd_definition(flag_key: &str, weight: Weight) -> Value {
+    flagd_definition_for(flag_key, weight, false)
+}
+
+/// As [`flagd_definition`]; for a shadow rollout (`shadow`), the flag's metadata says
+/// `"mode": "shadow"`: the router serves every request from the stable variant and sends a
+/// copy of the share the flag gives the candidate to the candidate, keeping both answers.
+pub fn flagd_definition_for(flag_key: &str, weight: Weight, shadow: bool) -> Value {
+    let mut v = flagd_split(flag_key, weight);
+    v["flags"][flag_key]["metadata"] = json!({ "mode": if shadow { "shadow" } else { "split" } });
+    v
+}
+
+fn flagd_split(flag_key: &str, weight: Weight) -> Value {
     let candidate = weight.basis_points();
     json!({
         "$schema": "https://flagd.dev/schema/v0/flags.json",
