@@ -195,3 +195,72 @@ async fn the_evaluation_gate_scores_blocks_and_fails_fast() {
         "within least privilege"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semantic_similarity_to_the_reference_is_measured_through_an_embeddings_endpoint() {
+    let stack = Stack::start_with(&[
+        "slipway-conductor",
+        "slipway-builder",
+        "slipway-model-evaluator",
+    ]);
+    let bin = model_server_binary(stack.dir.path());
+    // An OpenAI-compatible /v1/embeddings (a bag-of-words embedding) beside the model.
+    let embeddings = slipway_e2e::rollout_app::start_app(
+        &stack.dir.path().join("slots"),
+        &stack.dir.path().join("flags.json"),
+    );
+    let dataset = std::fs::read_to_string(
+        slipway_core::testing::workspace_root().join("deploy/demo/model-server/eval/qa.jsonl"),
+    )
+    .unwrap();
+    let run = |name: &str, port: u16, base_url: &str| {
+        let spec = format!(
+            r#"
+[pipeline]
+name = "{name}"
+[build]
+command = ["true"]
+[gates.model_evaluation]
+endpoint = {{ kind = "openai", base_url = "http://127.0.0.1:{port}", model = "demo-model" }}
+request_timeout_secs = 5
+embeddings = {{ base_url = "{base_url}", model = "bag-of-words" }}
+[[gates.model_evaluation.dataset]]
+name = "facts"
+path = "qa.jsonl"
+[gates.model_evaluation.dataset.thresholds]
+semantic_similarity = {{ min = 0.9 }}
+"#
+        );
+        let dir = project(stack.dir.path(), name, &spec, &[("qa.jsonl", &dataset)]);
+        let v = stack.slipway_json(&["submit", dir.join("slipway.toml").to_str().unwrap()]);
+        v["run_id"].as_str().unwrap().to_string()
+    };
+    let v1 = format!("{}/v1", embeddings.url);
+    // Knowing every fact: each answer is its reference.
+    let all = start_model(&bin, stack.dir.path(), "version = 1.0.0\n");
+    let ok = stack.wait_phase(&run("knows", all.port, &v1), "succeeded", LONG);
+    let g = gate(&ok, "evaluate");
+    assert_eq!(g["metrics"]["facts.semantic_similarity"], 1.0, "{g}");
+    // Knowing 8 of 20: "I don't know." shares nothing with a reference; below the bound.
+    let few = start_model(&bin, stack.dir.path(), "version = 1.1.0\nskip = 12\n");
+    let failed = stack.wait_phase(&run("forgets", few.port, &v1), "failed", LONG);
+    let g = gate(&failed, "evaluate");
+    let sim = g["metrics"]["facts.semantic_similarity"].as_f64().unwrap();
+    assert!((0.3..0.5).contains(&sim), "{g}");
+    let check = g["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["metric"] == "semantic_similarity")
+        .unwrap();
+    assert_eq!(check["verdict"], "fail", "{check}");
+    // An endpoint that is not there: the check fails and says why.
+    let broken = stack.wait_phase(
+        &run("no-embeddings", all.port, "http://127.0.0.1:9/v1"),
+        "failed",
+        LONG,
+    );
+    let g = gate(&broken, "evaluate");
+    let notes = g["checks"].to_string();
+    assert!(notes.contains("the embeddings endpoint failed"), "{notes}");
+}

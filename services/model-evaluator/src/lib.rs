@@ -28,7 +28,7 @@ use slipway_domain::events::{Check, EvaluateRequested, EventData, GateReport, Ve
 use slipway_domain::spec::{ModelEndpoint, Threshold, check_relative_path};
 use slipway_domain::stats::{self, Rng};
 use slipway_domain::thresholds;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::dataset::Item;
 use crate::metrics::ItemResult;
@@ -206,7 +206,16 @@ pub fn check_metric(
             p_value: None,
             interval: None,
             verdict: Verdict::Fail,
-            note: format!("{dataset}: {metric} cannot be measured: no item carries what it needs"),
+            note: match candidate.iter().find_map(|r| r.similarity_error.as_deref()) {
+                Some(e) if metric == "semantic_similarity" => {
+                    format!(
+                        "{dataset}: {metric} cannot be measured: the embeddings endpoint failed: {e}"
+                    )
+                }
+                _ => {
+                    format!("{dataset}: {metric} cannot be measured: no item carries what it needs")
+                }
+            },
         };
     };
     let absolute = Threshold {
@@ -229,6 +238,7 @@ pub fn check_metric(
                 "exact_match" => r.exact.map(b),
                 "accuracy" => r.label_ok.map(b),
                 "f1" => r.f1,
+                "semantic_similarity" => r.similarity,
                 "format_compliance" => r.format_ok.map(b),
                 "hallucination_rate" => r.hallucinated.map(b),
                 "refusal_rate" => Some(b(r.refusal)),
@@ -236,7 +246,7 @@ pub fn check_metric(
                 _ => None,
             }
         };
-        if metric == "f1" {
+        if matches!(metric, "f1" | "semantic_similarity") {
             let (cv, bv): (Vec<f64>, Vec<f64>) = pairs
                 .iter()
                 .filter_map(|(c, b)| Some((per_item(c)?, per_item(b)?)))
@@ -547,6 +557,17 @@ impl Evaluator {
                 self.judge_all(j, req, &items, &mut results).await;
                 drop(judging);
             }
+            if let Some(e) = &spec.embeddings {
+                let mut span = scope.span("embeddings requests");
+                span.attr("slipway.dataset", ds.name.clone());
+                if let Err(err) = similarities(e, req, &items, &mut results).await {
+                    warn!(dataset = %ds.name, error = %err, "No semantic similarity.");
+                    for r in &mut results {
+                        r.similarity_error = Some(err.clone());
+                    }
+                    span.fail("embeddings_failed", err);
+                }
+            }
             for r in &results {
                 tin += r.tokens_in;
                 tout += r.tokens_out;
@@ -644,6 +665,39 @@ impl Evaluator {
         }
         std::fs::read_to_string(&canon).map_err(|e| format!("{path}: {e}"))
     }
+}
+
+/// The cosine similarity of each answer with its item's reference (or expected answer), from
+/// the embeddings endpoint; items without either, or whose request failed, have none.
+async fn similarities(
+    e: &slipway_domain::embeddings::EmbeddingsSpec,
+    req: &EvaluateRequested,
+    items: &[Item],
+    results: &mut [ItemResult],
+) -> Result<(), String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(req.spec.request_timeout_secs))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let wanted: Vec<(usize, String, String)> = items
+        .iter()
+        .zip(results.iter())
+        .enumerate()
+        .filter(|(_, (_, r))| r.error.is_none())
+        .filter_map(|(i, (item, r))| {
+            let reference = item.reference.clone().or_else(|| item.expected.clone())?;
+            Some((i, r.output.clone(), reference))
+        })
+        .collect();
+    let inputs: Vec<String> = wanted
+        .iter()
+        .flat_map(|(_, a, b)| [a.clone(), b.clone()])
+        .collect();
+    let vectors = slipway_core::embeddings::embed(&client, e, &inputs).await?;
+    for ((i, _, _), v) in wanted.iter().zip(vectors.chunks(2)) {
+        results[*i].similarity = slipway_domain::embeddings::cosine(&v[0], &v[1]);
+    }
+    Ok(())
 }
 
 /// A judge that did not answer most grounded items must not pass silently on the lexical
@@ -905,5 +959,70 @@ mod tests {
         );
         assert_eq!(c.verdict, Verdict::Fail, "{}", c.note);
         assert!(c.p_value.unwrap() < 0.01);
+    }
+
+    #[test]
+    fn a_similarity_regression_is_tested_on_the_paired_items() {
+        let mut rng = Rng::new(3);
+        let mk = |sims: &[f64]| -> Vec<ItemResult> {
+            sims.iter()
+                .enumerate()
+                .map(|(i, x)| ItemResult {
+                    id: format!("i{i}"),
+                    similarity: Some(*x),
+                    ..Default::default()
+                })
+                .collect()
+        };
+        let base = mk(&[0.95; 20]);
+        let mut sims = vec![0.2; 8];
+        sims.extend([0.95; 12]);
+        let cand = mk(&sims);
+        let threshold = Threshold {
+            max_regression: Some(0.05),
+            ..Default::default()
+        };
+        let c = check_metric(
+            "d",
+            "semantic_similarity",
+            Some(0.65),
+            Some(0.95),
+            &threshold,
+            &cand,
+            Some(&base),
+            0.05,
+            &mut rng,
+        );
+        assert_eq!(c.verdict, Verdict::Fail, "{}", c.note);
+        let iv = c.interval.expect("a paired bootstrap interval");
+        assert!(iv[1] < 0.0, "the whole interval is a loss: {iv:?}");
+        assert!(c.note.contains("paired bootstrap"), "{}", c.note);
+        // Without a similarity, the check names the endpoint's failure.
+        let failed: Vec<ItemResult> = cand
+            .iter()
+            .map(|r| ItemResult {
+                similarity: None,
+                similarity_error: Some("http://e/v1/embeddings answered 500".into()),
+                ..r.clone()
+            })
+            .collect();
+        let c = check_metric(
+            "d",
+            "semantic_similarity",
+            None,
+            None,
+            &threshold,
+            &failed,
+            None,
+            0.05,
+            &mut rng,
+        );
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert!(
+            c.note
+                .contains("the embeddings endpoint failed: http://e/v1/embeddings answered 500"),
+            "{}",
+            c.note
+        );
     }
 }

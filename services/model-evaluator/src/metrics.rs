@@ -164,6 +164,12 @@ pub struct ItemResult {
     /// The judge could not answer for this item (the lexical verdict stands).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judge_error: Option<String>,
+    /// Cosine similarity of the answer's and the reference's embeddings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f64>,
+    /// Why the embeddings endpoint gave no similarity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub similarity_error: Option<String>,
 }
 
 impl ItemResult {
@@ -235,6 +241,10 @@ pub fn summarize(results: &[ItemResult]) -> BTreeMap<String, f64> {
         mean_of(results.iter().filter_map(|r| r.label_ok).map(b)),
     );
     put("f1", mean_of(results.iter().filter_map(|r| r.f1)));
+    put(
+        "semantic_similarity",
+        mean_of(results.iter().filter_map(|r| r.similarity)),
+    );
     put(
         "format_compliance",
         mean_of(results.iter().filter_map(|r| r.format_ok).map(b)),

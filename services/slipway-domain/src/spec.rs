@@ -229,6 +229,10 @@ pub struct ModelEvaluationSpec {
     /// Judge hallucination with a model (LLM-as-judge) instead of the lexical measure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judge: Option<JudgeSpec>,
+    /// An OpenAI-compatible embeddings endpoint: `semantic_similarity` is the mean cosine
+    /// similarity of each answer with its item's reference (or expected answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embeddings: Option<crate::embeddings::EmbeddingsSpec>,
     pub dataset: Vec<DatasetSpec>,
 }
 
@@ -269,6 +273,7 @@ pub const MODEL_METRICS: &[&str] = &[
     "error_rate",
     "latency_p95_ms",
     "tokens_per_item",
+    "semantic_similarity",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -780,6 +785,12 @@ impl PipelineSpec {
                 }
                 check_relative_path(&format!("{p}.path"), &d.path)?;
                 check_metrics(&format!("{p}.thresholds"), &d.thresholds, MODEL_METRICS)?;
+                if d.thresholds.contains_key("semantic_similarity") && m.embeddings.is_none() {
+                    return Err(SpecError::new(
+                        format!("{p}.thresholds.semantic_similarity"),
+                        "needs gates.model_evaluation.embeddings (base_url, model)",
+                    ));
+                }
             }
         }
         if let Some(p) = &g.performance {

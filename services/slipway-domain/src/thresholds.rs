@@ -9,7 +9,13 @@ use crate::spec::{Severity, Threshold};
 pub fn higher_is_better(metric: &str) -> bool {
     matches!(
         metric,
-        "availability" | "exact_match" | "accuracy" | "f1" | "format_compliance" | "throughput_rps"
+        "availability"
+            | "exact_match"
+            | "accuracy"
+            | "f1"
+            | "format_compliance"
+            | "throughput_rps"
+            | "semantic_similarity"
     )
 }
 
