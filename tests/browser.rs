@@ -328,3 +328,79 @@ async fn approving_on_the_page_deploys_to_production() {
     b.quit().await;
     stack.assert_replay_matches(&run);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_is_charted_on_the_page_and_paused_and_aborted_from_it() {
+    use slipway_e2e::rollout_app::{ERRORS, pipeline, start_app, weight_of};
+    let Some((driver, chromium)) = browser() else {
+        return;
+    };
+    let stack = Stack::start_with(&[
+        "slipway-conductor",
+        "slipway-builder",
+        "slipway-deployer",
+        "slipway-monitor",
+        "slipway-approval",
+    ]);
+    stack.wait_gateway();
+    let dir = stack.dir.path().join("rollout");
+    let (state, flags) = (dir.join("slots"), dir.join("flags.json"));
+    std::fs::create_dir_all(&state).unwrap();
+    let app = start_app(&state, &flags);
+    let spec = pipeline(
+        "charted",
+        &app.url,
+        &state,
+        &flags,
+        &format!(
+            "strategy = \"canary\"\nrequests = \"app_requests_total\"\ninterval_secs = 1\nmin_requests = 20\n\
+             steps = [{{ weight = 10, duration_secs = 600 }}]\n{ERRORS}"
+        ),
+    );
+    let project_dir = project(&dir, "project", &spec, &[]);
+    let submit = |quality: &str| {
+        std::fs::write(project_dir.join("quality"), quality).unwrap();
+        let v = stack.slipway_json(&["submit", project_dir.join("slipway.toml").to_str().unwrap()]);
+        v["run_id"].as_str().unwrap().to_string()
+    };
+    let first = submit("good 1");
+    stack.wait_phase(&first, "succeeded", LONG);
+    let run = submit("good 2");
+    stack.wait_for(&run, LONG, |s| {
+        s["rollouts"][0]["looks"]
+            .as_array()
+            .is_some_and(|l| l.len() >= 3)
+    });
+
+    let b = Browser::start(&driver, &chromium).await;
+    b.goto(&stack.gateway_url()).await;
+    b.type_into("#token", "bob-token").await;
+    let card = format!("#rollout-{run}");
+    let text = b.wait_text(&card, "candidate at 10").await;
+    assert!(text.contains("errors"), "{text}");
+    assert!(text.contains("proportions"), "{text}");
+    // Both variants drawn over the looks, side by side.
+    b.find(&format!("{card} svg polyline.series-stable")).await;
+    b.find(&format!("{card} svg polyline.series-candidate"))
+        .await;
+    if let Some(dir) = std::env::var_os("SLIPWAY_SCREENSHOT_DIR") {
+        b.screenshot(&PathBuf::from(dir).join("rollout.png")).await;
+    }
+    b.click(&format!("{card} button.pause")).await;
+    b.wait_text(&format!("{card} .result"), "Recorded: pause by bob")
+        .await;
+    stack.wait_for(&run, LONG, |s| s["rollouts"][0]["paused"] == true);
+    b.wait_text(&format!("{card} h3"), "paused").await;
+    b.click(&format!("{card} button.abort")).await;
+    let done = stack.wait_phase(&run, "rolled_back", LONG);
+    assert!(
+        done["reason"].as_str().unwrap().contains("aborted by bob"),
+        "{done}"
+    );
+    b.wait_text("#rollouts", "No rollout in progress.").await;
+    b.wait_text(&format!("#recent-{run} .phase"), "rolled_back")
+        .await;
+    assert_eq!(weight_of(&flags), 0);
+    b.quit().await;
+    stack.assert_replay_matches(&run);
+}

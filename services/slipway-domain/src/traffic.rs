@@ -105,9 +105,16 @@ mod tests {
                     "state": "ENABLED",
                     "variants": { "stable": "stable", "candidate": "candidate" },
                     "defaultVariant": "stable",
-                    "targeting": { "fractional": [["stable", 9500], ["candidate", 500]] }
+                    "targeting": { "fractional": [["stable", 9500], ["candidate", 500]] },
+                    "metadata": { "mode": "split" }
                 } }
             })
+        );
+        // A shadow's flag says so: the share is mirrored, not served.
+        let shadow = flagd_definition_for("model-version", Weight::percent(10.0).unwrap(), true);
+        assert_eq!(
+            shadow["flags"]["model-version"]["metadata"]["mode"],
+            "shadow"
         );
         // Back to zero (an abort): every evaluation is the stable's.
         let off = flagd_definition("model-version", Weight::NONE);
