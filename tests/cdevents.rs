@@ -312,3 +312,52 @@ source = {{ kind = "directory", path = "{dir}" }}
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[test]
+fn a_rollouts_cdevents_meet_the_schemas() {
+    use slipway_domain::sim::{Answer, CANARY_PIPELINE, Sim, artifact};
+    let schemas = schemas();
+    let mut types = BTreeSet::new();
+    for abort in [false, true] {
+        let mut sim = Sim::new(CANARY_PIPELINE);
+        sim.live.insert(
+            "production".into(),
+            ("svc-000000000000".into(), artifact("old")),
+        );
+        if abort {
+            sim.script.insert(
+                "rollout:production".into(),
+                Answer::Fail("step 1 at 5%: score 0 is below the marginal score 75".into()),
+            );
+        }
+        sim.run_to_end();
+        let mut run = None;
+        for e in &sim.log {
+            run = slipway_domain::fold::fold(run, e);
+            let r = run.as_ref().unwrap();
+            for v in slipway_domain::cdevents::for_event(e, r, Some("http://gw.example")) {
+                let ty = v["context"]["type"].as_str().unwrap().to_string();
+                let errors: Vec<String> = schemas
+                    .get(&ty)
+                    .unwrap_or_else(|| panic!("no schema for {ty}"))
+                    .iter_errors(&v)
+                    .map(|e| e.to_string())
+                    .collect();
+                assert!(errors.is_empty(), "{ty}: {errors:?}\n{v}");
+                if ty.contains("rollout") {
+                    assert_eq!(v["subject"]["content"]["promoted"], !abort, "{v}");
+                    assert_eq!(v["subject"]["content"]["strategy"], "canary", "{v}");
+                }
+                types.insert(ty);
+            }
+        }
+    }
+    for t in [
+        "dev.cdevents.service.deployed.0.3.0",
+        "dev.cdevents.service.upgraded.0.3.0",
+        "dev.cdevents.service.rolledback.0.3.0",
+        "dev.cdeventsx.slipway-rollout.finished.0.1.0",
+    ] {
+        assert!(types.contains(t), "{t} in {types:?}");
+    }
+}

@@ -517,16 +517,6 @@ impl Judge {
 
     async fn record(&self, job: &Job, a: &RolloutAnalysis) -> Result<(), Transient> {
         let id = rollout::analysis_event_id(&job.run_id, a);
-        let scope = job.scope();
-        scope.mark(
-            "rollout.analysed",
-            &[
-                ("slipway.rollout.step", (a.step + 1).to_string()),
-                ("slipway.rollout.weight", a.weight.to_string()),
-                ("slipway.rollout.decision", a.decision.clone()),
-                ("slipway.rollout.reason", a.reason.clone()),
-            ],
-        );
         self.append(job, id, EventData::RolloutAnalysed(a.clone()))
             .await
     }

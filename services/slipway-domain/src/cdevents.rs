@@ -13,6 +13,8 @@
 //! | `deploy.succeeded` | `dev.cdevents.service.deployed.0.3.0` |
 //! | `rollback.succeeded` | `dev.cdevents.service.rolledback.0.3.0`, `dev.cdevents.incident.resolved.0.3.0` per incident |
 //! | `incident.opened` | `dev.cdevents.incident.detected.0.3.0` |
+//! | `promote.succeeded` (a rollout's change in the stable slot) | `dev.cdevents.service.upgraded.0.3.0` |
+//! | `rollout.succeeded` / `failed` | `dev.cdeventsx.slipway-rollout.finished.0.1.0` (custom: the vocabulary has no rollout) |
 //! | gates, approvals, monitoring (no CDEvents vocabulary) | `dev.cdeventsx.slipway-gate.finished.0.1.0`, `dev.cdeventsx.slipway-approval.decided.0.1.0`, `dev.cdeventsx.slipway-monitor.finished.0.1.0` (the spec's custom events) |
 //!
 //! Ids are derived from the Slipway event's id, so a repeat is recognisable downstream.
@@ -243,6 +245,42 @@ pub fn for_event(event: &Event, run: &Run, public_url: Option<&str>) -> Vec<Valu
                 "dev.cdevents.service.deployed.0.3.0",
                 "",
                 run.pipeline.clone(),
+                c,
+            );
+        }
+        EventData::PromoteSucceeded(d) => {
+            let c = json!({
+                "artifactId": purl(&run.pipeline, &d.artifact),
+                "environment": { "id": d.environment, "source": SOURCE },
+            });
+            e.push(
+                "dev.cdevents.service.upgraded.0.3.0",
+                "",
+                run.pipeline.clone(),
+                c,
+            );
+        }
+        EventData::RolloutSucceeded(r) | EventData::RolloutFailed(r) => {
+            let strategy = run
+                .spec
+                .environment(&r.environment)
+                .and_then(|env| env.rollout.as_ref())
+                .map(|x| serde_json::to_value(x.strategy).unwrap_or_default());
+            let mut c = json!({
+                "pipelineRun": run_id,
+                "environment": r.environment,
+                "promoted": matches!(event.data, EventData::RolloutSucceeded(_)),
+                "stepsPassed": r.steps_passed,
+                "decidedBy": r.decided_by,
+                "reason": r.reason,
+            });
+            if let Some(s) = strategy {
+                c["strategy"] = s;
+            }
+            e.push(
+                "dev.cdeventsx.slipway-rollout.finished.0.1.0",
+                "",
+                stage_id(&r.stage, r.attempt),
                 c,
             );
         }

@@ -402,6 +402,8 @@ pub struct SpanRecord {
     pub links: Vec<SpanContext>,
     /// The span failed, with this description.
     pub error: Option<String>,
+    /// What happened during it, at its time (a rollout's weights and looks).
+    pub events: Vec<opentelemetry::trace::Event>,
 }
 
 /// Queues a span for export: a no-op without an endpoint, never waits.
@@ -434,7 +436,8 @@ pub fn emit(record: SpanRecord) {
         .with_kind(record.kind)
         .with_start_time(record.start)
         .with_attributes(record.attributes)
-        .with_links(links);
+        .with_links(links)
+        .with_events(record.events);
     NEXT_SPAN.with(|c| c.set(Some(record.span_id)));
     NEXT_TRACE.with(|c| c.set(Some(record.trace_id)));
     let mut span = sink.tracer.build_with_context(builder, &parent_cx);
@@ -520,6 +523,7 @@ pub fn run_span(run: &Run, now: SystemTime) -> Option<SpanRecord> {
         end: time(end).max(now),
         attributes,
         links: vec![],
+        events: vec![],
         error: outcome.error_type.map(|_| {
             run.reason
                 .clone()
@@ -572,6 +576,7 @@ pub fn stage_span(run: &Run, stage: &str, attempt: u32, now: SystemTime) -> Opti
     if let Some(e) = outcome.error_type {
         attributes.push(KeyValue::new("error.type", e));
     }
+    let events = rollout_events(run, &s.name, s.attempt);
     Some(SpanRecord {
         name: s.name.clone(),
         kind: SpanKind::Internal,
@@ -587,7 +592,90 @@ pub fn stage_span(run: &Run, stage: &str, attempt: u32, now: SystemTime) -> Opti
         error: outcome
             .error_type
             .map(|_| s.reason.clone().unwrap_or_default()),
+        events,
     })
+}
+
+/// A rollout stage's weight changes and looks, as events of its span at their times.
+fn rollout_events(run: &Run, stage: &str, attempt: u32) -> Vec<opentelemetry::trace::Event> {
+    use opentelemetry::trace::Event as SpanEvent;
+    let Some(v) = run
+        .rollouts
+        .iter()
+        .find(|v| v.stage == stage && v.attempt == attempt)
+    else {
+        return Vec::new();
+    };
+    let mut out: Vec<(SystemTime, SpanEvent)> = Vec::new();
+    for w in &v.weights {
+        let at = time(w.at);
+        out.push((
+            at,
+            SpanEvent::new(
+                "rollout.weight_set",
+                at,
+                vec![
+                    KeyValue::new("slipway.rollout.step", i64::from(w.step) + 1),
+                    KeyValue::new("slipway.rollout.weight", w.weight),
+                    KeyValue::new(
+                        "slipway.rollout.cause",
+                        serde_json::to_value(w.cause)
+                            .ok()
+                            .and_then(|c| c.as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                    ),
+                ],
+                0,
+            ),
+        ));
+    }
+    for l in &v.looks {
+        let at = time(l.at);
+        let mut attrs = vec![
+            KeyValue::new("slipway.rollout.step", i64::from(l.step) + 1),
+            KeyValue::new("slipway.rollout.weight", l.weight),
+            KeyValue::new("slipway.rollout.requests.stable", l.requests[0]),
+            KeyValue::new("slipway.rollout.requests.candidate", l.requests[1]),
+            KeyValue::new("slipway.rollout.decision", l.decision.clone()),
+            KeyValue::new("slipway.rollout.reason", l.reason.clone()),
+        ];
+        if let Some(score) = l.score {
+            attrs.push(KeyValue::new("slipway.rollout.score", score));
+        }
+        for c in &l.comparisons {
+            attrs.push(KeyValue::new(
+                format!("slipway.rollout.metric.{}.stable", c.metric),
+                c.stable,
+            ));
+            attrs.push(KeyValue::new(
+                format!("slipway.rollout.metric.{}.candidate", c.metric),
+                c.candidate,
+            ));
+            attrs.push(KeyValue::new(
+                format!("slipway.rollout.metric.{}.verdict", c.metric),
+                c.verdict.clone(),
+            ));
+        }
+        if let Some(ab) = &l.ab {
+            attrs.push(KeyValue::new("slipway.rollout.ab.effect", ab.effect));
+            attrs.push(KeyValue::new("slipway.rollout.ab.p_value", ab.p_value));
+        }
+        if let Some(sh) = &l.shadow {
+            attrs.push(KeyValue::new(
+                "slipway.rollout.shadow.pairs",
+                sh.pairs as i64,
+            ));
+            if let Some(a) = sh.agreement {
+                attrs.push(KeyValue::new("slipway.rollout.shadow.agreement", a));
+            }
+            if let Some(x) = sh.similarity {
+                attrs.push(KeyValue::new("slipway.rollout.shadow.similarity", x));
+            }
+        }
+        out.push((at, SpanEvent::new("rollout.analysed", at, attrs, 0)));
+    }
+    out.sort_by_key(|(at, _)| *at);
+    out.into_iter().map(|(_, e)| e).collect()
 }
 
 /// Emits the span of a stage attempt the caller's fact (at stream sequence `fact_seq`) ended,
@@ -704,6 +792,7 @@ pub fn publish_span(
         end,
         attributes: message_attributes("publish", subject, run_id, event),
         links: vec![],
+        events: vec![],
         error: None,
     }
 }
@@ -747,6 +836,7 @@ pub fn process_span(
             TraceState::default(),
         )],
         error,
+        events: vec![],
     }
 }
 
@@ -801,6 +891,7 @@ impl StageScope {
                 end: SystemTime::now(),
                 attributes: self.base.clone(),
                 links: vec![],
+                events: vec![],
                 error: None,
             }),
         }
@@ -824,23 +915,6 @@ impl StageScope {
             let r = span.record.take().expect("just set");
             emit(r);
         }
-    }
-}
-
-impl StageScope {
-    /// Emits a moment of the stage's work (a rollout's look) as a span of no length under the
-    /// stage's span, with its figures as attributes.
-    pub fn mark(&self, name: &str, attributes: &[(&'static str, String)]) {
-        let at = SystemTime::now();
-        self.record(
-            name,
-            at,
-            at,
-            attributes
-                .iter()
-                .map(|(k, v)| KeyValue::new(*k, v.clone()))
-                .collect(),
-        );
     }
 }
 
@@ -895,5 +969,77 @@ mod tests {
             subject_template("slipway.run.r-1.build.started", "r-1"),
             "slipway.run.{run}.build.started"
         );
+    }
+
+    #[test]
+    fn a_rollout_stages_span_carries_its_weights_and_looks_as_events() {
+        use slipway_domain::events::EventData;
+        use slipway_domain::rollout::{RolloutAnalysis, WeightCause, WeightSet};
+        use slipway_domain::sim::{CANARY_PIPELINE, Sim, artifact};
+        let mut sim = Sim::new(CANARY_PIPELINE);
+        sim.live
+            .insert("production".into(), ("svc-0".into(), artifact("old")));
+        sim.run_to_end();
+        let at = sim.now;
+        let stage = "rollout:production".to_string();
+        let judged = [
+            EventData::RolloutWeightSet(WeightSet {
+                stage: stage.clone(),
+                attempt: 1,
+                environment: "production".into(),
+                step: 0,
+                weight: 5.0,
+                cause: WeightCause::Step,
+                published: vec![],
+                at,
+            }),
+            EventData::RolloutAnalysed(RolloutAnalysis {
+                stage: stage.clone(),
+                attempt: 1,
+                step: 0,
+                weight: 5.0,
+                elapsed_secs: 30,
+                requests: [950.0, 50.0],
+                comparisons: vec![],
+                score: Some(100.0),
+                ab: None,
+                shadow: None,
+                decision: "promote".into(),
+                reason: "score 100".into(),
+                at,
+            }),
+        ];
+        // The log as the judge writes it: its weight and look before the rollout's result.
+        let mut run = None;
+        for e in &sim.log {
+            if matches!(e.data, EventData::RolloutSucceeded(_)) {
+                for (i, data) in judged.iter().enumerate() {
+                    let id = format!("judge-{i}");
+                    let judge =
+                        slipway_domain::Event::new(id, "/t", e.subject.clone(), at, data.clone());
+                    run = slipway_domain::fold::fold(run, &judge);
+                }
+            }
+            run = slipway_domain::fold::fold(run, e);
+        }
+        let run = run.unwrap();
+        let span = stage_span(&run, &stage, 1, SystemTime::now()).unwrap();
+        let names: Vec<&str> = span.events.iter().map(|e| e.name.as_ref()).collect();
+        assert_eq!(names, ["rollout.weight_set", "rollout.analysed"]);
+        let attr = |i: usize, key: &str| {
+            span.events[i]
+                .attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == key)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(attr(0, "slipway.rollout.weight").as_deref(), Some("5"));
+        assert_eq!(
+            attr(1, "slipway.rollout.decision").as_deref(),
+            Some("promote")
+        );
+        // Other stages carry none.
+        let build = stage_span(&run, "build", 1, SystemTime::now()).unwrap();
+        assert!(build.events.is_empty());
     }
 }
