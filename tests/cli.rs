@@ -305,7 +305,7 @@ fn slipway_up_insecure_leaves_the_bus_open_as_before() {
 }
 
 #[test]
-fn slipway_demo_ships_one_version_blocks_a_worse_one_and_rolls_a_defective_one_back() {
+fn slipway_demo_ships_blocks_catches_a_defect_at_its_canary_and_promotes_by_ab_and_shadow() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(bin_dir().join("slipway"))
         .arg("demo")
@@ -352,8 +352,22 @@ fn slipway_demo_ships_one_version_blocks_a_worse_one_and_rolls_a_defective_one_b
         stdout.contains("baseline 0.8000, delta +0.2000"),
         "{stdout}"
     );
+    // The defective 2.0.0 is caught at its first canary step, by its errors and the users'
+    // feedback; the better 2.1.0 wins an A/B experiment; 2.2.0 is shadowed and compared.
+    assert!(
+        stdout.contains("2.0.0 rolled_back by the canary at 5%"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("errors: candidate"), "{stdout}");
+    assert!(
+        stdout.contains("the A/B experiment found it better (the candidate is better on liked"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2.2.0 succeeded: shadowed on"), "{stdout}");
+    assert!(stdout.contains("similarity"), "{stdout}");
+    assert!(stdout.contains("production served 2.2.0"), "{stdout}");
     assert!(stdout.contains("Demo passed"), "{stdout}");
-    // Everything it started is gone: services, nats-server, the model servers.
+    // Everything it started is gone: services, nats-server, the model servers, the router.
     let left = processes_mentioning(&dir.path().display().to_string());
     assert!(left.is_empty(), "left running: {left:?}");
 }
@@ -579,7 +593,7 @@ fn a_command_whose_reader_went_away_exits_quietly() {
 }
 
 #[test]
-fn the_demos_help_counts_its_three_changes() {
+fn the_demos_help_counts_its_five_changes() {
     let out = Command::new(bin_dir().join("slipway"))
         .args(["demo", "--help"])
         .output()
@@ -587,8 +601,8 @@ fn the_demos_help_counts_its_three_changes() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(
-        help.contains("Three changes of the demo model server"),
+        help.contains("Five changes of the demo model server"),
         "{help}"
     );
-    assert!(!help.to_lowercase().contains("two changes"), "{help}");
+    assert!(!help.to_lowercase().contains("three changes"), "{help}");
 }

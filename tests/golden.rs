@@ -426,8 +426,8 @@ async fn record_the_edges_golden_log() {
     }
 }
 
-/// Records `tests/golden/<name>-demo`: the demo's three runs (gates, signed approvals, a
-/// monitor's breach, a rollback). `cargo test -p slipway-e2e --test golden -- --ignored demo`.
+/// Records `tests/golden/<name>-demo`: the demo's five runs (gates, signed approvals, a canary
+/// aborted and rolled back, an A/B experiment, a shadow, monitoring). `cargo test -p slipway-e2e --test golden -- --ignored demo`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "records a golden log; run by hand for a release"]
 async fn record_the_demo_golden_log() {
@@ -476,7 +476,16 @@ async fn record_the_demo_golden_log() {
         .iter()
         .map(|s| s["phase"].as_str().unwrap())
         .collect();
-    assert_eq!(phases, ["succeeded", "failed", "rolled_back"]);
+    assert_eq!(
+        phases,
+        [
+            "succeeded",
+            "failed",
+            "rolled_back",
+            "succeeded",
+            "succeeded"
+        ]
+    );
 }
 
 /// Records `tests/golden/<name>-rollouts`: progressive delivery from real services (a first

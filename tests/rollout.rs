@@ -405,3 +405,210 @@ async fn a_shadow_compares_mirrored_answers_by_agreement_and_similarity() {
     }
     stack.assert_log_meets_schemas().await;
 }
+
+/// Builds one of the demo's dependency-free programs with rustc.
+fn build_demo_program(src: &str, out: &Path) {
+    let src = slipway_core::testing::workspace_root().join(src);
+    let st = std::process::Command::new("rustc")
+        .args(["--edition", "2024", "-O", "-o"])
+        .arg(out)
+        .arg(&src)
+        .status()
+        .expect("rustc runs");
+    assert!(st.success(), "{} builds", src.display());
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_router_splits_by_the_flag_keeps_users_on_their_variant_and_mirrors_a_shadow() {
+    use slipway_domain::traffic::{Weight, flagd_definition_for};
+    let dir = tempfile::tempdir().unwrap();
+    let (router, model) = (dir.path().join("router"), dir.path().join("model-server"));
+    build_demo_program("deploy/demo/router/src/main.rs", &router);
+    build_demo_program("deploy/demo/model-server/src/main.rs", &model);
+    let st = std::process::Command::new(&router)
+        .arg("--self-test")
+        .status()
+        .unwrap();
+    assert!(st.success(), "the router's self-test");
+    let free = slipway_core::exec::server::free_port;
+    let serve = |version: &str, skip: u32| {
+        let port = free();
+        let conf = dir.path().join(format!("{version}.conf"));
+        std::fs::write(&conf, format!("version = {version}\nskip = {skip}\n")).unwrap();
+        let child = std::process::Command::new(&model)
+            .args(["--port", &port.to_string(), "--config"])
+            .arg(&conf)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let ok = std::process::Command::new(&model)
+            .args([
+                "--wait-healthy",
+                &format!("http://127.0.0.1:{port}/healthz"),
+                "--timeout",
+                "10",
+            ])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        (Child(child), port)
+    };
+    let (_stable, stable_port) = serve("1.0.0", 4);
+    let (_candidate, candidate_port) = serve("2.0.0", 0);
+    let flags = dir.path().join("flags.json");
+    let port = free();
+    let _router = Child(
+        std::process::Command::new(&router)
+            .args(["--port", &port.to_string(), "--flags"])
+            .arg(&flags)
+            .args([
+                "--stable",
+                &format!("http://127.0.0.1:{stable_port}"),
+                "--candidate",
+                &format!("http://127.0.0.1:{candidate_port}"),
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http.get(format!("{url}/healthz")).send().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the router listens");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Which version answered a user.
+    let ask = |user: String| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let r = http
+                .post(format!("{url}/v1/chat/completions"))
+                .header("x-user", user)
+                .header("content-type", "application/json")
+                .body(r#"{"model":"m","messages":[{"role":"user","content":"What is the capital of Peru?"}]}"#)
+                .send()
+                .await
+                .unwrap();
+            let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+            v["model"].as_str().unwrap().to_string()
+        }
+    };
+    let write_flag = |percent: f64, shadow: bool| {
+        // As the judge writes it.
+        let def =
+            flagd_definition_for("demo-production", Weight::percent(percent).unwrap(), shadow);
+        std::fs::write(&flags, serde_json::to_vec_pretty(&def).unwrap()).unwrap();
+    };
+    let metric = |text: &str, name: &str, variant: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{variant=\"{variant}\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+
+    // No flag yet: everyone on the stable slot.
+    for i in 0..50 {
+        assert_eq!(ask(format!("early-{i}")).await, "slipway-demo-1.0.0");
+    }
+    // 30% to the candidate: about 30% of 1,000 users, each staying where they were put.
+    write_flag(30.0, false);
+    let mut on_candidate = Vec::new();
+    for i in 0..1000 {
+        if ask(format!("user-{i}")).await == "slipway-demo-2.0.0" {
+            on_candidate.push(i);
+        }
+    }
+    let share = on_candidate.len() as f64 / 1000.0;
+    assert!((0.25..0.35).contains(&share), "{share}");
+    for i in on_candidate.iter().take(20) {
+        assert_eq!(
+            ask(format!("user-{i}")).await,
+            "slipway-demo-2.0.0",
+            "user-{i} stays"
+        );
+    }
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&text, "demo_router_requests_total", "candidate"),
+        (on_candidate.len() + 20) as f64,
+        "{text}"
+    );
+    // Feedback counts for the variant the user is on.
+    let user = format!("user-{}", on_candidate[0]);
+    let fb = http
+        .post(format!("{url}/feedback"))
+        .body(format!(r#"{{"user":"{user}","positive":true}}"#))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(fb.contains("candidate"), "{fb}");
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&text, "demo_feedback_positive_total", "candidate"),
+        1.0
+    );
+
+    // A shadow of 50%: every answer the stable's, half the requests copied to the candidate
+    // with both answers kept.
+    write_flag(50.0, true);
+    for i in 0..200 {
+        assert_eq!(ask(format!("shadow-{i}")).await, "slipway-demo-1.0.0");
+    }
+    let pairs: Value = serde_json::from_str(
+        &http
+            .get(format!("{url}/shadow/pairs?after=0"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let n = pairs["pairs"].as_array().unwrap().len();
+    assert!((70..130).contains(&n), "{n} of 200 mirrored");
+    assert_eq!(pairs["last"], n as u64);
+    // Peru is the 10th fact: both versions know it.
+    assert_eq!(pairs["pairs"][0]["stable"], "Lima");
+    assert_eq!(pairs["pairs"][0]["candidate"], "Lima");
+    let after: Value = serde_json::from_str(
+        &http
+            .get(format!("{url}/shadow/pairs?after={n}"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(after["pairs"].as_array().unwrap().len(), 0);
+}

@@ -1,10 +1,20 @@
 #!/bin/sh
-# Deploys the model server to one environment: stops what runs there, starts the new version
-# from the unpacked artifact on the environment's port, and waits until it is healthy.
-# Slipway gives SLIPWAY_ENVIRONMENT, SLIPWAY_VERSION, SLIPWAY_ARTIFACT_DIR, SLIPWAY_PREVIOUS_VERSION;
-# the pipeline spec gives PORT and DEMO_STATE_DIR (where servers and their pids live).
+# Deploys the model server to one environment (or one slot of it): stops what runs there,
+# starts the new version from the unpacked artifact on its port, and waits until it is healthy.
+# Slipway gives SLIPWAY_ENVIRONMENT, SLIPWAY_VERSION, SLIPWAY_ARTIFACT_DIR,
+# SLIPWAY_PREVIOUS_VERSION, and in an environment with a rollout SLIPWAY_SLOT (stable or
+# candidate: the two run side by side behind the demo's router); the pipeline spec gives PORT
+# (the stable slot's), CANDIDATE_PORT and DEMO_STATE_DIR (where servers and their pids live).
 set -eu
-state="$DEMO_STATE_DIR/$SLIPWAY_ENVIRONMENT"
+place="$SLIPWAY_ENVIRONMENT"
+port="$PORT"
+if [ -n "${SLIPWAY_SLOT:-}" ]; then
+    place="$SLIPWAY_ENVIRONMENT-$SLIPWAY_SLOT"
+    if [ "$SLIPWAY_SLOT" = candidate ]; then
+        port="$CANDIDATE_PORT"
+    fi
+fi
+state="$DEMO_STATE_DIR/$place"
 mkdir -p "$state"
 if [ -f "$state/pid" ]; then
     old=$(cat "$state/pid")
@@ -17,9 +27,9 @@ rm -rf "$dest"
 mkdir -p "$dest"
 cp -R "$SLIPWAY_ARTIFACT_DIR"/. "$dest"/
 # A session of its own, so the server outlives this deploy command.
-setsid "$dest/dist/model-server" --port "$PORT" --config "$dest/dist/model.conf" --environment "$SLIPWAY_ENVIRONMENT" \
+setsid "$dest/dist/model-server" --port "$port" --config "$dest/dist/model.conf" --environment "$SLIPWAY_ENVIRONMENT" \
     >"$state/server.log" 2>&1 </dev/null &
 echo $! >"$state/pid"
 echo "$SLIPWAY_VERSION" >"$state/version"
-"$dest/dist/model-server" --wait-healthy "http://127.0.0.1:$PORT/healthz" --timeout 10
-echo "deployed $SLIPWAY_VERSION to $SLIPWAY_ENVIRONMENT on port $PORT (previous: ${SLIPWAY_PREVIOUS_VERSION:-none})"
+"$dest/dist/model-server" --wait-healthy "http://127.0.0.1:$port/healthz" --timeout 10
+echo "deployed $SLIPWAY_VERSION to $place on port $port (previous: ${SLIPWAY_PREVIOUS_VERSION:-none})"

@@ -1,16 +1,23 @@
-//! `slipway demo`: Slipway delivering three changes of a small model server, end to end, on
-//! this machine.
+//! `slipway demo`: Slipway delivering five changes of a small model server, end to end, on
+//! this machine, production behind a router that splits live traffic by a flagd flag, with
+//! simulated users (and their feedback) on it the whole time.
 //!
-//! It starts its own nats-server and every service, then drives:
+//! It starts its own nats-server, every service and the router, then drives:
 //! 1. version 1.0.0: build (rustc), unit and integration suites, staging, an approval through
-//!    the gateway's HTTP API, production, verified by the monitor;
+//!    the gateway's HTTP API, production (its first deploy: promoted at once), verified by the
+//!    monitor;
 //! 2. version 1.1.0, healthy but less accurate and slower: the quality gates stop it before
 //!    anyone is asked to approve, and nothing reaches production;
 //! 3. version 2.0.0, whose deliberate defect (it starts answering errors after two seconds)
-//!    only production monitoring sees: it passes the gates, is approved, reaches production,
-//!    degrades, and is rolled back to 1.0.0, which serves again.
+//!    only production shows: it passes the gates, is approved, and is caught by the canary at
+//!    its first step (5% of the users; the others never see it), aborted and rolled back;
+//! 4. version 2.1.0, knowing more than 1.0.0: an A/B experiment on the users' feedback finds it
+//!    better and promotes it;
+//! 5. version 2.2.0, knowing a little less: shadowed (copies of half the requests, answers never
+//!    served), its answers compared with 2.1.0's by agreement and embedding similarity, within
+//!    the bounds, promoted.
 //!
-//! It exits 0 only when all three runs end as described.
+//! It exits 0 only when all five runs end as described.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -34,6 +41,76 @@ const WORSE: &str = "version = 1.1.0\nskip = 12\nslow_ms = 40\n";
 /// two seconds of uptime there.
 const DEFECT: &str =
     "version = 2.0.0\nskip = 0\ndegrade_after_secs = 2\ndegrade_only_in = production\n";
+/// Knows every fact, without the defect: better than 1.0.0 for the users.
+const BETTER: &str = "version = 2.1.0\nskip = 0\n";
+/// Forgets the last two facts: 18 of 20 answers agree with 2.1.0's.
+const SHADOWED: &str = "version = 2.2.0\nskip = 2\n";
+
+/// The rollouts of production, one per kind of change (the spec travels with each change).
+const CANARY: &str = r#"strategy = "canary"
+requests = "demo_router_requests_total"
+interval_secs = 1
+min_requests = 20
+steps = [{ weight = 5, duration_secs = 8 }, { weight = 50, duration_secs = 4 }]
+[[environment.rollout.analysis]]
+name = "errors"
+kind = "ratio"
+numerator = "demo_router_errors_total"
+denominator = "demo_router_requests_total"
+tolerance = 0.02
+[[environment.rollout.analysis]]
+name = "latency_p95"
+kind = "latency"
+histogram = "demo_router_request_duration_seconds"
+quantile = 0.95
+max_increase_pct = 200
+[[environment.rollout.analysis]]
+name = "liked"
+kind = "ratio"
+numerator = "demo_feedback_positive_total"
+denominator = "demo_feedback_total"
+higher_is_better = true
+tolerance = 0.1"#;
+
+const AB: &str = r#"strategy = "ab"
+requests = "demo_router_requests_total"
+interval_secs = 1
+min_requests = 30
+[[environment.rollout.analysis]]
+name = "errors"
+kind = "ratio"
+numerator = "demo_router_errors_total"
+denominator = "demo_router_requests_total"
+tolerance = 0.02
+[[environment.rollout.analysis]]
+name = "liked"
+kind = "ratio"
+numerator = "demo_feedback_positive_total"
+denominator = "demo_feedback_total"
+higher_is_better = true
+[environment.rollout.ab]
+metric = "liked"
+min_effect = 0.1
+weight = 50
+max_duration_secs = 60"#;
+
+const SHADOW: &str = r#"strategy = "shadow"
+requests = "demo_router_requests_total"
+interval_secs = 1
+min_requests = 10
+[[environment.rollout.analysis]]
+name = "errors"
+kind = "ratio"
+numerator = "demo_router_errors_total"
+denominator = "demo_router_requests_total"
+tolerance = 0.02
+[environment.rollout.shadow]
+share = 50
+duration_secs = 4
+min_pairs = 40
+min_agreement = 0.8
+min_similarity = 0.8
+embeddings = { base_url = "http://127.0.0.1:@STAGING_PORT@/v1", model = "bag-of-words" }"#;
 
 fn locate_project(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(p) = flag {
@@ -142,7 +219,12 @@ async fn deliver(
 }
 
 fn stop_servers(state_dir: &Path) {
-    for env in ["staging", "production"] {
+    for env in [
+        "staging",
+        "production-stable",
+        "production-candidate",
+        "router",
+    ] {
         if let Ok(pid) = std::fs::read_to_string(state_dir.join(env).join("pid"))
             && let Ok(pid) = pid.trim().parse::<i32>()
         {
@@ -152,6 +234,141 @@ fn stop_servers(state_dir: &Path) {
             );
         }
     }
+}
+
+/// The router in front of production's two slots, built from the demo's source with `rustc`.
+fn start_router(
+    project: &Path,
+    data: &Path,
+    port: u16,
+    flags: &Path,
+    slots: (u16, u16),
+) -> anyhow::Result<()> {
+    let src = project.join("../router/src/main.rs");
+    let dir = data.join("deployments/router");
+    std::fs::create_dir_all(&dir)?;
+    let bin = dir.join("router");
+    let built = std::process::Command::new(real_rustc())
+        .args(["--edition", "2024", "-O", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .with_context(|| format!("cannot run rustc on {}", src.display()))?;
+    if !built.success() {
+        bail!("the router ({}) did not build", src.display());
+    }
+    let log = std::fs::File::create(dir.join("router.log"))?;
+    let child = std::process::Command::new(&bin)
+        .args(["--port", &port.to_string(), "--flags"])
+        .arg(flags)
+        .args([
+            "--stable",
+            &format!("http://127.0.0.1:{}", slots.0),
+            "--candidate",
+            &format!("http://127.0.0.1:{}", slots.1),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    std::fs::write(dir.join("pid"), child.id().to_string())?;
+    Ok(())
+}
+
+/// The questions of the demo's dataset, as its users ask them.
+fn questions(project: &Path) -> Vec<String> {
+    std::fs::read_to_string(project.join("eval/qa.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| {
+            v["messages"]
+                .as_array()?
+                .iter()
+                .rev()
+                .find(|m| m["role"] == "user")?["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// Simulated users on production until `stop`: 50 requests a second from 500 users, each
+/// answer followed by the user's feedback (positive unless the model did not know or failed).
+async fn users(
+    router: String,
+    questions: Vec<String>,
+    stop: slipway_core::runtime::CancellationToken,
+) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("an HTTP client");
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let mut n: u64 = 0;
+    while !stop.is_cancelled() {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        let user = format!("user-{}", n.wrapping_mul(7919) % 500);
+        let question = questions[(n as usize) % questions.len().max(1)].clone();
+        let (client, router) = (client.clone(), router.clone());
+        tokio::spawn(async move {
+            let body = serde_json::json!({
+                "model": "demo-model",
+                "messages": [{"role": "user", "content": question}],
+            });
+            let answer = client
+                .post(format!("{router}/v1/chat/completions"))
+                .header("x-user", &user)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await;
+            let positive = match answer {
+                Ok(r) if r.status().is_success() => r
+                    .bytes()
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                    .and_then(|v| {
+                        v["choices"][0]["message"]["content"]
+                            .as_str()
+                            .map(|c| c != "I don't know.")
+                    })
+                    .unwrap_or(false),
+                _ => false,
+            };
+            let _ = client
+                .post(format!("{router}/feedback"))
+                .header("content-type", "application/json")
+                .body(serde_json::json!({"user": user, "positive": positive}).to_string())
+                .send()
+                .await;
+        });
+    }
+}
+
+/// The production rollout of a run, once it ended: (its strategy's looks, the highest weight
+/// the candidate was given, its last look).
+fn rollout_of(state: &Value) -> (usize, f64, Value) {
+    let r = &state["rollouts"][0];
+    let looks = r["looks"].as_array().map_or(0, Vec::len);
+    let max = r["weights"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|w| w["cause"] == "step")
+        .filter_map(|w| w["weight"].as_f64())
+        .fold(0.0, f64::max);
+    let last = r["looks"]
+        .as_array()
+        .and_then(|l| l.last().cloned())
+        .unwrap_or(Value::Null);
+    (looks, max, last)
 }
 
 /// `slipway demo`.
@@ -165,27 +382,42 @@ pub async fn demo(
     std::fs::create_dir_all(&data_dir)?;
     let data = std::fs::canonicalize(&data_dir)?;
     let state_dir = data.join("deployments");
-    let (v1, worse, v2) = (
-        data.join("src-v1"),
-        data.join("src-v1.1"),
-        data.join("src-v2"),
-    );
-    for dir in [&v1, &worse, &v2] {
+    let sources: Vec<PathBuf> = ["src-v1", "src-v1.1", "src-v2", "src-v2.1", "src-v2.2"]
+        .iter()
+        .map(|d| data.join(d))
+        .collect();
+    for dir in &sources {
         copy_tree(&project, dir)?;
     }
-    std::fs::write(worse.join("model.conf"), WORSE)?;
-    std::fs::write(v2.join("model.conf"), DEFECT)?;
+    for (dir, conf) in sources[1..].iter().zip([WORSE, DEFECT, BETTER, SHADOWED]) {
+        std::fs::write(dir.join("model.conf"), conf)?;
+    }
 
     let (staging, production, gateway_port) = (free_port(), free_port(), free_port());
+    let (stable_port, candidate_port) = (free_port(), free_port());
+    let flag_file = data.join("flags/flags.json");
     let template = std::fs::read_to_string(project.join("pipeline.toml.in"))?;
-    let spec = template
-        .replace("@RUSTC@", &real_rustc())
-        .replace("@STAGING_PORT@", &staging.to_string())
-        .replace("@PRODUCTION_PORT@", &production.to_string())
-        .replace("@STATE_DIR@", &state_dir.display().to_string())
-        .replace("@MONITOR_WINDOW_SECS@", &monitor_window.max(2).to_string());
-    let spec_path = data.join("pipeline.toml");
-    std::fs::write(&spec_path, spec)?;
+    let spec_with = |rollout: &str| -> anyhow::Result<PathBuf> {
+        let spec = template
+            .replace("@ROLLOUT@", rollout)
+            .replace("@RUSTC@", &real_rustc())
+            .replace("@STAGING_PORT@", &staging.to_string())
+            .replace("@PRODUCTION_PORT@", &production.to_string())
+            .replace("@STABLE_PORT@", &stable_port.to_string())
+            .replace("@CANDIDATE_PORT@", &candidate_port.to_string())
+            .replace("@FLAG_FILE@", &flag_file.display().to_string())
+            .replace("@STATE_DIR@", &state_dir.display().to_string())
+            .replace("@MONITOR_WINDOW_SECS@", &monitor_window.max(2).to_string());
+        let name = rollout
+            .lines()
+            .next()
+            .and_then(|l| l.split('"').nth(1))
+            .unwrap_or("rollout");
+        let path = data.join(format!("pipeline-{name}.toml"));
+        std::fs::write(&path, spec)?;
+        Ok(path)
+    };
+    let (canary, ab, shadow) = (spec_with(CANARY)?, spec_with(AB)?, spec_with(SHADOW)?);
 
     let token = slipway_domain::ids::random();
     let gateway = format!("http://127.0.0.1:{gateway_port}");
@@ -203,6 +435,17 @@ pub async fn demo(
     std::fs::write(&config_path, config)?;
 
     let stack = Stack::start(None, free_port(), &data, Some(&config_path), true).await?;
+    let router = format!("http://127.0.0.1:{production}");
+    if let Err(e) = start_router(
+        &project,
+        &data,
+        production,
+        &flag_file,
+        (stable_port, candidate_port),
+    ) {
+        stack.stop().await;
+        return Err(e);
+    }
     outln!("Slipway demo");
     outln!("  NATS         {}", stack.url);
     if let Some(c) = &stack.credentials {
@@ -213,7 +456,17 @@ pub async fn demo(
     }
     outln!("  gateway      {gateway}  (approver page; approver token {token})");
     outln!("  staging      http://127.0.0.1:{staging}");
-    outln!("  production   http://127.0.0.1:{production}");
+    outln!(
+        "  production   {router}  (router: stable slot :{stable_port}, candidate slot :{candidate_port}, flag {})",
+        flag_file.display()
+    );
+    let stop_users = slipway_core::runtime::CancellationToken::new();
+    tokio::spawn(users(
+        router.clone(),
+        questions(&project),
+        stop_users.clone(),
+    ));
+    outln!("  users        50 requests a second from 500 simulated users, with their feedback");
 
     let flow = async {
         let client = Client::connect(&stack.settings("cli")).await?;
@@ -232,36 +485,35 @@ pub async fn demo(
         if !ready {
             bail!("the gateway did not come up at {gateway}");
         }
-        let first = deliver(
-            &client,
-            &gateway,
-            &token,
-            &spec_path,
-            &v1,
-            "model server 1.0.0",
-        )
-        .await?;
-        let live_after_first = version_at(production).await;
-        let blocked = deliver(
-            &client,
-            &gateway,
-            &token,
-            &spec_path,
-            &worse,
-            "model server 1.1.0 (healthy, but less accurate and slower)",
-        )
-        .await?;
-        let second = deliver(
-            &client,
-            &gateway,
-            &token,
-            &spec_path,
-            &v2,
-            "model server 2.0.0 (more accurate, with a defect only production shows)",
-        )
-        .await?;
-        let live_after_second = version_at(production).await;
-        anyhow::Ok((first, live_after_first, blocked, second, live_after_second))
+        let changes = [
+            (&canary, &sources[0], "model server 1.0.0"),
+            (
+                &canary,
+                &sources[1],
+                "model server 1.1.0 (healthy, but less accurate and slower)",
+            ),
+            (
+                &canary,
+                &sources[2],
+                "model server 2.0.0 (more accurate, with a defect only production shows), as a canary",
+            ),
+            (
+                &ab,
+                &sources[3],
+                "model server 2.1.0 (more accurate), as an A/B experiment on the users' feedback",
+            ),
+            (
+                &shadow,
+                &sources[4],
+                "model server 2.2.0 (knows a little less), shadowed",
+            ),
+        ];
+        let mut out = Vec::new();
+        for (spec, source, title) in changes {
+            let state = deliver(&client, &gateway, &token, spec, source, title).await?;
+            out.push((state, version_at(production).await));
+        }
+        anyhow::Ok(out)
     };
     // Ctrl-C stops everything the demo started (services and model servers live in their
     // own process groups and would otherwise outlive it).
@@ -277,13 +529,23 @@ pub async fn demo(
         o = flow => Some(o),
         _ = interrupted => None,
     };
+    stop_users.cancel();
     stop_servers(&state_dir);
     stack.stop().await;
     let Some(outcome) = outcome else {
         eprintln!("Demo interrupted; everything it started is stopped.");
         return Ok(ExitCode::from(130));
     };
-    let (first, live1, blocked, second, live2) = outcome?;
+    let runs = outcome?;
+    let [
+        (first, live1),
+        (blocked, _),
+        (defective, live3),
+        (better, live4),
+        (shadowed, live5),
+    ] = <[(Value, Option<String>); 5]>::try_from(runs).map_err(|_| anyhow::anyhow!("five runs"))?;
+    let phase = |s: &Value| phase_of(s);
+    use slipway_domain::Phase;
 
     // Stopped by a gate before anyone was asked to approve.
     let gate_failed = blocked["stages"].as_array().is_some_and(|st| {
@@ -293,53 +555,89 @@ pub async fn demo(
             .iter()
             .any(|s| s["name"] == "approval:production" && s["requested_at"].is_null())
     });
-    let ok_blocked = phase_of(&blocked) == slipway_domain::Phase::Failed && gate_failed;
-
-    let ok1 =
-        phase_of(&first) == slipway_domain::Phase::Succeeded && live1.as_deref() == Some("1.0.0");
-    let ok2 =
-        phase_of(&second) == slipway_domain::Phase::RolledBack && live2.as_deref() == Some("1.0.0");
+    let (_, max3, last3) = rollout_of(&defective);
+    let (_, _, last4) = rollout_of(&better);
+    let (_, _, last5) = rollout_of(&shadowed);
+    let checks = [
+        (
+            phase(&first) == Phase::Succeeded && live1.as_deref() == Some("1.0.0"),
+            format!(
+                "1.0.0 {}; production served {}",
+                first["phase"].as_str().unwrap_or(""),
+                live1.as_deref().unwrap_or("nothing")
+            ),
+        ),
+        (
+            phase(&blocked) == Phase::Failed && gate_failed,
+            format!(
+                "1.1.0 {} before approval, stopped by the gates: {}",
+                blocked["phase"].as_str().unwrap_or(""),
+                blocked["reason"].as_str().unwrap_or("")
+            ),
+        ),
+        (
+            phase(&defective) == Phase::RolledBack
+                && max3 <= 5.0
+                && last3["decision"] == "abort"
+                && live3.as_deref() == Some("1.0.0"),
+            format!(
+                "2.0.0 {} by the canary at {max3}% (the other users never saw it): {}; production served {}",
+                defective["phase"].as_str().unwrap_or(""),
+                last3["reason"].as_str().unwrap_or(""),
+                live3.as_deref().unwrap_or("nothing")
+            ),
+        ),
+        (
+            phase(&better) == Phase::Succeeded
+                && last4["ab"]["winner"] == "candidate"
+                && live4.as_deref() == Some("2.1.0"),
+            format!(
+                "2.1.0 {}: the A/B experiment found it better ({}); production served {}",
+                better["phase"].as_str().unwrap_or(""),
+                last4["reason"].as_str().unwrap_or(""),
+                live4.as_deref().unwrap_or("nothing")
+            ),
+        ),
+        (
+            phase(&shadowed) == Phase::Succeeded
+                && last5["shadow"]["pairs"].as_u64().is_some_and(|n| n >= 40)
+                && live5.as_deref() == Some("2.2.0"),
+            format!(
+                "2.2.0 {}: shadowed on {} mirrored requests, agreement {:.2}, similarity {:.2}; production served {}",
+                shadowed["phase"].as_str().unwrap_or(""),
+                last5["shadow"]["pairs"],
+                last5["shadow"]["agreement"].as_f64().unwrap_or(0.0),
+                last5["shadow"]["similarity"].as_f64().unwrap_or(0.0),
+                live5.as_deref().unwrap_or("nothing")
+            ),
+        ),
+    ];
     outln!("\nSummary");
-    outln!(
-        "  {} run {}: {} (production then served {})",
-        if ok1 { "✓" } else { "✗" },
-        first["run_id"].as_str().unwrap_or(""),
-        first["phase"].as_str().unwrap_or(""),
-        live1.as_deref().unwrap_or("nothing")
-    );
-    outln!(
-        "  {} run {}: {} before approval, stopped by the gates",
-        if ok_blocked { "✓" } else { "✗" },
-        blocked["run_id"].as_str().unwrap_or(""),
-        blocked["phase"].as_str().unwrap_or(""),
-    );
-    if let Some(r) = blocked["reason"].as_str() {
-        outln!("    {r}");
-    }
-    outln!(
-        "  {} run {}: {} (production then served {})",
-        if ok2 { "✓" } else { "✗" },
-        second["run_id"].as_str().unwrap_or(""),
-        second["phase"].as_str().unwrap_or(""),
-        live2.as_deref().unwrap_or("nothing")
-    );
-    if let Some(r) = second["reason"].as_str() {
-        outln!("    {r}");
+    for ((ok, what), state) in checks
+        .iter()
+        .zip([&first, &blocked, &defective, &better, &shadowed])
+    {
+        outln!(
+            "  {} run {}: {what}",
+            if *ok { "✓" } else { "✗" },
+            state["run_id"].as_str().unwrap_or("")
+        );
     }
     outln!(
         "  gateway was {gateway}; the event log is in {}",
         data.join("nats").display()
     );
-    if ok1 && ok_blocked && ok2 {
+    if checks.iter().all(|(ok, _)| *ok) {
         outln!(
             "Demo passed: 1.0.0 verified in production; 1.1.0 stopped by the quality gates; \
-             2.0.0 passed them, degraded in production and was rolled back to 1.0.0."
+             2.0.0 caught by the canary at its first step and rolled back; 2.1.0 won an A/B \
+             experiment and was promoted; 2.2.0 was shadowed within its bounds and promoted."
         );
         Ok(ExitCode::SUCCESS)
     } else {
         outln!(
             "Demo FAILED: expected 1.0.0 succeeded, 1.1.0 failed at the gates, 2.0.0 rolled back \
-             to 1.0.0."
+             by its canary, 2.1.0 promoted by an A/B experiment, 2.2.0 promoted after a shadow."
         );
         Ok(ExitCode::from(1))
     }

@@ -265,9 +265,10 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
-    /// Three changes of the demo model server end to end (the first verified in production,
-    /// the second stopped by the quality gates, the third rolled back from production), against
-    /// a private nats-server; then stop.
+    /// Five changes of the demo model server end to end, production behind a router with
+    /// simulated users (the first verified in production, the second stopped by the quality
+    /// gates, the third caught by its canary and rolled back, the fourth promoted by an A/B
+    /// experiment, the fifth promoted after a shadow), against a private nats-server; then stop.
     Demo {
         /// The demo project (default: deploy/demo/model-server of this repository).
         #[arg(long)]

@@ -2,8 +2,9 @@
 //! pipeline from this file with nothing but `rustc` (no crates), so the demo builds it in
 //! seconds.
 //!
-//! Endpoints: `POST /v1/chat/completions`, `GET /healthz`, `GET /metrics` (Prometheus text),
-//! `GET /version`. Its behaviour comes from a config file (`model.conf`, `key = value`):
+//! Endpoints: `POST /v1/chat/completions`, `POST /v1/embeddings` (a bag-of-words embedding: each
+//! word adds one to one of 256 dimensions, so texts sharing words are similar), `GET /healthz`,
+//! `GET /metrics` (Prometheus text), `GET /version`. Its behaviour comes from a config file (`model.conf`, `key = value`):
 //! - `version`;
 //! - `skip = N`: the model does not know the last N facts of its knowledge base (a worse model);
 //! - `slow_ms = N`: every answer takes N ms longer (a slower model);
@@ -182,6 +183,59 @@ fn last_content(body: &str) -> Option<String> {
     None
 }
 
+/// The strings of a JSON request's `input` (one string, or an array of strings).
+fn inputs(body: &str) -> Option<Vec<String>> {
+    let start = body.find("\"input\"")? + "\"input\"".len();
+    let rest = body[start..].trim_start().strip_prefix(':')?.trim_start();
+    let (many, mut chars) = match rest.strip_prefix('[') {
+        Some(r) => (true, r.chars()),
+        None => (false, rest.chars()),
+    };
+    let mut out = Vec::new();
+    loop {
+        match chars.by_ref().find(|c| !c.is_whitespace() && *c != ',')? {
+            ']' if many => return Some(out),
+            '"' => {
+                let mut s = String::new();
+                loop {
+                    match chars.next()? {
+                        '"' => break,
+                        '\\' => match chars.next()? {
+                            'n' => s.push('\n'),
+                            't' => s.push('\t'),
+                            'u' => {
+                                let hex: String = chars.by_ref().take(4).collect();
+                                s.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?).unwrap_or('?'));
+                            }
+                            other => s.push(other),
+                        },
+                        c => s.push(c),
+                    }
+                }
+                out.push(s);
+                if !many {
+                    return Some(out);
+                }
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// The hashing trick over lower-cased words: 256 dimensions.
+fn embedding(text: &str) -> Vec<f64> {
+    let mut v = vec![0.0; 256];
+    for word in text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in word.to_lowercase().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        v[(h % 256) as usize] += 1.0;
+    }
+    v
+}
+
 /// The knowledge base: what the model can know (the demo's dataset asks about all of it).
 const FACTS: &[(&str, &str)] = &[
     ("capital of france", "Paris"),
@@ -299,6 +353,20 @@ impl Server {
                         prompt_tokens + completion_tokens
                     ),
                 )
+            }
+            ("POST", "/v1/embeddings") => {
+                let Some(texts) = inputs(&req.body) else {
+                    return json(400, "{\"error\":{\"message\":\"input (a string or an array of strings) is required\",\"type\":\"invalid_request_error\"}}".into());
+                };
+                let data: Vec<String> = texts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        let v: Vec<String> = embedding(t).iter().map(|x| format!("{x:.1}")).collect();
+                        format!("{{\"object\":\"embedding\",\"index\":{i},\"embedding\":[{}]}}", v.join(","))
+                    })
+                    .collect();
+                json(200, format!("{{\"object\":\"list\",\"model\":\"bag-of-words\",\"data\":[{}]}}", data.join(",")))
             }
             _ => json(404, "{\"error\":{\"message\":\"not found\"}}".into()),
         }
@@ -422,6 +490,22 @@ fn self_tests() -> Vec<(&'static str, bool, String)> {
         judge("Context:\nParis is the capital.\n\nQuestion:\nCapital?\n\nAnswer:\nParis") == "SUPPORTED"
             && judge("Context:\nParis is the capital.\n\nQuestion:\nCapital?\n\nAnswer:\nLyon, surely") == "UNSUPPORTED",
         "judge verdicts".into(),
+    );
+    check(
+        "reads_embedding_inputs",
+        inputs(r#"{"model":"m","input":["a \"b\"", "c"]}"#) == Some(vec!["a \"b\"".into(), "c".into()])
+            && inputs(r#"{"input": "one"}"#) == Some(vec!["one".into()])
+            && inputs(r#"{"input": 3}"#).is_none(),
+        format!("{:?}", inputs(r#"{"model":"m","input":["a \"b\"", "c"]}"#)),
+    );
+    check(
+        "embeds_words",
+        embedding("Paris, paris") == {
+            let mut v = embedding("paris");
+            v.iter_mut().for_each(|x| *x *= 2.0);
+            v
+        } && embedding("").iter().all(|x| *x == 0.0),
+        "bag of words".into(),
     );
     let m = Metrics::new();
     m.observe(Duration::from_millis(3), false);
