@@ -612,3 +612,71 @@ async fn the_demo_router_splits_by_the_flag_keeps_users_on_their_variant_and_mir
     .unwrap();
     assert_eq!(after["pairs"].as_array().unwrap().len(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_also_go_to_the_nats_kv_bucket_and_a_routers_own_command() {
+    let stack = Stack::start_with(SERVICES);
+    stack.wait_gateway();
+    let e = env(&stack, "targets");
+    let calls = e.dir.join("weights.log");
+    let spec = pipeline(
+        "targets",
+        &e.app.url,
+        &e.state,
+        &e.flags,
+        &format!(
+            "strategy = \"canary\"\nrequests = \"app_requests_total\"\ninterval_secs = 1\nmin_requests = 40\n\
+             steps = [{{ weight = 10, duration_secs = 2 }}, {{ weight = 40, duration_secs = 2 }}]\n{ERRORS}"
+        ),
+    )
+    .replace(
+        &format!("flag_file = \"{}\"\n", e.flags.display()),
+        &format!(
+            "flag_file = \"{}\"\nkv = true\nflag_key = \"targets-prod\"\n\
+             command = [\"sh\", \"-c\", \"echo \\\"$SLIPWAY_FLAG_KEY $SLIPWAY_ENVIRONMENT $SLIPWAY_WEIGHT\\\" >> {}\"]\n",
+            e.flags.display(),
+            calls.display()
+        ),
+    );
+    let dir = project(&e.dir, "project", &spec, &[]);
+    let first = submit(&stack, &dir, "good 1");
+    stack.wait_phase(&first, "succeeded", LONG);
+    let second = submit(&stack, &dir, "good 2");
+    let done = stack.wait_phase(&second, "succeeded", LONG);
+    // Every change went to all three targets, in order, and says so in its event.
+    let published = &rollout(&done)["weights"][0]["published"];
+    assert_eq!(published[0], e.flags.display().to_string(), "{published}");
+    assert_eq!(published[1], "kv:slipway-flags/targets-prod", "{published}");
+    assert_eq!(published[2], "command:sh", "{published}");
+    let lines: Vec<String> = std::fs::read_to_string(&calls)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "targets-prod production 100",
+            "targets-prod production 0",
+            "targets-prod production 10",
+            "targets-prod production 40",
+            "targets-prod production 100",
+            "targets-prod production 0",
+        ],
+        "the first deploy's promotion, then the canary's steps and promotion"
+    );
+    // The KV bucket holds the flag as the file does: back at 0 after the promotion.
+    let js = async_nats::jetstream::new(stack.nats_client().await);
+    let kv = js.get_key_value("slipway-flags").await.unwrap();
+    let entry = kv.get("targets-prod").await.unwrap().expect("the flag");
+    let flag: Value = serde_json::from_slice(&entry).unwrap();
+    assert_eq!(
+        flag["flags"]["targets-prod"]["targeting"]["fractional"][1],
+        serde_json::json!(["candidate", 0])
+    );
+    assert_eq!(
+        flag,
+        serde_json::from_str::<Value>(&std::fs::read_to_string(&e.flags).unwrap()).unwrap()
+    );
+    assert!(stack.refusals().is_empty(), "{:?}", stack.refusals());
+}
