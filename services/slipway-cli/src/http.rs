@@ -1,4 +1,4 @@
-//! Talking to the approval gateway: `slipway approve`, and the demo's approvals.
+//! Talking to the approval gateway: `slipway approve`, `slipway rollout`, and the demo's approvals.
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
@@ -38,21 +38,10 @@ pub async fn get_run(gateway: &str, run: &str) -> anyhow::Result<Value> {
     Ok(body)
 }
 
-/// Records a decision on the run's current artifact; returns the recorded decision.
-///
-/// # Errors
-/// The gateway's status and error message when it refuses.
-/// Controls a run's rollout through the gateway.
-pub async fn control_rollout(
-    gateway: &str,
-    token: &str,
-    run: &str,
-    action: &str,
-    comment: Option<String>,
-) -> anyhow::Result<Value> {
-    let body = json!({ "action": action, "comment": comment });
+/// POSTs `body` as JSON with the bearer token; the gateway's answer, or its status and error.
+async fn post_json(gateway: &str, token: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
     let resp = client()?
-        .post(format!("{gateway}/v1/runs/{run}/rollout"))
+        .post(format!("{gateway}{path}"))
         .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/json")
         .body(body.to_string())
@@ -70,6 +59,26 @@ pub async fn control_rollout(
     Ok(body)
 }
 
+/// Controls a run's rollout (`pause`, `resume`, `promote`, `abort`); returns the recorded
+/// control.
+///
+/// # Errors
+/// The gateway's status and error message when it refuses.
+pub async fn control_rollout(
+    gateway: &str,
+    token: &str,
+    run: &str,
+    action: &str,
+    comment: Option<String>,
+) -> anyhow::Result<Value> {
+    let body = json!({ "action": action, "comment": comment });
+    post_json(gateway, token, &format!("/v1/runs/{run}/rollout"), &body).await
+}
+
+/// Records a decision on the run's current artifact; returns the recorded decision.
+///
+/// # Errors
+/// The gateway's status and error message when it refuses.
 pub async fn decide(
     gateway: &str,
     token: &str,
@@ -90,21 +99,5 @@ pub async fn decide(
         "comment": comment,
         "artifact_digest": digest,
     });
-    let resp = client()?
-        .post(format!("{gateway}/v1/runs/{run}/approvals"))
-        .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the gateway at {gateway}"))?;
-    let status = resp.status();
-    let body: Value = serde_json::from_str(&resp.text().await?).unwrap_or(Value::Null);
-    if !status.is_success() {
-        bail!(
-            "{status}: {}",
-            body["error"].as_str().unwrap_or("no detail")
-        );
-    }
-    Ok(body)
+    post_json(gateway, token, &format!("/v1/runs/{run}/approvals"), &body).await
 }
