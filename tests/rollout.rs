@@ -680,3 +680,65 @@ async fn weights_also_go_to_the_nats_kv_bucket_and_a_routers_own_command() {
     );
     assert!(stack.refusals().is_empty(), "{:?}", stack.refusals());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ab_winner_can_wait_for_an_approver_to_promote_it() {
+    let stack = Stack::start_with(SERVICES);
+    stack.wait_gateway();
+    let e = env(&stack, "approve");
+    let spec = pipeline(
+        "approve",
+        &e.app.url,
+        &e.state,
+        &e.flags,
+        &format!(
+            "strategy = \"ab\"\nrequests = \"app_requests_total\"\ninterval_secs = 1\nmin_requests = 200\n{ERRORS}\n\
+             [[environment.rollout.analysis]]\nname = \"liked\"\nkind = \"ratio\"\nnumerator = \"app_feedback_positive_total\"\n\
+             denominator = \"app_feedback_total\"\nhigher_is_better = true\n\
+             [environment.rollout.ab]\nmetric = \"liked\"\nmin_effect = 0.1\nweight = 50\nmax_duration_secs = 60\nwinner = \"approve\"\n"
+        ),
+    );
+    let dir = project(&e.dir, "project", &spec, &[]);
+    let first = submit(&stack, &dir, "good 1");
+    stack.wait_phase(&first, "succeeded", LONG);
+    let better = submit(&stack, &dir, "better 2");
+    // Decided for the candidate, the rollout holds at its split for a person.
+    let waiting = stack.wait_for(&better, LONG, |s| {
+        rollout(s)["looks"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x["decision"] == "await_approval"))
+    });
+    assert_eq!(waiting["phase"], "rolling_out");
+    let look = rollout(&waiting)["looks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["decision"] == "await_approval")
+        .unwrap()
+        .clone();
+    assert_eq!(look["ab"]["winner"], "candidate", "{look}");
+    std::thread::sleep(Duration::from_secs(3));
+    let still = stack.status(&better).unwrap();
+    assert_eq!(still["phase"], "rolling_out", "it waits: {still}");
+    assert_eq!(weight_of(&e.flags), 5000);
+    stack.slipway_ok(&[
+        "rollout",
+        &better,
+        "promote",
+        "--token",
+        "bob-token",
+        "--comment",
+        "the result holds",
+    ]);
+    let done = stack.wait_phase(&better, "succeeded", LONG);
+    assert!(slot(&e, "stable").starts_with("better 2"));
+    let ended = &done["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "rollout:production")
+        .unwrap()["status"];
+    assert_eq!(ended, "succeeded");
+    assert_eq!(weight_of(&e.flags), 0);
+    stack.assert_replay_matches(&better);
+}
