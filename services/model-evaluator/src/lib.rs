@@ -216,6 +216,13 @@ pub fn check_metric(
                     format!("{dataset}: {metric} cannot be measured: no item carries what it needs")
                 }
             },
+            bounds: Some(slipway_domain::events::Bounds {
+                min: t.min,
+                max: t.max,
+                max_regression: t.max_regression,
+                max_regression_pct: t.max_regression_pct,
+                ..Default::default()
+            }),
         };
     };
     let absolute = Threshold {
@@ -738,6 +745,7 @@ fn judge_coverage(details: &Details, items: &BTreeMap<String, Vec<Item>>) -> Opt
             "the judge model answered {judged} of {} grounded items (first error: {first})",
             eligible.len()
         ),
+        bounds: None,
     })
 }
 
@@ -771,6 +779,7 @@ fn dataset_checks(
                 "{}: the baseline scored another version of this dataset: absolute thresholds only",
                 ds.name
             ),
+            bounds: None,
         });
     }
     for (metric, t) in &ds.thresholds {

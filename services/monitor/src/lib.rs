@@ -149,6 +149,7 @@ impl Evidence {
                         interval: None,
                         verdict,
                         note,
+                        bounds: None,
                     });
                 }
             }
@@ -168,6 +169,7 @@ impl Evidence {
                 interval: None,
                 verdict: Verdict::Fail,
                 note: format!("health: the last {tail_failed} probes failed"),
+                bounds: None,
             });
         }
         // NaN does not survive JSON: an unmeasured metric is reported through its note only.

@@ -282,6 +282,7 @@ fn examples() -> BTreeMap<&'static str, Event> {
                     interval: None,
                     verdict: Verdict::Fail,
                     note: "error_rate 0.07 > max 0.01".into(),
+                    bounds: None,
                 }],
                 opened_at: t,
             }),

@@ -373,6 +373,36 @@ pub struct Check {
     pub interval: Option<[f64; 2]>,
     pub verdict: Verdict,
     pub note: String,
+    /// The bounds the value was held to, and how close it came to the nearest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounds: Option<Bounds>,
+}
+
+/// A check's bounds as the spec set them, and the headroom left to the nearest one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+pub struct Bounds {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// Largest worsening against the baseline, in the metric's unit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_regression: Option<f64>,
+    /// Largest worsening against the baseline, in percent of the baseline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_regression_pct: Option<f64>,
+    /// The bound nearest to being broken: `min`, `max`, `max_regression` or
+    /// `max_regression_pct` (absent when no bound applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nearest: Option<String>,
+    /// Headroom to the nearest bound, in the metric's unit (percent for
+    /// `max_regression_pct`); negative when the bound is broken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin: Option<f64>,
+    /// The same headroom as a share of the bound's own scale (the bound's value, or the
+    /// baseline for a regression bound), so a thin margin reads as thin whatever the unit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin_ratio: Option<f64>,
 }
 
 /// `dev.slipway.{evaluate,perf,cost}.{succeeded,failed}.v1`: a quality gate's result.

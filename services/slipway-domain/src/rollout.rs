@@ -847,7 +847,7 @@ pub fn analysis_event_id(run_id: &str, a: &RolloutAnalysis) -> String {
 // ---- what the log says -----------------------------------------------------------------
 
 /// A rollout as the run's log tells it: the current weight and step, the looks, the controls.
-#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Default, JsonSchema)]
 pub struct RolloutView {
     pub stage: String,
     pub environment: String,

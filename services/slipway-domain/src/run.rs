@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::Serialize;
 
 use crate::events::{
@@ -17,7 +18,7 @@ use crate::spec::PipelineSpec;
 pub const POLICY_APPROVER: &str = "slipway:policy";
 
 /// Where a run is. `slipway status` prints it; the set is part of the CLI contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Queued,
@@ -67,7 +68,7 @@ impl Phase {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StageStatus {
     /// Planned, not requested yet.
@@ -91,7 +92,7 @@ impl StageStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct StageState {
     /// Stage key: `build`, `test:<suite>`, `deploy:<environment>`, ...
     pub name: String,
@@ -129,7 +130,7 @@ impl StageState {
 }
 
 /// The built artifact, as `status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
 pub struct ArtifactView {
     pub digest: crate::digest::Digest,
     pub size: u64,
@@ -137,7 +138,7 @@ pub struct ArtifactView {
     pub object: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct Deployment {
     pub environment: String,
     pub version: String,
@@ -149,7 +150,7 @@ pub struct Deployment {
     pub rolled_back: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct Approval {
     pub approver: String,
     /// The approver's groups when deciding, as the gateway recorded them.
@@ -165,7 +166,7 @@ pub struct Approval {
 }
 
 /// One run, folded from its events.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct Run {
     pub run_id: String,
     pub pipeline: String,

@@ -2,7 +2,7 @@
 //! candidate, the baseline, the delta and the bound that failed. Shared by the gates and the
 //! monitor.
 
-use crate::events::{Check, Verdict};
+use crate::events::{Bounds, Check, Verdict};
 use crate::spec::{Severity, Threshold};
 
 /// Metrics where more is better; for every other metric less is better.
@@ -81,6 +81,43 @@ pub fn check(
         interval: None,
         verdict,
         note,
+        bounds: Some(bounds(value, baseline, worse, t)),
+    }
+}
+
+/// The threshold's bounds and the headroom to the nearest: for each bound that applies, how
+/// far the value is from breaking it (positive inside, negative beyond), and its share of the
+/// bound's scale; the nearest is the one with the least share.
+fn bounds(value: f64, baseline: Option<f64>, worse: Option<f64>, t: &Threshold) -> Bounds {
+    let scale = |x: f64| if x.abs() > f64::EPSILON { x.abs() } else { 1.0 };
+    let mut room: Vec<(&str, f64, f64)> = Vec::new();
+    if let Some(min) = t.min {
+        room.push(("min", value - min, (value - min) / scale(min)));
+    }
+    if let Some(max) = t.max {
+        room.push(("max", max - value, (max - value) / scale(max)));
+    }
+    if let (Some(limit), Some(w), Some(b)) = (t.max_regression, worse, baseline) {
+        room.push(("max_regression", limit - w, (limit - w) / scale(b)));
+    }
+    if let (Some(limit), Some(w), Some(b)) = (t.max_regression_pct, worse, baseline)
+        && b != 0.0
+    {
+        let pct = 100.0 * w / b.abs();
+        room.push(("max_regression_pct", limit - pct, (limit - pct) / 100.0));
+    }
+    let nearest = room
+        .iter()
+        .filter(|r| r.2.is_finite())
+        .min_by(|a, b| a.2.total_cmp(&b.2));
+    Bounds {
+        min: t.min,
+        max: t.max,
+        max_regression: t.max_regression,
+        max_regression_pct: t.max_regression_pct,
+        nearest: nearest.map(|r| r.0.to_string()),
+        margin: nearest.map(|r| r.1),
+        margin_ratio: nearest.map(|r| r.2),
     }
 }
 
@@ -99,6 +136,7 @@ pub fn no_baseline(scope: Option<&str>, bounds: &str) -> Check {
         note: format!(
             "no baseline in the log (first deployment): judged on absolute {bounds} alone"
         ),
+        bounds: None,
     }
 }
 
@@ -221,5 +259,45 @@ mod tests {
             (Verdict::Fail, Some("a; b".into()))
         );
         assert_eq!(verdict_and_reason(&[warned]), (Verdict::Warn, None));
+    }
+
+    #[test]
+    fn a_check_names_its_bounds_and_the_headroom_to_the_nearest() {
+        // 0.80 against a 0.75 minimum passes with 0.05 to spare, 6.7% of the bound.
+        let c = check(
+            "accuracy",
+            None,
+            0.80,
+            None,
+            &t(Some(0.75), None, None, None, Severity::Fail),
+        );
+        assert_eq!(c.verdict, Verdict::Pass);
+        let b = c.bounds.unwrap();
+        assert_eq!((b.min, b.nearest.as_deref()), (Some(0.75), Some("min")));
+        assert!((b.margin.unwrap() - 0.05).abs() < 1e-9);
+        assert!((b.margin_ratio.unwrap() - 0.05 / 0.75).abs() < 1e-9);
+        // A regression bound nearer than the minimum is the nearest; broken is negative.
+        let c = check(
+            "accuracy",
+            None,
+            0.80,
+            Some(0.84),
+            &t(Some(0.5), None, Some(0.03), None, Severity::Fail),
+        );
+        let b = c.bounds.unwrap();
+        assert_eq!(b.nearest.as_deref(), Some("max_regression"));
+        assert!((b.margin.unwrap() + 0.01).abs() < 1e-9, "{b:?}");
+        assert_eq!(c.verdict, Verdict::Fail);
+        // Latency: less is better, the max is the bound.
+        let c = check(
+            "p95_ms",
+            None,
+            90.0,
+            None,
+            &t(None, Some(100.0), None, None, Severity::Fail),
+        );
+        let b = c.bounds.unwrap();
+        assert_eq!(b.nearest.as_deref(), Some("max"));
+        assert!((b.margin.unwrap() - 10.0).abs() < 1e-9);
     }
 }
