@@ -15,6 +15,7 @@ pub mod error;
 pub mod harden;
 pub mod listing;
 pub mod metrics;
+pub mod openapi;
 pub mod projection;
 pub mod routes;
 pub mod tls;

@@ -37,7 +37,12 @@ pub const SOURCE: &str = slipway_domain::service::Service::Approval.source();
         gate_details,
         post_approval,
         post_rollout_control,
-        healthz
+        dora,
+        healthz,
+        prometheus,
+        ui,
+        page,
+        openapi
     ),
     components(schemas(
         RunIdBody,
@@ -700,6 +705,8 @@ pub struct RecordedControl {
         (status = 403, description = "The policy says no", body = ErrorBody),
         (status = 404, description = "No such run", body = ErrorBody),
         (status = 409, description = "No rollout in progress", body = ErrorBody),
+        (status = 413, description = "The body is larger than [gateway] max_body_bytes", body = ErrorBody),
+        (status = 429, description = "Too many failed authentications from this address; Retry-After says when to try again", body = ErrorBody),
         (status = 503, description = "NATS unavailable, or no signing key to sign the control with", body = ErrorBody),
     )
 )]
@@ -870,19 +877,17 @@ pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// This document.
+#[utoipa::path(get, path = "/openapi.json",
+    responses((status = 200, description = "The OpenAPI document", body = Object)))]
 pub async fn openapi() -> impl IntoResponse {
-    let mut doc = ApiDoc::openapi();
-    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-    doc.components
-        .get_or_insert_with(Default::default)
-        .add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    Json(doc)
+    Json(crate::openapi::DOCUMENT.clone())
 }
 
 /// Prometheus text: delivery metrics from the log, consumer lag from JetStream.
+#[utoipa::path(get, path = "/metrics",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4",
+        content_type = "text/plain", body = String)))]
 pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
     let mut body = {
         let runs = state.runs.read().expect("lock");
@@ -900,10 +905,15 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// What the page needs to know of the configuration.
+#[utoipa::path(get, path = "/v1/ui",
+    responses((status = 200, description = "The page's settings", body = Object)))]
 pub async fn ui(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "trace_url_template": state.trace_url_template }))
 }
 
+/// The approver page.
+#[utoipa::path(get, path = "/",
+    responses((status = 200, description = "The page", content_type = "text/html", body = String)))]
 pub async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }

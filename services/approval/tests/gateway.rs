@@ -612,3 +612,226 @@ async fn a_run_starting_to_wait_notifies_the_webhooks_with_retries() {
     );
     stop.cancel();
 }
+
+/// `SPEC` with a staging environment and a cost gate.
+const GATED: &str = r#"
+[pipeline]
+name = "gated-with-cost"
+[build]
+command = ["make"]
+[[environment]]
+name = "staging"
+url = "http://127.0.0.1:9"
+[environment.deploy]
+command = ["./deploy"]
+[[environment]]
+name = "production"
+url = "http://127.0.0.1:9"
+requires_approval = true
+[environment.deploy]
+command = ["./deploy"]
+[gates]
+environment = "staging"
+[gates.cost]
+instance_type = "small"
+projected_requests_per_month = 1000000
+budget_per_month = 1.0
+[approval]
+allowed_groups = ["release-managers"]
+"#;
+
+/// The schema the document declares for one answer, as a validator whose references resolve
+/// into the document's components.
+fn declared(doc: &Value, path: &str, method: &str, status: u16) -> jsonschema::Validator {
+    let op = &doc["paths"][path][method];
+    assert!(op.is_object(), "{method} {path} is not in the document");
+    let response = &op["responses"][status.to_string()];
+    assert!(
+        response.is_object(),
+        "{method} {path} answered {status}, which the document does not declare"
+    );
+    let schema = &response["content"]["application/json"]["schema"];
+    assert!(
+        schema.is_object(),
+        "{method} {path} {status}: no JSON schema"
+    );
+    let root = json!({"components": doc["components"], "allOf": [schema]});
+    jsonschema::validator_for(&root).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_answers_match_the_openapi_document() {
+    let gw = gateway().await;
+    let (doc_status, doc) = gw.get("/openapi.json").await;
+    assert_eq!(doc_status, 200);
+    // Every route the gateway serves is declared.
+    let paths: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for route in [
+        "/",
+        "/healthz",
+        "/metrics",
+        "/openapi.json",
+        "/v1/ui",
+        "/v1/changes",
+        "/v1/runs",
+        "/v1/runs/{id}",
+        "/v1/runs/{id}/events",
+        "/v1/runs/{id}/gates/{stage}",
+        "/v1/runs/{id}/approvals",
+        "/v1/runs/{id}/rollout",
+        "/v1/metrics/dora",
+    ] {
+        assert!(paths.contains(&route), "{route} is not declared: {paths:?}");
+    }
+    // The runs, events and gate reports are described, not left as `object`.
+    let run = &doc["components"]["schemas"]["Run"];
+    for field in ["run_id", "phase", "stages", "gates", "approvals"] {
+        assert!(run["properties"][field].is_object(), "Run.{field}: {run}");
+    }
+    assert!(doc["components"]["schemas"]["Check"]["properties"]["bounds"].is_object());
+
+    // A run with gate reports, waiting for approval, then decided.
+    let mut sim = Sim::nth(GATED, 7);
+    sim.script
+        .insert("approval:production".into(), Answer::Silent);
+    sim.run_to_end();
+    for e in &sim.log {
+        gw.bus.publish(e).await.unwrap();
+    }
+    let (id, digest) = (
+        sim.run_id.clone(),
+        sim.run().artifact.as_ref().unwrap().digest.to_string(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.get(&format!("/v1/runs/{id}")).await.0 != 200 {
+        assert!(Instant::now() < deadline, "the run never showed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, _) = gw
+        .approve(&id, Some("bob"), decision("approve", &digest))
+        .await;
+    assert_eq!(s, 201);
+    let checks: Vec<(&str, &str, String)> = vec![
+        ("get", "/v1/runs", "/v1/runs".into()),
+        ("get", "/v1/runs", "/v1/runs?phase=sideways".into()),
+        ("get", "/v1/runs/{id}", format!("/v1/runs/{id}")),
+        ("get", "/v1/runs/{id}", "/v1/runs/no-such-run".into()),
+        (
+            "get",
+            "/v1/runs/{id}/events",
+            format!("/v1/runs/{id}/events"),
+        ),
+        (
+            "get",
+            "/v1/runs/{id}/gates/{stage}",
+            format!("/v1/runs/{id}/gates/cost"),
+        ),
+        ("get", "/v1/metrics/dora", "/v1/metrics/dora".into()),
+        (
+            "get",
+            "/v1/metrics/dora",
+            "/v1/metrics/dora?since=forever".into(),
+        ),
+        ("get", "/healthz", "/healthz".into()),
+        ("get", "/v1/ui", "/v1/ui".into()),
+    ];
+    let mut seen_events = false;
+    for (method, template, uri) in checks {
+        let (status, body) = gw.get(&uri).await;
+        let v = declared(&doc, template, method, status.as_u16());
+        let errors: Vec<String> = v
+            .iter_errors(&body)
+            .map(|e| format!("{e} at {}", e.instance_path))
+            .take(5)
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "GET {uri} ({status}) breaks the document: {errors:?}\n{body}"
+        );
+        if template.ends_with("/events") {
+            seen_events = body.as_array().is_some_and(|a| a.len() > 5);
+        }
+    }
+    assert!(seen_events, "the run's events were served");
+    let (_, run) = gw.get(&format!("/v1/runs/{id}")).await;
+    assert!(
+        run["gates"][0]["checks"][0]["bounds"]["margin"].is_number(),
+        "a gate report with a check and its bounds was validated: {run}"
+    );
+    // A body the document's schema refuses is refused by the validator too (the test can fail).
+    let v = declared(&doc, "/v1/runs/{id}", "get", 200);
+    assert!(!v.is_valid(&json!({"run_id": 7, "phase": "sideways"})));
+    let (_, mut run) = gw.get(&format!("/v1/runs/{id}")).await;
+    run["stages"][0]["status"] = json!("exploded");
+    assert!(!v.is_valid(&run), "a stage status outside the enum");
+
+    // Writes: an approval again (409), a bad body (400), a body too large (413), a cross-site
+    // write (403), a missing token (401): each declared, each `{"error": ...}`.
+    let post = |uri: &str, body: String, extra: Option<(&str, &str)>| {
+        let mut r = Request::post(uri).header("content-type", "application/json");
+        if let Some((k, v)) = extra {
+            r = r.header(k, v);
+        }
+        r.body(Body::from(body)).unwrap()
+    };
+    let approvals = format!("/v1/runs/{id}/approvals");
+    for (req, template) in [
+        (
+            post(
+                &approvals,
+                decision("approve", &digest).to_string(),
+                Some(("authorization", "Bearer bob-token")),
+            ),
+            "/v1/runs/{id}/approvals",
+        ),
+        (
+            post(
+                &approvals,
+                "{\"decision\":1}".into(),
+                Some(("authorization", "Bearer bob-token")),
+            ),
+            "/v1/runs/{id}/approvals",
+        ),
+        (
+            post(
+                &approvals,
+                "x".repeat(2 << 20),
+                Some(("authorization", "Bearer bob-token")),
+            ),
+            "/v1/runs/{id}/approvals",
+        ),
+        (
+            post(
+                &approvals,
+                "{}".into(),
+                Some(("origin", "http://evil.example")),
+            ),
+            "/v1/runs/{id}/approvals",
+        ),
+        (
+            post(&approvals, "{}".into(), None),
+            "/v1/runs/{id}/approvals",
+        ),
+        (post("/v1/changes", "{}".into(), None), "/v1/changes"),
+        (
+            post(
+                &format!("/v1/runs/{id}/rollout"),
+                "{\"action\":\"pause\"}".into(),
+                Some(("authorization", "Bearer bob-token")),
+            ),
+            "/v1/runs/{id}/rollout",
+        ),
+    ] {
+        let (status, body) = gw.call(req).await;
+        assert!(status.is_client_error(), "{template}: {status} {body}");
+        let v = declared(&doc, template, "post", status.as_u16());
+        assert!(v.is_valid(&body), "POST {template} ({status}): {body}");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    gw.stop.cancel();
+}

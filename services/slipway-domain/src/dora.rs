@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::run::{Phase, Run, StageStatus};
 
 /// The five measures for one scope (a pipeline, or all of them).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Measures {
     /// Production deployments (deploys, not rollbacks) in the window.
     pub deployments: u64,
@@ -32,7 +32,7 @@ pub struct Measures {
 }
 
 /// DORA for a window.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Report {
     pub since: DateTime<Utc>,
     pub until: DateTime<Utc>,

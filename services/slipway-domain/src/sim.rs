@@ -384,7 +384,16 @@ impl Sim {
                     attempt,
                     verdict,
                     metrics: BTreeMap::from([("score".to_string(), 1.0)]),
-                    checks: Vec::new(),
+                    checks: vec![crate::thresholds::check(
+                        "score",
+                        None,
+                        1.0,
+                        None,
+                        &crate::spec::Threshold {
+                            min: Some(0.9),
+                            ..Default::default()
+                        },
+                    )],
                     baseline_run: None,
                     details: None,
                     reason: None,
