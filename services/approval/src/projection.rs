@@ -361,8 +361,12 @@ pub async fn follow(
     }
 }
 
-/// The notification: the run, its gates and the page's link.
+/// The notification: the run, its gates and its page's link; with `text` and `blocks`, the
+/// same in the form Slack-compatible incoming webhooks (Slack, Mattermost, Rocket.Chat) post
+/// as a message.
 pub fn payload(run: &Run, r: &ApprovalRequested, public_url: &str) -> serde_json::Value {
+    let url = format!("{}/runs/{}", public_url.trim_end_matches('/'), run.run_id);
+    let (text, blocks) = chat_message(run, r, &url);
     json!({
         "event": "approval.requested",
         "run_id": run.run_id,
@@ -372,8 +376,67 @@ pub fn payload(run: &Run, r: &ApprovalRequested, public_url: &str) -> serde_json
         "gates": run.gates,
         "change": run.change,
         "stages": run.stages,
-        "url": format!("{}/#run-{}", public_url.trim_end_matches('/'), run.run_id),
+        "url": url,
+        "text": text,
+        "blocks": blocks,
     })
+}
+
+/// Escapes what Slack's mrkdwn reads as markup in text that comes from a change.
+fn mrkdwn(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The chat message: a one-line `text` (what notifications and clients without blocks show)
+/// and Block Kit blocks: the headline, the change, each gate's verdict, a button to the page.
+fn chat_message(run: &Run, r: &ApprovalRequested, url: &str) -> (String, serde_json::Value) {
+    let gates: Vec<String> = r
+        .gates
+        .iter()
+        .map(|g| {
+            let verdict = serde_json::to_value(g.verdict)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            format!("{} {verdict}", g.stage)
+        })
+        .collect();
+    let gates = if gates.is_empty() {
+        "no gates".to_string()
+    } else {
+        gates.join(", ")
+    };
+    let headline = format!(
+        "{} awaits approval for {}",
+        mrkdwn(&run.pipeline),
+        mrkdwn(&r.environment)
+    );
+    let text = format!(
+        "{headline} (run {}; {gates}): <{url}|review it>",
+        run.run_id
+    );
+    let change = match (&run.change.title, &run.change.author) {
+        (Some(t), Some(a)) => format!("{} by {}", mrkdwn(t), mrkdwn(a)),
+        (Some(t), None) => mrkdwn(t),
+        (None, Some(a)) => format!("by {}", mrkdwn(a)),
+        (None, None) => format!("change {}", mrkdwn(&run.change.id)),
+    };
+    let blocks = json!([
+        {"type": "section", "text": {"type": "mrkdwn", "text": format!("*{headline}*\n{change}")}},
+        {"type": "section", "fields": [
+            {"type": "mrkdwn", "text": format!("*Run*\n<{url}|{}>", run.run_id)},
+            {"type": "mrkdwn", "text": format!("*Artifact*\n`{}`", r.artifact_digest)},
+            {"type": "mrkdwn", "text": format!("*Gates*\n{gates}")},
+            {"type": "mrkdwn", "text": format!("*Approvals needed*\n{}", r.policy.required_approvals)},
+        ]},
+        {"type": "actions", "elements": [
+            {"type": "button", "text": {"type": "plain_text", "text": "Review and decide"},
+             "url": url, "style": "primary"}
+        ]}
+    ]);
+    (text, blocks)
 }
 
 /// The CloudEvents binary-mode attributes of a CDEvent (`ce-*` headers on NATS and HTTP).

@@ -600,9 +600,36 @@ async fn a_run_starting_to_wait_notifies_the_webhooks_with_retries() {
     assert_eq!(body["event"], "approval.requested");
     assert_eq!(body["run_id"], sim.run_id.as_str());
     assert_eq!(body["environment"], "production");
+    let page = format!("http://gw.example/runs/{}", sim.run_id);
+    assert_eq!(body["url"], page.as_str());
+    // The same as a Slack-compatible incoming-webhook message: text, and blocks whose button
+    // opens the run's page.
+    let text = body["text"].as_str().unwrap();
+    assert!(
+        text.contains("awaits approval for production") && text.contains(&format!("<{page}|")),
+        "{text}"
+    );
+    let blocks = body["blocks"].as_array().unwrap();
+    assert!(blocks.iter().all(|b| {
+        ["section", "actions", "context", "header"].contains(&b["type"].as_str().unwrap())
+    }));
+    assert_eq!(blocks[0]["text"]["type"], "mrkdwn");
+    let button = blocks
+        .iter()
+        .find(|b| b["type"] == "actions")
+        .map(|b| &b["elements"][0])
+        .unwrap();
     assert_eq!(
-        body["url"],
-        format!("http://gw.example/#run-{}", sim.run_id)
+        (&button["type"], &button["url"]),
+        (&json!("button"), &json!(page))
+    );
+    assert!(
+        blocks[1]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["text"].as_str().unwrap().contains("*Artifact*\n`sha256:")),
+        "{blocks:?}"
     );
     assert!(
         body["artifact_digest"]
