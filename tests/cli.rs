@@ -549,6 +549,7 @@ async fn slipway_watch_waits_for_a_run_that_is_about_to_exist() {
             author: None,
             title: None,
             rerun_of: None,
+            commit: None,
         }),
     );
     bus.publish(&change).await.unwrap();

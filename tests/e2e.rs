@@ -664,6 +664,7 @@ async fn a_run_whose_first_event_cannot_be_read_is_reported_with_its_place_not_d
                 author: None,
                 title: None,
                 subject: None,
+                commit: None,
             },
             source: slipway_domain::events::SourceRef::Directory { path: "/x".into() },
             spec: json!({"pipeline": {"name": "broken"}, "build": "make"}),
@@ -797,6 +798,7 @@ async fn a_rolling_upgrade_mixes_releases_on_one_stream_and_every_run_finishes()
             author: Some("erin".into()),
             title: Some("from a newer CLI".into()),
             rerun_of: None,
+            commit: None,
         }),
     );
     publish_from_a_newer_release(&client, &change, json!({"labels": {"team": "ml"}})).await;

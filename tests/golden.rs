@@ -396,6 +396,7 @@ async fn record_the_edges_golden_log() {
             author: Some("erin".into()),
             title: None,
             rerun_of: None,
+            commit: None,
         }),
     );
     bus.publish(&bad).await.unwrap();

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod error;
 pub mod harden;
+pub mod hooks;
 pub mod listing;
 pub mod metrics;
 pub mod openapi;
@@ -54,6 +55,10 @@ pub struct AppState {
     pub auth_limiter: Arc<harden::AuthLimiter>,
     /// Longest a request may take.
     pub request_timeout: Duration,
+    /// Git host webhooks and where runs' results are reported.
+    pub hooks: hooks::Hooks,
+    /// Commit links for the page, by change source.
+    pub commit_links: Arc<Vec<slipway_core::config::CommitLink>>,
 }
 
 /// The gateway's routes.
@@ -65,6 +70,8 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
     let with_token = Router::new()
         .route("/v1/runs/{id}/approvals", post(routes::post_approval))
         .route("/v1/runs/{id}/rollout", post(routes::post_rollout_control))
+        .route("/v1/hooks/github", post(hooks::github))
+        .route("/v1/hooks/gitlab", post(hooks::gitlab))
         .route_layer(axum::middleware::from_fn_with_state(
             limiter,
             harden::limit_failed_auth,
@@ -214,8 +221,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
             addr: settings.listen.clone(),
             source,
         })?;
+    let hooks = hooks::Hooks::load(&settings.git_hooks).map_err(GatewayError::Config)?;
     let runs: SharedRuns = Arc::new(RwLock::new(Runs::default()));
     let notifier = Notifier {
+        hooks: hooks.clone(),
         webhooks: settings.webhooks.clone(),
         attempts: settings.webhook_attempts,
         public_url: settings
@@ -258,6 +267,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
             Duration::from_secs(60),
         )),
         request_timeout: Duration::from_secs(settings.request_timeout_secs.max(1)),
+        hooks,
+        commit_links: Arc::new(settings.commit_links.clone()),
     };
     info!(%addr, approvers = settings.approvers.len(), https = tls.is_some(), "Approval gateway listening.");
     let s = shutdown.clone();

@@ -147,6 +147,8 @@ pub struct Notifier {
     /// Publish CDEvents on `cdevents.>`.
     pub cdevents: bool,
     pub cdevents_webhooks: Vec<String>,
+    /// Where runs of commits from git hosts report their results.
+    pub hooks: crate::hooks::Hooks,
 }
 
 /// Folds in the checkpoint's runs (each read again from its own subjects); the sequence it was
@@ -288,6 +290,18 @@ pub async fn follow(
             operation: "webhook client",
             message: e.to_string(),
         })?;
+    // Commit statuses go out one after another, in the order the log says them: a host shows
+    // the last status it got, so a run's start must never land after its end.
+    let (statuses, mut queued) =
+        tokio::sync::mpsc::unbounded_channel::<(String, Vec<(&'static str, String)>, Vec<u8>)>();
+    {
+        let (client, attempts) = (client.clone(), notifier.attempts);
+        tokio::spawn(async move {
+            while let Some((url, headers, bytes)) = queued.recv().await {
+                deliver(client.clone(), url, headers, bytes, attempts).await;
+            }
+        });
+    }
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -334,6 +348,20 @@ pub async fn follow(
                     .map(|run| payload(run, r, &notifier.public_url)),
                 _ => None,
             };
+            // A run of a git host's commit: its status when it starts and when it ends.
+            let status = match (live, w.get(run_id)) {
+                (true, Some(run))
+                    if matches!(event.data, EventData::RunCreated(_))
+                        || (run.is_ended() && event_ends_run(&event)) =>
+                {
+                    crate::hooks::commit_status(&notifier.hooks, run, &notifier.public_url)
+                }
+                _ => None,
+            };
+            if let Some((url, headers, body)) = status {
+                let bytes = serde_json::to_vec(&body).expect("JSON serialises");
+                let _ = statuses.send((url, headers, bytes));
+            }
             // Live only: a restart does not repeat what was already said.
             let cdevents = match (live, w.get(run_id)) {
                 (true, Some(run))
@@ -380,6 +408,18 @@ pub fn payload(run: &Run, r: &ApprovalRequested, public_url: &str) -> serde_json
         "text": text,
         "blocks": blocks,
     })
+}
+
+/// Whether the event is one that ends a run (`run.succeeded`, `run.failed`, ...).
+fn event_ends_run(event: &slipway_domain::Event) -> bool {
+    matches!(
+        event.data,
+        EventData::RunSucceeded(_)
+            | EventData::RunFailed(_)
+            | EventData::RunCancelled(_)
+            | EventData::RunRejected(_)
+            | EventData::RunRolledBack(_)
+    )
 }
 
 /// Escapes what Slack's mrkdwn reads as markup in text that comes from a change.

@@ -37,6 +37,8 @@ pub const SOURCE: &str = slipway_domain::service::Service::Approval.source();
         gate_details,
         post_approval,
         post_rollout_control,
+        crate::hooks::github,
+        crate::hooks::gitlab,
         dora,
         healthz,
         prometheus,
@@ -52,7 +54,8 @@ pub const SOURCE: &str = slipway_domain::service::Service::Approval.source();
         RecordedDecision,
         Health,
         RolloutControlBody,
-        RecordedControl
+        RecordedControl,
+        crate::hooks::HookAnswer
     ))
 )]
 pub struct ApiDoc;

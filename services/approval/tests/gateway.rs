@@ -64,6 +64,7 @@ async fn gateway() -> Gw {
             public_url: "http://gw".into(),
             cdevents: false,
             cdevents_webhooks: vec![],
+            hooks: Default::default(),
         },
         stop.clone(),
     ));
@@ -89,6 +90,8 @@ async fn gateway() -> Gw {
             Duration::from_secs(60),
         )),
         request_timeout: Duration::from_secs(30),
+        hooks: Default::default(),
+        commit_links: Default::default(),
     };
     Gw {
         _nats: nats,
@@ -570,6 +573,7 @@ async fn a_run_starting_to_wait_notifies_the_webhooks_with_retries() {
             public_url: "http://gw.example".into(),
             cdevents: false,
             cdevents_webhooks: vec![],
+            hooks: Default::default(),
         },
         stop.clone(),
     ));

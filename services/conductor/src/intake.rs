@@ -91,6 +91,7 @@ fn from_cdevent(raw: &[u8], registry: &[CdeventsPipeline]) -> Result<(Event, Str
         ),
         title: Some(format!("{short} {}", inc.subject_id)),
         rerun_of: None,
+        commit: None,
     };
     let event = Event::new(
         inc.id.clone(),
@@ -130,6 +131,7 @@ fn judge_change(rec: &Recorded, event: &Event, subject: Option<String>) -> Verdi
             author: change.author.clone(),
             title: change.title.clone(),
             subject,
+            commit: change.commit.clone(),
         },
         source: change.source.clone(),
         spec: serde_json::to_value(&spec).expect("spec serialises"),

@@ -48,6 +48,7 @@ async fn submit(bus: &Bus, id: &str) -> String {
             author: None,
             title: None,
             rerun_of: None,
+            commit: None,
         }),
     );
     bus.publish(&e).await.unwrap();

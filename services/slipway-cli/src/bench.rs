@@ -837,6 +837,7 @@ fn change_of(project: &Path, spec: String) -> ChangeSubmitted {
         author: Some("bench-author".into()),
         title: Some("bench".into()),
         rerun_of: None,
+        commit: None,
     }
 }
 

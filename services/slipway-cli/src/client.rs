@@ -252,6 +252,7 @@ pub fn change_from(
             author: Some(user()),
             title,
             rerun_of: None,
+            commit: None,
         })
     }
 }

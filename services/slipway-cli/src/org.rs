@@ -281,6 +281,7 @@ fn change_event(project: &Path, spec: String) -> Event {
             author: Some("bench-org".into()),
             title: Some("org-scale bench".into()),
             rerun_of: None,
+            commit: None,
         }),
     )
 }

@@ -118,6 +118,7 @@ pub async fn soak(opts: Options) -> anyhow::Result<ExitCode> {
             author: Some("soak".into()),
             title: Some(format!("soak {i}")),
             rerun_of: None,
+            commit: None,
         };
         let event = Event::new(
             ids::random(),

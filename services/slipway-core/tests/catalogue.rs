@@ -248,6 +248,7 @@ fn examples() -> BTreeMap<&'static str, Event> {
                 author: Some("alice".into()),
                 title: Some("Retrieval: rerank top 20".into()),
                 rerun_of: None,
+                commit: None,
             }),
         ),
         Event::new(

@@ -51,6 +51,26 @@ pub struct ChangeSubmitted {
     /// Set by `slipway rerun`: the run this change repeats.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerun_of: Option<String>,
+    /// The commit the change is, when a git host (or the submitter) said which.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<CommitRef>,
+}
+
+/// A commit on a git host: what the page links, and where a run's result is reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CommitRef {
+    pub sha: String,
+    /// `owner/name` (GitHub) or `group/project` (GitLab).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// `github` or `gitlab`, when it came from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The commit's web page, as the host gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 impl ChangeSubmitted {
@@ -101,6 +121,8 @@ pub struct ChangeInfo {
     /// purl), given to the build as `SLIPWAY_CHANGE_SUBJECT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<CommitRef>,
 }
 
 /// `dev.slipway.run.created.v1`: the first event of a run, with its spec snapshot.
@@ -954,6 +976,7 @@ mod tests {
             author: None,
             title: None,
             rerun_of: None,
+            commit: None,
         };
         let good = "[pipeline]\nname = \"p\"\n[build]\ncommand = [\"make\"]\n";
         assert_eq!(

@@ -178,6 +178,7 @@ impl Sim {
                 author: Some("alice".into()),
                 title: None,
                 subject: None,
+                commit: None,
             },
             source,
             spec: serde_json::to_value(&spec).unwrap(),

@@ -94,6 +94,77 @@ pub struct GatewaySettings {
     pub cdevents: bool,
     /// URLs that get each CDEvent as a CloudEvent (HTTP binary mode), with retries.
     pub cdevents_webhooks: Vec<String>,
+    /// Repositories whose pushes and merges (`POST /v1/hooks/github`, `/v1/hooks/gitlab`)
+    /// start a pipeline, and where each run's result goes back as a commit status.
+    pub git_hooks: Vec<GitHook>,
+    /// Links to a change's commit on the page, per change source: the first whose
+    /// `source_prefix` starts the change's CloudEvents source.
+    pub commit_links: Vec<CommitLink>,
+}
+
+/// A git host a repository lives on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GitHost {
+    Github,
+    Gitlab,
+}
+
+impl GitHost {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GitHost::Github => "github",
+            GitHost::Gitlab => "gitlab",
+        }
+    }
+}
+
+/// One repository (and branch) of a git host mapped to a pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitHook {
+    pub host: GitHost,
+    /// GitHub's `owner/name` (`repository.full_name`), GitLab's `group/project`
+    /// (`project.path_with_namespace`).
+    pub repository: String,
+    /// Only pushes to (and merges into) this branch; any branch when unset.
+    #[serde(default)]
+    pub branch: Option<String>,
+    /// The pipeline spec (TOML), read when the push arrives.
+    pub spec: std::path::PathBuf,
+    /// What the pipeline builds from; by default the repository's clone URL at the pushed
+    /// commit (a git source given here gets the pushed commit as its revision).
+    #[serde(default)]
+    pub source: Option<slipway_domain::events::SourceRef>,
+    /// GitHub's webhook secret (the `X-Hub-Signature-256` HMAC key), or GitLab's secret token
+    /// (`X-Gitlab-Token`).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// A file holding the secret instead.
+    #[serde(default)]
+    pub secret_file: Option<std::path::PathBuf>,
+    /// Where each run's result is posted as a commit status, with `{repository}`, `{project}`
+    /// (the repository URL-encoded, GitLab's project id form) and `{sha}` replaced. Unset: no
+    /// status is reported.
+    #[serde(default)]
+    pub status_url: Option<String>,
+    /// The token the status is posted with (GitHub: `Authorization: Bearer`, GitLab:
+    /// `PRIVATE-TOKEN`), or a file holding it.
+    #[serde(default)]
+    pub status_token: Option<String>,
+    #[serde(default)]
+    pub status_token_file: Option<std::path::PathBuf>,
+}
+
+/// A commit link for changes from one source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitLink {
+    /// Changes whose CloudEvents `source` starts with this (`""` matches every change).
+    pub source_prefix: String,
+    /// The commit's URL, with `{repository}`, `{sha}` and `{revision}` replaced (e.g.
+    /// `https://github.com/{repository}/commit/{sha}`).
+    pub template: String,
 }
 
 impl Default for GatewaySettings {
@@ -114,6 +185,8 @@ impl Default for GatewaySettings {
             tls_key_file: None,
             cdevents: true,
             cdevents_webhooks: Vec::new(),
+            git_hooks: Vec::new(),
+            commit_links: Vec::new(),
         }
     }
 }
