@@ -13,6 +13,7 @@ use slipway_core::bus::Bus;
 use slipway_core::testing::TestNats;
 
 pub mod collector;
+pub mod oidc_provider;
 pub mod rollout_app;
 
 /// Services a full stack runs.

@@ -20,6 +20,80 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Who is asking: a static token's approver, the provider's JWT's subject, or the signed-in
+/// session's (whose writes must carry its CSRF token in `X-CSRF-Token`).
+///
+/// # Errors
+/// [`ApiError::Unauthorized`] naming why no one is recognised; [`ApiError::Forbidden`] for a
+/// session write without its CSRF token.
+pub async fn identify(state: &crate::AppState, headers: &HeaderMap) -> Result<Approver, ApiError> {
+    let oidc = state.oidc.as_deref();
+    if headers.contains_key(axum::http::header::AUTHORIZATION) {
+        let token = bearer(headers)?;
+        if let Some(o) = oidc
+            && token.split('.').count() == 3
+        {
+            let who = o
+                .verify(token, &o.audiences(), None)
+                .await
+                .map_err(|e| ApiError::Unauthorized(format!("bearer token refused: {e}")))?;
+            return Ok(Approver {
+                name: who.name,
+                groups: who.groups,
+                token_sha256: String::new(),
+            });
+        }
+        return approver(headers, &state.approvers).cloned();
+    }
+    let cookies = headers
+        .get(axum::http::header::COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if let Some(o) = oidc
+        && crate::oidc::cookie(cookies, crate::oidc::SESSION_COOKIE).is_some()
+    {
+        let s = o.session(cookies).ok_or_else(|| {
+            ApiError::Unauthorized(
+                "the session has expired or is not this gateway's: sign in again".into(),
+            )
+        })?;
+        let sent = headers
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !constant_time_eq(sent.as_bytes(), s.csrf.as_bytes()) {
+            return Err(ApiError::Forbidden(
+                "missing or wrong X-CSRF-Token for the signed-in session".into(),
+            ));
+        }
+        return Ok(Approver {
+            name: s.name,
+            groups: s.groups,
+            token_sha256: String::new(),
+        });
+    }
+    Err(ApiError::Unauthorized(if oidc.is_some() {
+        "missing Authorization: Bearer <token>, or sign in".into()
+    } else {
+        "missing Authorization: Bearer <token>".into()
+    }))
+}
+
+fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::Unauthorized("missing Authorization: Bearer <token>".into()))?;
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::Unauthorized("Authorization header is not text".into()))?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::Unauthorized("Authorization must be Bearer <token>".into()))
+}
+
 /// The approver a request's bearer token belongs to.
 ///
 /// # Errors
@@ -28,18 +102,7 @@ pub fn approver<'a>(
     headers: &HeaderMap,
     approvers: &'a [Approver],
 ) -> Result<&'a Approver, ApiError> {
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::Unauthorized("missing Authorization: Bearer <token>".into()))?;
-    let value = value
-        .to_str()
-        .map_err(|_| ApiError::Unauthorized("Authorization header is not text".into()))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::Unauthorized("Authorization must be Bearer <token>".into()))?;
+    let token = bearer(headers)?;
     let hash = token_hash(token);
     // Every approver is compared, so the time taken does not say which one matched.
     let mut found = None;

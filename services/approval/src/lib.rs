@@ -16,9 +16,11 @@ pub mod harden;
 pub mod hooks;
 pub mod listing;
 pub mod metrics;
+pub mod oidc;
 pub mod openapi;
 pub mod projection;
 pub mod routes;
+pub mod signin;
 pub mod tls;
 
 use std::sync::{Arc, RwLock};
@@ -59,6 +61,10 @@ pub struct AppState {
     pub hooks: hooks::Hooks,
     /// Commit links for the page, by change source.
     pub commit_links: Arc<Vec<slipway_core::config::CommitLink>>,
+    /// The OpenID Connect provider people sign in with, when configured.
+    pub oidc: Option<Arc<oidc::Oidc>>,
+    /// Where the gateway is reached (the sign-in's redirect URI is under it).
+    pub public_url: String,
 }
 
 /// The gateway's routes.
@@ -72,6 +78,8 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/runs/{id}/rollout", post(routes::post_rollout_control))
         .route("/v1/hooks/github", post(hooks::github))
         .route("/v1/hooks/gitlab", post(hooks::gitlab))
+        .route("/v1/session", get(signin::session))
+        .route("/auth/callback", get(signin::callback))
         .route_layer(axum::middleware::from_fn_with_state(
             limiter,
             harden::limit_failed_auth,
@@ -82,6 +90,8 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/openapi.json", get(routes::openapi))
         .route("/metrics", get(routes::prometheus))
         .route("/v1/ui", get(routes::ui))
+        .route("/auth/login", get(signin::login))
+        .route("/auth/logout", post(signin::logout))
         .route("/v1/changes", post(routes::post_change))
         .route("/v1/runs", get(routes::list_runs))
         .route("/v1/runs/{id}", get(routes::get_run))
@@ -222,6 +232,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
             source,
         })?;
     let hooks = hooks::Hooks::load(&settings.git_hooks).map_err(GatewayError::Config)?;
+    let seed_text = match (&settings.signing_key, &settings.signing_key_file) {
+        (Some(k), _) => Some(k.clone()),
+        (None, Some(p)) => std::fs::read_to_string(p).ok(),
+        (None, None) => None,
+    };
+    let oidc = match &settings.oidc {
+        Some(o) => Some(Arc::new(
+            oidc::Oidc::new(o.clone(), seed_text.as_deref()).map_err(GatewayError::Config)?,
+        )),
+        None => None,
+    };
     let runs: SharedRuns = Arc::new(RwLock::new(Runs::default()));
     let notifier = Notifier {
         hooks: hooks.clone(),
@@ -269,6 +290,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         request_timeout: Duration::from_secs(settings.request_timeout_secs.max(1)),
         hooks,
         commit_links: Arc::new(settings.commit_links.clone()),
+        oidc,
+        public_url: settings
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}")),
     };
     info!(%addr, approvers = settings.approvers.len(), https = tls.is_some(), "Approval gateway listening.");
     let s = shutdown.clone();

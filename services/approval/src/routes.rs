@@ -39,6 +39,10 @@ pub const SOURCE: &str = slipway_domain::service::Service::Approval.source();
         post_rollout_control,
         crate::hooks::github,
         crate::hooks::gitlab,
+        crate::signin::login,
+        crate::signin::callback,
+        crate::signin::logout,
+        crate::signin::session,
         dora,
         healthz,
         prometheus,
@@ -55,7 +59,8 @@ pub const SOURCE: &str = slipway_domain::service::Service::Approval.source();
         Health,
         RolloutControlBody,
         RecordedControl,
-        crate::hooks::HookAnswer
+        crate::hooks::HookAnswer,
+        crate::signin::Whoami
     ))
 )]
 pub struct ApiDoc;
@@ -558,7 +563,7 @@ pub async fn post_approval(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<RecordedDecision>), ApiError> {
-    let approver = auth::approver(&headers, &state.approvers)?.clone();
+    let approver = auth::identify(&state, &headers).await?;
     let body: ApprovalBody =
         serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))
             .map_err(|e| {
@@ -719,7 +724,7 @@ pub async fn post_rollout_control(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<RecordedControl>), ApiError> {
-    let approver = auth::approver(&headers, &state.approvers)?.clone();
+    let approver = auth::identify(&state, &headers).await?;
     // The judge counts only signed controls: one recorded unsigned would be ignored in silence.
     let Some(signing) = state.signing.as_ref() else {
         return Err(ApiError::Unavailable(
@@ -911,7 +916,12 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
 #[utoipa::path(get, path = "/v1/ui",
     responses((status = 200, description = "The page's settings", body = Object)))]
 pub async fn ui(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "trace_url_template": state.trace_url_template }))
+    Json(serde_json::json!({
+        "trace_url_template": state.trace_url_template,
+        "sign_in": state.oidc.is_some(),
+        "commit_links": state.commit_links.iter().map(|l| serde_json::json!({
+            "source_prefix": l.source_prefix, "template": l.template})).collect::<Vec<_>>(),
+    }))
 }
 
 /// The approver page.

@@ -92,6 +92,8 @@ async fn gateway() -> Gw {
         request_timeout: Duration::from_secs(30),
         hooks: Default::default(),
         commit_links: Default::default(),
+        oidc: None,
+        public_url: "http://gw".into(),
     };
     Gw {
         _nats: nats,
@@ -716,6 +718,12 @@ async fn live_answers_match_the_openapi_document() {
         "/v1/runs/{id}/approvals",
         "/v1/runs/{id}/rollout",
         "/v1/metrics/dora",
+        "/v1/hooks/github",
+        "/v1/hooks/gitlab",
+        "/v1/session",
+        "/auth/login",
+        "/auth/callback",
+        "/auth/logout",
     ] {
         assert!(paths.contains(&route), "{route} is not declared: {paths:?}");
     }

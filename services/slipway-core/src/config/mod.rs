@@ -100,6 +100,62 @@ pub struct GatewaySettings {
     /// Links to a change's commit on the page, per change source: the first whose
     /// `source_prefix` starts the change's CloudEvents source.
     pub commit_links: Vec<CommitLink>,
+    /// Sign-in with the organisation's OpenID Connect provider (off when unset).
+    pub oidc: Option<OidcSettings>,
+}
+
+/// An OpenID Connect provider: the page signs people in with the authorization code flow
+/// (PKCE), and the API takes its ID or access tokens (JWTs) as bearer tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcSettings {
+    /// The issuer URL; its discovery document is `<issuer>/.well-known/openid-configuration`.
+    pub issuer: String,
+    pub client_id: String,
+    /// For a confidential client (sent with HTTP Basic to the token endpoint).
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    #[serde(default)]
+    pub client_secret_file: Option<std::path::PathBuf>,
+    /// `aud` values a bearer token may carry; the client id when empty.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// The claim naming the approver (a dotted path reaches into objects).
+    #[serde(default = "default_name_claim")]
+    pub name_claim: String,
+    /// The claim listing the approver's groups, which the approval policies' groups name.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    /// How long a page session lasts.
+    #[serde(default = "default_session_secs")]
+    pub session_secs: u64,
+    /// Least time between two JWKS fetches caused by an unknown key id (a rotation), so
+    /// tokens with made-up key ids cannot make the gateway hammer the provider.
+    #[serde(default = "default_jwks_refresh_secs")]
+    pub jwks_min_refresh_secs: u64,
+    /// The key sessions are signed with (base64, 32 bytes), or a file holding it; by default
+    /// derived from the approval signing key (so replicas that share it share sessions), or
+    /// random per process.
+    #[serde(default)]
+    pub session_key_file: Option<std::path::PathBuf>,
+}
+
+fn default_name_claim() -> String {
+    "preferred_username".into()
+}
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+fn default_scopes() -> Vec<String> {
+    vec!["openid".into(), "profile".into(), "groups".into()]
+}
+fn default_session_secs() -> u64 {
+    8 * 3600
+}
+fn default_jwks_refresh_secs() -> u64 {
+    10
 }
 
 /// A git host a repository lives on.
@@ -187,6 +243,7 @@ impl Default for GatewaySettings {
             cdevents_webhooks: Vec::new(),
             git_hooks: Vec::new(),
             commit_links: Vec::new(),
+            oidc: None,
         }
     }
 }
