@@ -11,6 +11,7 @@
 //! ([`projection`]); decisions fold the run's log afresh.
 
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod harden;
 pub mod hooks;
@@ -98,6 +99,11 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/runs/{id}/events", get(routes::run_events))
         .route("/v1/runs/{id}/gates/{stage}", get(routes::gate_details))
         .route("/v1/metrics/dora", get(routes::dora))
+        .route("/v1/runs/{id}/context", get(console::context))
+        .route("/v1/runs/{id}/logs/{stage}", get(console::log_page))
+        .route("/v1/audit", get(console::audit))
+        .route("/runs/{id}", get(routes::run_page))
+        .route("/audit", get(routes::audit_page))
         .merge(with_token)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(harden::same_origin_writes))

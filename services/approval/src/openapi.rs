@@ -20,6 +20,9 @@ const TYPED: &[(&str, &str, &str, &str)] = &[
     ("/v1/runs/{id}", "get", "200", "Run"),
     ("/v1/runs/{id}/events", "get", "200", "EventList"),
     ("/v1/metrics/dora", "get", "200", "DoraReport"),
+    ("/v1/runs/{id}/context", "get", "200", "RunContext"),
+    ("/v1/runs/{id}/logs/{stage}", "get", "200", "LogPage"),
+    ("/v1/audit", "get", "200", "AuditPage"),
 ];
 
 /// The document, built once.
@@ -75,6 +78,9 @@ fn generated_schemas() -> Map<String, Value> {
         .subschema_for::<slipway_domain::dora::Report>()
         .to_value();
     generator.subschema_for::<slipway_domain::events::GateReport>();
+    generator.subschema_for::<crate::console::RunContext>();
+    generator.subschema_for::<crate::console::LogPage>();
+    generator.subschema_for::<crate::console::AuditPage>();
     let mut schemas = generator.take_definitions(true);
     schemas.insert("RunList".into(), json!({"type": "array", "items": run}));
     schemas.insert("DoraReport".into(), dora);

@@ -43,6 +43,11 @@ pub const SOURCE: &str = slipway_domain::service::Service::Approval.source();
         crate::signin::callback,
         crate::signin::logout,
         crate::signin::session,
+        crate::console::context,
+        crate::console::log_page,
+        crate::console::audit,
+        run_page,
+        audit_page,
         dora,
         healthz,
         prometheus,
@@ -928,5 +933,19 @@ pub async fn ui(State(state): State<AppState>) -> Json<serde_json::Value> {
 #[utoipa::path(get, path = "/",
     responses((status = 200, description = "The page", content_type = "text/html", body = String)))]
 pub async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+/// A run's page: the console, opened on the run (it stays valid after the run ends).
+#[utoipa::path(get, path = "/runs/{id}", params(("id" = String, Path, description = "run id")),
+    responses((status = 200, description = "The page", content_type = "text/html", body = String)))]
+pub async fn run_page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+/// The audit of decisions: the console, opened on it.
+#[utoipa::path(get, path = "/audit",
+    responses((status = 200, description = "The page", content_type = "text/html", body = String)))]
+pub async fn audit_page() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }

@@ -391,7 +391,7 @@ impl Sim {
                         1.0,
                         None,
                         &crate::spec::Threshold {
-                            min: Some(0.9),
+                            min: Some(0.95),
                             ..Default::default()
                         },
                     )],
