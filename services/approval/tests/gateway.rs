@@ -495,9 +495,12 @@ async fn runs_are_served_from_the_log() {
             "{path} missing from the OpenAPI document"
         );
     }
-    let (s, v) = gw.get("/").await;
-    assert_eq!(s, StatusCode::OK);
-    assert!(v.as_str().unwrap().contains("Slipway approvals"));
+    // The console, on its three views.
+    for path in ["/", "/runs/anything", "/audit"] {
+        let (s, v) = gw.get(path).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(v.as_str().unwrap().contains("Waiting for approval"), "{path}");
+    }
     gw.stop.cancel();
 }
 
