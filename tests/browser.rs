@@ -168,6 +168,25 @@ impl Browser {
             .await;
     }
 
+    /// Runs `script` (a function body) in the page; what it returns.
+    async fn exec(&self, script: &str) -> Value {
+        self.session_call(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
+        .await
+    }
+
+    async fn window(&self, width: u32, height: u32) {
+        self.session_call(
+            "POST",
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        )
+        .await;
+    }
+
     async fn screenshot(&self, path: &Path) {
         let v = self.session_call("GET", "/screenshot", None).await;
         if let Some(b64) = v.as_str() {
@@ -403,4 +422,229 @@ async fn a_rollout_is_charted_on_the_page_and_paused_and_aborted_from_it() {
     assert_eq!(weight_of(&flags), 0);
     b.quit().await;
     stack.assert_replay_matches(&run);
+}
+
+/// Writes a simulated run with quality gates, waiting for approval, to the real log; the real
+/// workers are stopped while it is written (they would race its answers) and started again.
+async fn simulated_gated_run(stack: &mut Stack) -> String {
+    let mut gated = Sim::nth_at(GATED, 2, slipway_core::bus::now());
+    gated
+        .script
+        .insert("approval:production".into(), Answer::Silent);
+    gated.run_to_end();
+    const WORKERS: [&str; 6] = [
+        "slipway-builder",
+        "slipway-tester",
+        "slipway-deployer",
+        "slipway-model-evaluator",
+        "slipway-perf-regression",
+        "slipway-cost-estimator",
+    ];
+    for w in WORKERS {
+        stack.service(w).kill();
+    }
+    let bus = stack.bus().await;
+    for e in &gated.log {
+        bus.publish(e).await.unwrap();
+    }
+    for w in WORKERS {
+        stack.spawn(w);
+    }
+    gated.run_id.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_the_decision_in_context_and_fits_a_phone() {
+    let Some((driver, chromium)) = browser() else {
+        return;
+    };
+    let mut stack = Stack::start();
+    stack.wait_gateway();
+    let gw = stack.gateway_url();
+    let b = Browser::start(&driver, &chromium).await;
+    // Nothing waiting: the page says so, never "Loading…" for good.
+    b.goto(&gw).await;
+    b.wait_text("#waiting", "No run is waiting for approval.")
+        .await;
+
+    let counts = stack.dir.path().join("counts");
+    std::fs::create_dir_all(&counts).unwrap();
+    let spec = SPEC
+        .replace("@COUNTS@", &counts.display().to_string())
+        .replace(
+            "mkdir -p dist",
+            "echo building-the-console-page && mkdir -p dist",
+        );
+    let dir = project(stack.dir.path(), "page", &spec, &[]);
+    let run = stack.submit_as(&dir, "alice");
+    stack.wait_phase(&run, "awaiting_approval", LONG);
+    let gated = simulated_gated_run(&mut stack).await;
+
+    b.goto(&gw).await;
+    b.type_into("#token", "bob-token").await;
+    let card = format!("#run-{run}");
+    let gated_card = format!("#run-{gated}");
+    // 1. A check shows its bound and how close it came: 1.0 against a 0.95 minimum is thin.
+    let text = b.wait_text(&gated_card, "thin margin").await;
+    assert!(text.contains("≥ 0.9500"), "{text}");
+    b.find(&format!("{gated_card} tr.check.thin td.verdict.pass"))
+        .await;
+    // 2. The policy, the decisions so far, the countdown to the run's approval timeout.
+    let text = b.wait_text(&card, "1 approval from release-managers").await;
+    assert!(text.contains("not by the change's author"), "{text}");
+    assert!(text.contains("No decision yet."), "{text}");
+    let text = b
+        .wait_text(
+            &format!("{card} .countdown"),
+            "The run is cancelled if undecided in 6d 23h",
+        )
+        .await;
+    assert!(!text.is_empty());
+    // 3. The change, and the tests.
+    assert!(b.text(&format!("{card} .author")).await.contains("alice"));
+    let text = b.text(&format!("{card} .suite")).await;
+    assert!(text.contains("unit"), "{text}");
+    // 4. The build's log, from the object store, in the page.
+    b.click(&format!("{card} details.log[data-stage='build'] summary"))
+        .await;
+    b.wait_text(
+        &format!("{card} details.log[data-stage='build'] pre.log"),
+        "building-the-console-page",
+    )
+    .await;
+    // 5. The stages over time.
+    b.find(&format!("{card} svg.timeline rect.bar[data-stage='build']"))
+        .await;
+
+    // 6. A phone, 390 px wide: no horizontal scrolling, the decision buttons and the verdicts
+    // in view.
+    b.window(390, 844).await;
+    b.goto(&gw).await;
+    b.wait_text(&gated_card, "thin margin").await;
+    let fit = b
+        .exec(&format!(
+            r##"const w = window.innerWidth;
+            const right = s => {{ const e = document.querySelector(s); return e ? e.getBoundingClientRect().right : 1e9; }};
+            const left = s => {{ const e = document.querySelector(s); return e ? e.getBoundingClientRect().left : -1; }};
+            return {{w, scroll: document.documentElement.scrollWidth,
+                     approve: right("#run-{run} button.approve"), approveLeft: left("#run-{run} button.approve"),
+                     reject: right("#run-{run} button.reject"),
+                     verdict: right("#run-{gated} td.verdict")}};"##
+        ))
+        .await;
+    let w = fit["w"].as_f64().unwrap();
+    assert!(w <= 420.0, "the window is a phone's: {fit}");
+    assert!(
+        fit["scroll"].as_f64().unwrap() <= w,
+        "no horizontal scroll: {fit}"
+    );
+    for what in ["approve", "reject", "verdict"] {
+        assert!(fit[what].as_f64().unwrap() <= w, "{what} is cut off: {fit}");
+    }
+    assert!(fit["approveLeft"].as_f64().unwrap() >= 0.0, "{fit}");
+    if let Some(dir) = std::env::var_os("SLIPWAY_SCREENSHOT_DIR") {
+        b.screenshot(&PathBuf::from(dir).join("console-phone.png"))
+            .await;
+    }
+    b.window(1280, 900).await;
+    b.goto(&gw).await;
+    b.type_into("#token", "").await;
+
+    // 7. A decision: its confirmation stays, with the run's page a link away.
+    b.type_into(&format!("{card} .comment"), "looks right")
+        .await;
+    b.click(&format!("{card} button.approve")).await;
+    b.wait_text(&format!("{card} .result"), "Recorded: approve by bob")
+        .await;
+    stack.wait_phase(&run, "succeeded", LONG);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let text = b.text(&format!("#decided-here {card} .result")).await;
+    assert!(text.contains("Recorded: approve by bob"), "{text}");
+
+    // 8. The run's page, valid after the run ended: the decision history.
+    b.goto(&format!("{gw}/runs/{run}")).await;
+    let text = b.wait_text("#run-page", "Decision history").await;
+    assert!(text.contains("succeeded"), "{text}");
+    let history = b.wait_text("#run-page table.history", "bob").await;
+    assert!(history.contains("signed ✓"), "{history}");
+    assert!(history.contains("looks right"), "{history}");
+
+    // 9. The audit, filtered by approver.
+    b.goto(&format!("{gw}/audit?approver=bob")).await;
+    let text = b.wait_text("#audit", &run).await;
+    assert!(
+        text.contains("signed ✓") && text.contains("approve"),
+        "{text}"
+    );
+    b.goto(&format!("{gw}/audit?approver=carol")).await;
+    b.wait_text("#audit-note", "No decision matches.").await;
+    b.quit().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_in_through_the_identity_provider_then_approving() {
+    use slipway_e2e::oidc_provider::Provider;
+    let Some((driver, chromium)) = browser() else {
+        return;
+    };
+    let idp = Provider::start(
+        "slipway",
+        "s3cret",
+        &[("bob", &["release-managers"]), ("carol", &["interns"])],
+    )
+    .await;
+    let stack = Stack::start_with_config(
+        &[
+            "slipway-conductor",
+            "slipway-builder",
+            "slipway-tester",
+            "slipway-deployer",
+            "slipway-approval",
+        ],
+        &[],
+        "",
+        &format!(
+            "[gateway.oidc]\nissuer = \"{}\"\nclient_id = \"slipway\"\nclient_secret = \"s3cret\"\n",
+            idp.issuer
+        ),
+    );
+    stack.wait_gateway();
+    let gw = stack.gateway_url();
+    let counts = stack.dir.path().join("counts");
+    std::fs::create_dir_all(&counts).unwrap();
+    let dir = project(
+        stack.dir.path(),
+        "page",
+        &SPEC.replace("@COUNTS@", &counts.display().to_string()),
+        &[],
+    );
+    let run = stack.submit_as(&dir, "alice");
+    stack.wait_phase(&run, "awaiting_approval", LONG);
+
+    let b = Browser::start(&driver, &chromium).await;
+    b.goto(&format!("{gw}/runs/{run}")).await;
+    b.wait_text(&format!("#run-{run}"), "approval:production")
+        .await;
+    // Signing in, at the provider, and back to the run's page.
+    b.click("#signin").await;
+    b.click("#login-bob").await;
+    b.wait_text("#who", "Signed in as bob (release-managers)")
+        .await;
+    let url = b.session_call("GET", "/url", None).await;
+    assert_eq!(url, format!("{gw}/runs/{run}"));
+    // The session cookie is not readable by the page's script.
+    let cookies = b.exec("return document.cookie;").await;
+    assert!(
+        !cookies
+            .as_str()
+            .unwrap_or_default()
+            .contains("slipway_session"),
+        "{cookies}"
+    );
+    b.click(&format!("#run-{run} button.approve")).await;
+    b.wait_text(&format!("#run-{run} .result"), "Recorded: approve by bob")
+        .await;
+    let status = stack.wait_phase(&run, "succeeded", LONG);
+    assert_eq!(status["approvals"][0]["approver"], "bob");
+    b.quit().await;
 }

@@ -499,7 +499,10 @@ async fn runs_are_served_from_the_log() {
     for path in ["/", "/runs/anything", "/audit"] {
         let (s, v) = gw.get(path).await;
         assert_eq!(s, StatusCode::OK);
-        assert!(v.as_str().unwrap().contains("Waiting for approval"), "{path}");
+        assert!(
+            v.as_str().unwrap().contains("Waiting for approval"),
+            "{path}"
+        );
     }
     gw.stop.cancel();
 }
@@ -779,6 +782,23 @@ async fn live_answers_match_the_openapi_document() {
             "/v1/metrics/dora",
             "/v1/metrics/dora?since=forever".into(),
         ),
+        (
+            "get",
+            "/v1/runs/{id}/context",
+            format!("/v1/runs/{id}/context"),
+        ),
+        (
+            "get",
+            "/v1/runs/{id}/context",
+            "/v1/runs/no-such-run/context".into(),
+        ),
+        (
+            "get",
+            "/v1/runs/{id}/logs/{stage}",
+            format!("/v1/runs/{id}/logs/nowhere"),
+        ),
+        ("get", "/v1/audit", "/v1/audit?approver=bob".into()),
+        ("get", "/v1/audit", "/v1/audit?cursor=not-a-cursor".into()),
         ("get", "/healthz", "/healthz".into()),
         ("get", "/v1/ui", "/v1/ui".into()),
     ];
@@ -805,6 +825,30 @@ async fn live_answers_match_the_openapi_document() {
         run["gates"][0]["checks"][0]["bounds"]["margin"].is_number(),
         "a gate report with a check and its bounds was validated: {run}"
     );
+    // The console's context: the policy, bob's signed decision, the deadline.
+    let (_, ctx) = gw.get(&format!("/v1/runs/{id}/context")).await;
+    let approval = &ctx["approval"];
+    assert_eq!(approval["policy"]["required_approvals"], 1, "{ctx}");
+    assert_eq!(
+        approval["policy"]["allowed_groups"],
+        json!(["release-managers"])
+    );
+    assert_eq!(approval["decisions"][0]["approver"], "bob");
+    assert_eq!(approval["decisions"][0]["signed"], true);
+    assert_eq!(approval["decisions"][0]["verified"], true, "{ctx}");
+    assert!(approval["timeout_at"].is_string());
+    assert_eq!(ctx["staging"]["name"], "staging");
+    let (_, audit) = gw.get("/v1/audit?approver=bob").await;
+    assert!(
+        audit["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["run_id"] == id.as_str() && d["decision"] == "approve"),
+        "{audit}"
+    );
+    let (_, none) = gw.get("/v1/audit?approver=nobody").await;
+    assert_eq!(none["decisions"], json!([]));
     // A body the document's schema refuses is refused by the validator too (the test can fail).
     let v = declared(&doc, "/v1/runs/{id}", "get", 200);
     assert!(!v.is_valid(&json!({"run_id": 7, "phase": "sideways"})));
