@@ -246,15 +246,61 @@ pub fn change_from(
                 }
             }
         };
+        let commit = match &source {
+            SourceRef::Directory { path } => git_commit(Path::new(path)),
+            SourceRef::Git { .. } => None,
+        };
         Ok(ChangeSubmitted {
             spec: text,
             source,
             author: Some(user()),
             title,
             rerun_of: None,
-            commit: None,
+            commit,
         })
     }
+}
+
+/// The commit a source directory is, when it is a git work tree with nothing changed in its
+/// tracked files (otherwise what is built is not that commit, and no commit is claimed).
+fn git_commit(dir: &Path) -> Option<slipway_domain::events::CommitRef> {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let sha = git(&["rev-parse", "HEAD"]).filter(|s| s.len() >= 40)?;
+    if !git(&["status", "--porcelain", "--untracked-files=no"])?.is_empty() {
+        return None;
+    }
+    let branch = git(&["rev-parse", "--abbrev-ref", "HEAD"]).filter(|b| b != "HEAD");
+    let repository = git(&["config", "--get", "remote.origin.url"])
+        .as_deref()
+        .and_then(repository_of);
+    Some(slipway_domain::events::CommitRef {
+        sha,
+        repository,
+        branch,
+        host: None,
+        url: None,
+    })
+}
+
+/// `owner/name` of a remote URL (`https://host/owner/name.git`, `git@host:owner/name.git`).
+fn repository_of(url: &str) -> Option<String> {
+    let path = match url.split_once("://") {
+        Some((_, rest)) => rest.split_once('/')?.1,
+        None => url.split_once(':')?.1,
+    };
+    let path = path.trim_end_matches('/').trim_end_matches(".git");
+    (!path.is_empty()).then(|| path.to_string())
 }
 
 impl Client {
@@ -961,4 +1007,55 @@ pub fn phase_of(state: &Value) -> Phase {
         .as_str()
         .and_then(Phase::parse)
         .unwrap_or(Phase::Queued)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clean_git_work_tree_is_its_commit_and_a_changed_one_is_none() {
+        assert_eq!(
+            repository_of("https://github.com/acme/shop.git").as_deref(),
+            Some("acme/shop")
+        );
+        assert_eq!(
+            repository_of("git@gitlab.example:group/sub/proj.git").as_deref(),
+            Some("group/sub/proj")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            assert!(
+                std::process::Command::new("git")
+                    .arg("-C")
+                    .arg(dir.path())
+                    .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+                    .args(args)
+                    .output()
+                    .unwrap()
+                    .status
+                    .success(),
+                "git {args:?}"
+            )
+        };
+        assert_eq!(git_commit(dir.path()), None, "not a work tree");
+        git(&["init", "-q", "-b", "main"]);
+        std::fs::write(dir.path().join("a"), "1").unwrap();
+        git(&["add", "a"]);
+        git(&["commit", "-qm", "first"]);
+        git(&[
+            "remote",
+            "add",
+            "origin",
+            "https://github.com/acme/shop.git",
+        ]);
+        let c = git_commit(dir.path()).unwrap();
+        assert_eq!(c.sha.len(), 40);
+        assert_eq!(
+            (c.branch.as_deref(), c.repository.as_deref()),
+            (Some("main"), Some("acme/shop"))
+        );
+        std::fs::write(dir.path().join("a"), "2").unwrap();
+        assert_eq!(git_commit(dir.path()), None, "changed since the commit");
+    }
 }
