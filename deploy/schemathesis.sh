@@ -20,11 +20,11 @@ name = "bob"
 groups = ["release-managers"]
 token_sha256 = "$(printf %s "$token" | sha256sum | cut -d' ' -f1)"
 TOML
-target/release/slipway up --config "$work/slipway.toml" --port "$nats" --data-dir "$work/data" >"$work/up.log" 2>&1 &
+"${SLIPWAY_BIN:-target/release}"/slipway up --config "$work/slipway.toml" --port "$nats" --data-dir "$work/data" >"$work/up.log" 2>&1 &
 up=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.2; done
 # A real run, so the run operations are reached with an id that exists.
-run=$(target/release/slipway --nats-url "nats://127.0.0.1:$nats" submit deploy/examples/hello/slipway.toml \
+run=$(SLIPWAY_DATA_DIR="$work/data" "${SLIPWAY_BIN:-target/release}"/slipway --nats-url "nats://127.0.0.1:$nats" submit deploy/examples/hello/slipway.toml \
   --source deploy/examples/hello --wait --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')
 cat > "$work/schemathesis.toml" <<TOML
 headers = { Authorization = "Bearer $token" }

@@ -8,7 +8,8 @@
 # With --browser it installs Debian's chromium and chromium-driver when missing (needs root),
 # for the approver page's browser test, and openssl and curl when missing, for the TLS test.
 # With --python-tools it installs the pinned Python clients the tests read Slipway with
-# (prometheus_client's strict exposition-format parser, OpenFeature's flagd provider) into .venv.
+# (prometheus_client's strict exposition-format parser, OpenFeature's flagd provider, Schemathesis)
+# into .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -88,6 +89,7 @@ tls_tools() {
 # Independent readers of what Slipway serves, for the tests.
 PROMETHEUS_CLIENT="0.26.0"
 FLAGD_PROVIDER="0.6.1"
+SCHEMATHESIS="4.32.5"
 python_tools() {
     [ -x .venv/bin/python ] || python3 -m venv .venv
     if ! .venv/bin/python -c "import sys, importlib.metadata as m; sys.exit(m.version('prometheus_client') != '$PROMETHEUS_CLIENT')" 2>/dev/null; then
@@ -98,6 +100,11 @@ python_tools() {
     if ! .venv/bin/python -c "import sys, importlib.metadata as m; sys.exit(m.version('openfeature-provider-flagd') != '$FLAGD_PROVIDER')" 2>/dev/null; then
         echo "setup: installing openfeature-provider-flagd==$FLAGD_PROVIDER from PyPI into .venv" >&2
         .venv/bin/pip install --quiet --disable-pip-version-check "openfeature-provider-flagd==$FLAGD_PROVIDER"
+    fi
+    # Schemathesis checks the gateway's live answers against its OpenAPI document.
+    if ! .venv/bin/python -c "import sys, importlib.metadata as m; sys.exit(m.version('schemathesis') != '$SCHEMATHESIS')" 2>/dev/null; then
+        echo "setup: installing schemathesis==$SCHEMATHESIS from PyPI into .venv" >&2
+        .venv/bin/pip install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS"
     fi
 }
 

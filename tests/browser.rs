@@ -474,11 +474,22 @@ async fn the_console_shows_the_decision_in_context_and_fits_a_phone() {
         .replace(
             "mkdir -p dist",
             "echo building-the-console-page && mkdir -p dist",
-        );
+        )
+        .replace("[approval]\n", "[approval]\nrequired_approvals = 2\n");
     let dir = project(stack.dir.path(), "page", &spec, &[]);
     let run = stack.submit_as(&dir, "alice");
-    stack.wait_phase(&run, "awaiting_approval", LONG);
+    let status = stack.wait_phase(&run, "awaiting_approval", LONG);
+    let digest = status["artifact"]["digest"].as_str().unwrap().to_string();
     let gated = simulated_gated_run(&mut stack).await;
+    // Dave approves first, through the API.
+    let r = reqwest::Client::new()
+        .post(format!("{gw}/v1/runs/{run}/approvals"))
+        .bearer_auth("dave-token")
+        .json(&json!({"decision": "approve", "artifact_digest": digest, "comment": "fine by me"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
 
     b.goto(&gw).await;
     b.type_into("#token", "bob-token").await;
@@ -490,9 +501,19 @@ async fn the_console_shows_the_decision_in_context_and_fits_a_phone() {
     b.find(&format!("{gated_card} tr.check.thin td.verdict.pass"))
         .await;
     // 2. The policy, the decisions so far, the countdown to the run's approval timeout.
-    let text = b.wait_text(&card, "1 approval from release-managers").await;
+    let text = b
+        .wait_text(&card, "2 approvals from release-managers")
+        .await;
     assert!(text.contains("not by the change's author"), "{text}");
-    assert!(text.contains("No decision yet."), "{text}");
+    assert!(text.contains("1 more needed."), "{text}");
+    let so_far = b
+        .wait_text(&format!("{card} table.decisions"), "dave")
+        .await;
+    assert!(
+        so_far.contains("approve") && so_far.contains("fine by me"),
+        "{so_far}"
+    );
+    assert!(so_far.contains("signed ✓"), "{so_far}");
     let text = b
         .wait_text(
             &format!("{card} .countdown"),
@@ -566,7 +587,10 @@ async fn the_console_shows_the_decision_in_context_and_fits_a_phone() {
     let text = b.wait_text("#run-page", "Decision history").await;
     assert!(text.contains("succeeded"), "{text}");
     let history = b.wait_text("#run-page table.history", "bob").await;
-    assert!(history.contains("signed ✓"), "{history}");
+    assert!(
+        history.contains("dave") && history.contains("signed ✓"),
+        "{history}"
+    );
     assert!(history.contains("looks right"), "{history}");
 
     // 9. The audit, filtered by approver.

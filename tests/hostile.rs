@@ -440,3 +440,60 @@ fn the_gateway_serves_https_when_configured() {
     );
     assert!(out.status.success());
 }
+
+/// Schemathesis (`deploy/setup.sh --python-tools`) against the live gateway: generated and
+/// boundary requests on every operation of `/openapi.json`, and sequences of them through its
+/// links; no answer may be a server error or break the document (status, content type, schema,
+/// headers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_answer_that_breaks_the_openapi_document() {
+    let st = slipway_core::testing::workspace_root().join(".venv/bin/st");
+    if !st.is_file() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "schemathesis is missing: `bash deploy/setup.sh --python-tools` installs it"
+        );
+        eprintln!("skipping: no schemathesis (deploy/setup.sh --python-tools)");
+        return;
+    }
+    let stack = Stack::start_with(&[
+        "slipway-conductor",
+        "slipway-builder",
+        "slipway-tester",
+        "slipway-approval",
+    ]);
+    stack.wait_gateway();
+    // A real run, so the run operations reach a run that exists.
+    let run = stack.submit_as(&slipway_e2e::hello_example(), "alice");
+    stack.wait_phase(&run, "succeeded", LONG);
+    let config = stack.dir.path().join("schemathesis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "headers = {{ Authorization = \"Bearer bob-token\" }}\n[parameters]\nid = \"{run}\"\nstage = \"build\"\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(&st)
+        .current_dir(stack.dir.path())
+        .arg("--config-file")
+        .arg(&config)
+        .args([
+            "run",
+            &format!("{}/openapi.json", stack.gateway_url()),
+            "--max-examples",
+            "20",
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance",
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("schemathesis runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found answers that break the document:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("passed"), "{text}");
+}
