@@ -279,33 +279,7 @@ async fn approving_on_the_page_deploys_to_production() {
     let status = stack.wait_phase(&run, "awaiting_approval", LONG);
     let digest = status["artifact"]["digest"].as_str().unwrap().to_string();
 
-    let mut gated = Sim::nth_at(GATED, 1, slipway_core::bus::now());
-    gated.script.insert("perf".into(), Answer::Warn);
-    gated
-        .script
-        .insert("approval:production".into(), Answer::Silent);
-    gated.run_to_end();
-    // The simulated run answers its own requests. Real workers would race those answers with
-    // their own (a real gate failing first fails the run), so they are stopped while it is
-    // written; started again, they find its attempts settled and skip them.
-    const WORKERS: [&str; 6] = [
-        "slipway-builder",
-        "slipway-tester",
-        "slipway-deployer",
-        "slipway-model-evaluator",
-        "slipway-perf-regression",
-        "slipway-cost-estimator",
-    ];
-    for w in WORKERS {
-        stack.service(w).kill();
-    }
-    let bus = stack.bus().await;
-    for e in &gated.log {
-        bus.publish(e).await.unwrap();
-    }
-    for w in WORKERS {
-        stack.spawn(w);
-    }
+    let gated = simulated_gated_run(&mut stack, 1, &[("perf", Answer::Warn)]).await;
 
     b.goto(&stack.gateway_url()).await;
     b.type_into("#token", "bob-token").await;
@@ -322,7 +296,7 @@ async fn approving_on_the_page_deploys_to_production() {
     assert_eq!(href, format!("http://traces.example/trace/{trace}"));
     assert!(text.contains("test:unit"), "{text}");
     // The gated run shows each gate's verdict.
-    let gated_text = b.wait_text(&format!("#run-{}", gated.run_id), "perf").await;
+    let gated_text = b.wait_text(&format!("#run-{gated}"), "perf").await;
     assert!(gated_text.contains("evaluate: pass"), "{gated_text}");
     assert!(gated_text.contains("perf: warn"), "{gated_text}");
     assert!(gated_text.contains("cost: pass"), "{gated_text}");
@@ -424,14 +398,20 @@ async fn a_rollout_is_charted_on_the_page_and_paused_and_aborted_from_it() {
     stack.assert_replay_matches(&run);
 }
 
-/// Writes a simulated run with quality gates, waiting for approval, to the real log; the real
-/// workers are stopped while it is written (they would race its answers) and started again.
-async fn simulated_gated_run(stack: &mut Stack) -> String {
-    let mut gated = Sim::nth_at(GATED, 2, slipway_core::bus::now());
+/// Writes the `n`th simulated run of `GATED` (quality gates; `script` answers some stages),
+/// waiting for approval, to the real log; its id.
+async fn simulated_gated_run(stack: &mut Stack, n: u64, script: &[(&str, Answer)]) -> String {
+    let mut gated = Sim::nth_at(GATED, n, slipway_core::bus::now());
+    for (stage, answer) in script {
+        gated.script.insert((*stage).into(), answer.clone());
+    }
     gated
         .script
         .insert("approval:production".into(), Answer::Silent);
     gated.run_to_end();
+    // The simulated run answers its own requests. Real workers would race those answers with
+    // their own (a real gate failing first fails the run), so they are stopped while it is
+    // written; started again, they find its attempts settled and skip them.
     const WORKERS: [&str; 6] = [
         "slipway-builder",
         "slipway-tester",
@@ -480,7 +460,7 @@ async fn the_console_shows_the_decision_in_context_and_fits_a_phone() {
     let run = stack.submit_as(&dir, "alice");
     let status = stack.wait_phase(&run, "awaiting_approval", LONG);
     let digest = status["artifact"]["digest"].as_str().unwrap().to_string();
-    let gated = simulated_gated_run(&mut stack).await;
+    let gated = simulated_gated_run(&mut stack, 2, &[]).await;
     // Dave approves first, through the API.
     let r = reqwest::Client::new()
         .post(format!("{gw}/v1/runs/{run}/approvals"))
