@@ -591,10 +591,12 @@ async fn signing_in_through_the_identity_provider_then_approving() {
     let Some((driver, chromium)) = browser() else {
         return;
     };
+    // Erin is no configured approver: the provider alone vouches for her and her group, and
+    // the deployer counts her approval on the gateway's signature of both.
     let idp = Provider::start(
         "slipway",
         "s3cret",
-        &[("bob", &["release-managers"]), ("carol", &["interns"])],
+        &[("erin", &["release-managers"]), ("carol", &["interns"])],
     )
     .await;
     let stack = Stack::start_with_config(
@@ -631,8 +633,8 @@ async fn signing_in_through_the_identity_provider_then_approving() {
         .await;
     // Signing in, at the provider, and back to the run's page.
     b.click("#signin").await;
-    b.click("#login-bob").await;
-    b.wait_text("#who", "Signed in as bob (release-managers)")
+    b.click("#login-erin").await;
+    b.wait_text("#who", "Signed in as erin (release-managers)")
         .await;
     let url = b.session_call("GET", "/url", None).await;
     assert_eq!(url, format!("{gw}/runs/{run}"));
@@ -646,9 +648,15 @@ async fn signing_in_through_the_identity_provider_then_approving() {
         "{cookies}"
     );
     b.click(&format!("#run-{run} button.approve")).await;
-    b.wait_text(&format!("#run-{run} .result"), "Recorded: approve by bob")
+    b.wait_text(&format!("#run-{run} .result"), "Recorded: approve by erin")
         .await;
     let status = stack.wait_phase(&run, "succeeded", LONG);
-    assert_eq!(status["approvals"][0]["approver"], "bob");
+    assert_eq!(status["approvals"][0]["approver"], "erin");
+    let prod = std::fs::read_to_string(counts.join("production")).unwrap();
+    assert_eq!(
+        prod.lines().collect::<Vec<_>>(),
+        vec![run.as_str()],
+        "deployed once"
+    );
     b.quit().await;
 }

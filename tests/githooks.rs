@@ -222,6 +222,55 @@ status_token = "gl-status-token"
         );
     }
 
+    // The merged pull request of the same commit (GitHub sends both): the same change.
+    let merged = json!({"action": "closed", "number": 7,
+        "pull_request": {"merged": true, "merge_commit_sha": sha, "title": "Faster checkout",
+            "base": {"ref": "main"}, "user": {"login": "alice"}},
+        "repository": {"full_name": "acme/shop", "clone_url": "https://github.com/acme/shop.git",
+            "html_url": "https://github.com/acme/shop"},
+        "sender": {"login": "bob"}});
+    let b = serde_json::to_vec(&merged).unwrap();
+    let r = github(&merged, "pull_request", "d-3", Some(sign("gh-secret", &b)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.json::<Value>().await.unwrap()["run_id"], run.as_str());
+    // What only the hooks may say cannot come in through /v1/changes: a commit from a host
+    // (whose status the gateway would report with the host's token), or a hook's source.
+    for (source, commit, says) in [
+        (
+            "/cli",
+            json!({"sha": sha, "repository": "acme/shop", "host": "github"}),
+            "data.commit.host",
+        ),
+        (
+            "/hooks/github/acme/shop",
+            json!({"sha": sha}),
+            "reserved for the git hosts",
+        ),
+        (
+            "/cli",
+            json!({"sha": sha, "url": "javascript:alert(1)"}),
+            "data.commit.url",
+        ),
+    ] {
+        let ce = json!({"specversion": "1.0", "id": format!("forged-{says}"), "source": source,
+            "type": "dev.slipway.change.submitted.v1", "datacontenttype": "application/json",
+            "data": {"spec": spec, "source": {"kind": "directory", "path": dir.display().to_string()},
+                     "commit": commit}});
+        let r = http
+            .post(format!("{gw}/v1/changes"))
+            .header("content-type", "application/cloudevents+json")
+            .body(ce.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{says}");
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains(says), "{body}");
+    }
+
     let status = stack.wait_phase(&run, "succeeded", LONG);
     assert_eq!(status["change"]["commit"]["sha"], sha);
     assert_eq!(status["change"]["commit"]["repository"], "acme/shop");

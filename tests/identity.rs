@@ -113,6 +113,42 @@ async fn provider_tokens_are_verified_and_refused_with_the_reason() {
         json!(["release-managers"])
     );
 
+    // A policy that names no groups: signing in does not make someone an approver there
+    // (no [gateway.oidc] approver_groups is set); a configured approver still decides.
+    let open_dir = project(
+        work.path(),
+        "open",
+        &SPEC
+            .replace("name = \"signed\"", "name = \"open\"")
+            .replace(
+                "allowed_groups = [\"release-managers\"]",
+                "required_approvals = 1",
+            ),
+        &[],
+    );
+    let (open_run, open_digest) = waiting(&stack, &open_dir);
+    let decide_open = |auth: String| {
+        http.post(format!("{gw}/v1/runs/{open_run}/approvals"))
+            .header("authorization", auth)
+            .json(&json!({"decision": "approve", "artifact_digest": open_digest}))
+            .send()
+    };
+    let r = decide_open(format!(
+        "Bearer {}",
+        idp.mint("bob", "slipway-api", "ES256", Defect::None)
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("only configured approvers decide")
+    );
+    let r = decide_open("Bearer dave-token".into()).await.unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+
     // Failed logins never blind health, metrics or the page.
     for _ in 0..12 {
         let _ = approve(idp.mint("bob", "slipway-api", "RS256", Defect::Expired)).await;
@@ -273,11 +309,34 @@ async fn the_code_flow_signs_in_to_a_session_whose_writes_need_the_csrf_token() 
     });
     assert_eq!(status["approvals"][0]["approver"], "bob");
 
-    // 5. A tampered session cookie is no session; signing out clears it.
+    // 5. A tampered session cookie is no session (the browser is told to forget it, and the
+    // page to offer signing in); a write with it is refused; signing out clears it.
     let forged = format!("{}x", session);
     let r = http
         .get(format!("{gw}/v1/session"))
         .header("cookie", &forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        set_cookie(&r, "slipway_session")
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    let who: Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            who["signed_in"].as_bool(),
+            who["sign_in_available"].as_bool()
+        ),
+        (Some(false), Some(true))
+    );
+    let r = http
+        .post(format!("{gw}/v1/runs/{run}/approvals"))
+        .header("cookie", &forged)
+        .header("x-csrf-token", &csrf)
+        .json(&json!({"decision": "approve", "artifact_digest": digest}))
         .send()
         .await
         .unwrap();

@@ -283,6 +283,7 @@ async fn forged_requests_and_approvals_on_the_bus_deploy_nothing() {
             comment: None,
             decided_at: slipway_core::bus::now(),
             signature: None,
+            issuer: None,
         }),
     );
     bus.publish(&forged).await.unwrap();

@@ -20,13 +20,61 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Who is asking, and the identity provider that vouched for them (none for a configured
+/// approver's static token).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub approver: Approver,
+    pub issuer: Option<String>,
+}
+
+impl Caller {
+    fn vouched(o: &crate::oidc::Oidc, name: String, groups: Vec<String>) -> Result<Self, ApiError> {
+        let wanted = &o.settings().approver_groups;
+        if !wanted.is_empty() && !groups.iter().any(|g| wanted.contains(g)) {
+            return Err(ApiError::Forbidden(format!(
+                "{name} is in none of the approver groups ({})",
+                wanted.join(", ")
+            )));
+        }
+        Ok(Self {
+            approver: Approver {
+                name,
+                groups,
+                token_sha256: String::new(),
+            },
+            issuer: Some(o.settings().issuer.clone()),
+        })
+    }
+
+    /// Whether the caller may decide where the run's policy names no groups: a configured
+    /// approver may; a provider's user only when `[gateway.oidc] approver_groups` is set (and
+    /// [`Caller::vouched`] checked it), so signing in alone never makes someone an approver.
+    ///
+    /// # Errors
+    /// [`ApiError::Forbidden`] saying why.
+    pub fn may_decide_without_groups(&self, state: &crate::AppState) -> Result<(), ApiError> {
+        let configured = state
+            .oidc
+            .as_deref()
+            .is_some_and(|o| !o.settings().approver_groups.is_empty());
+        if self.issuer.is_none() || configured {
+            return Ok(());
+        }
+        Err(ApiError::Forbidden(format!(
+            "the run's policy names no groups, so only configured approvers decide; {} signed in through the identity provider (set [gateway.oidc] approver_groups to let its users decide)",
+            self.approver.name
+        )))
+    }
+}
+
 /// Who is asking: a static token's approver, the provider's JWT's subject, or the signed-in
 /// session's (whose writes must carry its CSRF token in `X-CSRF-Token`).
 ///
 /// # Errors
 /// [`ApiError::Unauthorized`] naming why no one is recognised; [`ApiError::Forbidden`] for a
-/// session write without its CSRF token.
-pub async fn identify(state: &crate::AppState, headers: &HeaderMap) -> Result<Approver, ApiError> {
+/// session write without its CSRF token, or a provider's user in none of the approver groups.
+pub async fn identify(state: &crate::AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let oidc = state.oidc.as_deref();
     if headers.contains_key(axum::http::header::AUTHORIZATION) {
         let token = bearer(headers)?;
@@ -37,13 +85,12 @@ pub async fn identify(state: &crate::AppState, headers: &HeaderMap) -> Result<Ap
                 .verify(token, &o.audiences(), None)
                 .await
                 .map_err(|e| ApiError::Unauthorized(format!("bearer token refused: {e}")))?;
-            return Ok(Approver {
-                name: who.name,
-                groups: who.groups,
-                token_sha256: String::new(),
-            });
+            return Caller::vouched(o, who.name, who.groups);
         }
-        return approver(headers, &state.approvers).cloned();
+        return Ok(Caller {
+            approver: approver(headers, &state.approvers)?.clone(),
+            issuer: None,
+        });
     }
     let cookies = headers
         .get(axum::http::header::COOKIE)
@@ -66,11 +113,7 @@ pub async fn identify(state: &crate::AppState, headers: &HeaderMap) -> Result<Ap
                 "missing or wrong X-CSRF-Token for the signed-in session".into(),
             ));
         }
-        return Ok(Approver {
-            name: s.name,
-            groups: s.groups,
-            token_sha256: String::new(),
-        });
+        return Caller::vouched(o, s.name, s.groups);
     }
     Err(ApiError::Unauthorized(if oidc.is_some() {
         "missing Authorization: Bearer <token>, or sign in".into()

@@ -151,7 +151,8 @@ fn commit_view(state: &AppState, run: &Run) -> Option<CommitView> {
         sha: Some(sha),
         repository,
         branch: commit.and_then(|c| c.branch.clone()),
-        url,
+        // A link the page may follow: http(s) only.
+        url: url.filter(|u| u.starts_with("https://") || u.starts_with("http://")),
     })
 }
 
@@ -391,7 +392,11 @@ pub async fn log_page(
         )));
     }
     let limit = q.limit.unwrap_or(MAX_LOG_PAGE).clamp(1, MAX_LOG_PAGE);
-    let end = (offset + limit).min(size);
+    let mut end = (offset + limit).min(size);
+    // A page ends before a UTF-8 sequence that does not fit, which starts the next page.
+    while end < size && end > offset + 3 && (bytes[end as usize] & 0xC0) == 0x80 {
+        end -= 1;
+    }
     Ok(Json(LogPage {
         stage,
         attempt: *attempt,

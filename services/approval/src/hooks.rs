@@ -150,8 +150,9 @@ fn github_push(event: &str, body: &Value) -> Result<Push, String> {
                 branch: branch.to_string(),
                 sha,
                 clone_url,
-                author: text(body, "/head_commit/author/username")
-                    .or_else(|| text(body, "/pusher/name")),
+                // Who pushed, as the host authenticated them: a commit's author is whatever
+                // the committer wrote, and would let anyone pass as someone else.
+                author: text(body, "/sender/login").or_else(|| text(body, "/pusher/name")),
                 title: first_line(text(body, "/head_commit/message")),
                 url: text(body, "/head_commit/url"),
             })
@@ -254,6 +255,11 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// A git commit id: 40 (SHA-1) or 64 (SHA-256) hex digits.
+pub fn is_commit_id(s: &str) -> bool {
+    matches!(s.len(), 40 | 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Equal-length comparison whose time does not depend on where the inputs differ.
@@ -441,8 +447,12 @@ async fn start(
         ApiError::BadRequest(format!("the spec mapped to {}: {e}", push.repository))
     })?;
     let source = format!("/hooks/{}/{}", host.as_str(), push.repository);
+    // The change is the commit on its branch, from the signed payload: a redelivery, a replay
+    // under another delivery id, and the push and merge events of one merge are one change.
+    let id = ids::derived(&[host.as_str(), &push.repository, &push.branch, &push.sha]);
+    tracing::info!(%delivery, repository = %push.repository, branch = %push.branch, sha = %push.sha, "Change from a git host.");
     let event = Event::new(
-        delivery.to_string(),
+        id.clone(),
         source.clone(),
         None,
         Utc::now(),
@@ -452,7 +462,7 @@ async fn start(
     Ok((
         StatusCode::ACCEPTED,
         Json(HookAnswer {
-            run_id: Some(ids::run_id(&source, delivery)),
+            run_id: Some(ids::run_id(&source, &id)),
             ignored: None,
         }),
     ))
@@ -481,13 +491,20 @@ pub type StatusPost = (String, Vec<(&'static str, String)>, Value);
 pub fn commit_status(hooks: &Hooks, run: &Run, public_url: &str) -> Option<StatusPost> {
     let commit = run.change.commit.as_ref()?;
     let hook = hooks.for_commit(commit)?;
+    // Only a change a hook made (the gateway refuses `/hooks/` sources and hosts at its other
+    // door), and only a commit id: nothing a submitter wrote reaches the host's API.
+    let repository = commit.repository.as_deref()?;
+    if run.change.source != format!("/hooks/{}/{repository}", hook.config.host.as_str())
+        || !is_commit_id(&commit.sha)
+    {
+        return None;
+    }
     let host = hook.config.host;
-    let repository = commit.repository.clone().unwrap_or_default();
     let url = hook
         .config
         .status_url
         .as_deref()?
-        .replace("{repository}", &repository)
+        .replace("{repository}", repository)
         .replace("{project}", &repository.replace('/', "%2F"))
         .replace("{sha}", &commit.sha);
     let state = status_state(host, run);
@@ -556,7 +573,7 @@ mod tests {
             "repository": {"full_name": "acme/shop", "clone_url": "https://github.com/acme/shop.git"},
             "head_commit": {"message": "Faster checkout\n\nDetails", "url": "https://github.com/acme/shop/commit/abc123",
                             "author": {"username": "alice"}},
-            "pusher": {"name": "alice"}});
+            "pusher": {"name": "alice"}, "sender": {"login": "alice"}});
         let p = github_push("push", &push).unwrap();
         assert_eq!(
             (

@@ -77,8 +77,6 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
     let with_token = Router::new()
         .route("/v1/runs/{id}/approvals", post(routes::post_approval))
         .route("/v1/runs/{id}/rollout", post(routes::post_rollout_control))
-        .route("/v1/hooks/github", post(hooks::github))
-        .route("/v1/hooks/gitlab", post(hooks::gitlab))
         .route("/v1/session", get(signin::session))
         .route("/auth/callback", get(signin::callback))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -94,6 +92,11 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/auth/login", get(signin::login))
         .route("/auth/logout", post(signin::logout))
         .route("/v1/changes", post(routes::post_change))
+        // Not behind the failed-authentication limit: a host's deliveries come from a few
+        // shared addresses that anyone's misconfigured hook would otherwise get refused, and
+        // a webhook secret cannot be guessed.
+        .route("/v1/hooks/github", post(hooks::github))
+        .route("/v1/hooks/gitlab", post(hooks::gitlab))
         .route("/v1/runs", get(routes::list_runs))
         .route("/v1/runs/{id}", get(routes::get_run))
         .route("/v1/runs/{id}/events", get(routes::run_events))
@@ -162,6 +165,24 @@ pub fn signing_key(
     slipway_domain::signing::SigningKey::from_base64(&seed)
         .map(Some)
         .map_err(|e| GatewayError::Config(format!("[gateway] signing key: {e}")))
+}
+
+/// Whether a browser keeps `Secure` cookies for pages at `url`: over https, or on loopback.
+fn keeps_secure_cookies(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let host = if let Some(v6) = rest.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        rest.split(['/', ':']).next().unwrap_or_default()
+    };
+    scheme == "https"
+        || host == "localhost"
+        || host == "::1"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| a.is_loopback())
 }
 
 /// How often the gateway compacts the run index's new deployments into DORA chunks.
@@ -244,9 +265,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         (None, None) => None,
     };
     let oidc = match &settings.oidc {
-        Some(o) => Some(Arc::new(
-            oidc::Oidc::new(o.clone(), seed_text.as_deref()).map_err(GatewayError::Config)?,
-        )),
+        Some(o) => {
+            let url = settings
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", settings.listen));
+            if !keeps_secure_cookies(&url) {
+                return Err(GatewayError::Config(format!(
+                    "[gateway.oidc] needs the gateway reached over https ([gateway] public_url is {url}): its session cookies are Secure"
+                )));
+            }
+            Some(Arc::new(
+                oidc::Oidc::new(o.clone(), seed_text.as_deref()).map_err(GatewayError::Config)?,
+            ))
+        }
         None => None,
     };
     let runs: SharedRuns = Arc::new(RwLock::new(Runs::default()));
@@ -322,4 +354,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
     let _ = follower.await;
     info!("Approval gateway stopped.");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn secure_cookies_need_https_or_loopback() {
+        for ok in [
+            "https://slipway.example",
+            "http://127.0.0.1:8080",
+            "http://localhost:8080/",
+            "http://[::1]:8080",
+        ] {
+            assert!(super::keeps_secure_cookies(ok), "{ok}");
+        }
+        for bad in [
+            "http://slipway.example",
+            "http://10.0.0.5:8080",
+            "slipway.example",
+        ] {
+            assert!(!super::keeps_secure_cookies(bad), "{bad}");
+        }
+    }
 }

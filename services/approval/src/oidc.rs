@@ -87,8 +87,15 @@ enum Key {
 #[derive(Debug, Default)]
 struct Jwks {
     keys: HashMap<String, Key>,
+    /// The last fetch, whether or not it succeeded (the refresh limit counts both).
     fetched: Option<Instant>,
+    /// The last fetch that succeeded: keys older than [`JWKS_MAX_AGE`] are read again, so a key
+    /// the provider withdrew stops verifying.
+    loaded: Option<Instant>,
 }
+
+/// How long fetched keys are trusted before the JWKS is read again.
+const JWKS_MAX_AGE: Duration = Duration::from_secs(3600);
 
 /// The provider, as the gateway knows it.
 #[derive(Debug)]
@@ -241,6 +248,7 @@ impl Oidc {
         if self.jwks.read().await.fetched != after {
             return Ok(());
         }
+        self.jwks.write().await.fetched = Some(Instant::now());
         let d = self.discovery().await?;
         let doc = self.get_json(&d.jwks_uri).await?;
         let mut keys = HashMap::new();
@@ -274,12 +282,26 @@ impl Oidc {
         }
         let mut w = self.jwks.write().await;
         w.keys = keys;
-        w.fetched = Some(Instant::now());
+        w.loaded = Some(Instant::now());
         Ok(())
     }
 
     /// The key a token's header names, fetching the JWKS when the cache lacks it.
     async fn key(&self, kid: &str) -> Result<Key, String> {
+        let (fetched, stale) = {
+            let r = self.jwks.read().await;
+            let stale = r.loaded.is_none_or(|t| t.elapsed() > JWKS_MAX_AGE);
+            if !stale && let Some(k) = r.keys.get(kid) {
+                return Ok(k.clone());
+            }
+            (r.fetched, stale)
+        };
+        if stale && self.refresh_keys(fetched).await.is_err() {
+            // The provider is unreachable: the keys it gave last still verify for now.
+            tracing::warn!(
+                "Cannot read the identity provider's keys again; using those it gave last."
+            );
+        }
         let fetched = {
             let r = self.jwks.read().await;
             if let Some(k) = r.keys.get(kid) {
@@ -555,6 +577,14 @@ impl Oidc {
             self.sign(&session),
             self.settings.session_secs
         );
+        // Browsers drop a cookie over 4 KiB without a word; say so instead.
+        if cookie.len() > 4000 {
+            return Err(format!(
+                "{} has {} groups, too many for a session cookie: name fewer in the groups claim",
+                session.name,
+                session.groups.len()
+            ));
+        }
         Ok((session, cookie, login.return_to))
     }
 
@@ -584,9 +614,11 @@ pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// A path of this gateway to return to after signing in (never another site).
+/// A path of this gateway to return to after signing in (never another site): `/` and then
+/// only the characters of a path and query, so no browser can read it as `//host`.
 fn safe_return(r: &str) -> String {
-    if r.starts_with('/') && !r.starts_with("//") && !r.contains('\\') && !r.contains("://") {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"/-._~%?=&+:@!$'()*,;".contains(&b);
+    if r.starts_with('/') && !r.starts_with("//") && r.bytes().all(allowed) {
         r.to_string()
     } else {
         "/".into()
@@ -637,7 +669,14 @@ mod tests {
     #[test]
     fn returns_stay_on_this_gateway_and_claims_are_found_by_path() {
         assert_eq!(safe_return("/runs/x?y=1"), "/runs/x?y=1");
-        for bad in ["//evil.example", "https://evil.example", "/\\evil", "evil"] {
+        for bad in [
+            "//evil.example",
+            "https://evil.example",
+            "/\\evil",
+            "evil",
+            "/\t/evil.example",
+            "/\r\nx",
+        ] {
             assert_eq!(safe_return(bad), "/");
         }
         let c = serde_json::json!({"realm_access": {"roles": ["a"]}, "x.y": 1});

@@ -125,6 +125,28 @@ pub async fn post_change(
         )));
     };
     change.validate().map_err(ApiError::BadRequest)?;
+    // What only the git hosts' hooks may say: their source, and a commit from a host (a commit
+    // status is reported for those alone).
+    if event.source.starts_with("/hooks/") {
+        return Err(ApiError::BadRequest(format!(
+            "source: {:?} is reserved for the git hosts' hooks (/v1/hooks/...)",
+            event.source
+        )));
+    }
+    if let Some(commit) = &change.commit {
+        if commit.host.is_some() {
+            return Err(ApiError::BadRequest(
+                "data.commit.host: set by the git hosts' hooks only (/v1/hooks/...)".into(),
+            ));
+        }
+        if let Some(url) = &commit.url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "data.commit.url: {url:?} is not an http(s) URL"
+            )));
+        }
+    }
     state.bus.publish(&event).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -568,7 +590,8 @@ pub async fn post_approval(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<RecordedDecision>), ApiError> {
-    let approver = auth::identify(&state, &headers).await?;
+    let caller = auth::identify(&state, &headers).await?;
+    let approver = caller.approver.clone();
     let body: ApprovalBody =
         serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))
             .map_err(|e| {
@@ -602,6 +625,9 @@ pub async fn post_approval(
             run.spec.approval.as_ref().ok_or_else(|| {
                 ApiError::Conflict("the run's spec has no approval policy".into())
             })?;
+        if policy.allowed_groups.is_empty() {
+            caller.may_decide_without_groups(&state)?;
+        }
         policy::check_approver(
             policy,
             &approver.name,
@@ -621,6 +647,7 @@ pub async fn post_approval(
             comment: body.comment.clone(),
             decided_at,
             signature: None,
+            issuer: caller.issuer.clone(),
         };
         let approve = matches!(body.decision, Decision::Approve);
         decision.signature = state
@@ -729,7 +756,8 @@ pub async fn post_rollout_control(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<RecordedControl>), ApiError> {
-    let approver = auth::identify(&state, &headers).await?;
+    let caller = auth::identify(&state, &headers).await?;
+    let approver = caller.approver.clone();
     // The judge counts only signed controls: one recorded unsigned would be ignored in silence.
     let Some(signing) = state.signing.as_ref() else {
         return Err(ApiError::Unavailable(
@@ -760,6 +788,14 @@ pub async fn post_rollout_control(
     };
     // Under the run's approval policy: its groups, and for promoting (the only control that is
     // an approval) its self-approval rule. Without a policy, any configured approver.
+    if run
+        .spec
+        .approval
+        .as_ref()
+        .is_none_or(|p| p.allowed_groups.is_empty())
+    {
+        caller.may_decide_without_groups(&state)?;
+    }
     if let Some(policy) = run.spec.approval.as_ref() {
         let author = (action == slipway_domain::rollout::ControlAction::Promote)
             .then_some(run.change.author.as_deref())

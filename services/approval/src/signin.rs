@@ -161,15 +161,15 @@ pub struct Whoami {
     path = "/v1/session",
     security(("bearer" = []), ("session" = [])),
     responses(
-        (status = 200, description = "Who is asking (signed_in false without a session or token)", body = Whoami),
-        (status = 401, description = "A token or session that is not valid", body = ErrorBody),
+        (status = 200, description = "Who is asking (signed_in false without a valid session or a token; a session no longer valid is cleared)", body = Whoami),
+        (status = 401, description = "A bearer token that is not valid", body = ErrorBody),
         (status = 429, description = "Too many failed authentications from this address", body = ErrorBody),
     )
 )]
 pub async fn session(
     State(state): State<AppState>,
     headers: HeaderMap,
-) -> Result<Json<Whoami>, ApiError> {
+) -> Result<Response, ApiError> {
     let available = state.oidc.is_some();
     let has_cookie = oidc::cookie(cookies(&headers), oidc::SESSION_COOKIE).is_some();
     if !headers.contains_key(header::AUTHORIZATION) {
@@ -184,20 +184,24 @@ pub async fn session(
                 via: Some("session".into()),
                 csrf: Some(s.csrf),
                 expires_at: chrono::DateTime::from_timestamp(s.expires, 0).map(|t| t.to_rfc3339()),
-            }));
+            })
+            .into_response());
         }
-        if !has_cookie || !available {
-            return Ok(Json(Whoami {
-                sign_in_available: available,
-                ..Whoami::default()
-            }));
+        let mut resp = Json(Whoami {
+            sign_in_available: available,
+            ..Whoami::default()
+        })
+        .into_response();
+        if has_cookie {
+            // A session that is no longer valid (expired, or signed with another key): the
+            // browser forgets it, and the page offers to sign in again.
+            if let Ok(v) = oidc::cleared(oidc::SESSION_COOKIE).parse() {
+                resp.headers_mut().insert(header::SET_COOKIE, v);
+            }
         }
-        // A session cookie that is not valid (expired, or another gateway's key).
-        return Err(ApiError::Unauthorized(
-            "the session has expired or is not this gateway's: sign in again".into(),
-        ));
+        return Ok(resp);
     }
-    let a = crate::auth::identify(&state, &headers).await?;
+    let a = crate::auth::identify(&state, &headers).await?.approver;
     Ok(Json(Whoami {
         signed_in: true,
         sign_in_available: available,
@@ -206,5 +210,6 @@ pub async fn session(
         via: Some("token".into()),
         csrf: None,
         expires_at: None,
-    }))
+    })
+    .into_response())
 }

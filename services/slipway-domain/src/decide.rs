@@ -291,6 +291,7 @@ fn approval_step(run: &Run, environment: &str) -> Next {
                                 .and_then(|s| s.requested_at)
                                 .unwrap_or(run.created_at),
                             signature: None,
+                            issuer: None,
                         },
                     ))])
                 }

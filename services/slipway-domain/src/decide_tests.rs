@@ -294,6 +294,7 @@ fn an_approval_for_another_artifact_does_not_count() {
             comment: None,
             decided_at: now,
             signature: None,
+            issuer: None,
         };
         Event::new(
             ids::derived(&[approver, digest]),

@@ -485,6 +485,11 @@ pub struct ApprovalDecision {
     /// Ed25519 signature of the gateway over the decision (base64).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
+    /// The identity provider (its issuer) that vouched for the approver and their groups, when
+    /// they signed in through it; absent for the gateway's configured approvers. Its decisions
+    /// are signed with the groups, which the deployer then takes as signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
 }
 
 /// `dev.slipway.monitor.requested.v1`: watch an environment after a deploy.
@@ -936,6 +941,7 @@ impl EventData {
                 comment: Some(reason),
                 decided_at: DateTime::<Utc>::UNIX_EPOCH,
                 signature: None,
+                issuer: None,
             }),
         }
     }

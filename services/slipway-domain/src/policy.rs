@@ -140,16 +140,26 @@ pub fn deploy_refusal(
             notes.push(format!("{}'s approval expired", a.approver));
             continue;
         }
-        // Against the registry, the groups are the configured ones, never the event's claim.
-        let groups = match approvers {
-            Some(registry) => match registry.iter().find(|r| r.name == a.approver) {
+        // Against the registry, the groups are the configured ones, never the event's claim;
+        // an identity provider's approver has the groups the gateway signed with the decision
+        // (the signature was verified above), and none when nothing verified it.
+        let groups = match (approvers, &a.record.issuer) {
+            (_, Some(_)) if key.is_some() => a.groups.clone(),
+            (Some(_), Some(issuer)) => {
+                notes.push(format!(
+                    "{} signed in through {issuer}, but no key verifies the gateway's signature",
+                    a.approver
+                ));
+                continue;
+            }
+            (Some(registry), None) => match registry.iter().find(|r| r.name == a.approver) {
                 Some(r) => r.groups.clone(),
                 None => {
                     notes.push(format!("{} is not a configured approver", a.approver));
                     continue;
                 }
             },
-            None => a.groups.clone(),
+            (None, _) => a.groups.clone(),
         };
         if let Err(why) = check_approver(policy, &a.approver, &groups, run.change.author.as_deref())
         {
@@ -245,5 +255,49 @@ mod tests {
         sim.run_to_end();
         let why = deploy_refusal(sim.run(), "production", sim.now, None, None).unwrap();
         assert!(why.contains("gate perf has not passed"), "{why}");
+    }
+
+    #[test]
+    fn a_providers_approvers_count_with_the_groups_the_gateway_signed() {
+        use crate::signing::{PublicKey, SigningKey};
+        let mut sim = Sim::new(SPEC);
+        sim.script
+            .insert("deploy:production".into(), Answer::Silent);
+        sim.run_to_end();
+        let (seed, public) = SigningKey::generate();
+        let key = SigningKey::from_base64(&seed).unwrap();
+        let public = PublicKey::from_base64(&public).unwrap();
+        let mut run = sim.run().clone();
+        for a in &mut run.approvals {
+            a.record.issuer = Some("https://idp.example".into());
+            a.record.signature = Some(key.sign(&run.run_id, true, &a.record));
+        }
+        // Neither approver is configured, and a configured one shares a name with one of them
+        // in another group: the groups the gateway signed decide.
+        let registry = vec![Approver {
+            name: "approver-0".into(),
+            groups: vec!["interns".into()],
+            token_sha256: String::new(),
+        }];
+        assert_eq!(
+            deploy_refusal(&run, "production", sim.now, Some(&registry), Some(&public)),
+            None
+        );
+        // Groups added after signing do not verify, so that approval does not count.
+        let mut forged = run.clone();
+        forged.approvals[1].groups = vec!["admins".into()];
+        forged.approvals[1].record.groups = vec!["admins".into()];
+        let why = deploy_refusal(
+            &forged,
+            "production",
+            sim.now,
+            Some(&registry),
+            Some(&public),
+        )
+        .unwrap();
+        assert!(why.starts_with("1 of 2 required approvals"), "{why}");
+        // With a registry and no key to verify them, a provider's approvals do not count.
+        let why = deploy_refusal(&run, "production", sim.now, Some(&registry), None).unwrap();
+        assert!(why.contains("no key verifies"), "{why}");
     }
 }

@@ -10,10 +10,14 @@ use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
 use crate::events::ApprovalDecision;
 
-/// What a signature covers, in a fixed layout (one field per line, with a version tag).
+/// What a signature covers, in a fixed layout (one field per line, with a version tag). A
+/// decision vouched for by an identity provider (`issuer`) is a `v2` message that also covers
+/// the issuer and the approver's groups; a configured approver's stays `v1`, so every decision
+/// signed before still verifies.
 pub fn message(run_id: &str, approved: bool, d: &ApprovalDecision) -> Vec<u8> {
-    format!(
-        "slipway-approval-v1\nrun={run_id}\nstage={}\nattempt={}\nartifact={}\ngates={}\napprover={}\ndecision={}\ntime={}\n",
+    let mut m = format!(
+        "slipway-approval-{}\nrun={run_id}\nstage={}\nattempt={}\nartifact={}\ngates={}\napprover={}\ndecision={}\ntime={}\n",
+        if d.issuer.is_some() { "v2" } else { "v1" },
         d.stage,
         d.attempt,
         d.artifact_digest,
@@ -22,8 +26,15 @@ pub fn message(run_id: &str, approved: bool, d: &ApprovalDecision) -> Vec<u8> {
         if approved { "approve" } else { "reject" },
         d.decided_at
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-    )
-    .into_bytes()
+    );
+    if let Some(issuer) = &d.issuer {
+        // Groups as a JSON list: no separator a group name could contain.
+        m.push_str(&format!(
+            "issuer={issuer}\ngroups={}\n",
+            serde_json::to_string(&d.groups).expect("strings serialise")
+        ));
+    }
+    m.into_bytes()
 }
 
 /// The gateway's private key.
@@ -169,6 +180,7 @@ mod tests {
             comment: None,
             decided_at: chrono::Utc::now(),
             signature: None,
+            issuer: None,
         }
     }
 
@@ -195,6 +207,23 @@ mod tests {
         let mut other = d.clone();
         other.approver = "dave".into();
         assert!(public.verify("r1", true, &other).is_err());
+        // A provider's approver: the issuer and the groups are signed too.
+        let mut vouched = decision();
+        vouched.issuer = Some("https://idp.example".into());
+        vouched.signature = Some(key.sign("r1", true, &vouched));
+        assert_eq!(public.verify("r1", true, &vouched), Ok(()));
+        let mut more = vouched.clone();
+        more.groups.push("admins".into());
+        assert!(
+            public.verify("r1", true, &more).is_err(),
+            "groups are signed"
+        );
+        let mut elsewhere = vouched.clone();
+        elsewhere.issuer = Some("https://evil.example".into());
+        assert!(public.verify("r1", true, &elsewhere).is_err());
+        let mut dropped = vouched.clone();
+        dropped.issuer = None;
+        assert!(public.verify("r1", true, &dropped).is_err(), "v2 is not v1");
         // Another gateway's key.
         let (_, stranger) = SigningKey::generate();
         assert!(

@@ -427,6 +427,7 @@ impl Sim {
                         },
                         decided_at: self.now,
                         signature: None,
+                        issuer: None,
                     };
                     self.fact(if reject {
                         EventData::ApprovalRejected(d)

@@ -128,6 +128,11 @@ pub struct OidcSettings {
     pub groups_claim: String,
     #[serde(default = "default_scopes")]
     pub scopes: Vec<String>,
+    /// The provider's users count as approvers only in one of these groups. Where a run's
+    /// policy names no groups (or there is no policy), only these decide; with none set, only
+    /// the configured approvers do.
+    #[serde(default)]
+    pub approver_groups: Vec<String>,
     /// How long a page session lasts.
     #[serde(default = "default_session_secs")]
     pub session_secs: u64,
