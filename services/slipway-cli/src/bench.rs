@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use slipway_core::bus::Bus;
 use slipway_core::bus::NatsSettings;
-use slipway_core::exec::server::free_port;
+use slipway_core::exec::server::{free_port, free_ports};
 use slipway_domain::events::{ChangeSubmitted, EventData, SourceRef};
 use slipway_domain::{Event, ids};
 
@@ -491,7 +491,7 @@ struct Target {
 
 impl Target {
     async fn start(data: &Path, env: Vec<(String, String)>) -> anyhow::Result<Self> {
-        let gateway_port = free_port();
+        let [gateway_port, nats_port] = free_ports();
         let (seed, public) = slipway_domain::signing::SigningKey::generate();
         let config = data.join("slipway.toml");
         std::fs::create_dir_all(data)?;
@@ -507,7 +507,7 @@ impl Target {
         )?;
         let stack = Stack::start_env(
             None,
-            free_port(),
+            nats_port,
             data,
             Some(&config),
             true,

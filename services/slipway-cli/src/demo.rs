@@ -26,7 +26,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use slipway_core::exec::server::free_port;
+use slipway_core::exec::server::free_ports;
 
 use crate::client::{Client, change_from, phase_of};
 use crate::http;
@@ -393,8 +393,15 @@ pub async fn demo(
         std::fs::write(dir.join("model.conf"), conf)?;
     }
 
-    let (staging, production, gateway_port) = (free_port(), free_port(), free_port());
-    let (stable_port, candidate_port) = (free_port(), free_port());
+    // One set, so no two of the demo's servers are handed the same port.
+    let [
+        staging,
+        production,
+        gateway_port,
+        stable_port,
+        candidate_port,
+        nats_port,
+    ] = free_ports();
     let flag_file = data.join("flags/flags.json");
     let template = std::fs::read_to_string(project.join("pipeline.toml.in"))?;
     let spec_with = |rollout: &str| -> anyhow::Result<PathBuf> {
@@ -434,7 +441,7 @@ pub async fn demo(
     let config_path = data.join("slipway.toml");
     std::fs::write(&config_path, config)?;
 
-    let stack = Stack::start(None, free_port(), &data, Some(&config_path), true).await?;
+    let stack = Stack::start(None, nats_port, &data, Some(&config_path), true).await?;
     let router = format!("http://127.0.0.1:{production}");
     if let Err(e) = start_router(
         &project,

@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use slipway_core::bus::Bus;
-use slipway_core::exec::server::free_port;
+use slipway_core::exec::server::free_ports;
 use slipway_domain::events::{ChangeSubmitted, EventData, SourceRef};
 use slipway_domain::{Event, ids};
 
@@ -198,7 +198,7 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
     let data = opts.data_dir.clone().unwrap_or_else(default_data_dir);
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data)?;
-    let gateway_port = free_port();
+    let [gateway_port, nats_port] = free_ports();
     let gateway = format!("http://127.0.0.1:{gateway_port}");
     let config = data.join("slipway.toml");
     std::fs::write(
@@ -210,7 +210,7 @@ pub async fn bench(opts: Options) -> anyhow::Result<ExitCode> {
     )?;
     let mut stack = Stack::start_env(
         None,
-        free_port(),
+        nats_port,
         &data,
         Some(&config),
         std::env::var_os("SLIPWAY_BENCH_LOGS").is_none(),

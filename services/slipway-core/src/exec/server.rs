@@ -89,6 +89,23 @@ pub fn free_port() -> u16 {
         .expect("a loopback port can be bound")
 }
 
+/// `N` free loopback ports, all different: each is held until all are found, so two can never
+/// be the same port handed out twice (which separate [`free_port`] calls may do).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| {
+            TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+                .expect("a loopback port can be bound")
+        })
+        .collect();
+    std::array::from_fn(|i| {
+        held[i]
+            .local_addr()
+            .expect("a bound listener has an address")
+            .port()
+    })
+}
+
 /// A nats-server child process with JetStream, on loopback.
 pub struct NatsProcess {
     child: Option<Child>,
