@@ -32,6 +32,7 @@ pub mod judge;
 pub mod outcome;
 pub mod plan;
 pub mod policy;
+pub mod power;
 pub mod rollout;
 pub mod run;
 pub mod service;
