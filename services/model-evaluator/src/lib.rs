@@ -25,6 +25,7 @@ use slipway_core::exec::workspace::Workspace;
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
 use slipway_core::store::{baseline, objects};
 use slipway_domain::events::{Check, EvaluateRequested, EventData, GateReport, Verdict};
+use slipway_domain::power;
 use slipway_domain::spec::{ModelEndpoint, Threshold, check_relative_path};
 use slipway_domain::stats::{self, Rng};
 use slipway_domain::thresholds;
@@ -223,6 +224,7 @@ pub fn check_metric(
                 max_regression_pct: t.max_regression_pct,
                 ..Default::default()
             }),
+            detectable: None,
         };
     };
     let absolute = Threshold {
@@ -281,16 +283,48 @@ pub fn check_metric(
                 }
             }
             full.p_value = Some(stats::mcnemar(b, c).p_value);
+            // How far the difference may be from what was seen, and what this dataset could
+            // have seen at all: the interval of the paired difference (in the metric's unit,
+            // candidate minus baseline) and the regression found with 80% power.
+            let n = pairs
+                .iter()
+                .filter(|(x, y)| per_item(x).is_some() && per_item(y).is_some())
+                .count() as u64;
+            if n > 0 {
+                let (_, [lo, hi]) = power::paired_difference_interval(b, c, n, alpha);
+                full.interval = Some(if higher_better { [-hi, -lo] } else { [lo, hi] });
+                let mde = power::mcnemar_mde(n, (b + c) as f64 / n as f64, alpha, 0.8);
+                full.detectable = Some(mde);
+                // The bound in the metric's unit: the absolute one, or the relative one of the
+                // baseline.
+                let bound = t.max_regression.or(t
+                    .max_regression_pct
+                    .zip(baseline_value)
+                    .map(|(pct, base)| pct / 100.0 * base.abs()));
+                if let Some(bound) = bound
+                    && bound < mde
+                {
+                    full.note.push_str(&format!(
+                        " [this dataset cannot detect a regression of {bound:.3}; it can detect {mde:.3} ({n} items, {:.0}% of them answered differently)]",
+                        100.0 * (b + c) as f64 / n as f64
+                    ));
+                }
+            }
         }
     }
     let significant = match (full.p_value, full.interval) {
+        // Judged again across the gate's checks (`control_family_error`).
         (Some(p), _) => p < alpha,
         (None, Some([lo, hi])) => lo > 0.0 || hi < 0.0,
         // Without per-item evidence the bound decides alone.
         (None, None) => true,
     };
     let evidence = match (full.p_value, full.interval) {
-        (Some(p), _) => format!("McNemar p={p:.4}"),
+        (Some(p), Some([lo, hi])) => format!(
+            "McNemar p={p:.4}, {:.0}% interval of the difference [{lo:+.4}, {hi:+.4}]",
+            (1.0 - alpha) * 100.0
+        ),
+        (Some(p), None) => format!("McNemar p={p:.4}"),
         (None, Some([lo, hi])) => format!(
             "paired bootstrap {:.0}% interval of the difference [{lo:.4}, {hi:.4}]",
             (1.0 - alpha) * 100.0
@@ -315,6 +349,38 @@ pub fn check_metric(
     }
     full.note = format!("{dataset}: {}{base_note}", full.note);
     full
+}
+
+/// Holm's step-down across the gate's paired tests (every check with a McNemar p-value, over
+/// metrics and datasets), so adding metrics does not raise the rate at which noise blocks: a
+/// regression that failed on its own p-value but not on its adjusted one only warns. Absolute
+/// bounds are not tests and are left as they are.
+fn control_family_error(checks: &mut [Check], alpha: f64) {
+    let tested: Vec<usize> = (0..checks.len())
+        .filter(|&i| checks[i].p_value.is_some())
+        .collect();
+    if tested.len() < 2 {
+        return;
+    }
+    let p: Vec<f64> = tested
+        .iter()
+        .map(|&i| checks[i].p_value.unwrap_or(1.0))
+        .collect();
+    let adjusted = power::holm(&p);
+    let m = tested.len();
+    for (&i, q) in tested.iter().zip(adjusted) {
+        let c = &mut checks[i];
+        let within_absolute = c.bounds.as_ref().is_none_or(|b| {
+            b.min.is_none_or(|min| c.candidate >= min) && b.max.is_none_or(|max| c.candidate <= max)
+        });
+        c.note
+            .push_str(&format!(" (Holm-adjusted over {m} tests: p={q:.4})"));
+        if c.verdict == Verdict::Fail && within_absolute && q >= alpha {
+            c.verdict = Verdict::Warn;
+            c.note
+                .push_str(" (not significant once adjusted for the gate's other tests)");
+        }
+    }
 }
 
 /// Why an evaluation stopped short: the gate fails with a reason, or the request is retried.
@@ -418,6 +484,7 @@ impl Evaluator {
         let name = job.object_name("json");
         let stored = objects::put_file(&job.objects, &self.logs_bucket, Some(&name), &path).await?;
 
+        control_family_error(&mut checks, spec.significance);
         let (verdict, reason) = thresholds::verdict_and_reason(&checks);
         info!(
             ?verdict,
@@ -746,6 +813,7 @@ fn judge_coverage(details: &Details, items: &BTreeMap<String, Vec<Item>>) -> Opt
             eligible.len()
         ),
         bounds: None,
+        detectable: None,
     })
 }
 
@@ -780,6 +848,7 @@ fn dataset_checks(
                 ds.name
             ),
             bounds: None,
+            detectable: None,
         });
     }
     for (metric, t) in &ds.thresholds {
@@ -1033,5 +1102,74 @@ mod tests {
             "{}",
             c.note
         );
+    }
+
+    #[test]
+    fn a_check_says_what_its_dataset_can_detect_and_holm_keeps_noise_from_blocking() {
+        let mut rng = Rng::new(7);
+        let base = items(&[true; 20]);
+        // 2 of 20 newly wrong against a 0.05 bound: 20 items cannot see 5 points.
+        let mut slightly = vec![false; 2];
+        slightly.extend([true; 18]);
+        let c = check_metric(
+            "d",
+            "exact_match",
+            Some(0.9),
+            Some(1.0),
+            &t(None, Some(0.05)),
+            &items(&slightly),
+            Some(&base),
+            0.05,
+            &mut rng,
+        );
+        let mde = c.detectable.unwrap();
+        assert!(mde > 0.05, "{mde}");
+        assert!(
+            c.note
+                .contains("this dataset cannot detect a regression of 0.050; it can detect"),
+            "{}",
+            c.note
+        );
+        // The difference's interval, candidate minus baseline: around -0.1.
+        let [lo, hi] = c.interval.unwrap();
+        assert!(lo < -0.1 && hi > -0.1 && hi < 0.1, "[{lo}, {hi}]");
+
+        // Three tests in a gate: a regression of p = 0.0386 fails alone but only warns once
+        // adjusted (0.0386 × 3 > 0.05); 8 of 20 lost (p = 0.0078 × 3 = 0.023) still fails.
+        let mut base40 = vec![true; 38];
+        base40.extend([false; 2]);
+        // Baseline right on the 10 the candidate lost, wrong on 2 the candidate got: b=10, c=2.
+        let mut cand40 = vec![false; 10];
+        cand40.extend([true; 28]);
+        cand40.extend([true; 2]);
+        let judge = |cand: &[bool], base: &[bool], rng: &mut Rng| {
+            check_metric(
+                "d",
+                "exact_match",
+                Some(0.7),
+                Some(0.95),
+                &t(None, Some(0.02)),
+                &items(cand),
+                Some(&items(base)),
+                0.05,
+                rng,
+            )
+        };
+        let weak = judge(&cand40, &base40, &mut rng);
+        assert_eq!(weak.verdict, Verdict::Fail, "alone: {}", weak.note);
+        let mut strong_cand = vec![false; 8];
+        strong_cand.extend([true; 12]);
+        let strong = judge(&strong_cand, &[true; 20], &mut rng);
+        let even = judge(&[true; 20], &[true; 20], &mut rng);
+        let mut checks = vec![weak, strong, even];
+        control_family_error(&mut checks, 0.05);
+        assert_eq!(checks[0].verdict, Verdict::Warn, "{}", checks[0].note);
+        assert!(
+            checks[0].note.contains("not significant once adjusted"),
+            "{}",
+            checks[0].note
+        );
+        assert_eq!(checks[1].verdict, Verdict::Fail, "{}", checks[1].note);
+        assert!(checks[1].note.contains("Holm-adjusted over 3 tests"));
     }
 }

@@ -150,6 +150,7 @@ impl Evidence {
                         verdict,
                         note,
                         bounds: None,
+                        detectable: None,
                     });
                 }
             }
@@ -170,6 +171,7 @@ impl Evidence {
                 verdict: Verdict::Fail,
                 note: format!("health: the last {tail_failed} probes failed"),
                 bounds: None,
+                detectable: None,
             });
         }
         // NaN does not survive JSON: an unmeasured metric is reported through its note only.

@@ -284,6 +284,7 @@ fn examples() -> BTreeMap<&'static str, Event> {
                     verdict: Verdict::Fail,
                     note: "error_rate 0.07 > max 0.01".into(),
                     bounds: None,
+                    detectable: None,
                 }],
                 opened_at: t,
             }),

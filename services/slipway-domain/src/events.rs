@@ -398,6 +398,10 @@ pub struct Check {
     /// The bounds the value was held to, and how close it came to the nearest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bounds: Option<Bounds>,
+    /// The smallest regression, in the metric's unit, the check's paired test finds with 80%
+    /// power at the gate's significance, for this dataset's size and observed discordance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detectable: Option<f64>,
 }
 
 /// A check's bounds as the spec set them, and the headroom left to the nearest one.

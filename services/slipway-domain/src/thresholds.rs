@@ -82,6 +82,7 @@ pub fn check(
         verdict,
         note,
         bounds: Some(bounds(value, baseline, worse, t)),
+        detectable: None,
     }
 }
 
@@ -137,6 +138,7 @@ pub fn no_baseline(scope: Option<&str>, bounds: &str) -> Check {
             "no baseline in the log (first deployment): judged on absolute {bounds} alone"
         ),
         bounds: None,
+        detectable: None,
     }
 }
 
