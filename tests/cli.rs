@@ -342,6 +342,17 @@ fn slipway_demo_ships_blocks_catches_a_defect_at_its_canary_and_promotes_by_ab_a
         stdout.contains("baseline 0.8000, delta -0.4000, McNemar p=0.0078"),
         "{stdout}"
     );
+    // Each paired check gives the difference's interval and what its dataset can detect (20
+    // items cannot see a 5-point regression), adjusted across the gate's tests.
+    assert!(
+        stdout.contains("95% interval of the difference ["),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("this dataset cannot detect a regression of 0.050; it can detect"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("Holm-adjusted over 2 tests"), "{stdout}");
     // The first deployment is judged on absolute thresholds alone and says so; the improved
     // 2.0.0 passes its gates against the production baseline (exact match 0.80 -> 1.00).
     assert!(
