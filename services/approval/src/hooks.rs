@@ -281,7 +281,6 @@ fn same_secret(a: &str, b: &str) -> bool {
         (status = 400, description = "A header or the payload is malformed, or the mapped spec is invalid", body = ErrorBody),
         (status = 401, description = "Missing or wrong X-Hub-Signature-256", body = ErrorBody),
         (status = 404, description = "No GitHub hook is configured", body = ErrorBody),
-        (status = 429, description = "Too many failed authentications from this address", body = ErrorBody),
         (status = 503, description = "NATS unavailable, or the mapped spec cannot be read", body = ErrorBody),
     )
 )]
@@ -335,7 +334,6 @@ pub async fn github(
         (status = 400, description = "A header or the payload is malformed, or the mapped spec is invalid", body = ErrorBody),
         (status = 401, description = "Missing or wrong X-Gitlab-Token", body = ErrorBody),
         (status = 404, description = "No GitLab hook is configured", body = ErrorBody),
-        (status = 429, description = "Too many failed authentications from this address", body = ErrorBody),
         (status = 503, description = "NATS unavailable, or the mapped spec cannot be read", body = ErrorBody),
     )
 )]
