@@ -265,6 +265,39 @@ fn examples() -> BTreeMap<&'static str, Event> {
             }),
         ),
         Event::new(
+            ids::derived(&[&run_id, "evaluate.calibrated", "evaluate", "1"]),
+            "/slipway/model-evaluator",
+            Some(run_id.clone()),
+            t,
+            EventData::EvaluateCalibrated(slipway_domain::events::Calibration {
+                stage: "evaluate".into(),
+                attempt: 1,
+                repeats: 5,
+                datasets: vec![slipway_domain::events::DatasetNoise {
+                    dataset: "faq".into(),
+                    items: 200,
+                    unstable: 1,
+                    metrics: [(
+                        "exact_match".to_string(),
+                        slipway_domain::events::MetricNoise {
+                            items: 200,
+                            unstable: 1,
+                            agreement: 0.997,
+                            flip_rate: 0.003,
+                            majority_flip_rate: 0.0012,
+                        },
+                    )]
+                    .into(),
+                    unstable_items: vec![slipway_domain::events::ItemAgreement {
+                        id: "refund-policy-3".into(),
+                        metrics: vec!["exact_match".into()],
+                        agreement: 0.6,
+                    }],
+                    unstable_not_listed: 0,
+                }],
+            }),
+        ),
+        Event::new(
             ids::derived(&[&run_id, "incident", "inc-1"]),
             "/slipway/monitor",
             Some(run_id.clone()),

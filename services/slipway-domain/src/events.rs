@@ -454,6 +454,69 @@ pub struct GateReport {
     pub duration_ms: u64,
 }
 
+/// `dev.slipway.evaluate.calibrated.v1`: the noise of the model under evaluation, measured by
+/// asking it every dataset `repeats` times (the spec's `repeats`). Published before the gate's
+/// report; the report's paired tests use the majority answer of each item and this noise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Calibration {
+    pub stage: String,
+    pub attempt: u32,
+    /// How many times each item was asked.
+    pub repeats: u32,
+    pub datasets: Vec<DatasetNoise>,
+}
+
+/// One dataset's agreement across repeats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DatasetNoise {
+    pub dataset: String,
+    pub items: u64,
+    /// Items whose verdict on some yes/no metric changed between repeats.
+    pub unstable: u64,
+    /// By yes/no metric (`exact_match`, `format_compliance`, ...).
+    pub metrics: BTreeMap<String, MetricNoise>,
+    /// The unstable items, in dataset order, at most [`UNSTABLE_ITEMS_LISTED`] of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unstable_items: Vec<ItemAgreement>,
+    /// Unstable items beyond the list (every item's votes are in the gate's details).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unstable_not_listed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Unstable items an event lists, so the event stays small whatever the dataset's size.
+pub const UNSTABLE_ITEMS_LISTED: usize = 200;
+
+/// How one yes/no metric varied across repeats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MetricNoise {
+    /// Items with a verdict on this metric.
+    pub items: u64,
+    /// Items whose verdict changed between repeats.
+    pub unstable: u64,
+    /// Mean share of an item's repeats that agree with its majority (1: no noise).
+    pub agreement: f64,
+    /// The share of items on which two single answers of the same model disagree (estimated
+    /// without bias from the repeats): the discordance noise alone gives an unrepeated gate.
+    pub flip_rate: f64,
+    /// The same for two majority votes over `repeats` answers: the discordance noise alone
+    /// gives this gate, which the minimum detectable effect uses.
+    pub majority_flip_rate: f64,
+}
+
+/// An item whose verdict changed between repeats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ItemAgreement {
+    pub id: String,
+    /// The metrics whose verdict changed.
+    pub metrics: Vec<String>,
+    /// The lowest share of repeats agreeing with the majority, over those metrics.
+    pub agreement: f64,
+}
+
 /// `dev.slipway.approval.requested.v1`: the run waits for a human (or the policy).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ApprovalRequested {
@@ -726,6 +789,7 @@ catalogue! {
     DeployFailed => "dev.slipway.deploy.failed.v1", StageFailed, "deployer, conductor (timeout)", ["conductor"];
     EvaluateRequested => "dev.slipway.evaluate.requested.v1", EvaluateRequested, "conductor", ["model-evaluator"];
     EvaluateStarted => "dev.slipway.evaluate.started.v1", StageStarted, "model-evaluator", ["conductor"];
+    EvaluateCalibrated => "dev.slipway.evaluate.calibrated.v1", Calibration, "model-evaluator", ["slipway CLI", "gateway"];
     EvaluateSucceeded => "dev.slipway.evaluate.succeeded.v1", GateReport, "model-evaluator", ["conductor", "cost-estimator", "gateway"];
     EvaluateFailed => "dev.slipway.evaluate.failed.v1", GateReport, "model-evaluator, conductor (timeout)", ["conductor", "gateway"];
     PerfRequested => "dev.slipway.perf.requested.v1", PerfRequested, "conductor", ["perf-regression"];

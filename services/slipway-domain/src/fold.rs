@@ -106,6 +106,7 @@ pub fn fold(state: Option<Run>, event: &Event) -> Option<Run> {
                 deployments: Vec::new(),
                 incidents: Vec::new(),
                 rollouts: Vec::new(),
+                calibrations: Vec::new(),
                 events: 1,
                 trace_id: event
                     .traceparent
@@ -206,6 +207,17 @@ fn apply(run: &mut Run, event: &Event) {
             apply_approval(run, event, d);
         }
         EventData::IncidentOpened(d) => run.incidents.push(d.incident_id.clone()),
+        // One per evaluation attempt: a worker that evaluated again after a crash keeps the
+        // first measurement, like the log keeps the first of two facts with one id.
+        EventData::EvaluateCalibrated(d)
+            if StageKey::parse(&d.stage).is_ok_and(|k| k.kind() == StageKind::Evaluate)
+                && !run
+                    .calibrations
+                    .iter()
+                    .any(|c| c.stage == d.stage && c.attempt == d.attempt) =>
+        {
+            run.calibrations.push(d.clone());
+        }
         EventData::RolloutWeightSet(d) if is_rollout(&d.stage) => {
             if let Some(v) = crate::rollout::view_mut(&mut run.rollouts, &d.stage, d.attempt) {
                 v.weight_set(d);

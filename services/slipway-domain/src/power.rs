@@ -104,6 +104,95 @@ pub fn mcnemar_mde(n: u64, discordance: f64, alpha: f64, power: f64) -> f64 {
     hi
 }
 
+/// [`mcnemar_mde`] when the discordance noise alone gives is known (measured by repeats):
+/// under a regression of δ the discordance is at least the noise's plus δ, so the answer
+/// holds for a candidate that loses items and changes no others, the floor of what a gate
+/// of this model can see.
+pub fn mcnemar_mde_with_noise(n: u64, discordance: f64, noise: f64, alpha: f64, power: f64) -> f64 {
+    if n == 0 {
+        return 1.0;
+    }
+    let (za, zb) = (normal_quantile(1.0 - alpha / 2.0), normal_quantile(power));
+    let needed = |d: f64| {
+        let psi = discordance.max(noise + d).min(1.0);
+        (za * psi.sqrt() + zb * (psi - d * d).max(0.0).sqrt()).powi(2) / (d * d)
+    };
+    // The items needed fall as the difference grows: bisect for the one this dataset has.
+    let (mut lo, mut hi) = (1e-6, 1.0);
+    if needed(hi) > n as f64 {
+        return 1.0;
+    }
+    for _ in 0..100 {
+        let mid = (lo + hi) / 2.0;
+        if needed(mid) > n as f64 {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    hi
+}
+
+/// The smallest shift of a mean the paired test of the differences `d` finds with probability
+/// `power` at two-sided `alpha`: `(z₁₋α/₂ + z_power) · sd(d) / √n` (normal approximation).
+pub fn mean_mde(d: &[f64], alpha: f64, power: f64) -> f64 {
+    let n = d.len();
+    if n < 2 {
+        return 1.0;
+    }
+    let mean = d.iter().sum::<f64>() / n as f64;
+    let sd = (d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+    (normal_quantile(1.0 - alpha / 2.0) + normal_quantile(power)) * sd / (n as f64).sqrt()
+}
+
+/// The probability that the majority of `k` independent yes/no answers, each yes with
+/// probability `p`, is yes; a tie (even `k`) goes to the first answer, yes half the time.
+pub fn majority_yes(k: u32, p: f64) -> f64 {
+    let k = u64::from(k.max(1));
+    let p = p.clamp(0.0, 1.0);
+    let pmf = |j: u64| {
+        let ln_choose =
+            ln_gamma(k as f64 + 1.0) - ln_gamma(j as f64 + 1.0) - ln_gamma((k - j) as f64 + 1.0);
+        ln_choose.exp() * p.powi(j as i32) * (1.0 - p).powi((k - j) as i32)
+    };
+    let mut total = 0.0;
+    for j in 0..=k {
+        if 2 * j > k {
+            total += pmf(j);
+        } else if 2 * j == k {
+            total += 0.5 * pmf(j);
+        }
+    }
+    total.clamp(0.0, 1.0)
+}
+
+/// The verdict of an item asked `k` times, `yes` of them yes: the majority's, a tie going to
+/// the first answer.
+pub fn majority_verdict(yes: u32, k: u32, first: bool) -> bool {
+    match (2 * yes).cmp(&k) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => first,
+    }
+}
+
+/// The chance that two single answers to an item disagree, `2p(1 − p)`, estimated without bias
+/// from `yes` of `k` repeats (`2·yes·(k − yes) / (k(k − 1))`).
+pub fn flip_estimate(yes: u32, k: u32) -> f64 {
+    if k < 2 {
+        return 0.0;
+    }
+    let (y, k) = (f64::from(yes), f64::from(k));
+    2.0 * y * (k - y) / (k * (k - 1.0))
+}
+
+/// The chance that two evaluations of the same model disagree on an item answered yes with
+/// probability `p`, one taking the majority of `k_a` answers and the other of `k_b`.
+pub fn majority_flip(p: f64, k_a: u32, k_b: u32) -> f64 {
+    let (a, b) = (majority_yes(k_a, p), majority_yes(k_b, p));
+    a * (1.0 - b) + b * (1.0 - a)
+}
+
 /// Holm's step-down adjusted p-values, in the order given: a family of checks keeps its
 /// family-wise error at α when each is judged on its adjusted value.
 pub fn holm(p: &[f64]) -> Vec<f64> {
@@ -240,6 +329,110 @@ mod tests {
         let floor = (1.959_964f64 + 0.841_621).powi(2) / 200.0;
         let none = mcnemar_mde(200, 0.0, 0.05, 0.8);
         assert!((none - floor).abs() < 0.1 * floor, "{none} against {floor}");
+    }
+
+    #[test]
+    fn majorities_and_flips_match_hand_computed_values() {
+        // Three answers at 0.5: the majority is yes half the time; at 0.8: 0.8³ + 3·0.8²·0.2.
+        assert!((majority_yes(3, 0.5) - 0.5).abs() < 1e-12);
+        assert!((majority_yes(3, 0.8) - 0.896).abs() < 1e-12);
+        // One answer is its own majority; a tie of two goes to the first, so still p.
+        assert!((majority_yes(1, 0.3) - 0.3).abs() < 1e-12);
+        assert!((majority_yes(2, 0.3) - 0.3).abs() < 1e-12);
+        assert!(majority_verdict(2, 3, false) && !majority_verdict(1, 3, true));
+        assert!(majority_verdict(1, 2, true) && !majority_verdict(1, 2, false));
+        // 2 of 4 yes: 2·2·2 / 12; a stable item never flips.
+        assert!((flip_estimate(2, 4) - 8.0 / 12.0).abs() < 1e-12);
+        assert_eq!(flip_estimate(5, 5), 0.0);
+        // Majorities flip less than single answers whenever the item is not a coin.
+        assert!((majority_flip(0.8, 1, 1) - 0.32).abs() < 1e-12);
+        assert!(majority_flip(0.8, 5, 5) < majority_flip(0.8, 1, 1) / 2.0);
+        // Without noise the MDE is the one of mcnemar_mde; noise raises it.
+        let plain = mcnemar_mde(200, 0.1, 0.05, 0.8);
+        assert!((mcnemar_mde_with_noise(200, 0.1, 0.0, 0.05, 0.8) - plain).abs() < 1e-9);
+        assert!(mcnemar_mde_with_noise(200, 0.0, 0.1, 0.05, 0.8) > plain);
+    }
+
+    /// Per-item results of one evaluation: each item's verdict is the majority of `k` answers,
+    /// each yes with the item's probability.
+    fn evaluate(rng: &mut Rng, p: &[f64], k: u32) -> Vec<bool> {
+        p.iter()
+            .map(|&pi| {
+                let answers: Vec<bool> = (0..k).map(|_| rng.unit() < pi).collect();
+                let yes = answers.iter().filter(|a| **a).count() as u32;
+                majority_verdict(yes, k, answers[0])
+            })
+            .collect()
+    }
+
+    fn discordant(candidate: &[bool], baseline: &[bool]) -> (u64, u64) {
+        let (mut b, mut c) = (0, 0);
+        for (x, y) in candidate.iter().zip(baseline) {
+            match (x, y) {
+                (false, true) => b += 1,
+                (true, false) => c += 1,
+                _ => {}
+            }
+        }
+        (b, c)
+    }
+
+    #[test]
+    fn majority_votes_keep_the_aa_rate_and_detect_the_effect_the_measured_noise_predicts() {
+        let mut rng = Rng::new(20_261_205);
+        let (n, alpha, reps) = (200usize, 0.05, 1500);
+        // A model unsure of 30% of the items (a coin on a tenth, right 80% of the time on
+        // two tenths), wrong on a tenth and right on the rest.
+        let p: Vec<f64> = (0..n)
+            .map(|i| match i % 10 {
+                0 => 0.5,
+                1 | 2 => 0.8,
+                3 => 0.0,
+                _ => 1.0,
+            })
+            .collect();
+        // The noise a gate of k repeats sees, from the items' probabilities: majorities of 5
+        // steady the 0.8 items, not the coins.
+        let noise = |k: u32| p.iter().map(|&pi| majority_flip(pi, k, k)).sum::<f64>() / n as f64;
+        assert!(noise(5) < 0.7 * noise(1), "{} {}", noise(5), noise(1));
+        // A/A with majority votes of 5: blocks at most α.
+        let mut blocked = 0;
+        for _ in 0..reps {
+            let (base, cand) = (evaluate(&mut rng, &p, 5), evaluate(&mut rng, &p, 5));
+            if blocking(&[discordant(&cand, &base)], alpha)[0] {
+                blocked += 1;
+            }
+        }
+        let aa = f64::from(blocked) / f64::from(reps);
+        assert!(aa <= alpha, "A/A block rate with majority votes: {aa}");
+
+        // A candidate that loses the MDE's share of the stable items: blocked about 80% of the
+        // time, as the MDE from the measured noise promises; with single answers clearly less.
+        let mde = mcnemar_mde_with_noise(n as u64, 0.0, noise(5), alpha, 0.8);
+        let lost = (mde * n as f64).round() as usize;
+        let mut worse = p.clone();
+        for pi in worse.iter_mut().filter(|pi| **pi == 1.0).take(lost) {
+            *pi = 0.0;
+        }
+        let power = |k: u32, rng: &mut Rng| {
+            let mut blocked = 0;
+            for _ in 0..reps {
+                let (base, cand) = (evaluate(rng, &p, k), evaluate(rng, &worse, k));
+                if blocking(&[discordant(&cand, &base)], alpha)[0] {
+                    blocked += 1;
+                }
+            }
+            f64::from(blocked) / f64::from(reps)
+        };
+        let (five, one) = (power(5, &mut rng), power(1, &mut rng));
+        assert!(
+            (five - 0.8).abs() < 0.06,
+            "power at the MDE of {mde:.3} ({lost} items) with 5 repeats: {five}"
+        );
+        assert!(
+            one < five - 0.05,
+            "single answers {one}, majorities of 5 {five}"
+        );
     }
 
     /// Draws one check's discordant counts among `n` items.

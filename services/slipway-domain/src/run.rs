@@ -191,6 +191,9 @@ pub struct Run {
     /// Progressive deliveries, one per rollout environment reached.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rollouts: Vec<crate::rollout::RolloutView>,
+    /// The measured noise of each evaluation that asked its datasets more than once.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub calibrations: Vec<crate::events::Calibration>,
     /// Number of events folded (duplicates excluded).
     pub events: u64,
     /// The run's trace (W3C trace id), from its first event.

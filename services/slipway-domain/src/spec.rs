@@ -226,6 +226,13 @@ pub struct ModelEvaluationSpec {
     /// Significance level of the paired tests against the baseline.
     #[serde(default = "default_alpha")]
     pub significance: f64,
+    /// How many times each item is asked (at most [`MAX_REPEATS`]). Above 1 the evaluation is
+    /// also a calibration: the agreement of each item's answers is recorded
+    /// (`evaluate.calibrated`), items that change between repeats are reported as unstable, the
+    /// paired tests use each item's majority verdict, and the minimum detectable effect the
+    /// measured noise.
+    #[serde(default = "default_repeats", skip_serializing_if = "is_one")]
+    pub repeats: u32,
     /// Judge hallucination with a model (LLM-as-judge) instead of the lexical measure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judge: Option<JudgeSpec>,
@@ -261,6 +268,16 @@ fn default_samples() -> u32 {
 fn default_alpha() -> f64 {
     0.05
 }
+fn default_repeats() -> u32 {
+    1
+}
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+/// The most repeats an evaluation may ask: beyond it, a larger dataset buys more power for the
+/// same requests.
+pub const MAX_REPEATS: u32 = 20;
 
 /// Metrics a dataset gate may bound.
 pub const MODEL_METRICS: &[&str] = &[
@@ -762,6 +779,12 @@ impl PipelineSpec {
             }
             check_timeout("gates.model_evaluation.timeout_secs", m.timeout_secs)?;
             check_alpha("gates.model_evaluation.significance", m.significance)?;
+            if !(1..=MAX_REPEATS).contains(&m.repeats) {
+                return Err(SpecError::new(
+                    "gates.model_evaluation.repeats",
+                    format!("must be between 1 and {MAX_REPEATS}"),
+                ));
+            }
             if let ModelEndpoint::Command { command } = &m.endpoint {
                 check_argv("gates.model_evaluation.endpoint.command", command)?;
             }
@@ -1113,6 +1136,14 @@ command = ["sh", "-c", "true"]
             ),
             ("[pipeline]\nname='x'\n", "build"),
             ("not toml = = =", "(document)"),
+            (
+                "[pipeline]\nname='x'\n[build]\ncommand=['a']\n[gates.model_evaluation]\nendpoint={kind='command',command=['m']}\nrepeats=21\n[[gates.model_evaluation.dataset]]\nname='d'\npath='d.jsonl'\n",
+                "gates.model_evaluation.repeats",
+            ),
+            (
+                "[pipeline]\nname='x'\n[build]\ncommand=['a']\n[gates.model_evaluation]\nendpoint={kind='command',command=['m']}\nrepeats=0\n[[gates.model_evaluation.dataset]]\nname='d'\npath='d.jsonl'\n",
+                "gates.model_evaluation.repeats",
+            ),
         ];
         for (text, path) in cases {
             let err = PipelineSpec::parse(text).unwrap_err();

@@ -211,6 +211,36 @@ pub fn mean(values: &[f64]) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
+/// Two-sided p-value of the paired sign-flip (randomization) test that the differences `d` are
+/// centred on zero: under that null each difference is as likely negated, so the size of their
+/// sum is compared with that of `rounds` random negations (`(1 + as large) / (1 + rounds)`,
+/// never 0). Exact for differences of two evaluations asked the same number of times.
+pub fn sign_flip(d: &[f64], rounds: u32, rng: &mut Rng) -> f64 {
+    // Zeros are the same negated: only the others move the sum.
+    let moving: Vec<f64> = d.iter().copied().filter(|x| *x != 0.0).collect();
+    if moving.is_empty() {
+        return 1.0;
+    }
+    let observed = moving.iter().sum::<f64>().abs();
+    let mut as_large = 0u32;
+    for _ in 0..rounds {
+        let mut sum = 0.0;
+        let mut bits = 0u64;
+        for (i, x) in moving.iter().enumerate() {
+            if i % 64 == 0 {
+                bits = rng.next_u64();
+            }
+            sum += if bits & 1 == 1 { *x } else { -*x };
+            bits >>= 1;
+        }
+        // A hair of tolerance: sums of the same terms in another order may differ in the last bit.
+        if sum.abs() >= observed - 1e-9 {
+            as_large += 1;
+        }
+    }
+    f64::from(as_large + 1) / f64::from(rounds + 1)
+}
+
 /// Percentile-bootstrap interval `(level)` of the mean of paired differences
 /// `candidate[i] - baseline[i]`.
 pub fn paired_bootstrap_mean(
@@ -268,6 +298,22 @@ mod tests {
 
     fn close(a: f64, b: f64, tol: f64) -> bool {
         (a - b).abs() <= tol
+    }
+
+    #[test]
+    fn the_sign_flip_test_matches_the_exact_sign_test() {
+        let mut rng = Rng::new(7);
+        // Ten equal losses: exactly 2 of the 1024 sign patterns are as extreme, p = 0.00195.
+        let p = sign_flip(&[1.0; 10], 20_000, &mut rng);
+        assert!((p - 2.0 / 1024.0).abs() < 0.001, "{p}");
+        // Balanced differences are no evidence; neither is no difference.
+        assert_eq!(sign_flip(&[0.5, -0.5, 1.0, -1.0], 1000, &mut rng), 1.0);
+        assert_eq!(sign_flip(&[0.0; 5], 1000, &mut rng), 1.0);
+        // Five losses of one answer in three among 200 items: the exact two-sided p is 1/16.
+        let mut d = vec![0.0; 195];
+        d.extend([-1.0 / 3.0; 5]);
+        let p = sign_flip(&d, 20_000, &mut rng);
+        assert!((p - 0.0625).abs() < 0.01, "{p}");
     }
 
     #[test]
