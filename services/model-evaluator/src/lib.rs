@@ -24,7 +24,12 @@ use slipway_core::exec::ExecSettings;
 use slipway_core::exec::workspace::Workspace;
 use slipway_core::runtime::{CancellationToken, Job, Transient, Worker, run_worker};
 use slipway_core::store::{baseline, objects};
-use slipway_domain::events::{Check, EvaluateRequested, EventData, GateReport, Verdict};
+use slipway_domain::envelope::Event;
+use slipway_domain::events::{
+    Calibration, Check, DatasetNoise, EvaluateRequested, EventData, GateReport, ItemAgreement,
+    MetricNoise, UNSTABLE_ITEMS_LISTED, Verdict,
+};
+use slipway_domain::ids;
 use slipway_domain::power;
 use slipway_domain::spec::{ModelEndpoint, Threshold, check_relative_path};
 use slipway_domain::stats::{self, Rng};
@@ -107,6 +112,29 @@ fn failed(req: &EvaluateRequested, reason: String, started: Instant) -> EventDat
     })
 }
 
+/// One answer scored against its item.
+fn item_result(item: &Item, answer: Result<model::Answer, String>) -> ItemResult {
+    match answer {
+        Ok(a) => ItemResult {
+            latency_ms: a.latency_ms,
+            tokens_in: a.tokens_in,
+            tokens_out: a.tokens_out,
+            ..metrics::score(item, &a.output)
+        },
+        // A request that failed answered nothing right: it counts against the model in every
+        // metric the item carries.
+        Err(e) => ItemResult {
+            id: item.id.clone(),
+            error: Some(e),
+            exact: item.expected.as_ref().map(|_| false),
+            label_ok: item.label.as_ref().map(|_| false),
+            f1: item.expected.as_ref().map(|_| 0.0),
+            format_ok: item.schema.as_ref().map(|_| false),
+            ..Default::default()
+        },
+    }
+}
+
 fn ms(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
@@ -180,6 +208,94 @@ pub fn pick_samples(
     out
 }
 
+/// The noise the repeats measured, dataset by dataset; `None` when every item was asked once.
+pub fn calibration(req: &EvaluateRequested, details: &Details) -> Option<Calibration> {
+    if req.spec.repeats < 2 {
+        return None;
+    }
+    let datasets = details
+        .datasets
+        .iter()
+        .map(|(name, results)| dataset_noise(name, results))
+        .collect();
+    Some(Calibration {
+        stage: req.stage.clone(),
+        attempt: req.attempt,
+        repeats: req.spec.repeats,
+        datasets,
+    })
+}
+
+/// One dataset's agreement across repeats: per yes/no metric, and the items that changed.
+pub fn dataset_noise(name: &str, results: &[ItemResult]) -> DatasetNoise {
+    let mut metrics = BTreeMap::new();
+    for m in metrics::YES_NO_METRICS {
+        let votes: Vec<&Vec<bool>> = results
+            .iter()
+            .filter_map(|r| r.votes.get(*m))
+            .filter(|v| v.len() >= 2)
+            .collect();
+        if votes.is_empty() {
+            continue;
+        }
+        let n = votes.len() as f64;
+        let (mut unstable, mut agreement, mut flips, mut majority_flips) = (0, 0.0, 0.0, 0.0);
+        for v in &votes {
+            let k = v.len() as u32;
+            let yes = v.iter().filter(|x| **x).count() as u32;
+            if yes != 0 && yes != k {
+                unstable += 1;
+            }
+            agreement += f64::from(yes.max(k - yes)) / f64::from(k);
+            flips += power::flip_estimate(yes, k);
+            majority_flips += power::majority_flip(f64::from(yes) / f64::from(k), k, k);
+        }
+        metrics.insert(
+            (*m).to_string(),
+            MetricNoise {
+                items: votes.len() as u64,
+                unstable,
+                agreement: agreement / n,
+                flip_rate: flips / n,
+                majority_flip_rate: majority_flips / n,
+            },
+        );
+    }
+    let changed: Vec<ItemAgreement> = results
+        .iter()
+        .filter_map(|r| {
+            let mut flipped = Vec::new();
+            let mut lowest: f64 = 1.0;
+            for (m, v) in &r.votes {
+                let yes = v.iter().filter(|x| **x).count();
+                if yes != 0 && yes != v.len() {
+                    flipped.push(m.clone());
+                    lowest = lowest.min(yes.max(v.len() - yes) as f64 / v.len() as f64);
+                }
+            }
+            (!flipped.is_empty()).then(|| ItemAgreement {
+                id: r.id.clone(),
+                metrics: flipped,
+                agreement: lowest,
+            })
+        })
+        .collect();
+    let unstable = changed.len() as u64;
+    let listed: Vec<ItemAgreement> = changed.into_iter().take(UNSTABLE_ITEMS_LISTED).collect();
+    DatasetNoise {
+        dataset: name.to_string(),
+        items: results.len() as u64,
+        unstable,
+        metrics,
+        unstable_not_listed: unstable - listed.len() as u64,
+        unstable_items: listed,
+    }
+}
+
+/// Random negations of a sign-flip test: p-values to about 0.0003, plenty for Holm's
+/// adjustment over a gate's checks.
+pub const SIGN_FLIPS: u32 = 4000;
+
 /// Fewer paired items than this give no bootstrap interval.
 pub const MIN_BOOTSTRAP_PAIRS: usize = 10;
 
@@ -235,80 +351,138 @@ pub fn check_metric(
     let abs = thresholds::check(metric, Some(dataset), value, None, &absolute);
     let mut full = thresholds::check(metric, Some(dataset), value, baseline_value, t);
     // The paired evidence, on the items both versions answered.
+    let mut evidence = "no per-item baseline".to_string();
     if let (Some(base), Some(_)) = (baseline_items, baseline_value) {
         let by_id: BTreeMap<&str, &ItemResult> = base.iter().map(|r| (r.id.as_str(), r)).collect();
         let pairs: Vec<(&ItemResult, &ItemResult)> = candidate
             .iter()
             .filter_map(|c| by_id.get(c.id.as_str()).map(|b| (c, *b)))
             .collect();
-        let per_item = |r: &ItemResult| -> Option<f64> {
-            let b = |x: bool| if x { 1.0 } else { 0.0 };
-            match metric {
-                "exact_match" => r.exact.map(b),
-                "accuracy" => r.label_ok.map(b),
-                "f1" => r.f1,
-                "semantic_similarity" => r.similarity,
-                "format_compliance" => r.format_ok.map(b),
-                "hallucination_rate" => r.hallucinated.map(b),
-                "refusal_rate" => Some(b(r.refusal)),
-                "error_rate" => Some(b(r.error.is_some())),
-                _ => None,
-            }
-        };
+        let level = format!("{:.0}%", (1.0 - alpha) * 100.0);
         if matches!(metric, "f1" | "semantic_similarity") {
+            let per_item = |r: &ItemResult| match metric {
+                "f1" => r.f1,
+                _ => r.similarity,
+            };
             let (cv, bv): (Vec<f64>, Vec<f64>) = pairs
                 .iter()
                 .filter_map(|(c, b)| Some((per_item(c)?, per_item(b)?)))
                 .unzip();
             // Too few pairs make a bootstrap interval meaningless: no evidence then.
             if cv.len() >= MIN_BOOTSTRAP_PAIRS {
-                full.interval = stats::paired_bootstrap_mean(&cv, &bv, 2000, 1.0 - alpha, rng);
+                let d: Vec<f64> = cv.iter().zip(&bv).map(|(c, b)| c - b).collect();
+                let [lo, hi] = stats::paired_bootstrap_mean(&cv, &bv, 2000, 1.0 - alpha, rng)
+                    .unwrap_or([0.0, 0.0]);
+                let p = stats::sign_flip(&d, SIGN_FLIPS, rng);
+                full.interval = Some([lo, hi]);
+                full.p_value = Some(p);
+                full.detectable = Some(power::mean_mde(&d, alpha, 0.8));
+                evidence = format!(
+                    "paired bootstrap {level} interval of the difference [{lo:.4}, {hi:.4}], sign-flip p={p:.4}"
+                );
             } else {
                 full.p_value = Some(1.0);
+                evidence = format!("{} paired items: too few for a test", cv.len());
             }
         } else {
-            // Yes/no per item: McNemar on the pairs where the versions disagree, `b` where the
-            // candidate is worse.
+            // Yes/no per item, paired on the first `k` answers of each version, `k` the fewer
+            // repeats of the two: both sides then vary alike when nothing changed.
+            let k_c = candidate.iter().map(ItemResult::repeats).max().unwrap_or(1);
+            let k_b = base.iter().map(ItemResult::repeats).max().unwrap_or(1);
+            let k = k_c.min(k_b);
+            let shares: Vec<(f64, f64)> = pairs
+                .iter()
+                .filter_map(|(c, b)| Some((c.share(metric, k)?, b.share(metric, k)?)))
+                .collect();
+            let n = shares.len() as u64;
+            // The noise the candidate's repeats measured: the variance one item's difference
+            // has when nothing changed, 2p(1 - p) / k.
+            let measured: Vec<f64> = pairs
+                .iter()
+                .filter_map(|(c, _)| c.votes.get(metric).filter(|v| v.len() >= 2))
+                .map(|v| {
+                    let yes = v.iter().filter(|x| **x).count() as u32;
+                    power::flip_estimate(yes, v.len() as u32) / k as f64
+                })
+                .collect();
+            let noise = stats::mean(&measured);
             let higher_better = thresholds::higher_is_better(metric);
-            let (mut b, mut c) = (0, 0);
-            for (cand, base) in &pairs {
-                if let (Some(x), Some(y)) = (per_item(cand), per_item(base))
-                    && x != y
-                {
-                    if (x < y) == higher_better {
-                        b += 1;
-                    } else {
-                        c += 1;
+            if n > 0 && k == 1 {
+                // McNemar on the pairs where the versions disagree, `b` where the candidate is
+                // worse.
+                let (mut b, mut c) = (0, 0);
+                for (x, y) in &shares {
+                    if x != y {
+                        if (x < y) == higher_better {
+                            b += 1;
+                        } else {
+                            c += 1;
+                        }
                     }
                 }
-            }
-            full.p_value = Some(stats::mcnemar(b, c).p_value);
-            // How far the difference may be from what was seen, and what this dataset could
-            // have seen at all: the interval of the paired difference (in the metric's unit,
-            // candidate minus baseline) and the regression found with 80% power.
-            let n = pairs
-                .iter()
-                .filter(|(x, y)| per_item(x).is_some() && per_item(y).is_some())
-                .count() as u64;
-            if n > 0 {
+                let p = stats::mcnemar(b, c).p_value;
+                // How far the difference may be from what was seen, and what this dataset could
+                // have seen at all: the interval of the paired difference (in the metric's
+                // unit, candidate minus baseline) and the regression found with 80% power.
                 let (_, [lo, hi]) = power::paired_difference_interval(b, c, n, alpha);
-                full.interval = Some(if higher_better { [-hi, -lo] } else { [lo, hi] });
-                let mde = power::mcnemar_mde(n, (b + c) as f64 / n as f64, alpha, 0.8);
-                full.detectable = Some(mde);
-                // The bound in the metric's unit: the absolute one, or the relative one of the
-                // baseline.
-                let bound = t.max_regression.or(t
-                    .max_regression_pct
-                    .zip(baseline_value)
-                    .map(|(pct, base)| pct / 100.0 * base.abs()));
-                if let Some(bound) = bound
-                    && bound < mde
-                {
-                    full.note.push_str(&format!(
-                        " [this dataset cannot detect a regression of {bound:.3}; it can detect {mde:.3} ({n} items, {:.0}% of them answered differently)]",
-                        100.0 * (b + c) as f64 / n as f64
-                    ));
-                }
+                let [lo, hi] = if higher_better { [-hi, -lo] } else { [lo, hi] };
+                full.p_value = Some(p);
+                full.interval = Some([lo, hi]);
+                full.detectable = Some(power::mcnemar_mde_with_noise(
+                    n,
+                    (b + c) as f64 / n as f64,
+                    noise.unwrap_or(0.0),
+                    alpha,
+                    0.8,
+                ));
+                evidence = format!(
+                    "McNemar p={p:.4}, {level} interval of the difference [{lo:+.4}, {hi:+.4}]"
+                );
+            } else if n > 0 {
+                // Each item's share of its `k` answers: a paired sign-flip test on the
+                // differences of the shares, whose noise the repeats have divided by `k`.
+                let d: Vec<f64> = shares.iter().map(|(c, b)| c - b).collect();
+                let p = stats::sign_flip(&d, SIGN_FLIPS, rng);
+                let mean = d.iter().sum::<f64>() / n as f64;
+                let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n.max(2) - 1) as f64;
+                let half = power::normal_quantile(1.0 - alpha / 2.0) * (var / n as f64).sqrt();
+                let [lo, hi] = [mean - half, mean + half];
+                full.p_value = Some(p);
+                full.interval = Some([lo, hi]);
+                full.detectable = Some(power::mcnemar_mde_with_noise(
+                    n,
+                    d.iter().map(|x| x * x).sum::<f64>() / n as f64,
+                    noise.unwrap_or(0.0),
+                    alpha,
+                    0.8,
+                ));
+                evidence = format!(
+                    "sign-flip p={p:.4} on each item's share of {k} answers, {level} interval of the difference [{lo:+.4}, {hi:+.4}]"
+                );
+            }
+            if let Some(noise) = noise {
+                evidence.push_str(&format!(
+                    "; measured noise: two single answers disagree on {:.1}% of items",
+                    100.0 * noise * k as f64
+                ));
+            }
+            // The bound in the metric's unit: the absolute one, or the relative one of the
+            // baseline.
+            let bound = t.max_regression.or(t
+                .max_regression_pct
+                .zip(baseline_value)
+                .map(|(pct, base)| pct / 100.0 * base.abs()));
+            if let (Some(bound), Some(mde)) = (bound, full.detectable)
+                && bound < mde
+            {
+                let each = if k > 1 {
+                    format!(", {k} answers each")
+                } else {
+                    String::new()
+                };
+                full.note.push_str(&format!(
+                    " [this dataset cannot detect a regression of {bound:.3}; it can detect {mde:.3} ({n} items{each})]"
+                ));
             }
         }
     }
@@ -318,18 +492,6 @@ pub fn check_metric(
         (None, Some([lo, hi])) => lo > 0.0 || hi < 0.0,
         // Without per-item evidence the bound decides alone.
         (None, None) => true,
-    };
-    let evidence = match (full.p_value, full.interval) {
-        (Some(p), Some([lo, hi])) => format!(
-            "McNemar p={p:.4}, {:.0}% interval of the difference [{lo:+.4}, {hi:+.4}]",
-            (1.0 - alpha) * 100.0
-        ),
-        (Some(p), None) => format!("McNemar p={p:.4}"),
-        (None, Some([lo, hi])) => format!(
-            "paired bootstrap {:.0}% interval of the difference [{lo:.4}, {hi:.4}]",
-            (1.0 - alpha) * 100.0
-        ),
-        _ => "no per-item baseline".into(),
     };
     let base_note = match (baseline_value, full.delta) {
         (Some(b), Some(d)) => format!("; baseline {b:.4}, delta {d:+.4}, {evidence}"),
@@ -351,7 +513,7 @@ pub fn check_metric(
     full
 }
 
-/// Holm's step-down across the gate's paired tests (every check with a McNemar p-value, over
+/// Holm's step-down across the gate's paired tests (every check with a paired p-value, over
 /// metrics and datasets), so adding metrics does not raise the rate at which noise blocks: a
 /// regression that failed on its own p-value but not on its adjusted one only warns. Absolute
 /// bounds are not tests and are left as they are.
@@ -451,6 +613,23 @@ impl Evaluator {
             &ws.out().join("baseline.json"),
         )
         .await;
+        // The measured noise goes on the log before the report that relies on it.
+        if let Some(c) = calibration(req, &details) {
+            let mut event = Event::new(
+                ids::derived(&[
+                    &job.run_id,
+                    "evaluate.calibrated",
+                    &req.stage,
+                    &req.attempt.to_string(),
+                ]),
+                slipway_core::runtime::Service::ModelEvaluator.source(),
+                Some(job.run_id.clone()),
+                slipway_core::bus::now(),
+                EventData::EvaluateCalibrated(c),
+            );
+            event.traceparent = job.request.traceparent.clone();
+            job.bus.publish(&event).await?;
+        }
         let mut checks = Vec::new();
         if base.is_none() {
             checks.push(thresholds::no_baseline(None, "thresholds"));
@@ -582,49 +761,36 @@ impl Evaluator {
             let mut batch = scope.span("model requests");
             batch.attr("slipway.dataset", ds.name.clone());
             batch.attr("slipway.dataset.items", items.len() as i64);
-            let answers = match model
-                .answer_all(
-                    &items,
-                    spec.concurrency as usize,
-                    &ws.src(),
-                    Duration::from_secs(spec.timeout_secs),
-                )
-                .await
-            {
-                Ok(a) => a,
-                Err(e) => {
-                    batch.fail("model_unavailable", e.to_string());
-                    return Err(Stop::Fail(format!("dataset {}: {e}", ds.name)));
+            batch.attr("slipway.dataset.repeats", i64::from(spec.repeats));
+            // Each repeat asks every item once more: item by item, the answers of every
+            // repeat, in the order asked.
+            let mut asked: Vec<Vec<ItemResult>> = vec![Vec::new(); items.len()];
+            let mut errors = 0;
+            for _ in 0..spec.repeats {
+                let answers = match model
+                    .answer_all(
+                        &items,
+                        spec.concurrency as usize,
+                        &ws.src(),
+                        Duration::from_secs(spec.timeout_secs),
+                    )
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(e) => {
+                        batch.fail("model_unavailable", e.to_string());
+                        return Err(Stop::Fail(format!("dataset {}: {e}", ds.name)));
+                    }
+                };
+                errors += answers.iter().filter(|a| a.is_err()).count();
+                for ((item, a), out) in items.iter().zip(answers).zip(asked.iter_mut()) {
+                    out.push(item_result(item, a));
                 }
-            };
-            batch.attr(
-                "slipway.dataset.errors",
-                answers.iter().filter(|a| a.is_err()).count() as i64,
-            );
+            }
+            batch.attr("slipway.dataset.errors", errors as i64);
             drop(batch);
-            let mut results: Vec<ItemResult> = items
-                .iter()
-                .zip(answers)
-                .map(|(item, a)| match a {
-                    Ok(a) => ItemResult {
-                        latency_ms: a.latency_ms,
-                        tokens_in: a.tokens_in,
-                        tokens_out: a.tokens_out,
-                        ..metrics::score(item, &a.output)
-                    },
-                    // A request that failed answered nothing right: it counts against the
-                    // model in every metric the item carries.
-                    Err(e) => ItemResult {
-                        id: item.id.clone(),
-                        error: Some(e),
-                        exact: item.expected.as_ref().map(|_| false),
-                        label_ok: item.label.as_ref().map(|_| false),
-                        f1: item.expected.as_ref().map(|_| 0.0),
-                        format_ok: item.schema.as_ref().map(|_| false),
-                        ..Default::default()
-                    },
-                })
-                .collect();
+            let mut results: Vec<ItemResult> =
+                asked.into_iter().filter_map(metrics::combine).collect();
             if let Some(j) = &spec.judge {
                 let mut judging = scope.span("judge requests");
                 judging.attr("slipway.dataset", ds.name.clone());
@@ -712,6 +878,9 @@ impl Evaluator {
                 Ok(v) => {
                     r.hallucinated = Some(v);
                     r.judged = true;
+                    // The judge rules on the answer shown, once: the lexical verdicts of the
+                    // repeats no longer say anything about it.
+                    r.votes.remove("hallucination_rate");
                 }
                 Err(e) => r.judge_error = Some(e),
             }
@@ -898,6 +1067,134 @@ mod tests {
             max_regression_pct: None,
             severity: Severity::Fail,
         }
+    }
+
+    /// Items asked `k` times: item `i` answered right on the answers `right(i, repeat)` says.
+    fn asked(n: usize, k: usize, right: impl Fn(usize, usize) -> bool) -> Vec<ItemResult> {
+        (0..n)
+            .map(|i| {
+                metrics::combine(
+                    (0..k)
+                        .map(|r| ItemResult {
+                            id: format!("i{i}"),
+                            output: format!("answer {r}"),
+                            exact: Some(right(i, r)),
+                            latency_ms: 10.0 * (r + 1) as f64,
+                            ..Default::default()
+                        })
+                        .collect(),
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn repeats_combine_into_majorities_shares_and_the_measured_noise() {
+        // Item 0 right 2 of 3 times, item 1 once, items 2.. always.
+        let results = asked(10, 3, |i, r| match i {
+            0 => r != 1,
+            1 => r == 2,
+            _ => true,
+        });
+        assert_eq!(results[0].exact, Some(true));
+        assert_eq!(results[0].votes["exact_match"], [true, false, true]);
+        assert_eq!(results[1].exact, Some(false));
+        // The answer shown agrees with the majority; latency is the mean.
+        assert_eq!(results[1].output, "answer 0");
+        assert!((results[0].latency_ms - 20.0).abs() < 1e-9);
+        // The metric is the mean share: (2/3 + 1/3 + 8) / 10.
+        let m = metrics::summarize(&results);
+        assert!((m["exact_match"] - 0.9).abs() < 1e-9, "{m:?}");
+        let noise = dataset_noise("qa", &results);
+        assert_eq!((noise.items, noise.unstable), (10, 2));
+        assert_eq!(
+            noise
+                .unstable_items
+                .iter()
+                .map(|i| i.id.as_str())
+                .collect::<Vec<_>>(),
+            ["i0", "i1"]
+        );
+        let em = &noise.metrics["exact_match"];
+        // Agreement (2/3 + 2/3 + 8) / 10; each unstable item flips with 2·2·1 / 6.
+        assert!((em.agreement - (8.0 + 4.0 / 3.0) / 10.0).abs() < 1e-9);
+        assert!((em.flip_rate - 2.0 * (4.0 / 6.0) / 10.0).abs() < 1e-9);
+        assert!(em.majority_flip_rate < em.flip_rate);
+        assert_eq!(noise.unstable_not_listed, 0);
+    }
+
+    #[test]
+    fn a_gate_with_repeats_tests_the_shares_and_sizes_itself_to_the_measured_noise() {
+        let mut rng = Rng::new(3);
+        let bound = t(None, Some(0.02));
+        // The same noisy model twice (a third of the items a coin): no failure.
+        let coin = |seed: u64| {
+            let mut r = Rng::new(seed);
+            let draws: Vec<bool> = (0..600).map(|_| r.unit() < 0.5).collect();
+            move |i: usize, k: usize| !i.is_multiple_of(3) || draws[i * 3 % 600 + k]
+        };
+        let base = asked(200, 3, coin(11));
+        let same = asked(200, 3, coin(12));
+        let value = |r: &[ItemResult]| metrics::summarize(r)["exact_match"];
+        let c = check_metric(
+            "qa",
+            "exact_match",
+            Some(value(&same)),
+            Some(value(&base)),
+            &bound,
+            &same,
+            Some(&base),
+            0.05,
+            &mut rng,
+        );
+        assert_ne!(c.verdict, Verdict::Fail, "{}", c.note);
+        assert!(c.note.contains("sign-flip p="), "{}", c.note);
+        assert!(c.note.contains("share of 3 answers"), "{}", c.note);
+        assert!(c.note.contains("measured noise"), "{}", c.note);
+        // With a third of the items coins, 200 items cannot see 2 points, and say so.
+        let mde = c.detectable.unwrap();
+        assert!(mde > 0.05, "{mde}");
+        assert!(
+            c.note.contains("cannot detect a regression of 0.020"),
+            "{}",
+            c.note
+        );
+        // Losing 30 stable items is seen: fail.
+        let worse = asked(200, 3, |i, k| {
+            i % 3 != 0 && i >= 45 || coin(12)(i, k) && i % 3 == 0
+        });
+        let c = check_metric(
+            "qa",
+            "exact_match",
+            Some(value(&worse)),
+            Some(value(&base)),
+            &bound,
+            &worse,
+            Some(&base),
+            0.05,
+            &mut rng,
+        );
+        assert_eq!(c.verdict, Verdict::Fail, "{}", c.note);
+        let [lo, hi] = c.interval.unwrap();
+        assert!(hi < 0.0 && lo > -0.3, "{lo} {hi}");
+        // A baseline asked once pairs with the candidate's first answers: McNemar, and the
+        // noise still measured from the candidate's repeats.
+        let once = asked(200, 1, coin(11));
+        let c = check_metric(
+            "qa",
+            "exact_match",
+            Some(value(&same)),
+            Some(value(&once)),
+            &bound,
+            &same,
+            Some(&once),
+            0.05,
+            &mut rng,
+        );
+        assert!(c.note.contains("McNemar p="), "{}", c.note);
+        assert!(c.note.contains("measured noise"), "{}", c.note);
+        assert!(c.detectable.unwrap() > mde, "single answers see less");
     }
 
     #[test]

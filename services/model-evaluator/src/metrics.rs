@@ -170,9 +170,55 @@ pub struct ItemResult {
     /// Why the embeddings endpoint gave no similarity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub similarity_error: Option<String>,
+    /// An item asked more than once (the spec's `repeats`): each yes/no metric's verdict on
+    /// every answer, in the order asked. The item's own verdicts are then the majority's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub votes: BTreeMap<String, Vec<bool>>,
 }
 
+/// The yes/no metrics, each with the item's verdict on it (`yes` is what the metric counts).
+pub const YES_NO_METRICS: &[&str] = &[
+    "exact_match",
+    "accuracy",
+    "format_compliance",
+    "hallucination_rate",
+    "refusal_rate",
+    "error_rate",
+];
+
 impl ItemResult {
+    /// The item's verdict on a yes/no metric, `None` when the item has none.
+    pub fn verdict(&self, metric: &str) -> Option<bool> {
+        match metric {
+            "exact_match" => self.exact,
+            "accuracy" => self.label_ok,
+            "format_compliance" => self.format_ok,
+            "hallucination_rate" => self.hallucinated,
+            "refusal_rate" => Some(self.refusal),
+            "error_rate" => Some(self.error.is_some()),
+            _ => None,
+        }
+    }
+
+    /// The verdicts of the first `k` answers (fewer when the item was asked fewer times).
+    pub fn answers(&self, metric: &str, k: usize) -> Option<Vec<bool>> {
+        match self.votes.get(metric) {
+            Some(v) if !v.is_empty() => Some(v.iter().take(k.max(1)).copied().collect()),
+            _ => self.verdict(metric).map(|v| vec![v]),
+        }
+    }
+
+    /// The share of the first `k` answers counted by a yes/no metric.
+    pub fn share(&self, metric: &str, k: usize) -> Option<f64> {
+        let a = self.answers(metric, k)?;
+        Some(a.iter().filter(|x| **x).count() as f64 / a.len() as f64)
+    }
+
+    /// How many times the item was asked.
+    pub fn repeats(&self) -> usize {
+        self.votes.values().map(Vec::len).max().unwrap_or(1).max(1)
+    }
+
     /// Per-item correctness for the paired test: exact match where there is an expected
     /// answer, else the label.
     pub fn correct(&self) -> Option<bool> {
@@ -223,9 +269,68 @@ fn mean_of(values: impl Iterator<Item = f64>) -> Option<f64> {
     slipway_domain::stats::mean(&v)
 }
 
-/// A dataset's metrics (only those its items allow).
+/// One item asked several times, as one result: each yes/no metric's verdict is the
+/// majority's (a tie goes to the first answer) with every answer's kept in `votes`; the output
+/// shown is the first answer agreeing with the majority on correctness; token F1, latency and
+/// tokens are means. Without answers, `None`.
+pub fn combine(answers: Vec<ItemResult>) -> Option<ItemResult> {
+    let first = answers.first()?;
+    if answers.len() == 1 {
+        return answers.into_iter().next();
+    }
+    let mut votes = BTreeMap::new();
+    for m in YES_NO_METRICS {
+        let v: Option<Vec<bool>> = answers.iter().map(|r| r.verdict(m)).collect();
+        if let Some(v) = v {
+            votes.insert((*m).to_string(), v);
+        }
+    }
+    let k = answers.len() as u32;
+    let majority = |m: &str| {
+        votes.get(m).map(|v: &Vec<bool>| {
+            let yes = v.iter().filter(|x| **x).count() as u32;
+            slipway_domain::power::majority_verdict(yes, k, v[0])
+        })
+    };
+    let correct = majority("exact_match").or_else(|| majority("accuracy"));
+    let shown = answers
+        .iter()
+        .position(|r| r.correct() == correct)
+        .unwrap_or(0);
+    let f1: Vec<f64> = answers.iter().filter_map(|r| r.f1).collect();
+    let answered: Vec<&ItemResult> = answers.iter().filter(|r| r.error.is_none()).collect();
+    let mean_u64 = |f: fn(&ItemResult) -> u64| {
+        (answers.iter().map(f).sum::<u64>() as f64 / answers.len() as f64).round() as u64
+    };
+    let mut out = ItemResult {
+        id: first.id.clone(),
+        latency_ms: slipway_domain::stats::mean(
+            &answered.iter().map(|r| r.latency_ms).collect::<Vec<_>>(),
+        )
+        .unwrap_or(0.0),
+        tokens_in: mean_u64(|r| r.tokens_in),
+        tokens_out: mean_u64(|r| r.tokens_out),
+        f1: slipway_domain::stats::mean(&f1),
+        ..answers[shown].clone()
+    };
+    out.exact = majority("exact_match");
+    out.label_ok = majority("accuracy");
+    out.format_ok = majority("format_compliance");
+    out.hallucinated = majority("hallucination_rate");
+    out.refusal = majority("refusal_rate").unwrap_or(false);
+    if majority("error_rate") == Some(false) {
+        out.error = None;
+    } else if out.error.is_none() {
+        out.error = answers.iter().find_map(|r| r.error.clone());
+    }
+    out.votes = votes;
+    Some(out)
+}
+
+/// A dataset's metrics (only those its items allow). A yes/no metric of items asked several
+/// times is the mean of their answers' shares: what one answer scores on average, whatever the
+/// repeats, so it compares with a baseline asked a different number of times.
 pub fn summarize(results: &[ItemResult]) -> BTreeMap<String, f64> {
-    let b = |x: bool| if x { 1.0 } else { 0.0 };
     let mut m = BTreeMap::new();
     let mut put = |k: &str, v: Option<f64>| {
         if let Some(v) = v {
@@ -234,11 +339,19 @@ pub fn summarize(results: &[ItemResult]) -> BTreeMap<String, f64> {
     };
     put(
         "exact_match",
-        mean_of(results.iter().filter_map(|r| r.exact).map(b)),
+        mean_of(
+            results
+                .iter()
+                .filter_map(|r| r.share("exact_match", usize::MAX)),
+        ),
     );
     put(
         "accuracy",
-        mean_of(results.iter().filter_map(|r| r.label_ok).map(b)),
+        mean_of(
+            results
+                .iter()
+                .filter_map(|r| r.share("accuracy", usize::MAX)),
+        ),
     );
     put("f1", mean_of(results.iter().filter_map(|r| r.f1)));
     put(
@@ -247,19 +360,35 @@ pub fn summarize(results: &[ItemResult]) -> BTreeMap<String, f64> {
     );
     put(
         "format_compliance",
-        mean_of(results.iter().filter_map(|r| r.format_ok).map(b)),
+        mean_of(
+            results
+                .iter()
+                .filter_map(|r| r.share("format_compliance", usize::MAX)),
+        ),
     );
     put(
         "hallucination_rate",
-        mean_of(results.iter().filter_map(|r| r.hallucinated).map(b)),
+        mean_of(
+            results
+                .iter()
+                .filter_map(|r| r.share("hallucination_rate", usize::MAX)),
+        ),
     );
     put(
         "refusal_rate",
-        mean_of(results.iter().map(|r| b(r.refusal))),
+        mean_of(
+            results
+                .iter()
+                .filter_map(|r| r.share("refusal_rate", usize::MAX)),
+        ),
     );
     put(
         "error_rate",
-        mean_of(results.iter().map(|r| b(r.error.is_some()))),
+        mean_of(
+            results
+                .iter()
+                .filter_map(|r| r.share("error_rate", usize::MAX)),
+        ),
     );
     let lat: Vec<f64> = results
         .iter()

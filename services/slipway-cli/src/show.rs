@@ -62,7 +62,54 @@ pub fn print_status(state: &Value) {
                     .unwrap_or_default()
             );
             for c in g["checks"].as_array().into_iter().flatten() {
-                outln!("      {:<5} {}", s(&c["verdict"]), s(&c["note"]));
+                let detects = c["detectable"]
+                    .as_f64()
+                    .map(|d| format!(" (detects ≥ {d:.3} at 80% power)"))
+                    .unwrap_or_default();
+                outln!("      {:<5} {}{detects}", s(&c["verdict"]), s(&c["note"]));
+            }
+        }
+    }
+    for c in state["calibrations"].as_array().into_iter().flatten() {
+        outln!(
+            "  calibration {}: {} answers per item",
+            s(&c["stage"]),
+            c["repeats"].as_u64().unwrap_or(0)
+        );
+        for d in c["datasets"].as_array().into_iter().flatten() {
+            let listed: Vec<&str> = d["unstable_items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .take(8)
+                .filter_map(|i| i["id"].as_str())
+                .collect();
+            outln!(
+                "      {}: {} of {} items unstable{}",
+                s(&d["dataset"]),
+                d["unstable"].as_u64().unwrap_or(0),
+                d["items"].as_u64().unwrap_or(0),
+                if listed.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({}{})",
+                        listed.join(", "),
+                        if d["unstable"].as_u64().unwrap_or(0) > listed.len() as u64 {
+                            ", ..."
+                        } else {
+                            ""
+                        }
+                    )
+                }
+            );
+            for (m, n) in d["metrics"].as_object().into_iter().flatten() {
+                outln!(
+                    "        {m}: agreement {:.3}; two single answers disagree on {:.1}% of items, two majorities on {:.1}%",
+                    n["agreement"].as_f64().unwrap_or(1.0),
+                    100.0 * n["flip_rate"].as_f64().unwrap_or(0.0),
+                    100.0 * n["majority_flip_rate"].as_f64().unwrap_or(0.0)
+                );
             }
         }
     }
