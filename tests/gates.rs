@@ -264,3 +264,181 @@ semantic_similarity = {{ min = 0.9 }}
     let notes = g["checks"].to_string();
     assert!(notes.contains("the embeddings endpoint failed"), "{notes}");
 }
+
+/// `n` sums "What is A + B?" from `from` on, as a dataset; the values each item adds up to.
+fn sums(from: u64, n: u64) -> (String, Vec<(String, u64)>) {
+    let mut text = String::new();
+    let mut values = Vec::new();
+    for i in from..from + n {
+        let (a, b) = (i * 7 % 50 + 10, i * 3 % 41 + 3);
+        let id = format!("sum-{i}");
+        text.push_str(
+            &serde_json::json!({"id": id, "prompt": format!("What is {a} + {b}?"), "expected": (a + b).to_string()})
+                .to_string(),
+        );
+        text.push('\n');
+        values.push((id, a + b));
+    }
+    (text, values)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_noisy_model_is_calibrated_and_its_gate_keeps_its_aa_block_rate() {
+    let stack = Stack::start_with(&[
+        "slipway-conductor",
+        "slipway-builder",
+        "slipway-deployer",
+        "slipway-model-evaluator",
+    ]);
+    let bin = model_server_binary(stack.dir.path());
+    // Like a sampled LLM: a fifth of the questions (the sums that are multiples of 5) get a
+    // wrong answer half the time, drawn anew on every request. The seed and one request at a
+    // time make the draws the same on every run of this test.
+    let noisy = start_model(
+        &bin,
+        stack.dir.path(),
+        "version = 1.0.0\nsums = true\nnoise = 0.5\nunsure_every = 5\nseed = 20261204\n",
+    );
+    let (a, a_values) = sums(0, 100);
+    let (b, b_values) = sums(100, 100);
+    let spec = |port: u16| {
+        format!(
+            r#"
+[pipeline]
+name = "noisy"
+[build]
+command = ["true"]
+[[environment]]
+name = "production"
+[environment.deploy]
+command = ["true"]
+[gates.model_evaluation]
+endpoint = {{ kind = "openai", base_url = "http://127.0.0.1:{port}", model = "sums" }}
+request_timeout_secs = 5
+concurrency = 1
+repeats = 5
+[[gates.model_evaluation.dataset]]
+name = "early"
+path = "a.jsonl"
+[gates.model_evaluation.dataset.thresholds]
+exact_match = {{ min = 0.5, max_regression = 0.02 }}
+f1 = {{ max_regression = 0.02 }}
+[[gates.model_evaluation.dataset]]
+name = "late"
+path = "b.jsonl"
+[gates.model_evaluation.dataset.thresholds]
+exact_match = {{ min = 0.5, max_regression = 0.02 }}
+f1 = {{ max_regression = 0.02 }}
+"#
+        )
+    };
+    let submit = |name: &str, port: u16| {
+        let dir = project(
+            stack.dir.path(),
+            name,
+            &spec(port),
+            &[("a.jsonl", &a), ("b.jsonl", &b)],
+        );
+        let v = stack.slipway_json(&["submit", dir.join("slipway.toml").to_str().unwrap()]);
+        v["run_id"].as_str().unwrap().to_string()
+    };
+    let unsure = |values: &[(String, u64)]| -> Vec<String> {
+        values
+            .iter()
+            .filter(|(_, v)| v % 5 == 0)
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    let unsure_ids = [unsure(&a_values), unsure(&b_values)];
+
+    // The first deployment: no baseline; the calibration already records the noise.
+    let first = submit("first", noisy.port);
+    let status = stack.wait_phase(&first, "succeeded", LONG);
+    let cal = &status["calibrations"][0];
+    assert_eq!(cal["repeats"], 5, "{status}");
+    for (ds, unsure) in cal["datasets"].as_array().unwrap().iter().zip(&unsure_ids) {
+        // Items are listed as unstable only where the model is unsure, and most of those are
+        // caught by five answers (a coin comes up the same five times one time in sixteen).
+        let listed: Vec<&str> = ds["unstable_items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap())
+            .collect();
+        assert!(
+            listed.iter().all(|id| unsure.iter().any(|u| u == id)),
+            "{listed:?} against {unsure:?}"
+        );
+        assert!(listed.len() * 10 >= unsure.len() * 7, "{ds}");
+        assert_eq!(ds["unstable"], listed.len());
+        let em = &ds["metrics"]["exact_match"];
+        let flip = em["flip_rate"].as_f64().unwrap();
+        // Half-coins on a fifth of the items: two single answers disagree on about 10%.
+        assert!((0.05..0.16).contains(&flip), "{em}");
+        assert!(em["majority_flip_rate"].as_f64().unwrap() < flip, "{em}");
+    }
+
+    // The same model again, five times: four paired checks each time (two metrics, two
+    // datasets), none blocks, and each reports its interval and what it can detect.
+    for i in 0..5 {
+        let run = submit(&format!("again-{i}"), noisy.port);
+        let status = stack.wait_phase(&run, "succeeded", LONG);
+        let g = gate(&status, "evaluate");
+        let checks: Vec<&Value> = g["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["p_value"].is_number())
+            .collect();
+        assert_eq!(checks.len(), 4, "{g}");
+        for c in checks {
+            assert!(
+                c["interval"].is_array() && c["detectable"].is_number(),
+                "{c}"
+            );
+            assert_ne!(c["verdict"], "fail", "{c}");
+            assert!(
+                c["note"]
+                    .as_str()
+                    .unwrap()
+                    .contains("Holm-adjusted over 4 tests"),
+                "{c}"
+            );
+            if c["metric"] == "exact_match" {
+                let note = c["note"].as_str().unwrap();
+                assert!(note.contains("share of 5 answers"), "{note}");
+                assert!(note.contains("measured noise"), "{note}");
+                // 100 items with this noise cannot see 2 points, and the check says so.
+                assert!(
+                    note.contains("cannot detect a regression of 0.020"),
+                    "{note}"
+                );
+            }
+        }
+        let text = stack.slipway_ok(&["status", &run]);
+        assert!(text.contains("detects ≥"), "{text}");
+        assert!(
+            text.contains("calibration evaluate: 5 answers per item"),
+            "{text}"
+        );
+    }
+
+    // A model unsure of half the questions (not a fifth): blocked on what it lost.
+    let worse = start_model(
+        &bin,
+        stack.dir.path(),
+        "version = 1.1.0\nsums = true\nnoise = 0.5\nunsure_every = 2\nseed = 7\n",
+    );
+    let run = submit("worse", worse.port);
+    let status = stack.wait_phase(&run, "failed", LONG);
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.contains("exact_match"), "{reason}");
+    assert!(reason.contains("sign-flip p="), "{reason}");
+    stack.assert_replay_matches(&run);
+    stack.assert_log_meets_schemas().await;
+    assert_eq!(
+        stack.refusals(),
+        Vec::<String>::new(),
+        "within least privilege"
+    );
+}

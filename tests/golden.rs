@@ -595,3 +595,102 @@ async fn record_the_rollouts_golden_log() {
 fn chrono_today() -> String {
     slipway_core::bus::now().format("%Y-%m-%d").to_string()
 }
+
+/// Records `tests/golden/<name>-calibration`: model evaluations that ask every item several
+/// times (`repeats`): the measured noise (`evaluate.calibrated`), a first deployment judged on
+/// absolute bounds, then the same model against it, tested on each item's share of answers.
+/// `cargo test -p slipway-e2e --test golden -- --ignored calibration`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "records a golden log; run by hand for a release"]
+async fn record_the_calibration_golden_log() {
+    let name =
+        std::env::var("SLIPWAY_GOLDEN_NAME").unwrap_or_else(|_| chrono_today()) + "-calibration";
+    let stack = Stack::start_with(&[
+        "slipway-conductor",
+        "slipway-builder",
+        "slipway-deployer",
+        "slipway-model-evaluator",
+    ]);
+    let bin = stack.dir.path().join("model-server");
+    let built = std::process::Command::new("rustc")
+        .args(["--edition", "2024", "-O", "-o"])
+        .arg(&bin)
+        .arg(slipway_core::testing::workspace_root().join("deploy/demo/model-server/src/main.rs"))
+        .status()
+        .unwrap();
+    assert!(built.success());
+    let port = slipway_core::exec::server::free_port();
+    let conf = stack.dir.path().join("model.conf");
+    std::fs::write(
+        &conf,
+        "version = 1.0.0\nsums = true\nnoise = 0.5\nunsure_every = 4\nseed = 11\n",
+    )
+    .unwrap();
+    let mut server = std::process::Command::new(&bin)
+        .args(["--port", &port.to_string(), "--config"])
+        .arg(&conf)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = std::process::Command::new(&bin)
+        .args([
+            "--wait-healthy",
+            &format!("http://127.0.0.1:{port}/healthz"),
+            "--timeout",
+            "10",
+        ])
+        .status()
+        .unwrap();
+    assert!(up.success());
+    let dataset: String = (0..40)
+        .map(|i| {
+            json!({"id": format!("sum-{i}"), "prompt": format!("What is {} + {}?", i + 10, 2 * i + 1), "expected": (3 * i + 11).to_string()})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    let spec = format!(
+        r#"
+[pipeline]
+name = "calibrated"
+[build]
+command = ["true"]
+[[environment]]
+name = "production"
+[environment.deploy]
+command = ["true"]
+[gates.model_evaluation]
+endpoint = {{ kind = "openai", base_url = "http://127.0.0.1:{port}", model = "sums" }}
+concurrency = 1
+repeats = 3
+[[gates.model_evaluation.dataset]]
+name = "sums"
+path = "sums.jsonl"
+[gates.model_evaluation.dataset.thresholds]
+exact_match = {{ min = 0.5, max_regression = 0.05 }}
+f1 = {{ max_regression = 0.05 }}
+"#
+    );
+    let dir = project(
+        stack.dir.path(),
+        "calibrated",
+        &spec,
+        &[("sums.jsonl", &dataset)],
+    );
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let v = stack.slipway_json(&["submit", dir.join("slipway.toml").to_str().unwrap()]);
+        let run = v["run_id"].as_str().unwrap().to_string();
+        let status = stack.wait_phase(&run, "succeeded", LONG);
+        assert_eq!(status["calibrations"][0]["repeats"], 3, "{status}");
+        runs.push(run);
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let log = export(&stack).await;
+    let states = keep(&name, &log);
+    for run in &runs {
+        let s = states.iter().find(|s| s["run_id"] == run.as_str()).unwrap();
+        assert_eq!(s, &stack.slipway_json(&["status", run]), "run {run}");
+    }
+}

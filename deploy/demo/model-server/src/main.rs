@@ -8,6 +8,12 @@
 //! - `version`;
 //! - `skip = N`: the model does not know the last N facts of its knowledge base (a worse model);
 //! - `slow_ms = N`: every answer takes N ms longer (a slower model);
+//! - `sums = true`: it also answers "What is A + B?" for any whole numbers (a dataset as large
+//!   as a test wants);
+//! - `noise = P` with `unsure_every = M` (default 1): a noisy model, like a sampled LLM: on the
+//!   questions it is unsure of (the facts whose position, or the sums whose value, is a multiple
+//!   of M) each answer is wrong with probability P, drawn anew on every request (`seed = N`
+//!   fixes the draws);
 //! - `degrade_after_secs = N` with `degrade_only_in = <environment>`: the deliberate defect of
 //!   the demo's last change, errors after N seconds of uptime in that environment only, which
 //!   only production monitoring sees.
@@ -32,6 +38,10 @@ struct Config {
     degrade_only_in: Option<String>,
     skip: usize,
     slow: Duration,
+    sums: bool,
+    noise: f64,
+    unsure_every: u64,
+    seed: Option<u64>,
 }
 
 fn parse_config(text: &str) -> Config {
@@ -54,7 +64,37 @@ fn parse_config(text: &str) -> Config {
         degrade_only_in: map.get("degrade_only_in").cloned(),
         skip: map.get("skip").and_then(|v| v.parse().ok()).unwrap_or(0),
         slow: Duration::from_millis(map.get("slow_ms").and_then(|v| v.parse().ok()).unwrap_or(0)),
+        sums: map.get("sums").is_some_and(|v| v == "true"),
+        noise: map.get("noise").and_then(|v| v.parse().ok()).unwrap_or(0.0),
+        unsure_every: map.get("unsure_every").and_then(|v| v.parse().ok()).unwrap_or(1).max(1),
+        seed: map.get("seed").and_then(|v| v.parse().ok()),
     }
+}
+
+/// The noise's draws: one xorshift state for every request thread.
+static DRAWS: AtomicU64 = AtomicU64::new(0);
+
+/// A draw in [0, 1).
+fn draw() -> f64 {
+    let mut x = DRAWS.load(Ordering::Relaxed);
+    loop {
+        let mut next = x;
+        next ^= next << 13;
+        next ^= next >> 7;
+        next ^= next << 17;
+        match DRAWS.compare_exchange_weak(x, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return (next >> 11) as f64 / (1u64 << 53) as f64,
+            Err(now) => x = now,
+        }
+    }
+}
+
+/// "What is A + B?" as (A, B).
+fn sum_question(question: &str) -> Option<(u64, u64)> {
+    let q = question.trim().trim_end_matches('?').to_lowercase();
+    let rest = q.strip_prefix("what is ")?;
+    let (a, b) = rest.split_once('+')?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
 }
 
 struct Metrics {
@@ -296,6 +336,27 @@ fn answer(question: &str, skip: usize) -> String {
 }
 
 impl Server {
+    /// The model's answer, with its noise.
+    fn answer(&self, question: &str) -> String {
+        let c = &self.config;
+        let (right, position) = match sum_question(question).filter(|_| c.sums) {
+            Some((a, b)) => ((a + b).to_string(), Some(a + b)),
+            None => {
+                let q = question.to_lowercase();
+                let at = FACTS.iter().position(|(k, _)| q.contains(k));
+                (answer(question, c.skip), at.map(|i| i as u64))
+            }
+        };
+        let unsure = position.is_some_and(|p| p % c.unsure_every == 0);
+        if unsure && c.noise > 0.0 && draw() < c.noise {
+            return match sum_question(question).filter(|_| c.sums) {
+                Some((a, b)) => (a + b + 1).to_string(),
+                None => "I don't know.".to_string(),
+            };
+        }
+        right
+    }
+
     fn degraded(&self) -> bool {
         let here = self
             .config
@@ -339,7 +400,7 @@ impl Server {
                 let reply = if req.body.contains("SUPPORTED or UNSUPPORTED") {
                     judge(&question)
                 } else {
-                    answer(&question, self.config.skip)
+                    self.answer(&question)
                 };
                 let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 let prompt_tokens = question.split_whitespace().count();
@@ -426,6 +487,10 @@ fn serve(port: u16, config: Config, environment: String) -> ! {
         std::process::exit(1)
     });
     eprintln!("model-server {} listening on 127.0.0.1:{port}", config.version);
+    let seed = config.seed.unwrap_or_else(|| {
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    DRAWS.store(seed | 1, Ordering::Relaxed);
     let server = Arc::new(Server { config, environment, started: Instant::now(), metrics: Metrics::new() });
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
@@ -478,6 +543,17 @@ fn self_tests() -> Vec<(&'static str, bool, String)> {
         "config_is_read",
         c.version == "2.0.0" && c.degrade_after == Some(Duration::from_millis(1500)) && c.skip == 3 && c.slow == Duration::from_millis(7),
         "a key was not parsed".into(),
+    );
+    let noisy = parse_config("sums = true\nnoise = 0.5\nunsure_every = 2\nseed = 7\n");
+    let server = Server { config: noisy, environment: "x".into(), started: Instant::now(), metrics: Metrics::new() };
+    DRAWS.store(7, Ordering::Relaxed);
+    let sure = (0..50).all(|_| server.answer("What is 20 + 3?") == "23");
+    let unsure: Vec<String> = (0..200).map(|_| server.answer("What is 20 + 2?")).collect();
+    let wrong = unsure.iter().filter(|a| *a == "23").count();
+    check(
+        "noise_falls_on_the_unsure_questions_only",
+        sure && unsure.iter().all(|a| a == "22" || a == "23") && (60..140).contains(&wrong),
+        format!("sure {sure}, {wrong} of 200 unsure answers wrong"),
     );
     check("knows_capitals", answer("What is the capital of France?", 0) == "Paris", answer("What is the capital of France?", 0));
     check("admits_ignorance", answer("Who won in 1066?", 0) == "I don't know.", answer("Who won in 1066?", 0));
