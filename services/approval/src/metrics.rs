@@ -261,6 +261,160 @@ pub async fn render_lag(bus: &slipway_core::bus::Bus) -> String {
     out
 }
 
+/// Slack beyond a stage's timeout (and the conductor's grace) before a run counts as past its
+/// deadline: the conductor decides timeouts at its ticks, well within this.
+pub const OVERDUE_SLACK_SECS: i64 = 60;
+
+/// Runs in flight with a stage past its deadline, by pipeline: a stage requested longer ago
+/// than its timeout and grace that no fact ended. The conductor ends such a stage itself, so a
+/// count that stays above zero means the conductor is not deciding.
+pub fn render_overdue<'a>(
+    runs: impl IntoIterator<Item = &'a Run>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> String {
+    use slipway_domain::run::StageStatus;
+    let mut by_pipeline: BTreeMap<&str, u64> = BTreeMap::new();
+    for run in runs {
+        let e = by_pipeline.entry(run.pipeline.as_str()).or_default();
+        let overdue = run.stages.iter().any(|st| {
+            // A rollout's time waiting on people does not count against its timeout.
+            matches!(st.status, StageStatus::Requested | StageStatus::Running)
+                && !st.name.starts_with("rollout")
+                && st
+                    .requested_at
+                    .zip(slipway_domain::decide::stage_timeout(&run.spec, &st.name))
+                    .is_some_and(|(at, timeout)| {
+                        at + timeout + chrono::Duration::seconds(OVERDUE_SLACK_SECS) < now
+                    })
+        });
+        *e += u64::from(overdue);
+    }
+    let mut out = String::from(
+        "# HELP slipway_runs_past_deadline Runs in flight with a stage past its timeout that nothing ended.\n# TYPE slipway_runs_past_deadline gauge\n",
+    );
+    for (pipeline, n) in by_pipeline {
+        let _ = writeln!(
+            out,
+            "slipway_runs_past_deadline{{{}}} {n}",
+            labels(&[("cicd_pipeline_name", pipeline)])
+        );
+    }
+    out
+}
+
+/// The service name of a process `slipway up` keeps: `slipway-tester` is `tester`.
+fn service_of(process: &str) -> &str {
+    process.strip_prefix("slipway-").unwrap_or(process)
+}
+
+/// An exit as a number: the exit code, or 128 + the signal (as a shell reports it).
+pub fn exit_code(status: &str) -> Option<i64> {
+    let number = |rest: &str| -> Option<i64> {
+        rest.trim()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    if let Some(rest) = status.strip_prefix("exit status:") {
+        number(rest)
+    } else {
+        status
+            .strip_prefix("signal:")
+            .and_then(number)
+            .map(|s| 128 + s)
+    }
+}
+
+/// The services' replicas from their heartbeats, and the restarts `slipway up` made.
+pub fn render_services(running: &slipway_core::health::Running, required: &[String]) -> String {
+    let mut out = String::new();
+    let mut live: BTreeMap<&str, (u64, u64, u64)> =
+        required.iter().map(|s| (s.as_str(), (0, 0, 0))).collect();
+    for r in &running.replicas {
+        let e = live.entry(r.service.as_str()).or_default();
+        e.0 += u64::from(r.live);
+        e.1 += u64::from(r.ready && r.live);
+        e.2 += r.lag.unwrap_or(0);
+    }
+    for (name, help, pick) in [
+        (
+            "slipway_service_replicas",
+            "Live replicas of each service, from their heartbeats.",
+            (|e: &(u64, u64, u64)| e.0) as fn(&(u64, u64, u64)) -> u64,
+        ),
+        (
+            "slipway_service_ready_replicas",
+            "Replicas of each service that are live and ready.",
+            |e| e.1,
+        ),
+        (
+            "slipway_service_lag",
+            "Requests the service's replicas hold and have not finished.",
+            |e| e.2,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (service, e) in &live {
+            let _ = writeln!(
+                out,
+                "{name}{{{}}} {}",
+                labels(&[("service", service)]),
+                pick(e)
+            );
+        }
+    }
+    let mut restarts: BTreeMap<&str, (u64, Option<i64>, bool)> = BTreeMap::new();
+    for s in &running.supervisors {
+        for p in &s.processes {
+            let e = restarts.entry(service_of(&p.name)).or_default();
+            e.0 += p.restarts;
+            if let Some(code) = p.last_exit.as_deref().and_then(exit_code) {
+                e.1 = Some(code);
+            }
+            e.2 |= p.crash_looping;
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP slipway_service_restarts_total Restarts slipway up made of each process.\n# TYPE slipway_service_restarts_total counter"
+    );
+    for (service, e) in &restarts {
+        let _ = writeln!(
+            out,
+            "slipway_service_restarts_total{{{}}} {}",
+            labels(&[("service", service)]),
+            e.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP slipway_service_last_exit_code How each process last ended: its exit code, or 128 + the signal.\n# TYPE slipway_service_last_exit_code gauge"
+    );
+    for (service, e) in &restarts {
+        if let Some(code) = e.1 {
+            let _ = writeln!(
+                out,
+                "slipway_service_last_exit_code{{{}}} {code}",
+                labels(&[("service", service)])
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP slipway_service_crash_looping 1 while slipway up reports the process exiting again and again.\n# TYPE slipway_service_crash_looping gauge"
+    );
+    for (service, e) in &restarts {
+        let _ = writeln!(
+            out,
+            "slipway_service_crash_looping{{{}}} {}",
+            labels(&[("service", service)]),
+            u8::from(e.2)
+        );
+    }
+    out
+}
+
 /// Exports consumer lag over OTLP (`slipway.consumer.lag`), sampled every `every`; a no-op
 /// unless OTLP metrics are on.
 pub fn export_lag(

@@ -23,6 +23,7 @@ const TYPED: &[(&str, &str, &str, &str)] = &[
     ("/v1/runs/{id}/context", "get", "200", "RunContext"),
     ("/v1/runs/{id}/logs/{stage}", "get", "200", "LogPage"),
     ("/v1/audit", "get", "200", "AuditPage"),
+    ("/v1/services", "get", "200", "ServiceList"),
 ];
 
 /// The document, built once.
@@ -81,6 +82,7 @@ fn generated_schemas() -> Map<String, Value> {
     generator.subschema_for::<crate::console::RunContext>();
     generator.subschema_for::<crate::console::LogPage>();
     generator.subschema_for::<crate::console::AuditPage>();
+    generator.subschema_for::<crate::routes::ServiceList>();
     let mut schemas = generator.take_definitions(true);
     schemas.insert("RunList".into(), json!({"type": "array", "items": run}));
     schemas.insert("DoraReport".into(), dora);

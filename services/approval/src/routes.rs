@@ -50,6 +50,7 @@ pub const SOURCE: &str = slipway_domain::service::Service::Approval.source();
         audit_page,
         dora,
         healthz,
+        services,
         prometheus,
         ui,
         page,
@@ -893,9 +894,15 @@ pub async fn dora(
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
+    /// `ok`; `degraded` when NATS is unreachable (503), a required service has no live replica
+    /// or a process is crash-looping (still 200: the gateway itself serves).
     pub status: String,
     pub nats: String,
     pub caught_up: bool,
+    /// Required services with no live replica (from their heartbeats).
+    pub missing_services: Vec<String>,
+    /// Processes a `slipway up` reports exiting again and again.
+    pub crash_looping: Vec<String>,
 }
 
 /// Liveness: the gateway and its NATS connection.
@@ -906,15 +913,23 @@ pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         async_nats::connection::State::Connected
     );
     let caught_up = state.runs.read().expect("lock").caught_up;
+    let (missing_services, crash_looping) = {
+        let running = state.running.read().expect("lock");
+        let required: Vec<&str> = state.required_services.iter().map(String::as_str).collect();
+        (running.missing(&required), running.crash_looping())
+    };
     let status = if connected {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let fine = connected && missing_services.is_empty() && crash_looping.is_empty();
     (
         status,
         Json(Health {
-            status: if connected { "ok" } else { "degraded" }.into(),
+            status: if fine { "ok" } else { "degraded" }.into(),
+            missing_services,
+            crash_looping,
             nats: if connected {
                 "connected"
             } else {
@@ -924,6 +939,31 @@ pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
             caught_up,
         }),
     )
+}
+
+/// Every running replica of every service, from their heartbeats, and what each `slipway up`
+/// keeps running (restarts, last exits, crash loops).
+#[utoipa::path(get, path = "/v1/services",
+    responses((status = 200, description = "The replicas running now", body = Object)))]
+pub async fn services(State(state): State<AppState>) -> Json<ServiceList> {
+    let running = state.running.read().expect("lock").clone();
+    let required: Vec<&str> = state.required_services.iter().map(String::as_str).collect();
+    Json(ServiceList {
+        missing: running.missing(&required),
+        replicas: running.replicas,
+        supervisors: running.supervisors,
+    })
+}
+
+/// `GET /v1/services`.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct ServiceList {
+    /// Every replica with a fresh heartbeat, by service then replica.
+    pub replicas: Vec<slipway_core::health::Heartbeat>,
+    /// What each `slipway up` keeps running.
+    pub supervisors: Vec<slipway_core::health::Supervision>,
+    /// Required services with no live replica.
+    pub missing: Vec<String>,
 }
 
 /// This document.
@@ -940,10 +980,23 @@ pub async fn openapi() -> impl IntoResponse {
 pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
     let mut body = {
         let runs = state.runs.read().expect("lock");
-        runs.delivery
-            .render(runs.newest_first().filter(|r| !r.is_ended()))
+        let mut b = runs
+            .delivery
+            .render(runs.newest_first().filter(|r| !r.is_ended()));
+        b.push_str(&crate::metrics::render_overdue(
+            runs.newest_first().filter(|r| !r.is_ended()),
+            slipway_core::bus::now(),
+        ));
+        b
     };
     body.push_str(&crate::metrics::render_lag(&state.bus).await);
+    {
+        let running = state.running.read().expect("lock");
+        body.push_str(&crate::metrics::render_services(
+            &running,
+            &state.required_services,
+        ));
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

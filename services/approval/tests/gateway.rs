@@ -94,6 +94,8 @@ async fn gateway() -> Gw {
         commit_links: Default::default(),
         oidc: None,
         public_url: "http://gw".into(),
+        running: Default::default(),
+        required_services: Arc::new(vec!["conductor".into()]),
     };
     Gw {
         _nats: nats,
@@ -475,6 +477,12 @@ async fn runs_are_served_from_the_log() {
     let (s, v) = gw.get("/healthz").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["nats"], "connected");
+    // No conductor has said it runs: the gateway serves, and names what is missing.
+    assert_eq!(v["status"], "degraded", "{v}");
+    assert_eq!(v["missing_services"], json!(["conductor"]), "{v}");
+    let (s, v) = gw.get("/v1/services").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["missing"], json!(["conductor"]), "{v}");
     let (s, v) = gw.get("/v1/ui").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(
@@ -800,6 +808,7 @@ async fn live_answers_match_the_openapi_document() {
         ("get", "/v1/audit", "/v1/audit?approver=bob".into()),
         ("get", "/v1/audit", "/v1/audit?cursor=not-a-cursor".into()),
         ("get", "/healthz", "/healthz".into()),
+        ("get", "/v1/services", "/v1/services".into()),
         ("get", "/v1/ui", "/v1/ui".into()),
     ];
     let mut seen_events = false;

@@ -27,7 +27,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BusE
         artifacts_bucket: config.nats.stream.artifacts_bucket.clone(),
         logs_bucket: config.nats.stream.logs_bucket.clone(),
     });
-    run_worker(bus, worker, config.worker, shutdown).await
+    run_worker(bus, worker, config.worker, &config.health, shutdown).await
 }
 
 /// The build worker.

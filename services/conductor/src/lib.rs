@@ -120,6 +120,11 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// [`ConductorError`] when NATS cannot be reached or the stream does not fit.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ConductorError> {
     let bus = Bus::connect(&config.nats, "slipway-conductor").await?;
+    let health = slipway_core::health::Health::new(
+        slipway_core::runtime::Service::Conductor,
+        &slipway_core::health::Health::default_replica(slipway_core::runtime::Service::Conductor),
+    );
+    slipway_core::health::start(&bus, &health, &config.health, shutdown.clone()).await;
     let stream = bus.ensure_stream().await?;
     let (stream_created, target) = bus.stream_state().await?;
     let index = match slipway_core::store::runs::RunIndex::open(&bus).await {
@@ -186,11 +191,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cond
         tokio::time::interval(Duration::from_millis(config.conductor.tick_millis.max(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    health.bound(None);
     if target < start {
         // Nothing to read (an empty log, or a checkpoint at its end).
         state.catch_up(&bus).await;
     }
     loop {
+        // Every tick turns the loop: one that stops turning is wedged.
+        health.turned();
+        if state.caught_up {
+            health.caught_up();
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             m = messages.next() => match m {

@@ -29,7 +29,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BusE
     let worker = Arc::new(CostGate {
         pricing: config.pricing.clone(),
     });
-    run_worker(bus, worker, config.worker, shutdown).await
+    run_worker(bus, worker, config.worker, &config.health, shutdown).await
 }
 
 #[derive(Debug)]

@@ -62,7 +62,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Depl
         approvers: config.gateway.approvers.clone(),
         approval_key,
     });
-    Ok(run_worker(bus, worker, config.worker, shutdown).await?)
+    Ok(run_worker(bus, worker, config.worker, &config.health, shutdown).await?)
 }
 
 /// The deploy worker.

@@ -50,7 +50,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BusE
         exec: config.exec.clone(),
         logs_bucket: config.nats.stream.logs_bucket.clone(),
     });
-    run_worker(bus, worker, config.worker, shutdown).await
+    run_worker(bus, worker, config.worker, &config.health, shutdown).await
 }
 
 #[derive(Debug)]

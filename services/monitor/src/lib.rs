@@ -53,7 +53,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BusE
     };
     // Each monitored deploy or rollout holds a job for its whole window: the monitor's stages
     // wait, so by default hundreds run at once (runtime::default_concurrency).
-    run_worker(bus, Arc::new(monitor), config.worker, shutdown).await
+    run_worker(
+        bus,
+        Arc::new(monitor),
+        config.worker,
+        &config.health,
+        shutdown,
+    )
+    .await
 }
 
 /// The monitor worker, and the rollouts' judge.

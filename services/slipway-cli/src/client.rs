@@ -765,6 +765,27 @@ impl Client {
         Ok(ExitCode::SUCCESS)
     }
 
+    pub async fn services(&self, json_out: bool) -> anyhow::Result<ExitCode> {
+        let running = slipway_core::health::running(&self.bus).await?;
+        let all: Vec<&str> = slipway_domain::service::Service::ALL
+            .iter()
+            .map(|s| s.name())
+            .collect();
+        let missing = running.missing(&all);
+        if json_out {
+            let mut v = serde_json::to_value(&running)?;
+            v["missing"] = json!(missing);
+            outln!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            show::print_services(&running, &missing);
+        }
+        Ok(if missing.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    }
+
     pub async fn dora(&self, since: &str, json_out: bool) -> anyhow::Result<ExitCode> {
         let window = slipway_domain::dora::parse_window(since).map_err(anyhow::Error::msg)?;
         let now = slipway_core::bus::now();

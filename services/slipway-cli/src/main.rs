@@ -184,6 +184,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Every running replica of every service (from their heartbeats: version, host, uptime,
+    /// readiness, lag, health URL), what each `slipway up` keeps running (restarts, last exit,
+    /// crash loops), and the services with no live replica. Exits 1 when one is missing.
+    Services {
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a new run of the same change.
     Rerun {
         run: String,
@@ -554,6 +561,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dora { since, json } => {
             let c = client::Client::connect(&client::settings(&url)).await?;
             c.dora(&since, json).await
+        }
+        Command::Services { json } => {
+            let c = client::Client::connect(&client::settings(&url)).await?;
+            c.services(json).await
         }
         Command::Rerun { run, json } => {
             let c = client::Client::connect(&client::settings(&url)).await?;

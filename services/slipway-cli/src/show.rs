@@ -292,3 +292,65 @@ pub fn print_dora(r: &slipway_domain::dora::Report) {
     }
     row("(all)", &r.overall);
 }
+
+/// `slipway services`: the replicas, then what each `up` keeps running, then what is missing.
+pub fn print_services(running: &slipway_core::health::Running, missing: &[String]) {
+    outln!(
+        "{:<16} {:<40} {:<8} {:>9} {:<9} {:>5}  HEALTH",
+        "SERVICE",
+        "REPLICA",
+        "VERSION",
+        "UPTIME",
+        "STATE",
+        "LAG"
+    );
+    for r in &running.replicas {
+        let state = match (r.live, r.ready) {
+            (true, true) => "ready".to_string(),
+            (true, false) => "not ready".to_string(),
+            _ => "wedged".to_string(),
+        };
+        outln!(
+            "{:<16} {:<40} {:<8} {:>8}s {:<9} {:>5}  {}{}",
+            r.service,
+            r.replica,
+            r.version,
+            r.uptime_secs,
+            state,
+            r.lag.map_or_else(|| "-".to_string(), |l| l.to_string()),
+            r.health_url.as_deref().unwrap_or("-"),
+            r.not_ready
+                .as_deref()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default()
+        );
+    }
+    for s in &running.supervisors {
+        outln!("slipway up on {} (pid {}):", s.host, s.pid);
+        for p in &s.processes {
+            outln!(
+                "  {:<26} {:<12} restarts {:<4}{}{}",
+                p.name,
+                if p.running {
+                    p.pid
+                        .map_or_else(|| "running".to_string(), |pid| format!("pid {pid}"))
+                } else {
+                    "not running".to_string()
+                },
+                p.restarts,
+                p.last_exit
+                    .as_deref()
+                    .map(|e| format!(" last exit: {e}"))
+                    .unwrap_or_default(),
+                if p.crash_looping {
+                    "  CRASH-LOOPING"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    if !missing.is_empty() {
+        outln!("no live replica: {}", missing.join(", "));
+    }
+}

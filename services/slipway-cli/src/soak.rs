@@ -96,7 +96,7 @@ pub async fn soak(opts: Options) -> anyhow::Result<ExitCode> {
     eprintln!("slipway soak: {} runs, seed {seed}", opts.runs);
     let mut rng = Lcg(seed);
     let mut stack = Stack::start(None, free_port(), &data, Some(&config), true).await?;
-    stack.max_restarts = u32::MAX;
+    stack.backoff_cap = Duration::from_millis(100);
     let bus = Bus::connect(&stack.settings("admin"), "slipway-soak").await?;
     bus.ensure_stream().await?;
 

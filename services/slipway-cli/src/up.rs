@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use slipway_core::bus::NatsSettings;
@@ -14,16 +14,93 @@ use tokio::process::{Child, Command};
 /// The services `up` starts, by binary name.
 pub const SERVICES: &[&str] = &slipway_domain::service::Service::BINARIES;
 
-/// A service that exits this many times is not restarted again: something is wrong.
-const MAX_RESTARTS: u32 = 5;
-
 /// Services are stopped with SIGTERM and get this long to drain before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(35);
+
+/// The first restart's delay; each quick exit in a row doubles it, up to the stack's cap.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+
+/// The longest delay between restarts by default: a process is never given up on.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// A process that ran this long before it exited is restarted at once again, its backoff reset
+/// (systemd's start-rate limit, without its giving up).
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// This many exits within [`CRASH_LOOP_WINDOW`] and a process is reported as crash-looping.
+const CRASH_LOOP_EXITS: usize = 5;
+const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(60);
+
+/// How `up` keeps one process running: its restarts, its backoff, its last exit.
+#[derive(Debug, Clone, Default)]
+pub struct Restarts {
+    /// Restarts over `up`'s life.
+    pub total: u64,
+    /// Quick exits in a row: the backoff's exponent.
+    streak: u32,
+    started: Option<Instant>,
+    /// When it is started again, after an exit.
+    next: Option<Instant>,
+    /// How it last ended (`exit status: 1`, `signal: 9 (SIGKILL)`).
+    pub last_exit: Option<String>,
+    exits: std::collections::VecDeque<Instant>,
+    /// Set while it exits too often ([`CRASH_LOOP_EXITS`] within [`CRASH_LOOP_WINDOW`]).
+    pub crash_looping: bool,
+}
+
+impl Restarts {
+    fn started(&mut self, now: Instant) {
+        self.started = Some(now);
+        self.next = None;
+    }
+
+    /// Records an exit at `now` and schedules the next start; returns the delay, and whether the
+    /// process has just begun to crash-loop.
+    fn exited(&mut self, status: String, now: Instant, cap: Duration) -> (Duration, bool) {
+        let ran = self.started.map_or(Duration::ZERO, |s| now - s);
+        if ran >= STABLE_AFTER {
+            self.streak = 0;
+        }
+        self.streak = self.streak.saturating_add(1);
+        let delay = BACKOFF_FIRST
+            .saturating_mul(1 << (self.streak - 1).min(16))
+            .min(cap);
+        self.total += 1;
+        self.last_exit = Some(status);
+        self.started = None;
+        self.next = Some(now + delay);
+        self.exits.push_back(now);
+        while self
+            .exits
+            .front()
+            .is_some_and(|t| now - *t > CRASH_LOOP_WINDOW)
+        {
+            self.exits.pop_front();
+        }
+        let looping = self.exits.len() >= CRASH_LOOP_EXITS;
+        let began = looping && !self.crash_looping;
+        self.crash_looping = looping;
+        (delay, began)
+    }
+
+    /// Whether it is due to start again at `now`.
+    fn due(&self, now: Instant) -> bool {
+        self.next.is_some_and(|t| t <= now)
+    }
+
+    /// Forgets a crash loop once the process has run a stable while.
+    fn settle(&mut self, now: Instant) {
+        if self.crash_looping && self.started.is_some_and(|s| now - s >= STABLE_AFTER) {
+            self.crash_looping = false;
+            self.exits.clear();
+        }
+    }
+}
 
 struct Service {
     name: &'static str,
     child: Option<Child>,
-    restarts: u32,
+    restarts: Restarts,
 }
 
 /// A running set of services (and maybe their nats-server).
@@ -36,8 +113,10 @@ pub struct Stack {
     services: Vec<Service>,
     env: Vec<(String, String)>,
     bin_dir: PathBuf,
-    /// Exits of one service tolerated before giving up (`slipway soak` kills on purpose).
-    pub max_restarts: u32,
+    /// The longest delay between two restarts of a process (`slipway soak`, which kills on
+    /// purpose, wants them quick).
+    pub backoff_cap: Duration,
+    nats_restarts: Restarts,
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
@@ -132,6 +211,12 @@ impl Stack {
         }
         let mut env = vec![
             ("SLIPWAY__NATS__URL".to_string(), url.clone()),
+            // Every service answers /livez and /readyz on a port of its own, which its
+            // heartbeat names (`slipway services`).
+            (
+                "SLIPWAY__HEALTH__LISTEN".to_string(),
+                "127.0.0.1:0".to_string(),
+            ),
             (
                 "SLIPWAY__EXEC__WORKSPACE_ROOT".to_string(),
                 data_dir.join("work").display().to_string(),
@@ -159,12 +244,13 @@ impl Stack {
                 .map(|name| Service {
                     name,
                     child: None,
-                    restarts: 0,
+                    restarts: Restarts::default(),
                 })
                 .collect(),
             env,
             bin_dir,
-            max_restarts: MAX_RESTARTS,
+            backoff_cap: BACKOFF_CAP,
+            nats_restarts: Restarts::default(),
         };
         for i in 0..stack.services.len() {
             stack.spawn(i)?;
@@ -185,7 +271,7 @@ impl Stack {
         self.services.push(Service {
             name,
             child: None,
-            restarts: 0,
+            restarts: Restarts::default(),
         });
         self.spawn(self.services.len() - 1)
     }
@@ -218,9 +304,25 @@ impl Stack {
                 ),
             ]
         });
+        // A process started again learns how often, and how its last run ended (its heartbeat
+        // says so).
+        let restarted = &self.services[i].restarts;
+        let history = (restarted.total > 0).then(|| {
+            [
+                (
+                    slipway_core::health::RESTARTS_ENV.to_string(),
+                    restarted.total.to_string(),
+                ),
+                (
+                    slipway_core::health::LAST_EXIT_ENV.to_string(),
+                    restarted.last_exit.clone().unwrap_or_default(),
+                ),
+            ]
+        });
         let child = Command::new(self.bin_dir.join(name))
             .envs(self.env.iter().cloned())
             .envs(user.into_iter().flatten())
+            .envs(history.into_iter().flatten())
             .stdin(Stdio::null())
             // Own process group: a terminal's Ctrl-C goes to `up`, which stops each service
             // with one SIGTERM (a second signal would make it exit without draining).
@@ -229,41 +331,120 @@ impl Stack {
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
         self.services[i].child = Some(child);
+        self.services[i].restarts.started(Instant::now());
         Ok(())
     }
 
-    /// Restarts services that exited (with a growing delay), until `stop`.
+    /// Restarts what exited: each service, and the nats-server this stack started (on its
+    /// store; the services reconnect by themselves). Never gives up: a process that exits again
+    /// soon waits longer, up to `backoff_cap`, and one that exits often is reported as
+    /// crash-looping, loudly, while the others go on. Returns at once; call it again.
+    ///
+    /// # Errors
+    /// Only when the process table cannot be read.
     pub async fn supervise_once(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        if let Some(n) = self.nats.as_mut() {
+            if let Some(status) = n.exited() {
+                let (delay, began) =
+                    self.nats_restarts
+                        .exited(status.clone(), now, self.backoff_cap);
+                eprintln!(
+                    "nats-server exited ({status}); restarting it on its store in {:.1}s",
+                    delay.as_secs_f64()
+                );
+                if began {
+                    eprintln!(
+                        "slipway up: nats-server is crash-looping: {CRASH_LOOP_EXITS} exits within {}s (last: {status}); still restarting it",
+                        CRASH_LOOP_WINDOW.as_secs()
+                    );
+                }
+            }
+            if self.nats_restarts.due(now) {
+                // A start waits until the server listens (well under a second on its store).
+                match tokio::task::block_in_place(|| n.start_again()) {
+                    Ok(()) => {
+                        self.nats_restarts.started(now);
+                        eprintln!("nats-server is back at {}", n.url());
+                    }
+                    Err(e) => {
+                        let (delay, _) =
+                            self.nats_restarts.exited(e.clone(), now, self.backoff_cap);
+                        eprintln!(
+                            "nats-server did not start again ({e}); next try in {:.1}s",
+                            delay.as_secs_f64()
+                        );
+                    }
+                }
+            }
+            self.nats_restarts.settle(now);
+        }
         for i in 0..self.services.len() {
             let exited = match self.services[i].child.as_mut() {
                 Some(c) => c.try_wait()?.map(|s| s.to_string()),
-                None => Some("not running".into()),
+                None => None,
             };
+            let cap = self.backoff_cap;
+            let s = &mut self.services[i];
             if let Some(status) = exited {
-                let s = &mut self.services[i];
-                s.restarts += 1;
-                if s.restarts > self.max_restarts {
-                    bail!(
-                        "{} keeps exiting ({status}); giving up after {} restarts",
-                        s.name,
-                        self.max_restarts
-                    );
-                }
-                let delay = if self.max_restarts == u32::MAX {
-                    Duration::from_millis(100)
-                } else {
-                    Duration::from_millis(500 * u64::from(s.restarts.min(10)))
-                };
+                s.child = None;
+                let (delay, began) = s.restarts.exited(status.clone(), now, cap);
                 eprintln!(
                     "{} exited ({status}); restarting in {:.1}s",
                     s.name,
                     delay.as_secs_f64()
                 );
-                tokio::time::sleep(delay).await;
-                self.spawn(i)?;
+                if began {
+                    eprintln!(
+                        "slipway up: {} is crash-looping: {CRASH_LOOP_EXITS} exits within {}s (last: {status}); still restarting it, the other services go on",
+                        s.name,
+                        CRASH_LOOP_WINDOW.as_secs()
+                    );
+                }
             }
+            if s.child.is_none()
+                && s.restarts.due(now)
+                && let Err(e) = self.spawn(i)
+            {
+                let s = &mut self.services[i];
+                let (delay, _) = s.restarts.exited(format!("{e:#}"), now, cap);
+                eprintln!("{e:#}; next try in {:.1}s", delay.as_secs_f64());
+            }
+            self.services[i].restarts.settle(now);
         }
         Ok(())
+    }
+
+    /// What this `up` keeps running, as it writes it to the heartbeat bucket.
+    pub fn supervision(&self) -> slipway_core::health::Supervision {
+        let mut processes: Vec<slipway_core::health::Supervised> = self
+            .services
+            .iter()
+            .map(|s| slipway_core::health::Supervised {
+                name: s.name.to_string(),
+                running: s.child.is_some(),
+                pid: s.child.as_ref().and_then(Child::id),
+                restarts: s.restarts.total,
+                last_exit: s.restarts.last_exit.clone(),
+                crash_looping: s.restarts.crash_looping,
+            })
+            .collect();
+        if let Some(n) = &self.nats {
+            processes.push(slipway_core::health::Supervised {
+                name: "nats-server".into(),
+                running: n.pid().is_some(),
+                pid: n.pid(),
+                restarts: self.nats_restarts.total,
+                last_exit: self.nats_restarts.last_exit.clone(),
+                crash_looping: self.nats_restarts.crash_looping,
+            });
+        }
+        slipway_core::health::Supervision {
+            host: slipway_core::health::host_name(),
+            pid: std::process::id(),
+            at: chrono::Utc::now(),
+            processes,
+        }
     }
 
     /// SIGKILL to the nats-server this stack started, then the same server on the same store.
@@ -272,7 +453,11 @@ impl Stack {
     /// When it does not come back.
     pub fn restart_nats(&mut self) -> anyhow::Result<()> {
         match self.nats.as_mut() {
-            Some(n) => n.restart().map_err(anyhow::Error::msg),
+            Some(n) => {
+                n.restart().map_err(anyhow::Error::msg)?;
+                self.nats_restarts.started(Instant::now());
+                Ok(())
+            }
             None => bail!("this stack did not start its nats-server"),
         }
     }
@@ -485,6 +670,11 @@ pub async fn up(
     }
     let stop = signal();
     tokio::pin!(stop);
+    // What `up` keeps running goes to the heartbeat bucket (restarts, exits, crash loops), for
+    // the gateway's /healthz, /metrics and /v1/services; written by a task of its own, so a
+    // NATS that is down never holds up a restart (of NATS itself, say).
+    let (report, reports) = tokio::sync::watch::channel(stack.supervision());
+    let reporter = tokio::spawn(report_supervision(stack.settings("admin"), reports));
     let outcome = loop {
         tokio::select! {
             _ = &mut stop => break Ok(()),
@@ -492,10 +682,37 @@ pub async fn up(
                 if let Err(e) = stack.supervise_once().await {
                     break Err(e);
                 }
+                let _ = report.send(stack.supervision());
             }
         }
     };
+    reporter.abort();
     eprintln!("Stopping Slipway…");
     stack.stop().await;
     outcome.map(|()| ExitCode::SUCCESS)
+}
+
+/// Writes what `up` keeps running to the heartbeat bucket every few seconds, connecting (and
+/// reconnecting) as it can.
+async fn report_supervision(
+    settings: NatsSettings,
+    mut reports: tokio::sync::watch::Receiver<slipway_core::health::Supervision>,
+) {
+    let mut bus = None;
+    loop {
+        if bus.is_none() {
+            bus = slipway_core::bus::Bus::connect(&settings, "slipway-up")
+                .await
+                .ok();
+        }
+        if let Some(b) = &bus {
+            let now = reports.borrow_and_update().clone();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                slipway_core::health::put_supervision(b, &now),
+            )
+            .await;
+        }
+        tokio::time::sleep(slipway_core::health::HEARTBEAT_EVERY).await;
+    }
 }

@@ -20,6 +20,7 @@ pub mod bus;
 pub mod config;
 pub mod embeddings;
 pub mod exec;
+pub mod health;
 pub mod runtime;
 pub mod store;
 pub mod telemetry;

@@ -118,7 +118,9 @@ fn start(
     let (w, s, nats_settings) = (worker.clone(), shutdown.clone(), nats.settings());
     let task = tokio::spawn(async move {
         let bus = Bus::connect(&nats_settings, "worker").await.unwrap();
-        run_worker(bus, w, settings, s).await.unwrap();
+        run_worker(bus, w, settings, &Default::default(), s)
+            .await
+            .unwrap();
     });
     (worker, shutdown, task)
 }
@@ -387,7 +389,9 @@ async fn an_exclusive_attempt_started_by_a_dead_delivery_is_repeated_only_when_i
         let (w, s, settings) = (worker.clone(), shutdown.clone(), nats.settings());
         let task = tokio::spawn(async move {
             let bus = Bus::connect(&settings, "worker").await.unwrap();
-            run_worker(bus, w, fast(), s).await.unwrap();
+            run_worker(bus, w, fast(), &Default::default(), s)
+                .await
+                .unwrap();
         });
         if idempotent {
             wait_for(

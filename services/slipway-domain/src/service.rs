@@ -167,6 +167,67 @@ impl fmt::Display for Service {
     }
 }
 
+/// One replica of a service as it last said of itself: its heartbeat in the `slipway-services`
+/// KV bucket (`slipway_core::health`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct Heartbeat {
+    pub service: String,
+    pub replica: String,
+    /// Its release (`CARGO_PKG_VERSION`).
+    pub version: String,
+    pub host: String,
+    pub pid: u32,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// When it said so.
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub uptime_secs: u64,
+    pub live: bool,
+    pub ready: bool,
+    /// Why it is not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready: Option<String>,
+    /// Requests its consumer holds that it has not finished (waiting plus in hand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+    /// Where its liveness and readiness are answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_url: Option<String>,
+    /// Set by `slipway up` when it started this process again: its restarts so far, and how the
+    /// one before ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+}
+
+/// What `slipway up` keeps running on one host, under the key `up.<host>` of the heartbeat
+/// bucket: each process, its restarts and its last exit.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct Supervision {
+    pub host: String,
+    /// `up`'s own process.
+    pub pid: u32,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub processes: Vec<Supervised>,
+}
+
+/// One process `slipway up` keeps running.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct Supervised {
+    /// The service's binary (`slipway-tester`), or `nats-server`.
+    pub name: String,
+    pub running: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Restarts over `up`'s life.
+    pub restarts: u64,
+    /// How it last ended (`exit status: 1`, `signal: 9 (SIGKILL)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    /// It exits again and again (five times within a minute); `up` keeps restarting it.
+    pub crash_looping: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

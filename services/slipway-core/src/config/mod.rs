@@ -25,6 +25,8 @@ pub struct Config {
     pub gateway: GatewaySettings,
     pub approvals: ApprovalKeys,
     pub pricing: Pricing,
+    /// Liveness and readiness over HTTP (`crate::health`).
+    pub health: crate::health::HealthSettings,
 }
 
 /// How approvals are trusted: the gateway signs each decision; the deployer verifies.
@@ -65,6 +67,9 @@ pub struct InstancePrice {
 pub struct GatewaySettings {
     /// Address to bind; loopback by default.
     pub listen: String,
+    /// The services that must have a live replica; `/healthz` and the metrics name those that
+    /// have none. Default: all nine.
+    pub required_services: Vec<String>,
     /// The URL people reach the gateway at, for links in notifications, CDEvents and spans
     /// (every service reads it; `slipway up` sets it from `listen` when unset).
     pub public_url: Option<String>,
@@ -232,6 +237,10 @@ impl Default for GatewaySettings {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
+            required_services: slipway_domain::service::Service::ALL
+                .iter()
+                .map(|s| s.name().to_string())
+                .collect(),
             public_url: None,
             approvers: Vec::new(),
             webhooks: Vec::new(),

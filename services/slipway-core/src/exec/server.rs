@@ -252,6 +252,24 @@ impl NatsProcess {
         }
     }
 
+    /// How the server ended, once it has (the child is reaped, no zombie stays); `None` while
+    /// it runs or after [`NatsProcess::kill`].
+    pub fn exited(&mut self) -> Option<String> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status.to_string())
+    }
+
+    /// Starts the server again on its port and store after it exited, and waits until it
+    /// listens.
+    ///
+    /// # Errors
+    /// As [`NatsProcess::spawn`].
+    pub fn start_again(&mut self) -> Result<(), String> {
+        self.kill();
+        self.start(false)
+    }
+
     /// SIGKILL, then the same server again on the same port and store.
     ///
     /// # Errors

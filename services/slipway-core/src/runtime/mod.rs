@@ -233,6 +233,7 @@ pub async fn run_worker<W: Worker>(
     bus: Bus,
     worker: Arc<W>,
     settings: WorkerSettings,
+    health_settings: &crate::health::HealthSettings,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
     let service = worker.service().name();
@@ -263,6 +264,8 @@ pub async fn run_worker<W: Worker>(
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!("{service}-{}-{}", host.trim(), std::process::id())
     });
+    let health = crate::health::Health::new(worker.service(), &worker_id);
+    crate::health::start(&bus, &health, health_settings, shutdown.clone()).await;
     let concurrency = settings
         .concurrency
         .unwrap_or_else(|| default_concurrency(worker.service()))
@@ -292,6 +295,7 @@ pub async fn run_worker<W: Worker>(
     let _view_stop = view_stop.clone().drop_guard();
     let objects = crate::store::objects::Objects::new(&bus);
     let deploys = crate::store::baseline::Deploys::new(&bus);
+    health.bound(Some(service));
     let runs = if settings.follow_runs {
         Some(
             crate::runtime::follow::RunsInFlight::start_for(&deploys, worker.kinds(), view_stop)
@@ -300,14 +304,24 @@ pub async fn run_worker<W: Worker>(
     } else {
         None
     };
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
+    health.caught_up();
+    // The loop turns at least every heartbeat, waiting or not: a loop that does not is wedged.
+    let turn = crate::health::HEARTBEAT_EVERY;
+    'work: loop {
+        health.turned();
+        let permit = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'work,
+                p = permits.clone().acquire_owned() => break p.expect("semaphore never closes"),
+                () = tokio::time::sleep(turn) => health.turned(),
+            }
         };
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            m = messages.next() => m,
+        let msg = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'work,
+                m = messages.next() => break m,
+                () = tokio::time::sleep(turn) => health.turned(),
+            }
         };
         let msg = match msg {
             Some(Ok(m)) => m,
