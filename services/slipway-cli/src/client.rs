@@ -41,6 +41,73 @@ fn check_run_id(run: &str) -> anyhow::Result<()> {
     }
 }
 
+/// [`settings`] as the server's `admin` user (backups need every stream's snapshot).
+fn admin_settings(url: &str) -> NatsSettings {
+    let mut s = settings(url);
+    if s.user.is_some() {
+        let data =
+            std::env::var_os("SLIPWAY_DATA_DIR").map_or_else(|| ".slipway".into(), PathBuf::from);
+        let file = slipway_core::config::credentials::password_file(
+            &slipway_core::config::credentials::directory(&data),
+            "admin",
+        );
+        // Without the file here, the URL's own credentials (or none) are used.
+        let here = file.exists();
+        s.user = here.then(|| "admin".into());
+        s.password_file = here.then_some(file);
+    }
+    s.connect_timeout_secs = 10;
+    s
+}
+
+fn print_manifest(
+    m: &slipway_core::store::backup::Manifest,
+    verb: &str,
+    dir: &Path,
+    json_out: bool,
+) {
+    if json_out {
+        outln!("{}", serde_json::to_string_pretty(m).expect("serialises"));
+        return;
+    }
+    for s in &m.streams {
+        outln!(
+            "{verb} {:<28} {:>8} messages, sequences {}..{}, {} bytes",
+            s.name,
+            s.messages,
+            s.first_seq,
+            s.last_seq,
+            s.bytes
+        );
+    }
+    outln!("{} streams {verb} {}", m.streams.len(), dir.display());
+}
+
+/// `slipway backup DIR`.
+pub async fn backup(url: &str, dir: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
+    let bus = Bus::connect(&admin_settings(url), "slipway-backup").await?;
+    let m = slipway_core::store::backup::backup(&bus, dir).await?;
+    print_manifest(&m, "backed up into", dir, json_out);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `slipway restore DIR`.
+pub async fn restore(url: &str, dir: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
+    restore_with(&admin_settings(url), dir, json_out).await
+}
+
+/// `slipway restore DIR` connecting with `settings`.
+pub async fn restore_with(
+    settings: &NatsSettings,
+    dir: &Path,
+    json_out: bool,
+) -> anyhow::Result<ExitCode> {
+    let bus = Bus::connect(settings, "slipway-restore").await?;
+    let m = slipway_core::store::backup::restore(&bus, dir).await?;
+    print_manifest(&m, "restored from", dir, json_out);
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Exit code for a run's phase: 0 when it succeeded or waits for approval.
 fn exit_for(phase: Phase) -> ExitCode {
     match phase {

@@ -191,6 +191,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Back up the event stream, the object stores and the KV buckets into DIR (a new
+    /// directory): JetStream snapshots with a manifest of checksums, taken while runs go on.
+    /// Connects as the server's `admin` user (its password from the data directory on this
+    /// host, or the URL's).
+    Backup {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into a server that has none of its streams; the sequences are kept.
+    /// Checks every file first: a damaged backup is refused and nothing is written.
+    Restore {
+        dir: PathBuf,
+        /// Restore into the data directory of `slipway up` instead of a running server: its
+        /// nats-server is started alone on it for the restore (stop `up` first; its store must
+        /// not hold the streams yet). `slipway up --data-dir` then carries on from it.
+        #[arg(long)]
+        into_data_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a new run of the same change.
     Rerun {
         run: String,
@@ -566,6 +587,30 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let c = client::Client::connect(&client::settings(&url)).await?;
             c.services(json).await
         }
+        Command::Backup { dir, json } => client::backup(&url, &dir, json).await,
+        Command::Restore {
+            dir,
+            into_data_dir: Some(data),
+            json,
+        } => {
+            std::fs::create_dir_all(&data)?;
+            let data = std::fs::canonicalize(&data)?;
+            let port = slipway_core::exec::server::free_port();
+            let (mut server, c) = up::own_server(&data, port, up::Access::LeastPrivilege)?;
+            let mut settings = client::settings(&server.url());
+            if let Some(c) = &c {
+                settings.user = Some("admin".into());
+                settings.password_file = Some(c.password_file("admin"));
+            }
+            let result = client::restore_with(&settings, &dir, json).await;
+            server.stop();
+            result
+        }
+        Command::Restore {
+            dir,
+            into_data_dir: None,
+            json,
+        } => client::restore(&url, &dir, json).await,
         Command::Rerun { run, json } => {
             let c = client::Client::connect(&client::settings(&url)).await?;
             c.rerun(&run, json).await

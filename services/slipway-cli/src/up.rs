@@ -169,30 +169,7 @@ impl Stack {
         let (nats, url, credentials) = match url {
             Some(u) => (None, u, None),
             None => {
-                let binary = find_nats_server(&[]).map_err(anyhow::Error::msg)?;
-                let store = data_dir.join("nats");
-                let (args, env, credentials) = match access {
-                    Access::Open => (Vec::new(), Vec::new(), None),
-                    Access::LeastPrivilege => {
-                        let dir = credentials::directory(&data_dir);
-                        let c = Credentials::load_or_create(&dir).with_context(|| {
-                            format!("cannot keep the NATS passwords in {}", dir.display())
-                        })?;
-                        let conf = data_dir.join("nats-server.conf");
-                        Credentials::write_server_config(&conf)
-                            .with_context(|| format!("cannot write {}", conf.display()))?;
-                        let args = vec!["-c".to_string(), conf.display().to_string()];
-                        (args, c.server_env(), Some(c))
-                    }
-                };
-                let p = NatsProcess::spawn(&binary, port, &store, &args, &env)
-                    .map_err(anyhow::Error::msg)?;
-                eprintln!(
-                    "nats-server {} listening at {} (data in {})",
-                    binary.display(),
-                    p.url(),
-                    store.display()
-                );
+                let (p, credentials) = own_server(&data_dir, port, access)?;
                 let url = p.url();
                 (Some(p), url, credentials)
             }
@@ -542,6 +519,41 @@ impl Stack {
             n.stop();
         }
     }
+}
+
+/// The nats-server `up` runs on a data directory: its store under `nats/`, and (least
+/// privilege) its users' passwords kept in the directory.
+///
+/// # Errors
+/// When no suitable nats-server is found, the passwords cannot be kept, or it does not start.
+pub fn own_server(
+    data_dir: &Path,
+    port: u16,
+    access: Access,
+) -> anyhow::Result<(NatsProcess, Option<Credentials>)> {
+    let binary = find_nats_server(&[]).map_err(anyhow::Error::msg)?;
+    let store = data_dir.join("nats");
+    let (args, env, credentials) = match access {
+        Access::Open => (Vec::new(), Vec::new(), None),
+        Access::LeastPrivilege => {
+            let dir = credentials::directory(data_dir);
+            let c = Credentials::load_or_create(&dir)
+                .with_context(|| format!("cannot keep the NATS passwords in {}", dir.display()))?;
+            let conf = data_dir.join("nats-server.conf");
+            Credentials::write_server_config(&conf)
+                .with_context(|| format!("cannot write {}", conf.display()))?;
+            let args = vec!["-c".to_string(), conf.display().to_string()];
+            (args, c.server_env(), Some(c))
+        }
+    };
+    let p = NatsProcess::spawn(&binary, port, &store, &args, &env).map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "nats-server {} listening at {} (data in {})",
+        binary.display(),
+        p.url(),
+        store.display()
+    );
+    Ok((p, credentials))
 }
 
 /// When the configuration names no approval keys, a key pair kept in the data directory (the

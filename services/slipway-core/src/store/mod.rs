@@ -2,6 +2,7 @@
 //! artifacts, logs and gate details, the index of deploys the gates' baselines come from, and
 //! the run index of ended runs and its DORA chunks.
 
+pub mod backup;
 pub mod baseline;
 pub mod checkpoints;
 pub mod dora;
