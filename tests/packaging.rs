@@ -147,3 +147,197 @@ fn the_alert_rules_fire_as_their_tests_say() {
         );
     }
 }
+
+/// The resources a kustomization lists, read with PyYAML (an independent reader): each
+/// document as JSON.
+fn resources(dir: &Path) -> Vec<serde_json::Value> {
+    let script = r#"
+import json, sys, yaml, pathlib
+d = pathlib.Path(sys.argv[1])
+k = yaml.safe_load((d / "kustomization.yaml").read_text())
+out = {"kustomization": k, "docs": []}
+for f in k["resources"]:
+    for doc in yaml.safe_load_all((d / f).read_text()):
+        if doc:
+            doc["__file"] = f
+            out["docs"].append(doc)
+out["nats_values"] = yaml.safe_load((d / "nats-values.yaml").read_text())
+print(json.dumps(out))
+"#;
+    let (ok, out) = run(Command::new(tool("python3")).arg("-c").arg(script).arg(dir));
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut docs = v["docs"].as_array().unwrap().clone();
+    docs.push(serde_json::json!({"kind": "__kustomization", "spec": v["kustomization"]}));
+    docs.push(serde_json::json!({"kind": "__nats_values", "spec": v["nats_values"]}));
+    docs
+}
+
+#[test]
+fn the_kubernetes_manifests_validate_and_wire_every_service() {
+    let dir = root().join("deploy/kubernetes");
+    let docs = resources(&dir);
+    let kustomization = docs
+        .iter()
+        .find(|d| d["kind"] == "__kustomization")
+        .unwrap()["spec"]
+        .clone();
+    let files: Vec<String> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect();
+    // Every resource valid against the Kubernetes schemas, strictly (no unknown field).
+    let (ok, out) = run(Command::new(tool("kubernetes-validate"))
+        .args(["--strict", "-k", "1.30.0"])
+        .args(&files)
+        .current_dir(&dir));
+    assert!(
+        ok && !out.contains("ERROR") && !out.contains("WARN"),
+        "{out}"
+    );
+    // The Secrets the kustomization generates, from what make-secrets.sh writes, valid too,
+    // and holding every key the Deployments read.
+    let scratch = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let p = f.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, scratch.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let path = format!(
+        "{}:{}",
+        slipway_e2e::bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let (ok, out) = run(Command::new("bash")
+        .arg(scratch.path().join("make-secrets.sh"))
+        .env("PATH", path));
+    assert!(ok, "{out}");
+    let secrets = scratch.path().join("secrets");
+    let env_keys = |file: &str| -> Vec<String> {
+        std::fs::read_to_string(secrets.join(file))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_string()))
+            .collect()
+    };
+    let nats_keys = env_keys("nats.env");
+    assert_eq!(
+        nats_keys.len(),
+        slipway_domain::service::Service::NATS_USERS.len()
+    );
+    let seed = std::fs::read_to_string(secrets.join("approval-signing.key")).unwrap();
+    let public = env_keys("approvals.env");
+    assert_eq!(public, ["SLIPWAY__APPROVALS__PUBLIC_KEY"]);
+    slipway_domain::signing::SigningKey::from_base64(seed.trim()).unwrap();
+    let secret = |name: &str, keys: &[String]| {
+        let data: serde_json::Map<String, serde_json::Value> = keys
+            .iter()
+            .map(|k| (k.clone(), serde_json::json!("c2VjcmV0")))
+            .collect();
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": "slipway"}, "type": "Opaque", "data": data})
+    };
+    let generated = scratch.path().join("generated.json");
+    std::fs::write(
+        &generated,
+        serde_json::to_string(
+            &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+                secret("slipway-nats", &nats_keys),
+                secret("slipway-signing", &["approval-signing.key".to_string()]),
+                secret("slipway-approvals", &public),
+            ]}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let (ok, out) = run(Command::new(tool("kubernetes-validate"))
+        .args(["--strict", "-k", "1.30.0"])
+        .arg(&generated));
+    assert!(ok, "{out}");
+
+    // One Deployment per service, replicated, probed on its health endpoints, with resources,
+    // its own NATS user's password from the Secret, and nothing running as root.
+    let deployments: Vec<&serde_json::Value> =
+        docs.iter().filter(|d| d["kind"] == "Deployment").collect();
+    assert_eq!(
+        deployments.len(),
+        slipway_domain::service::Service::ALL.len()
+    );
+    for service in slipway_domain::service::Service::ALL {
+        let d = deployments
+            .iter()
+            .find(|d| d["metadata"]["name"] == format!("slipway-{}", service.name()))
+            .unwrap_or_else(|| panic!("no Deployment of {}", service.name()));
+        let spec = &d["spec"]["template"]["spec"];
+        let c = &spec["containers"][0];
+        assert!(
+            d["spec"]["replicas"].as_u64().unwrap() >= 2,
+            "{}",
+            service.name()
+        );
+        assert_eq!(
+            c["command"][0],
+            format!("/usr/local/bin/{}", service.binary())
+        );
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/livez");
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert!(c["resources"]["requests"]["memory"].is_string());
+        assert!(c["resources"]["limits"]["memory"].is_string());
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        let env = |name: &str| {
+            c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name)
+                .map(|e| e["value"].clone())
+        };
+        let user = service.nats_user();
+        assert_eq!(env("SLIPWAY__NATS__USER"), Some(serde_json::json!(user)));
+        let var = slipway_core::config::credentials::password_variable(user);
+        assert!(nats_keys.contains(&var), "{var}");
+        assert_eq!(
+            env("SLIPWAY__NATS__PASSWORD_FILE"),
+            Some(serde_json::json!(format!("/var/run/slipway/nats/{var}")))
+        );
+        assert_eq!(
+            env("SLIPWAY__HEALTH__LISTEN"),
+            Some(serde_json::json!("0.0.0.0:9090"))
+        );
+    }
+    // The gateway behind a Service and an Ingress; the deployer trusts its key.
+    let svc = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+    assert_eq!(
+        svc["spec"]["selector"]["app.kubernetes.io/component"],
+        "approval"
+    );
+    let ingress = docs.iter().find(|d| d["kind"] == "Ingress").unwrap();
+    assert_eq!(
+        ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"],
+        svc["metadata"]["name"]
+    );
+    let deployer = deployments
+        .iter()
+        .find(|d| d["metadata"]["name"] == "slipway-deployer")
+        .unwrap();
+    assert_eq!(
+        deployer["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"],
+        "slipway-approvals"
+    );
+    // NATS from the official chart: JetStream on files, three servers, every user's password.
+    let values = &docs.iter().find(|d| d["kind"] == "__nats_values").unwrap()["spec"];
+    assert_eq!(values["config"]["cluster"]["replicas"], 3);
+    assert_eq!(values["config"]["jetstream"]["fileStore"]["enabled"], true);
+    let chart_env: Vec<&str> = values["container"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    for k in &nats_keys {
+        assert!(chart_env.contains(&k.as_str()), "the chart lacks {k}");
+    }
+}

@@ -212,6 +212,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make the gateway's approval signing key: the Ed25519 seed into SEED_FILE (created,
+    /// readable by its owner only), the public key on stdout (the deployers'
+    /// `[approvals] public_key`).
+    Keygen {
+        #[arg(long)]
+        seed_file: PathBuf,
+    },
     /// Start a new run of the same change.
     Rerun {
         run: String,
@@ -611,6 +618,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             into_data_dir: None,
             json,
         } => client::restore(&url, &dir, json).await,
+        Command::Keygen { seed_file } => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let (seed, public) = slipway_domain::signing::SigningKey::generate();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&seed_file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", seed_file.display()))?;
+            f.write_all(seed.as_bytes())?;
+            println!("{public}");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Rerun { run, json } => {
             let c = client::Client::connect(&client::settings(&url)).await?;
             c.rerun(&run, json).await
