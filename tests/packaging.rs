@@ -341,3 +341,168 @@ fn the_kubernetes_manifests_validate_and_wire_every_service() {
         assert!(chart_env.contains(&k.as_str()), "the chart lacks {k}");
     }
 }
+
+/// Undoes what the image test set up, however it ends.
+struct Cleanup(Vec<Vec<String>>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for cmd in self.0.iter().rev() {
+            let _ = Command::new(&cmd[0]).args(&cmd[1..]).output();
+        }
+    }
+}
+
+#[test]
+fn the_image_is_linted_built_and_self_contained() {
+    let (_, uid) = run(Command::new("id").arg("-u"));
+    assert_eq!(
+        uid.trim(),
+        "0",
+        "building the image needs root (debootstrap, podman), as CI has"
+    );
+    // hadolint: the Containerfile is clean, and a careless one is not.
+    let containerfile = root().join("deploy/container/Containerfile");
+    let (ok, out) = run(Command::new(tool("hadolint")).arg(&containerfile));
+    assert!(ok && out.trim().is_empty(), "{out}");
+    let careless = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        careless.path(),
+        "FROM debian\nRUN apt-get install git\nUSER root\n",
+    )
+    .unwrap();
+    let (ok, _) = run(Command::new(tool("hadolint")).arg(careless.path()));
+    assert!(!ok, "hadolint let a careless Containerfile through");
+
+    // Built by podman from this build's binaries, with no registry.
+    let tag = format!("localhost/slipway:test-{}", std::process::id());
+    tool("debootstrap");
+    let (ok, out) = run(Command::new("bash")
+        .arg(root().join("deploy/container/build.sh"))
+        .args([
+            "--bin-dir",
+            &slipway_e2e::bin_dir().display().to_string(),
+            "--tag",
+            &tag,
+        ]));
+    assert!(ok, "{out}");
+    let mut cleanup = Cleanup(vec![vec![
+        "podman".into(),
+        "rmi".into(),
+        "-f".into(),
+        tag.clone(),
+    ]]);
+
+    // Mounted, its binaries run in a chroot of it: each answers --version.
+    let (ok, mnt) = run(Command::new(tool("podman")).args(["image", "mount", &tag]));
+    assert!(ok, "{mnt}");
+    cleanup.0.push(vec![
+        "podman".into(),
+        "image".into(),
+        "unmount".into(),
+        tag.clone(),
+    ]);
+    let mnt = PathBuf::from(mnt.trim());
+    let version = env!("CARGO_PKG_VERSION");
+    let mut binaries: Vec<&str> = slipway_domain::service::Service::BINARIES.to_vec();
+    binaries.push("slipway");
+    for b in &binaries {
+        let (ok, out) = run(Command::new("chroot")
+            .args(["--userspec=10001:10001"])
+            .arg(&mnt)
+            .arg(format!("/usr/local/bin/{b}"))
+            .arg("--version"));
+        assert!(ok && out.contains(version), "{b} --version: {out}");
+    }
+    let passwd = std::fs::read_to_string(mnt.join("etc/passwd")).unwrap();
+    assert!(passwd.contains("slipway:x:10001:10001"), "{passwd}");
+
+    // A run from the image's own root: `slipway up` in a chroot of a container made from it
+    // (not started: these machines cannot set up its cgroups), against a nats-server on the
+    // host, as the image's user.
+    let name = format!("slipway-test-{}", std::process::id());
+    let (ok, out) = run(Command::new(tool("podman")).args(["create", "--name", &name, &tag]));
+    assert!(ok, "{out}");
+    cleanup.0.push(vec![
+        "podman".into(),
+        "rm".into(),
+        "-f".into(),
+        name.clone(),
+    ]);
+    let (ok, root_dir) = run(Command::new(tool("podman")).args(["mount", &name]));
+    assert!(ok, "{root_dir}");
+    cleanup
+        .0
+        .push(vec!["podman".into(), "umount".into(), name.clone()]);
+    let root_dir = PathBuf::from(root_dir.trim());
+    let (ok, out) = run(Command::new("mount")
+        .args(["-t", "proc", "proc"])
+        .arg(root_dir.join("proc")));
+    assert!(ok, "{out}");
+    cleanup.0.push(vec![
+        "umount".into(),
+        "-l".into(),
+        root_dir.join("proc").display().to_string(),
+    ]);
+    let nats = slipway_core::testing::TestNats::start();
+    let url = nats.plain_url();
+    let [gateway] = slipway_core::exec::server::free_ports::<1>();
+    let home = root_dir.join("var/lib/slipway");
+    std::fs::create_dir_all(home.join("project")).unwrap();
+    std::fs::write(
+        home.join("project/slipway.toml"),
+        "[pipeline]\nname = \"from-the-image\"\n[build]\ncommand = [\"sh\", \"-c\", \"mkdir -p dist && git --version > dist/v\"]\nartifacts = [\"dist\"]\n[[test]]\nname = \"unit\"\ncommand = [\"sh\", \"-c\", \"grep -q git \\\"$SLIPWAY_ARTIFACT_DIR/dist/v\\\"\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        home.join("slipway.toml"),
+        format!("[gateway]\nlisten = \"127.0.0.1:{gateway}\"\n"),
+    )
+    .unwrap();
+    let (ok, out) = run(Command::new("chown").args(["-R", "10001:10001"]).arg(&home));
+    assert!(ok, "{out}");
+    let chroot = tool("chroot");
+    let chrooted = |args: &[&str]| {
+        // The environment is cleared: the program is named by its path.
+        let mut c = Command::new(&chroot);
+        c.args(["--userspec=10001:10001"])
+            .arg(&root_dir)
+            .arg("/usr/local/bin/slipway")
+            .args(["--nats-url", &url])
+            .args(args)
+            .env_clear()
+            .env("HOME", "/var/lib/slipway")
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        c
+    };
+    let mut up = chrooted(&[
+        "up",
+        "--data-dir",
+        "/var/lib/slipway/data",
+        "--config",
+        "/var/lib/slipway/slipway.toml",
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let (ok, out) = run(&mut chrooted(&[
+        "submit",
+        "/var/lib/slipway/project/slipway.toml",
+        "--wait",
+        "--json",
+        "--timeout",
+        "90",
+    ]));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let status = up.wait().unwrap();
+    let mut up_log = String::new();
+    use std::io::Read as _;
+    let _ = up.stderr.take().unwrap().read_to_string(&mut up_log);
+    assert!(ok && out.contains("\"succeeded\""), "{out}\n{up_log}");
+    assert!(status.success(), "{status}\n{up_log}");
+}

@@ -356,12 +356,21 @@ impl Config {
 /// # Errors
 /// [`ConfigError`] for any other argument.
 pub fn config_path_from_args() -> Result<Option<PathBuf>, ConfigError> {
-    let mut args = std::env::args().skip(1);
+    let mut all = std::env::args();
+    let program = all.next().unwrap_or_default();
+    let mut args = all;
     match (args.next().as_deref(), args.next(), args.next()) {
         (None, _, _) => Ok(None),
+        (Some("--version"), None, None) => {
+            let name = Path::new(&program)
+                .file_name()
+                .map_or_else(|| program.clone(), |n| n.to_string_lossy().to_string());
+            println!("{name} {}", env!("CARGO_PKG_VERSION"));
+            std::process::exit(0)
+        }
         (Some("--config"), Some(p), None) => Ok(Some(PathBuf::from(p))),
         _ => Err(ConfigError(
-            "usage: <service> [--config PATH] (settings also from SLIPWAY__* variables)".into(),
+            "usage: <service> [--config PATH | --version] (settings also from SLIPWAY__* variables)".into(),
         )),
     }
 }

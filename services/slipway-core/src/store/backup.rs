@@ -220,16 +220,18 @@ async fn snapshot(bus: &Bus, name: &str, dir: &Path) -> Result<StreamBackup, Bac
         if msg.payload.is_empty() {
             break;
         }
-        out.write_all(&msg.payload).await.map_err(io(&path))?;
-        hasher.update(&msg.payload);
-        bytes += msg.payload.len() as u64;
-        // Each chunk is acknowledged: the server sends the next ones as acks come back.
-        if let Some(reply) = msg.reply {
+        // Each chunk is acknowledged as it arrives, before the write: the server sends the next
+        // ones as acks come back and gives up on a client whose acks stop for seconds. (The last
+        // chunk may come without a reply subject.)
+        if let Some(reply) = msg.reply.clone() {
             client
                 .publish(reply, bytes::Bytes::new())
                 .await
                 .map_err(|e| BackupError::Nats(format!("{name}: ack: {e}")))?;
         }
+        out.write_all(&msg.payload).await.map_err(io(&path))?;
+        hasher.update(&msg.payload);
+        bytes += msg.payload.len() as u64;
     }
     out.flush().await.map_err(io(&path))?;
     out.sync_all().await.map_err(io(&path))?;
