@@ -173,6 +173,19 @@ async fn runs_complete_while_the_streams_leader_and_then_its_successor_stop() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start_cluster(dir.path());
     let bus = wait_for_stream(&nodes).await;
+    // A client with default settings (one replica) does not shrink the log's replication.
+    let plain = Bus::connect(
+        &NatsSettings {
+            url: urls(&nodes, 0),
+            ..Default::default()
+        },
+        "cluster-test-plain",
+    )
+    .await
+    .unwrap();
+    plain.ensure_stream().await.unwrap();
+    let mut stream = bus.jetstream().get_stream(bus.stream_name()).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().config.num_replicas, 3);
     let config: PathBuf = dir.path().join("slipway.toml");
     std::fs::write(&config, "").unwrap();
     let counts = dir.path().join("counts");

@@ -349,8 +349,12 @@ impl Bus {
 
     /// Creates the stream, or checks that the existing one fits.
     ///
-    /// Tunables (replicas, duplicate window) are updated in place; a different storage,
-    /// retention or subject set is an [`BusError::IncompatibleStream`] naming each difference.
+    /// Tunables (duplicate window, direct gets) are updated in place, and the replicas raised
+    /// to this client's, never lowered: a client with default settings (a `slipway` command, a
+    /// service whose configuration forgot `[nats.stream] replicas`) must not shrink the log's
+    /// replication, as one did when it reached a cluster during an election. A different
+    /// storage, retention or subject set is an [`BusError::IncompatibleStream`] naming each
+    /// difference.
     ///
     /// # Errors
     /// [`BusError`] when the stream cannot be created or does not fit.
@@ -408,18 +412,27 @@ impl Bus {
                 }
                 // Direct gets serve the workers' reads of a run's log (a stream made before
                 // they did is switched on here).
-                if have.num_replicas != want.num_replicas
+                let replicas = have.num_replicas.max(want.num_replicas);
+                if have.num_replicas > want.num_replicas {
+                    debug!(
+                        stream = %want.name,
+                        kept = have.num_replicas,
+                        asked = want.num_replicas,
+                        "Keeping the stream's replicas: a client never lowers them."
+                    );
+                }
+                if have.num_replicas != replicas
                     || have.duplicate_window != want.duplicate_window
                     || have.allow_direct != want.allow_direct
                 {
                     info!(
                         stream = %want.name,
-                        replicas = want.num_replicas,
+                        replicas,
                         duplicate_window_secs = want.duplicate_window.as_secs(),
                         "Updating the stream's replicas, duplicate window and direct gets."
                     );
                     let mut update = have.clone();
-                    update.num_replicas = want.num_replicas;
+                    update.num_replicas = replicas;
                     update.duplicate_window = want.duplicate_window;
                     update.allow_direct = want.allow_direct;
                     self.js
