@@ -213,10 +213,20 @@ pub fn calibration(req: &EvaluateRequested, details: &Details) -> Option<Calibra
     if req.spec.repeats < 2 {
         return None;
     }
+    // One budget of listed items for the whole event, so it stays small whatever the number
+    // of datasets: the rest are counted, and every item's votes are in the details.
+    let mut budget = UNSTABLE_ITEMS_LISTED;
     let datasets = details
         .datasets
         .iter()
-        .map(|(name, results)| dataset_noise(name, results))
+        .map(|(name, results)| {
+            let mut d = dataset_noise(name, results);
+            let keep = d.unstable_items.len().min(budget);
+            budget -= keep;
+            d.unstable_not_listed += (d.unstable_items.len() - keep) as u64;
+            d.unstable_items.truncate(keep);
+            d
+        })
         .collect();
     Some(Calibration {
         stage: req.stage.clone(),
@@ -274,7 +284,8 @@ pub fn dataset_noise(name: &str, results: &[ItemResult]) -> DatasetNoise {
                 }
             }
             (!flipped.is_empty()).then(|| ItemAgreement {
-                id: r.id.clone(),
+                // An id is the dataset's: a long one is cut, so the event stays small.
+                id: r.id.chars().take(ITEM_ID_CHARS).collect(),
                 metrics: flipped,
                 agreement: lowest,
             })
@@ -291,6 +302,9 @@ pub fn dataset_noise(name: &str, results: &[ItemResult]) -> DatasetNoise {
         unstable_items: listed,
     }
 }
+
+/// The longest item id an event lists.
+const ITEM_ID_CHARS: usize = 128;
 
 /// Random negations of a sign-flip test: p-values to about 0.0003, plenty for Holm's
 /// adjustment over a gate's checks.
@@ -359,9 +373,14 @@ pub fn check_metric(
             .filter_map(|c| by_id.get(c.id.as_str()).map(|b| (c, *b)))
             .collect();
         let level = format!("{:.0}%", (1.0 - alpha) * 100.0);
+        // Paired on the first `k` answers of each version, `k` the fewer repeats of the two:
+        // both sides then vary alike when nothing changed.
+        let k_c = candidate.iter().map(ItemResult::repeats).max().unwrap_or(1);
+        let k_b = base.iter().map(ItemResult::repeats).max().unwrap_or(1);
+        let k = k_c.min(k_b);
         if matches!(metric, "f1" | "semantic_similarity") {
             let per_item = |r: &ItemResult| match metric {
-                "f1" => r.f1,
+                "f1" => r.f1_of(k),
                 _ => r.similarity,
             };
             let (cv, bv): (Vec<f64>, Vec<f64>) = pairs
@@ -371,35 +390,33 @@ pub fn check_metric(
             // Too few pairs make a bootstrap interval meaningless: no evidence then.
             if cv.len() >= MIN_BOOTSTRAP_PAIRS {
                 let d: Vec<f64> = cv.iter().zip(&bv).map(|(c, b)| c - b).collect();
-                let [lo, hi] = stats::paired_bootstrap_mean(&cv, &bv, 2000, 1.0 - alpha, rng)
-                    .unwrap_or([0.0, 0.0]);
                 let p = stats::sign_flip(&d, SIGN_FLIPS, rng);
-                full.interval = Some([lo, hi]);
+                full.interval = stats::paired_bootstrap_mean(&cv, &bv, 2000, 1.0 - alpha, rng);
                 full.p_value = Some(p);
                 full.detectable = Some(power::mean_mde(&d, alpha, 0.8));
-                evidence = format!(
-                    "paired bootstrap {level} interval of the difference [{lo:.4}, {hi:.4}], sign-flip p={p:.4}"
-                );
+                evidence = match full.interval {
+                    Some([lo, hi]) => format!(
+                        "paired bootstrap {level} interval of the difference [{lo:.4}, {hi:.4}], sign-flip p={p:.4}"
+                    ),
+                    None => format!("sign-flip p={p:.4}"),
+                };
             } else {
                 full.p_value = Some(1.0);
                 evidence = format!("{} paired items: too few for a test", cv.len());
             }
         } else {
-            // Yes/no per item, paired on the first `k` answers of each version, `k` the fewer
-            // repeats of the two: both sides then vary alike when nothing changed.
-            let k_c = candidate.iter().map(ItemResult::repeats).max().unwrap_or(1);
-            let k_b = base.iter().map(ItemResult::repeats).max().unwrap_or(1);
-            let k = k_c.min(k_b);
-            let shares: Vec<(f64, f64)> = pairs
+            // Yes/no per item: each item's share of its first `k` answers.
+            let paired: Vec<(&ItemResult, f64, f64)> = pairs
                 .iter()
-                .filter_map(|(c, b)| Some((c.share(metric, k)?, b.share(metric, k)?)))
+                .filter_map(|(c, b)| Some((*c, c.share(metric, k)?, b.share(metric, k)?)))
                 .collect();
+            let shares: Vec<(f64, f64)> = paired.iter().map(|(_, c, b)| (*c, *b)).collect();
             let n = shares.len() as u64;
-            // The noise the candidate's repeats measured: the variance one item's difference
-            // has when nothing changed, 2p(1 - p) / k.
-            let measured: Vec<f64> = pairs
+            // The noise the candidate's repeats measured on the paired items: the variance one
+            // item's difference has when nothing changed, 2p(1 - p) / k.
+            let measured: Vec<f64> = paired
                 .iter()
-                .filter_map(|(c, _)| c.votes.get(metric).filter(|v| v.len() >= 2))
+                .filter_map(|(c, _, _)| c.votes.get(metric).filter(|v| v.len() >= 2))
                 .map(|v| {
                     let yes = v.iter().filter(|x| **x).count() as u32;
                     power::flip_estimate(yes, v.len() as u32) / k as f64
@@ -448,7 +465,8 @@ pub fn check_metric(
                 let half = power::normal_quantile(1.0 - alpha / 2.0) * (var / n as f64).sqrt();
                 let [lo, hi] = [mean - half, mean + half];
                 full.p_value = Some(p);
-                full.interval = Some([lo, hi]);
+                // One item gives no spread to speak of.
+                full.interval = (n >= 2).then_some([lo, hi]);
                 full.detectable = Some(power::mcnemar_mde_with_noise(
                     n,
                     d.iter().map(|x| x * x).sum::<f64>() / n as f64,
@@ -459,6 +477,12 @@ pub fn check_metric(
                 evidence = format!(
                     "sign-flip p={p:.4} on each item's share of {k} answers, {level} interval of the difference [{lo:+.4}, {hi:+.4}]"
                 );
+            }
+            if n == 0 {
+                // Nothing paired: no evidence either way, so a regression beyond the bound
+                // warns (and the check stays in the family).
+                full.p_value = Some(1.0);
+                evidence = "0 paired items".into();
             }
             if let Some(noise) = noise {
                 evidence.push_str(&format!(
@@ -1100,7 +1124,7 @@ mod tests {
         assert_eq!(results[0].exact, Some(true));
         assert_eq!(results[0].votes["exact_match"], [true, false, true]);
         assert_eq!(results[1].exact, Some(false));
-        // The answer shown agrees with the majority; latency is the mean.
+        // The answer shown is the first; latency is the mean.
         assert_eq!(results[1].output, "answer 0");
         assert!((results[0].latency_ms - 20.0).abs() < 1e-9);
         // The metric is the mean share: (2/3 + 1/3 + 8) / 10.

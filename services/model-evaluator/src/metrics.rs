@@ -171,9 +171,12 @@ pub struct ItemResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub similarity_error: Option<String>,
     /// An item asked more than once (the spec's `repeats`): each yes/no metric's verdict on
-    /// every answer, in the order asked. The item's own verdicts are then the majority's.
+    /// every answer, in the order asked. The item's own verdicts are its first answer's.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub votes: BTreeMap<String, Vec<bool>>,
+    /// An item asked more than once: every answer's token F1, in the order asked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub f1s: Vec<f64>,
 }
 
 /// The yes/no metrics, each with the item's verdict on it (`yes` is what the metric counts).
@@ -214,9 +217,24 @@ impl ItemResult {
         Some(a.iter().filter(|x| **x).count() as f64 / a.len() as f64)
     }
 
+    /// The mean token F1 of the first `k` answers.
+    pub fn f1_of(&self, k: usize) -> Option<f64> {
+        if self.f1s.is_empty() {
+            return self.f1;
+        }
+        let first: Vec<f64> = self.f1s.iter().take(k.max(1)).copied().collect();
+        slipway_domain::stats::mean(&first)
+    }
+
     /// How many times the item was asked.
     pub fn repeats(&self) -> usize {
-        self.votes.values().map(Vec::len).max().unwrap_or(1).max(1)
+        self.votes
+            .values()
+            .map(Vec::len)
+            .chain(std::iter::once(self.f1s.len()))
+            .max()
+            .unwrap_or(1)
+            .max(1)
     }
 
     /// Per-item correctness for the paired test: exact match where there is an expected
@@ -269,10 +287,12 @@ fn mean_of(values: impl Iterator<Item = f64>) -> Option<f64> {
     slipway_domain::stats::mean(&v)
 }
 
-/// One item asked several times, as one result: each yes/no metric's verdict is the
-/// majority's (a tie goes to the first answer) with every answer's kept in `votes`; the output
-/// shown is the first answer agreeing with the majority on correctness; token F1, latency and
-/// tokens are means. Without answers, `None`.
+/// One item asked several times, as one result: the first answer, as it was (its output,
+/// verdicts and error: one answer, the same whatever the repeats, so what is measured on it
+/// alone, the judge's verdict and the semantic similarity, compares with a baseline asked any
+/// number of times), with every answer's verdict on each yes/no metric kept in `votes` (an
+/// answer without a verdict, a failed request for the hallucination measure, adds none) and
+/// every answer's token F1 in `f1s`; F1, latency and tokens are means. Without answers, `None`.
 pub fn combine(answers: Vec<ItemResult>) -> Option<ItemResult> {
     let first = answers.first()?;
     if answers.len() == 1 {
@@ -280,51 +300,29 @@ pub fn combine(answers: Vec<ItemResult>) -> Option<ItemResult> {
     }
     let mut votes = BTreeMap::new();
     for m in YES_NO_METRICS {
-        let v: Option<Vec<bool>> = answers.iter().map(|r| r.verdict(m)).collect();
-        if let Some(v) = v {
+        let v: Vec<bool> = answers.iter().filter_map(|r| r.verdict(m)).collect();
+        if !v.is_empty() {
             votes.insert((*m).to_string(), v);
         }
     }
-    let k = answers.len() as u32;
-    let majority = |m: &str| {
-        votes.get(m).map(|v: &Vec<bool>| {
-            let yes = v.iter().filter(|x| **x).count() as u32;
-            slipway_domain::power::majority_verdict(yes, k, v[0])
-        })
-    };
-    let correct = majority("exact_match").or_else(|| majority("accuracy"));
-    let shown = answers
+    let f1s: Vec<f64> = answers.iter().filter_map(|r| r.f1).collect();
+    let answered: Vec<f64> = answers
         .iter()
-        .position(|r| r.correct() == correct)
-        .unwrap_or(0);
-    let f1: Vec<f64> = answers.iter().filter_map(|r| r.f1).collect();
-    let answered: Vec<&ItemResult> = answers.iter().filter(|r| r.error.is_none()).collect();
+        .filter(|r| r.error.is_none())
+        .map(|r| r.latency_ms)
+        .collect();
     let mean_u64 = |f: fn(&ItemResult) -> u64| {
         (answers.iter().map(f).sum::<u64>() as f64 / answers.len() as f64).round() as u64
     };
-    let mut out = ItemResult {
-        id: first.id.clone(),
-        latency_ms: slipway_domain::stats::mean(
-            &answered.iter().map(|r| r.latency_ms).collect::<Vec<_>>(),
-        )
-        .unwrap_or(0.0),
+    Some(ItemResult {
+        latency_ms: slipway_domain::stats::mean(&answered).unwrap_or(0.0),
         tokens_in: mean_u64(|r| r.tokens_in),
         tokens_out: mean_u64(|r| r.tokens_out),
-        f1: slipway_domain::stats::mean(&f1),
-        ..answers[shown].clone()
-    };
-    out.exact = majority("exact_match");
-    out.label_ok = majority("accuracy");
-    out.format_ok = majority("format_compliance");
-    out.hallucinated = majority("hallucination_rate");
-    out.refusal = majority("refusal_rate").unwrap_or(false);
-    if majority("error_rate") == Some(false) {
-        out.error = None;
-    } else if out.error.is_none() {
-        out.error = answers.iter().find_map(|r| r.error.clone());
-    }
-    out.votes = votes;
-    Some(out)
+        f1: slipway_domain::stats::mean(&f1s),
+        f1s: if f1s.len() > 1 { f1s } else { Vec::new() },
+        votes,
+        ..first.clone()
+    })
 }
 
 /// A dataset's metrics (only those its items allow). A yes/no metric of items asked several

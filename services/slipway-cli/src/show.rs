@@ -72,8 +72,9 @@ pub fn print_status(state: &Value) {
     }
     for c in state["calibrations"].as_array().into_iter().flatten() {
         outln!(
-            "  calibration {}: {} answers per item",
+            "  calibration {} (attempt {}): {} answers per item",
             s(&c["stage"]),
+            c["attempt"].as_u64().unwrap_or(1),
             c["repeats"].as_u64().unwrap_or(0)
         );
         for d in c["datasets"].as_array().into_iter().flatten() {

@@ -456,7 +456,8 @@ pub struct GateReport {
 
 /// `dev.slipway.evaluate.calibrated.v1`: the noise of the model under evaluation, measured by
 /// asking it every dataset `repeats` times (the spec's `repeats`). Published before the gate's
-/// report; the report's paired tests use the majority answer of each item and this noise.
+/// report; the report's paired tests compare each item's share of answers and size themselves
+/// to this noise.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Calibration {
     pub stage: String,
@@ -502,8 +503,9 @@ pub struct MetricNoise {
     /// The share of items on which two single answers of the same model disagree (estimated
     /// without bias from the repeats): the discordance noise alone gives an unrepeated gate.
     pub flip_rate: f64,
-    /// The same for two majority votes over `repeats` answers: the discordance noise alone
-    /// gives this gate, which the minimum detectable effect uses.
+    /// The same for two majority votes over `repeats` answers, plugged in from each item's
+    /// share: how much a majority vote would steady the answers. Shown, not used by the tests
+    /// (they compare shares; their noise is `flip_rate / repeats`).
     pub majority_flip_rate: f64,
 }
 

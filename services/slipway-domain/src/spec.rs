@@ -229,7 +229,7 @@ pub struct ModelEvaluationSpec {
     /// How many times each item is asked (at most [`MAX_REPEATS`]). Above 1 the evaluation is
     /// also a calibration: the agreement of each item's answers is recorded
     /// (`evaluate.calibrated`), items that change between repeats are reported as unstable, the
-    /// paired tests use each item's majority verdict, and the minimum detectable effect the
+    /// paired tests compare each item's share of its answers, and the minimum detectable effect the
     /// measured noise.
     #[serde(default = "default_repeats", skip_serializing_if = "is_one")]
     pub repeats: u32,
