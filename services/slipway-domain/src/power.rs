@@ -80,28 +80,7 @@ pub fn paired_difference_interval(b: u64, c: u64, n: u64, alpha: f64) -> (f64, [
 /// is at least the difference itself, so with none observed the answer is about
 /// `(z₁₋α/₂ + z_power)² / n`.
 pub fn mcnemar_mde(n: u64, discordance: f64, alpha: f64, power: f64) -> f64 {
-    if n == 0 {
-        return 1.0;
-    }
-    let (za, zb) = (normal_quantile(1.0 - alpha / 2.0), normal_quantile(power));
-    let needed = |d: f64| {
-        let psi = discordance.max(d);
-        (za * psi.sqrt() + zb * (psi - d * d).max(0.0).sqrt()).powi(2) / (d * d)
-    };
-    // The items needed fall as the difference grows: bisect for the one this dataset has.
-    let (mut lo, mut hi) = (1e-6, 1.0);
-    if needed(hi) > n as f64 {
-        return 1.0;
-    }
-    for _ in 0..100 {
-        let mid = (lo + hi) / 2.0;
-        if needed(mid) > n as f64 {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    hi
+    mcnemar_mde_with_noise(n, discordance, 0.0, alpha, power)
 }
 
 /// [`mcnemar_mde`] when the discordance noise alone gives is known (measured by repeats):
