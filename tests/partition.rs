@@ -3,7 +3,8 @@
 //! replicas, the services spread over them (the workers on every host, two conductors). With
 //! runs in flight, one host's network is cut (its link goes down; its processes keep running):
 //! every run finishes, each deploy takes effect once, replay equals status. Healed, its node
-//! catches up and its services work again. Needs root and `ip` (iproute2); stops by itself.
+//! catches up and its services work again. Two processes on the other hosts list the cut node
+//! first, so they are connected across the bridge when it goes silent. Needs root and `ip` (iproute2); stops by itself.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -192,6 +193,14 @@ fn tail_logs(dir: &Path) -> String {
             let text = std::fs::read_to_string(e.path()).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(8).collect();
             out.push_str(&format!("--- {}\n", e.path().display()));
+            // A panic or an error that ended a process, wherever it is in the log.
+            for l in text
+                .lines()
+                .filter(|l| l.contains("panicked at") || l.starts_with("Error:"))
+            {
+                out.push_str(l);
+                out.push('\n');
+            }
             for l in tail.into_iter().rev() {
                 out.push_str(l);
                 out.push('\n');
@@ -269,9 +278,16 @@ async fn runs_finish_when_a_hosts_network_is_cut_and_it_catches_up_when_healed()
     placement.push((2, "slipway-conductor"));
     for (i, s) in &placement {
         let short = s.trim_start_matches("slipway-");
+        // Two processes on the hosts that stay list host 3's node first: connected across the
+        // bridge when its link goes down, they must find the silence (unanswered pings) and move
+        // to a node that answers.
+        let first = match (*i, *s) {
+            (2, "slipway-conductor") | (1, "slipway-tester") => 3,
+            _ => *i,
+        };
         let env = [
             ("SLIPWAY_CONFIG", config.display().to_string()),
-            ("SLIPWAY__NATS__URL", url_from(*i)),
+            ("SLIPWAY__NATS__URL", url_from(first)),
             ("SLIPWAY__NATS__STREAM__REPLICAS", "3".to_string()),
             ("SLIPWAY__NATS__CONNECT_TIMEOUT_SECS", "60".to_string()),
             ("SLIPWAY__WORKER__ACK_WAIT_SECS", "5".to_string()),
@@ -340,6 +356,7 @@ idempotent = true
     // deploy it was making is made again elsewhere with the same deploy key (the command is
     // idempotent by it), so its effect is once.
     wait_phase(&url, &runs[0], "succeeded", dir.path());
+    let cut_at = chrono::Utc::now();
     hosts.link(3, false);
     runs.extend((0..4).map(|_| submit()));
     for run in &runs {
@@ -366,6 +383,40 @@ idempotent = true
             "{run} deployed {} times",
             lines.iter().filter(|l| *l == run).count()
         );
+    }
+
+    // The two processes that were connected to node 3 moved to a node that answers: their
+    // heartbeats reach the cluster again (with async-nats's default 60 s pings this took three
+    // minutes, and both conductors once sat on the silent node while every run waited).
+    let moved: Vec<u32> = placement
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| matches!(**p, (2, "slipway-conductor") | (1, "slipway-tester")))
+        .map(|(k, _)| hosts.children[3 + k].id())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = slipway(&url, &["services", "--json"]);
+        let beating = |pid: u32| {
+            v["replicas"].as_array().is_some_and(|rs| {
+                rs.iter().any(|r| {
+                    r["pid"] == pid
+                        && r["at"]
+                            .as_str()
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                            .is_some_and(|t| t > cut_at + chrono::Duration::seconds(2))
+                })
+            })
+        };
+        if moved.iter().all(|p| beating(*p)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes {moved:?} never came back from the silent node: {v}\n{}",
+            tail_logs(dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
 
     // Healed: node 3 catches up with the log.
