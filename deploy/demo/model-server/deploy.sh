@@ -31,5 +31,9 @@ setsid "$dest/dist/model-server" --port "$port" --config "$dest/dist/model.conf"
     >"$state/server.log" 2>&1 </dev/null &
 echo $! >"$state/pid"
 echo "$SLIPWAY_VERSION" >"$state/version"
-"$dest/dist/model-server" --wait-healthy "http://127.0.0.1:$port/healthz" --timeout 10
+if ! "$dest/dist/model-server" --wait-healthy "http://127.0.0.1:$port/healthz" --timeout 10; then
+    # Why it never answered (a port taken, a bad config) is in the server's own log.
+    tail -n 5 "$state/server.log" >&2
+    exit 1
+fi
 echo "deployed $SLIPWAY_VERSION to $place on port $port (previous: ${SLIPWAY_PREVIOUS_VERSION:-none})"

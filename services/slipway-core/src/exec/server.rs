@@ -83,27 +83,74 @@ fn version_ok(binary: &Path) -> Result<(), String> {
 /// # Panics
 /// When no port can be bound on loopback.
 pub fn free_port() -> u16 {
-    TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a loopback port can be bound")
+    let [port] = free_ports::<1>();
+    port
 }
 
 /// `N` free loopback ports, all different: each is held until all are found, so two can never
 /// be the same port handed out twice (which separate [`free_port`] calls may do).
+///
+/// They are taken below the kernel's ephemeral range when there is room: a port handed out
+/// here is bound later by another process, and in between any outgoing connection on the host
+/// may take an ephemeral port as its own end, so a port from that range (what binding port 0
+/// gives) can be gone by then.
+///
+/// # Panics
+/// When no port can be bound on loopback.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<TcpListener> = (0..N)
-        .map(|_| {
+    let mut held: Vec<TcpListener> = Vec::with_capacity(N);
+    let (low, high) = below_ephemeral();
+    let mut next = spread_seed();
+    let mut tries = 0;
+    while held.len() < N && tries < 200 && high > low {
+        tries += 1;
+        next = next
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let port = low + u16::try_from((next >> 33) % u64::from(high - low)).unwrap_or(0);
+        if let Ok(l) = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))) {
+            held.push(l);
+        }
+    }
+    while held.len() < N {
+        held.push(
             TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-                .expect("a loopback port can be bound")
-        })
-        .collect();
+                .expect("a loopback port can be bound"),
+        );
+    }
     std::array::from_fn(|i| {
         held[i]
             .local_addr()
             .expect("a bound listener has an address")
             .port()
     })
+}
+
+/// The ports from 10000 up to the start of the ephemeral range (`ip_local_port_range`; Linux's
+/// default starts at 32768), or an empty range where that cannot be read or leaves no room.
+fn below_ephemeral() -> (u16, u16) {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok());
+    match start {
+        Some(start) if start > 11_000 => (10_000, start),
+        _ => (0, 0),
+    }
+}
+
+/// A different starting point in each process and call, so parallel tests rarely try the same
+/// ports (a port found taken is skipped anyway).
+fn spread_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    (u64::from(std::process::id()) << 32)
+        ^ nanos
+        ^ CALLS
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// A nats-server child process with JetStream, on loopback.
@@ -283,5 +330,27 @@ impl NatsProcess {
 impl Drop for NatsProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ports = free_ports::<8>();
+        let mut sorted = ports.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 8, "{ports:?}");
+        let (low, high) = below_ephemeral();
+        for p in ports {
+            if high > low {
+                assert!((low..high).contains(&p), "{p} outside {low}..{high}");
+            }
+            TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, p)))
+                .unwrap_or_else(|e| panic!("{p}: {e}"));
+        }
     }
 }
