@@ -331,15 +331,102 @@ fn the_kubernetes_manifests_validate_and_wire_every_service() {
     let values = &docs.iter().find(|d| d["kind"] == "__nats_values").unwrap()["spec"];
     assert_eq!(values["config"]["cluster"]["replicas"], 3);
     assert_eq!(values["config"]["jetstream"]["fileStore"]["enabled"], true);
-    let chart_env: Vec<&str> = values["container"]["env"]
+    nats_values_start_a_server(values, &secrets.join("nats.env"), &nats_keys);
+}
+
+/// What the chart makes of the values, played out with a real nats-server: the chart writes
+/// `/etc/nats-config/nats.conf` with an include for each `$include` key of `config.merge`, the
+/// patches mount the users' ConfigMap, and `container.env` (a map: name to value or source) sets
+/// the passwords from the Secret. The users then sign in with the passwords make-secrets.sh wrote.
+fn nats_values_start_a_server(values: &serde_json::Value, nats_env: &Path, nats_keys: &[String]) {
+    // The chart fails on an env that is not a map of strings or sources.
+    let env = values["container"]["env"]
+        .as_object()
+        .expect("container.env is a map, as the chart reads it");
+    assert_eq!(env.len(), nats_keys.len());
+    for k in nats_keys {
+        let source = &env.get(k).unwrap_or_else(|| panic!("the chart lacks {k}"))["valueFrom"]["secretKeyRef"];
+        assert_eq!(source["name"], "slipway-nats", "{k}");
+        assert_eq!(source["key"], k.as_str(), "{k}");
+    }
+    let includes: Vec<&str> = values["config"]["merge"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.ends_with("$include"))
+        .map(|(_, v)| v.as_str().unwrap())
+        .collect();
+    assert_eq!(includes.len(), 1, "one include of the users' file");
+    let mount = values["container"]["patch"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e["name"].as_str().unwrap())
+        .find(|p| p["path"] == "/volumeMounts/-")
+        .expect("the users' ConfigMap mounted in the nats container");
+    let volume = values["statefulSet"]["patch"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["path"] == "/spec/template/spec/volumes/-")
+        .expect("the users' ConfigMap as a volume of the pods");
+    assert_eq!(mount["value"]["name"], volume["value"]["name"]);
+    assert_eq!(volume["value"]["configMap"]["name"], "slipway-nats-users");
+
+    // The pod's file system as the chart lays it out, under a scratch root.
+    let scratch = tempfile::tempdir().unwrap();
+    let under_root = |abs: &str| scratch.path().join(abs.trim_start_matches('/'));
+    let config_dir = under_root("/etc/nats-config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let users_dir = under_root(mount["value"]["mountPath"].as_str().unwrap());
+    std::fs::create_dir_all(&users_dir).unwrap();
+    std::fs::copy(
+        root().join("deploy/nats/least-privilege.conf"),
+        users_dir.join("least-privilege.conf"),
+    )
+    .unwrap();
+    let conf = config_dir.join("nats.conf");
+    std::fs::write(&conf, format!("include {};\n", includes[0])).unwrap();
+    let passwords: Vec<(String, String)> = std::fs::read_to_string(nats_env)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    for k in &nats_keys {
-        assert!(chart_env.contains(&k.as_str()), "the chart lacks {k}");
-    }
+    let server = slipway_core::exec::server::NatsProcess::spawn(
+        &slipway_core::testing::nats_binary(),
+        0,
+        &scratch.path().join("data"),
+        &["-c".to_string(), conf.display().to_string()],
+        &passwords,
+    )
+    .unwrap_or_else(|e| panic!("nats-server with the chart's layout: {e}"));
+    let password = |user: &str| {
+        let var = slipway_core::config::credentials::password_variable(user);
+        passwords.iter().find(|(k, _)| *k == var).unwrap().1.clone()
+    };
+    let url = server.url();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            for user in slipway_domain::service::Service::NATS_USERS {
+                async_nats::ConnectOptions::with_user_and_password(
+                    user.to_string(),
+                    password(user),
+                )
+                .connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("{user} cannot sign in: {e}"));
+            }
+            let refused = async_nats::ConnectOptions::with_user_and_password(
+                "admin".into(),
+                "not-the-password".into(),
+            )
+            .connect(&url);
+            let refused = tokio::time::timeout(std::time::Duration::from_secs(5), refused).await;
+            assert!(!matches!(refused, Ok(Ok(_))), "a wrong password signed in");
+        });
 }
 
 /// Undoes what the image test set up, however it ends.
