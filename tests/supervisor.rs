@@ -353,7 +353,7 @@ fn readiness_follows_the_connection_to_nats() {
     assert_eq!(body["not_ready"], "not connected to NATS", "{body}");
     assert_eq!(get(&livez).unwrap().0, 200);
     // It returns: ready again.
-    stack.nats.process.start_again().unwrap();
+    stack.nats.process.restart().unwrap();
     wait_for("readiness to turn true", Duration::from_secs(30), || {
         get(&readyz).filter(|(c, _)| *c == 200)
     });

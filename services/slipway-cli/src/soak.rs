@@ -137,7 +137,7 @@ pub async fn soak(opts: Options) -> anyhow::Result<ExitCode> {
             inject(&mut stack, &mut rng, &mut faults)?;
             next_fault = Instant::now() + Duration::from_secs_f64(opts.fault_every);
         }
-        stack.supervise_once().await?;
+        stack.supervise_once();
         tokio::time::sleep(gap).await;
     }
     eprintln!(
@@ -152,7 +152,7 @@ pub async fn soak(opts: Options) -> anyhow::Result<ExitCode> {
     let faults_until = Instant::now() + Duration::from_secs(opts.timeout_secs / 4);
     let mut ends: BTreeMap<String, String> = BTreeMap::new();
     loop {
-        stack.supervise_once().await?;
+        stack.supervise_once();
         if opts.fault_every > 0.0 && Instant::now() >= next_fault && Instant::now() < faults_until {
             inject(&mut stack, &mut rng, &mut faults)?;
             next_fault = Instant::now() + Duration::from_secs_f64(opts.fault_every);

@@ -117,6 +117,8 @@ pub struct Stack {
     /// purpose, wants them quick).
     pub backoff_cap: Duration,
     nats_restarts: Restarts,
+    /// Whether the nats-server has listened since its last start (it is announced once).
+    nats_listening: bool,
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
@@ -228,6 +230,7 @@ impl Stack {
             bin_dir,
             backoff_cap: BACKOFF_CAP,
             nats_restarts: Restarts::default(),
+            nats_listening: true,
         };
         for i in 0..stack.services.len() {
             stack.spawn(i)?;
@@ -316,10 +319,7 @@ impl Stack {
     /// store; the services reconnect by themselves). Never gives up: a process that exits again
     /// soon waits longer, up to `backoff_cap`, and one that exits often is reported as
     /// crash-looping, loudly, while the others go on. Returns at once; call it again.
-    ///
-    /// # Errors
-    /// Only when the process table cannot be read.
-    pub async fn supervise_once(&mut self) -> anyhow::Result<()> {
+    pub fn supervise_once(&mut self) {
         let now = Instant::now();
         if let Some(n) = self.nats.as_mut() {
             if let Some(status) = n.exited() {
@@ -338,11 +338,13 @@ impl Stack {
                 }
             }
             if self.nats_restarts.due(now) {
-                // A start waits until the server listens (well under a second on its store).
-                match tokio::task::block_in_place(|| n.start_again()) {
+                // Not waited for: the server listens once it has recovered its store, which can
+                // take long, and the services go on being supervised meanwhile.
+                match n.launch_again() {
                     Ok(()) => {
                         self.nats_restarts.started(now);
-                        eprintln!("nats-server is back at {}", n.url());
+                        self.nats_listening = false;
+                        eprintln!("nats-server starting again on its store");
                     }
                     Err(e) => {
                         let (delay, _) =
@@ -354,11 +356,23 @@ impl Stack {
                     }
                 }
             }
+            if !self.nats_listening && n.pid().is_some() && n.listening() {
+                self.nats_listening = true;
+                eprintln!("nats-server is back at {}", n.url());
+            }
             self.nats_restarts.settle(now);
         }
         for i in 0..self.services.len() {
-            let exited = match self.services[i].child.as_mut() {
-                Some(c) => c.try_wait()?.map(|s| s.to_string()),
+            let exited = match self.services[i].child.as_mut().map(Child::try_wait) {
+                Some(Ok(status)) => status.map(|s| s.to_string()),
+                // Not a reason to stop the others: asked again on the next turn.
+                Some(Err(e)) => {
+                    eprintln!(
+                        "slipway up: cannot read {}'s status: {e}",
+                        self.services[i].name
+                    );
+                    None
+                }
                 None => None,
             };
             let cap = self.backoff_cap;
@@ -389,7 +403,6 @@ impl Stack {
             }
             self.services[i].restarts.settle(now);
         }
-        Ok(())
     }
 
     /// What this `up` keeps running, as it writes it to the heartbeat bucket.
@@ -687,21 +700,19 @@ pub async fn up(
     // NATS that is down never holds up a restart (of NATS itself, say).
     let (report, reports) = tokio::sync::watch::channel(stack.supervision());
     let reporter = tokio::spawn(report_supervision(stack.settings("admin"), reports));
-    let outcome = loop {
+    loop {
         tokio::select! {
-            _ = &mut stop => break Ok(()),
+            _ = &mut stop => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                if let Err(e) = stack.supervise_once().await {
-                    break Err(e);
-                }
+                stack.supervise_once();
                 let _ = report.send(stack.supervision());
             }
         }
-    };
+    }
     reporter.abort();
     eprintln!("Stopping Slipway…");
     stack.stop().await;
-    outcome.map(|()| ExitCode::SUCCESS)
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Writes what `up` keeps running to the heartbeat bucket every few seconds, connecting (and
@@ -726,5 +737,84 @@ async fn report_supervision(
             .await;
         }
         tokio::time::sleep(slipway_core::health::HEARTBEAT_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAP: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn quick_exits_double_the_backoff_up_to_the_cap() {
+        let mut r = Restarts::default();
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            r.started(now);
+            now += Duration::from_millis(100);
+            let (delay, _) = r.exited("signal: 9 (SIGKILL)".into(), now, CAP);
+            delays.push(delay.as_millis());
+            assert!(!r.due(now + delay - Duration::from_millis(1)));
+            assert!(r.due(now + delay));
+            now += delay;
+        }
+        assert_eq!(delays, [250, 500, 1000, 2000, 4000, 5000, 5000, 5000]);
+        assert_eq!(r.total, 8);
+        assert_eq!(r.last_exit.as_deref(), Some("signal: 9 (SIGKILL)"));
+    }
+
+    #[test]
+    fn a_stable_run_resets_the_backoff() {
+        let mut r = Restarts::default();
+        let mut now = Instant::now();
+        for _ in 0..5 {
+            r.started(now);
+            now += Duration::from_millis(100);
+            let (delay, _) = r.exited("exit status: 1".into(), now, CAP);
+            now += delay;
+        }
+        // Just short of stable: the streak goes on.
+        r.started(now);
+        now += STABLE_AFTER - Duration::from_millis(1);
+        assert_eq!(r.exited("exit status: 1".into(), now, CAP).0, CAP);
+        // A stable run: back to the first delay.
+        r.started(now);
+        now += STABLE_AFTER;
+        assert_eq!(r.exited("exit status: 1".into(), now, CAP).0, BACKOFF_FIRST);
+    }
+
+    #[test]
+    fn a_crash_loop_is_reported_once_and_forgotten_after_a_stable_run() {
+        let mut r = Restarts::default();
+        let mut now = Instant::now();
+        let mut began = Vec::new();
+        for _ in 0..CRASH_LOOP_EXITS + 2 {
+            r.started(now);
+            now += Duration::from_millis(100);
+            began.push(r.exited("exit status: 101".into(), now, CAP).1);
+            now += Duration::from_secs(1);
+        }
+        // Reported when the fifth exit within the window came, not again after.
+        let mut expected = vec![false; CRASH_LOOP_EXITS + 2];
+        expected[CRASH_LOOP_EXITS - 1] = true;
+        assert_eq!(began, expected);
+        assert!(r.crash_looping);
+        r.started(now);
+        r.settle(now + STABLE_AFTER - Duration::from_millis(1));
+        assert!(r.crash_looping, "not yet stable");
+        r.settle(now + STABLE_AFTER);
+        assert!(!r.crash_looping);
+        // Exits spread wider than the window never make a loop.
+        let mut r = Restarts::default();
+        let mut now = Instant::now();
+        for _ in 0..10 {
+            r.started(now);
+            now += CRASH_LOOP_WINDOW / 3;
+            assert!(!r.exited("exit status: 1".into(), now, CAP).1);
+        }
+        assert!(!r.crash_looping);
     }
 }

@@ -216,10 +216,43 @@ impl NatsProcess {
     /// `chosen`: the port was given, not picked free, so check that nobody else listens there
     /// (readiness is "something listens on the port").
     fn start(&mut self, chosen: bool) -> Result<(), String> {
-        std::fs::create_dir_all(&self.store).map_err(|e| e.to_string())?;
-        if chosen && TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
+        if chosen && self.listening() {
             return Err(format!("port {} is already in use on 127.0.0.1", self.port));
         }
+        self.launch_child()?;
+        let log = self.store.join("nats-server.log");
+        // The server listens once it has recovered JetStream from its store, which takes time
+        // in proportion to the store: it is waited for while it lives, within a generous bound.
+        let deadline = Instant::now() + START_WITHIN;
+        while Instant::now() < deadline {
+            if self.listening() {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                let tail = super::log_tail(&log, 5);
+                return Err(format!(
+                    "nats-server exited at start ({status}) on port {}: {tail}",
+                    self.port
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!(
+            "nats-server did not listen on port {} within {}s",
+            self.port,
+            START_WITHIN.as_secs()
+        ))
+    }
+
+    /// Whether something accepts connections on the server's port.
+    pub fn listening(&self) -> bool {
+        TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok()
+    }
+
+    /// Starts the server process, without waiting for it to listen.
+    fn launch_child(&mut self) -> Result<(), String> {
+        std::fs::create_dir_all(&self.store).map_err(|e| e.to_string())?;
         let log = self.store.join("nats-server.log");
         let mut cmd = Command::new(&self.binary);
         cmd.args([
@@ -242,24 +275,7 @@ impl NatsProcess {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.binary.display()))?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
-                return Ok(());
-            }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                let tail = super::log_tail(&log, 5);
-                return Err(format!(
-                    "nats-server exited at start ({status}) on port {}: {tail}",
-                    self.port
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Err(format!(
-            "nats-server did not listen on port {} within 15s",
-            self.port
-        ))
+        Ok(())
     }
 
     pub fn url(&self) -> String {
@@ -307,14 +323,16 @@ impl NatsProcess {
         Some(status.to_string())
     }
 
-    /// Starts the server again on its port and store after it exited, and waits until it
-    /// listens.
+    /// Starts the server again on its port and store after it exited, without waiting: it
+    /// listens once it has recovered its store ([`NatsProcess::listening`]), and a supervisor
+    /// must not take a long recovery for a failure. An exit meanwhile shows in
+    /// [`NatsProcess::exited`].
     ///
     /// # Errors
-    /// As [`NatsProcess::spawn`].
-    pub fn start_again(&mut self) -> Result<(), String> {
+    /// When the process cannot be started.
+    pub fn launch_again(&mut self) -> Result<(), String> {
         self.kill();
-        self.start(false)
+        self.launch_child()
     }
 
     /// SIGKILL, then the same server again on the same port and store.
@@ -326,6 +344,9 @@ impl NatsProcess {
         self.start(false)
     }
 }
+
+/// How long a starting server may take to listen: JetStream recovers its whole store first.
+const START_WITHIN: Duration = Duration::from_secs(600);
 
 impl Drop for NatsProcess {
     fn drop(&mut self) {
