@@ -331,6 +331,38 @@ fn the_kubernetes_manifests_validate_and_wire_every_service() {
     let values = &docs.iter().find(|d| d["kind"] == "__nats_values").unwrap()["spec"];
     assert_eq!(values["config"]["cluster"]["replicas"], 3);
     assert_eq!(values["config"]["jetstream"]["fileStore"]["enabled"], true);
+    // The namespace enforces the restricted Pod Security Standard: so must the chart's pods.
+    let namespace = docs.iter().find(|d| d["kind"] == "Namespace").unwrap();
+    assert_eq!(
+        namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "restricted"
+    );
+    let pod = &values["podTemplate"]["merge"]["spec"]["securityContext"];
+    assert_eq!(pod["runAsNonRoot"], true);
+    assert!(pod["runAsUser"].as_u64().unwrap() > 0);
+    assert_eq!(pod["seccompProfile"]["type"], "RuntimeDefault");
+    for container in ["container", "reloader"] {
+        let c = &values[container]["merge"]["securityContext"];
+        assert_eq!(c["allowPrivilegeEscalation"], false, "{container}");
+        assert_eq!(
+            c["capabilities"]["drop"],
+            serde_json::json!(["ALL"]),
+            "{container}"
+        );
+    }
+    // What the chart merges in, valid against the schemas too (as a Pod of the two containers).
+    let pod_doc = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+    "metadata": {"name": "nats-0", "namespace": "slipway"},
+    "spec": {"securityContext": pod, "containers": [
+        {"name": "nats", "image": "nats", "securityContext": values["container"]["merge"]["securityContext"]},
+        {"name": "reloader", "image": "reloader", "securityContext": values["reloader"]["merge"]["securityContext"]},
+    ]}});
+    let pod_file = scratch.path().join("nats-pod.json");
+    std::fs::write(&pod_file, pod_doc.to_string()).unwrap();
+    let (ok, out) = run(Command::new(tool("kubernetes-validate"))
+        .args(["--strict", "-k", "1.30.0"])
+        .arg(&pod_file));
+    assert!(ok, "{out}");
     nats_values_start_a_server(values, &secrets.join("nats.env"), &nats_keys);
 }
 
