@@ -226,6 +226,16 @@ pub async fn consumer_lag(bus: &slipway_core::bus::Bus) -> Vec<Lag> {
     out
 }
 
+/// Whether the gateway is connected to NATS: what the NATS alert reads, since a scrape of the
+/// servers says only whether one node answers.
+pub fn render_connected(connected: bool) -> String {
+    let name = "slipway_nats_connected";
+    format!(
+        "# HELP {name} Whether the gateway is connected to NATS.\n# TYPE {name} gauge\n{name} {}\n",
+        u8::from(connected)
+    )
+}
+
 /// Consumer lag per service: messages not yet delivered and delivered but not acknowledged.
 /// Each family's samples follow its own HELP and TYPE lines (the exposition format's grouping).
 pub async fn render_lag(bus: &slipway_core::bus::Bus) -> String {
@@ -335,7 +345,8 @@ pub fn render_services(running: &slipway_core::health::Running, required: &[Stri
         let e = live.entry(r.service.as_str()).or_default();
         e.0 += u64::from(r.live);
         e.1 += u64::from(r.ready && r.live);
-        e.2 += r.lag.unwrap_or(0);
+        // Replicas share their service's durable consumer: each reports the same backlog.
+        e.2 = e.2.max(r.lag.unwrap_or(0));
     }
     for (name, help, pick) in [
         (
@@ -350,7 +361,7 @@ pub fn render_services(running: &slipway_core::health::Running, required: &[Stri
         ),
         (
             "slipway_service_lag",
-            "Requests the service's replicas hold and have not finished.",
+            "Requests the service's consumer (shared by its replicas) holds and has not finished.",
             |e| e.2,
         ),
     ] {

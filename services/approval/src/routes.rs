@@ -989,7 +989,13 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
         ));
         b
     };
-    body.push_str(&crate::metrics::render_lag(&state.bus).await);
+    let connected =
+        state.bus.client().connection_state() == async_nats::connection::State::Connected;
+    body.push_str(&crate::metrics::render_connected(connected));
+    // Asking a server the gateway is not connected to would only make the scrape time out.
+    if connected {
+        body.push_str(&crate::metrics::render_lag(&state.bus).await);
+    }
     {
         let running = state.running.read().expect("lock");
         body.push_str(&crate::metrics::render_services(

@@ -364,7 +364,8 @@ async fn beat(bus: Bus, health: Health, shutdown: CancellationToken) {
     }
 }
 
-/// The requests the replica's consumer holds and has not finished.
+/// The requests the replica's consumer holds and has not finished: its service's durable,
+/// which every replica of the service shares.
 async fn lag(bus: &Bus, health: &Health) -> Option<u64> {
     let name = health.0.consumer.lock().expect("lock").clone()?;
     let stream = bus
