@@ -282,20 +282,15 @@ pub fn render_overdue<'a>(
     runs: impl IntoIterator<Item = &'a Run>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> String {
-    use slipway_domain::run::StageStatus;
     let mut by_pipeline: BTreeMap<&str, u64> = BTreeMap::new();
     for run in runs {
         let e = by_pipeline.entry(run.pipeline.as_str()).or_default();
+        // The conductor's own deadline (from a stage's start, a rollout's waits on people
+        // excluded), so the metric says exactly that the conductor has not acted.
         let overdue = run.stages.iter().any(|st| {
-            // A rollout's time waiting on people does not count against its timeout.
-            matches!(st.status, StageStatus::Requested | StageStatus::Running)
-                && !st.name.starts_with("rollout")
-                && st
-                    .requested_at
-                    .zip(slipway_domain::decide::stage_timeout(&run.spec, &st.name))
-                    .is_some_and(|(at, timeout)| {
-                        at + timeout + chrono::Duration::seconds(OVERDUE_SLACK_SECS) < now
-                    })
+            slipway_domain::decide::stage_deadline(run, st, now).is_some_and(|deadline| {
+                deadline + chrono::Duration::seconds(OVERDUE_SLACK_SECS) < now
+            })
         });
         *e += u64::from(overdue);
     }

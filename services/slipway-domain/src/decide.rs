@@ -533,25 +533,34 @@ fn rollout_waits(run: &Run, key: &str, from: DateTime<Utc>, now: DateTime<Utc>) 
     secs(u64::try_from(paused).unwrap_or(0) + approval)
 }
 
+/// When a stage in flight times out, as the conductor judges it: `None` for a stage that is
+/// not in flight or has no timeout. (The gateway's overdue metric asks the same.)
+pub fn stage_deadline(run: &Run, s: &StageState, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    if !matches!(s.status, StageStatus::Requested | StageStatus::Running) {
+        return None;
+    }
+    let limit = stage_timeout(&run.spec, &s.name)?;
+    // A started stage is timed from its start: waiting in a busy worker's queue is not the
+    // stage's own time. A rollout's time waiting on people does not count either.
+    let from = s.started_at.or(s.requested_at)?;
+    Some(from + limit + rollout_waits(run, &s.name, from, now))
+}
+
 fn timeouts(run: &Run, now: DateTime<Utc>) -> Vec<Command> {
     let mut out = Vec::new();
     for s in &run.stages {
-        if !matches!(s.status, StageStatus::Requested | StageStatus::Running) {
-            continue;
-        }
-        let (Some(requested), Some(limit)) = (s.requested_at, stage_timeout(&run.spec, &s.name))
-        else {
+        let Some(deadline) = stage_deadline(run, s, now) else {
             continue;
         };
-        // A started stage is timed from its start: waiting in a busy worker's queue is not
-        // the stage's own time.
-        let from = s.started_at.unwrap_or(requested);
-        let limit = limit + rollout_waits(run, &s.name, from, now);
-        if now < from + limit {
+        if now < deadline {
             continue;
         }
+        let from = s
+            .started_at
+            .or(s.requested_at)
+            .expect("a deadline has a start");
         let kind = s.kind().expect("planned stages have kinds");
-        let waited = limit.num_seconds();
+        let waited = (deadline - from).num_seconds();
         if kind == StageKind::Approval {
             return vec![Command::Finish {
                 outcome: Phase::Cancelled,

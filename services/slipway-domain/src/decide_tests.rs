@@ -218,6 +218,14 @@ fn a_silent_worker_fails_at_the_timeout_with_a_reason() {
     let requested = sim.run().stage("test:unit").unwrap().requested_at.unwrap();
     sim.now = requested + Duration::seconds(41);
     assert!(decide(sim.run(), sim.now).is_empty());
+    // The deadline others read (the gateway's overdue metric) is the one the conductor keeps.
+    let stage = sim.run().stage("test:unit").unwrap();
+    assert_eq!(
+        stage_deadline(sim.run(), stage, sim.now),
+        Some(requested + Duration::seconds(42))
+    );
+    let done = sim.run().stage("build").unwrap();
+    assert_eq!(stage_deadline(sim.run(), done, sim.now), None);
     sim.now = requested + Duration::seconds(42);
     let cmds = sim.decide();
     let Command::FailStage(EventData::TestFailed(r)) = &cmds[0] else {
