@@ -269,7 +269,7 @@ fn up_restarts_a_crash_looping_service_and_its_nats_server_and_never_gives_up() 
             v["crash_looping"]
                 .as_array()?
                 .iter()
-                .any(|n| n == "slipway-tester")
+                .any(|n| n == "tester")
                 .then_some(v)
         },
     );

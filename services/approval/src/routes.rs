@@ -901,7 +901,7 @@ pub struct Health {
     pub caught_up: bool,
     /// Required services with no live replica (from their heartbeats).
     pub missing_services: Vec<String>,
-    /// Processes a `slipway up` reports exiting again and again.
+    /// Services (and `nats-server`) a `slipway up` reports exiting again and again.
     pub crash_looping: Vec<String>,
 }
 

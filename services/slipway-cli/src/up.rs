@@ -1,6 +1,7 @@
 //! `slipway up` and `slipway demo`: every service as a child process, and a local nats-server
 //! when no NATS URL is given.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -534,6 +535,11 @@ impl Stack {
     }
 }
 
+/// `up` runs for months: its server's log (`nats/nats-server.log`) rotates at 10 MB and keeps
+/// three files in all.
+const SERVER_LOG_LIMITS: &str =
+    "\n# slipway up: the log rotates\nlogfile_size_limit: 10MB\nlogfile_max_num: 3\n";
+
 /// The nats-server `up` runs on a data directory: its store under `nats/`, and (least
 /// privilege) its users' passwords kept in the directory.
 ///
@@ -546,19 +552,29 @@ pub fn own_server(
 ) -> anyhow::Result<(NatsProcess, Option<Credentials>)> {
     let binary = find_nats_server(&[]).map_err(anyhow::Error::msg)?;
     let store = data_dir.join("nats");
-    let (args, env, credentials) = match access {
-        Access::Open => (Vec::new(), Vec::new(), None),
+    let conf = data_dir.join("nats-server.conf");
+    let (env, credentials) = match access {
+        Access::Open => {
+            std::fs::write(&conf, SERVER_LOG_LIMITS)
+                .with_context(|| format!("cannot write {}", conf.display()))?;
+            (Vec::new(), None)
+        }
         Access::LeastPrivilege => {
             let dir = credentials::directory(data_dir);
             let c = Credentials::load_or_create(&dir)
                 .with_context(|| format!("cannot keep the NATS passwords in {}", dir.display()))?;
-            let conf = data_dir.join("nats-server.conf");
             Credentials::write_server_config(&conf)
+                .and_then(|()| {
+                    std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(&conf)?
+                        .write_all(SERVER_LOG_LIMITS.as_bytes())
+                })
                 .with_context(|| format!("cannot write {}", conf.display()))?;
-            let args = vec!["-c".to_string(), conf.display().to_string()];
-            (args, c.server_env(), Some(c))
+            (c.server_env(), Some(c))
         }
     };
+    let args = vec!["-c".to_string(), conf.display().to_string()];
     let p = NatsProcess::spawn(&binary, port, &store, &args, &env).map_err(anyhow::Error::msg)?;
     eprintln!(
         "nats-server {} listening at {} (data in {})",

@@ -239,7 +239,14 @@ impl Running {
             .iter()
             .flat_map(|s| s.processes.iter())
             .filter(|p| p.crash_looping)
-            .map(|p| p.name.clone())
+            // By service name, as `missing_services` and the metrics say it (`nats-server`
+            // stays itself).
+            .map(|p| {
+                p.name
+                    .strip_prefix("slipway-")
+                    .unwrap_or(&p.name)
+                    .to_string()
+            })
             .collect();
         out.sort();
         out.dedup();
