@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use slipway_core::bus::Bus;
 use slipway_domain::Run;
 use slipway_e2e::{Stack, project};
@@ -180,6 +180,42 @@ async fn a_backup_taken_mid_run_restores_every_run_and_artifact_and_the_services
     let mut names = js.stream_names();
     use futures_util::StreamExt;
     assert!(names.next().await.is_none(), "nothing was restored");
+
+    // A backup whose checksums hold but whose last stream the server cannot take (its snapshot
+    // cut short, the manifest made to match): the streams restored before it are removed again.
+    let cut = stack.dir.path().join("cut");
+    std::fs::create_dir_all(&cut).unwrap();
+    for e in std::fs::read_dir(&backup).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, cut.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(cut.join("manifest.json")).unwrap()).unwrap();
+    let streams = manifest["streams"].as_array_mut().unwrap();
+    assert!(streams.len() > 1);
+    let last = streams.last_mut().unwrap();
+    let last_name = last["name"].as_str().unwrap().to_string();
+    let file = cut.join(last["file"].as_str().unwrap());
+    let bytes = std::fs::read(&file).unwrap();
+    let short = &bytes[..bytes.len() / 2];
+    std::fs::write(&file, short).unwrap();
+    use sha2::Digest as _;
+    last["bytes"] = json!(short.len());
+    last["sha256"] = json!(format!("sha256:{:x}", sha2::Sha256::digest(short)));
+    std::fs::write(
+        cut.join("manifest.json"),
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+    let refused = slipway_admin(&empty, &["restore", cut.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains(&last_name), "{err}");
+    let mut names = js.stream_names();
+    assert!(
+        names.next().await.is_none(),
+        "the streams restored before {last_name} were left: {err}"
+    );
 
     // On one host: restored into the data directory of `slipway up`, which carries on from it.
     let data = stack.dir.path().join("up-data");
