@@ -229,6 +229,15 @@ async fn a_backup_taken_mid_run_restores_every_run_and_artifact_and_the_services
         "{}",
         String::from_utf8_lossy(&into.stderr)
     );
+    // Not twice into one store (it may be the store a running `up` serves).
+    let again = std::process::Command::new(slipway_e2e::bin_dir().join("slipway"))
+        .args(["restore", backup.to_str().unwrap(), "--into-data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("already holds a JetStream store"), "{err}");
     let [port, gw] = slipway_core::exec::server::free_ports::<2>();
     let config = stack.dir.path().join("up.toml");
     std::fs::write(&config, format!("[gateway]\nlisten = \"127.0.0.1:{gw}\"\n")).unwrap();

@@ -602,6 +602,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             std::fs::create_dir_all(&data)?;
             let data = std::fs::canonicalize(&data)?;
+            // A store there may be one a running `up` serves: a second server must not share it.
+            let store = data.join("nats/jetstream");
+            if store.exists() {
+                anyhow::bail!(
+                    "{} already holds a JetStream store: restore into a new data directory",
+                    store.display()
+                );
+            }
             let port = slipway_core::exec::server::free_port();
             let (mut server, c) = up::own_server(&data, port, up::Access::LeastPrivilege)?;
             let mut settings = client::settings(&server.url());
