@@ -101,6 +101,20 @@ fn the_systemd_units_verify_and_are_hardened() {
             assert!(text.contains(line), "{unit} lacks {line:?}");
         }
     }
+    // The server has its own user; each service gets only its own password, from systemd.
+    let nats = std::fs::read_to_string(root().join("deploy/systemd/slipway-nats.service")).unwrap();
+    assert!(nats.contains("User=slipway-nats\n") && nats.contains("-sd /var/lib/slipway-nats"));
+    let service = std::fs::read_to_string(root().join("deploy/systemd/slipway@.service")).unwrap();
+    for line in [
+        "User=slipway\n",
+        "LoadCredential=nats-password:/etc/slipway/credentials/%i\n",
+        "Environment=SLIPWAY__NATS__PASSWORD_FILE=%d/nats-password\n",
+        "InaccessiblePaths=-/var/lib/slipway-nats\n",
+    ] {
+        assert!(service.contains(line), "slipway@.service lacks {line:?}");
+    }
+    let sysusers = std::fs::read_to_string(root().join("deploy/systemd/slipway.sysusers")).unwrap();
+    assert!(sysusers.contains("u slipway-nats "));
     // A broken unit is refused: the check can fail.
     let bad = dir.path().join("broken.service");
     std::fs::write(&bad, "[Service]\nExecStart=slipway-conductor\n").unwrap();
