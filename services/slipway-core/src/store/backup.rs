@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::bus::Bus;
 
@@ -273,17 +273,18 @@ pub fn verify(dir: &Path) -> Result<Manifest, BackupError> {
         if s.file.contains('/') || s.file.contains("..") {
             return Err(invalid(format!("{}: a file outside the backup", s.file)));
         }
-        let data =
-            std::fs::read(dir.join(&s.file)).map_err(|e| invalid(format!("{}: {e}", s.file)))?;
-        if data.len() as u64 != s.bytes {
+        // Hashed as it is read: a snapshot of the object stores can be larger than memory.
+        let mut hasher = Sha256::new();
+        let bytes = std::fs::File::open(dir.join(&s.file))
+            .and_then(|mut f| std::io::copy(&mut f, &mut hasher))
+            .map_err(|e| invalid(format!("{}: {e}", s.file)))?;
+        if bytes != s.bytes {
             return Err(invalid(format!(
-                "{} has {} bytes, the manifest says {}",
-                s.file,
-                data.len(),
-                s.bytes
+                "{} has {bytes} bytes, the manifest says {}",
+                s.file, s.bytes
             )));
         }
-        let sum = format!("sha256:{:x}", Sha256::digest(&data));
+        let sum = format!("sha256:{:x}", hasher.finalize());
         if sum != s.sha256 {
             return Err(invalid(format!(
                 "{}: checksum {sum} is not the manifest's {}",
@@ -346,14 +347,29 @@ async fn restore_stream(bus: &Bus, dir: &Path, s: &StreamBackup) -> Result<(), B
         })?
         .to_string();
     let path = dir.join(&s.file);
-    let data = tokio::fs::read(&path).await.map_err(io(&path))?;
+    let mut file = tokio::fs::File::open(&path).await.map_err(io(&path))?;
     let client = bus.client();
-    for chunk in data.chunks(CHUNK) {
+    loop {
+        // A chunk at a time from the file: the snapshot is never held whole.
+        let mut chunk = Vec::with_capacity(CHUNK);
+        while chunk.len() < CHUNK {
+            let n = (&mut file)
+                .take((CHUNK - chunk.len()) as u64)
+                .read_to_end(&mut chunk)
+                .await
+                .map_err(io(&path))?;
+            if n == 0 {
+                break;
+            }
+        }
+        if chunk.is_empty() {
+            break;
+        }
         let reply = client
             .send_request(
                 deliver.clone(),
                 async_nats::Request::new()
-                    .payload(bytes::Bytes::copy_from_slice(chunk))
+                    .payload(bytes::Bytes::from(chunk))
                     .timeout(Some(WAIT)),
             )
             .await
