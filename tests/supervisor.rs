@@ -345,6 +345,30 @@ fn readiness_follows_the_connection_to_nats() {
     wait_for("the builder to be ready", Duration::from_secs(30), || {
         get(&readyz).filter(|(c, _)| *c == 200)
     });
+    // Only the builder runs: missing services unless only it is required.
+    let all = wait_for("the builder's heartbeat", Duration::from_secs(30), || {
+        let out = stack.slipway(&["services", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (!v["replicas"].as_array()?.is_empty()).then_some((out, v))
+    });
+    assert_eq!(all.0.status.code(), Some(1));
+    assert!(
+        all.1["missing"]
+            .as_array()
+            .unwrap()
+            .contains(&"conductor".into())
+    );
+    let only = stack.slipway(&["services", "--json", "--require", "builder"]);
+    assert!(
+        only.status.success(),
+        "{}",
+        String::from_utf8_lossy(&only.stderr)
+    );
+    let v: Value = serde_json::from_slice(&only.stdout).unwrap();
+    assert_eq!(v["missing"], serde_json::json!([]));
+    let wrong = stack.slipway(&["services", "--require", "bilder"]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("no service \"bilder\""));
     // NATS goes away: not ready (saying why), still live.
     stack.nats.process.kill();
     let (_, body) = wait_for("readiness to turn false", Duration::from_secs(30), || {

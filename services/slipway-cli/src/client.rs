@@ -832,13 +832,18 @@ impl Client {
         Ok(ExitCode::SUCCESS)
     }
 
-    pub async fn services(&self, json_out: bool) -> anyhow::Result<ExitCode> {
+    /// `require`: the services that must have a live replica; empty means all of them.
+    pub async fn services(&self, json_out: bool, require: &[String]) -> anyhow::Result<ExitCode> {
         let running = slipway_core::health::running(&self.bus).await?;
-        let all: Vec<&str> = slipway_domain::service::Service::ALL
-            .iter()
-            .map(|s| s.name())
-            .collect();
-        let missing = running.missing(&all);
+        let required: Vec<&str> = if require.is_empty() {
+            slipway_domain::service::Service::ALL
+                .iter()
+                .map(|s| s.name())
+                .collect()
+        } else {
+            require.iter().map(String::as_str).collect()
+        };
+        let missing = running.missing(&required);
         if json_out {
             let mut v = serde_json::to_value(&running)?;
             v["missing"] = json!(missing);

@@ -186,10 +186,15 @@ enum Command {
     },
     /// Every running replica of every service (from their heartbeats: version, host, uptime,
     /// readiness, lag, health URL), what each `slipway up` keeps running (restarts, last exit,
-    /// crash loops), and the services with no live replica. Exits 1 when one is missing.
+    /// crash loops), and the required services with no live replica. Exits 1 when one is
+    /// missing.
     Services {
         #[arg(long)]
         json: bool,
+        /// The services that must have a live replica, as the gateway's
+        /// `[gateway] required_services` (default: all nine).
+        #[arg(long, value_delimiter = ',', value_name = "SERVICE,...")]
+        require: Vec<String>,
     },
     /// Back up the event stream, the object stores and the KV buckets into DIR (a new
     /// directory): JetStream snapshots with a manifest of checksums, taken while runs go on.
@@ -590,9 +595,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let c = client::Client::connect(&client::settings(&url)).await?;
             c.dora(&since, json).await
         }
-        Command::Services { json } => {
+        Command::Services { json, require } => {
+            let known = slipway_domain::service::Service::ALL.map(|s| s.name());
+            if let Some(bad) = require.iter().find(|r| !known.contains(&r.as_str())) {
+                anyhow::bail!(
+                    "--require: no service {bad:?} (known: {})",
+                    known.join(", ")
+                );
+            }
             let c = client::Client::connect(&client::settings(&url)).await?;
-            c.services(json).await
+            c.services(json, &require).await
         }
         Command::Backup { dir, json } => client::backup(&url, &dir, json).await,
         Command::Restore {
